@@ -1,0 +1,14 @@
+"""offload_moe: run Mixture-of-Experts language models on one consumer GPU, or on the CPU alone.
+
+    import offload_moe
+    model = offload_moe.load()                 # the bundled demo model; or a checkpoint directory
+    print(model.generate("To be, or not to be", max_new_tokens=40).text)
+"""
+
+from .api import Generation, Model
+from .config import ModelConfig
+from .errors import OffloadMoeError
+from .loader import load
+
+__version__ = "0.1.0"
+__all__ = ["load", "Model", "Generation", "ModelConfig", "OffloadMoeError", "__version__"]

@@ -1,0 +1,216 @@
+"""The Python API: `load()` a checkpoint, then `generate`, `stream`, `chat` or score with `logits`.
+
+`load` opens the checkpoint lazily, reads the dense weights onto the compute device, and hands the
+experts to an expert provider (all resident, or the offloading engine); the model sees experts only
+through that provider. Generation turns text into ids, runs the decode loop, and turns ids back into
+text with stop handling. Nothing here prints: progress goes through the `progress` callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import OffloadMoeError
+from .generate import DecodeTiming, Sampling, decode_tokens
+from .model import Transformer, build_transformer
+from .text import StreamDecoder, Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DEMO_DIR = Path(__file__).parent / "demo"
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str            # "stop" (EOS or a stop string) or "length"
+    stats: dict = field(default_factory=dict)
+
+
+class Model:
+    """A loaded model: the transformer on its device, its experts provider, its tokenizer."""
+
+    def __init__(self, transformer: Transformer, experts, tokenizer: Tokenizer | None, path: Path,
+                 device: torch.device, dtype: torch.dtype, settings: dict):
+        self.transformer = transformer
+        self.experts = experts
+        self.tokenizer = tokenizer
+        self.config = transformer.config
+        self.path, self.device, self.dtype, self.settings = path, device, dtype, settings
+        self.last_timing = DecodeTiming()
+        ids = set(self.config.eos_token_ids)
+        if tokenizer is not None and tokenizer.token_id(tokenizer.eos_token) is not None:
+            ids.add(tokenizer.token_id(tokenizer.eos_token))
+        self.eos_ids = frozenset(ids)
+
+    @property
+    def context_length(self) -> int:
+        return self.transformer.max_seq_len
+
+    @property
+    def stats(self) -> dict:
+        """Expert engine counters (hits, misses, bytes moved...) and the last generation's timing."""
+        t = self.last_timing
+        return {"experts": self.experts.stats(),
+                "generation": {"prompt_tokens": t.prompt_tokens, "new_tokens": t.new_tokens,
+                               "prefill_seconds": t.prefill_seconds, "decode_seconds": t.decode_seconds,
+                               "prefill_tokens_per_second": t.prefill_tokens_per_second,
+                               "decode_tokens_per_second": t.decode_tokens_per_second}}
+
+    # ---- scoring ----
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids LongTensor (B, T) -> fp32 logits (B, T, V). Stateless: the KV cache is untouched."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise OffloadMoeError(f"input_ids: expected a (batch, tokens) tensor, got shape {list(input_ids.shape)}")
+        self._check_ids(input_ids.flatten().tolist())
+        if input_ids.shape[1] > self.context_length:
+            raise OffloadMoeError(f"input_ids: {input_ids.shape[1]} tokens exceed the context length "
+                                  f"{self.context_length}")
+        return self.transformer(input_ids.to(self.device), start=0, use_cache=False).cpu()
+
+    # ---- generation ----
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise OffloadMoeError("prompt is empty (expected some text)")
+            if self.tokenizer is None:
+                raise OffloadMoeError(f"{self.path}: no tokenizer.json, so prompts must be token ids")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise OffloadMoeError("prompt is empty (expected at least one token id)")
+        self._check_ids(ids)
+        return ids
+
+    def _check_ids(self, ids: list[int]):
+        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise OffloadMoeError(f"token id {bad[0]!r} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+
+    def stream(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
+        """Yield the generated text piece by piece (each piece valid UTF-8)."""
+        run = _GenerationRun(self, prompt, **kwargs)
+        yield from run
+        self.last_result = run.result
+
+    def generate(self, prompt: str | list[int], **kwargs) -> Generation:
+        """Generate a completion. Keyword arguments: max_new_tokens=256, temperature=0.7, top_p=0.95,
+        top_k=0, seed=None, stop=None (a string or list of strings), ignore_eos=False.
+        temperature=0 is greedy."""
+        run = _GenerationRun(self, prompt, **kwargs)
+        for _ in run:
+            pass
+        return run.result
+
+    def chat(self, messages: list[dict], **kwargs) -> Generation:
+        """Reply to a conversation rendered through the checkpoint's chat template."""
+        return self.generate(self.chat_ids(messages), **kwargs)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        if self.tokenizer is None:
+            raise OffloadMoeError(f"{self.path}: no tokenizer.json, so chat is not available")
+        text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+class _GenerationRun:
+    """One generation: iterate for text pieces; `.result` holds the `Generation` when done."""
+
+    def __init__(self, model: Model, prompt, *, max_new_tokens: int = 256, temperature: float = 0.7,
+                 top_p: float = 0.95, top_k: int = 0, seed: int | None = None,
+                 stop: str | list[str] | None = None, ignore_eos: bool = False):
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise OffloadMoeError(f"max_new_tokens = {max_new_tokens!r}, expected an integer >= 1")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise OffloadMoeError(f"sampling: temperature={temperature}, top_p={top_p}, top_k={top_k}; "
+                                  "expected temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        self.model = model
+        self.ids = model.encode_prompt(prompt)
+        if len(self.ids) >= model.context_length:
+            raise OffloadMoeError(f"prompt: {len(self.ids)} tokens leave no room in the context of "
+                                  f"{model.context_length} tokens")
+        self.max_new_tokens = max_new_tokens
+        self.sampling = Sampling(temperature, top_p, top_k, seed)
+        self.ignore_eos = ignore_eos  # benchmarks and parity tests want a fixed number of tokens
+        self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        m = self.model
+        timing = DecodeTiming()
+        m.last_timing = timing
+        decoder = StreamDecoder(m.tokenizer) if m.tokenizer else None
+        out_ids: list[int] = []
+        text, emitted = "", 0      # text so far; how much of it was yielded
+        finish = "length"
+        for token_id in decode_tokens(m.transformer, self.ids, self.max_new_tokens, self.sampling, timing):
+            if token_id in m.eos_ids and not self.ignore_eos:
+                finish = "stop"
+                break
+            out_ids.append(token_id)
+            if decoder is None:
+                continue
+            text += decoder.push(token_id)
+            cut = _find_stop(text, self.stops)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                break
+            safe = len(text) - _held_back(text, self.stops)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        else:
+            if decoder is not None:
+                text += decoder.flush()
+        if decoder is not None and finish == "length":
+            cut = _find_stop(text, self.stops)
+            text, finish = (text[:cut], "stop") if cut is not None else (text, finish)
+        if len(text) > emitted:
+            yield text[emitted:]
+        self.result = Generation(text, out_ids, finish, m.stats)
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OffloadMoeError(f"device {device!r} is not a device name (expected auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OffloadMoeError(f"device {str(device)!r}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype, checkpoint_dtype: str) -> torch.dtype:
+    if dtype is None:
+        return DTYPES[checkpoint_dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise OffloadMoeError(f"dtype {dtype!r} is not supported (expected one of {', '.join(DTYPES)})")

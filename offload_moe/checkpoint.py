@@ -1,0 +1,218 @@
+"""Lazy reading of a Hugging Face checkpoint directory (safetensors, single file or sharded).
+
+Opening reads `config.json`, the shard index and each shard's safetensors *header* only, and checks
+every tensor the config implies (present, right shape, a dtype we compute in, bytes actually in
+the file) so a broken checkpoint fails at once with one line naming the file and tensor. Tensor
+data is read through safetensors' mmap when asked, so a 90 GB checkpoint opens on a 24 GB machine.
+
+Two expert layouts exist for Mixtral and both are read here:
+- per expert (published checkpoints, transformers' default `save_pretrained`):
+  `model.layers.{i}.block_sparse_moe.experts.{e}.w1/w2/w3.weight`
+- fused (transformers `save_original_format=False`): `model.layers.{i}.mlp.experts.gate_up_proj`
+  [E, 2I, H] (gate rows first, then up) and `...mlp.experts.down_proj` [E, H, I].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .errors import OffloadMoeError
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
+FLOAT_DTYPES = {"F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str          # safetensors dtype code, e.g. "BF16"
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse one safetensors header and check that every tensor's bytes are inside the file."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError
+            header = json.loads(f.read(n))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise OffloadMoeError(f"{file}: not a safetensors file (header unreadable or truncated)") from None
+    data_start = 8 + n
+    tensors = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = meta["data_offsets"]
+        if data_start + end > size:
+            raise OffloadMoeError(f"{file}: truncated: tensor {name!r} needs bytes up to "
+                                  f"{data_start + end:,} but the file has {size:,}")
+        tensors[name] = TensorInfo(file, meta["dtype"], tuple(meta["shape"]), end - begin)
+    return tensors
+
+
+class Checkpoint:
+    """A checkpoint directory: its config, a map of tensor name → location, and lazy reads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise OffloadMoeError(f"{self.path}: no such checkpoint directory")
+        self.config = ModelConfig.load(self.path)
+        self.tensors = self._index()
+        self.layout = self._detect_layout()
+        self._handles: dict[Path, object] = {}
+        self._validate()
+
+    # ---- opening ----
+    def _index(self) -> dict[str, TensorInfo]:
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise OffloadMoeError(f"{index}: expected JSON with a 'weight_map' object") from None
+            files = sorted(set(weight_map.values()))
+        elif single.exists():
+            weight_map, files = None, ["model.safetensors"]
+        else:
+            raise OffloadMoeError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            file = self.path / name
+            if not file.exists():
+                raise OffloadMoeError(f"{index}: names shard {name!r}, which is missing from {self.path}")
+            tensors.update(read_header(file))
+        if weight_map is not None:
+            for tensor, name in weight_map.items():
+                if tensor not in tensors or tensors[tensor].file.name != name:
+                    raise OffloadMoeError(f"{self.path / name}: tensor {tensor!r} listed in the index is "
+                                          "not in that shard")
+        return tensors
+
+    def _detect_layout(self) -> str:
+        if "model.layers.0.mlp.experts.gate_up_proj" in self.tensors:
+            return "fused"
+        return "per_expert"
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every dense (non-expert) tensor the config implies, with its shape."""
+        c = self.config
+        H, V, E, hd = c.hidden_size, c.vocab_size, c.num_experts, c.head_dim
+        shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+        if not c.tie_word_embeddings:
+            shapes["lm_head.weight"] = (V, H)
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            shapes[p + "input_layernorm.weight"] = (H,)
+            shapes[p + "post_attention_layernorm.weight"] = (H,)
+            shapes[p + "self_attn.q_proj.weight"] = (c.num_heads * hd, H)
+            shapes[p + "self_attn.k_proj.weight"] = (c.num_kv_heads * hd, H)
+            shapes[p + "self_attn.v_proj.weight"] = (c.num_kv_heads * hd, H)
+            shapes[p + "self_attn.o_proj.weight"] = (H, c.num_heads * hd)
+            shapes[self.router_name(i)] = (E, H)
+        return shapes
+
+    def expert_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        H, I, E = c.hidden_size, c.intermediate_size, c.num_experts
+        shapes = {}
+        for i in range(c.num_layers):
+            if self.layout == "fused":
+                p = f"model.layers.{i}.mlp.experts."
+                shapes[p + "gate_up_proj"] = (E, 2 * I, H)
+                shapes[p + "down_proj"] = (E, H, I)
+            else:
+                for e in range(E):
+                    p = f"model.layers.{i}.block_sparse_moe.experts.{e}."
+                    shapes[p + "w1.weight"] = (I, H)
+                    shapes[p + "w3.weight"] = (I, H)
+                    shapes[p + "w2.weight"] = (H, I)
+        return shapes
+
+    def _validate(self):
+        for name, shape in {**self.expected_shapes(), **self.expert_shapes()}.items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise OffloadMoeError(f"{self.path}: tensor {name!r} is missing "
+                                      f"(expected shape {list(shape)} from config.json)")
+            if info.shape != shape:
+                raise OffloadMoeError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                                      f"expected {list(shape)} from config.json")
+            if info.dtype not in FLOAT_DTYPES:
+                raise OffloadMoeError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, "
+                                      "expected one of BF16, F16, F32")
+
+    # ---- reading ----
+    def router_name(self, layer: int) -> str:
+        if self.layout == "fused":
+            return f"model.layers.{layer}.mlp.gate.weight"
+        return f"model.layers.{layer}.block_sparse_moe.gate.weight"
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (only its bytes are touched)."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise OffloadMoeError(f"{self.path}: tensor {name!r} not found")
+        return self._handle(info.file).get_tensor(name)
+
+    def _get_row(self, name: str, index: int) -> torch.Tensor:
+        return self._handle(self.tensors[name].file).get_slice(name)[index]
+
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """The three matrices of one expert in [out, in] form: w1 (gate), w3 (up): [I, H]; w2: [H, I]."""
+        if self.layout == "fused":
+            p = f"model.layers.{layer}.mlp.experts."
+            gate_up = self._get_row(p + "gate_up_proj", expert)  # [2I, H]
+            I = self.config.intermediate_size
+            return {"w1": gate_up[:I].contiguous(), "w3": gate_up[I:].contiguous(),
+                    "w2": self._get_row(p + "down_proj", expert)}  # [H, I]
+        p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
+        return {w: self.get(p + f"{w}.weight") for w in ("w1", "w3", "w2")}
+
+    def dense_state_dict(self) -> dict[str, torch.Tensor]:
+        """All non-expert tensors, keyed by their checkpoint names."""
+        return {name: self.get(name) for name in self.expected_shapes()}
+
+    # ---- facts for `info` ----
+    def bytes_by_kind(self) -> dict[str, int]:
+        kinds = {"attention": 0, "experts": 0, "routers": 0, "embeddings": 0, "norms": 0}
+        for name, info in self.tensors.items():
+            if ".experts." in name:
+                kinds["experts"] += info.nbytes
+            elif "self_attn" in name:
+                kinds["attention"] += info.nbytes
+            elif name.endswith("gate.weight"):
+                kinds["routers"] += info.nbytes
+            elif "embed_tokens" in name or name.startswith("lm_head"):
+                kinds["embeddings"] += info.nbytes
+            else:
+                kinds["norms"] += info.nbytes
+        return kinds
+
+    def dtypes(self) -> list[str]:
+        return sorted({info.dtype for info in self.tensors.values()})
+
+    def shard_files(self) -> list[Path]:
+        return sorted({info.file for info in self.tensors.values()})
+
+    def total_bytes(self) -> int:
+        return sum(os.path.getsize(f) for f in self.shard_files())

@@ -1,0 +1,1 @@
+"""The `offload-moe` command line. Each command is a module with `add_parser` and `run`."""

@@ -1,0 +1,45 @@
+"""`offload-moe info PATH`: what a checkpoint holds, read from its headers only."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ..checkpoint import Checkpoint
+from .console import human_bytes, human_count, stdout
+
+
+def add_parser(sub):
+    p = sub.add_parser("info", help="describe a checkpoint (architecture, parameters, bytes by kind)",
+                       description="Describe a checkpoint directory without loading its weights.")
+    p.add_argument("path", metavar="PATH", help="checkpoint directory")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    ckpt = Checkpoint(args.path)
+    c = ckpt.config
+    table = Table(title=str(ckpt.path), show_header=False)
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    rows = [
+        ("architecture", f"{c.model_type} ({c.num_layers} layers, {c.num_experts} experts, top-{c.top_k})"),
+        ("hidden / expert intermediate", f"{c.hidden_size} / {c.intermediate_size}"),
+        ("attention heads (kv)", f"{c.num_heads} ({c.num_kv_heads}), head dim {c.head_dim}"),
+        ("parameters total", human_count(c.total_params)),
+        ("parameters active per token", human_count(c.active_params)),
+        ("one expert", f"{human_count(c.params_per_expert)} params"),
+        ("expert layout", ckpt.layout.replace("_", " ")),
+    ]
+    for kind, n in ckpt.bytes_by_kind().items():
+        rows.append((f"bytes: {kind}", human_bytes(n)))
+    rows += [("dtypes", ", ".join(ckpt.dtypes())),
+             ("shards", f"{len(ckpt.shard_files())} ({human_bytes(ckpt.total_bytes())})"),
+             ("context", f"{c.max_position_embeddings} positions"
+                         + (f", sliding window {c.sliding_window}" if c.sliding_window else ""))]
+    if c.quantization:
+        q = c.quantization
+        rows.append(("quantization", ", ".join(f"{k}={v}" for k, v in q.items() if not isinstance(v, dict))))
+    for row in rows:
+        table.add_row(*row)
+    stdout.print(table)
+    return 0

@@ -1,0 +1,48 @@
+"""Entry point: parse the command line, run one command, map user errors to one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ..errors import OffloadMoeError
+
+COMMANDS = ["generate", "chat", "info", "plan", "quantize", "tune", "bench", "serve"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="offload-moe",
+        description="Run Mixture-of-Experts language models on one consumer GPU or on the CPU.")
+    parser.add_argument("--version", action="version", version=f"offload-moe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{name}":
+                continue  # command not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except OffloadMoeError as e:
+        print(f"offload-moe: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("offload-moe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `offload-moe generate ... | head` closed the pipe: not an error
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

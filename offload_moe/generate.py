@@ -1,0 +1,97 @@
+"""Sampling and the decode loop: small pure functions, one generator, streaming for free.
+
+`decode_tokens` prefills the prompt in one pass, then yields one token id per step. Reading the
+token (to check for end-of-sequence and to stream it) is the only host sync per token besides the
+MoE layers' routing decisions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import Transformer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.7   # 0 means greedy
+    top_p: float = 0.95
+    top_k: int = 0             # 0 means no top-k cut
+    seed: int | None = None
+
+
+def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """logits (V,) fp32 -> probabilities after temperature, top-k and top-p (nucleus) cuts."""
+    logits = logits / s.temperature
+    if s.top_k > 0:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= s.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum()
+    return probs
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (V,) -> a 0-d token id tensor on the same device (no host sync)."""
+    if s.temperature == 0:
+        return torch.argmax(logits)
+    probs = logits_to_probs(logits, s)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+@dataclass
+class DecodeTiming:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(self.new_tokens - 1, 0)  # the first token comes out of prefill
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+
+def decode_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sampling: Sampling,
+                  timing: DecodeTiming | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens ids; the caller stops early on EOS or a stop string."""
+    timing = timing if timing is not None else DecodeTiming()
+    device = model.embed_tokens.weight.device
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    timing.prompt_tokens = len(prompt)
+    t0 = time.perf_counter()
+    tokens = torch.tensor([prompt], device=device)
+    logits = model(tokens, start=0, last_only=True)[0, -1]                 # (V,)
+    pos = len(prompt)
+    for i in range(max_new_tokens):
+        token = sample(logits, sampling, generator)
+        token_id = int(token)                                               # the token must be read
+        now = time.perf_counter()
+        if i == 0:
+            timing.prefill_seconds = now - t0
+            t_decode = now
+        else:
+            timing.decode_seconds = now - t_decode
+        timing.new_tokens = i + 1
+        yield token_id
+        if i + 1 == max_new_tokens or pos >= model.max_seq_len:
+            return
+        logits = model(token.view(1, 1), start=pos, last_only=True)[0, -1]
+        pos += 1
