@@ -13,7 +13,10 @@ import torch
 from .api import DEMO_DIR, Model, Progress, resolve_device, resolve_dtype
 from .checkpoint import Checkpoint
 from .errors import OffloadMoeError
+from .experts.cache import ExpertCache
+from .experts.layout import ExpertLayout
 from .experts.resident import ResidentExperts
+from .experts.store import HostStore
 from .experts.weights import ExpertWeights
 from .model import build_transformer
 from .text import Tokenizer
@@ -28,8 +31,16 @@ def model_name(checkpoint_name: str) -> str:
 
 
 def load(path: str | Path | None = None, *, device: str = "auto", dtype=None, profile: str = "auto",
-         context_length: int | None = None, progress: Progress | None = None) -> Model:
-    """Load a Mixtral-family checkpoint directory (None: the bundled demo model)."""
+         context_length: int | None = None, cache_slots: int | list[int] | str | None = None,
+         prefetch: int = 1, offload: str = "ram", ram_budget: int | str | None = None,
+         offload_dir: str | Path | None = None, record_trace: bool = False,
+         progress: Progress | None = None) -> Model:
+    """Load a Mixtral-family checkpoint directory (None: the bundled demo model).
+
+    cache_slots: None keeps every expert resident on the device; an int (or one int per layer)
+    runs the offloading engine with that many device slots per layer, the other experts in the host
+    tier (`offload` "ram" or "disk", `ram_budget` bytes or "20GB", `offload_dir`), prefetching
+    `prefetch` layers ahead."""
     if path is None:
         if not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install")
@@ -50,13 +61,66 @@ def load(path: str | Path | None = None, *, device: str = "auto", dtype=None, pr
         report("dense weights", i + 1, len(names))
 
     total = cfg.num_layers * cfg.num_experts
-    def load_expert(layer: int, e: int) -> ExpertWeights:
-        w = {k: v.to(device=device, dtype=dtype) for k, v in ckpt.expert(layer, e).items()}
+
+    def load_expert(layer: int, e: int, to=device) -> ExpertWeights:
+        w = {k: v.to(device=to, dtype=dtype) for k, v in ckpt.expert(layer, e).items()}
         report("experts", layer * cfg.num_experts + e + 1, total)
         return ExpertWeights(**w)
-    experts = ResidentExperts(load_expert, cfg.num_layers, cfg.num_experts)
+
+    settings = {"profile": profile, "context_length": context}
+    if cache_slots is None:
+        experts = ResidentExperts(load_expert, cfg.num_layers, cfg.num_experts)
+        settings.update(experts="resident")
+    else:
+        slots = _slots_per_layer(cache_slots, cfg.num_layers, cfg.num_experts)
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+            raise OffloadMoeError(f"prefetch = {prefetch!r}, expected a depth >= 0 (layers ahead)")
+        layout = ExpertLayout(load_expert(0, 0, to="cpu"))
+        store = HostStore(layout, cfg.num_layers, cfg.num_experts, offload=offload,
+                          ram_budget=_bytes("ram_budget", ram_budget), offload_dir=offload_dir,
+                          pin=device.type == "cuda")
+        for layer in range(cfg.num_layers):
+            staging = store.staging(layer)
+            for e in range(cfg.num_experts):
+                layout.write(staging[e], load_expert(layer, e, to="cpu"))
+            store.commit_layer(layer)
+        store.finish()
+        experts = ExpertCache(store, device=device, slots=slots, prefetch=prefetch, record_trace=record_trace)
+        settings.update(experts="offloaded", cache_slots=slots, prefetch=prefetch,
+                        ram_layers=store.ram_layers, disk_layers=cfg.num_layers - store.ram_layers,
+                        offload_dir=str(store.disk_dir) if store.disk_dir else None)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
     tokenizer = Tokenizer(ckpt.path) if (ckpt.path / "tokenizer.json").exists() else None
-    settings = {"profile": profile, "context_length": context}
     return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings)
+
+
+def _slots_per_layer(cache_slots, num_layers: int, num_experts: int) -> list[int]:
+    if cache_slots == "all":
+        return [num_experts] * num_layers
+    values = [cache_slots] * num_layers if isinstance(cache_slots, int) else list(cache_slots)
+    if (len(values) != num_layers
+            or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts for k in values)):
+        raise OffloadMoeError(f"cache_slots = {cache_slots!r}, expected 'all', an integer in 1..{num_experts}, "
+                              f"or a list of {num_layers} such integers (one per layer)")
+    return values
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _bytes(key: str, value) -> int | None:
+    """None, a byte count, or a string such as "20GB" / "512MiB"."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        try:
+            n = float(number) * _UNITS[text[len(number):]]
+        except (ValueError, KeyError):
+            n = 0
+        if n > 0:
+            return int(n)
+    raise OffloadMoeError(f"{key} = {value!r}, expected a positive size such as 20GB or 512MiB")

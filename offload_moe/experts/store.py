@@ -1,0 +1,133 @@
+"""The host tier: where every expert's bytes live when not in a device slot.
+
+Whole layers are kept in RAM (pinned when the compute device is CUDA, so copies run at full link
+speed and asynchronously) until the RAM budget is spent; the remaining layers go to one file per
+layer under `offload_dir`, read back through mmap. Bytes are stored in the form they are computed in
+(the flat `ExpertLayout` buffer, packed when quantized), so a miss moves the fewest bytes.
+
+A disk file records its size and modification time when written; every read checks both, so a file
+truncated or rewritten behind our back is a clear error instead of a crash (SIGBUS) or wrong output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import OffloadMoeError
+from .layout import ExpertLayout
+
+
+def human(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+class HostStore:
+    def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, *, offload: str = "ram",
+                 ram_budget: int | None = None, offload_dir: str | Path | None = None, pin: bool = False):
+        if offload not in ("ram", "disk"):
+            raise OffloadMoeError(f"offload = {offload!r}, expected 'ram' or 'disk'")
+        self.layout, self.num_layers, self.num_experts = layout, num_layers, num_experts
+        self.layer_bytes = num_experts * layout.nbytes
+        if offload == "disk":
+            ram_layers = 0
+        elif ram_budget is None:
+            ram_layers = num_layers
+        else:
+            if ram_budget < self.layer_bytes:
+                raise OffloadMoeError(f"ram_budget = {human(ram_budget)} is smaller than one layer's experts "
+                                      f"({human(self.layer_bytes)}); raise it or use offload='disk'")
+            ram_layers = min(num_layers, ram_budget // self.layer_bytes)
+        self.ram_layers = ram_layers
+        self.pinned = pin
+        # RAM tier: one (E, nbytes) uint8 buffer per layer, allocated once.
+        self.ram = [torch.empty((num_experts, layout.nbytes), dtype=torch.uint8, pin_memory=pin)
+                    for _ in range(ram_layers)]
+        self.disk_dir = None
+        self.disk: dict[int, torch.Tensor] = {}
+        self._written: dict[int, tuple[int, int]] = {}
+        self._staging: dict[int, torch.Tensor] = {}
+        if ram_layers < num_layers:
+            self.disk_dir = self._prepare_dir(offload_dir)
+
+    # ---- placement facts ----
+    def tier(self, layer: int) -> str:
+        return "ram" if layer < self.ram_layers else "disk"
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.ram_layers * self.layer_bytes
+
+    @property
+    def disk_bytes(self) -> int:
+        return (self.num_layers - self.ram_layers) * self.layer_bytes
+
+    # ---- filling (at load) ----
+    @staticmethod
+    def _prepare_dir(offload_dir) -> Path:
+        d = Path(offload_dir) if offload_dir else Path(tempfile.mkdtemp(prefix="offload-moe-"))
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / ".write-test"
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as e:
+            raise OffloadMoeError(f"offload_dir {str(d)!r} is not writable ({e.strerror})") from None
+        return d
+
+    def _file(self, layer: int) -> Path:
+        return self.disk_dir / f"layer-{layer:03d}.experts"
+
+    def staging(self, layer: int) -> torch.Tensor:
+        """A host buffer to assemble one disk layer in before it is written (reused across layers)."""
+        if layer < self.ram_layers:
+            return self.ram[layer]
+        buf = self._staging.get(0)
+        if buf is None:
+            buf = self._staging[0] = torch.empty((self.num_experts, self.layout.nbytes), dtype=torch.uint8)
+        return buf
+
+    def commit_layer(self, layer: int) -> None:
+        """After `staging(layer)` was filled: write a disk layer out and map it back."""
+        if layer < self.ram_layers:
+            return
+        path = self._file(layer)
+        tmp = path.with_suffix(".partial")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(self.staging(layer).numpy().tobytes())
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OffloadMoeError(f"{path}: cannot write the disk tier ({e.strerror})") from None
+        st = path.stat()
+        self._written[layer] = (st.st_size, st.st_mtime_ns)
+        self.disk[layer] = torch.from_file(str(path), shared=False, size=self.layer_bytes,
+                                           dtype=torch.uint8).view(self.num_experts, self.layout.nbytes)
+
+    def finish(self) -> None:
+        self._staging.clear()
+        if self.disk_dir is not None:
+            manifest = {str(k): {"size": s, "mtime_ns": m} for k, (s, m) in self._written.items()}
+            (self.disk_dir / "manifest.json").write_text(json.dumps(manifest))
+
+    # ---- reading (every miss) ----
+    def expert(self, layer: int, expert: int) -> torch.Tensor:
+        """The flat uint8 bytes of one expert (a view: RAM or mmap)."""
+        if layer < self.ram_layers:
+            return self.ram[layer][expert]
+        path = self._file(layer)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise OffloadMoeError(f"{path}: disk tier file disappeared after it was written") from None
+        size, mtime = self._written[layer]
+        if st.st_size != size:
+            raise OffloadMoeError(f"{path}: disk tier file is {st.st_size:,} bytes, expected {size:,} "
+                                  "(truncated after it was written)")
+        if st.st_mtime_ns != mtime:
+            raise OffloadMoeError(f"{path}: disk tier file was modified after it was written")
+        return self.disk[layer][expert]
