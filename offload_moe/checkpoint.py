@@ -63,6 +63,25 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def dense_shapes(c: ModelConfig, router_name=lambda i: f"model.layers.{i}.block_sparse_moe.gate.weight"
+                 ) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name -> shape of every dense (non-expert) tensor a Mixtral config implies."""
+    H, V, E, hd = c.hidden_size, c.vocab_size, c.num_experts, c.head_dim
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, H)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (H,)
+        shapes[p + "post_attention_layernorm.weight"] = (H,)
+        shapes[p + "self_attn.q_proj.weight"] = (c.num_heads * hd, H)
+        shapes[p + "self_attn.k_proj.weight"] = (c.num_kv_heads * hd, H)
+        shapes[p + "self_attn.v_proj.weight"] = (c.num_kv_heads * hd, H)
+        shapes[p + "self_attn.o_proj.weight"] = (H, c.num_heads * hd)
+        shapes[router_name(i)] = (E, H)
+    return shapes
+
+
 class Checkpoint:
     """A checkpoint directory: its config, a map of tensor name → location, and lazy reads."""
 
@@ -110,21 +129,7 @@ class Checkpoint:
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every dense (non-expert) tensor the config implies, with its shape."""
-        c = self.config
-        H, V, E, hd = c.hidden_size, c.vocab_size, c.num_experts, c.head_dim
-        shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
-        if not c.tie_word_embeddings:
-            shapes["lm_head.weight"] = (V, H)
-        for i in range(c.num_layers):
-            p = f"model.layers.{i}."
-            shapes[p + "input_layernorm.weight"] = (H,)
-            shapes[p + "post_attention_layernorm.weight"] = (H,)
-            shapes[p + "self_attn.q_proj.weight"] = (c.num_heads * hd, H)
-            shapes[p + "self_attn.k_proj.weight"] = (c.num_kv_heads * hd, H)
-            shapes[p + "self_attn.v_proj.weight"] = (c.num_kv_heads * hd, H)
-            shapes[p + "self_attn.o_proj.weight"] = (H, c.num_heads * hd)
-            shapes[self.router_name(i)] = (E, H)
-        return shapes
+        return dense_shapes(self.config, self.router_name)
 
     def expert_shapes(self) -> dict[str, tuple[int, ...]]:
         c = self.config

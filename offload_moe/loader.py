@@ -30,12 +30,13 @@ def model_name(checkpoint_name: str) -> str:
     return name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
 
 
-def load(path: str | Path | None = None, *, device: str = "auto", dtype=None, profile: str = "auto",
+def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto", dtype=None, profile: str = "auto",
          context_length: int | None = None, cache_slots: int | list[int] | str | None = None,
          prefetch: int = 1, offload: str = "ram", ram_budget: int | str | None = None,
          offload_dir: str | Path | None = None, record_trace: bool = False,
          progress: Progress | None = None) -> Model:
-    """Load a Mixtral-family checkpoint directory (None: the bundled demo model).
+    """Load a Mixtral-family checkpoint directory (None: the bundled demo model; an already opened
+    `Checkpoint` or `SyntheticCheckpoint` is used as it is).
 
     cache_slots: None keeps every expert resident on the device; an int (or one int per layer)
     runs the offloading engine with that many device slots per layer, the other experts in the host
@@ -45,7 +46,7 @@ def load(path: str | Path | None = None, *, device: str = "auto", dtype=None, pr
         if not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install")
         path = DEMO_DIR
-    ckpt = Checkpoint(path)
+    ckpt = path if hasattr(path, "expert") else Checkpoint(path)
     cfg = ckpt.config
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
@@ -91,7 +92,7 @@ def load(path: str | Path | None = None, *, device: str = "auto", dtype=None, pr
                         offload_dir=str(store.disk_dir) if store.disk_dir else None)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
-    tokenizer = Tokenizer(ckpt.path) if (ckpt.path / "tokenizer.json").exists() else None
+    tokenizer = Tokenizer(ckpt.path) if ckpt.path.is_dir() and (ckpt.path / "tokenizer.json").exists() else None
     return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings)
 
 

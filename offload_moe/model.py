@@ -96,18 +96,24 @@ class MoEBlock(nn.Module):
         self.layer, self.top_k, self.num_experts = layer, cfg.top_k, cfg.num_experts
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = experts  # provider: not a submodule, owns no parameters of this model
+        self.forced_routes: Callable[[int, int], torch.Tensor] | None = None  # benchmarks replay traces
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, H) -> weights (N, k) in x's dtype, expert ids (N, k)."""
+    def route(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, H) -> weights (N, k) in x's dtype, expert ids (N, k); `forced` ids replace top-k."""
         probs = F.softmax(self.gate(x).float(), dim=-1)              # (N, E)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)         # (N, k)
+        if forced is None:
+            weights, ids = torch.topk(probs, self.top_k, dim=-1)     # (N, k)
+        else:
+            ids = forced.to(probs.device)
+            weights = probs.gather(-1, ids)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         B, T, H = x.shape
         h = x.reshape(-1, H)                                          # (N, H)
-        weights, ids = self.route(h)
+        forced = self.forced_routes(self.layer, h.shape[0]) if self.forced_routes else None
+        weights, ids = self.route(h, forced)
         # The one host sync of the layer: which experts were chosen, grouped by expert.
         flat = ids.flatten().cpu()                                    # (N*k,)
         order = torch.argsort(flat, stable=True)
