@@ -11,4 +11,13 @@ from .errors import OffloadMoeError
 from .loader import load
 
 __version__ = "0.1.0"
-__all__ = ["load", "Model", "Generation", "ModelConfig", "OffloadMoeError", "__version__"]
+
+
+def quantize(src, dst, **kwargs):
+    """Write a quantized copy of checkpoint `src` to the new directory `dst` (see quant/convert.py)."""
+    from .quant.convert import quantize as convert
+
+    return convert(src, dst, **kwargs)
+
+
+__all__ = ["load", "quantize", "Model", "Generation", "ModelConfig", "OffloadMoeError", "__version__"]

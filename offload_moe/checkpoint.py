@@ -25,6 +25,9 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 from .errors import OffloadMoeError
+from .quant.format import QuantSpec, tensor_kind
+from .quant.groupwise import QuantizedWeight
+from .quant.pack import packed_cols
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
@@ -90,6 +93,7 @@ class Checkpoint:
         if not self.path.is_dir():
             raise OffloadMoeError(f"{self.path}: no such checkpoint directory")
         self.config = ModelConfig.load(self.path)
+        self.quant = QuantSpec.from_config(self.config.quantization, str(self.path / "config.json"))
         self.tensors = self._index()
         self.layout = self._detect_layout()
         self._handles: dict[Path, object] = {}
@@ -150,6 +154,9 @@ class Checkpoint:
 
     def _validate(self):
         for name, shape in {**self.expected_shapes(), **self.expert_shapes()}.items():
+            if self._bits(name) is not None:
+                self._validate_quantized(name, shape)
+                continue
             info = self.tensors.get(name)
             if info is None:
                 raise OffloadMoeError(f"{self.path}: tensor {name!r} is missing "
@@ -161,6 +168,23 @@ class Checkpoint:
                 raise OffloadMoeError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, "
                                       "expected one of BF16, F16, F32")
 
+    def _bits(self, name: str) -> int | None:
+        return self.quant.bits(tensor_kind(name)) if self.quant and name.endswith(".weight") else None
+
+    def _validate_quantized(self, name: str, shape: tuple[int, ...]):
+        bits, group, prefix = self._bits(name), self.quant.group_size, name.removesuffix(".weight")
+        out_f, in_f = shape
+        expected = {"qweight": ("U8", (out_f, packed_cols(in_f, bits))),
+                    "scales": ("F16", (out_f, in_f // group)), "zeros": ("F16", (out_f, in_f // group))}
+        for suffix, (dtype, want) in expected.items():
+            info = self.tensors.get(f"{prefix}.{suffix}")
+            if info is None:
+                raise OffloadMoeError(f"{self.path}: tensor {prefix}.{suffix!r} is missing (expected {dtype} "
+                                      f"{list(want)} for a {bits}-bit {list(shape)} weight)")
+            if info.dtype != dtype or info.shape != want:
+                raise OffloadMoeError(f"{info.file}: tensor '{prefix}.{suffix}' is {info.dtype} {list(info.shape)}, "
+                                      f"expected {dtype} {list(want)} for a {bits}-bit {list(shape)} weight")
+
     # ---- reading ----
     def router_name(self, layer: int) -> str:
         if self.layout == "fused":
@@ -171,6 +195,15 @@ class Checkpoint:
         if file not in self._handles:
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file]
+
+    def get_weight(self, name: str, shape: tuple[int, ...]):
+        """A weight as stored: a tensor, or a `QuantizedWeight` in a quantized checkpoint."""
+        bits = self._bits(name)
+        if bits is None:
+            return self.get(name)
+        prefix = name.removesuffix(".weight")
+        parts = {f"{prefix}.{s}": self.get(f"{prefix}.{s}") for s in ("qweight", "scales", "zeros")}
+        return QuantizedWeight.from_state_dict(parts, prefix, bits, self.quant.group_size, shape)
 
     def get(self, name: str) -> torch.Tensor:
         """Read one tensor (only its bytes are touched)."""
@@ -191,11 +224,9 @@ class Checkpoint:
             return {"w1": gate_up[:I].contiguous(), "w3": gate_up[I:].contiguous(),
                     "w2": self._get_row(p + "down_proj", expert)}  # [H, I]
         p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
-        return {w: self.get(p + f"{w}.weight") for w in ("w1", "w3", "w2")}
-
-    def dense_state_dict(self) -> dict[str, torch.Tensor]:
-        """All non-expert tensors, keyed by their checkpoint names."""
-        return {name: self.get(name) for name in self.expected_shapes()}
+        H, I = self.config.hidden_size, self.config.intermediate_size
+        shapes = {"w1": (I, H), "w3": (I, H), "w2": (H, I)}
+        return {w: self.get_weight(p + f"{w}.weight", shapes[w]) for w in ("w1", "w3", "w2")}
 
     # ---- facts for `info` ----
     def bytes_by_kind(self) -> dict[str, int]:

@@ -71,7 +71,7 @@ def decode_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sa
                   timing: DecodeTiming | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens ids; the caller stops early on EOS or a stop string."""
     timing = timing if timing is not None else DecodeTiming()
-    device = model.embed_tokens.weight.device
+    device = model.device
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)

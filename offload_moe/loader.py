@@ -55,16 +55,17 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         raise OffloadMoeError(f"context_length = {context!r}, expected an integer >= 2")
     report = progress or (lambda what, done, total: None)
 
-    names = list(ckpt.expected_shapes())
+    shapes = ckpt.expected_shapes()
+    read = getattr(ckpt, "get_weight", lambda name, shape: ckpt.get(name))
     dense = {}
-    for i, name in enumerate(names):
-        dense[model_name(name)] = ckpt.get(name).to(device=device, dtype=dtype)
-        report("dense weights", i + 1, len(names))
+    for i, (name, shape) in enumerate(shapes.items()):
+        dense[model_name(name)] = _to(read(name, shape), device, dtype)
+        report("dense weights", i + 1, len(shapes))
 
     total = cfg.num_layers * cfg.num_experts
 
     def load_expert(layer: int, e: int, to=device) -> ExpertWeights:
-        w = {k: v.to(device=to, dtype=dtype) for k, v in ckpt.expert(layer, e).items()}
+        w = {k: _to(v, to, dtype) for k, v in ckpt.expert(layer, e).items()}
         report("experts", layer * cfg.num_experts + e + 1, total)
         return ExpertWeights(**w)
 
@@ -94,6 +95,13 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
     tokenizer = Tokenizer(ckpt.path) if ckpt.path.is_dir() and (ckpt.path / "tokenizer.json").exists() else None
     return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings)
+
+
+def _to(weight, device, dtype):
+    """Float weights move and take the compute dtype; packed ones only move (never inflated)."""
+    if isinstance(weight, torch.Tensor):
+        return weight.to(device=device, dtype=dtype)
+    return weight.to(device)
 
 
 def _slots_per_layer(cache_slots, num_layers: int, num_experts: int) -> list[int]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .experts.weights import expert_forward
+from .quant.modules import QEmbedding, QLinear
 
 
 class RMSNorm(nn.Module):
@@ -160,10 +161,10 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
         experts.attach_router(self.guess_experts)
 
-    def setup(self, max_seq_len: int, max_batch: int = 1):
-        """Allocate the KV cache and rotary tables once, on the device the weights are on."""
-        cfg, device, dtype = self.config, self.embed_tokens.weight.device, self.embed_tokens.weight.dtype
-        self.max_seq_len = max_seq_len
+    def setup(self, max_seq_len: int, device, dtype, max_batch: int = 1):
+        """Allocate the KV cache and rotary tables once, on the compute device."""
+        cfg = self.config
+        self.device, self.max_seq_len = torch.device(device), max_seq_len
         self.cos, self.sin = rope_tables(cfg, max_seq_len, device, dtype)
         self.kv_caches = [KVCache(max_batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim, device, dtype)
                           for _ in range(cfg.num_layers)]
@@ -173,8 +174,8 @@ class Transformer(nn.Module):
         window = self.config.sliding_window
         if T == 1 and (window is None or S <= window):
             return None  # a single new token sees everything cached
-        q_pos = torch.arange(start, start + T, device=self.cos.device)[:, None]
-        k_pos = torch.arange(S, device=self.cos.device)[None, :]
+        q_pos = torch.arange(start, start + T, device=self.device)[:, None]
+        k_pos = torch.arange(S, device=self.device)[None, :]
         mask = k_pos <= q_pos
         if window is not None:
             mask = mask & (k_pos > q_pos - window)
@@ -208,15 +209,24 @@ class Transformer(nn.Module):
         return block.block_sparse_moe.route(x)[1]
 
 
-def build_transformer(cfg: ModelConfig, dense: dict[str, torch.Tensor], experts, *, device, dtype,
+def build_transformer(cfg: ModelConfig, dense: dict, experts, *, device, dtype,
                       max_seq_len: int, max_batch: int = 1) -> Transformer:
-    """Construct on the meta device, then adopt the dense tensors (already on device/dtype)."""
+    """Construct on the meta device, swap in quantized modules for packed weights, then adopt the
+    dense tensors (already on device/dtype)."""
     with torch.device("meta"):
         model = Transformer(cfg, experts)
     if cfg.tie_word_embeddings:
         dense = {**dense, "lm_head.weight": dense["embed_tokens.weight"]}
-    model.load_state_dict(dense, strict=True, assign=True)
-    model.setup(max_seq_len, max_batch)
+    plain = {}
+    for name, w in dense.items():
+        if isinstance(w, torch.Tensor):
+            plain[name] = w
+            continue
+        parent, _, attr = name.removesuffix(".weight").rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, attr, QEmbedding(w, dtype) if attr == "embed_tokens" else QLinear(w))
+    model.load_state_dict(plain, strict=True, assign=True)
+    model.setup(max_seq_len, device, dtype, max_batch)
     return model.eval()
 
 
