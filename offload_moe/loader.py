@@ -6,6 +6,7 @@ compute device → give the experts to a provider → build the transformer arou
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,10 +16,13 @@ from .checkpoint import Checkpoint
 from .errors import OffloadMoeError
 from .experts.cache import ExpertCache
 from .experts.layout import ExpertLayout
+from .experts.policy import POLICIES
 from .experts.resident import ResidentExperts
 from .experts.store import HostStore
 from .experts.weights import ExpertWeights
 from .model import build_transformer
+from .planner import plan as make_plan
+from .profiles import Profile, auto_profile, load_profile
 from .text import Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -30,18 +34,24 @@ def model_name(checkpoint_name: str) -> str:
     return name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
 
 
-def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto", dtype=None, profile: str = "auto",
-         context_length: int | None = None, cache_slots: int | list[int] | str | None = None,
-         prefetch: int = 1, offload: str = "ram", ram_budget: int | str | None = None,
-         offload_dir: str | Path | None = None, record_trace: bool = False,
+def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto", dtype=None,
+         profile: "str | Path | Profile | None" = "auto", context_length: int | None = None,
+         cache_slots: int | list[int] | str | None = None, prefetch: int | None = None,
+         offload: str | None = None, ram_budget: int | str | None = None,
+         offload_dir: str | Path | None = None, policy: str = "lru", record_trace: bool = False,
          progress: Progress | None = None) -> Model:
     """Load a Mixtral-family checkpoint directory (None: the bundled demo model; an already opened
     `Checkpoint` or `SyntheticCheckpoint` is used as it is).
 
-    cache_slots: None keeps every expert resident on the device; an int (or one int per layer)
+    profile: a VRAM profile name ("12gb"), a .toml path, a `Profile`, "auto" (measure free VRAM and
+    RAM and pick) or None. The planner turns it into placement (slots per layer, prefetch depth,
+    host tier, RAM budget, context length); keyword arguments given here override single keys.
+    The checkpoint's own bits are used; quantize first (`offload-moe quantize`) to use fewer.
+
+    cache_slots: "all" keeps every expert resident on the device; an int (or one int per layer)
     runs the offloading engine with that many device slots per layer, the other experts in the host
     tier (`offload` "ram" or "disk", `ram_budget` bytes or "20GB", `offload_dir`), prefetching
-    `prefetch` layers ahead."""
+    `prefetch` layers ahead, evicting by `policy` ("lru"; "none" reuses nothing, a baseline)."""
     if path is None:
         if not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install")
@@ -50,7 +60,13 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     cfg = ckpt.config
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
-    context = context_length or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
+    placement, summary = apply_profile(profile, cfg, device, dtype)
+    given = dict(context_length=context_length, cache_slots=cache_slots, prefetch=prefetch, offload=offload,
+                 ram_budget=ram_budget)
+    placement.update({k: v for k, v in given.items() if v is not None})
+    cache_slots, prefetch = placement.get("cache_slots"), placement.get("prefetch", 1)
+    offload, ram_budget = placement.get("offload", "ram"), placement.get("ram_budget")
+    context = placement.get("context_length") or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
     if not isinstance(context, int) or context < 2:
         raise OffloadMoeError(f"context_length = {context!r}, expected an integer >= 2")
     report = progress or (lambda what, done, total: None)
@@ -69,8 +85,9 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         report("experts", layer * cfg.num_experts + e + 1, total)
         return ExpertWeights(**w)
 
-    settings = {"profile": profile, "context_length": context}
-    if cache_slots is None:
+    settings = {"profile": summary, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                "context_length": context}
+    if cache_slots is None or cache_slots == "all":
         experts = ResidentExperts(load_expert, cfg.num_layers, cfg.num_experts)
         settings.update(experts="resident")
     else:
@@ -87,8 +104,11 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
                 layout.write(staging[e], load_expert(layer, e, to="cpu"))
             store.commit_layer(layer)
         store.finish()
-        experts = ExpertCache(store, device=device, slots=slots, prefetch=prefetch, record_trace=record_trace)
-        settings.update(experts="offloaded", cache_slots=slots, prefetch=prefetch,
+        if policy not in POLICIES:
+            raise OffloadMoeError(f"policy = {policy!r}, expected one of {', '.join(POLICIES)}")
+        experts = ExpertCache(store, device=device, slots=slots, prefetch=prefetch, record_trace=record_trace,
+                              policy=lambda layer: POLICIES[policy]())
+        settings.update(experts="offloaded", cache_slots=slots, prefetch=prefetch, policy=policy,
                         ram_layers=store.ram_layers, disk_layers=cfg.num_layers - store.ram_layers,
                         offload_dir=str(store.disk_dir) if store.disk_dir else None)
 
@@ -104,9 +124,33 @@ def _to(weight, device, dtype):
     return weight.to(device)
 
 
+def apply_profile(profile, cfg, device: torch.device, dtype: torch.dtype) -> tuple[dict, str | None]:
+    """Placement settings from a profile, via the planner: ({setting: value}, profile name)."""
+    if profile is None:
+        return {}, None
+    if isinstance(profile, Profile):
+        prof = profile
+    elif profile == "auto":
+        prof = auto_profile(cfg) if device.type == "cuda" else load_profile("cpu")
+    else:
+        prof = load_profile(profile)
+    if not cfg.quantization:  # plan for the weights as they will be held: the compute dtype
+        bits = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+        prof = replace(prof, experts_bits=bits, attention_bits=bits, embeddings_bits=bits)
+    if prof.device == "cuda" and device.type != "cuda":
+        raise OffloadMoeError(f"profile {prof.name!r} is for a CUDA GPU but the device is {device}; "
+                              "use profile='cpu' or device='cuda'")
+    p = make_plan(cfg, prof)
+    placement = dict(context_length=p.kv_tokens, prefetch=prof.prefetch, offload=prof.offload,
+                     ram_budget=p.ram_budget)
+    if prof.device == "cuda":
+        placement["cache_slots"] = "all" if p.slots_per_layer >= cfg.num_experts else p.slots_per_layer
+    elif p.experts_on_disk:  # the CPU computes from RAM; layers that do not fit stream from disk
+        placement["cache_slots"] = min(cfg.num_experts, 2 * cfg.top_k)
+    return placement, prof.name
+
+
 def _slots_per_layer(cache_slots, num_layers: int, num_experts: int) -> list[int]:
-    if cache_slots == "all":
-        return [num_experts] * num_layers
     values = [cache_slots] * num_layers if isinstance(cache_slots, int) else list(cache_slots)
     if (len(values) != num_layers
             or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts for k in values)):

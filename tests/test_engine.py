@@ -165,3 +165,12 @@ def test_cuda_decode_allocates_no_new_memory(tiny_checkpoint):
     after = torch.cuda.memory_stats()
     assert after["segment.all.allocated"] == before["segment.all.allocated"]  # no new cudaMalloc
     assert after["reserved_bytes.all.peak"] == before["reserved_bytes.all.peak"]
+
+
+def test_no_reuse_policy_misses_every_use(tiny_checkpoint, reference):
+    _, _, tokens = reference
+    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=8, prefetch=0, policy="none")
+    assert model.generate(PROMPT, max_new_tokens=64, temperature=0, ignore_eos=True).token_ids == tokens
+    s = model.stats["experts"]
+    assert s["hits"] == 0 and s["misses"] > 0
+    assert s["bytes_moved"] == s["misses"] * s["bytes_per_expert"]

@@ -9,13 +9,15 @@ from .console import progress_bar
 def add_model_arguments(p):
     p.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--profile", default="auto", metavar="NAME",
+                   help="VRAM profile: a name (cpu, 6gb ... 24gb), a .toml path, or auto (default)")
     p.add_argument("--dtype", default=None, help="compute dtype for dense weights (default: the checkpoint's)")
     p.add_argument("--context-length", type=int, default=None, metavar="N",
                    help="tokens the KV cache holds (default: min(model limit, 4096))")
     p.add_argument("--cache-slots", default=None, metavar="K",
                    help="device slots per layer for experts ('all' or a number; default: all resident)")
-    p.add_argument("--prefetch", type=int, default=1, metavar="D", help="layers to prefetch ahead (default 1)")
-    p.add_argument("--offload", choices=["ram", "disk"], default="ram", help="host tier for cold experts")
+    p.add_argument("--prefetch", type=int, default=None, metavar="D", help="layers to prefetch ahead")
+    p.add_argument("--offload", choices=["ram", "disk"], default=None, help="host tier for cold experts")
     p.add_argument("--ram-budget", default=None, metavar="SIZE", help="RAM for experts, e.g. 20GB (rest on disk)")
     p.add_argument("--offload-dir", default=None, metavar="DIR", help="directory for the disk tier")
 
@@ -37,7 +39,7 @@ def load_kwargs(args) -> dict:
     slots = args.cache_slots
     if slots is not None and slots != "all":
         slots = int(slots) if slots.isdigit() else slots
-    return dict(device=args.device, dtype=args.dtype, context_length=args.context_length, cache_slots=slots,
+    return dict(device=args.device, dtype=args.dtype, profile=args.profile, context_length=args.context_length, cache_slots=slots,
                 prefetch=args.prefetch, offload=args.offload, ram_budget=args.ram_budget,
                 offload_dir=args.offload_dir)
 

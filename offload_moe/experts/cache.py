@@ -85,6 +85,8 @@ class ExpertCache:
         if self.trace is not None:
             self.trace[layer].append(list(experts))
         policy.step(experts)
+        if not policy.reuse:
+            self._drop_all(layer)
         pending = set(experts)                      # needed by this layer and not yet computed
         hits = [e for e in experts if e in resident]
         misses = [e for e in experts if e not in resident]
@@ -124,6 +126,11 @@ class ExpertCache:
             start_copies()
 
     # ---- slots ----
+    def _drop_all(self, layer: int) -> None:
+        for e in list(self.slot_of[layer]):
+            self.holder[layer][self.slot_of[layer].pop(e)] = -1
+            self.policies[layer].forget(e)
+
     def _claim_slot(self, layer: int, protected: set[int]) -> int | None:
         """An empty slot, or the policy's victim among experts not in `protected`; None if neither."""
         holder = self.holder[layer]

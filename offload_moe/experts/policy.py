@@ -15,6 +15,8 @@ from collections.abc import Sequence
 class LRU:
     """Least recently used first."""
 
+    reuse = True  # experts stay resident between steps
+
     def __init__(self):
         self.order: OrderedDict[int, None] = OrderedDict()
 
@@ -35,8 +37,16 @@ class LRU:
         return min(candidates)
 
 
+class NoReuse(LRU):
+    """Nothing survives a step: every use is a copy. The on-demand-loading baseline of benchmarks."""
+
+    reuse = False
+
+
 class Belady:
     """Evict the candidate whose next use in the recorded future is farthest (or never)."""
+
+    reuse = True
 
     def __init__(self, future: Sequence[Sequence[int]]):
         self.future = [set(s) for s in future]
@@ -71,6 +81,8 @@ def simulate(trace: Sequence[Sequence[int]], slots: int, policy) -> tuple[int, i
     for needed in trace:
         needed = sorted(set(needed))
         policy.step(needed)
+        if not policy.reuse:
+            resident.clear()
         pending = set(needed)
         step_misses = [e for e in needed if e not in resident]
         for e in needed:
@@ -88,3 +100,6 @@ def simulate(trace: Sequence[Sequence[int]], slots: int, policy) -> tuple[int, i
             policy.touch(e)
             pending.discard(e)
     return hits, misses
+
+
+POLICIES = {"lru": LRU, "none": NoReuse}

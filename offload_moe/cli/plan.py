@@ -1,0 +1,40 @@
+"""`offload-moe plan PATH [--profile NAME_OR_PATH] [--hit-rate X]`: the memory plan, before any download."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from rich.text import Text
+
+from ..config import ModelConfig
+from ..planner import plan
+from ..profiles import auto_profile, list_profiles, load_profile
+from .console import stdout
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "plan", help="show where a model's bytes go under a VRAM profile (from config.json alone)",
+        description="Plan device, RAM and disk use for a model under a profile, and the bytes each "
+                    "token moves, from its config.json alone: no weights are read.")
+    p.add_argument("path", metavar="PATH_OR_CONFIG", help="checkpoint directory or config.json file")
+    p.add_argument("--profile", metavar="NAME_OR_PATH", default=None,
+                   help=f"bundled or user profile ({', '.join(list_profiles())}) or a .toml file "
+                        "(default: the largest bundled profile this machine fits)")
+    p.add_argument("--hit-rate", type=float, default=None, metavar="X",
+                   help="share of needed experts already in place, 0 to 1 (default: estimated from the slots)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    config = ModelConfig.load(args.path)
+    profile = load_profile(args.profile) if args.profile else auto_profile(config)
+    result = plan(config, profile, hit_rate=args.hit_rate)
+    picked = "" if args.profile else " (picked for this machine)"
+    table = Table(title=f"{args.path} under profile {profile.name}{picked}", show_header=False)
+    table.add_column("what")
+    table.add_column("planned")
+    for label, value in result.rows():
+        table.add_row(Text(label), Text(value))
+    stdout.print(table)
+    stdout.print(Text(result.explain()))
+    return 0

@@ -1,0 +1,107 @@
+"""`offload-moe serve`: an OpenAI-compatible HTTP server for one model (logs on stderr)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from ..errors import OffloadMoeError
+from .common import add_model_arguments, load_kwargs
+from .console import progress_bar, stderr
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        description="Serve one model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                    "/v1/models, streaming or not), plus /health and /metrics. Point any OpenAI client at "
+                    "http://HOST:PORT/v1. Needs: pip install 'offload-moe[serve]'.")
+    add_model_arguments(p)
+    if "--profile" not in p._option_string_actions:  # unless the shared model arguments grew one
+        p.add_argument("--profile", default=None, metavar="P",
+                       help="memory profile for the expert cache (default: the loader's choice)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it "
+                        "to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("OFFLOAD_MOE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: $OFFLOAD_MOE_API_KEY, else no key)")
+    p.add_argument("--max-queue", type=int, default=8, metavar="N",
+                   help="requests that may wait behind the one generating; more get HTTP 429 (default: 8)")
+    p.add_argument("--model-name", metavar="NAME", default=None,
+                   help="the model id clients see in /v1/models (default: the checkpoint directory's name)")
+    p.set_defaults(func=run)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise OffloadMoeError(f"--port {port}: expected a TCP port number 0..65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OffloadMoeError(f"--host {host!r}: cannot resolve the address ({e.strerror})") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OffloadMoeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _log_config() -> dict:
+    """uvicorn's logging, all of it on stderr (stdout stays clean)."""
+    handler = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {
+            "default": {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s %(message)s"},
+            "access": {"()": "uvicorn.logging.AccessFormatter",
+                       "fmt": '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s'}},
+        "handlers": {"default": {**handler, "formatter": "default"}, "access": {**handler, "formatter": "access"}},
+        "loggers": {"uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+                    "uvicorn.error": {"level": "INFO"},
+                    "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+                    "offload_moe.server": {"handlers": ["default"], "level": "INFO", "propagate": False}},
+    }
+
+
+def run(args) -> int:
+    from ..server import create_app, require
+
+    require("starlette")
+    uvicorn = require("uvicorn")
+    from .. import load
+
+    if args.max_queue < 0:
+        raise OffloadMoeError(f"--max-queue {args.max_queue}: expected an integer >= 0")
+    if args.api_key is not None and not args.api_key.strip():
+        raise OffloadMoeError("--api-key is empty")
+    sock = _listen(args.host, args.port)  # before loading: a busy port fails fast
+    try:
+        kwargs = load_kwargs(args)
+        if args.profile is not None:
+            kwargs.setdefault("profile", args.profile)
+        with progress_bar() as report:
+            model = load(args.model, progress=report, **kwargs)
+        name = args.model_name or (model.path.name if args.model else "offload-moe-demo")
+        app = create_app(model, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        stderr.print(f"offload-moe: serving {name!r} (context {model.context_length} tokens) at "
+                     f"http://{shown}:{port}/v1", highlight=False, markup=False)
+        if args.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
+            stderr.print(f"offload-moe: warning: listening on {host} without --api-key: anyone who can reach "
+                         "this port can use the model", highlight=False, markup=False)
+        config = uvicorn.Config(app, log_config=_log_config(), timeout_graceful_shutdown=3)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C it caught
+            pass
+        stderr.print("offload-moe: server stopped", highlight=False, markup=False)
+    finally:
+        sock.close()
+    return 0

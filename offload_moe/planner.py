@@ -1,0 +1,331 @@
+"""The memory plan: where every byte of a model goes under a profile, computed from config.json alone.
+
+Why before loading anything: a wrong guess costs a 25 GB download and an out-of-memory error
+minutes later. The plan says what stays on the device (shared weights, KV cache, reserve), how many
+expert slots per layer fit, which expert copies live in RAM and which on disk, and what each
+token will move over the bus; `explain()` says the same in a paragraph, `rows()` as a table.
+
+Byte formulas (the packed groupwise format of `offload_moe.quant`): a weight [out, in] at b bits
+with group size g takes out·ceil(in·b/8) packed bytes plus fp16 scales and zeros, 2·2·out·ceil(in/g)
+bytes; int8 is the same formula with b = 8; bf16/fp16 take 2 bytes per parameter. Norms and
+routers stay in 16 bits; the KV cache is fp16 (2·layers·kv_heads·head_dim·2 bytes per token).
+
+Slots (the rule of the engine in `experts/cache.py`): each layer owns `slots` expert-sized device
+buffers used as an LRU cache, and a miss is copied straight into one, so the minimum is 1 slot per
+layer and no device staging buffer (the engine's two staging buffers are pinned host memory for
+disk reads). Fewer than top_k slots works, because the engine computes an expert and releases its
+slot before claiming it for the next miss, but it thrashes: every token misses at least
+top_k - slots experts per layer, and the plan says so. `cache_slots = "auto"` takes as many slots
+as fit, at most num_experts (then nothing is offloaded). Prefetch (layers ahead) copies into the
+same slots, so it costs no extra memory. The KV cache holds context_length positions even under a
+sliding window, as `model.KVCache` allocates them.
+
+Tiers (the rule of `experts/store.py`): with offload = "ram", whole layers of experts are kept in
+host RAM (pinned on a GPU) until ram_budget is spent and the remaining layers go to memory-mapped
+disk files; a budget below one layer's experts is an error. offload = "disk" puts every layer on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from .config import ModelConfig
+from .errors import OffloadMoeError
+from .quant.format import QuantSpec
+from .profiles import BIT_WIDTHS, Profile, available_ram, bundled_profiles
+
+GROUP_SIZE = 64            # quantization group along the input dimension
+AUTO_RAM_FRACTION = 0.9    # ram_budget = "auto": this much of MemAvailable, the rest for the OS
+
+
+def weight_bytes(out: int, in_: int, bits: str, group_size: int = GROUP_SIZE) -> int:
+    """Bytes of one [out, in] weight at a profile bit width ('bf16', 'int4', ...)."""
+    b = BIT_WIDTHS[bits]
+    if b >= 16:  # stored as floats
+        return b // 8 * out * in_
+    g = in_ if group_size <= 0 else group_size  # g <= 0: one group per row
+    return out * math.ceil(in_ * b / 8) + 2 * 2 * out * math.ceil(in_ / g)
+
+
+def _checkpoint_bits(config: ModelConfig) -> tuple[str, str, str, int]:
+    """(experts, attention, embeddings, group size) settings of an already quantized checkpoint."""
+    spec = QuantSpec.from_config(config.quantization, "config.json")
+    return spec.settings["experts"], spec.settings["attention"], spec.settings["embeddings"], spec.group_size
+
+
+def checkpoint_float_bits(config: ModelConfig) -> str:
+    """The setting name of an unquantized checkpoint's dtype ('bf16', 'fp16' or 'fp32')."""
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[config.torch_dtype]
+
+
+def fmt_bytes(n: float) -> str:
+    """Decimal units, as disks and GPU spec sheets count: 1 GB = 1e9 bytes."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: ModelConfig
+    profile: Profile
+    experts_bits: str
+    attention_bits: str
+    embeddings_bits: str
+    bits_from_checkpoint: bool  # the checkpoint is already quantized: its bits override the profile's
+    group_size: int
+    attention_bytes: int        # all layers' q, k, v, o projections
+    embedding_bytes: int        # input embeddings + lm_head (once when tied)
+    norm_router_bytes: int      # RMSNorm weights and routers, 16-bit
+    kv_tokens: int              # positions the KV cache holds
+    kv_bytes: int
+    bytes_per_expert: int
+    slots_per_layer: int        # device slots per layer (0 on the CPU: experts are used where they lie)
+    ram_budget: int             # resolved: "auto" measured at planning time
+    experts_in_ram: int         # expert copies in host RAM (pinned on a GPU): whole layers
+    experts_on_disk: int        # expert copies memory-mapped from disk files: whole layers
+    hit_rate: float             # share of needed experts found without a transfer
+    hit_rate_estimated: bool
+    bytes_per_token: int        # expert bytes moved per decoded token at that hit rate
+    notes: tuple[str, ...] = ()
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.attention_bytes + self.embedding_bytes + self.norm_router_bytes
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.slots_per_layer * self.config.num_layers * self.bytes_per_expert
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.profile.device == "cuda"
+
+    @property
+    def fixed_bytes(self) -> int:
+        """What the compute device holds before any expert: shared weights, KV cache, reserve."""
+        return self.shared_bytes + self.kv_bytes + self.profile.reserve
+
+    @property
+    def vram_bytes(self) -> int:
+        return self.fixed_bytes + self.slot_bytes if self.on_gpu else 0
+
+    @property
+    def ram_bytes(self) -> int:
+        experts = self.experts_in_ram * self.bytes_per_expert
+        return experts if self.on_gpu else self.fixed_bytes + experts
+
+    @property
+    def transfer(self) -> str:
+        return "host → GPU" if self.on_gpu else "disk → RAM"
+
+    def rows(self) -> list[tuple[str, str]]:
+        c, p = self.config, self.profile
+        n_experts = c.num_layers * c.num_experts
+        bits_from = "from the checkpoint" if self.bits_from_checkpoint else "from the profile"
+        rows = [
+            ("model", f"{c.model_type}: {c.num_layers} layers × {c.num_experts} experts, top-{c.top_k}"),
+            ("parameters", f"{c.total_params / 1e9:.2f} B total, {c.active_params / 1e9:.2f} B active per token"),
+            ("profile", f"{p.name} ({p.device}, {p.source})"),
+            ("bits", f"experts {self.experts_bits}, attention {self.attention_bits}, "
+                     f"embeddings {self.embeddings_bits} ({bits_from})"),
+            ("shared weights", fmt_bytes(self.shared_bytes)),
+            ("KV cache", f"{fmt_bytes(self.kv_bytes)} ({self.kv_tokens} tokens)"),
+            ("reserve", fmt_bytes(p.reserve)),
+            ("one expert", f"{fmt_bytes(self.bytes_per_expert)} ({c.params_per_expert:,} params)"),
+        ]
+        if self.on_gpu:
+            rows += [("slots per layer", f"{self.slots_per_layer} of {c.num_experts} ({fmt_bytes(self.slot_bytes)})"),
+                     ("VRAM planned", f"{fmt_bytes(self.vram_bytes)} of {fmt_bytes(p.vram_budget)}")]
+        rows += [
+            ("experts in RAM", f"{self.experts_in_ram} of {n_experts} "
+                               f"({fmt_bytes(self.experts_in_ram * self.bytes_per_expert)})"),
+            ("experts on disk", f"{self.experts_on_disk} ({fmt_bytes(self.experts_on_disk * self.bytes_per_expert)})"),
+            ("RAM planned", f"{fmt_bytes(self.ram_bytes)} of {fmt_bytes(self.ram_budget)} ({p.offload} offload)"),
+            ("hit rate", f"{self.hit_rate:.1%} ({'estimated' if self.hit_rate_estimated else 'given'})"),
+            (f"{self.transfer} per token", fmt_bytes(self.bytes_per_token)),
+            ("prefetch", f"{p.prefetch} layer(s) ahead"),
+        ]
+        return rows
+
+    def explain(self) -> str:
+        c, p = self.config, self.profile
+        n_experts = c.num_layers * c.num_experts
+        bits = (f"the checkpoint is already quantized, so its bits override the profile's: experts "
+                f"{self.experts_bits}, attention {self.attention_bits}" if self.bits_from_checkpoint
+                else f"experts at {self.experts_bits}, attention at {self.attention_bits}, embeddings at "
+                     f"{self.embeddings_bits}")
+        where = f"on the GPU within {_gb(p.vram_budget)}" if self.on_gpu else \
+            f"on the CPU within a RAM budget of {_gb(self.ram_budget)}"
+        s = [f"{c.model_type} ({c.total_params / 1e9:.2f} B parameters, {c.active_params / 1e9:.2f} B "
+             f"active per token) under profile {p.name} runs {where}; {bits}.",
+             f"The shared weights (attention, embeddings, norms and routers) take {_gb(self.shared_bytes)}, "
+             f"the KV cache for {self.kv_tokens} tokens {_gb(self.kv_bytes)} and the reserve "
+             f"{_gb(p.reserve)}."]
+        if self.on_gpu:
+            layer = c.num_layers * self.bytes_per_expert
+            if self.slots_per_layer == c.num_experts:
+                s.append(f"Every expert fits on the GPU ({_gb(self.slot_bytes)}), so nothing is offloaded.")
+            else:
+                s.append(f"One expert is {fmt_bytes(self.bytes_per_expert)}, so a slot in each of the "
+                         f"{c.num_layers} layers costs {_gb(layer)}: the rest of the budget holds "
+                         f"{self.slots_per_layer} slots per layer of {c.num_experts} experts, "
+                         f"{_gb(self.vram_bytes)} of VRAM in all.")
+        if self.experts_in_ram or self.experts_on_disk:
+            layers_in_ram = self.experts_in_ram // c.num_experts
+            tiers = ("offload = 'disk' puts every layer in memory-mapped files" if not self.experts_in_ram else
+                     f"all layers fit in RAM under its {_gb(self.ram_budget)} budget" if not self.experts_on_disk else
+                     f"{layers_in_ram} of {c.num_layers} layers ({self.experts_in_ram} experts) fit in RAM under "
+                     f"its {_gb(self.ram_budget)} budget, the other {self.experts_on_disk} experts are memory-mapped "
+                     "from disk")
+            s.append(f"The {n_experts} experts' copies take {_gb(n_experts * self.bytes_per_expert)}: {tiers}.")
+        if self.bytes_per_token:
+            why = (f"{self.slots_per_layer} slots of {c.num_experts} experts under uniform routing; real "
+                   "routing reuses experts across tokens, so measured rates run higher" if self.on_gpu
+                   else "the share of layers held in RAM")
+            rate = f"an estimated hit rate of {self.hit_rate:.1%} ({why})" if self.hit_rate_estimated \
+                else f"a hit rate of {self.hit_rate:.1%}"
+            s.append(f"At {rate} each token moves {c.num_layers} layers × top-{c.top_k} × "
+                     f"{1 - self.hit_rate:.1%} misses × {fmt_bytes(self.bytes_per_expert)} = "
+                     f"{_gb(self.bytes_per_token)} {self.transfer}"
+                     + (f"; prefetching {p.prefetch} layer(s) ahead overlaps part of that with compute but "
+                        "does not shrink it." if p.prefetch and self.on_gpu else "."))
+        s.extend(self.notes)
+        return " ".join(s)
+
+
+def plan(config: ModelConfig, profile: Profile, *, hit_rate: float | None = None,
+         ram_available: int | None = None) -> Plan:
+    """The memory plan for `config` under `profile`; OffloadMoeError when the budget cannot work.
+
+    `hit_rate` is the share of needed experts already where they are used (default: estimated as
+    slots/num_experts on a GPU, the share held in RAM on the CPU). `ram_available` is the host RAM
+    that `ram_budget = "auto"` takes `AUTO_RAM_FRACTION` of (default: MemAvailable now).
+    """
+    if hit_rate is not None and not (isinstance(hit_rate, (int, float)) and 0 <= hit_rate <= 1):
+        raise OffloadMoeError(f"hit rate {hit_rate!r}: expected a number from 0 to 1")
+    try:
+        return _plan(config, profile, hit_rate, ram_available)
+    except _Impossible as e:
+        fixes = _fixes(config, profile, ram_available)
+        raise OffloadMoeError(f"{e}; {fixes}") from None
+
+
+class _Impossible(Exception):
+    """The budget cannot hold the model; `plan` appends what would fit."""
+
+
+def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_available: int | None) -> Plan:
+    c, p = config, profile
+    notes = []
+    if c.quantization:
+        experts_bits, attention_bits, embeddings_bits, group = _checkpoint_bits(c)
+    else:
+        experts_bits, attention_bits, embeddings_bits, group = \
+            p.experts_bits, p.attention_bits, p.embeddings_bits, GROUP_SIZE
+
+    H, I, L, E = c.hidden_size, c.intermediate_size, c.num_layers, c.num_experts
+    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    attention = L * (weight_bytes(q_out, H, attention_bits, group) + 2 * weight_bytes(kv_out, H, attention_bits, group)
+                     + weight_bytes(H, q_out, attention_bits, group))
+    embeddings = (1 if c.tie_word_embeddings else 2) * weight_bytes(c.vocab_size, H, embeddings_bits, group)
+    norm_router = 2 * (c.norm_params + L * c.router_params_per_layer)
+    per_expert = 2 * weight_bytes(I, H, experts_bits, group) + weight_bytes(H, I, experts_bits, group)
+
+    kv_tokens = p.context_length
+    if kv_tokens > c.max_position_embeddings:
+        kv_tokens = c.max_position_embeddings
+        notes.append(f"The profile's context_length {p.context_length} exceeds the model's "
+                     f"{c.max_position_embeddings} positions, so the KV cache is sized for {kv_tokens}.")
+    kv = kv_tokens * c.kv_cache_bytes_per_token(2)
+    fixed = attention + embeddings + norm_router + kv + p.reserve
+    ram_budget = p.ram_budget if p.ram_budget is not None else \
+        int(AUTO_RAM_FRACTION * (available_ram() if ram_available is None else ram_available))
+    ram_name = f"ram_budget {_gb(ram_budget)}" + (" (auto)" if p.ram_budget is None else "")
+    layer_bytes = E * per_expert  # the host tier's unit: one layer's experts
+
+    if p.device == "cuda":
+        slots = _slots(c, p, fixed, per_expert, attention + embeddings + norm_router, kv)
+        if slots < c.top_k:
+            notes.append(f"Fewer slots per layer ({slots}) than experts per token ({c.top_k}): every token "
+                         f"misses at least {c.top_k - slots} expert(s) in every layer, so the cache thrashes.")
+        host_layers = 0 if slots == E else L  # everything resident: no host copies to keep
+        ram_free = ram_budget
+    else:
+        slots, host_layers = 0, L
+        if fixed > ram_budget:
+            raise _Impossible(f"{p.source}: {ram_name} is {_gb(fixed - ram_budget)} too small for the shared "
+                              f"weights, KV cache and reserve ({_gb(fixed)})")
+        ram_free = ram_budget - fixed
+
+    ram_layers = 0
+    if host_layers and p.offload == "ram":
+        if ram_free < layer_bytes:
+            raise _Impossible(f"{p.source}: {ram_name} is {_gb(layer_bytes - ram_free)} too small to hold one "
+                              f"layer's {E} experts at {experts_bits} ({_gb(layer_bytes)}) with offload = 'ram'"
+                              + (f" after the shared weights, KV cache and reserve ({_gb(fixed)})"
+                                 if p.device == "cpu" else ""))
+        ram_layers = min(host_layers, ram_free // layer_bytes)
+
+    estimated = hit_rate is None
+    if estimated:
+        hit_rate = slots / E if p.device == "cuda" else ram_layers / L
+    moved = round(L * c.top_k * (1 - hit_rate) * per_expert)
+    return Plan(config=c, profile=p, experts_bits=experts_bits, attention_bits=attention_bits,
+                embeddings_bits=embeddings_bits, bits_from_checkpoint=bool(c.quantization), group_size=group,
+                attention_bytes=attention, embedding_bytes=embeddings, norm_router_bytes=norm_router,
+                kv_tokens=kv_tokens, kv_bytes=kv, bytes_per_expert=per_expert, slots_per_layer=slots,
+                ram_budget=ram_budget, experts_in_ram=ram_layers * E, experts_on_disk=(host_layers - ram_layers) * E,
+                hit_rate=float(hit_rate), hit_rate_estimated=estimated,
+                bytes_per_token=moved, notes=tuple(notes))
+
+
+def _slots(c: ModelConfig, p: Profile, fixed: int, per_expert: int, shared: int, kv: int) -> int:
+    """Slots per layer under the rule in the module docstring, or _Impossible."""
+    L, E = c.num_layers, c.num_experts
+    fit = max(0, min(E, (p.vram_budget - fixed) // (L * per_expert)))
+    slots = fit if p.cache_slots is None else min(p.cache_slots, E)
+    if slots > fit or slots < 1:
+        need = fixed + max(slots, 1) * L * per_expert
+        what = f"cache_slots = {slots}" if p.cache_slots is not None else "1 slot per layer"
+        hint = f" ({fit} slots per layer fit)" if p.cache_slots is not None and fit else ""
+        raise _Impossible(f"{p.source}: vram_budget {_gb(p.vram_budget)} is {_gb(need - p.vram_budget)} too "
+                          f"small{hint}: shared weights {_gb(shared)} + KV cache {_gb(kv)} + reserve "
+                          f"{_gb(p.reserve)} + {what} at {fmt_bytes(per_expert)} per expert = {_gb(need)}")
+    return slots
+
+
+def _fixes(config: ModelConfig, profile: Profile, ram_available: int | None) -> str:
+    """What would fit instead, each candidate checked by planning it: a smaller expert bit width
+    (the largest that fits), offload = 'disk', or the smallest larger bundled profile."""
+    def fits(p: Profile) -> bool:
+        try:
+            _plan(config, p, None, ram_available)
+            return True
+        except (_Impossible, OffloadMoeError):
+            return False
+
+    found = []
+    if not config.quantization:
+        smaller = sorted((b for b, n in BIT_WIDTHS.items() if n < BIT_WIDTHS[profile.experts_bits]),
+                         key=lambda b: -BIT_WIDTHS[b])
+        bits = next((b for b in smaller if fits(replace(profile, experts_bits=b))), None)
+        found.append(f"experts at {bits} would fit" if bits else "no smaller expert bit width fits")
+    if profile.offload == "ram" and fits(replace(profile, offload="disk")):
+        found.append("offload = 'disk' would fit")
+    if profile.device == "cuda":
+        larger = sorted((b for b in bundled_profiles() if b.device == "cuda" and b.vram_budget > profile.vram_budget),
+                        key=lambda b: b.vram_budget)
+        bigger = next((b for b in larger if fits(b)), None)
+        found.append(f"profile {bigger.name} ({_gb(bigger.vram_budget)}) would fit" if bigger
+                     else "no larger bundled profile fits")
+    return "; ".join(found)
+
+
+__all__ = ["Plan", "plan", "weight_bytes", "fmt_bytes", "GROUP_SIZE", "AUTO_RAM_FRACTION"]

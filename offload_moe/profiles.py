@@ -1,0 +1,301 @@
+"""VRAM profiles: a few TOML keys that say how much of which memory the runtime may use.
+
+A profile is the user's side of the memory plan (`planner.plan` is the other): the GPU budget, what
+to keep free for activations, the context the KV cache is sized for, the bit widths, how many
+expert slots, how deep to prefetch, and where cold experts live. Bundled profiles ship in the
+repo's `profiles/` directory (installed as `offload_moe.profiles_data`); users add their own in
+`$XDG_CONFIG_HOME/offload-moe/profiles/` (the `tune` command writes there), which shadow bundled
+ones of the same name. Every key is validated when loaded, so a typo fails on one line naming the
+file and key instead of surfacing later as an out-of-memory error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .errors import OffloadMoeError
+
+# Bits per weight of each width a profile may name; bf16/fp16 are stored as is, the ints groupwise.
+BIT_WIDTHS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
+MAX_BYTES = 4 * 10**12     # a budget above 4 TB is a typo (a missing unit dot, an extra zero)
+MAX_CONTEXT = 1 << 24      # tokens
+MAX_PREFETCH = 64
+MAX_SLOTS = 1024
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*$")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str                   # bundled or user profile name, or the file's stem
+    source: str                 # the file it came from: errors and `plan` name it
+    device: str                 # "cuda" or "cpu"
+    vram_budget: int            # bytes the runtime may use on the GPU; 0 on the CPU
+    reserve: int                # bytes kept free for activations and workspace
+    context_length: int         # tokens the KV cache is sized for
+    experts_bits: str           # [bits] experts: one of BIT_WIDTHS
+    attention_bits: str         # [bits] attention
+    embeddings_bits: str        # [bits] embeddings (input embeddings and lm_head)
+    cache_slots: int | None     # expert slots per layer on the GPU; None = "auto" (as many as fit)
+    prefetch: int               # layers ahead whose guessed experts are copied early (0 = on demand only)
+    offload: str                # "ram": layers of experts in RAM up to ram_budget, the rest on disk;
+                                # "disk": every layer in memory-mapped files
+    ram_budget: int | None      # bytes of host RAM for expert copies; None = "auto" (measured)
+
+
+class _Bad(Exception):
+    """A value parser's complaint: carries what was expected, the caller adds file and key."""
+
+
+def parse_bytes(value: int | str) -> int:
+    """'12GB' -> 12_000_000_000, '512MiB' -> 536_870_912, 1024 -> 1024. GB = 1e9, GiB = 2**30."""
+    try:
+        return _size(value)
+    except _Bad as e:
+        raise OffloadMoeError(f"size {value!r}: expected {e}") from None
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = _SIZE.match(value) if isinstance(value, str) else None
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise _Bad("a size such as '12GB', '512MiB' or a byte count")
+        n = round(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n < 0:
+        raise _Bad("a size that is not negative")
+    return n
+
+
+def _budget(value: Any) -> int:
+    n = _size(value)
+    if n > MAX_BYTES:
+        raise _Bad(f"a size of at most {MAX_BYTES // 10**12} TB (a typo in the number or unit?)")
+    return n
+
+
+def _auto_or(parse):
+    return lambda v: None if v == "auto" else parse(v)
+
+
+def _int_in(lo: int, hi: int):
+    def parse(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise _Bad(f"an integer from {lo} to {hi}")
+        return v
+    return parse
+
+
+def _one_of(*choices: str):
+    def parse(v: Any) -> str:
+        if v not in choices:
+            raise _Bad("one of " + ", ".join(f"{c!r}" for c in choices))
+        return v
+    return parse
+
+
+# field -> (key as written in the TOML file, parser, default; ... = required)
+_KEYS: dict[str, tuple[str, Any, Any]] = {
+    "device": ("device", _one_of("cuda", "cpu"), ...),
+    "vram_budget": ("vram_budget", _budget, 0),
+    "reserve": ("reserve", _budget, "1GB"),
+    "context_length": ("context_length", _int_in(1, MAX_CONTEXT), 4096),
+    "experts_bits": ("bits.experts", _one_of(*BIT_WIDTHS), "int4"),
+    "attention_bits": ("bits.attention", _one_of(*BIT_WIDTHS), "int4"),
+    "embeddings_bits": ("bits.embeddings", _one_of(*BIT_WIDTHS), "fp16"),
+    "cache_slots": ("cache_slots", _auto_or(_int_in(1, MAX_SLOTS)), "auto"),
+    "prefetch": ("prefetch", _int_in(0, MAX_PREFETCH), 1),
+    "offload": ("offload", _one_of("ram", "disk"), "ram"),
+    "ram_budget": ("ram_budget", _auto_or(_budget), "auto"),
+}
+_TOML_TO_FIELD = {key: name for name, (key, _, _) in _KEYS.items()}
+_EXPECTED = {"cache_slots": "'auto' or ", "ram_budget": "'auto' or "}
+
+
+def _flatten(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """TOML document -> {field name: raw value}, rejecting unknown keys and a non-table [bits]."""
+    out = {}
+    for key, value in raw.items():
+        if key == "bits":
+            if not isinstance(value, dict):
+                raise OffloadMoeError(f"{source}: key 'bits' = {value!r}, expected a [bits] table "
+                                      "with experts, attention, embeddings")
+            for sub, v in value.items():
+                if f"bits.{sub}" not in _TOML_TO_FIELD:
+                    raise OffloadMoeError(f"{source}: unknown key 'bits.{sub}' "
+                                          "(known: bits.experts, bits.attention, bits.embeddings)")
+                out[_TOML_TO_FIELD[f"bits.{sub}"]] = v
+        elif key in _TOML_TO_FIELD:
+            out[_TOML_TO_FIELD[key]] = value
+        else:
+            known = ", ".join(k for k, _, _ in _KEYS.values())
+            raise OffloadMoeError(f"{source}: unknown key {key!r} (known: {known})")
+    return out
+
+
+def _build(name: str, source: str, raw: dict[str, Any], overrides: dict[str, Any]) -> Profile:
+    values = _flatten(raw, source)
+    for field, value in overrides.items():
+        if field not in _KEYS:
+            raise OffloadMoeError(f"{source}: unknown override {field!r} (known: {', '.join(_KEYS)})")
+        if value is not None:
+            values[field] = value
+    parsed = {}
+    for field, (key, parse, default) in _KEYS.items():
+        where = f"override {field}" if overrides.get(field) is not None else f"key {key!r}"
+        if field not in values and default is ...:
+            raise OffloadMoeError(f"{source}: missing key {key!r}")
+        value = values.get(field, default)
+        try:
+            parsed[field] = parse(value)
+        except _Bad as e:
+            raise OffloadMoeError(f"{source}: {where} = {value!r}, expected {_EXPECTED.get(field, '')}{e}") \
+                from None
+    where = "override vram_budget" if overrides.get("vram_budget") is not None else "key 'vram_budget'"
+    if parsed["device"] == "cuda" and parsed["vram_budget"] == 0:
+        raise OffloadMoeError(f"{source}: {where} missing or 0, expected a size such as '12GB' "
+                              "when device = 'cuda'")
+    if parsed["device"] == "cpu" and parsed["vram_budget"] != 0:
+        raise OffloadMoeError(f"{source}: {where} = {values['vram_budget']!r}, expected 0 or "
+                              "absent when device = 'cpu'")
+    return Profile(name=name, source=source, **parsed)
+
+
+# ---- where profiles come from ----
+
+def bundled_dir():
+    """The bundled profiles: the installed package data, or `profiles/` next to the package in a checkout."""
+    from importlib.resources import files
+    try:
+        return files("offload_moe.profiles_data")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "profiles"
+
+
+def user_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "offload-moe" / "profiles"
+
+
+def _natural(name: str):
+    """'6gb' < '12gb' < '24gb' < 'cpu': digit runs compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.findall(r"\d+|\D+", name)]
+
+
+def _named_files(include_user: bool = True) -> dict[str, Any]:
+    found = {}
+    dirs = [bundled_dir()] + ([user_dir()] if include_user else [])
+    for d in dirs:  # later directories shadow earlier ones
+        if d.is_dir():
+            for f in d.iterdir():
+                if f.name.endswith(".toml"):
+                    found[f.name[:-len(".toml")]] = f
+    return dict(sorted(found.items(), key=lambda kv: _natural(kv[0])))
+
+
+def list_profiles() -> list[str]:
+    """Names `load_profile` accepts: bundled ones and the user's, smallest budget first."""
+    return list(_named_files())
+
+
+def bundled_profiles() -> list[Profile]:
+    """The profiles shipped with offload_moe (not the user's), for `auto_profile` and plan suggestions."""
+    return [_load_file(name, f, {}) for name, f in _named_files(include_user=False).items()]
+
+
+def _load_file(name: str, file, overrides: dict[str, Any]) -> Profile:
+    source = str(file)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise OffloadMoeError(f"{source}: profile file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise OffloadMoeError(f"{source}: cannot read profile ({e})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise OffloadMoeError(f"{source}: not valid TOML ({e})") from None
+    return _build(name, source, raw, overrides)
+
+
+def load_profile(name_or_path: str | os.PathLike, **overrides: Any) -> Profile:
+    """A bundled or user profile by name ('12gb'), or a .toml file by path.
+
+    Keyword overrides replace single keys, named like the `Profile` fields (`cache_slots=3`,
+    `experts_bits="int4"`, `vram_budget="10GB"`; None leaves the key alone) and are validated
+    like the file's own keys.
+    """
+    text = os.fspath(name_or_path)
+    if isinstance(name_or_path, os.PathLike) or text.endswith(".toml") or "/" in text or os.sep in text:
+        path = Path(text).expanduser()
+        return _load_file(path.stem, path, overrides)
+    named = _named_files()
+    if text not in named:
+        raise OffloadMoeError(f"unknown profile {text!r} (known: {', '.join(named) or 'none'}; "
+                              "or give a path to a .toml file)")
+    return _load_file(text, named[text], overrides)
+
+
+# ---- measuring the machine ----
+
+def free_vram() -> int:
+    """Free bytes on the current CUDA device, 0 without CUDA."""
+    import torch
+    if not torch.cuda.is_available():
+        return 0
+    free, _total = torch.cuda.mem_get_info()
+    return free
+
+
+def available_ram() -> int:
+    """Host RAM that can be used without swapping: MemAvailable, else free pages, else 0."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def auto_profile(config=None, *, vram: int | None = None, ram: int | None = None) -> Profile:
+    """The largest bundled GPU profile whose budget fits the free VRAM, `cpu` without a GPU.
+
+    With a `ModelConfig`, a profile also has to yield a plan (`planner.plan`) for that model with
+    `ram` bytes of available host RAM, so a host too small for its offload setting falls back to
+    the next profile. `vram` and `ram` default to what the machine has free now.
+    """
+    from .planner import plan  # the planner imports this module
+
+    vram = free_vram() if vram is None else vram
+    bundled = bundled_profiles()
+    gpu = [p for p in bundled if p.device == "cuda" and p.vram_budget <= vram]
+    for p in sorted(gpu, key=lambda p: p.vram_budget, reverse=True):
+        if config is None:
+            return p
+        try:
+            plan(config, p, ram_available=ram)
+            return p
+        except OffloadMoeError:
+            continue
+    return next(p for p in bundled if p.device == "cpu")
+
+
+__all__ = ["Profile", "BIT_WIDTHS", "parse_bytes", "load_profile", "list_profiles", "bundled_profiles",
+           "auto_profile", "free_vram", "available_ram", "user_dir", "bundled_dir"]

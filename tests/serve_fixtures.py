@@ -1,0 +1,86 @@
+"""Helpers for the server tests: a tiny chat checkpoint built from scratch, and a real uvicorn server
+running an app on a free localhost port in a background thread."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYS]{{ m['content'] }}[/SYS]"
+                 "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}"
+                 "{{ eos_token }}{% endif %}{% endfor %}")
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a tiny test model.",
+             "Mixture of experts models route every token to a few experts.",
+             "Offloading keeps the experts in host memory and streams them in.",
+             "naïve café, straße, 日本語 🙂 and plain ascii words."]
+
+
+def build_tiny_chat_checkpoint(directory: str | Path, *, seed: int = 0, context: int = 4096) -> Path:
+    """A random fp32 MixtralForCausalLM (hidden 32, 2 layers, 4 experts) with a byte-level BPE
+    tokenizer.json and a tokenizer_config.json carrying bos/eos and a jinja chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(SENTENCES * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
+
+    config = MixtralConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=context,
+                           rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+        model.lm_head.weight[2] = 0.0  # keep EOS rare, so greedy answers are not empty
+    model.save_pretrained(directory, save_original_format=True)
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(app, timeout: float = 20.0):
+    """Serve `app` with uvicorn on 127.0.0.1:<free port> in a thread; yield the base URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
