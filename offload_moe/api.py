@@ -31,7 +31,7 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 class Generation:
     text: str
     token_ids: list[int]
-    finish_reason: str            # "stop" (EOS or a stop string) or "length"
+    finish_reason: str            # "stop" (EOS or a stop string), "length", or "cancelled" (should_stop)
     stats: dict = field(default_factory=dict)
 
 
@@ -103,7 +103,8 @@ class Model:
 
     def generate(self, prompt: str | list[int], **kwargs) -> Generation:
         """Generate a completion. Keyword arguments: max_new_tokens=256, temperature=0.7, top_p=0.95,
-        top_k=0, seed=None, stop=None (a string or list of strings), ignore_eos=False.
+        top_k=0, seed=None, stop=None (a string or list of strings), ignore_eos=False,
+        should_stop=None (a callable checked between tokens).
         temperature=0 is greedy."""
         run = _GenerationRun(self, prompt, **kwargs)
         for _ in run:
@@ -126,7 +127,8 @@ class _GenerationRun:
 
     def __init__(self, model: Model, prompt, *, max_new_tokens: int = 256, temperature: float = 0.7,
                  top_p: float = 0.95, top_k: int = 0, seed: int | None = None,
-                 stop: str | list[str] | None = None, ignore_eos: bool = False):
+                 stop: str | list[str] | None = None, ignore_eos: bool = False,
+                 should_stop: Callable[[], bool] | None = None):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise OffloadMoeError(f"max_new_tokens = {max_new_tokens!r}, expected an integer >= 1")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -140,6 +142,7 @@ class _GenerationRun:
         self.max_new_tokens = max_new_tokens
         self.sampling = Sampling(temperature, top_p, top_k, seed)
         self.ignore_eos = ignore_eos  # benchmarks and parity tests want a fixed number of tokens
+        self.should_stop = should_stop  # checked between tokens: a server cancels a departed client
         self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         self.result: Generation | None = None
 
@@ -156,6 +159,9 @@ class _GenerationRun:
                 finish = "stop"
                 break
             out_ids.append(token_id)
+            if self.should_stop is not None and self.should_stop():
+                finish = "cancelled"
+                break
             if decoder is None:
                 continue
             text += decoder.push(token_id)

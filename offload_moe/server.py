@@ -153,26 +153,6 @@ async def _cancel_on_disconnect(receive, job: _Job):
 # ---------------------------------------------------------------- the worker
 
 
-class _Cancelled(Exception):
-    pass
-
-
-class _CancelPoint:
-    """Stands in for the transformer during one request: raises before a forward pass (i.e. between
-    tokens) once the request is cancelled; everything else is the transformer's."""
-
-    def __init__(self, transformer, cancelled: threading.Event):
-        self._transformer, self._cancelled = transformer, cancelled
-
-    def __call__(self, *args, **kwargs):
-        if self._cancelled.is_set():
-            raise _Cancelled
-        return self._transformer(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._transformer, name)
-
-
 @dataclass
 class _Job:
     prompt_ids: list[int]
@@ -271,10 +251,8 @@ class _Worker:
 
     def _run(self, job: _Job) -> tuple:
         model = self.model
-        transformer = model.transformer
-        model.transformer = _CancelPoint(transformer, job.cancelled)
         try:
-            pieces = model.stream(job.prompt_ids, **job.kwargs)
+            pieces = model.stream(job.prompt_ids, should_stop=job.cancelled.is_set, **job.kwargs)
             try:
                 for piece in pieces:
                     if job.cancelled.is_set():
@@ -282,12 +260,9 @@ class _Worker:
                     job.post(("piece", piece))
             finally:
                 pieces.close()
-        except _Cancelled:
-            pass
         except OffloadMoeError as e:
             return ("error", 400, str(e))
         finally:
-            model.transformer = transformer
             self.model_stats = model.stats
         if job.cancelled.is_set():
             return ("cancelled",)

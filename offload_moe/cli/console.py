@@ -14,6 +14,9 @@ stderr = Console(stderr=True, soft_wrap=True)
 @contextmanager
 def progress_bar():
     """A rich progress display on stderr; yields a callback `(what, done, total)` for the library."""
+    if not stderr.is_terminal:  # a log file or pipe gets no bar (and no stray blank line)
+        yield lambda what, done, total: None
+        return
     columns = [TextColumn("{task.description:<14}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeRemainingColumn()]
     with Progress(*columns, console=stderr, transient=True) as bar:

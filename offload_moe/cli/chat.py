@@ -1,0 +1,330 @@
+"""`offload-moe chat`: a multi-turn conversation in the terminal, replies streamed token by token.
+
+In a terminal: a `>>> ` prompt with line editing and history (readline), slash commands, a dim status
+line on stderr after each reply. With stdin not a terminal (`echo hi | offload-moe chat`): the whole
+input is one user message and stdout receives only the reply and a newline.
+
+Ctrl-C during a reply stops it and keeps the partial reply in the conversation (a reply with no
+text yet is dropped with its question); Ctrl-C or Ctrl-D at the prompt ends the session (exit 0).
+Only the reply text goes to stdout; everything else (summary, notices, /help, /stats) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import signal
+import sys
+import traceback
+
+from rich.text import Text
+
+from .. import load
+from ..chat_session import ChatSession
+from ..errors import OffloadMoeError
+from .common import add_model_arguments, add_sampling_arguments, load_kwargs, sampling_kwargs
+from .console import human_bytes, progress_bar, stderr
+from .stats import stats_table
+
+PROMPT = ">>> "
+HELP = """\
+/help          this help
+/reset         start a new conversation (the system prompt stays)
+/system TEXT   set the system prompt (/system alone removes it)
+/stats         expert cache and speed statistics
+/save FILE     write the transcript (messages and settings) as JSON
+/exit          leave (also /quit, Ctrl-D, or Ctrl-C at the prompt)
+Ctrl-C during a reply stops it; the partial reply stays in the conversation.
+Start a line with // to send a message that begins with /."""
+
+
+def add_parser(sub):
+    p = sub.add_parser("chat", help="chat with a model in the terminal (multi-turn, streamed)",
+                       description="Chat with a model (default: the bundled demo model). In a terminal: "
+                                   "multi-turn with /help for commands. With piped input: the whole input "
+                                   "is one message and only the reply is printed.")
+    add_model_arguments(p)
+    if "--profile" not in p._option_string_actions:
+        p.add_argument("--profile", metavar="NAME", default=None,
+                       help="memory profile for the expert cache (default: the loader's choice)")
+    add_sampling_arguments(p)
+    p.add_argument("--system", metavar="TEXT", default=None, help="system prompt")
+    p.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests, benchmarks
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    interactive = sys.stdin.isatty()
+    message = None
+    if not interactive:  # read before loading: an empty pipe is an error worth reporting fast
+        message = sys.stdin.read().strip()
+        if not message:
+            raise OffloadMoeError("stdin is empty: pipe a message in, or run `offload-moe chat` in a terminal")
+    model = load_chat_model(args)
+    generation = dict(sampling_kwargs(args), ignore_eos=args.ignore_eos)
+    session = ChatSession(model, system=args.system, **generation)
+    note(describe_model(model), style=None)
+    chat = ChatLoop(session)
+    if not interactive:
+        chat.turn(message, raise_errors=True)
+        return 0
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    note("Type a message; /help lists commands; Ctrl-D exits.")
+    return chat.interactive(lambda: input(PROMPT))
+
+
+def load_chat_model(args):
+    kwargs = load_kwargs(args)
+    profile = getattr(args, "profile", None)
+    if profile is not None and "profile" not in kwargs and _accepts(load, "profile"):
+        kwargs["profile"] = profile
+    if not stderr.is_terminal:  # no bar (nor the blank line it leaves) when stderr goes to a file or pipe
+        return load(args.model, **kwargs)
+    with progress_bar() as report:
+        return load(args.model, progress=report, **kwargs)
+
+
+def _accepts(function, name: str) -> bool:
+    params = inspect.signature(function).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
+class ChatLoop:
+    """Reads lines, runs commands and turns, prints. `read_line` raises EOFError at the end of input."""
+
+    def __init__(self, session: ChatSession):
+        self.session = session
+        self.model = session.model
+
+    def interactive(self, read_line) -> int:
+        while True:
+            try:
+                line = read_line()
+            except (EOFError, KeyboardInterrupt):
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+                return 0
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/") and not line.startswith("//"):
+                try:
+                    if self.command(line) == "exit":
+                        return 0
+                except KeyboardInterrupt:  # Ctrl-C during /stats or /save: back to the prompt
+                    sys.stdout.write("\n")
+                continue
+            self.turn(line[1:] if line.startswith("//") else line)
+
+    # ---- commands ----
+    def command(self, line: str) -> str | None:
+        name, _, rest = line.partition(" ")
+        rest = rest.strip()
+        name = name.lower()
+        s = self.session
+        if name in ("/exit", "/quit", "/bye"):
+            return "exit"
+        if name in ("/help", "/?"):
+            show(Text(HELP))
+        elif name == "/reset":
+            s.reset()
+            note("conversation cleared" + (" (system prompt kept)" if s.system else ""))
+        elif name == "/system":
+            s.set_system(rest)
+            note(f"system prompt set: {rest}" if rest else "system prompt removed")
+        elif name == "/stats":
+            self.print_stats()
+        elif name == "/save":
+            if not rest:
+                error("/save needs a file name: /save FILE")
+                return None
+            try:
+                path = s.save(rest)
+            except OffloadMoeError as e:
+                error(str(e))
+                return None
+            n = len(s.transcript()["messages"])
+            note(f"saved {n} message{'s' * (n != 1)} to {path}")
+        else:
+            error(f"unknown command {name!r}")
+            show(Text(HELP))
+        return None
+
+    def print_stats(self):
+        stats = self.model.stats
+        show(stats_table(stats))
+        rate = hit_rate(stats)
+        s = self.session
+        turns = len(s.history) // 2
+        extra = [f"{turns} turn{'s' * (turns != 1)} in context", f"{s.trimmed_turns} trimmed"]
+        if rate is not None and "hit_rate" not in (stats.get("experts") or {}):
+            extra.insert(0, f"expert cache hit rate {rate:.1%}")
+        note(" · ".join(extra))
+
+    # ---- one turn ----
+    def turn(self, text: str, raise_errors: bool = False) -> None:
+        before = self.model.last_timing
+        counters = expert_counters(self.model.stats)
+        turn = None
+        try:
+            turn = self.session.send(text)
+            if turn.dropped_turns:
+                n = turn.dropped_turns
+                note(f"dropped {'the oldest turn' if n == 1 else f'the {n} oldest turns'} to fit the context of "
+                     f"{self.model.context_length} tokens")
+            if turn.capped:
+                note(f"reply limited to {turn.max_new_tokens} tokens by the context length")
+            for piece in turn:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        except KeyboardInterrupt:
+            if raise_errors:
+                raise
+            if turn is not None:
+                turn.close()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            kept = turn is not None and turn.text
+            note("reply interrupted " + ("(partial reply kept)" if kept else "(nothing kept: the message was dropped)"))
+        except OffloadMoeError as e:
+            if raise_errors:
+                raise
+            self._end_line(turn)
+            error(str(e))
+        except Exception as e:  # a bug, or the device failing (out of memory): keep the session alive
+            if raise_errors:
+                raise
+            self._end_line(turn)
+            error(f"{type(e).__name__}: {e}")
+            if os.environ.get("OFFLOAD_MOE_DEBUG"):
+                traceback.print_exc()
+        finally:
+            if turn is not None:
+                turn.close()
+        if self.model.last_timing is not before:
+            note(self.status_line(counters))
+
+    @staticmethod
+    def _end_line(turn):
+        if turn is not None and turn.text:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+    def status_line(self, counters_before: dict) -> str:
+        t = self.model.last_timing
+        parts = [f"{t.new_tokens} token{'s' * (t.new_tokens != 1)}",
+                 f"prefill {t.prefill_seconds:.2f} s ({t.prompt_tokens} tok)",
+                 f"{t.decode_tokens_per_second:.1f} tok/s"]
+        after = expert_counters(self.model.stats)
+        if "hits" in after and "misses" in after:
+            hits = after["hits"] - counters_before.get("hits", 0)
+            misses = after["misses"] - counters_before.get("misses", 0)
+            if hits + misses:
+                parts.append(f"hit rate {hits / (hits + misses):.0%}")
+        parts.append(memory_in_use(self.model.device))
+        return " · ".join(parts)
+
+
+# ---- helpers ----
+def show(renderable):
+    """Print on stderr; a Ctrl-C arriving meanwhile is raised only once the line is out (rich keeps
+    a half-written line in its buffer and would print it again with the next line)."""
+    sys.stdout.flush()
+    caught = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    except ValueError:  # not the main thread: no signal handling to defer
+        previous = None
+    try:
+        stderr.print(renderable, highlight=False)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def note(message: str, style: str | None = "dim"):
+    show(Text(message, style=style or ""))
+
+
+def error(message: str):
+    show(Text(f"error: {message}", style="bold red"))
+
+
+def describe_model(model) -> str:
+    """One line: what was loaded, where, and how the experts are placed (whatever `settings` says)."""
+    c = model.config
+    name = "demo model" if _is_demo(model.path) else str(model.path)
+    parts = [name, str(model.device), str(model.dtype).removeprefix("torch."),
+             f"{c.num_layers} layers × {c.num_experts} experts, top-{c.top_k}",
+             f"context {model.context_length} tokens"]
+    settings = dict(model.settings or {})
+    for shown in ("context_length", "device", "dtype"):
+        settings.pop(shown, None)
+    if settings.get("profile") is not None:
+        parts.append(f"profile {settings.pop('profile')}")
+    placement = settings.pop("experts", None)
+    if placement == "resident":
+        parts.append("all experts resident")
+    elif placement is not None:
+        parts.append(f"experts {placement}")
+    slots = settings.pop("cache_slots", None)
+    if slots is not None:
+        values = list(slots) if isinstance(slots, (list, tuple)) else [slots]
+        shown = str(values[0]) if len(set(values)) == 1 else f"{min(values)}-{max(values)}"
+        parts.append(f"{shown} expert slots/layer")
+    if settings.get("prefetch") is not None:
+        parts.append(f"prefetch {settings.pop('prefetch')}")
+    ram, disk = settings.pop("ram_layers", None), settings.pop("disk_layers", None)
+    offload_dir = settings.pop("offload_dir", None)
+    if ram is not None or disk is not None:
+        where = [f"{label} ({n} layer{'s' * (n != 1)})" for label, n in (("RAM", ram), ("disk", disk)) if n]
+        parts.append("cold experts in " + (" + ".join(where) or "RAM")
+                     + (f" at {offload_dir}" if disk and offload_dir else ""))
+    for key, value in settings.items():  # keys this line does not know yet
+        if value is not None and not isinstance(value, (dict, list, tuple)):
+            parts.append(f"{key.replace('_', ' ')} {value}")
+    return " · ".join(parts)
+
+
+def _is_demo(path) -> bool:
+    from ..api import DEMO_DIR
+    try:
+        return os.path.samefile(path, DEMO_DIR)
+    except OSError:
+        return False
+
+
+def expert_counters(stats: dict) -> dict:
+    experts = stats.get("experts") or {}
+    return {k: experts[k] for k in ("hits", "misses") if isinstance(experts.get(k), (int, float))}
+
+
+def hit_rate(stats: dict) -> float | None:
+    c = expert_counters(stats)
+    if "hits" in c and "misses" in c and c["hits"] + c["misses"]:
+        return c["hits"] / (c["hits"] + c["misses"])
+    return None
+
+
+def memory_in_use(device) -> str:
+    import torch
+
+    if getattr(device, "type", None) == "cuda":
+        return f"VRAM {human_bytes(torch.cuda.memory_allocated(device))}"
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return f"RSS {human_bytes(pages * os.sysconf('SC_PAGE_SIZE'))}"
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return f"peak RSS {human_bytes(peak * (1 if sys.platform == 'darwin' else 1024))}"

@@ -1,0 +1,56 @@
+"""A tiny chat checkpoint for the chat tests: a random Mixtral plus a small BPE tokenizer and a chat template.
+
+The tokenizer's alphabet is only the characters of a few training sentences (no byte fallback), so
+every token decodes to printable text and generated replies never contain control characters or
+newlines: terminal tests can match them line by line. The model's vocabulary is exactly the
+tokenizer's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+            "{% if m['role'] == 'system' %}[SYS] {{ m['content'] }} [/SYS]"
+            "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+            "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+SENTENCES = [
+    "[SYS] You are a helpful assistant. [/SYS] [INST] Hello there, how are you today? [/INST]",
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+    "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs!",
+    "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+    "What is 1 + 2 - 3 * 4 / 5 = 6 7 8 9 0 (yes) and \"no\" or maybe... JSON files, #tags & @names.",
+]
+
+
+def build_tiny_chat_checkpoint(directory: str | Path, *, seed: int = 0, max_positions: int = 4096) -> Path:
+    """Write a tiny fp32 Mixtral (hidden 32, 2 layers, 4 experts, top-2) with tokenizer files."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(SENTENCES * 4, trainer)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": TEMPLATE}))
+
+    config = MixtralConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=max_positions,
+                           rope_theta=10000.0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(directory)
+    return directory
