@@ -5,11 +5,11 @@ every tensor the config implies (present, right shape, a dtype we compute in, by
 the file) so a broken checkpoint fails at once with one line naming the file and tensor. Tensor
 data is read through safetensors' mmap when asked, so a 90 GB checkpoint opens on a 24 GB machine.
 
-Two expert layouts exist for Mixtral and both are read here:
-- per expert (published checkpoints, transformers' default `save_pretrained`):
-  `model.layers.{i}.block_sparse_moe.experts.{e}.w1/w2/w3.weight`
-- fused (transformers `save_original_format=False`): `model.layers.{i}.mlp.experts.gate_up_proj`
-  [E, 2I, H] (gate rows first, then up) and `...mlp.experts.down_proj` [E, H, I].
+Tensor names and expert layouts are the family's (`arch`): per expert (published checkpoints,
+transformers' default `save_pretrained`), e.g. Mixtral's
+`model.layers.{i}.block_sparse_moe.experts.{e}.w1/w2/w3.weight`; fused (transformers
+`save_original_format=False`): `model.layers.{i}.mlp.experts.gate_up_proj` [E, 2I, H] (gate rows
+first, then up) and `...mlp.experts.down_proj` [E, H, I]; gpt-oss's transposed, interleaved one.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import arch
 from .config import ModelConfig
 from .errors import OffloadMoeError
 from .quant.format import QuantSpec, tensor_kind
 from .quant.groupwise import QuantizedWeight
+from .quant.mxfp4 import MXFP4Weight, is_mxfp4
 from .quant.pack import packed_cols
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -66,23 +68,9 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def dense_shapes(c: ModelConfig, router_name=lambda i: f"model.layers.{i}.block_sparse_moe.gate.weight"
-                 ) -> dict[str, tuple[int, ...]]:
-    """Checkpoint name -> shape of every dense (non-expert) tensor a Mixtral config implies."""
-    H, V, E, hd = c.hidden_size, c.vocab_size, c.num_experts, c.head_dim
-    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, H)
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (H,)
-        shapes[p + "post_attention_layernorm.weight"] = (H,)
-        shapes[p + "self_attn.q_proj.weight"] = (c.num_heads * hd, H)
-        shapes[p + "self_attn.k_proj.weight"] = (c.num_kv_heads * hd, H)
-        shapes[p + "self_attn.v_proj.weight"] = (c.num_kv_heads * hd, H)
-        shapes[p + "self_attn.o_proj.weight"] = (H, c.num_heads * hd)
-        shapes[router_name(i)] = (E, H)
-    return shapes
+def dense_shapes(c: ModelConfig, layout: str = "per_expert") -> dict[str, tuple[int, ...]]:
+    """Checkpoint name -> shape of every dense (non-expert) tensor a config implies."""
+    return arch.dense_shapes(c, c.family, layout)
 
 
 class Checkpoint:
@@ -93,7 +81,8 @@ class Checkpoint:
         if not self.path.is_dir():
             raise OffloadMoeError(f"{self.path}: no such checkpoint directory")
         self.config = ModelConfig.load(self.path)
-        self.quant = QuantSpec.from_config(self.config.quantization, str(self.path / "config.json"))
+        q = self.config.quantization  # gpt-oss's own MXFP4 experts are a layout, not our format
+        self.quant = None if is_mxfp4(q) else QuantSpec.from_config(q, str(self.path / "config.json"))
         self.tensors = self._index()
         self.layout = self._detect_layout()
         self._handles: dict[Path, object] = {}
@@ -127,30 +116,22 @@ class Checkpoint:
         return tensors
 
     def _detect_layout(self) -> str:
-        if "model.layers.0.mlp.experts.gate_up_proj" in self.tensors:
-            return "fused"
+        fam = self.config.family
+        if "mxfp4" in fam.layouts and f"model.layers.{self.config.moe_layers[0]}.mlp.experts.gate_up_proj_blocks" in self.tensors:
+            return "mxfp4"
+        if f"model.layers.{self.config.moe_layers[0]}.mlp.experts.gate_up_proj" in self.tensors:
+            return "transposed" if "transposed" in fam.layouts else "fused"
+        if "per_expert" not in fam.layouts:
+            raise OffloadMoeError(f"{self.path}: no model.layers.{self.config.moe_layers[0]}.mlp.experts.gate_up_proj "
+                                  f"(expected a {self.config.model_type} checkpoint's experts)")
         return "per_expert"
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every dense (non-expert) tensor the config implies, with its shape."""
-        return dense_shapes(self.config, self.router_name)
+        return dense_shapes(self.config, self.layout)
 
     def expert_shapes(self) -> dict[str, tuple[int, ...]]:
-        c = self.config
-        H, I, E = c.hidden_size, c.intermediate_size, c.num_experts
-        shapes = {}
-        for i in range(c.num_layers):
-            if self.layout == "fused":
-                p = f"model.layers.{i}.mlp.experts."
-                shapes[p + "gate_up_proj"] = (E, 2 * I, H)
-                shapes[p + "down_proj"] = (E, H, I)
-            else:
-                for e in range(E):
-                    p = f"model.layers.{i}.block_sparse_moe.experts.{e}."
-                    shapes[p + "w1.weight"] = (I, H)
-                    shapes[p + "w3.weight"] = (I, H)
-                    shapes[p + "w2.weight"] = (H, I)
-        return shapes
+        return arch.expert_shapes(self.config, self.config.family, self.layout)
 
     def _validate(self):
         for name, shape in {**self.expected_shapes(), **self.expert_shapes()}.items():
@@ -164,7 +145,10 @@ class Checkpoint:
             if info.shape != shape:
                 raise OffloadMoeError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                                       f"expected {list(shape)} from config.json")
-            if info.dtype not in FLOAT_DTYPES:
+            if name.endswith(("_blocks", "_scales")):  # MXFP4 codes and exponents
+                if info.dtype != "U8":
+                    raise OffloadMoeError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected U8 (MXFP4)")
+            elif info.dtype not in FLOAT_DTYPES:
                 raise OffloadMoeError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, "
                                       "expected one of BF16, F16, F32")
 
@@ -187,9 +171,7 @@ class Checkpoint:
 
     # ---- reading ----
     def router_name(self, layer: int) -> str:
-        if self.layout == "fused":
-            return f"model.layers.{layer}.mlp.gate.weight"
-        return f"model.layers.{layer}.block_sparse_moe.gate.weight"
+        return arch.router_name(self.config, self.config.family, self.layout, layer)
 
     def _handle(self, file: Path):
         if file not in self._handles:
@@ -216,17 +198,30 @@ class Checkpoint:
         return self._handle(self.tensors[name].file).get_slice(name)[index]
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
-        """The three matrices of one expert in [out, in] form: w1 (gate), w3 (up): [I, H]; w2: [H, I]."""
+        """The three matrices of one expert in [out, in] form: w1 (gate), w3 (up): [I, H]; w2: [H, I]
+        (gpt-oss adds biases b1, b3: [I]; b2: [H]). `layer` counts all layers, dense ones too."""
+        p = f"model.layers.{layer}.mlp.experts."
+        I = self.config.intermediate_size
         if self.layout == "fused":
-            p = f"model.layers.{layer}.mlp.experts."
             gate_up = self._get_row(p + "gate_up_proj", expert)  # [2I, H]
-            I = self.config.intermediate_size
             return {"w1": gate_up[:I].contiguous(), "w3": gate_up[I:].contiguous(),
                     "w2": self._get_row(p + "down_proj", expert)}  # [H, I]
-        p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
-        H, I = self.config.hidden_size, self.config.intermediate_size
-        shapes = {"w1": (I, H), "w3": (I, H), "w2": (H, I)}
-        return {w: self.get_weight(p + f"{w}.weight", shapes[w]) for w in ("w1", "w3", "w2")}
+        if self.layout == "mxfp4":  # packed [out, in] rows; gate and up rows interleaved
+            gate_up = [self._get_row(p + f"gate_up_proj_{k}", expert) for k in ("blocks", "scales")]
+            bias = self._get_row(p + "gate_up_proj_bias", expert)
+            return {"w1": MXFP4Weight(*(t[0::2].contiguous() for t in gate_up)),
+                    "w3": MXFP4Weight(*(t[1::2].contiguous() for t in gate_up)),
+                    "w2": MXFP4Weight(*(self._get_row(p + f"down_proj_{k}", expert) for k in ("blocks", "scales"))),
+                    "b1": bias[0::2].contiguous(), "b3": bias[1::2].contiguous(),
+                    "b2": self._get_row(p + "down_proj_bias", expert)}
+        if self.layout == "transposed":
+            gate_up, bias = self._get_row(p + "gate_up_proj", expert), self._get_row(p + "gate_up_proj_bias", expert)
+            return {"w1": gate_up[:, 0::2].T.contiguous(), "w3": gate_up[:, 1::2].T.contiguous(),  # [H, 2I] -> [I, H]
+                    "w2": self._get_row(p + "down_proj", expert).T.contiguous(),                # [I, H] -> [H, I]
+                    "b1": bias[0::2].contiguous(), "b3": bias[1::2].contiguous(),
+                    "b2": self._get_row(p + "down_proj_bias", expert)}
+        names = arch.expert_names(self.config, self.config.family, layer, expert)
+        return {w: self.get_weight(name, shape) for w, (name, shape) in names.items()}
 
     # ---- facts for `info` ----
     def bytes_by_kind(self) -> dict[str, int]:
@@ -236,10 +231,12 @@ class Checkpoint:
                 kinds["experts"] += info.nbytes
             elif "self_attn" in name:
                 kinds["attention"] += info.nbytes
-            elif name.endswith("gate.weight"):
+            elif name.endswith(("gate.weight", ".router.weight", ".router.bias")):
                 kinds["routers"] += info.nbytes
             elif "embed_tokens" in name or name.startswith("lm_head"):
                 kinds["embeddings"] += info.nbytes
+            elif name.endswith(("_proj.weight", "_proj.bias")):  # dense MLP layers, shared experts
+                kinds["dense MLPs"] = kinds.get("dense MLPs", 0) + info.nbytes
             else:
                 kinds["norms"] += info.nbytes
         return kinds

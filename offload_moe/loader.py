@@ -11,10 +11,13 @@ from pathlib import Path
 
 import torch
 
+from . import arch
 from .api import DEMO_DIR, Model, Progress, resolve_device, resolve_dtype
 from .checkpoint import Checkpoint
+from .cpu import SplitByLayer, cpu_form, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
 from .experts.cache import ExpertCache
+from .experts.costs import CostModel
 from .experts.layout import ExpertLayout
 from .experts.policy import POLICIES
 from .experts.resident import ResidentExperts
@@ -22,7 +25,7 @@ from .experts.store import HostStore
 from .experts.weights import ExpertWeights
 from .model import build_transformer
 from .planner import plan as make_plan
-from .profiles import Profile, auto_profile, load_profile
+from .profiles import Profile, auto_profile, available_ram, load_profile
 from .text import Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -30,8 +33,7 @@ DEFAULT_CONTEXT = 4096
 
 def model_name(checkpoint_name: str) -> str:
     """Checkpoint tensor name -> the transformer's parameter name."""
-    name = checkpoint_name.removeprefix("model.")
-    return name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+    return arch.param_name(checkpoint_name)
 
 
 def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto", dtype=None,
@@ -39,19 +41,27 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
          cache_slots: int | list[int] | str | None = None, prefetch: int | None = None,
          offload: str | None = None, ram_budget: int | str | None = None,
          offload_dir: str | Path | None = None, policy: str = "lru", record_trace: bool = False,
+         cpu_experts: str | int = "auto", cpu_costs: CostModel | None = None,
          progress: Progress | None = None) -> Model:
-    """Load a Mixtral-family checkpoint directory (None: the bundled demo model; an already opened
-    `Checkpoint` or `SyntheticCheckpoint` is used as it is).
+    """Load a checkpoint directory of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`; None:
+    the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
 
     profile: a VRAM profile name ("12gb"), a .toml path, a `Profile`, "auto" (measure free VRAM and
     RAM and pick) or None. The planner turns it into placement (slots per layer, prefetch depth,
     host tier, RAM budget, context length); keyword arguments given here override single keys.
     The checkpoint's own bits are used; quantize first (`offload-moe quantize`) to use fewer.
 
-    cache_slots: "all" keeps every expert resident on the device; an int (or one int per layer)
+    cache_slots: "all" keeps every expert resident on the device; an int (or one int per MoE layer)
     runs the offloading engine with that many device slots per layer, the other experts in the host
     tier (`offload` "ram" or "disk", `ram_budget` bytes or "20GB", `offload_dir`), prefetching
-    `prefetch` layers ahead, evicting by `policy` ("lru"; "none" reuses nothing, a baseline)."""
+    `prefetch` layers ahead, evicting by `policy` ("lru"; "none" reuses nothing, a baseline).
+
+    cpu_experts: which experts the CPU computes where they sit in host RAM (see `offload_moe.cpu`).
+    "auto" (default): on a CPU device with resident experts, "all"; elsewhere "none". "none": always
+    copy. "hybrid": each miss is either copied or computed on the CPU, whichever the cost model
+    (`cpu_costs`, else the one saved for this machine, else measured at load) says finishes first.
+    "all": every expert on the CPU (quantized ones through the CPU kernels). An int N: the first N
+    MoE layers' experts on the CPU, the others as `cache_slots` says."""
     if path is None:
         if not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install")
@@ -70,6 +80,9 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     if not isinstance(context, int) or context < 2:
         raise OffloadMoeError(f"context_length = {context!r}, expected an integer >= 2")
     report = progress or (lambda what, done, total: None)
+    # The first n_cpu MoE layers' experts stay in RAM in CPU form; the engine below numbers the
+    # others from 0 (SplitByLayer translates).
+    mode, n_cpu = cpu_layers(cpu_experts, len(cfg.moe_layers), device, offloaded=cache_slots not in (None, "all"))
 
     shapes = ckpt.expected_shapes()
     read = getattr(ckpt, "get_weight", lambda name, shape: ckpt.get(name))
@@ -78,39 +91,60 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         dense[model_name(name)] = _to(read(name, shape), device, dtype)
         report("dense weights", i + 1, len(shapes))
 
-    total = cfg.num_layers * cfg.num_experts
+    # The expert engine numbers the MoE layers 0, 1, ... (dense layers have no experts).
+    moe_layers = cfg.moe_layers
+    total = len(moe_layers) * cfg.num_experts
 
     def load_expert(layer: int, e: int, to=device) -> ExpertWeights:
-        w = {k: _to(v, to, dtype) for k, v in ckpt.expert(layer, e).items()}
+        w = {k: _to(v, to, dtype) for k, v in ckpt.expert(moe_layers[layer], e).items()}
         report("experts", layer * cfg.num_experts + e + 1, total)
         return ExpertWeights(**w)
 
     settings = {"profile": summary, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "context_length": context}
-    if cache_slots is None or cache_slots == "all":
-        experts = ResidentExperts(load_expert, cfg.num_layers, cfg.num_experts)
+
+    def on_cpu(layer: int, e: int) -> ExpertWeights:
+        return cpu_form(load_expert(layer, e, to="cpu"))
+
+    settings.update(cpu_experts=mode, cpu_layers=n_cpu)
+    if n_cpu == len(moe_layers):
+        experts = ResidentExperts(on_cpu, n_cpu, cfg.num_experts)
+        settings.update(experts="cpu")
+    elif cache_slots is None or cache_slots == "all":
+        experts = ResidentExperts(lambda layer, e: on_cpu(layer, e) if layer < n_cpu else load_expert(layer, e),
+                                  len(moe_layers), cfg.num_experts)
         settings.update(experts="resident")
     else:
-        slots = _slots_per_layer(cache_slots, cfg.num_layers, cfg.num_experts)
+        slots = _slots_per_layer(cache_slots, len(moe_layers), cfg.num_experts)[n_cpu:]
         if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
             raise OffloadMoeError(f"prefetch = {prefetch!r}, expected a depth >= 0 (layers ahead)")
-        layout = ExpertLayout(load_expert(0, 0, to="cpu"))
-        store = HostStore(layout, cfg.num_layers, cfg.num_experts, offload=offload,
+        offloaded = len(moe_layers) - n_cpu
+        layout = ExpertLayout(load_expert(n_cpu, 0, to="cpu"))
+        store = HostStore(layout, offloaded, cfg.num_experts, offload=offload,
                           ram_budget=_bytes("ram_budget", ram_budget), offload_dir=offload_dir,
                           pin=device.type == "cuda")
-        for layer in range(cfg.num_layers):
+        for layer in range(offloaded):
             staging = store.staging(layer)
             for e in range(cfg.num_experts):
-                layout.write(staging[e], load_expert(layer, e, to="cpu"))
+                layout.write(staging[e], load_expert(n_cpu + layer, e, to="cpu"))
             store.commit_layer(layer)
         store.finish()
         if policy not in POLICIES:
             raise OffloadMoeError(f"policy = {policy!r}, expected one of {', '.join(POLICIES)}")
+        tier, costs = None, None
+        if mode == "hybrid":
+            tier, costs = hybrid_tier(store, device=device, dtype=dtype, hidden=cfg.hidden_size, costs=cpu_costs,
+                                      max_extra_bytes=available_ram() - 4 * 2**30)
+            settings.update(hybrid_layers=len(tier.layers) if tier else 0,
+                            cpu_costs=costs.source if costs else None,
+                            cpu_extra_bytes=tier.extra_bytes if tier else 0)
         experts = ExpertCache(store, device=device, slots=slots, prefetch=prefetch, record_trace=record_trace,
-                              policy=lambda layer: POLICIES[policy]())
+                              policy=lambda layer: POLICIES[policy](), cpu=tier, costs=costs)
         settings.update(experts="offloaded", cache_slots=slots, prefetch=prefetch, policy=policy,
-                        ram_layers=store.ram_layers, disk_layers=cfg.num_layers - store.ram_layers,
+                        ram_layers=store.ram_layers, disk_layers=offloaded - store.ram_layers,
                         offload_dir=str(store.disk_dir) if store.disk_dir else None)
+        if n_cpu:
+            experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts), experts)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
     tokenizer = Tokenizer(ckpt.path) if ckpt.path.is_dir() and (ckpt.path / "tokenizer.json").exists() else None
@@ -145,6 +179,8 @@ def apply_profile(profile, cfg, device: torch.device, dtype: torch.dtype) -> tup
                      ram_budget=p.ram_budget)
     if prof.device == "cuda":
         placement["cache_slots"] = "all" if p.slots_per_layer >= cfg.num_experts else p.slots_per_layer
+    elif prof.cache_slots is not None:  # a profile (e.g. a tuned one) that names its slots gets them
+        placement["cache_slots"] = min(prof.cache_slots, cfg.num_experts)
     elif p.experts_on_disk:  # the CPU computes from RAM; layers that do not fit stream from disk
         placement["cache_slots"] = min(cfg.num_experts, 2 * cfg.top_k)
     return placement, prof.name

@@ -1,17 +1,22 @@
-"""The Mixtral decoder in plain PyTorch, following transformers' `MixtralForCausalLM` math.
+"""The MoE decoder in plain PyTorch, following transformers' `MixtralForCausalLM` math; the other
+families (Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2, gpt-oss) are small branches switched by
+`ModelConfig` fields and the family's adapter (`cfg.family`, see `arch`).
 
-Read top to bottom: RMSNorm, rotary embeddings, a preallocated KV cache, grouped-query attention,
-the sparse MoE block, one decoder layer, the whole stack. Experts are not part of this module:
-the MoE block asks an injected provider (`experts.fetch(layer, ids, residual)`) for the weights of
-the experts its tokens chose, so offloading, caching and prefetch live elsewhere and never touch
-this file.
+Read top to bottom: RMSNorm, rotary embeddings, a preallocated KV cache, grouped-query attention
+(optional biases, q/k norms, clamp, sinks, sliding window), multi-head latent attention, the
+router rules, a dense SwiGLU MLP (dense layers and shared experts), the sparse MoE block, one
+decoder layer, the whole stack. Routed experts are not part of this module: the MoE block asks an
+injected provider (`experts.fetch(layer, ids, residual)`) for the weights of the experts its tokens
+chose, so offloading, caching and prefetch live elsewhere and never touch this file.
 
 Shape letters: B batch, T new tokens, S cached positions, H hidden size, nh / nkv query / key-value
-heads, hd head dim, E experts, k experts per token, N = B*T tokens, V vocab.
+heads, hd head dim, E experts, k experts per token, N = B*T tokens, V vocab, r latent rank (MLA),
+d rotated dims per head.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,41 +29,87 @@ from .quant.modules import QEmbedding, QLinear
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, scale_fp32: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.scale_fp32 = eps, scale_fp32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()  # normalise in fp32 as the reference does, whatever the weight dtype
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_fp32:
+            return (self.weight * h).to(x.dtype)
         return self.weight * h.to(x.dtype)
 
 
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
+def _yarn(cfg: ModelConfig, d: int, device) -> tuple[torch.Tensor, float]:
+    """YaRN: (inv_freq (d/2,), factor applied to cos and sin), as transformers computes them."""
+    y, base = cfg.rope_scaling, cfg.rope_theta
+    factor, original = y["factor"], y["original_max_position_embeddings"]
+    attention_factor = y["attention_factor"]
+    if attention_factor is None:
+        attention_factor = (yarn_mscale(factor, y["mscale"]) / yarn_mscale(factor, y["mscale_all_dim"])
+                            if y["mscale"] and y["mscale_all_dim"] else yarn_mscale(factor))
+
+    def correction_dim(rotations):
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(y["beta_fast"] or 32), correction_dim(y["beta_slow"] or 1)
+    if y["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, d, 2, device=device).float() / d)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
 def rope_tables(cfg: ModelConfig, max_seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: (max_seq_len, hd), computed in fp32 then cast (as transformers does)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device)
-                                         .float() / cfg.head_dim))
-    freqs = torch.arange(max_seq_len, device=device).float()[:, None] * inv_freq[None, :]  # (S, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos, sin: (max_seq_len, d), computed in fp32 then cast (as transformers does)."""
+    d = cfg.rope_dim
+    if cfg.rope_scaling:
+        inv_freq, scale = _yarn(cfg, d, device)
+    else:
+        inv_freq, scale = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device)
+                                                    .float() / d)), 1.0
+    freqs = torch.arange(max_seq_len, device=device).float()[:, None] * inv_freq[None, :]  # (S, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, d)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, hd); cos, sin: (T, hd)."""
+    """x: (B, heads, T, d); cos, sin: (T, d). Rotates the pairs (i, i + d/2)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
-class KVCache(nn.Module):
-    """Keys and values of every position so far, preallocated once: (B, nkv, S, hd)."""
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, d); cos, sin: (T, d). Rotates the pairs (2i, 2i + 1) in fp32 (DeepSeek)."""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half].float(), sin[..., :half].float()           # (T, d/2)
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()             # (B, heads, T, d/2)
+    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).to(x.dtype)
 
-    def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, device, dtype):
+
+class KVCache(nn.Module):
+    """Keys and values of every position so far, preallocated once: (B, nkv, S, hd) and
+    (B, nkv, S, v_dim). MLA stores its latent as the "keys" and its rotated key as the "values"."""
+
+    def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, device, dtype,
+                 v_dim: int | None = None):
         super().__init__()
-        shape = (batch, kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        shape = (batch, kv_heads, max_seq_len)
+        self.register_buffer("k", torch.zeros(*shape, head_dim, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(*shape, v_dim or head_dim, device=device, dtype=dtype),
+                             persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nkv, T, hd) at positions start.. and return the filled prefix (B, nkv, start+T, hd)."""
@@ -69,45 +120,176 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query attention; per family optional q/k/v (and o) biases, q/k RMSNorm per head
+    ("head") or over the whole projection ("full"), a clamp of q, k, v, and attention sinks."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        fam = cfg.family
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm, self.clip = fam.qk_norm, cfg.clip_qkv
+        if fam.qk_norm:
+            head = fam.qk_norm == "head"
+            self.q_norm = RMSNorm(self.hd if head else self.nh * self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd if head else self.nkv * self.hd, cfg.rms_norm_eps)
+        self.sinks = nn.Parameter(torch.zeros(self.nh)) if fam.attention_sinks else None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)      # (B, T, nh*hd), (B, T, nkv*hd) x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(B, T, self.nh, self.hd)
+        k = k.view(B, T, self.nkv, self.hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)                                          # (B, nh, T, hd)
+        k = k.transpose(1, 2)                                          # (B, nkv, T, hd)
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)            # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(start, k, v)                               # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nh != self.nkv)
+            k, v = cache.update(start, k, v)                           # (B, nkv, S, hd)
+        if self.sinks is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nh != self.nkv)
+        else:
+            y = self._attend_with_sinks(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+    def _attend_with_sinks(self, q, k, v, mask) -> torch.Tensor:
+        """Softmax over the keys and one learned logit per head that takes weight but has no value."""
+        k = k.repeat_interleave(self.nh // self.nkv, dim=1)             # (B, nh, S, hd)
+        v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        scores = q @ k.transpose(-1, -2) * self.hd ** -0.5              # (B, nh, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        sinks = self.sinks.view(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)
+        probs = torch.softmax(torch.cat((scores, sinks), dim=-1), dim=-1)[..., :-1]
+        return probs @ v                                                # (B, nh, T, hd)
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2). Keys and values come from a rank-r latent shared by
+    all heads, which is what the cache holds (with the rotated d-dim key part, also shared); they
+    are decompressed for every head at each step. RoPE rotates (even, odd) pairs here."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m, H = cfg.mla, cfg.hidden_size
+        self.nh, self.nope, self.rope, self.v_dim, self.rank = (cfg.num_heads, m.qk_nope_head_dim,
+                                                                m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank)
+        qk = self.nope + self.rope
+        self.q_lora = bool(m.q_lora_rank)
+        if self.q_lora:
+            self.q_a_proj = nn.Linear(H, m.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, 1e-6)  # transformers leaves these at their default eps
+            self.q_b_proj = nn.Linear(m.q_lora_rank, self.nh * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(H, self.nh * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, self.nh * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.nh * self.v_dim, H, bias=False)
+        self.scale = qk ** -0.5
+        y = cfg.rope_scaling
+        if y and y["mscale_all_dim"]:  # YaRN's attention temperature, squared (transformers' yarn_apply_mscale)
+            self.scale *= yarn_mscale(y["factor"], y["mscale_all_dim"]) ** 2
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(B, T, self.nh, self.nope + self.rope).transpose(1, 2)        # (B, nh, T, nope+d)
+        q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)  # (B, T, r), (B, T, d)
+        latent = self.kv_a_layernorm(latent).view(B, 1, T, self.rank)          # (B, 1, T, r)
+        k_rot = k_rot.view(B, 1, T, self.rope)
+        q_rot, k_rot = apply_rope_interleaved(q_rot, cos, sin), apply_rope_interleaved(k_rot, cos, sin)
+        if cache is not None:
+            latent, k_rot = cache.update(start, latent, k_rot)                 # (B, 1, S, r), (B, 1, S, d)
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent).view(B, S, self.nh, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)                  # (B, nh, S, nope), (B, nh, S, v)
+        k = torch.cat((k_nope, k_rot.expand(B, self.nh, S, self.rope)), dim=-1)  # (B, nh, S, nope+d)
+        q = torch.cat((q_nope, q_rot), dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, nh, T, v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.v_dim))
+
+
+# ---- router rules: gate logits (N, E) -> weights (N, k) fp32, expert ids (N, k) ----
+def softmax_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None):
+    """Softmax over all experts, top-k (within the best topk_group of n_group groups), then
+    renormalise (norm_topk_prob) or scale by routed_scaling_factor. Mixtral, Qwen, OLMoE, DeepSeek."""
+    probs = F.softmax(logits.float(), dim=-1)                         # (N, E)
+    if forced is not None:
+        ids = forced.to(probs.device)
+        weights = probs.gather(-1, ids)
+    else:
+        eligible = probs
+        if cfg.n_group > 1:
+            groups = probs.view(probs.shape[0], cfg.n_group, -1)      # (N, groups, E/groups)
+            best = groups.amax(dim=-1).topk(cfg.topk_group, dim=-1).indices
+            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            eligible = groups.masked_fill(~keep[..., None], 0.0).view_as(probs)
+        weights, ids = torch.topk(eligible, cfg.top_k, dim=-1)        # (N, k)
+    if cfg.norm_topk_prob:
+        return weights / weights.sum(dim=-1, keepdim=True), ids
+    return weights * cfg.routed_scaling_factor, ids
+
+
+def topk_softmax(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None):
+    """Top-k of the logits, then a softmax over those k (gpt-oss)."""
+    if forced is not None:
+        ids = forced.to(logits.device)
+        top = logits.gather(-1, ids)
+    else:
+        top, ids = torch.topk(logits, cfg.top_k, dim=-1)              # (N, k)
+    return F.softmax(top.float(), dim=-1), ids
+
+
+ROUTER_RULES = {"softmax_topk": softmax_topk, "topk_softmax": topk_softmax}
+
+
+class MLP(nn.Module):
+    """A dense SwiGLU MLP that stays on the device: a dense layer's, or a shared expert."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoEBlock(nn.Module):
-    """Router (softmax over experts → top-k → renormalise) and the weighted sum of chosen experts."""
+    """Router (the family's rule) and the weighted sum of the chosen experts, plus the shared
+    expert (sigmoid-gated in Qwen2-MoE) where the family has one."""
 
     def __init__(self, cfg: ModelConfig, layer: int, experts):
         super().__init__()
-        self.layer, self.top_k, self.num_experts = layer, cfg.top_k, cfg.num_experts
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        fam = cfg.family
+        self.cfg, self.layer, self.top_k, self.num_experts = cfg, layer, cfg.top_k, cfg.num_experts
+        self.rule, self.router_fp32 = ROUTER_RULES[fam.router_rule], fam.router_fp32
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=fam.router_bias)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size) if cfg.shared_expert_size else None
+        self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
+                                   if cfg.shared_expert_size and fam.shared_expert_gate else None)
         self.experts = experts  # provider: not a submodule, owns no parameters of this model
         self.forced_routes: Callable[[int, int], torch.Tensor] | None = None  # benchmarks replay traces
 
     def route(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> weights (N, k) in x's dtype, expert ids (N, k); `forced` ids replace top-k."""
-        probs = F.softmax(self.gate(x).float(), dim=-1)              # (N, E)
-        if forced is None:
-            weights, ids = torch.topk(probs, self.top_k, dim=-1)     # (N, k)
-        else:
-            ids = forced.to(probs.device)
-            weights = probs.gather(-1, ids)
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits = F.linear(x.float(), self.gate.weight.float()) if self.router_fp32 else self.gate(x)  # (N, E)
+        weights, ids = self.rule(logits, self.cfg, forced)
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -125,24 +307,40 @@ class MoEBlock(nn.Module):
         # Each (token, choice) gets its own row, summed over choices in a fixed order afterwards,
         # so the result does not depend on the order the provider hands experts out.
         out = h.new_zeros(B * T * self.top_k, H)                      # (N*k, H)
+        limit, alpha = self.cfg.swiglu_limit, self.cfg.swiglu_alpha
         for e, w in self.experts.fetch(self.layer, used, residual):
             rows = order[ends[e] - counts[e]:ends[e]]             # flat (token, choice) indices
             tokens = rows // self.top_k
-            y = expert_forward(h[tokens].to(w.device), w).to(h.device)  # (n_e, H)
+            y = expert_forward(h[tokens].to(w.device), w, limit, alpha).to(h.device)  # (n_e, H)
             out[rows] = y * weights.flatten()[rows, None]
-        return out.view(B * T, self.top_k, H).sum(dim=1).view(B, T, H)
+        y = out.view(B * T, self.top_k, H).sum(dim=1)                 # (N, H)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(h)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
+            y = y + shared
+        return y.view(B, T, H)
 
 
 class DecoderLayer(nn.Module):
+    """Attention and an MLP: the MoE block (`block_sparse_moe`), or in a dense layer a dense `mlp`."""
+
     def __init__(self, cfg: ModelConfig, layer: int, experts):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.block_sparse_moe = MoEBlock(cfg, layer, experts)
+        fp32 = cfg.family.norm_scale_fp32
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fp32)
+        self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fp32)
+        self.dense = layer in cfg.dense_layers
+        if self.dense:
+            self.mlp = MLP(cfg.hidden_size, cfg.dense_intermediate_size)
+        else:  # the expert engine numbers MoE layers without the dense ones
+            self.block_sparse_moe = MoEBlock(cfg, cfg.moe_layers.index(layer), experts)
 
     def forward(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        if self.dense:
+            return h + self.mlp(self.post_attention_layernorm(h))
         return h + self.block_sparse_moe(self.post_attention_layernorm(h), residual=h)
 
 
@@ -155,7 +353,8 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.windows = [cfg.window(i) for i in range(cfg.num_layers)]  # each layer's sliding window
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.norm_scale_fp32)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.kv_caches: list[KVCache] = []
         self.max_seq_len = 0
@@ -165,13 +364,21 @@ class Transformer(nn.Module):
         """Allocate the KV cache and rotary tables once, on the compute device."""
         cfg = self.config
         self.device, self.max_seq_len = torch.device(device), max_seq_len
-        self.cos, self.sin = rope_tables(cfg, max_seq_len, device, dtype)
-        self.kv_caches = [KVCache(max_batch, cfg.num_kv_heads, max_seq_len, cfg.head_dim, device, dtype)
-                          for _ in range(cfg.num_layers)]
+        # DeepSeek rotates in fp32 from fp32 tables; the others cast the tables to the compute dtype
+        self.cos, self.sin = rope_tables(cfg, max_seq_len, device, torch.float32 if cfg.mla else dtype)
+        if cfg.mla:  # the latent and the rotated key part, shared by all heads
+            shape = (1, max_seq_len, cfg.mla.kv_lora_rank, device, dtype, cfg.mla.qk_rope_head_dim)
+        else:
+            shape = (cfg.num_kv_heads, max_seq_len, cfg.head_dim, device, dtype)
+        self.kv_caches = [KVCache(max_batch, *shape) for _ in range(cfg.num_layers)]
 
-    def attention_mask(self, start: int, T: int, S: int) -> torch.Tensor | None:
+    @property
+    def moe_blocks(self) -> list[MoEBlock]:
+        """The MoE block of each MoE layer, in the expert engine's numbering (dense layers have none)."""
+        return [self.layers[i].block_sparse_moe for i in self.config.moe_layers]
+
+    def attention_mask(self, start: int, T: int, S: int, window: int | None = None) -> torch.Tensor | None:
         """(T, S) boolean: query at position start+t sees keys at positions <= it, within the window."""
-        window = self.config.sliding_window
         if T == 1 and (window is None or S <= window):
             return None  # a single new token sees everything cached
         q_pos = torch.arange(start, start + T, device=self.device)[:, None]
@@ -193,18 +400,19 @@ class Transformer(nn.Module):
         if end > self.max_seq_len:
             raise ValueError(f"sequence of {end} positions exceeds the context of {self.max_seq_len}")
         cos, sin = self.cos[start:end], self.sin[start:end]
-        mask = self.attention_mask(start, T, end if use_cache else T)
+        masks = {w: self.attention_mask(start, T, end if use_cache else T, w) for w in set(self.windows)}
         x = self.embed_tokens(tokens)                                  # (B, T, H)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, self.kv_caches[i] if use_cache else None, start)
+            x = layer(x, cos, sin, masks[self.windows[i]], self.kv_caches[i] if use_cache else None, start)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()                      # (B, T, V)
 
     def guess_experts(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
         """Which experts `layer` would pick for this residual stream: (N, k) ids. Used by the
-        expert engine to prefetch ahead; only a guess, since the true input differs."""
-        block = self.layers[layer]
+        expert engine to prefetch ahead; only a guess, since the true input differs. `layer` is
+        the engine's (MoE layers only)."""
+        block = self.layers[self.config.moe_layers[layer]]
         x = block.post_attention_layernorm(residual).reshape(-1, self.config.hidden_size)
         return block.block_sparse_moe.route(x)[1]
 

@@ -30,9 +30,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from .arch import attention_shapes
 from .config import ModelConfig
 from .errors import OffloadMoeError
 from .quant.format import QuantSpec
+from .quant.mxfp4 import is_mxfp4
+from .quant.mxfp4 import nbytes_for as mxfp4_bytes
 from .profiles import BIT_WIDTHS, Profile, available_ram, bundled_profiles
 
 GROUP_SIZE = 64            # quantization group along the input dimension
@@ -41,6 +44,8 @@ AUTO_RAM_FRACTION = 0.9    # ram_budget = "auto": this much of MemAvailable, the
 
 def weight_bytes(out: int, in_: int, bits: str, group_size: int = GROUP_SIZE) -> int:
     """Bytes of one [out, in] weight at a profile bit width ('bf16', 'int4', ...)."""
+    if bits == "mxfp4":  # gpt-oss's published experts: 16 code bytes + 1 exponent byte per 32 weights
+        return mxfp4_bytes(out, in_)
     b = BIT_WIDTHS[bits]
     if b >= 16:  # stored as floats
         return b // 8 * out * in_
@@ -50,6 +55,9 @@ def weight_bytes(out: int, in_: int, bits: str, group_size: int = GROUP_SIZE) ->
 
 def _checkpoint_bits(config: ModelConfig) -> tuple[str, str, str, int]:
     """(experts, attention, embeddings, group size) settings of an already quantized checkpoint."""
+    if is_mxfp4(config.quantization):  # only the experts are MXFP4; the rest is stored as floats
+        floats = checkpoint_float_bits(config)
+        return "mxfp4", floats, floats, 32
     spec = QuantSpec.from_config(config.quantization, "config.json")
     return spec.settings["experts"], spec.settings["attention"], spec.settings["embeddings"], spec.group_size
 
@@ -80,7 +88,7 @@ class Plan:
     embeddings_bits: str
     bits_from_checkpoint: bool  # the checkpoint is already quantized: its bits override the profile's
     group_size: int
-    attention_bytes: int        # all layers' q, k, v, o projections
+    attention_bytes: int        # all layers' attention projections (q, k, v, o; MLA's low-rank pairs)
     embedding_bytes: int        # input embeddings + lm_head (once when tied)
     norm_router_bytes: int      # RMSNorm weights and routers, 16-bit
     kv_tokens: int              # positions the KV cache holds
@@ -94,14 +102,15 @@ class Plan:
     hit_rate_estimated: bool
     bytes_per_token: int        # expert bytes moved per decoded token at that hit rate
     notes: tuple[str, ...] = ()
+    dense_mlp_bytes: int = 0    # dense MLP layers and shared experts: on the device, at attention bits
 
     @property
     def shared_bytes(self) -> int:
-        return self.attention_bytes + self.embedding_bytes + self.norm_router_bytes
+        return self.attention_bytes + self.embedding_bytes + self.norm_router_bytes + self.dense_mlp_bytes
 
     @property
     def slot_bytes(self) -> int:
-        return self.slots_per_layer * self.config.num_layers * self.bytes_per_expert
+        return self.slots_per_layer * self.config.num_moe_layers * self.bytes_per_expert
 
     @property
     def on_gpu(self) -> bool:
@@ -127,7 +136,7 @@ class Plan:
 
     def rows(self) -> list[tuple[str, str]]:
         c, p = self.config, self.profile
-        n_experts = c.num_layers * c.num_experts
+        n_experts = c.num_moe_layers * c.num_experts
         bits_from = "from the checkpoint" if self.bits_from_checkpoint else "from the profile"
         rows = [
             ("model", f"{c.model_type}: {c.num_layers} layers × {c.num_experts} experts, top-{c.top_k}"),
@@ -156,7 +165,7 @@ class Plan:
 
     def explain(self) -> str:
         c, p = self.config, self.profile
-        n_experts = c.num_layers * c.num_experts
+        n_experts = c.num_moe_layers * c.num_experts
         bits = (f"the checkpoint is already quantized, so its bits override the profile's: experts "
                 f"{self.experts_bits}, attention {self.attention_bits}" if self.bits_from_checkpoint
                 else f"experts at {self.experts_bits}, attention at {self.attention_bits}, embeddings at "
@@ -165,23 +174,24 @@ class Plan:
             f"on the CPU within a RAM budget of {_gb(self.ram_budget)}"
         s = [f"{c.model_type} ({c.total_params / 1e9:.2f} B parameters, {c.active_params / 1e9:.2f} B "
              f"active per token) under profile {p.name} runs {where}; {bits}.",
-             f"The shared weights (attention, embeddings, norms and routers) take {_gb(self.shared_bytes)}, "
+             f"The shared weights (attention, embeddings, norms and routers"
+             f"{', dense MLPs and shared experts' if self.dense_mlp_bytes else ''}) take {_gb(self.shared_bytes)}, "
              f"the KV cache for {self.kv_tokens} tokens {_gb(self.kv_bytes)} and the reserve "
              f"{_gb(p.reserve)}."]
         if self.on_gpu:
-            layer = c.num_layers * self.bytes_per_expert
+            layer = c.num_moe_layers * self.bytes_per_expert
             if self.slots_per_layer == c.num_experts:
                 s.append(f"Every expert fits on the GPU ({_gb(self.slot_bytes)}), so nothing is offloaded.")
             else:
                 s.append(f"One expert is {fmt_bytes(self.bytes_per_expert)}, so a slot in each of the "
-                         f"{c.num_layers} layers costs {_gb(layer)}: the rest of the budget holds "
+                         f"{c.num_moe_layers} MoE layers costs {_gb(layer)}: the rest of the budget holds "
                          f"{self.slots_per_layer} slots per layer of {c.num_experts} experts, "
                          f"{_gb(self.vram_bytes)} of VRAM in all.")
         if self.experts_in_ram or self.experts_on_disk:
             layers_in_ram = self.experts_in_ram // c.num_experts
             tiers = ("offload = 'disk' puts every layer in memory-mapped files" if not self.experts_in_ram else
                      f"all layers fit in RAM under its {_gb(self.ram_budget)} budget" if not self.experts_on_disk else
-                     f"{layers_in_ram} of {c.num_layers} layers ({self.experts_in_ram} experts) fit in RAM under "
+                     f"{layers_in_ram} of {c.num_moe_layers} MoE layers ({self.experts_in_ram} experts) fit in RAM under "
                      f"its {_gb(self.ram_budget)} budget, the other {self.experts_on_disk} experts are memory-mapped "
                      "from disk")
             s.append(f"The {n_experts} experts' copies take {_gb(n_experts * self.bytes_per_expert)}: {tiers}.")
@@ -191,7 +201,7 @@ class Plan:
                    else "the share of layers held in RAM")
             rate = f"an estimated hit rate of {self.hit_rate:.1%} ({why})" if self.hit_rate_estimated \
                 else f"a hit rate of {self.hit_rate:.1%}"
-            s.append(f"At {rate} each token moves {c.num_layers} layers × top-{c.top_k} × "
+            s.append(f"At {rate} each token moves {c.num_moe_layers} MoE layers × top-{c.top_k} × "
                      f"{1 - self.hit_rate:.1%} misses × {fmt_bytes(self.bytes_per_expert)} = "
                      f"{_gb(self.bytes_per_token)} {self.transfer}"
                      + (f"; prefetching {p.prefetch} layer(s) ahead overlaps part of that with compute but "
@@ -230,13 +240,16 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
         experts_bits, attention_bits, embeddings_bits, group = \
             p.experts_bits, p.attention_bits, p.embeddings_bits, GROUP_SIZE
 
-    H, I, L, E = c.hidden_size, c.intermediate_size, c.num_layers, c.num_experts
-    q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    attention = L * (weight_bytes(q_out, H, attention_bits, group) + 2 * weight_bytes(kv_out, H, attention_bits, group)
-                     + weight_bytes(H, q_out, attention_bits, group))
+    H, I, L, E = c.hidden_size, c.intermediate_size, c.num_moe_layers, c.num_experts  # L: layers with experts
+    shapes = attention_shapes(c, c.family).values()  # one layer's; vectors (norms, biases, sinks) stay 16-bit
+    attention = c.num_layers * sum(weight_bytes(*s, attention_bits, group) for s in shapes if len(s) == 2)
     embeddings = (1 if c.tie_word_embeddings else 2) * weight_bytes(c.vocab_size, H, embeddings_bits, group)
-    norm_router = 2 * (c.norm_params + L * c.router_params_per_layer)
-    per_expert = 2 * weight_bytes(I, H, experts_bits, group) + weight_bytes(H, I, experts_bits, group)
+    norm_router = 2 * (c.norm_params + c.num_layers * sum(s[0] for s in shapes if len(s) == 1)
+                       + L * c.router_params_per_layer)
+    mlp = (len(c.dense_layers) * _mlp_bytes(H, c.dense_intermediate_size, attention_bits, group)
+           + L * _mlp_bytes(H, c.shared_expert_size, attention_bits, group) + 2 * L * H * (c.family.shared_expert_gate and c.shared_expert_size > 0))
+    per_expert = (2 * weight_bytes(I, H, experts_bits, group) + weight_bytes(H, I, experts_bits, group)
+                  + 2 * (2 * I + H) * c.family.expert_bias)  # 16-bit biases (gpt-oss)
 
     kv_tokens = p.context_length
     if kv_tokens > c.max_position_embeddings:
@@ -244,14 +257,14 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
         notes.append(f"The profile's context_length {p.context_length} exceeds the model's "
                      f"{c.max_position_embeddings} positions, so the KV cache is sized for {kv_tokens}.")
     kv = kv_tokens * c.kv_cache_bytes_per_token(2)
-    fixed = attention + embeddings + norm_router + kv + p.reserve
+    fixed = attention + embeddings + norm_router + mlp + kv + p.reserve
     ram_budget = p.ram_budget if p.ram_budget is not None else \
         int(AUTO_RAM_FRACTION * (available_ram() if ram_available is None else ram_available))
     ram_name = f"ram_budget {_gb(ram_budget)}" + (" (auto)" if p.ram_budget is None else "")
     layer_bytes = E * per_expert  # the host tier's unit: one layer's experts
 
     if p.device == "cuda":
-        slots = _slots(c, p, fixed, per_expert, attention + embeddings + norm_router, kv)
+        slots = _slots(c, p, fixed, per_expert, attention + embeddings + norm_router + mlp, kv)
         if slots < c.top_k:
             notes.append(f"Fewer slots per layer ({slots}) than experts per token ({c.top_k}): every token "
                          f"misses at least {c.top_k - slots} expert(s) in every layer, so the cache thrashes.")
@@ -283,12 +296,17 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
                 kv_tokens=kv_tokens, kv_bytes=kv, bytes_per_expert=per_expert, slots_per_layer=slots,
                 ram_budget=ram_budget, experts_in_ram=ram_layers * E, experts_on_disk=(host_layers - ram_layers) * E,
                 hit_rate=float(hit_rate), hit_rate_estimated=estimated,
-                bytes_per_token=moved, notes=tuple(notes))
+                bytes_per_token=moved, notes=tuple(notes), dense_mlp_bytes=mlp)
+
+
+def _mlp_bytes(hidden: int, inner: int, bits: str, group: int) -> int:
+    """A dense SwiGLU MLP (0 when inner is 0): gate and up [inner, hidden], down [hidden, inner]."""
+    return 2 * weight_bytes(inner, hidden, bits, group) + weight_bytes(hidden, inner, bits, group) if inner else 0
 
 
 def _slots(c: ModelConfig, p: Profile, fixed: int, per_expert: int, shared: int, kv: int) -> int:
     """Slots per layer under the rule in the module docstring, or _Impossible."""
-    L, E = c.num_layers, c.num_experts
+    L, E = c.num_moe_layers, c.num_experts
     fit = max(0, min(E, (p.vram_budget - fixed) // (L * per_expert)))
     slots = fit if p.cache_slots is None else min(p.cache_slots, E)
     if slots > fit or slots < 1:

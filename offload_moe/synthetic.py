@@ -24,7 +24,41 @@ KNOWN_MODELS = {
                          num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5, rope_theta=1e6,
                          max_position_embeddings=32768, bos_token_id=1, eos_token_id=2,
                          torch_dtype="bfloat16"),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6,
+                          rope_theta=1e6, max_position_embeddings=40960, bos_token_id=151643,
+                          eos_token_id=151645, torch_dtype="bfloat16"),
+    "olmoe-1b-7b": dict(model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+                        num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+                        num_experts_per_tok=8, norm_topk_prob=False, clip_qkv=None, rms_norm_eps=1e-5,
+                        rope_theta=10000.0, max_position_embeddings=4096, eos_token_id=50279,
+                        torch_dtype="bfloat16"),
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                             moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                             num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+                             qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
+                             num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1,
+                             topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+                             routed_scaling_factor=1.0, rms_norm_eps=1e-6, rope_theta=10000,
+                             rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096,
+                                               beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
+                             max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001,
+                             torch_dtype="bfloat16"),
+    # gpt-oss publishes its experts in MXFP4; synthetic experts are bf16 (the transposed layout's shapes)
+    "gpt-oss-20b": dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                        layer_types=["sliding_attention", "full_attention"] * 12, attention_bias=True,
+                        swiglu_limit=7.0, rms_norm_eps=1e-5, rope_theta=150000,
+                        rope_scaling=dict(rope_type="yarn", factor=32.0, original_max_position_embeddings=4096,
+                                          beta_fast=32.0, beta_slow=1.0, truncate=False),
+                        max_position_embeddings=131072, eos_token_id=200002, torch_dtype="bfloat16"),
 }
+# Widths that `scale` shrinks, and the multiple each is rounded to.
+_SCALED = {"intermediate_size": 64, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
+           "kv_lora_rank": 8, "q_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}
 
 
 def synthetic_config(name: str, *, layers: int | None = None, scale: float = 1.0) -> ModelConfig:
@@ -35,14 +69,21 @@ def synthetic_config(name: str, *, layers: int | None = None, scale: float = 1.0
         if not 1 <= layers <= raw["num_hidden_layers"]:
             raise OffloadMoeError(f"layers = {layers}, expected 1..{raw['num_hidden_layers']} for {name}")
         raw["num_hidden_layers"] = layers
+        if "layer_types" in raw:
+            raw["layer_types"] = raw["layer_types"][:layers]
     if not 0 < scale <= 1:
         raise OffloadMoeError(f"scale = {scale}, expected 0 < scale <= 1")
     if scale < 1:
+        def shrink(value: int, multiple: int) -> int:
+            return max(multiple, round(value * scale / multiple) * multiple)
+
         heads = raw["num_attention_heads"]
-        head_dim = raw["hidden_size"] // heads
-        raw["head_dim"] = max(8, round(head_dim * scale / 8) * 8)
-        raw["hidden_size"] = heads * raw["head_dim"]
-        raw["intermediate_size"] = max(64, round(raw["intermediate_size"] * scale / 64) * 64)
+        if "head_dim" in raw:  # the hidden size need not be heads × head_dim
+            raw["head_dim"], raw["hidden_size"] = shrink(raw["head_dim"], 8), shrink(raw["hidden_size"], 64)
+        else:
+            raw["head_dim"] = shrink(raw["hidden_size"] // heads, 8)
+            raw["hidden_size"] = heads * raw["head_dim"]
+        raw |= {k: shrink(raw[k], m) for k, m in _SCALED.items() if raw.get(k)}
         raw["vocab_size"] = max(256, round(raw["vocab_size"] * scale))
     return ModelConfig.from_dict(raw, source=f"synthetic:{name}")
 
@@ -62,8 +103,8 @@ class SyntheticCheckpoint:
         return dense_shapes(self.config)
 
     def _random(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if len(shape) == 1:
-            return torch.ones(shape, dtype=self.dtype)  # norm weights
+        if len(shape) == 1:  # norm weights 1, biases and sinks 0
+            return (torch.ones if name.endswith("norm.weight") else torch.zeros)(shape, dtype=self.dtype)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
         return (torch.randn(shape, generator=g) * shape[-1] ** -0.5).to(self.dtype)
 
@@ -73,5 +114,9 @@ class SyntheticCheckpoint:
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         H, I = self.config.hidden_size, self.config.intermediate_size
         p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
-        return {"w1": self._random(p + "w1", (I, H)), "w3": self._random(p + "w3", (I, H)),
-                "w2": self._random(p + "w2", (H, I))}
+        w = {"w1": self._random(p + "w1", (I, H)), "w3": self._random(p + "w3", (I, H)),
+             "w2": self._random(p + "w2", (H, I))}
+        if self.config.family.expert_bias:
+            w |= {"b1": self._random(p + "b1", (I,)), "b3": self._random(p + "b3", (I,)),
+                  "b2": self._random(p + "b2", (H,))}
+        return w

@@ -13,16 +13,26 @@ it) and a `released` event (compute done with the old occupant; the next copy in
 on it), so nothing blocks the host. On CPU the same logic runs with synchronous copies, which is
 how every piece of it is tested without a GPU. Slots are allocated once here; nothing is allocated
 per token.
+
+With a CPU tier (`cpu=`, `costs=`: the hybrid), a miss may instead be computed by the CPU where the
+expert sits in host RAM (`_choose_cpu` decides, from a measured cost model); its weights are then
+CPU tensors and the model moves the activations over and back. Those experts are handed out last,
+after every hit and copy has been queued on the device, so on CUDA the CPU computes them while the
+device works through the others; their activations travel on a side stream that waits only for the
+layer's inputs, not for the device work queued before them (see `_on_cpu`).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
 
+from ..cpu.kernels import expert_format
+from .costs import CostModel
 from .layout import ExpertLayout
 from .policy import LRU
 from .store import HostStore
@@ -38,6 +48,9 @@ class LayerStats:
     bytes_moved: int = 0
     stall_seconds: float = 0.0
     tokens: int = 0
+    cpu_computed: int = 0            # misses the CPU computed where they sit (counted in misses too)
+    bytes_not_moved: int = 0         # what copying those would have moved
+    est_seconds_saved: float = 0.0   # by the cost model: all-copied time minus the hybrid's
 
     def add(self, other: "LayerStats"):
         for f in fields(self):
@@ -46,7 +59,8 @@ class LayerStats:
 
 class ExpertCache:
     def __init__(self, store: HostStore, *, device: torch.device, slots: list[int], prefetch: int = 1,
-                 policy: Callable[[int], object] = lambda layer: LRU(), record_trace: bool = False):
+                 policy: Callable[[int], object] = lambda layer: LRU(), record_trace: bool = False,
+                 cpu=None, costs: CostModel | None = None, recent: int = 2):
         L, E = store.num_layers, store.num_experts
         if len(slots) != L or any(not 1 <= k <= E for k in slots):
             raise ValueError(f"slots per layer must be {L} values in 1..{E}, got {slots}")
@@ -64,6 +78,12 @@ class ExpertCache:
         self.trace: list[list[list[int]]] | None = [[] for _ in range(L)] if record_trace else None
         self.guess: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self.cuda = self.device.type == "cuda"
+        # The hybrid: a `CpuTier` the CPU computes from, the cost model, each layer's last steps.
+        if (cpu is None) != (costs is None):
+            raise ValueError("the CPU tier and the cost model go together: pass both cpu= and costs= or neither")
+        self.cpu, self.costs = cpu, costs
+        self.device_format = expert_format(self.views[0][0]) if costs else None
+        self.recent: list[deque[frozenset[int]]] = [deque(maxlen=recent) for _ in range(L)]
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.ready = [[torch.cuda.Event() for _ in range(k)] for k in slots]
@@ -73,6 +93,9 @@ class ExpertCache:
             self.staging_done = [torch.cuda.Event() for _ in range(2)]
             self.next_staging = 0
             self.stall_events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+            if cpu is not None:
+                self.cpu_stream = torch.cuda.Stream(self.device)   # activations to and from the CPU
+                self.inputs_ready = torch.cuda.Event()
 
     def attach_router(self, guess: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
         """The model's `guess_experts(layer, residual) -> (N, k) ids`, used for prefetch."""
@@ -81,15 +104,25 @@ class ExpertCache:
     # ---- the decision point ----
     def fetch(self, layer: int, experts: list[int], residual: torch.Tensor) -> Iterator[tuple[int, ExpertWeights]]:
         st, policy, resident = self.layer_stats[layer], self.policies[layer], self.slot_of[layer]
-        st.tokens += residual.numel() // residual.shape[-1]
+        tokens = residual.numel() // residual.shape[-1]
+        st.tokens += tokens
         if self.trace is not None:
             self.trace[layer].append(list(experts))
         policy.step(experts)
         if not policy.reuse:
             self._drop_all(layer)
-        pending = set(experts)                      # needed by this layer and not yet computed
         hits = [e for e in experts if e in resident]
         misses = [e for e in experts if e not in resident]
+        on_cpu: list[int] = []
+        if self.cpu is not None:
+            on_cpu, saved = self._choose_cpu(layer, hits, misses, tokens)
+            self.recent[layer].append(frozenset(experts))
+            misses = [e for e in misses if e not in on_cpu]
+            st.cpu_computed += len(on_cpu)
+            st.misses += len(on_cpu)
+            st.bytes_not_moved += len(on_cpu) * self.layout.nbytes
+            st.est_seconds_saved += saved
+        pending = set(experts) - set(on_cpu)        # needed by this layer and not yet computed
         for e in hits:
             st.hits += 1
             policy.touch(e)
@@ -112,6 +145,8 @@ class ExpertCache:
 
         start_copies()
         self._prefetch(layer, residual)             # queued behind this layer's own copies
+        if on_cpu and self.cuda:
+            self.inputs_ready.record(torch.cuda.current_stream(self.device))  # before any expert's work
         for e in hits:
             slot = resident[e]
             yield e, self._use(layer, slot, demand=False)
@@ -124,6 +159,65 @@ class ExpertCache:
             self._release(layer, slot)
             pending.discard(e)
             start_copies()
+        if on_cpu:
+            yield from self._on_cpu(layer, on_cpu)
+
+    # ---- the CPU tier (the hybrid) ----
+    def _choose_cpu(self, layer: int, hits: list[int], misses: list[int], tokens: int) -> tuple[list[int], float]:
+        """Which misses the CPU computes where they sit (the rest are copied), and the time that
+        saves by the cost model.
+
+        A miss used in one of the layer's last `recent` steps is copied: it is likely to be used
+        again, so a slot pays off. The others go one at a time to the lane that finishes them first:
+        the device lane (the link copies the expert, the device computes it after the hits) or the
+        CPU lane. On CUDA the lanes run side by side; on the CPU they share the cores, so they are
+        one lane and the choice is copy + compute vs compute in place. If the plan would not finish
+        before copying every miss, every miss is copied. `tokens` is the step's token count, each
+        expert's at most (exact in decode): prefill's many tokens make the CPU slow and copies win."""
+        if not misses or not self.cpu.has(layer):
+            return [], 0.0
+        c, nbytes = self.costs, self.layout.nbytes
+        copy = c.copy_seconds(nbytes)
+        on_device = c.device_seconds(self.device_format, nbytes, tokens)
+        on_cpu = c.cpu_seconds(self.cpu.format, self.cpu.nbytes, tokens)
+        warm = frozenset().union(*self.recent[layer])
+
+        def plan(hybrid: bool) -> tuple[list[int], float]:
+            device = len(hits) * on_device                      # the hits' compute is queued first
+            link = cpu = 0.0 if self.cuda else device
+            chosen = []
+            for e in misses:
+                copy_end = max(link + copy, device) + on_device
+                cpu_end = cpu + on_cpu
+                if hybrid and e not in warm and cpu_end < copy_end:
+                    cpu = cpu_end
+                    chosen.append(e)
+                else:
+                    link, device = link + copy, copy_end
+                if not self.cuda:
+                    link = device = cpu = max(device, cpu)
+            return chosen, max(device, cpu)
+
+        chosen, end = plan(hybrid=True)
+        _, all_copied = plan(hybrid=False)
+        return (chosen, all_copied - end) if chosen and end < all_copied else ([], 0.0)
+
+    def _on_cpu(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        """Hand out CPU-tier weights. On CUDA the consumer's work for each (gather its tokens, copy
+        them to the host, compute, copy back, scatter) runs on a side stream that waits only for the
+        layer's inputs, so the device-to-host copy does not wait for the hits and copies queued
+        before it: the CPU computes while the device works. Limitation: the CPU experts run one
+        after another in the Python thread, and the layer's sum waits for the last of them."""
+        if not self.cuda:
+            for e in experts:
+                yield e, self.cpu.weights(layer, e)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self.cpu_stream.wait_event(self.inputs_ready)
+        for e in experts:
+            with torch.cuda.stream(self.cpu_stream):
+                yield e, self.cpu.weights(layer, e)
+        compute.wait_stream(self.cpu_stream)          # the layer's sum reads what those rows got
 
     # ---- slots ----
     def _drop_all(self, layer: int) -> None:
@@ -155,8 +249,11 @@ class ExpertCache:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.released[layer][slot])
                 if not (self.store.pinned and self.store.tier(layer) == "ram"):
-                    source = self._stage(source)
-                target.copy_(source, non_blocking=True)
+                    source, staged = self._stage(source)
+                    target.copy_(source, non_blocking=True)
+                    staged.record(self.copy_stream)  # after the copy out of the staging buffer
+                else:
+                    target.copy_(source, non_blocking=True)
                 self.ready[layer][slot].record(self.copy_stream)
         else:
             t0 = time.perf_counter()
@@ -166,13 +263,14 @@ class ExpertCache:
         self.holder[layer][slot] = expert
         self.layer_stats[layer].bytes_moved += self.layout.nbytes
 
-    def _stage(self, source: torch.Tensor) -> torch.Tensor:
+    def _stage(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Copy pageable bytes (the mmap'd disk tier) into a pinned buffer; the caller records the
+        returned event after queueing the copy out of it, so the buffer is reused only then."""
         i = self.next_staging
         self.next_staging ^= 1
         self.staging_done[i].synchronize()          # the previous copy out of this buffer finished
         self.staging[i].copy_(source)               # reads the mmap'd file on the host
-        self.staging_done[i].record(self.copy_stream)
-        return self.staging[i]
+        return self.staging[i], self.staging_done[i]
 
     def _use(self, layer: int, slot: int, demand: bool) -> ExpertWeights:
         """The slot's weights, once the compute stream may read them."""
@@ -232,6 +330,8 @@ class ExpertCache:
             "prefetch_issued": total.prefetch_issued, "prefetch_used": total.prefetch_used,
             "prefetch_accuracy": total.prefetch_used / total.prefetch_issued if total.prefetch_issued else 0.0,
             "bytes_moved": total.bytes_moved, "stall_seconds": total.stall_seconds, "tokens": total.tokens,
+            "cpu_computed": total.cpu_computed, "bytes_not_moved": total.bytes_not_moved,
+            "est_seconds_saved": total.est_seconds_saved,
             "slots_per_layer": list(self.slots), "bytes_per_expert": self.layout.nbytes,
             "per_layer": [vars(s).copy() for s in self.layer_stats],
         }

@@ -16,6 +16,7 @@ from .weights import ExpertWeights
 
 ALIGN = 64
 MATRICES = ("w1", "w3", "w2")
+BIASES = ("b1", "b3", "b2")   # present in some families only (gpt-oss)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ def flatten(weights: ExpertWeights) -> dict[str, torch.Tensor]:
         else:
             for k, t in w.tensors().items():
                 out[f"{m}.{k}"] = t
+    for b in BIASES:
+        if getattr(weights, b) is not None:
+            out[b] = getattr(weights, b)
     return out
 
 
@@ -80,4 +84,4 @@ class ExpertLayout:
             else:
                 parts[m] = q.with_tensors({k.split(".", 1)[1]: t for k, t in tensors.items()
                                            if k.startswith(m + ".")})
-        return ExpertWeights(**parts)
+        return ExpertWeights(**parts, **{b: tensors[b] for b in BIASES if b in tensors})

@@ -1,0 +1,158 @@
+"""What one MoE family fixes that its `config.json` does not say: tensor names and model options.
+
+A `Family` is a table. Names are relative to `model.layers.{i}.`; sizes come from `ModelConfig`.
+The functions below turn a config and a family into the checkpoint's tensor names and shapes,
+for every family at once, so a new family is a new table (and a config parser), not new code.
+
+Expert layouts on disk (`layout`):
+- "per_expert": `{experts}{e}.{gate}/{up}/{down}.weight`, [I, H], [I, H], [H, I] (published
+  checkpoints and transformers' default `save_pretrained`)
+- "fused": `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows, then up rows) and
+  `mlp.experts.down_proj` [E, H, I] (transformers' `save_original_format=False`)
+- "transposed": gpt-oss: `mlp.experts.gate_up_proj` [E, H, 2I] with gate and up columns
+  interleaved, `down_proj` [E, I, H], and `gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, H]
+- "mxfp4": gpt-oss as published: `gate_up_proj_blocks` [E, 2I, H/32, 16] and `_scales` [E, 2I, H/32]
+  (gate and up rows interleaved), `down_proj_blocks` [E, H, I/32, 16] and `_scales`, the same biases
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    # ---- names inside `model.layers.{i}.` ----
+    router: str = "mlp.gate"                   # [E, H] router weight (module name, no `.weight`)
+    experts: str = "mlp.experts.{e}."          # per-expert prefix
+    matrices: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # our w1, w3, w2
+    shared_expert: str = "mlp.shared_expert"   # the dense SwiGLU every token uses, if the config has one
+    layouts: tuple[str, ...] = ("per_expert", "fused")
+    # ---- model options ----
+    qk_norm: str | None = None      # "head": RMSNorm over each head's hd (Qwen3); "full": over all of q, k (OLMoE)
+    router_rule: str = "softmax_topk"   # see `model.ROUTER_RULES`
+    router_bias: bool = False
+    router_fp32: bool = False           # router logits computed in fp32 whatever the compute dtype (DeepSeek)
+    shared_expert_gate: bool = False    # the shared expert's output is scaled by sigmoid(x · gate) (Qwen2-MoE)
+    attention_sinks: bool = False       # a learned per-head logit that takes part in the softmax (gpt-oss)
+    expert_bias: bool = False           # the expert matrices carry biases (gpt-oss)
+    norm_scale_fp32: bool = False       # RMSNorm multiplies by its weight in fp32, then casts (gpt-oss)
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+def router_name(c: ModelConfig, fam: Family, layout: str, layer: int) -> str:
+    """The router's weight: Mixtral's per-expert checkpoints call it block_sparse_moe.gate."""
+    return layer_prefix(layer) + ("mlp.gate" if layout == "fused" else fam.router) + ".weight"
+
+
+def attention_shapes(c: ModelConfig, fam: Family) -> dict[str, tuple[int, ...]]:
+    """Names (after `self_attn.`) and shapes of one layer's attention tensors."""
+    H, nh, nkv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    if c.mla is not None:
+        m = c.mla
+        s = {}
+        if m.q_lora_rank:
+            s |= {"q_a_proj.weight": (m.q_lora_rank, H), "q_a_layernorm.weight": (m.q_lora_rank,),
+                  "q_b_proj.weight": (nh * hd, m.q_lora_rank)}
+        else:
+            s["q_proj.weight"] = (nh * hd, H)
+        return s | {"kv_a_proj_with_mqa.weight": (m.kv_lora_rank + m.qk_rope_head_dim, H),
+                    "kv_a_layernorm.weight": (m.kv_lora_rank,),
+                    "kv_b_proj.weight": (nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
+                    "o_proj.weight": (H, nh * m.v_head_dim)}
+    s = {"q_proj.weight": (nh * hd, H), "k_proj.weight": (nkv * hd, H), "v_proj.weight": (nkv * hd, H),
+         "o_proj.weight": (H, nh * hd)}
+    if c.qkv_bias:
+        s |= {"q_proj.bias": (nh * hd,), "k_proj.bias": (nkv * hd,), "v_proj.bias": (nkv * hd,)}
+    if c.o_bias:
+        s["o_proj.bias"] = (H,)
+    if fam.qk_norm == "head":
+        s |= {"q_norm.weight": (hd,), "k_norm.weight": (hd,)}
+    elif fam.qk_norm == "full":
+        s |= {"q_norm.weight": (nh * hd,), "k_norm.weight": (nkv * hd,)}
+    if fam.attention_sinks:
+        s["sinks"] = (nh,)
+    return s
+
+
+def mlp_shapes(prefix: str, hidden: int, inner: int) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}.gate_proj.weight": (inner, hidden), f"{prefix}.up_proj.weight": (inner, hidden),
+            f"{prefix}.down_proj.weight": (hidden, inner)}
+
+
+def dense_shapes(c: ModelConfig, fam: Family, layout: str) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name -> shape of every tensor that is not a routed expert."""
+    H, V, E = c.hidden_size, c.vocab_size, c.num_experts
+    shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, H)
+    for i in range(c.num_layers):
+        p = layer_prefix(i)
+        shapes[p + "input_layernorm.weight"] = (H,)
+        shapes[p + "post_attention_layernorm.weight"] = (H,)
+        shapes |= {p + "self_attn." + k: v for k, v in attention_shapes(c, fam).items()}
+        if i in c.dense_layers:
+            shapes |= mlp_shapes(p + "mlp", H, c.dense_intermediate_size)
+            continue
+        router = router_name(c, fam, layout, i)
+        shapes[router] = (E, H)
+        if fam.router_bias:
+            shapes[router.removesuffix("weight") + "bias"] = (E,)
+        if c.shared_expert_size:
+            shapes |= mlp_shapes(p + fam.shared_expert, H, c.shared_expert_size)
+            if fam.shared_expert_gate:
+                shapes[p + "mlp.shared_expert_gate.weight"] = (1, H)
+    return shapes
+
+
+def expert_names(c: ModelConfig, fam: Family, layer: int, expert: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Per-expert layout: {"w1" | "w3" | "w2": (checkpoint name, shape)}."""
+    H, I = c.hidden_size, c.intermediate_size
+    p = layer_prefix(layer) + fam.experts.format(e=expert)
+    gate, up, down = fam.matrices
+    return {"w1": (f"{p}{gate}.weight", (I, H)), "w3": (f"{p}{up}.weight", (I, H)), "w2": (f"{p}{down}.weight", (H, I))}
+
+
+def expert_shapes(c: ModelConfig, fam: Family, layout: str) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name -> shape of every routed-expert tensor."""
+    H, I, E = c.hidden_size, c.intermediate_size, c.num_experts
+    shapes = {}
+    for i in c.moe_layers:
+        p = layer_prefix(i) + "mlp.experts."
+        if layout == "fused":
+            shapes |= {p + "gate_up_proj": (E, 2 * I, H), p + "down_proj": (E, H, I)}
+        elif layout == "transposed":
+            shapes |= {p + "gate_up_proj": (E, H, 2 * I), p + "down_proj": (E, I, H),
+                       p + "gate_up_proj_bias": (E, 2 * I), p + "down_proj_bias": (E, H)}
+        elif layout == "mxfp4":
+            shapes |= {p + "gate_up_proj_blocks": (E, 2 * I, H // 32, 16), p + "gate_up_proj_scales": (E, 2 * I, H // 32),
+                       p + "down_proj_blocks": (E, H, I // 32, 16), p + "down_proj_scales": (E, H, I // 32),
+                       p + "gate_up_proj_bias": (E, 2 * I), p + "down_proj_bias": (E, H)}
+        else:
+            for e in range(E):
+                shapes |= dict(expert_names(c, fam, i, e).values())
+    return shapes
+
+
+# Checkpoint -> model parameter names, beyond dropping the leading `model.`: the model calls its
+# MoE block `block_sparse_moe` (router `gate`, `shared_expert`, `shared_expert_gate`) in every family.
+PARAM_RENAMES = ((".mlp.gate.", ".block_sparse_moe.gate."), (".mlp.router.", ".block_sparse_moe.gate."),
+                 (".mlp.shared_experts.", ".block_sparse_moe.shared_expert."),
+                 (".mlp.shared_expert.", ".block_sparse_moe.shared_expert."),
+                 (".mlp.shared_expert_gate.", ".block_sparse_moe.shared_expert_gate."))
+
+
+def param_name(checkpoint_name: str) -> str:
+    """Checkpoint tensor name -> the transformer's parameter name."""
+    name = checkpoint_name.removeprefix("model.")
+    for old, new in PARAM_RENAMES:
+        name = name.replace(old, new)
+    return name

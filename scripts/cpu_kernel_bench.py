@@ -1,0 +1,103 @@
+"""How fast the CPU expert kernels read a Mixtral-8x7B expert, against this machine's memcpy.
+
+One expert is w1, w3 [14336, 4096] and w2 [4096, 14336]. For int4 and int8 (groupwise, group 64,
+in the CPU form `offload_moe.cpu` converts to at load) and bf16 (plain F.linear), times each
+matrix's product and the whole SwiGLU expert at batch 1 (and `--batch` tokens), and reports GB/s
+of packed weight bytes read. The yardstick is a large RAM -> RAM tensor copy timed in the same run
+(bytes copied per second; the memory system moves twice that). Weight values are random codes
+with fixed scales: throughput does not depend on them.
+
+    python scripts/cpu_kernel_bench.py --threads 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from offload_moe.cpu.kernels import cpu_form, weight_nbytes
+from offload_moe.experts.costs import measure_memcpy
+from offload_moe.experts.weights import ExpertWeights, expert_forward, linear
+from offload_moe.quant.groupwise import QuantizedWeight, qlinear
+from offload_moe.quant.pack import packed_cols
+
+HIDDEN, INTERMEDIATE, GROUP = 4096, 14336, 64
+SHAPES = {"w1": (INTERMEDIATE, HIDDEN), "w3": (INTERMEDIATE, HIDDEN), "w2": (HIDDEN, INTERMEDIATE)}
+
+
+def random_expert(fmt: str) -> ExpertWeights:
+    g = torch.Generator().manual_seed(0)
+    if fmt == "bf16":
+        return ExpertWeights(**{m: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for m, s in SHAPES.items()})
+    bits = int(fmt.removeprefix("int"))
+    mats = {}
+    for m, (out, inn) in SHAPES.items():
+        packed = torch.randint(0, 256, (out, packed_cols(inn, bits)), dtype=torch.uint8, generator=g)
+        scales = torch.full((out, inn // GROUP), 0.01, dtype=torch.float16)
+        zeros = torch.full((out, inn // GROUP), float(2 ** (bits - 1)), dtype=torch.float16)
+        mats[m] = QuantizedWeight(packed, scales, zeros, bits, GROUP, (out, inn))
+    return ExpertWeights(**mats)
+
+
+def seconds(fn, args: tuple, repeats: int) -> list[float]:
+    """Wall times of `fn(*args)`, after one warm-up call."""
+    fn(*args)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def nbytes(w) -> int:
+    return w.numel() * w.element_size() if isinstance(w, torch.Tensor) else w.nbytes
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=4, help="a second, small batch size to time the expert at")
+    p.add_argument("--formats", default="int4,int8,bf16")
+    p.add_argument("--reference", action="store_true", help="also time qlinear (dequantize + F.linear) on w1")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats (best / mean)")
+
+    memcpy = measure_memcpy(512 * 2**20, repeats=args.repeats)
+    print(f"memcpy (512 MiB tensor copy): {memcpy / 1e9:6.2f} GB/s copied ({2 * memcpy / 1e9:.2f} GB/s read+write)")
+
+    x1 = torch.randn(1, HIDDEN).bfloat16()
+    xi = torch.randn(1, INTERMEDIATE).bfloat16()
+    with torch.inference_mode():
+        for fmt in args.formats.split(","):
+            host = random_expert(fmt)
+            t0 = time.perf_counter()
+            w = cpu_form(host)
+            convert = time.perf_counter() - t0
+            print(f"\n{fmt}: expert {weight_nbytes(w) / 1e6:.1f} MB in CPU form "
+                  f"({weight_nbytes(host) / 1e6:.1f} MB host form), converted in {convert:.1f} s")
+            for m in ("w1", "w2"):
+                mat = getattr(w, m)
+                x = x1 if m != "w2" else xi
+                t = seconds(linear, (x, mat), args.repeats)
+                print(f"  {m} {list(SHAPES[m])} batch 1: {min(t) * 1e3:7.2f} ms  "
+                      f"{nbytes(mat) / min(t) / 1e9:5.2f} GB/s best, {nbytes(mat) / statistics.mean(t) / 1e9:5.2f} mean "
+                      f"({nbytes(mat) / min(t) / memcpy:.0%} of memcpy)")
+            for n in (1, args.batch):
+                x = torch.randn(n, HIDDEN).bfloat16()
+                t = seconds(expert_forward, (x, w), args.repeats)
+                print(f"  expert batch {n}: {min(t) * 1e3:7.2f} ms  {weight_nbytes(w) / min(t) / 1e9:5.2f} GB/s best, "
+                      f"{weight_nbytes(w) / statistics.mean(t) / 1e9:5.2f} mean")
+            if args.reference and fmt != "bf16":
+                t = seconds(qlinear, (x1, host.w1), 1)
+                print(f"  reference qlinear w1 batch 1: {min(t) * 1e3:7.1f} ms  "
+                      f"{nbytes(host.w1) / min(t) / 1e9:5.3f} GB/s")
+
+
+if __name__ == "__main__":
+    main()
