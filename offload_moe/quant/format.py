@@ -27,7 +27,10 @@ FORMAT_VERSION = 1
 
 
 def tensor_kind(name: str) -> str | None:
-    """Which setting a checkpoint weight follows; None for tensors never quantized."""
+    """Which setting a checkpoint weight follows; None for tensors never quantized (norms anywhere,
+    e.g. Qwen3's per-head q_norm or DeepSeek's q_a_layernorm, are 1-D and stay as stored)."""
+    if name.endswith("norm.weight"):
+        return None
     if ".experts." in name:
         return "experts"
     if ".self_attn." in name:
