@@ -1,7 +1,11 @@
 """The wheel ships every subpackage and the data files (a non-editable install is what users get)."""
 
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
