@@ -26,6 +26,7 @@ from .experts.weights import ExpertWeights
 from .model import build_transformer
 from .planner import plan as make_plan
 from .profiles import Profile, auto_profile, available_ram, load_profile
+from .quant.nf4 import NF4Weight
 from .text import Tokenizer
 
 DEFAULT_CONTEXT = 4096
@@ -42,6 +43,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
          offload: str | None = None, ram_budget: int | str | None = None,
          offload_dir: str | Path | None = None, policy: str = "lru", record_trace: bool = False,
          cpu_experts: str | int = "auto", cpu_costs: CostModel | None = None,
+         nf4_experts: bool = False,
          progress: Progress | None = None) -> Model:
     """Load a checkpoint directory of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`; None:
     the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
@@ -61,7 +63,10 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     copy. "hybrid": each miss is either copied or computed on the CPU, whichever the cost model
     (`cpu_costs`, else the one saved for this machine, else measured at load) says finishes first.
     "all": every expert on the CPU (quantized ones through the CPU kernels). An int N: the first N
-    MoE layers' experts on the CPU, the others as `cache_slots` says."""
+    MoE layers' experts on the CPU, the others as `cache_slots` says.
+
+    nf4_experts: quantize float experts to NF4 at load (bitsandbytes' layout; computed through
+    bitsandbytes on CUDA when it is installed, by a plain torch path otherwise)."""
     if path is None:
         if not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install")
@@ -95,8 +100,14 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     moe_layers = cfg.moe_layers
     total = len(moe_layers) * cfg.num_experts
 
+    if nf4_experts and cfg.quantization:
+        raise OffloadMoeError(f"{ckpt.path}: nf4_experts needs a float checkpoint; this one is already "
+                              "quantized (its quantization_config says how)")
+
     def load_expert(layer: int, e: int, to=device) -> ExpertWeights:
         w = {k: _to(v, to, dtype) for k, v in ckpt.expert(moe_layers[layer], e).items()}
+        if nf4_experts:
+            w = {k: NF4Weight.quantize(v) if k in ("w1", "w3", "w2") else v for k, v in w.items()}
         report("experts", layer * cfg.num_experts + e + 1, total)
         return ExpertWeights(**w)
 

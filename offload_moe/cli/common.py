@@ -20,6 +20,8 @@ def add_model_arguments(p):
     p.add_argument("--offload", choices=["ram", "disk"], default=None, help="host tier for cold experts")
     p.add_argument("--ram-budget", default=None, metavar="SIZE", help="RAM for experts, e.g. 20GB (rest on disk)")
     p.add_argument("--offload-dir", default=None, metavar="DIR", help="directory for the disk tier")
+    p.add_argument("--nf4-experts", action="store_true",
+                   help="quantize float experts to NF4 at load (bitsandbytes on CUDA when installed)")
 
 
 def add_sampling_arguments(p):
@@ -41,7 +43,7 @@ def load_kwargs(args) -> dict:
         slots = int(slots) if slots.isdigit() else slots
     return dict(device=args.device, dtype=args.dtype, profile=args.profile, context_length=args.context_length, cache_slots=slots,
                 prefetch=args.prefetch, offload=args.offload, ram_budget=args.ram_budget,
-                offload_dir=args.offload_dir)
+                offload_dir=args.offload_dir, nf4_experts=args.nf4_experts)
 
 
 def load_model(args):
