@@ -255,8 +255,12 @@ def test_bench_runs_the_family_synthetic_models(tmp_path, name):
     from offload_moe.cli.main import main
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "--synthetic", name, "--layers", "2", "--scale", "0.05", "--tokens", "4",
-                 "--prompt-tokens", "4", "--threads", "1", "--device", "cpu", "--json", str(out)]) == 0
+    threads = torch.get_num_threads()  # --threads sets torch's global thread count: restore it
+    try:
+        assert main(["bench", "--synthetic", name, "--layers", "2", "--scale", "0.05", "--tokens", "4",
+                     "--prompt-tokens", "4", "--threads", "1", "--device", "cpu", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     ran = [r for r in json.loads(out.read_text())["rows"] if r["status"] == "ok"]
     assert len(ran) >= 4  # engine, resident, on demand, LRU (accelerate needs CUDA)
     for r in ran:

@@ -210,7 +210,7 @@ def test_tune_library_runs_given_settings_with_progress(tiny_checkpoint, tmp_pat
 def test_gpu_side_without_a_gpu(tiny_checkpoint, tmp_path):
     """The CUDA-only arithmetic: slots that fit a VRAM budget, the default search, the profile keys."""
     from offload_moe.config import ModelConfig
-    from offload_moe.tune import _cuda_fit, _default_stages
+    from offload_moe.tune.search import _cuda_fit, _default_stages
 
     cfg = ModelConfig.load(tiny_checkpoint[0])
     bits = {"experts": "fp32", "attention": "fp32", "embeddings": "fp32"}

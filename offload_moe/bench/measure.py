@@ -1,0 +1,135 @@
+"""What bench measures beside the generation itself: the memcpy peak, the time of every copy the
+engine makes, decode step times, peak memory, and the machine the run is on."""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import statistics
+import time
+
+import torch
+
+
+def measure_memcpy(nbytes: int, device: torch.device, *, repeats: int = 10, trials: int = 5) -> dict:
+    """Peak copy rate of one expert-sized buffer: pinned host→device on CUDA (timed with CUDA events
+    on a side stream), RAM→RAM on the CPU (wall clock). `repeats` copies per trial; the best trial
+    is the peak (decimal GB/s)."""
+    rates = []
+    if device.type == "cuda":
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                dst.copy_(src, non_blocking=True)
+            stream.synchronize()
+            for _ in range(trials):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                for _ in range(repeats):
+                    dst.copy_(src, non_blocking=True)
+                end.record(stream)
+                end.synchronize()
+                rates.append(repeats * nbytes / (start.elapsed_time(end) / 1000) / 1e9)
+        kind = "pinned host->device"
+        del src, dst
+    else:
+        src = torch.ones(nbytes, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        for _ in range(trials):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                dst.copy_(src)
+            rates.append(repeats * nbytes / (time.perf_counter() - t0) / 1e9)
+        kind = "host RAM->RAM memcpy"
+    return {"kind": kind, "bytes": nbytes, "repeats": repeats, "trials": trials,
+            "peak_gbps": max(rates), "median_gbps": statistics.median(rates), "trial_gbps": rates}
+
+
+class CopyTimer:
+    """Times every copy the engine makes (see `copy_seconds` in the package docstring) by wrapping the
+    cache instance's `_copy_in`."""
+
+    def __init__(self, cache):
+        self.cache, self.seconds, self.events = cache, 0.0, []
+        original = getattr(cache, "_copy_in", None)
+        if original is None:      # not an ExpertCache: nothing to time
+            self.seconds = None
+            return
+
+        def timed(layer: int, expert: int, slot: int) -> None:
+            if cache.cuda:
+                stream = cache.copy_stream
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                stream.wait_event(cache.released[layer][slot])   # time the copy, not the wait for its slot
+                start.record(stream)
+                original(layer, expert, slot)
+                end.record(stream)
+                self.events.append((start, end))
+            else:
+                t0 = time.perf_counter()
+                original(layer, expert, slot)
+                self.seconds += time.perf_counter() - t0
+
+        cache._copy_in = timed
+
+    def total(self) -> float | None:
+        if self.events:
+            torch.cuda.synchronize(self.cache.device)
+            self.seconds += sum(s.elapsed_time(e) for s, e in self.events) / 1000
+            self.events.clear()
+        return self.seconds
+
+
+def decode_steps(stamps: list[float]) -> dict:
+    """Fastest and median time between consecutive generated tokens (decode steps)."""
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"decode_step_min_seconds": min(steps) if steps else None,
+            "decode_step_median_seconds": statistics.median(steps) if steps else None}
+
+
+def reset_peaks(device: torch.device) -> bool:
+    """Reset peak VRAM and peak RSS counters; True if the RSS peak could be reset (Linux clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if os.uname().sysname == "Darwin" else rss * 1024   # Linux reports KiB
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return {"type": "cuda", "name": p.name, "total_memory_bytes": p.total_memory,
+                "cpu_threads": torch.get_num_threads()}
+    return {"type": device.type, "name": _cpu_name(), "total_memory_bytes": None,
+            "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"

@@ -1,0 +1,214 @@
+"""`run_bench`: check the arguments, fix the routing and the prompt every row shares, run the rows in
+order, then add the lower bounds and assemble the JSON-ready result (see the package docstring)."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..api import Progress, resolve_device, resolve_dtype
+from ..checkpoint import Checkpoint
+from ..errors import OffloadMoeError
+from ..experts.layout import ExpertLayout
+from ..experts.weights import ExpertWeights
+from ..loader import _to
+from ..trace import Trace, load_trace, synthesize
+from .bounds import add_bounds, belady_summary
+from .hf_offload import run_accelerate
+from .measure import device_info, measure_memcpy
+from .rows import LABELS, Run, compute_reference, fits_all_experts, run_ours, skipped_row
+from .settings import apply_vram_limit, resolve_settings, show_slots
+
+FORMAT = "offload-moe-bench/1"
+
+
+def run_bench(source, *, device: str = "auto", dtype=None, tokens: int = 32, prompt_tokens: int = 16,
+              trace: Trace | str | Path | None = None, trace_reuse: float | None = None,
+              guess_accuracy: float | None = 0.8, vram_limit: int | str | None = None,
+              cache_slots: int | str | None = None, prefetch: int | None = None, profile: str | None = None,
+              offload: str | None = None, ram_budget=None, offload_dir=None, cpu_experts=None, seed: int = 0,
+              baselines: bool = True, progress: Progress | None = None) -> dict:
+    """Benchmark `source` (a checkpoint directory, or an opened `Checkpoint` / `SyntheticCheckpoint`)
+    and return the results as a JSON-ready dict (schema: docs/trace-format.md).
+
+    tokens: tokens generated per row (greedy, EOS ignored); prompt_tokens: prompt length (seeded
+    random ids). trace: a `Trace` or trace file to replay; trace_reuse: synthesize one with that
+    reuse probability instead; neither: the model's own routers decide. guess_accuracy: under replay,
+    the accuracy of the emulated prefetch guess (None: the model's routers guess). cache_slots /
+    prefetch: the engine row's settings (default: from `profile` when given, else
+    max(top_k, num_experts // 2) slots and prefetch 1). vram_limit: bytes or "12GB", applied with
+    `torch.cuda.set_per_process_memory_fraction` on CUDA (recorded as not applicable on the CPU).
+    cpu_experts: the engine row's `load(cpu_experts=...)` (None: load's default; the baselines always
+    copy, "none"). baselines=False runs the engine row only.
+    """
+    report = progress or (lambda what, done, total: None)
+    notes: list[str] = []
+    for name, v in (("tokens", tokens), ("prompt_tokens", prompt_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise OffloadMoeError(f"{name} = {v!r}, expected an integer >= 1")
+    if trace is not None and trace_reuse is not None:
+        raise OffloadMoeError("give a trace file or a reuse probability to synthesize one, not both")
+    if guess_accuracy is not None and not (isinstance(guess_accuracy, (int, float)) and 0 <= guess_accuracy <= 1):
+        raise OffloadMoeError(f"guess accuracy = {guess_accuracy!r}, expected a probability from 0 to 1")
+
+    ckpt = source if hasattr(source, "expert") else Checkpoint(source)
+    cfg = ckpt.config
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, cfg.torch_dtype)
+    context = prompt_tokens + tokens
+    if context > cfg.max_position_embeddings:
+        raise OffloadMoeError(f"prompt_tokens + tokens = {context} exceed the model's "
+                              f"{cfg.max_position_embeddings} positions")
+    slots, prefetch, limit = resolve_settings(cfg, device, dtype, cache_slots, prefetch, profile, vram_limit, notes)
+    before = torch.cuda.get_per_process_memory_fraction(device) if device.type == "cuda" else None
+    vram = apply_vram_limit(limit, device, notes)
+    scratch = None
+    if offload_dir is None:  # one folder for every row's disk tier (if any), removed at the end
+        offload_dir = scratch = tempfile.mkdtemp(prefix="offload-moe-bench-")
+    try:
+        return _bench(ckpt, cfg, device, dtype, tokens=tokens, prompt_tokens=prompt_tokens, trace=trace,
+                      trace_reuse=trace_reuse, guess_accuracy=guess_accuracy, slots=slots, prefetch=prefetch,
+                      profile=profile, limit=limit, vram=vram, offload=offload, ram_budget=ram_budget,
+                      offload_dir=offload_dir, cpu_experts=cpu_experts, seed=seed, baselines=baselines,
+                      report=report, notes=notes)
+    finally:
+        if before is not None:
+            torch.cuda.set_per_process_memory_fraction(before, device)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _bench(ckpt, cfg, device, dtype, *, tokens, prompt_tokens, trace, trace_reuse, guess_accuracy, slots, prefetch,
+           profile, limit, vram, offload, ram_budget, offload_dir, cpu_experts, seed, baselines, report,
+           notes) -> dict:
+    synthetic = not Path(ckpt.path).is_dir()
+    context = prompt_tokens + tokens
+    moe_layers = list(cfg.moe_layers)   # the engine numbers these 0, 1, ...
+    trace, routing = _routing(cfg, len(moe_layers), context, trace, trace_reuse, guess_accuracy, seed, synthetic,
+                              notes)
+
+    g = torch.Generator().manual_seed(seed)
+    low = min(3, cfg.vocab_size - 1)
+    prompt = torch.randint(low, cfg.vocab_size, (prompt_tokens,), generator=g).tolist()
+    run = Run(ckpt, synthetic, cfg, len(moe_layers), device, dtype, prompt, tokens, context, trace,
+              guess_accuracy if trace is not None else None, seed, offload, ram_budget, offload_dir,
+              profile, limit if device.type == "cuda" else None, cpu_experts, report)
+
+    first = ckpt.expert(moe_layers[0], 0)
+    bytes_per_expert = ExpertLayout(ExpertWeights(**{k: _to(v, "cpu", dtype) for k, v in first.items()})).nbytes
+    del first
+    report("memcpy", 0, 1)
+    memcpy = measure_memcpy(bytes_per_expert, device)
+    report("memcpy", 1, 1)
+
+    # warm-up: one short throwaway generation, so that one-time costs (kernel loading and autotuning,
+    # allocator growth, lazy imports) fall on no row
+    t0 = time.perf_counter()
+    run_ours(replace(run, prompt=prompt[:4], tokens=2, report=lambda *a: None), "warmup", "warm-up",
+             cache_slots=slots, prefetch=prefetch, policy="lru", guess=True, engine=True)
+    warmup_seconds = time.perf_counter() - t0
+
+    plan = ["engine"] + (["resident", "on_demand", "lru", "accelerate"] if baselines else [])
+    rows: dict[str, dict] = {}
+    dense_bytes, wrapped = None, False
+    for i, name in enumerate(plan):
+        report("bench", i, len(plan))
+        label = LABELS[name].format(slots=show_slots(slots), prefetch=prefetch)
+        if name == "engine":
+            row = run_ours(run, name, label, cache_slots=slots, prefetch=prefetch, policy="lru", guess=True,
+                           engine=True)
+            dense_bytes = row.pop("_dense_bytes", None)
+        elif name == "resident":
+            fits, why = fits_all_experts(run, dense_bytes, bytes_per_expert)
+            row = (run_ours(run, name, label, cache_slots="all", prefetch=0, policy="lru", guess=False) if fits
+                   else skipped_row(name, label, why, {"experts": "resident"}))
+        elif name == "on_demand":
+            row = run_ours(run, name, label, cache_slots=cfg.top_k, prefetch=0, policy="none", guess=False)
+        elif name == "lru":
+            row = run_ours(run, name, label, cache_slots=slots, prefetch=0, policy="lru", guess=False)
+        else:
+            budget = limit if (limit and device.type == "cuda") else rows["engine"].get("peak_vram_bytes")
+            row = run_accelerate(run, name, label, budget)
+        row.pop("_dense_bytes", None)
+        wrapped = row.pop("_wrapped", False) or wrapped
+        rows[name] = row
+        report("bench", i + 1, len(plan))
+
+    compute = compute_reference(run, rows, dense_bytes, bytes_per_expert)
+    reference_ids = rows["engine"].get("token_ids")
+    for row in rows.values():
+        if row["status"] == "ok":
+            row["tokens_match_engine"] = row["token_ids"] == reference_ids if reference_ids is not None else None
+    add_bounds(rows, compute, memcpy["peak_gbps"], bytes_per_expert)
+
+    belady = belady_summary(rows, slots)
+    ok = [r for r in rows.values() if r["status"] == "ok" and r["name"] != "accelerate"]
+    return {
+        "format": FORMAT,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"offload_moe": __version__, "torch": torch.__version__},
+        "model": {"source": str(ckpt.path), "synthetic": synthetic, "model_type": cfg.model_type,
+                  "num_layers": cfg.num_layers,
+                  "num_experts": cfg.num_experts, "top_k": cfg.top_k, "hidden_size": cfg.hidden_size,
+                  "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
+                  "dtype": str(dtype).removeprefix("torch."), "bytes_per_expert": bytes_per_expert,
+                  "moe_layers": len(moe_layers),
+                  "expert_bytes_total": bytes_per_expert * len(moe_layers) * cfg.num_experts},
+        "device": device_info(device),
+        "vram_limit": vram,
+        "settings": {"tokens": tokens, "prompt_tokens": prompt_tokens, "cache_slots": slots, "prefetch": prefetch,
+                     "profile": getattr(profile, "name", profile), "offload": offload, "seed": seed,
+                     "baselines": baselines},
+        "routing": routing | {"wrapped": routing["wrapped"] or wrapped},
+        "memcpy": memcpy,
+        "warmup_seconds": warmup_seconds,
+        "compute_reference": compute,
+        "belady": belady,
+        "same_tokens": all(r["token_ids"] == reference_ids for r in ok) if ok else None,
+        "rows": [rows[name] for name in plan],
+        "notes": notes,
+    }
+
+
+def _routing(cfg, moe_layers: int, context: int, trace, trace_reuse, guess_accuracy, seed: int, synthetic: bool,
+             notes: list[str]) -> tuple[Trace | None, dict]:
+    """The routing every row shares: the trace to replay (loaded, synthesized, or None: the model's
+    routers decide) and its description for the result."""
+    routing: dict = {"kind": "router", "file": None, "source": None, "trace_model": None, "trace_layers": None,
+                     "trace_tokens": None, "reuse": None, "guess": "router", "guess_accuracy": None, "wrapped": False}
+    if isinstance(trace, (str, Path)):
+        routing["file"] = str(trace)
+        trace = load_trace(trace)
+    elif trace_reuse is not None:
+        trace = synthesize(moe_layers, cfg.num_experts, cfg.top_k, context, trace_reuse, seed)
+    if trace is not None:
+        if (trace.num_experts, trace.top_k) != (cfg.num_experts, cfg.top_k):
+            where = routing["file"] or "trace"
+            raise OffloadMoeError(f"{where}: {trace.num_experts} experts, top-{trace.top_k}; the model has "
+                                  f"{cfg.num_experts} experts, top-{cfg.top_k}")
+        routing.update(kind="synthetic" if trace_reuse is not None else "trace", source=trace.source,
+                       reuse=trace_reuse, trace_tokens=len(trace), trace_layers=trace.num_layers,
+                       trace_model=trace.model)
+        if guess_accuracy is not None:
+            routing.update(guess="emulated", guess_accuracy=float(guess_accuracy))
+            notes.append(f"Routing is replayed from the trace, so the routers' prefetch guesses would be "
+                         f"noise; prefetch guesses are emulated: the true next route with each id kept with "
+                         f"probability {guess_accuracy} (else a wrong expert).")
+        if trace.num_layers != moe_layers:
+            notes.append(f"The trace has {trace.num_layers} layers, the model {moe_layers} MoE layers: MoE "
+                         f"layer l replays trace layer l % {trace.num_layers}.")
+        if len(trace) < context - 1:
+            notes.append(f"The trace has {len(trace)} tokens, fewer than the {context - 1} the run routes: "
+                         "it wraps around.")
+            routing["wrapped"] = True
+    elif synthetic:
+        notes.append("No trace: the synthetic model's random routers decide, which gives nearly uniform "
+                     "routing with little reuse (use --trace or --trace-reuse for realistic locality).")
+    return trace, routing

@@ -1,0 +1,293 @@
+"""`create_app`: the Starlette app, its routes and endpoints. The endpoints check the key, validate
+the request, queue a job on the worker and answer it as JSON or as a stream of server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import importlib
+import json
+import logging
+import time
+import uuid
+
+from ..errors import OffloadMoeError
+from .responses import JSON, ApiError, EventStream, bad, cancel_on_disconnect, sse
+from .validation import CHAT_FIELDS, COMPLETION_FIELDS, chat_messages, check_fields, completion_prompt
+from .worker import Job, Worker
+
+log = logging.getLogger("offload_moe.server")
+
+INSTALL_HINT = "pip install 'offload-moe[serve]'"
+MAX_BODY_BYTES = 8 * 1024 * 1024
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the context left
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.95  # the library's defaults (as `offload-moe generate`)
+
+
+def require(module: str):
+    """Import one of the `serve` extra's modules, or explain in one line how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        name = (getattr(e, "name", None) or module).split(".")[0]
+        raise OffloadMoeError(f"the server needs the {name!r} package, which is not installed: "
+                              f"{INSTALL_HINT}") from None
+
+
+class _Server:
+    def __init__(self, model, model_name: str, api_key: str | None, max_queue: int):
+        self.model, self.model_name, self.api_key = model, model_name, api_key
+        self.worker = Worker(model, max_queue)
+        self.created = int(time.time())
+        self.started = time.time()
+
+    # -- plumbing
+    def _check_key(self, request):
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
+
+    async def _body(self, request):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body of {size} bytes exceeds the limit of {MAX_BODY_BYTES}")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_BODY_BYTES:
+                raise ApiError(413, f"request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+        try:
+            return json.loads(bytes(data))
+        except (ValueError, RecursionError) as e:
+            raise ApiError(400, f"could not parse the JSON body of the request ({type(e).__name__}: {e})",
+                           code=None) from None
+
+    def _max_tokens(self, prompt_tokens: int, requested: int | None, default: int | None, param: str,
+                    prompt_param: str) -> int:
+        context = self.model.context_length
+        if requested is None:
+            left = context - prompt_tokens
+            if left >= 1:
+                return left if default is None else min(default, left)
+            requested = 1
+        if prompt_tokens + requested > context:
+            raise ApiError(400, f"this model's maximum context length is {context} tokens, but "
+                           f"{prompt_tokens + requested} were requested ({prompt_tokens} in the {prompt_param}, "
+                           f"{requested} in the completion); reduce the length of the {prompt_param} "
+                           f"or {param}", param=prompt_param, code="context_length_exceeded")
+        return requested
+
+    @staticmethod
+    def _sampling(p: dict, max_tokens: int) -> dict:
+        top_p = p.get("top_p", DEFAULT_TOP_P)
+        return dict(max_new_tokens=max_tokens, temperature=p.get("temperature", DEFAULT_TEMPERATURE),
+                    top_p=top_p if top_p > 0 else 1e-9,  # top_p = 0 keeps the most likely token only
+                    top_k=max(p.get("top_k", 0), 0), seed=p.get("seed"), stop=p.get("stop"),
+                    ignore_eos=p.get("ignore_eos", False))
+
+    async def _finish(self, request, job: Job) -> tuple[str, object]:
+        """Wait for a non-streamed job (cancelling it if the client leaves); return its text and result."""
+        watcher = asyncio.ensure_future(cancel_on_disconnect(request.receive, job))
+        pieces = []
+        try:
+            while True:
+                event = await job.events.get()
+                if event[0] == "piece":
+                    pieces.append(event[1])
+                elif event[0] == "done":
+                    return "".join(pieces), event[1]
+                elif event[0] == "error":
+                    raise _failed(event)
+                else:  # cancelled: the client is gone; answer anyway (nobody reads it)
+                    raise ApiError(499, "request cancelled", code="cancelled")
+        finally:
+            watcher.cancel()
+            job.cancel()
+
+    async def _events(self, job: Job, chunk, final, usage_chunk, include_usage: bool):
+        """SSE bytes for a streamed job: one chunk per text piece, the finish chunk, usage, [DONE]."""
+        first = chunk(None)
+        if first is not None:
+            yield sse(first)
+        while True:
+            event = await job.events.get()
+            if event[0] == "piece":
+                yield sse(chunk(event[1]))
+            elif event[0] == "done":
+                result = event[1]
+                yield sse(final(result.finish_reason))
+                if include_usage:
+                    yield sse(usage_chunk(self._usage(len(job.prompt_ids), result)))
+                yield sse(b"[DONE]")
+                return
+            elif event[0] == "error":
+                yield sse(_failed(event).body())
+                return
+            else:
+                return
+
+    @staticmethod
+    def _usage(prompt_tokens: int, result) -> dict:
+        completion = len(result.token_ids)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion}
+
+    def _job(self, ids: list[int], kwargs: dict) -> Job:
+        job = Job(ids, kwargs, asyncio.get_running_loop())
+        self.worker.submit(job)
+        return job
+
+    # -- endpoints
+    async def health(self, request):
+        return JSON({"status": "ok", "model": self.model_name})
+
+    async def metrics(self, request):
+        self._check_key(request)
+        return JSON({"model": self.model_name, "uptime_seconds": time.time() - self.started,
+                      "context_length": self.model.context_length, **self.worker.metrics()})
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "offload-moe"}
+
+    async def models(self, request):
+        self._check_key(request)
+        return JSON({"object": "list", "data": [self._model_card()]})
+
+    async def retrieve_model(self, request):
+        self._check_key(request)
+        name = request.path_params["name"]
+        if name != self.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        return JSON(self._model_card())
+
+    async def chat_completions(self, request):
+        self._check_key(request)
+        p = check_fields(await self._body(request), CHAT_FIELDS, ["model", "messages"])
+        messages = chat_messages(p["messages"])
+        if "max_tokens" in p and "max_completion_tokens" in p and p["max_tokens"] != p["max_completion_tokens"]:
+            raise bad("max_tokens and max_completion_tokens disagree; send one of them", "max_tokens")
+        requested = p.get("max_completion_tokens", p.get("max_tokens"))
+        param = "max_completion_tokens" if "max_completion_tokens" in p else "max_tokens"
+        ids = self.model.chat_ids(messages)
+        max_tokens = self._max_tokens(len(ids), requested, None, param, "messages")
+        job = self._job(ids, self._sampling(p, max_tokens))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        if p.get("stream"):
+            def chunk(piece):
+                delta = {"role": "assistant", "content": ""} if piece is None else {"content": piece}
+                return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+
+            def final(reason):
+                return {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]}
+
+            def usage_chunk(usage):
+                return {**head, "choices": [], "usage": usage}
+
+            include = p.get("stream_options", {}).get("include_usage", False)
+            return EventStream(job, self._events(job, chunk, final, usage_chunk, include))
+        text, result = await self._finish(request, job)
+        return JSON({**head, "object": "chat.completion",
+                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                   "logprobs": None, "finish_reason": result.finish_reason}],
+                      "usage": self._usage(len(ids), result)})
+
+    async def completions(self, request):
+        self._check_key(request)
+        p = check_fields(await self._body(request), COMPLETION_FIELDS, ["model", "prompt"])
+        ids = completion_prompt(self.model, p["prompt"])
+        max_tokens = self._max_tokens(len(ids), p.get("max_tokens"), COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                      "max_tokens", "prompt")
+        job = self._job(ids, self._sampling(p, max_tokens))
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+
+        def choice(text, reason):
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+
+        if p.get("stream"):
+            include = p.get("stream_options", {}).get("include_usage", False)
+            return EventStream(job, self._events(
+                job, lambda piece: None if piece is None else {**head, "choices": [choice(piece, None)]},
+                lambda reason: {**head, "choices": [choice("", reason)]},
+                lambda usage: {**head, "choices": [], "usage": usage}, include))
+        text, result = await self._finish(request, job)
+        return JSON({**head, "choices": [choice(text, result.finish_reason)],
+                      "usage": self._usage(len(ids), result)})
+
+
+def _failed(event: tuple) -> ApiError:
+    """The answer to a worker's ("error", status, message) event."""
+    status, message = event[1], event[2]
+    return ApiError(status, message, type="invalid_request_error" if status < 500 else "server_error", code=None)
+
+
+def _endpoint(handler):
+    """Turn ApiError / OffloadMoeError / anything unexpected into an OpenAI-style JSON error."""
+    async def endpoint(request):
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return e.response()
+        except OffloadMoeError as e:
+            return ApiError(400, str(e), code=None).response()
+        except Exception as e:
+            log.exception("%s %s: unexpected error", request.method, request.url.path)
+            return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+    return endpoint
+
+
+def create_app(model, *, model_name: str, api_key: str | None = None, max_queue: int = 8):
+    """The ASGI app serving `model` under `model_name`. While the app runs it owns the model: all
+    generation happens on its one worker thread. `api_key`: require `Authorization: Bearer <key>`
+    (except on /health). `max_queue`: requests that may wait behind the running one (then 429)."""
+    require("starlette")
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+
+    if not isinstance(model_name, str) or not model_name:
+        raise OffloadMoeError(f"model_name = {model_name!r}, expected a non-empty string")
+    if not isinstance(max_queue, int) or isinstance(max_queue, bool) or max_queue < 0:
+        raise OffloadMoeError(f"max_queue = {max_queue!r}, expected an integer >= 0")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise OffloadMoeError("api_key is empty (expected a non-empty string, or None for no key)")
+    server = _Server(model, model_name, api_key.strip() if api_key else None, max_queue)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.worker.start()
+        try:
+            yield
+        finally:
+            server.worker.stop()
+
+    async def http_error(request, exc: HTTPException):
+        if exc.status_code == 404:
+            error = ApiError(404, f"no such endpoint: {request.method} {request.url.path}", code="not_found")
+        elif exc.status_code == 405:
+            error = ApiError(405, f"method {request.method} is not allowed on {request.url.path}",
+                             code="method_not_allowed", headers=exc.headers)
+        else:
+            error = ApiError(exc.status_code, str(exc.detail), code=None, headers=exc.headers)
+        return error.response()
+
+    routes = [
+        Route("/health", _endpoint(server.health), methods=["GET"]),
+        Route("/metrics", _endpoint(server.metrics), methods=["GET"]),
+        Route("/v1/models", _endpoint(server.models), methods=["GET"]),
+        Route("/v1/models/{name:path}", _endpoint(server.retrieve_model), methods=["GET"]),
+        Route("/v1/chat/completions", _endpoint(server.chat_completions), methods=["POST"]),
+        Route("/v1/completions", _endpoint(server.completions), methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    app.state.server = server
+    return app

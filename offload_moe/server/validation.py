@@ -1,0 +1,181 @@
+"""Request validation, up front: wrong types, unknown or missing fields, values this server does not
+support, each a 400 naming the parameter as OpenAI does; then the chat messages and the completion
+prompt in the form the model takes."""
+
+from __future__ import annotations
+
+import json
+
+from .responses import ApiError, bad
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _type_error(name: str, expected: str, value) -> ApiError:
+    return bad(f"{name}: expected {expected}, got {json.dumps(value)[:80]}", name, "invalid_type")
+
+
+def _int(name, value, lo=None, hi=None):
+    if not _is_int(value):
+        raise _type_error(name, "an integer", value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise bad(f"{name} = {value}: expected an integer {bounds}", name)
+    return value
+
+
+def _number(name, value, lo, hi, lo_open=False):
+    if not _is_number(value):
+        raise _type_error(name, "a number", value)
+    if not (lo < value <= hi if lo_open else lo <= value <= hi):
+        raise bad(f"{name} = {value}: expected a number {'>' if lo_open else '>='} {lo} and <= {hi}", name)
+    return float(value)
+
+
+def _bool(name, value):
+    if not isinstance(value, bool):
+        raise _type_error(name, "true or false", value)
+    return value
+
+
+def _string(name, value):
+    if not isinstance(value, str):
+        raise _type_error(name, "a string", value)
+    return value
+
+
+def _stop(name, value):
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise _type_error(name, "a string or a list of strings", value)
+    if len(value) > 16:
+        raise bad(f"{name}: {len(value)} stop sequences, at most 16 are supported", name)
+    return value
+
+
+def _only(allowed, what):
+    """A field this server accepts only at its default value."""
+    def check(name, value):
+        if value not in allowed:
+            raise bad(f"{name} = {json.dumps(value)[:80]} is not supported by this server ({what})",
+                       name, "unsupported_value")
+        return value
+    return check
+
+
+def _stream_options(name, value):
+    if not isinstance(value, dict):
+        raise _type_error(name, "an object", value)
+    for key, v in value.items():
+        if key != "include_usage":
+            raise bad(f"{name}.{key}: unrecognized option", f"{name}.{key}", "unknown_parameter")
+        _bool(f"{name}.{key}", v)
+    return value
+
+
+def _response_format(name, value):
+    if not isinstance(value, dict) or value.get("type") != "text" or len(value) != 1:
+        raise bad(f"{name}: only {{\"type\": \"text\"}} is supported by this server", name, "unsupported_value")
+    return value
+
+
+_COMMON_FIELDS = {
+    "model": _string,
+    "max_tokens": lambda n, v: _int(n, v, 1),
+    "temperature": lambda n, v: _number(n, v, 0, 2),
+    "top_p": lambda n, v: _number(n, v, 0, 1),
+    "top_k": lambda n, v: _int(n, v, -1),                   # extension (as vLLM): 0 or -1 is no cut
+    "seed": lambda n, v: _int(n, v, -2**63, 2**64 - 1),
+    "stop": _stop,
+    "stream": _bool,
+    "stream_options": _stream_options,
+    "n": lambda n, v: _only({1}, "one choice per request; send the request again")(n, _int(n, v, 1)),
+    "user": _string,
+    "ignore_eos": _bool,                                    # extension (as vLLM): generate max_tokens tokens
+    "presence_penalty": lambda n, v: _only({0}, "no penalties")(n, _number(n, v, -2, 2)),
+    "frequency_penalty": lambda n, v: _only({0}, "no penalties")(n, _number(n, v, -2, 2)),
+}
+CHAT_FIELDS = {**_COMMON_FIELDS, "messages": None, "max_completion_tokens": lambda n, v: _int(n, v, 1),
+                "logprobs": _only({False}, "no log-probabilities"), "response_format": _response_format}
+COMPLETION_FIELDS = {**_COMMON_FIELDS, "prompt": None, "echo": _only({False}, "no echo"),
+                      "logprobs": _only({0}, "no log-probabilities"), "best_of": _only({1}, "one choice"),
+                      "suffix": _only({""}, "no suffix")}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def check_fields(body, allowed: dict, required: list[str]) -> dict:
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_type")
+    for name in body:
+        if name not in allowed:
+            raise bad(f"unrecognized request argument supplied: {name!r}", name, "unknown_parameter")
+    for name in required:
+        if body.get(name) is None:
+            raise bad(f"missing required parameter: {name!r}", name, "missing_required_parameter")
+    out = {}
+    for name, value in body.items():
+        if value is None:
+            continue  # null means the default, as in OpenAI's API
+        check = allowed[name]
+        out[name] = check(name, value) if check else value
+    return out
+
+
+def chat_messages(value) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise _type_error("messages", "a non-empty list of messages", value)
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _type_error(where, "an object with 'role' and 'content'", m)
+        for key in m:
+            if key not in ("role", "content", "name"):
+                raise bad(f"{where}.{key}: unrecognized or unsupported message field", f"{where}.{key}",
+                           "unknown_parameter")
+        role, content = m.get("role"), m.get("content")
+        if role is None or content is None:
+            missing = "role" if role is None else "content"
+            raise bad(f"missing required parameter: '{where}.{missing}'", f"{where}.{missing}",
+                       "missing_required_parameter")
+        if role not in _ROLES:
+            raise bad(f"{where}.role = {json.dumps(role)[:40]}: expected one of {', '.join(_ROLES)}",
+                       f"{where}.role")
+        if isinstance(content, list):  # content parts: text only
+            texts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                        and set(part) <= {"type", "text"}):
+                    raise bad(f"{where}.content[{j}]: only text parts {{\"type\": \"text\", \"text\": ...}} "
+                               "are supported", f"{where}.content", "unsupported_value")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif not isinstance(content, str):
+            raise _type_error(f"{where}.content", "a string or a list of text parts", content)
+        out.append({"role": _ROLES[role], "content": content})
+    return out
+
+
+def completion_prompt(model, value) -> list[int]:
+    """A completion prompt: a string, a list of token ids, or a one-element list of either."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]
+    elif isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+        raise bad(f"prompt: {len(value)} prompts in one request; this server takes one per request",
+                   "prompt", "unsupported_value")
+    if isinstance(value, str):
+        if not value:
+            raise bad("prompt is empty", "prompt")
+        return model.encode_prompt(value)
+    if isinstance(value, list) and value and all(_is_int(v) for v in value):
+        if not all(0 <= v < model.config.vocab_size for v in value):
+            raise bad(f"prompt: token ids must be in 0..{model.config.vocab_size - 1}", "prompt")
+        return list(value)
+    raise _type_error("prompt", "a string or a non-empty list of token ids", value)

@@ -1,0 +1,258 @@
+"""`tune`: load the model under a few engine settings, decode the same tokens greedily from the same
+prompt under each, and keep the fastest (the search is described in the package docstring)."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from ..api import DEMO_DIR, DTYPES, Progress, resolve_device
+from ..checkpoint import Checkpoint
+from ..errors import OffloadMoeError
+from ..experts.layout import ExpertLayout
+from ..experts.weights import ExpertWeights
+from ..loader import load
+from ..planner import checkpoint_float_bits, fmt_bytes, plan
+from ..profiles import Profile
+from ..text import Tokenizer
+from .disk import DISK_TEST_BYTES
+from .machine import EXPERT_BITS, cost_model, measure_machine, pick_group_size
+from .settings import TIERS, Row, Setting, TuneResult, pick_best
+
+PROMPT_TEXT = ("The history of the printing press begins in the fifteenth century, when a goldsmith in "
+               "Mainz combined movable metal type, oil-based ink and a screw press")
+
+
+def _checkpoint_bits(ckpt) -> dict:
+    if ckpt.quant is not None:
+        return {k: ckpt.quant.settings[k] for k in ("experts", "attention", "embeddings")}
+    b = checkpoint_float_bits(ckpt.config)
+    return {"experts": b, "attention": b, "embeddings": b}
+
+
+def _cuda_fit(cfg, bits: dict, vram: int) -> int:
+    """Slots per layer the planner fits in `vram` bytes (reserve 1 GB, a 4096-token KV cache)."""
+    prof = Profile(name="tune", source="tune", device="cuda", vram_budget=vram, reserve=10**9,
+                   context_length=4096, experts_bits=bits["experts"], attention_bits=bits["attention"],
+                   embeddings_bits=bits["embeddings"], cache_slots=None, prefetch=1, offload="ram",
+                   ram_budget=None)
+    try:
+        return plan(cfg, prof).slots_per_layer
+    except OffloadMoeError:
+        return 0
+
+
+def _default_stages(cfg, fit: int, on_cuda: bool) -> list[list[Setting] | str]:
+    """Stage 1: slots; 'prefetch' and 'tier' stages are filled in from the best row so far."""
+    k = cfg.top_k
+    slots = sorted({min(k, fit), min(2 * k, fit), fit} - {0})
+    first = 1 if on_cuda else 0
+    return [[Setting(s, first, "ram") for s in slots], "prefetch", "tier"]
+
+
+def prompt_ids(ckpt) -> list[int]:
+    """The fixed prompt: PROMPT_TEXT through the checkpoint's tokenizer, or without a tokenizer.json
+    a fixed spread of 16 ids after BOS."""
+    if (ckpt.path / "tokenizer.json").exists():
+        return Tokenizer(ckpt.path).encode(PROMPT_TEXT)
+    cfg = ckpt.config
+    start = [cfg.bos_token_id] if cfg.bos_token_id is not None else []
+    return start + [(17 * i + 5) % cfg.vocab_size for i in range(16)]
+
+
+def _delta(after: dict, before: dict, key: str):
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: int | None = None,
+         settings: Iterable[Setting | tuple] | None = None, progress: Progress | None = None,
+         offload_dir: str | Path | None = None, disk_bytes: int = DISK_TEST_BYTES,
+         setting_seconds: float | None = None, time_budget: float | None = None,
+         measure: bool = True) -> TuneResult:
+    """Measure the machine, then decode `tokens` tokens (default 32 on the CPU, 64 on CUDA) under
+    each setting (default: the coordinate search in the package docstring) and pick the best.
+
+    settings: (slots, prefetch, tier) tuples or `Setting`s, run in order. setting_seconds: the
+    deadline of one setting's decode (default 8 s on the CPU, 20 s on CUDA). time_budget: seconds
+    for the whole run, measurements included (default 100 on the CPU, 300 on CUDA); settings left
+    when it is spent are skipped (the first always runs). offload_dir: where the disk tier and the
+    disk test write (default: the temp dir); everything written there is removed afterwards.
+    measure=False skips `measure_machine` (the profile header then says so)."""
+    started = time.perf_counter()
+    report = progress or (lambda what, done, total: None)
+    if model_path is None:
+        if not (DEMO_DIR / "config.json").exists():
+            raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install; "
+                                  "pass a checkpoint directory (--model PATH)")
+        model_path = DEMO_DIR
+    dev = resolve_device(device)
+    on_cuda = dev.type == "cuda"
+    if tokens is None:
+        tokens = 64 if on_cuda else 32
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+        raise OffloadMoeError(f"tokens = {tokens!r}, expected an integer >= 2 (one prefill token, then decode)")
+    if setting_seconds is not None and not setting_seconds > 0:
+        raise OffloadMoeError(f"seconds per setting = {setting_seconds!r}, expected a positive number")
+    if time_budget is not None and not time_budget > 0:
+        raise OffloadMoeError(f"time budget = {time_budget!r}, expected a positive number of seconds")
+    if measure and disk_bytes < 2**20:
+        raise OffloadMoeError(f"disk test size {disk_bytes:,} bytes: expected at least 1MiB")
+    setting_seconds = setting_seconds or (20.0 if on_cuda else 8.0)
+    time_budget = time_budget or (300.0 if on_cuda else 100.0)
+    ckpt = Checkpoint(model_path)
+    cfg = ckpt.config
+    bits = _checkpoint_bits(ckpt)
+    # free VRAM now, in whole 10 MB: the profile's budget, so the slots chosen below fit it exactly
+    vram = torch.cuda.mem_get_info(dev)[0] // 10**7 * 10**7 if on_cuda else 0
+    fit = cfg.num_experts
+    notes = []
+    if on_cuda:
+        fit = _cuda_fit(cfg, bits, vram)
+        if fit < 1:
+            raise OffloadMoeError(f"tune: {fmt_bytes(vram)} of free VRAM does not hold the shared weights, "
+                                  "a 4096-token KV cache, 1 GB reserve and one expert slot per layer")
+
+    first_moe = cfg.moe_layers[0]  # checkpoint layer numbering counts dense layers
+    layout = ExpertLayout(ExpertWeights(**ckpt.expert(first_moe, 0)))
+    base = Path(offload_dir) if offload_dir is not None else None
+    if base is not None:
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OffloadMoeError(f"offload_dir {str(base)!r} cannot be created ({e.strerror})") from None
+
+    # ---- the workload ----
+    if settings is not None:
+        stages: list = [[s if isinstance(s, Setting) else Setting(*s) for s in settings]]
+        if not stages[0]:
+            raise OffloadMoeError("settings: expected at least one (slots, prefetch, tier)")
+    else:
+        stages = _default_stages(cfg, fit, on_cuda)
+    for s in (stages[0] if settings is not None else []):
+        if not 1 <= s.slots <= cfg.num_experts or s.prefetch < 0 or s.tier not in TIERS:
+            raise OffloadMoeError(f"setting {s}: expected 1..{cfg.num_experts} slots, prefetch >= 0, "
+                                  "tier ram or disk")
+    max_pos = cfg.max_position_embeddings
+    prompt = prompt_ids(ckpt)[:max(1, max_pos // 2)]
+    if len(prompt) + tokens > max_pos:
+        tokens = max_pos - len(prompt)
+        notes.append(f"tokens cut to {tokens}: the model has {max_pos} positions")
+    if tokens < 2:
+        raise OffloadMoeError(f"tune: the prompt leaves no room to decode in {max_pos} positions")
+    context = min(max_pos, len(prompt) + tokens + 1)
+    measurements = {}
+    if measure:
+        group = ckpt.quant.group_size if ckpt.quant is not None else 64
+        group = pick_group_size(cfg.hidden_size, cfg.intermediate_size, group)
+        widths = EXPERT_BITS + ((bits["experts"],) if bits["experts"] not in EXPERT_BITS else ())
+        measurements = measure_machine(dev, (cfg.hidden_size, cfg.intermediate_size), expert_bytes=layout.nbytes,
+                                       bits=widths, dtype=DTYPES[cfg.torch_dtype], group_size=group,
+                                       disk_bytes=disk_bytes, disk_dir=base, progress=report)
+
+    # on CUDA the hybrid engine (`load(cpu_experts="auto")`) takes its cost model from these figures
+    costs = cost_model(measurements, source="offload-moe tune (measuring)")
+    extra = {"cpu_costs": costs} if costs is not None else {}
+    total = len(stages[0]) + (2 + 1 if settings is None else 0)
+    rows: list[Row] = []
+    deadline_all = started + time_budget  # measurements included
+    skipped = 0
+    report("settings", 0, total)
+
+    def run_one(s: Setting) -> Row:
+        row = Row(s.slots, s.prefetch, s.tier)
+        tier_dir = Path(tempfile.mkdtemp(prefix="offload-moe-tune-", dir=base)) if s.tier == "disk" else None
+        model = None
+        try:
+            t0 = time.perf_counter()
+            try:
+                model = load(ckpt, device=dev, profile=None, cache_slots=s.slots, prefetch=s.prefetch,
+                             offload=s.tier, offload_dir=tier_dir, context_length=context, **extra)
+            except torch.cuda.OutOfMemoryError:
+                row.error = "out of device memory"
+                return row
+            row.load_seconds = time.perf_counter() - t0
+            # warm-up: first-call allocations and a cache that has seen a prompt
+            model.generate(prompt, max_new_tokens=2, temperature=0, ignore_eos=True)
+            model.experts.reset_stats()
+            marks: dict = {}
+            stop_at = min(time.perf_counter() + setting_seconds, deadline_all)
+
+            def should_stop() -> bool:  # called after each token
+                if not marks:  # the first call: the prompt is done, decode starts now
+                    marks["before"] = model.experts.stats()
+                marks["tokens"] = n = marks.get("tokens", 0) + 1
+                report("decode", n, tokens)
+                if n >= 3 and time.perf_counter() > stop_at:
+                    row.timed_out = True
+                    return True
+                return False
+
+            try:
+                model.generate(prompt, max_new_tokens=tokens, temperature=0, ignore_eos=True,
+                               should_stop=should_stop)
+            except torch.cuda.OutOfMemoryError:
+                row.error = "out of device memory"
+                return row
+            after = model.experts.stats()
+            before = marks.get("before", {})
+            timing = model.last_timing
+            hits, misses = _delta(after, before, "hits"), _delta(after, before, "misses")
+            issued, used = _delta(after, before, "prefetch_issued"), _delta(after, before, "prefetch_used")
+            row.tokens = max(timing.new_tokens - 1, 0)
+            row.decode_seconds = timing.decode_seconds
+            row.decode_tokens_per_second = timing.decode_tokens_per_second
+            row.hit_rate = hits / (hits + misses) if hits + misses else 0.0
+            row.bytes_moved = _delta(after, before, "bytes_moved")
+            row.stall_seconds = _delta(after, before, "stall_seconds")
+            row.prefetch_accuracy = used / issued if issued else 0.0
+            return row
+        finally:
+            model = None  # noqa: F841 (drop the engine's buffers before the next load)
+            gc.collect()
+            if on_cuda:
+                torch.cuda.empty_cache()
+            if tier_dir is not None:
+                shutil.rmtree(tier_dir, ignore_errors=True)
+
+    def run_stage(stage: list[Setting]):
+        nonlocal skipped
+        for s in stage:
+            if any(r.setting == s for r in rows):
+                continue
+            if rows and time.perf_counter() > deadline_all:  # the first setting always runs
+                skipped += 1
+                continue
+            rows.append(run_one(s))
+            report("settings", len(rows) + skipped, total)
+
+    def explore_from() -> Row:
+        """The best row so far; if it holds every expert in a slot (nothing is copied while decoding,
+        so prefetch and tier cannot matter), the best with fewer slots, where they do."""
+        b = pick_best(rows)
+        fewer = [r for r in rows if r.slots < cfg.num_experts and r.error is None and r.tokens > 0]
+        return pick_best(fewer) if b.slots == cfg.num_experts and fewer else b
+
+    for stage in stages:
+        if stage == "prefetch":
+            b = explore_from()
+            stage = [Setting(b.slots, d, "ram") for d in (0, 1, 2) if d != stages[0][0].prefetch]
+        elif stage == "tier":
+            b = explore_from()
+            stage = [Setting(b.slots, b.prefetch, "disk")]
+        run_stage(stage)
+    report("settings", total, total)
+    best = pick_best(rows)
+    summary = (f"{cfg.model_type}, {cfg.num_layers} layers × {cfg.num_experts} experts, top-{cfg.top_k}, "
+               f"experts {bits['experts']} ({fmt_bytes(layout.nbytes)} each)")
+    return TuneResult(model=str(Path(model_path).resolve()), model_summary=summary, device=str(dev),
+                      device_type=dev.type, bits=bits, vram_budget=vram, tokens=tokens,
+                      prompt_tokens=len(prompt), measurements=measurements, rows=rows, best=best,
+                      skipped=skipped, date=datetime.now().astimezone().isoformat(timespec="seconds"),
+                      seconds=time.perf_counter() - started, notes=notes)
