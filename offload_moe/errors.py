@@ -8,3 +8,13 @@ is a bug in offload_moe and may surface as a traceback.
 
 class OffloadMoeError(Exception):
     """A user-facing error: bad checkpoint, bad profile, impossible budget, bad argument."""
+
+
+def read_user_file(path, what: str) -> str:
+    """The text of a file the user named, or a one-line error saying which file and why not."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise OffloadMoeError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise OffloadMoeError(f"{path}: cannot read {what} ({e})") from None

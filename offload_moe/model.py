@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import accumulate
 
 import torch
 import torch.nn as nn
@@ -301,9 +302,10 @@ class MoEBlock(nn.Module):
         flat = ids.flatten().cpu()                                    # (N*k,)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        ends = torch.tensor(counts).cumsum(0).tolist()                # expert e's rows end here
+        ends = list(accumulate(counts))                               # expert e's rows end here
         used = [e for e, c in enumerate(counts) if c]
         order = order.to(h.device)
+        row_weights = weights.flatten()                               # (N*k,)
         # Each (token, choice) gets its own row, summed over choices in a fixed order afterwards,
         # so the result does not depend on the order the provider hands experts out.
         out = h.new_zeros(B * T * self.top_k, H)                      # (N*k, H)
@@ -312,7 +314,7 @@ class MoEBlock(nn.Module):
             rows = order[ends[e] - counts[e]:ends[e]]             # flat (token, choice) indices
             tokens = rows // self.top_k
             y = expert_forward(h[tokens].to(w.device), w, limit, alpha).to(h.device)  # (n_e, H)
-            out[rows] = y * weights.flatten()[rows, None]
+            out[rows] = y * row_weights[rows, None]
         y = out.view(B * T, self.top_k, H).sum(dim=1)                 # (N, H)
         if self.shared_expert is not None:
             shared = self.shared_expert(h)

@@ -22,7 +22,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .errors import OffloadMoeError
+from .errors import OffloadMoeError, read_user_file
 
 # Bits per weight of each width a profile may name; bf16/fp16 are stored as is, the ints groupwise.
 BIT_WIDTHS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
@@ -217,12 +217,7 @@ def bundled_profiles() -> list[Profile]:
 
 def _load_file(name: str, file, overrides: dict[str, Any]) -> Profile:
     source = str(file)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise OffloadMoeError(f"{source}: profile file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise OffloadMoeError(f"{source}: cannot read profile ({e})") from None
+    text = read_user_file(file, "profile file")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import OffloadMoeError
+from .errors import OffloadMoeError, read_user_file
 
 FORMAT = "offload-moe-trace/1"
 
@@ -93,12 +93,7 @@ def validate(raw, where: str = "trace") -> Trace:
 
 def load_trace(path: str | Path) -> Trace:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise OffloadMoeError(f"{path}: trace file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise OffloadMoeError(f"{path}: cannot read trace file ({e})") from None
+    text = read_user_file(path, "trace file")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:

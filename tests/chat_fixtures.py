@@ -27,9 +27,8 @@ SENTENCES = [
 
 def build_tiny_chat_checkpoint(directory: str | Path, *, seed: int = 0, max_positions: int = 4096) -> Path:
     """Write a tiny fp32 Mixtral (hidden 32, 2 layers, 4 experts, top-2) with tokenizer files."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from conftest import tiny_mixtral
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -42,15 +41,7 @@ def build_tiny_chat_checkpoint(directory: str | Path, *, seed: int = 0, max_posi
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": TEMPLATE}))
 
-    config = MixtralConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=max_positions,
-                           rope_theta=10000.0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
+    model = tiny_mixtral(seed, vocab_size=tok.get_vocab_size(), num_hidden_layers=2, num_local_experts=4,
+                         max_position_embeddings=max_positions)
     model.save_pretrained(directory)
     return directory

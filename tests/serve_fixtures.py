@@ -25,7 +25,7 @@ def build_tiny_chat_checkpoint(directory: str | Path, *, seed: int = 0, context:
     """A random fp32 MixtralForCausalLM (hidden 32, 2 layers, 4 experts) with a byte-level BPE
     tokenizer.json and a tokenizer_config.json carrying bos/eos and a jinja chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from conftest import tiny_mixtral
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -40,16 +40,9 @@ def build_tiny_chat_checkpoint(directory: str | Path, *, seed: int = 0, context:
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
 
-    config = MixtralConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=context,
-                           rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(config).eval()
+    model = tiny_mixtral(seed, vocab_size=tok.get_vocab_size(), num_hidden_layers=2, num_local_experts=4,
+                         max_position_embeddings=context)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
         model.lm_head.weight[2] = 0.0  # keep EOS rare, so greedy answers are not empty
     model.save_pretrained(directory, save_original_format=True)
     return directory
