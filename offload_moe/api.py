@@ -17,6 +17,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import OffloadMoeError
 from .generate import DecodeTiming, Sampling, decode_tokens
+from .generation_config import GenerationDefaults
 from .model import Transformer, build_transformer
 from .text import StreamDecoder, Tokenizer
 
@@ -39,14 +40,16 @@ class Model:
     """A loaded model: the transformer on its device, its experts provider, its tokenizer."""
 
     def __init__(self, transformer: Transformer, experts, tokenizer: Tokenizer | None, path: Path,
-                 device: torch.device, dtype: torch.dtype, settings: dict):
+                 device: torch.device, dtype: torch.dtype, settings: dict,
+                 generation: GenerationDefaults | None = None):
         self.transformer = transformer
+        self.generation = generation or GenerationDefaults()  # generation_config.json: stop ids, sampling
         self.experts = experts
         self.tokenizer = tokenizer
         self.config = transformer.config
         self.path, self.device, self.dtype, self.settings = path, device, dtype, settings
         self.last_timing = DecodeTiming()
-        ids = set(self.config.eos_token_ids)
+        ids = set(self.config.eos_token_ids) | set(self.generation.eos_token_ids)
         if tokenizer is not None and tokenizer.token_id(tokenizer.eos_token) is not None:
             ids.add(tokenizer.token_id(tokenizer.eos_token))
         self.eos_ids = frozenset(ids)
@@ -102,9 +105,9 @@ class Model:
         self.last_result = run.result
 
     def generate(self, prompt: str | list[int], **kwargs) -> Generation:
-        """Generate a completion. Keyword arguments: max_new_tokens=256, temperature=0.7, top_p=0.95,
-        top_k=0, seed=None, stop=None (a string or list of strings), ignore_eos=False,
-        should_stop=None (a callable checked between tokens).
+        """Generate a completion. Keyword arguments: max_new_tokens=256, temperature, top_p, top_k
+        (default: the checkpoint's generation_config.json, else 0.7, 0.95, 0), seed=None, stop=None (a
+        string or list of strings), ignore_eos=False, should_stop=None (a callable checked between tokens).
         temperature=0 is greedy."""
         run = _GenerationRun(self, prompt, **kwargs)
         for _ in run:
@@ -125,10 +128,11 @@ class Model:
 class _GenerationRun:
     """One generation: iterate for text pieces; `.result` holds the `Generation` when done."""
 
-    def __init__(self, model: Model, prompt, *, max_new_tokens: int = 256, temperature: float = 0.7,
-                 top_p: float = 0.95, top_k: int = 0, seed: int | None = None,
+    def __init__(self, model: Model, prompt, *, max_new_tokens: int = 256, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                  stop: str | list[str] | None = None, ignore_eos: bool = False,
                  should_stop: Callable[[], bool] | None = None):
+        temperature, top_p, top_k = model.generation.sampling(temperature, top_p, top_k)  # None: the model's
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise OffloadMoeError(f"max_new_tokens = {max_new_tokens!r}, expected an integer >= 1")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from . import arch
 from .config import ModelConfig
 from .errors import OffloadMoeError
+from .hub import resolve as resolve_reference
 from .quant.format import QuantSpec, tensor_kind
 from .quant.groupwise import QuantizedWeight
 from .quant.mxfp4 import MXFP4Weight, is_mxfp4
@@ -77,7 +78,7 @@ class Checkpoint:
     """A checkpoint directory: its config, a map of tensor name → location, and lazy reads."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = resolve_reference(path)  # a Hugging Face repo id becomes its snapshot in the cache
         if not self.path.is_dir():
             raise OffloadMoeError(f"{self.path}: no such checkpoint directory")
         self.config = ModelConfig.load(self.path)

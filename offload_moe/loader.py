@@ -23,6 +23,8 @@ from .experts.policy import POLICIES
 from .experts.resident import ResidentExperts
 from .experts.store import HostStore
 from .experts.weights import ExpertWeights
+from .generation_config import GenerationDefaults
+from .hub import resolve as resolve_reference
 from .model import build_transformer
 from .planner import plan as make_plan
 from .profiles import Profile, auto_profile, available_ram, load_profile
@@ -45,8 +47,9 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
          cpu_experts: str | int = "auto", cpu_costs: CostModel | None = None,
          nf4_experts: bool = False,
          progress: Progress | None = None) -> Model:
-    """Load a checkpoint directory of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`; None:
-    the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
+    """Load a checkpoint directory of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`), or a
+    Hugging Face repo id ("org/name", "org/name@revision": from the cache, else downloaded; see `hub`);
+    None: the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
 
     profile: a VRAM profile name ("12gb"), a .toml path, a `Profile`, "auto" (measure free VRAM and
     RAM and pick) or None. The planner turns it into placement (slots per layer, prefetch depth,
@@ -71,6 +74,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         if not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install")
         path = DEMO_DIR
+    if not hasattr(path, "expert"):  # a directory, or a Hugging Face repo id (downloaded when not cached)
+        path = resolve_reference(path, progress=progress)
     ckpt = path if hasattr(path, "expert") else Checkpoint(path)
     cfg = ckpt.config
     device = resolve_device(device)
@@ -159,7 +164,9 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
     tokenizer = Tokenizer(ckpt.path) if ckpt.path.is_dir() and (ckpt.path / "tokenizer.json").exists() else None
-    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings)
+    generation = GenerationDefaults.load(ckpt.path if ckpt.path.is_dir() else None)
+    settings["sampling"] = generation.describe()
+    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings, generation)
 
 
 def _to(weight, device, dtype):

@@ -7,6 +7,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from .chat_template import find_chat_template, no_template_message
 from .errors import OffloadMoeError
 
 
@@ -38,11 +39,8 @@ class Tokenizer:
                 raise OffloadMoeError(f"{config_file}: not valid JSON ({e})") from None
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
-        self.chat_template = config.get("chat_template")
-        if isinstance(self.chat_template, list):  # named templates: take the default one
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
-            self.chat_template = named.get("default")
-        self.source = str(config_file)
+        self.template = find_chat_template(directory, config)  # chat_template.jinja, tokenizer_config...
+        self.chat_template, self.source = self.template.text, self.template.source
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -56,8 +54,7 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render messages with the checkpoint's chat template, as transformers does."""
         if not self.chat_template:
-            raise OffloadMoeError(f"{self.source}: no chat_template, so chat is not available "
-                                  "for this checkpoint (use a plain prompt)")
+            raise OffloadMoeError(no_template_message(self.template))
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise OffloadMoeError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
@@ -80,9 +77,10 @@ def _raise(message: str):
 def _jinja_env():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])  # as transformers
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env

@@ -15,6 +15,7 @@ from rich.text import Text
 from ..bench import run_bench
 from ..errors import OffloadMoeError
 from ..synthetic import KNOWN_MODELS, SyntheticCheckpoint
+from .common import MODEL_HELP, fetch
 from .console import human_bytes, progress_bar, stdout
 
 
@@ -26,7 +27,7 @@ def add_parser(sub):
                     "offload) and report speed, hit rates, bytes moved, memory, and each row's decode time "
                     "against a lower bound computed from this run's own measurements.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the bundled demo model)")
+    src.add_argument("--model", metavar="PATH_OR_ID", help=MODEL_HELP)
     src.add_argument("--synthetic", metavar="NAME", choices=sorted(KNOWN_MODELS),
                      help=f"random weights with a known model's shapes ({', '.join(sorted(KNOWN_MODELS))})")
     p.add_argument("--layers", type=int, default=None, metavar="N", help="with --synthetic: keep N layers")
@@ -70,7 +71,7 @@ def run(args) -> int:
         if args.layers is not None or args.scale != 1.0:
             raise OffloadMoeError("--layers and --scale apply to --synthetic models only")
         from ..api import DEMO_DIR
-        source = args.model or DEMO_DIR
+        source = fetch(args.model) or DEMO_DIR  # a Hugging Face repo id: from the cache, else downloaded
         if args.model is None and not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing; give --model or --synthetic")
     slots = args.cache_slots

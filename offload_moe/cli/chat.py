@@ -23,7 +23,7 @@ from rich.text import Text
 from .. import load
 from ..chat_session import ChatSession
 from ..errors import OffloadMoeError
-from .common import add_model_arguments, add_sampling_arguments, load_kwargs, sampling_kwargs
+from .common import add_model_arguments, add_sampling_arguments, fetch, load_kwargs, sampling_kwargs
 from .console import human_bytes, progress_bar, stderr
 from .stats import stats_table
 
@@ -64,7 +64,8 @@ def run(args) -> int:
     model = load_chat_model(args)
     generation = dict(sampling_kwargs(args), ignore_eos=args.ignore_eos)
     session = ChatSession(model, system=args.system, **generation)
-    note(describe_model(model), style=None)
+    note(describe_model(model, sampling=model.generation.describe(args.temperature, args.top_p, args.top_k)),
+         style=None)
     chat = ChatLoop(session)
     if not interactive:
         chat.turn(message, raise_errors=True)
@@ -82,10 +83,11 @@ def load_chat_model(args):
     profile = getattr(args, "profile", None)
     if profile is not None and "profile" not in kwargs and _accepts(load, "profile"):
         kwargs["profile"] = profile
+    path = fetch(args.model)  # a Hugging Face repo id: from the cache, else downloaded
     if not stderr.is_terminal:  # no bar (nor the blank line it leaves) when stderr goes to a file or pipe
-        return load(args.model, **kwargs)
+        return load(path, **kwargs)
     with progress_bar() as report:
-        return load(args.model, progress=report, **kwargs)
+        return load(path, progress=report, **kwargs)
 
 
 def _accepts(function, name: str) -> bool:
@@ -258,14 +260,17 @@ def error(message: str):
     show(Text(f"error: {message}", style="bold red"))
 
 
-def describe_model(model) -> str:
-    """One line: what was loaded, where, and how the experts are placed (whatever `settings` says)."""
+def describe_model(model, sampling: str | None = None) -> str:
+    """One line: what was loaded, where, how the experts are placed (whatever `settings` says) and the
+    sampling in effect (`sampling`, else the model's defaults)."""
     c = model.config
     name = "demo model" if _is_demo(model.path) else str(model.path)
     parts = [name, str(model.device), str(model.dtype).removeprefix("torch."),
              f"{c.num_layers} layers × {c.num_experts} experts, top-{c.top_k}",
              f"context {model.context_length} tokens"]
     settings = dict(model.settings or {})
+    if sampling is not None:
+        settings["sampling"] = sampling
     for shown in ("context_length", "device", "dtype"):
         settings.pop(shown, None)
     if settings.get("profile") is not None:

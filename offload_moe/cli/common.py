@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from .. import load
-from .console import progress_bar
+from ..hub import parse_reference, resolve
+from .console import human_bytes, progress_bar, stderr
+
+
+MODEL_HELP = ("checkpoint directory, or a Hugging Face repo id (org/name or org/name@revision; from the "
+              "Hugging Face cache, else downloaded) (default: the bundled demo model)")
 
 
 def add_model_arguments(p):
-    p.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--model", metavar="PATH_OR_ID", help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--profile", default="auto", metavar="NAME",
                    help="VRAM profile: a name (cpu, 6gb ... 24gb), a .toml path, or auto (default)")
@@ -26,9 +31,12 @@ def add_model_arguments(p):
 
 def add_sampling_arguments(p):
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 is greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95, metavar="P")
-    p.add_argument("--top-k", type=int, default=0, metavar="K")
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="0 is greedy (default: the model's generation_config.json, else 0.7)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="(default: the model's generation_config.json, else 0.95)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="(default: the model's generation_config.json, else 0: no cut)")
     p.add_argument("--seed", type=int, default=None, metavar="S")
 
 
@@ -46,6 +54,31 @@ def load_kwargs(args) -> dict:
                 offload_dir=args.offload_dir, nf4_experts=args.nf4_experts)
 
 
+def fetch(reference, want: str = "model", refresh: bool = False):
+    """A local directory for a --model/PATH argument: a Hugging Face repo id is found in the cache or
+    downloaded (with a progress bar); a path is returned as it is. refresh: ask the Hub even when cached."""
+    if reference is None or parse_reference(reference) is None:
+        return reference
+    if stderr.is_terminal:
+        with progress_bar() as report:
+            return resolve(reference, want=want, progress=report, refresh=refresh)
+    return resolve(reference, want=want, progress=_log_download(reference), refresh=refresh)
+
+
+def _log_download(reference):
+    """Progress for a log file or pipe: one line when a download starts, then at each tenth."""
+    shown = [-1]
+
+    def report(what: str, done: int, total: int):
+        tenth = 10 * done // total if total else 10
+        if tenth > shown[0]:
+            shown[0] = tenth
+            stderr.print(f"offload-moe: downloading {reference}: {human_bytes(done)} of {human_bytes(total)}",
+                         markup=False, highlight=False)
+    return report
+
+
 def load_model(args):
+    path = fetch(args.model)
     with progress_bar() as report:
-        return load(args.model, progress=report, **load_kwargs(args))
+        return load(path, progress=report, **load_kwargs(args))

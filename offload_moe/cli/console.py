@@ -17,15 +17,16 @@ def progress_bar():
     if not stderr.is_terminal:  # a log file or pipe gets no bar (and no stray blank line)
         yield lambda what, done, total: None
         return
-    columns = [TextColumn("{task.description:<14}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    columns = [TextColumn("{task.description:<14}"), BarColumn(), TextColumn("{task.fields[amount]}"),
                TimeRemainingColumn()]
     with Progress(*columns, console=stderr, transient=True) as bar:
         tasks: dict[str, int] = {}
 
         def report(what: str, done: int, total: int):
+            amount = f"{human_bytes(done)}/{human_bytes(total)}" if what == "download" else f"{done}/{total}"
             if what not in tasks:
-                tasks[what] = bar.add_task(what, total=total)
-            bar.update(tasks[what], completed=done, total=total)
+                tasks[what] = bar.add_task(what, total=total, amount=amount)
+            bar.update(tasks[what], completed=done, total=total, amount=amount)
 
         yield report
 

@@ -5,20 +5,22 @@ from __future__ import annotations
 from rich.table import Table
 
 from ..checkpoint import Checkpoint
+from ..hub import parse_reference
+from .common import fetch
 from .console import human_bytes, human_count, stdout
 
 
 def add_parser(sub):
     p = sub.add_parser("info", help="describe a checkpoint (architecture, parameters, bytes by kind)",
                        description="Describe a checkpoint directory without loading its weights.")
-    p.add_argument("path", metavar="PATH", help="checkpoint directory")
+    p.add_argument("path", metavar="PATH_OR_ID", help="checkpoint directory or Hugging Face repo id (org/name[@rev])")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    ckpt = Checkpoint(args.path)
+    ckpt = Checkpoint(fetch(args.path))  # a Hugging Face repo id: from the cache, else downloaded
     c = ckpt.config
-    table = Table(title=str(ckpt.path), show_header=False)
+    table = Table(title=str(args.path if parse_reference(args.path) else ckpt.path), show_header=False)
     table.add_column("field")
     table.add_column("value", justify="right")
     rows = [

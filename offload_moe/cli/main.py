@@ -9,7 +9,7 @@ import sys
 from .. import __version__
 from ..errors import OffloadMoeError
 
-COMMANDS = ["generate", "chat", "info", "plan", "quantize", "tune", "bench", "serve"]
+COMMANDS = ["generate", "chat", "info", "plan", "quantize", "tune", "bench", "serve", "pull", "list"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from rich.progress import Progress
 
 from ..checkpoint import Checkpoint
+from .common import fetch
 from ..quant.convert import quantize
 from ..quant.format import SETTINGS
 from .console import byte_progress_columns, human_bytes, stderr, stdout
@@ -21,7 +22,7 @@ def add_parser(sub):
         "quantize", help="write a quantized copy of a checkpoint (streams one layer at a time)",
         description="Quantize checkpoint SRC into the new directory DST (never overwritten). Each kind of "
                     f"weight gets a width: one of {widths}. Norms and routers are copied as they are.")
-    p.add_argument("src", metavar="SRC", help="checkpoint directory to read")
+    p.add_argument("src", metavar="SRC", help="checkpoint directory or Hugging Face repo id (org/name[@rev]) to read")
     p.add_argument("dst", metavar="DST", help="new directory to write (must not exist)")
     p.add_argument("--experts", default="int3", metavar="WIDTH", help="routed expert weights (default int3)")
     p.add_argument("--attention", default="int4", metavar="WIDTH", help="attention projections (default int4)")
@@ -38,6 +39,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     # Only a terminal gets the live bar: rich would leave a blank line on a redirected stderr.
+    args.src = fetch(args.src)  # a Hugging Face repo id: from the cache, else downloaded
     with Progress(*byte_progress_columns(), console=stderr, transient=True, disable=not stderr.is_terminal) as bar:
         task = None
 

@@ -6,7 +6,8 @@ import os
 import socket
 
 from ..errors import OffloadMoeError
-from .common import add_model_arguments, load_kwargs
+from ..hub import model_name
+from .common import add_model_arguments, fetch, load_kwargs
 from .console import progress_bar, stderr
 
 
@@ -85,14 +86,15 @@ def run(args) -> int:
         kwargs = load_kwargs(args)
         if args.profile is not None:
             kwargs.setdefault("profile", args.profile)
+        path = fetch(args.model)  # a Hugging Face repo id: from the cache, else downloaded
         with progress_bar() as report:
-            model = load(args.model, progress=report, **kwargs)
-        name = args.model_name or (model.path.name if args.model else "offload-moe-demo")
+            model = load(path, progress=report, **kwargs)
+        name = args.model_name or (model_name(args.model) if args.model else "offload-moe-demo")
         app = create_app(model, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        stderr.print(f"offload-moe: serving {name!r} (context {model.context_length} tokens) at "
-                     f"http://{shown}:{port}/v1", highlight=False, markup=False)
+        stderr.print(f"offload-moe: serving {name!r} (context {model.context_length} tokens; default "
+                     f"{model.generation.describe()}) at http://{shown}:{port}/v1", highlight=False, markup=False)
         if args.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
             stderr.print(f"offload-moe: warning: listening on {host} without --api-key: anyone who can reach "
                          "this port can use the model", highlight=False, markup=False)

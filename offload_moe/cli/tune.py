@@ -18,6 +18,7 @@ from ..profiles import parse_bytes
 from ..errors import OffloadMoeError
 from ..tune import (DISK_TEST_BYTES, cost_model, measurement_lines, parse_settings, profile_path, tune,
                     write_profile)
+from .common import MODEL_HELP, fetch
 from .console import progress_bar, stderr, stdout
 
 
@@ -28,7 +29,7 @@ def add_parser(sub):
                     "then decode a few tokens with the model under a few settings (slots per layer, "
                     "prefetch depth, RAM or disk tier) and write the fastest as a profile "
                     "(default: tuned, in $XDG_CONFIG_HOME/offload-moe/profiles), so --profile tuned uses it.")
-    p.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--model", metavar="PATH_OR_ID", help=MODEL_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--name", default="tuned", metavar="NAME", help="profile name to write (default: tuned)")
     p.add_argument("--tokens", type=int, default=None, metavar="N",
@@ -54,8 +55,9 @@ def run(args) -> int:
         raise OffloadMoeError(f"{target} exists; pass --force to overwrite it, or choose another --name")
     settings = parse_settings(args.settings) if args.settings else None
     disk_bytes = parse_bytes(args.disk_test) if args.disk_test else DISK_TEST_BYTES
+    model = fetch(args.model)  # a Hugging Face repo id: from the cache, else downloaded
     with progress_bar() as report:
-        result = tune(args.model, device=args.device, tokens=args.tokens, settings=settings, progress=report,
+        result = tune(model, device=args.device, tokens=args.tokens, settings=settings, progress=report,
                       offload_dir=args.offload_dir, disk_bytes=disk_bytes, setting_seconds=args.seconds_per_setting)
     path = write_profile(result, args.name, args.output, force=args.force)
     costs = cost_model(result.measurements, source=f"offload-moe tune, {result.date}")

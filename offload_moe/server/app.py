@@ -13,6 +13,7 @@ import time
 import uuid
 
 from ..errors import OffloadMoeError
+from ..generation_config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P  # noqa: F401  (re-exported by server/)
 from .responses import JSON, ApiError, EventStream, bad, cancel_on_disconnect, sse
 from .validation import CHAT_FIELDS, COMPLETION_FIELDS, chat_messages, check_fields, completion_prompt
 from .worker import Job, Worker
@@ -22,7 +23,6 @@ log = logging.getLogger("offload_moe.server")
 INSTALL_HINT = "pip install 'offload-moe[serve]'"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the context left
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.95  # the library's defaults (as `offload-moe generate`)
 
 
 def require(module: str):
@@ -86,10 +86,11 @@ class _Server:
 
     @staticmethod
     def _sampling(p: dict, max_tokens: int) -> dict:
-        top_p = p.get("top_p", DEFAULT_TOP_P)
-        return dict(max_new_tokens=max_tokens, temperature=p.get("temperature", DEFAULT_TEMPERATURE),
-                    top_p=top_p if top_p > 0 else 1e-9,  # top_p = 0 keeps the most likely token only
-                    top_k=max(p.get("top_k", 0), 0), seed=p.get("seed"), stop=p.get("stop"),
+        # What the request leaves out (None) is the model's default: generation_config.json, else the library's.
+        top_p, top_k = p.get("top_p"), p.get("top_k")
+        return dict(max_new_tokens=max_tokens, temperature=p.get("temperature"),
+                    top_p=top_p if top_p is None or top_p > 0 else 1e-9,  # top_p = 0 keeps the most likely token
+                    top_k=None if top_k is None else max(top_k, 0), seed=p.get("seed"), stop=p.get("stop"),
                     ignore_eos=p.get("ignore_eos", False))
 
     async def _finish(self, request, job: Job) -> tuple[str, object]:
