@@ -69,8 +69,8 @@ def resolve(reference: str | Path, *, want: str = "model", progress: Progress | 
             refresh: bool = False) -> Path:
     """A local directory for `reference`: a path as it is, a repo id through the Hugging Face cache.
 
-    want: "model" (config, weights, tokenizer, templates) or "config" (config.json and the small files:
-    enough for `plan`). refresh: ask the Hub even when the cache has the files (`offload-moe pull`)."""
+    want: "model" (config, weights, tokenizer, templates) or "config" (config.json alone: enough for
+    `plan`). refresh: ask the Hub even when the cache has the files (`offload-moe pull`)."""
     ref = parse_reference(reference)
     if ref is None:
         return Path(reference)
@@ -124,8 +124,8 @@ def download(ref: Reference, *, want: str = "model", progress: Progress | None =
     with _hub_errors(ref) as errors:
         info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
         siblings = {s.rfilename: s for s in info.siblings or []}
-        files = wanted_files(ref, info.sha, siblings, want)
         storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
+        files = wanted_files(ref, info.sha, siblings, want, storage / "snapshots" / info.sha)
         todo = [f for f in files if not _cached(storage, info.sha, f, siblings[f])]
         need = sum(siblings[f].size or 0 for f in todo)
         check_disk_space(ref, need, Path(constants.HF_HUB_CACHE))
@@ -144,16 +144,19 @@ def download(ref: Reference, *, want: str = "model", progress: Progress | None =
     return folder
 
 
-def wanted_files(ref: Reference, commit: str, siblings: dict, want: str) -> list[str]:
-    """The repo's files that offload_moe reads, for `want` ("model" or "config")."""
+def wanted_files(ref: Reference, commit: str, siblings: dict, want: str, snapshot: Path) -> list[str]:
+    """The repo's files that offload_moe reads, for `want` ("model" or "config"); `snapshot` is where
+    the cache keeps this commit (its shard index is read from there when present)."""
     if "config.json" not in siblings:
         raise OffloadMoeError(f"{ref}: the repo has no config.json, so it is not a transformers model")
+    if want == "config":
+        return ["config.json"]
     files = [f for f in SMALL_FILES if f in siblings]
     files += sorted(f for f in siblings if f.startswith(TEMPLATE_DIR) and f.endswith(".jinja"))
-    if want == "config":
-        return files
     if INDEX in siblings:
-        shards = _shards(_read_remote(ref.repo_id, INDEX, commit), f"{ref}: {INDEX}")
+        cached = snapshot / INDEX
+        text = cached.read_text() if cached.exists() else _read_remote(ref.repo_id, INDEX, commit)
+        shards = _shards(text, f"{ref}: {INDEX}")
         absent = [s for s in shards if s not in siblings]
         if absent:
             raise OffloadMoeError(f"{ref}: {INDEX} names shard {absent[0]!r}, which the repo does not have")

@@ -6,9 +6,10 @@
   the git blob id otherwise, as the Hub) and `Range` support (`hf_hub_download`).
 Errors carry the Hub's `X-Error-Code` header (RepoNotFound, RevisionNotFound, GatedRepo, EntryNotFound).
 
-Knobs for the download tests: `drop_after[path] = n` sends n bytes of a file's first GET and closes the
-connection; `stall_after[path] = n` sends n bytes then waits for `release` (so a test can interrupt
-the client mid-file); `claimed_size[path]` is the size the listing reports instead of the real one.
+Knobs for the download tests, keyed by "repo/path": `drop_after[key] = n` sends n bytes of a file's first
+GET and closes the connection; `stall_after[key] = n` sends n bytes then waits for `release` (so a test
+can interrupt the client mid-file); `claimed_size[key]` is the size the listing reports instead of the
+real one.
 Every request is recorded in `requests` as (method, path, Range header).
 """
 
@@ -73,18 +74,19 @@ class FakeHub:
             repo["refs"][ref] = digest
         return digest
 
-    def gets(self, filename: str) -> list[str | None]:
-        """The Range headers of every GET of `filename` (None for a whole-file GET)."""
-        return [r for m, p, r in self.requests if m == "GET" and "/resolve/" in p and p.endswith("/" + filename)]
+    def gets(self, repo_id: str, filename: str) -> list[str | None]:
+        """The Range headers of every GET of a file's contents (None for a whole-file GET)."""
+        return [r for m, p, r in self.requests if m == "GET" and p.startswith(f"/{repo_id}/resolve/")
+                and p.split("/resolve/", 1)[1].split("/", 1)[1] == filename]
 
-    def fetched(self) -> set[str]:
-        """Paths of files whose contents were requested (GET on /resolve/)."""
+    def fetched(self, repo_id: str) -> set[str]:
+        """Paths of the repo's files whose contents were requested (GET on /resolve/)."""
         return {p.split("/resolve/", 1)[1].split("/", 1)[1] for m, p, _ in self.requests
-                if m == "GET" and "/resolve/" in p}
+                if m == "GET" and p.startswith(f"/{repo_id}/resolve/")}
 
     # ---- serving ----
-    def _entry(self, path: str, data: bytes) -> dict:
-        size = self.claimed_size.get(path, len(data))
+    def _entry(self, repo_id: str, path: str, data: bytes) -> dict:
+        size = self.claimed_size.get(f"{repo_id}/{path}", len(data))
         entry = {"rfilename": path, "size": size, "blobId": git_blob_id(data)}
         if path.endswith(LFS_SUFFIXES):
             entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
@@ -112,12 +114,12 @@ class FakeHub:
         files = repo["commits"][commit]
         if "/revision/" in path:
             body = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-                    "siblings": [self._entry(p, b) for p, b in sorted(files.items())]}
+                    "siblings": [self._entry(repo_id, p, b) for p, b in sorted(files.items())]}
             return self._json(h, body, head)
         if "/tree/" in path:
             tree = []
             for p, b in sorted(files.items()):
-                e = self._entry(p, b)
+                e = self._entry(repo_id, p, b)
                 item = {"type": "file", "oid": e["blobId"], "size": e["size"], "path": p}
                 if "lfs" in e:
                     item["lfs"] = {"oid": e["lfs"]["sha256"], "size": e["size"], "pointerSize": 134}
@@ -126,10 +128,10 @@ class FakeHub:
         name = m.group(3)
         if name not in files:
             return self._error(h, 404, "EntryNotFound", head)
-        self._file(h, name, files[name], commit, head)
+        self._file(h, repo_id, name, files[name], commit, head)
 
-    def _file(self, h, name: str, data: bytes, commit: str, head: bool):
-        e = self._entry(name, data)
+    def _file(self, h, repo_id: str, name: str, data: bytes, commit: str, head: bool):
+        e = self._entry(repo_id, name, data)
         etag = e["lfs"]["sha256"] if "lfs" in e else e["blobId"]
         start = 0
         rng = h.headers.get("Range")
@@ -146,8 +148,9 @@ class FakeHub:
         if head:
             return
         body = data[start:]
-        cut = self.drop_after.pop(name, None) if not start else None
-        stall = self.stall_after.pop(name, None)
+        key = f"{repo_id}/{name}"
+        cut = self.drop_after.pop(key, None) if not start else None
+        stall = self.stall_after.pop(key, None)
         if cut is not None:
             h.wfile.write(body[:cut])
             h.wfile.flush()

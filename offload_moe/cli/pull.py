@@ -19,7 +19,7 @@ def add_parser(sub):
                     "interrupted pull continues where it stopped. Gated or private repos: `hf auth login` or HF_TOKEN.")
     p.add_argument("model", metavar="ID", help="repo id: org/name, or org/name@revision (branch, tag or commit)")
     p.add_argument("--config-only", action="store_true",
-                   help="fetch config.json and the small files only (enough for `offload-moe plan`)")
+                   help="fetch config.json only (enough for `offload-moe plan`)")
     p.set_defaults(func=run)
 
 
