@@ -214,6 +214,12 @@ def test_plan_fetches_config_json_alone(hub, tmp_path):
     assert r.returncode == 0, r.stderr
     snapshot = home / "hub" / "models--org--tiny" / "snapshots" / hub.repos["org/tiny"]["refs"]["v1"]
     assert sorted(p.name for p in snapshot.iterdir()) == ["config.json"]
+    # offline, that snapshot is not enough to load the model, and both list and generate say so
+    offline = hub_env(home, DEAD_ENDPOINT, offline=True)
+    line = one_line_error(cli(offline, "generate", "--model", "org/tiny@v1", PROMPT))
+    assert "incomplete (model.safetensors missing)" in line and "offload-moe pull org/tiny@v1" in line
+    listing = cli(offline, "list")
+    assert "org/tiny@v1" in listing.stdout and "incomplete" in listing.stdout, listing.stdout
 
 
 def test_a_short_disk_is_refused_before_anything_is_written(hub, tmp_path):
