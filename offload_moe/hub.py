@@ -135,6 +135,9 @@ def download(ref: Reference, *, want: str = "model", progress: Progress | None =
         # The others by commit, so a branch that moves mid-download cannot mix two commits.
         folder = Path(hf_hub_download(ref.repo_id, "config.json", revision=ref.revision,
                                       tqdm_class=counter.bar)).parent
+        if want == "model":  # a family offload_moe cannot run fails here, before its weights are fetched
+            from .config import ModelConfig
+            ModelConfig.from_dict(json.loads((folder / "config.json").read_text()), f"{ref}: config.json")
         for f in files:
             if f != "config.json":
                 hf_hub_download(ref.repo_id, f, revision=info.sha, tqdm_class=counter.bar)
@@ -325,6 +328,10 @@ def cached_models() -> list[CachedModel]:
                 config = ModelConfig.load(folder / "config.json")
             except OffloadMoeError:  # not there, or not a family we run
                 continue
+            try:
+                missing = tuple(_missing(folder, "model"))
+            except OffloadMoeError:  # an unreadable shard index: say so rather than fail the listing
+                missing = (INDEX,)
             found.append(CachedModel(repo.repo_id, tuple(sorted(rev.refs)), rev.commit_hash, folder,
-                                     rev.size_on_disk, config.model_type, tuple(_missing(folder, "model"))))
+                                     rev.size_on_disk, config.model_type, missing))
     return sorted(found, key=lambda m: (m.repo_id.lower(), m.refs != ("main",), m.commit))

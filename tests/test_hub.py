@@ -48,8 +48,9 @@ def cli(env: dict, *args, stdin: str | None = None, timeout: float = 120) -> sub
 
 
 def one_line_error(result) -> str:
+    """The error line of a failed command (download progress lines may come before it)."""
     assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("offload-moe: downloading")]
     assert len(lines) == 1 and lines[0].startswith("offload-moe: error: "), result.stderr
     return lines[0]
 
@@ -208,6 +209,24 @@ def test_pull_fetches_only_what_we_load_into_the_hf_cache(hub, tmp_path):
     assert len([q for q in hub.requests if q[0] == "GET" and "/resolve/" in q[1]]) == before
 
 
+def test_pull_in_a_terminal_shows_a_progress_bar(hub, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    last = sorted(f for f in wanted(hub) if f.endswith(".safetensors"))[-1]
+    hub.stalled.clear()
+    hub.release.clear()
+    hub.stall_after[f"org/sharded/{last}"] = 1000   # hold the last shard a moment, so the bar is drawn
+    child = pexpect.spawn(sys.executable, ["-m", "offload_moe", "pull", "org/sharded"], encoding="utf-8",
+                          env={**hub_env(tmp_path / "hf", hub.url), "TERM": "xterm", "COLUMNS": "120"},
+                          dimensions=(40, 120), timeout=60)
+    try:
+        child.expect(r"download\s.*\d+\.\d+ KB/\d+\.\d+ KB")
+    finally:
+        hub.release.set()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
 def test_plan_fetches_config_json_alone(hub, tmp_path):
     home = tmp_path / "hf"
     r = cli(hub_env(home, hub.url), "plan", "org/tiny@v1", "--profile", "cpu")
@@ -276,6 +295,16 @@ def test_an_interrupted_pull_continues_with_the_files_it_lacks(hub, tmp_path):
     assert second_run == {last}, (first_run, second_run)   # the finished files are not fetched again
     model = offload_moe.load(r.stdout.split(" in ", 1)[1].strip(), device="cpu")
     assert model.config.num_layers == 3
+
+
+def test_an_unsupported_family_fails_before_its_weights_are_fetched(hub, tmp_path):
+    files = repo_files(hub.dirs["main"])
+    config = json.loads(files["config.json"])
+    files["config.json"] = json.dumps({**config, "model_type": "llama"}).encode()
+    hub.add_commit("org/dense", files)
+    line = one_line_error(cli(hub_env(tmp_path / "hf", hub.url), "pull", "org/dense"))
+    assert "org/dense: config.json: model_type 'llama' is not supported" in line
+    assert hub.fetched("org/dense") == {"config.json"}
 
 
 def test_a_gated_repo_says_how_to_log_in(hub, tmp_path):
