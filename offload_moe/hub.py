@@ -35,6 +35,7 @@ SMALL_FILES = ("config.json", "generation_config.json", "model.safetensors.index
 TEMPLATE_DIR = "additional_chat_templates/"  # named templates, as transformers saves them
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+FILE_SUFFIXES = (".json", ".safetensors", ".toml", ".gguf", ".jinja")  # names of files, not of repos
 LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN"
 
 
@@ -54,8 +55,8 @@ def parse_reference(text: str | Path) -> Reference | None:
     if Path(text).exists():
         return None
     name, at, revision = text.partition("@")
-    if not _REPO_ID.match(name) or ".." in name or (at and not revision):
-        return None
+    if not _REPO_ID.match(name) or ".." in name or (at and not revision) or name.endswith(FILE_SUFFIXES):
+        return None  # a path (a missing file such as dir/config.json is reported as a missing file)
     return Reference(name, revision or None)
 
 

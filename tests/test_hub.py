@@ -106,6 +106,7 @@ def greedy(model, prompt=PROMPT, n=8) -> str:
     ("openai/gpt-oss-20b@" + "a" * 40, Reference("openai/gpt-oss-20b", "a" * 40)),
     ("org/name@refs/pr/1", Reference("org/name", "refs/pr/1")),
     ("just-a-name", None), ("/abs/org/name", None), ("org/name@", None), ("../org", None), ("a/b/c", None),
+    ("models/config.json", None),
 ])
 def test_parse_reference(text, expected):
     assert parse_reference(text) == expected
