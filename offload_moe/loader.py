@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from . import arch
-from .api import DEMO_DIR, Model, Progress, resolve_device, resolve_dtype
+from .api import Model
 from .checkpoint import Checkpoint
-from .cpu import SplitByLayer, cpu_form, cpu_layers, hybrid_tier
+from .cpu.kernels import cpu_form
+from .experts.cpu_tier import SplitByLayer, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
 from .experts.cache import ExpertCache
 from .experts.costs import CostModel
@@ -22,10 +23,13 @@ from .experts.layout import ExpertLayout
 from .experts.policy import POLICIES
 from .experts.resident import ResidentExperts
 from .experts.store import HostStore
-from .experts.weights import ExpertWeights
+from .experts.interface import ExpertWeights
 from .model import build_transformer
 from .planner import plan as make_plan
-from .profiles import Profile, auto_profile, available_ram, load_profile
+from .planner import auto_profile
+from .profiles import Profile, load_profile
+from .runtime import (Progress, SizeError, available_ram, demo_dir, place, resolve_device, resolve_dtype,
+                      size_in_bytes)
 from .quant.nf4 import NF4Weight
 from .text import Tokenizer
 
@@ -68,9 +72,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     nf4_experts: quantize float experts to NF4 at load (bitsandbytes' layout; computed through
     bitsandbytes on CUDA when it is installed, by a plain torch path otherwise)."""
     if path is None:
-        if not (DEMO_DIR / "config.json").exists():
-            raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install")
-        path = DEMO_DIR
+        path = demo_dir()
     ckpt = path if hasattr(path, "expert") else Checkpoint(path)
     cfg = ckpt.config
     device = resolve_device(device)
@@ -93,7 +95,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     read = getattr(ckpt, "get_weight", lambda name, shape: ckpt.get(name))
     dense = {}
     for i, (name, shape) in enumerate(shapes.items()):
-        dense[model_name(name)] = _to(read(name, shape), device, dtype)
+        dense[model_name(name)] = place(read(name, shape), device, dtype)
         report("dense weights", i + 1, len(shapes))
 
     # The expert engine numbers the MoE layers 0, 1, ... (dense layers have no experts).
@@ -105,7 +107,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
                               "quantized (its quantization_config says how)")
 
     def load_expert(layer: int, e: int, to=device) -> ExpertWeights:
-        w = {k: _to(v, to, dtype) for k, v in ckpt.expert(moe_layers[layer], e).items()}
+        w = {k: place(v, to, dtype) for k, v in ckpt.expert(moe_layers[layer], e).items()}
         if nf4_experts:
             w = {k: NF4Weight.quantize(v) if k in ("w1", "w3", "w2") else v for k, v in w.items()}
         report("experts", layer * cfg.num_experts + e + 1, total)
@@ -162,13 +164,6 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings)
 
 
-def _to(weight, device, dtype):
-    """Float weights move and take the compute dtype; packed ones only move (never inflated)."""
-    if isinstance(weight, torch.Tensor):
-        return weight.to(device=device, dtype=dtype)
-    return weight.to(device)
-
-
 def apply_profile(profile, cfg, device: torch.device, dtype: torch.dtype) -> tuple[dict, str | None]:
     """Placement settings from a profile, via the planner: ({setting: value}, profile name)."""
     if profile is None:
@@ -206,21 +201,14 @@ def _slots_per_layer(cache_slots, num_layers: int, num_experts: int) -> list[int
     return values
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def _bytes(key: str, value) -> int | None:
-    """None, a byte count, or a string such as "20GB" / "512MiB"."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        return value
-    if isinstance(value, str):
-        text = value.strip().upper().replace(" ", "")
-        number = text.rstrip("KMGTIB")
-        try:
-            n = float(number) * _UNITS[text[len(number):]]
-        except (ValueError, KeyError):
-            n = 0
-        if n > 0:
-            return int(n)
+    """None, a byte count, or a string such as "20GB" / "512MiB" (`runtime.size_in_bytes`)."""
+    if value is None:
+        return None
+    try:
+        n = size_in_bytes(value)
+    except SizeError:
+        n = 0
+    if n > 0:
+        return n
     raise OffloadMoeError(f"{key} = {value!r}, expected a positive size such as 20GB or 512MiB")

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .experts.weights import expert_forward
+from .experts.interface import expert_forward
 from .quant.modules import QEmbedding, QLinear
 
 

@@ -20,7 +20,7 @@ import torch
 
 from offload_moe.cpu.kernels import cpu_form, weight_nbytes
 from offload_moe.experts.costs import measure_memcpy
-from offload_moe.experts.weights import ExpertWeights, expert_forward, linear
+from offload_moe.experts.interface import ExpertWeights, expert_forward, linear
 from offload_moe.quant.groupwise import QuantizedWeight, qlinear
 from offload_moe.quant.pack import packed_cols
 

@@ -17,7 +17,7 @@ from offload_moe import OffloadMoeError
 from offload_moe.bench import ROW_FIELDS, run_bench
 from offload_moe.cli.main import main
 from offload_moe.synthetic import SyntheticCheckpoint
-from offload_moe.trace import FORMAT, TraceRouter, load_trace, reuse_rate, save_trace, synthesize
+from offload_moe.tools.trace import FORMAT, TraceRouter, load_trace, reuse_rate, save_trace, synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "offload_moe" / "demo"

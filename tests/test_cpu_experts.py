@@ -15,14 +15,15 @@ import offload_moe
 from conftest import save, tiny_mixtral
 from offload_moe import OffloadMoeError
 from offload_moe.checkpoint import Checkpoint
-from offload_moe.cpu import CpuTier, cpu_form, cpu_layers
+from offload_moe.cpu.kernels import cpu_form
+from offload_moe.experts.cpu_tier import CpuTier, cpu_layers
 from offload_moe.cpu.kernels import TOLERANCE, Int4Planes, int4_supported, reference_linear, to_int4_planes
 from offload_moe.experts.cache import ExpertCache
 from offload_moe.experts.costs import (CostModel, Throughput, measure_expert_costs, measure_link, measure_memcpy,
                                        measure_throughput, save_costs, saved_costs)
 from offload_moe.experts.layout import ExpertLayout
 from offload_moe.experts.store import HostStore
-from offload_moe.experts.weights import ExpertWeights, expert_forward
+from offload_moe.experts.interface import ExpertWeights, expert_forward
 from offload_moe.quant import quantize
 
 PROMPT = [1, 17, 42, 5, 66, 23, 9]

@@ -7,7 +7,8 @@ import torch
 
 from ..errors import OffloadMoeError
 from ..loader import apply_profile
-from ..profiles import Profile, load_profile, parse_bytes
+from ..profiles import Profile, load_profile
+from ..runtime import parse_bytes
 
 
 def show_slots(slots) -> str:

@@ -36,7 +36,7 @@ from .costs import CostModel
 from .layout import ExpertLayout
 from .policy import LRU
 from .store import HostStore
-from .weights import ExpertWeights
+from .interface import ExpertWeights
 
 
 @dataclass

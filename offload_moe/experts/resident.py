@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .weights import ExpertWeights
+from .interface import ExpertWeights
 
 
 class ResidentExperts:
