@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import OffloadMoeError
-from .generate import DecodeTiming, Sampling, decode_tokens
+from .generate import DEFAULT_SAMPLING, DecodeTiming, Sampling, decode_tokens
 from .model import Transformer
 from .text import StreamDecoder, Tokenizer
 
@@ -117,8 +117,9 @@ class Model:
 class GenerationRun:
     """One generation: iterate for text pieces; `.result` holds the `Generation` when done."""
 
-    def __init__(self, model: Model, prompt, *, max_new_tokens: int = 256, temperature: float = 0.7,
-                 top_p: float = 0.95, top_k: int = 0, seed: int | None = None,
+    def __init__(self, model: Model, prompt, *, max_new_tokens: int = 256,
+                 temperature: float = DEFAULT_SAMPLING.temperature, top_p: float = DEFAULT_SAMPLING.top_p,
+                 top_k: int = DEFAULT_SAMPLING.top_k, seed: int | None = None,
                  stop: str | list[str] | None = None, ignore_eos: bool = False,
                  should_stop: Callable[[], bool] | None = None):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

@@ -23,7 +23,7 @@ from .experts.layout import ExpertLayout
 from .experts.policy import POLICIES
 from .experts.resident import ResidentExperts
 from .experts.store import HostStore
-from .experts.interface import ExpertWeights
+from .experts.interface import Activation, ExpertWeights
 from .model import build_transformer
 from .planner import plan as make_plan
 from .planner import auto_profile
@@ -120,12 +120,13 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         return cpu_form(load_expert(layer, e, to="cpu"))
 
     settings.update(cpu_experts=mode, cpu_layers=n_cpu)
+    act = Activation(cfg.swiglu_limit, cfg.swiglu_alpha)  # how every expert computes (gpt-oss clamps)
     if n_cpu == len(moe_layers):
-        experts = ResidentExperts(on_cpu, n_cpu, cfg.num_experts)
+        experts = ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act)
         settings.update(experts="cpu")
     elif cache_slots is None or cache_slots == "all":
         experts = ResidentExperts(lambda layer, e: on_cpu(layer, e) if layer < n_cpu else load_expert(layer, e),
-                                  len(moe_layers), cfg.num_experts)
+                                  len(moe_layers), cfg.num_experts, act)
         settings.update(experts="resident")
     else:
         slots = _slots_per_layer(cache_slots, len(moe_layers), cfg.num_experts)[n_cpu:]
@@ -152,12 +153,12 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
                             cpu_costs=costs.source if costs else None,
                             cpu_extra_bytes=tier.extra_bytes if tier else 0)
         experts = ExpertCache(store, device=device, slots=slots, prefetch=prefetch, record_trace=record_trace,
-                              policy=lambda layer: POLICIES[policy](), cpu=tier, costs=costs)
+                              policy=lambda layer: POLICIES[policy](), cpu=tier, costs=costs, activation=act)
         settings.update(experts="offloaded", cache_slots=slots, prefetch=prefetch, policy=policy,
                         ram_layers=store.ram_layers, disk_layers=offloaded - store.ram_layers,
                         offload_dir=str(store.disk_dir) if store.disk_dir else None)
         if n_cpu:
-            experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts), experts)
+            experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act), experts)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
     tokenizer = Tokenizer(ckpt.path) if ckpt.path.is_dir() and (ckpt.path / "tokenizer.json").exists() else None

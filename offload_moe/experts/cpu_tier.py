@@ -1,30 +1,32 @@
 """Experts computed on the CPU, where they sit in host RAM, instead of being copied to the device.
 
-Three ways to use it, chosen by `load(..., cpu_experts=...)` ("none", the default, always copies):
+Chosen by `load(..., cpu_experts=...)`:
 
-- "auto" (hybrid, on CUDA with offloaded experts): the expert cache decides per miss whether to
-  copy the expert into a slot or have the CPU compute it from its `CpuTier` form (see
-  `ExpertCache.fetch` and `experts/costs.py`). On a CPU-only machine everything is on the CPU
-  already and nothing changes; "hybrid" forces the per-expert choice there too (tests, comparisons).
+- "auto" (the default): "all" on a CPU device with every expert resident; otherwise "none" (always
+  copy). The hybrid is not chosen automatically on CUDA until it has been measured on a GPU (it
+  converts experts at load and holds a second CPU form): ask for it with "hybrid".
+- "hybrid" (offloaded experts only): the expert cache decides per miss whether to copy the expert
+  into a slot or have the CPU compute it from its `CpuTier` form (see `ExpertCache.fetch` and
+  `experts/costs.py`), on CUDA and on the CPU alike (tests, comparisons).
 - "all": every expert stays in host RAM in CPU form and is computed there (llama.cpp's
   `-ot exps=CPU`); attention, norms and routers stay on the device.
 - an int N: the first N MoE layers' experts are computed on the CPU, the others are resident or
   offloaded as `cache_slots` says (llama.cpp's `--n-cpu-moe N`).
 
-The model needs no change for any of them: it computes an expert where its weights are and moves
-the activations there and back.
+The model needs no change for any of them: the provider hands it `interface.Expert`s, which
+compute where their weights are and move the activations there and back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from ..errors import OffloadMoeError
 from .costs import CostModel, measure_costs, saved_costs
 from .store import HostStore
-from .interface import ExpertWeights
+from .interface import Expert, ExpertWeights
 from ..cpu.kernels import Int4Planes, converts, cpu_form, expert_format, weight_nbytes
 
 MODES = ("auto", "none", "hybrid", "all")
@@ -100,14 +102,17 @@ class SplitByLayer:
 
     def __init__(self, n: int, first, rest):
         self.n, self.first, self.rest = n, first, rest
+        self.prefetch_depth = rest.prefetch_depth
 
-    def fetch(self, layer: int, experts: list[int], residual: torch.Tensor) -> Iterator[tuple[int, ExpertWeights]]:
+    def fetch(self, layer: int, experts: list[int], tokens: int,
+              guesses: Sequence[list[int]] = ()) -> Iterator[tuple[int, Expert]]:
         if layer < self.n:
-            return self.first.fetch(layer, experts, residual)
-        return self.rest.fetch(layer - self.n, experts, residual)
+            return self.first.fetch(layer, experts, tokens)
+        return self.rest.fetch(layer - self.n, experts, tokens, guesses)
 
-    def attach_router(self, guess: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
-        self.rest.attach_router(lambda layer, residual: guess(layer + self.n, residual))
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        if layer >= self.n:
+            self.rest.prefetch(layer - self.n, experts)
 
     @property
     def trace(self):
@@ -117,8 +122,7 @@ class SplitByLayer:
         return {**self.rest.stats(), "cpu_layers": self.n}
 
     def reset_stats(self) -> None:
-        if hasattr(self.rest, "reset_stats"):
-            self.rest.reset_stats()
+        self.rest.reset_stats()
 
 
 def cpu_layers(value, num_layers: int, device: torch.device, offloaded: bool) -> tuple[str, int]:
