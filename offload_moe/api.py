@@ -31,12 +31,13 @@ class Model:
     """A loaded model: the transformer on its device, its experts provider, its tokenizer."""
 
     def __init__(self, transformer: Transformer, experts, tokenizer: Tokenizer | None, path: Path,
-                 device: torch.device, dtype: torch.dtype, settings: dict):
+                 device: torch.device, dtype: torch.dtype, settings: dict, placement=None):
         self.transformer = transformer
         self.experts = experts
         self.tokenizer = tokenizer
         self.config = transformer.config
         self.path, self.device, self.dtype, self.settings = path, device, dtype, settings
+        self.placement = placement  # the `options.Placement` load() used (None when built by hand)
         self.last_timing = DecodeTiming()
         ids = set(self.config.eos_token_ids)
         if tokenizer is not None and tokenizer.token_id(tokenizer.eos_token) is not None:

@@ -17,7 +17,7 @@ LAYERS = [
     ("family", ["offload_moe.arch", "offload_moe.config", "offload_moe.checkpoint"]),
     ("model", ["offload_moe.experts.interface", "offload_moe.model"]),
     ("engine", ["offload_moe.experts", "offload_moe.cpu"]),
-    ("planning", ["offload_moe.profiles", "offload_moe.planner"]),
+    ("planning", ["offload_moe.profiles", "offload_moe.planner", "offload_moe.options"]),
     ("generation", ["offload_moe.generate", "offload_moe.text"]),
     ("api", ["offload_moe.api", "offload_moe.loader", "offload_moe.chat_session"]),
     ("tools", ["offload_moe.bench", "offload_moe.tune", "offload_moe.tools", "offload_moe.synthetic",

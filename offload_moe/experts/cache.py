@@ -76,6 +76,7 @@ class StreamedCpuExpert(Expert):
 
     def __call__(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         side, compute = self.cache.cpu_stream, torch.cuda.current_stream(h.device)
+        side.wait_event(self.cache.inputs_ready)                      # h and tokens, not the hits' work
         with torch.cuda.stream(side):
             y = super().__call__(h, tokens)                           # (n, H) back on the device
         compute.wait_stream(side)
@@ -273,6 +274,8 @@ class ExpertCache:
                 end.record(self.copy_stream)
                 self.ready[layer][slot].record(self.copy_stream)
                 self.copy_events.append((layer, start, end))
+                if len(self.copy_events) > 4096:    # no stats() for a long while: fold in what finished
+                    self._fold_timers(self.copy_events, "copy_seconds")
         else:
             t0 = time.perf_counter()
             target.copy_(source)                    # synchronous: compute waits for all of it
@@ -302,6 +305,8 @@ class ExpertCache:
                 stream.wait_event(self.ready[layer][slot])
                 end.record(stream)
                 self.stall_events.append((layer, start, end))
+                if len(self.stall_events) > 4096:
+                    self._fold_timers(self.stall_events, "stall_seconds")
             else:
                 stream.wait_event(self.ready[layer][slot])  # a prefetch may still be in flight
         return self.experts[layer][slot]
@@ -327,6 +332,17 @@ class ExpertCache:
             self.policies[layer].touch(e)
             self.prefetched[layer].add(e)
             self.layer_stats[layer].prefetch_issued += 1
+
+    def _fold_timers(self, events: list, field: str) -> None:
+        """Add the finished (layer, start, end) timers to the layer counters, without waiting."""
+        done = 0
+        for layer, start, end in events:
+            if not end.query():
+                break
+            st = self.layer_stats[layer]
+            setattr(st, field, getattr(st, field) + start.elapsed_time(end) / 1000)
+            done += 1
+        del events[:done]
 
     # ---- reporting ----
     def stats(self) -> dict:
