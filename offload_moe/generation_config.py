@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OffloadMoeError
+from .generate import DEFAULT_SAMPLING  # the library's own defaults, for what generation_config.json leaves out
 
 FILE = "generation_config.json"
-# The library's own defaults, for whatever generation_config.json does not say.
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOP_K = 0.7, 0.95, 0
 
 
 @dataclass(frozen=True)
@@ -26,9 +25,9 @@ class GenerationDefaults:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     pad_token_id: int | None = None
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    top_k: int = DEFAULT_TOP_K
+    temperature: float = DEFAULT_SAMPLING.temperature
+    top_p: float = DEFAULT_SAMPLING.top_p
+    top_k: int = DEFAULT_SAMPLING.top_k
     source: str | None = None      # the file the sampling values came from; None: the library's defaults
     from_file: tuple[str, ...] = ()  # which of temperature, top_p, top_k it set
 

@@ -21,13 +21,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OffloadMoeError
-
-Progress = Callable[[str, int, int], None]  # (what, done, total)
+from .runtime import Progress, fmt_bytes
 
 # Files offload_moe reads from a checkpoint directory (beside the weights).
 SMALL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
@@ -198,12 +196,9 @@ def check_disk_space(ref: Reference, need: int, cache: Path) -> None:
         where = where.parent
     free = shutil.disk_usage(where).free
     if need > free:
-        raise OffloadMoeError(f"{ref}: downloading needs {_gb(need)} in {cache}, which has {_gb(free)} free: "
-                              f"free {_gb(need - free)} more, or point HF_HUB_CACHE (or HF_HOME) at a larger disk")
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n:,} bytes"
+        raise OffloadMoeError(f"{ref}: downloading needs {fmt_bytes(need)} in {cache}, which has {fmt_bytes(free)} "
+                              f"free: free {fmt_bytes(need - free)} more, or point HF_HUB_CACHE (or HF_HOME) at a "
+                              "larger disk")
 
 
 class _ByteCounter:

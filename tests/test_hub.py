@@ -248,7 +248,7 @@ def test_a_short_disk_is_refused_before_anything_is_written(hub, tmp_path):
     hub.claimed_size["org/huge/model.safetensors"] = 10**16   # 10 PB: no disk has that free
     requests = len(hub.requests)
     line = one_line_error(cli(hub_env(tmp_path / "hf", hub.url), "pull", "org/huge"))
-    assert "org/huge" in line and "needs 10000000.00 GB" in line and "free" in line
+    assert "org/huge" in line and "needs 10000.00 TB" in line and "free" in line
     assert not (tmp_path / "hf" / "hub" / "models--org--huge").exists()
     assert not [q for q in hub.requests[requests:] if "/resolve/" in q[1] and q[2] is None and q[0] == "GET"
                 and not q[1].endswith(".json")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import load
 from ..hub import parse_reference, resolve
+from ..generate import DEFAULT_SAMPLING
 from .console import human_bytes, progress_bar, stderr
 
 
@@ -32,11 +33,11 @@ def add_model_arguments(p):
 def add_sampling_arguments(p):
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
     p.add_argument("--temperature", type=float, default=None, metavar="T",
-                   help="0 is greedy (default: the model's generation_config.json, else 0.7)")
+                   help=f"0 is greedy (default: the model's generation_config.json, else {DEFAULT_SAMPLING.temperature})")
     p.add_argument("--top-p", type=float, default=None, metavar="P",
-                   help="(default: the model's generation_config.json, else 0.95)")
+                   help=f"(default: the model's generation_config.json, else {DEFAULT_SAMPLING.top_p})")
     p.add_argument("--top-k", type=int, default=None, metavar="K",
-                   help="(default: the model's generation_config.json, else 0: no cut)")
+                   help=f"(default: the model's generation_config.json, else {DEFAULT_SAMPLING.top_k}: no cut)")
     p.add_argument("--seed", type=int, default=None, metavar="S")
 
 

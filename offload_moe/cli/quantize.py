@@ -10,8 +10,8 @@ from __future__ import annotations
 from rich.progress import Progress
 
 from ..checkpoint import Checkpoint
+from ..tools.convert import quantize
 from .common import fetch
-from ..quant.convert import quantize
 from ..quant.format import SETTINGS
 from .console import byte_progress_columns, human_bytes, stderr, stdout
 
