@@ -175,6 +175,17 @@ def test_serve_by_repo_id_offline(cache, local):
         server.stderr.close()
 
 
+def test_quantize_and_bench_by_repo_id_offline(cache, tmp_path):
+    out = tmp_path / "tiny-int4"
+    q = cli(cache, "quantize", "org/tiny", out, "--experts", "int4", "--group-size", 16, "--device", "cpu")
+    assert q.returncode == 0, q.stderr
+    assert json.loads((out / "config.json").read_text())["quantization_config"]
+    b = cli(cache, "bench", "--model", "org/tiny@v1", "--tokens", 4, "--no-baselines", "--device", "cpu",
+            "--json", tmp_path / "bench.json")
+    assert b.returncode == 0, b.stderr
+    assert (tmp_path / "bench.json").exists()
+
+
 def test_offline_and_not_cached_is_one_line(cache):
     line = one_line_error(cli(cache, "generate", "--model", "org/absent", PROMPT))
     assert "org/absent" in line and "offload-moe pull org/absent" in line and "HF_HUB_OFFLINE" in line
