@@ -13,7 +13,8 @@ A dropped connection resumes from the byte reached (huggingface_hub retries with
 an interrupted run keeps every file it finished, and running it again fetches only the rest
 (huggingface_hub 2.x discards the one partial file of a process that exits).
 
-This module sits at the bottom, beside `config`: it turns a reference into a directory, nothing more.
+It sits in the family layer, beside `config` and `checkpoint` (which resolves through it): it turns
+a reference into a directory, nothing more.
 """
 
 from __future__ import annotations
