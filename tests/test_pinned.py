@@ -119,3 +119,16 @@ def test_host_store_budget_counts_what_is_really_pinned(strategy, tmp_path):
     with pytest.raises(OffloadMoeError, match="smaller than one layer's experts"):
         HostStore(layout, L, E, ram_budget=make().cost(E, layout.nbytes) - 1, pin=True, pinning=make(),
                   offload_dir=tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+@pytest.mark.parametrize("make", [Registered, Pow2Chunks])
+def test_pinned_items_copy_asynchronously_to_the_gpu(make):
+    arena = PinnedArena(make(), 5, 1_000_003)
+    assert all(t.is_pinned() for t in arena.items)
+    dst = torch.empty(1_000_003, dtype=torch.uint8, device="cuda")
+    for i, t in enumerate(arena.items):
+        t.fill_(i + 1)
+        dst.copy_(t, non_blocking=True)
+        assert int(dst[-1]) == i + 1
+    arena.close()

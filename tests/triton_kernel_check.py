@@ -19,7 +19,10 @@ TOL = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-7}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check(dev: str, bits: int, n: int, k: int, gs: int, batch: int, dtype, seed: int, shift: int = 0, **kw) -> str | None:
+def check(dev: str, bits: int, n: int, k: int, gs: int, batch: int, dtype, seed: int, shift: int = 0,
+          autotune: bool = False, **kw) -> str | None:
+    if dev != "cpu" and not autotune and "config" not in kw:  # one compile per case, not one per config
+        kw["config"] = kt.DEFAULT_GEMV if batch <= kt.GEMV_MAX_BATCH else kt.DEFAULT_GEMM
     g = torch.Generator().manual_seed(seed)
     qw = quantize(torch.randn(n, k, generator=g) * 0.05, bits, gs)
     packed = qw.packed
@@ -39,10 +42,21 @@ def check(dev: str, bits: int, n: int, k: int, gs: int, batch: int, dtype, seed:
     return None if excess <= 0 else f"error exceeds tolerance by {excess:.3g}"
 
 
-def cases():
-    """(description, kwargs of check) for every case."""
+def cases(quick: bool = False):
+    """kwargs of check for every case; `quick` (on a GPU, where every case compiles): fewer groups
+    and batches, no per-config cases (the interpreter runs those), two autotuned cases."""
     dtypes = itertools.cycle(DTYPES)
     seed = itertools.count()
+    if quick:
+        for bits in kt.KERNEL_BITS:
+            for gs in (32, 64, 128, 40):
+                for batch in (1, 16):
+                    n, k = (37, 2 * 128) if gs != 40 else (21, 200)
+                    yield dict(bits=bits, n=n, k=k, gs=gs, batch=batch, dtype=next(dtypes), seed=next(seed))
+        for batch in (1, 9):
+            yield dict(bits=4, n=300, k=1024, gs=64, batch=batch, dtype=torch.bfloat16, seed=next(seed),
+                       autotune=True)
+        return
     for bits in kt.KERNEL_BITS:
         for gs in (8, 16, 32, 64, 128, 40):
             for batch in (1, 3, 16):
@@ -56,9 +70,9 @@ def cases():
         yield dict(bits=bits, n=33, k=256, gs=64, batch=2, dtype=next(dtypes), seed=next(seed), kernel="generic")
 
 
-def main(dev: str) -> int:
+def main(dev: str, quick: bool = False) -> int:
     failures = []
-    for c in cases():
+    for c in cases(quick):
         msg = check(dev, **dict(c))
         if msg:
             failures.append(f"{ {k: v for k, v in c.items()} }: {msg}")
@@ -74,4 +88,5 @@ def main(dev: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")))
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu"),
+                  quick="--quick" in sys.argv))
