@@ -50,7 +50,7 @@ step env 20 - "$PY" scripts/gpu_check.py env --out "$OUT_DIR/env.json"
 
 if [ $CUDA = 1 ]; then
   : >"$OUT_DIR/tests.txt"
-  step tests 145 "$OUT_DIR/tests.txt" "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda or triton or pinned" \
+  step tests 130 "$OUT_DIR/tests.txt" "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda or triton or pinned" \
     tests/test_triton_kernels.py tests/test_quant_core.py tests/test_pinned.py tests/test_engine.py \
     tests/test_cpu_experts.py tests/test_quantize.py tests/test_nf4.py tests/test_bench.py
 else
@@ -59,7 +59,7 @@ else
 fi
 
 step h2d 20 - "$PY" scripts/gpu_check.py h2d $TINY_FLAG --out "$OUT_DIR/h2d.json"
-step triton 105 - "$PY" scripts/gpu_check.py triton $TINY_FLAG --out "$OUT_DIR/triton.json"
+step triton 100 - "$PY" scripts/gpu_check.py triton $TINY_FLAG --out "$OUT_DIR/triton.json"
 step syncs 40 - "$PY" scripts/gpu_check.py syncs $TINY_FLAG --out "$OUT_DIR/syncs.json"
 
 if [ -n "$TINY" ]; then
@@ -68,6 +68,6 @@ else  # the 12gb profile: VRAM capped at 12 GB, its planned slots; int4 experts 
   BENCH=(--synthetic mixtral-8x7b --bits 4 --profile 12gb --tokens 16 --prompt-tokens 8)
 fi
 : >"$OUT_DIR/bench.txt"
-step bench 150 "$OUT_DIR/bench.txt" "$PY" -m offload_moe bench "${BENCH[@]}" --json "$OUT_DIR/bench.json"
+step bench 170 "$OUT_DIR/bench.txt" "$PY" -m offload_moe bench "${BENCH[@]}" --json "$OUT_DIR/bench.json"
 
 log "gpu_check: done in $(( $(date +%s) - START ))s"
