@@ -1,5 +1,5 @@
 """The Triton kernels (quant/kernels_triton.py) against float64 math, for every width and several
-group sizes: on the CPU through Triton's interpreter, on a GPU for real; and qlinear's dispatch."""
+group sizes: on the CPU through Triton's interpreter, on a GPU for real."""
 
 import importlib.util
 import os
@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from offload_moe.quant import kernels_triton, quantize
-from offload_moe.quant.groupwise import qlinear
 
 CHECK = Path(__file__).with_name("triton_kernel_check.py")
 ROOT = CHECK.parent.parent

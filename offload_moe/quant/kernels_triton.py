@@ -24,7 +24,9 @@ Tolerance against float64 math (tests/test_triton_kernels.py), per output elemen
 dequantized weights to x's dtype). Launches run on the tensors' device (`torch.cuda.device`).
 
 Importable without triton: `HAS_TRITON` says whether the kernels exist; `supports()` is the gate.
-Under TRITON_INTERPRET=1 the kernels run on CPU tensors with a fixed config (no autotuning).
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors with a fixed config (no autotuning);
+OFFLOAD_MOE_TRITON_AUTOTUNE=0 skips autotuning on a GPU too (each autotuned kernel compiles every
+config once per process, which tests of many tiny shapes would pay over and over).
 """
 
 from __future__ import annotations
@@ -316,8 +318,8 @@ def dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
             # the interpreter's tl.dot mishandles bf16 (Triton 3.9: products of the raw bits), so there
             # bf16 rows are multiplied in fp32; fp16 exercises the cast-to-x-dtype dot the GPU runs
             meta["FP32"] = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
-        if config is None and interpreting():
-            config = DEFAULT_GEMM if dot else DEFAULT_GEMV
+        if config is None and (interpreting() or os.environ.get("OFFLOAD_MOE_TRITON_AUTOTUNE") == "0"):
+            config = DEFAULT_GEMM if dot else DEFAULT_GEMV  # no autotuning: one compile per kernel
         if config is not None:
             c = _configs([config], bits, group_size, dot)[0]
             grid = (triton.cdiv(out_features, c["BLOCK_N"]), triton.cdiv(batch, bb))
