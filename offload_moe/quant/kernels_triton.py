@@ -73,7 +73,7 @@ def fast_path(packed: torch.Tensor, bits: int, group_size: int) -> bool:
 # and `config=` in tests use them directly. BLOCK_K is a multiple of the group size (see _configs).
 GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
                 for bn, bk, w, s in [(8, 256, 2, 3), (8, 512, 4, 3), (16, 256, 4, 3), (16, 512, 4, 4),
-                                     (32, 256, 4, 3), (8, 1024, 4, 2)]]
+                                     (32, 256, 4, 3)]]
 GEMM_CONFIGS = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
                 for bn, bk, w, s in [(32, 512, 4, 3), (64, 512, 4, 3), (64, 256, 4, 4)]]
 DEFAULT_GEMV = dict(BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=3)
