@@ -77,9 +77,11 @@ except Exception as e:
 for arch in (90, 86):  # the H200 and a consumer Ampere card
     for bits in (3, 4):
         base = dict(BITS=bits, GROUP=64, CU=kt.CODES_PER_UNIT[bits], WU=kt.WORDS_PER_UNIT[bits])
-        build(kt._qgemv_kernel, dict(base, BLOCK_B=4 if bits == 3 else 1, BLOCK_N=16, BLOCK_K=256), arch)
+        build(kt._qgemv_kernel, dict(base, BLOCK_B=4 if bits == 3 else 1, BLOCK_N=16, BLOCK_K=256,
+                                             EVEN_K=arch == 90), arch)
         if arch == 90:
-            build(kt._qgemm_kernel, dict(base, BLOCK_B=16, BLOCK_N=32, BLOCK_K=512, FP32=False), arch)
+            build(kt._qgemm_kernel, dict(base, BLOCK_B=16, BLOCK_N=32, BLOCK_K=512, EVEN_K=True,
+                                             FP32=False), arch)
 print("COMPILED")
 """
 

@@ -138,7 +138,7 @@ if HAS_TRITON:
         B, N, K, WPR, GPR,  # batch, out features, in features, int32 words per row, groups per row
         stride_xb, stride_yb,
         BITS: tl.constexpr, GROUP: tl.constexpr, CU: tl.constexpr, WU: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         GT: tl.constexpr = BLOCK_K // GROUP  # groups per tile
         U: tl.constexpr = BLOCK_K // CU      # units per tile
@@ -152,9 +152,13 @@ if HAS_TRITON:
         offs_g = tl.arange(0, GT)  # [GT]
         x_rows = x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb  # [BB, 1]
         acc = tl.zeros((BLOCK_B, BLOCK_N, GT), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            u_mask = (k0 + offs_u * CU) < K  # [U]
-            w0, w1, w2 = _load_words(w_ptr, offs_n, n_mask, k0 // CU, offs_u, u_mask, WPR, WU)
+        for u0 in range(0, K // CU, U):  # the tile's first unit; a multiple of U, so loads can be wide
+            k0 = u0 * CU
+            if EVEN_K:  # K a multiple of BLOCK_K: no mask along K (masked loads do not vectorize)
+                u_mask = offs_u < U
+            else:
+                u_mask = (k0 + offs_u * CU) < K  # [U]
+            w0, w1, w2 = _load_words(w_ptr, offs_n, n_mask, u0, offs_u, u_mask, WPR, WU)
             xm = b_mask[:, None] & u_mask[None, :]  # [BB, U]
             d = tl.zeros((BLOCK_B, BLOCK_N, U), dtype=tl.float32)  # per-unit sums of q * x
             xs = tl.zeros((BLOCK_B, U), dtype=tl.float32)  # per-unit sums of x
@@ -179,7 +183,8 @@ if HAS_TRITON:
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
         B, N, K, WPR, GPR, stride_xb, stride_yb,
         BITS: tl.constexpr, GROUP: tl.constexpr, CU: tl.constexpr, WU: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+        FP32: tl.constexpr,
     ):
         """The same tile walk for 5..16 rows: dequantize code j of every unit ([BN, U], scales
         broadcast per unit) and multiply it with x's matching [BB, U] columns on the tensor cores."""
@@ -195,9 +200,13 @@ if HAS_TRITON:
         offs_g = tl.arange(0, GT)
         x_rows = x_ptr + offs_b.to(tl.int64)[:, None] * stride_xb
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            u_mask = (k0 + offs_u * CU) < K
-            w0, w1, w2 = _load_words(w_ptr, offs_n, n_mask, k0 // CU, offs_u, u_mask, WPR, WU)
+        for u0 in range(0, K // CU, U):  # the tile's first unit; a multiple of U, so loads can be wide
+            k0 = u0 * CU
+            if EVEN_K:  # K a multiple of BLOCK_K: no mask along K (masked loads do not vectorize)
+                u_mask = offs_u < U
+            else:
+                u_mask = (k0 + offs_u * CU) < K  # [U]
+            w0, w1, w2 = _load_words(w_ptr, offs_n, n_mask, u0, offs_u, u_mask, WPR, WU)
             g_mask = n_mask[:, None] & ((k0 // GROUP + offs_g) < GPR)[None, :]
             g_off = offs_n.to(tl.int64)[:, None] * GPR + (k0 // GROUP + offs_g)[None, :]
             s = tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)  # [BN, GT]
@@ -251,6 +260,11 @@ if HAS_TRITON:
         y = tl.sum(acc, axis=1)  # [BN]
         tl.store(y_ptr + b * stride_yb + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
+    def _even_k(args) -> bool:
+        return args["K"] % args["BLOCK_K"] == 0
+
+    _KERNELS = {False: triton.heuristics({"EVEN_K": _even_k})(_qgemv_kernel),
+                True: triton.heuristics({"EVEN_K": _even_k})(_qgemm_kernel)}
     _TUNED: dict = {}
 
     def _short_bench(fn, quantiles=None):
@@ -269,8 +283,7 @@ if HAS_TRITON:
             if "do_bench" in inspect.signature(triton.autotune).parameters:  # a short benchmark per config
                 extra["do_bench"] = _short_bench
             # keyed by the batch *block*, not the batch: 1..16 rows share four tunings per shape
-            _TUNED[key] = triton.autotune(configs=configs, key=["N", "K", "BLOCK_B"], **extra)(
-                _qgemm_kernel if dot else _qgemv_kernel)
+            _TUNED[key] = triton.autotune(configs=configs, key=["N", "K", "BLOCK_B"], **extra)(_KERNELS[dot])
         return _TUNED[key]
 
 
@@ -323,8 +336,7 @@ def dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
         if config is not None:
             c = _configs([config], bits, group_size, dot)[0]
             grid = (triton.cdiv(out_features, c["BLOCK_N"]), triton.cdiv(batch, bb))
-            fn = _qgemm_kernel if dot else _qgemv_kernel
-            fn[grid](*args, **meta, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+            _KERNELS[dot][grid](*args, **meta, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
                      num_warps=c["num_warps"], num_stages=c["num_stages"])
         else:
             def grid(m):
