@@ -6,6 +6,7 @@ full-size Mixtral-8x7B can be benchmarked layer by layer straight into the exper
 90 GB file. `layers` and `scale` shrink it for CPU smoke tests while keeping its proportions.
 
 `bits` (2, 3, 4 or 8) makes it a quantized checkpoint instead (experts and attention at that width,
+attention without biases only,
 offload_moe's own format, as `offload-moe quantize` writes it), built directly in packed form:
 random codes are drawn once per matrix shape into a pool twice the matrix's height, each matrix
 is a row-offset view of it, and only its small scales are drawn per matrix. So a full-size int4
@@ -105,7 +106,9 @@ def synthetic_config(name: str, *, layers: int | None = None, scale: float = 1.0
         group = 64
         while any(i % group for i in ins):  # the largest power of two <= 64 dividing every input width
             group //= 2
-        raw["quantization_config"] = QuantSpec({"experts": f"int{bits}", "attention": f"int{bits}",
+        # attention with biases (gpt-oss) stays bf16: the model takes quantized attention without biases only
+        attention = "bf16" if cfg.qkv_bias or cfg.o_bias else f"int{bits}"
+        raw["quantization_config"] = QuantSpec({"experts": f"int{bits}", "attention": attention,
                                                 "embeddings": "bf16"}, group, "rtn").to_config()
     return ModelConfig.from_dict(raw, source=f"synthetic:{name}")
 

@@ -69,3 +69,13 @@ def test_bench_cli_takes_a_bit_width(capsys, tmp_path):
     cfg = synthetic_config("mixtral-8x7b", layers=2, scale=0.05, bits=3)
     assert result["model"]["bytes_per_expert"] < 0.25 * 3 * 2 * cfg.hidden_size * cfg.intermediate_size
     assert main(["bench", "--bits", "4"]) != 0
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite", "gpt-oss-20b"])
+def test_every_known_family_loads_packed(name):
+    from offload_moe.synthetic import KNOWN_MODELS
+    assert name in KNOWN_MODELS
+    ckpt = SyntheticCheckpoint(name, layers=2, scale=0.05, bits=4)
+    model = offload_moe.load(ckpt, device="cpu", profile=None, cache_slots=2)
+    ids = model.generate(PROMPT, max_new_tokens=2, temperature=0, ignore_eos=True).token_ids
+    assert len(ids) == 2 and all(0 <= i < ckpt.config.vocab_size for i in ids)
