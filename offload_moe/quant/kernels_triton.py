@@ -57,6 +57,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# read once: the decode loop calls dequant_matmul hundreds of times per token
+_FIXED_CONFIG = interpreting() or os.environ.get("OFFLOAD_MOE_TRITON_AUTOTUNE") == "0"
+
+
 def supports(x: torch.Tensor, bits: int) -> bool:
     """Whether a fused kernel can run this input: triton present, a kernel width, a float dtype."""
     return HAS_TRITON and bits in KERNEL_BITS and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
@@ -331,7 +335,7 @@ def dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
             # the interpreter's tl.dot mishandles bf16 (Triton 3.9: products of the raw bits), so there
             # bf16 rows are multiplied in fp32; fp16 exercises the cast-to-x-dtype dot the GPU runs
             meta["FP32"] = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
-        if config is None and (interpreting() or os.environ.get("OFFLOAD_MOE_TRITON_AUTOTUNE") == "0"):
+        if config is None and _FIXED_CONFIG:
             config = DEFAULT_GEMM if dot else DEFAULT_GEMV  # no autotuning: one compile per kernel
         if config is not None:
             c = _configs([config], bits, group_size, dot)[0]
