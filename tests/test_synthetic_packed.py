@@ -59,8 +59,13 @@ def test_packed_synthetic_offloaded_equals_resident():
 
 def test_bench_cli_takes_a_bit_width(capsys, tmp_path):
     out = tmp_path / "r.json"
-    code = main(["bench", "--synthetic", "mixtral-8x7b", "--bits", "3", "--layers", "2", "--scale", "0.05",
-                 "--tokens", "3", "--prompt-tokens", "4", "--no-baselines", "--json", str(out), "--threads", "1"])
+    threads = torch.get_num_threads()  # --threads sets this process's torch threads: put them back
+    try:
+        code = main(["bench", "--synthetic", "mixtral-8x7b", "--bits", "3", "--layers", "2", "--scale", "0.05",
+                     "--tokens", "3", "--prompt-tokens", "4", "--no-baselines", "--json", str(out),
+                     "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     import json
     result = json.loads(out.read_text())
