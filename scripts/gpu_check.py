@@ -39,9 +39,10 @@ MIXTRAL = {"w1": (14336, 4096), "w2": (4096, 14336)}
 TINY = {"w1": (256, 128), "w2": (128, 256)}
 
 
-def write(path: Path, data: dict) -> None:
+def write(path: Path, data: dict, echo: bool = True) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
-    print(json.dumps(data)[:3000])
+    if echo:
+        print(json.dumps(data)[:3000])
 
 
 def step_env(args) -> dict:
@@ -200,9 +201,8 @@ def _measure_kernel(kt, ws, shape, bits: int, batch: int, device: str, hbm) -> d
     gbps = one.nbytes / sec / 1e9
     row.update(seconds=sec, gbps=gbps, fraction_of_hbm_read=gbps / hbm["sum_read"]["gbps_median"],
                fraction_of_hbm_copy=gbps / hbm["copy_read_write"]["gbps_median"])
-    tuned = kt._TUNED.get((batch > kt.GEMV_MAX_BATCH, bits, 64))
-    if config is None and tuned is not None and getattr(tuned, "best_config", None) is not None:
-        row["config"] = f"autotuned: {tuned.best_config}"
+    if config is None and kt.tuned_config(bits, 64, batch):
+        row["config"] = f"autotuned: {kt.tuned_config(bits, 64, batch)}"
     if batch == 1:  # host cost of one launch, queued without waiting
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -243,6 +243,7 @@ def step_triton(args) -> dict:
                     row["error"] = f"{type(e).__name__}: {e}"[:500]
                 results.append(row)
                 print(json.dumps(row), flush=True)
+                write(Path(args.out), {**out, "results": results, "partial": True}, echo=False)  # survives a timeout
             del ws
     if CUDA:
         for name, shape in shapes.items():  # the references: dense bf16 and dequantize + matmul

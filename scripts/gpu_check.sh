@@ -52,7 +52,8 @@ if [ $CUDA = 1 ]; then
   : >"$OUT_DIR/tests.txt"
   step tests 130 "$OUT_DIR/tests.txt" env OFFLOAD_MOE_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -rs -p no:cacheprovider -k "(cuda or triton or pinned) and not interpreter and not without_one" \
     tests/test_triton_kernels.py tests/test_quant_core.py tests/test_pinned.py tests/test_engine.py \
-    tests/test_cpu_experts.py tests/test_quantize.py tests/test_nf4.py tests/test_bench.py
+    tests/test_cpu_experts.py tests/test_quantize.py tests/test_nf4.py tests/test_bench.py \
+    tests/test_host_syncs.py
 else
   echo "skipped: no CUDA device (the CUDA tests skip themselves here; the suite runs them on a GPU)" >"$OUT_DIR/tests.txt"
   log "tests: skipped (no CUDA device)"

@@ -291,6 +291,13 @@ if HAS_TRITON:
         return _TUNED[key]
 
 
+def tuned_config(bits: int, group_size: int, batch: int) -> str | None:
+    """The config autotuning last chose for this width, group and batch kind (None before any run)."""
+    tuned = _TUNED.get((batch > GEMV_MAX_BATCH, bits, group_size)) if HAS_TRITON else None
+    best = getattr(tuned, "best_config", None)
+    return None if best is None else str(best)
+
+
 def _device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
