@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .api import _GenerationRun
 from .errors import OffloadMoeError
+from .user_files import write_text
 
 
 class ChatSession:
@@ -100,14 +101,10 @@ class ChatSession:
                 "trimmed_turns": self.trimmed_turns,
                 "settings": settings}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the transcript as JSON (UTF-8, indented)."""
-        path = Path(path).expanduser()
-        try:
-            path.write_text(json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise OffloadMoeError(f"{path}: cannot write the transcript ({e.strerror or e})") from None
-        return path
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write the transcript as JSON (UTF-8, indented); an existing file only with `force`."""
+        return write_text(path, json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n", force=force,
+                          what="transcript", hint="use /save FILE --force to overwrite it")
 
     def _commit(self, user: dict, reply: str, interrupted: bool) -> None:
         if not reply:

@@ -12,6 +12,9 @@ class OffloadMoeError(Exception):
 
 def read_user_file(path, what: str) -> str:
     """The text of a file the user named, or a one-line error saying which file and why not."""
+    from .user_files import regular_file  # a FIFO would hang read_text, a directory would raise
+
+    regular_file(path, what)
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:

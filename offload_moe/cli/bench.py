@@ -15,6 +15,7 @@ from rich.text import Text
 from ..bench import run_bench
 from ..errors import OffloadMoeError
 from ..synthetic import KNOWN_MODELS, SyntheticCheckpoint
+from ..user_files import refuse_existing, write_text
 from .console import human_bytes, progress_bar, stdout
 
 
@@ -54,6 +55,7 @@ def add_parser(sub):
                    help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="prompt, synthetic trace and guess seed")
     p.add_argument("--json", metavar="OUT", default=None, help="write every measured field to this JSON file")
+    p.add_argument("--force", action="store_true", help="let --json replace an existing file")
     p.add_argument("--no-baselines", action="store_true", help="run the configured engine only")
     p.set_defaults(func=run)
 
@@ -90,6 +92,7 @@ def run(args) -> int:
         out = Path(args.json)
         if out.parent and not out.parent.is_dir():
             raise OffloadMoeError(f"--json {out}: directory {out.parent} does not exist")
+        refuse_existing(out, args.force)  # before the run, not after it
     with progress_bar() as report:
         result = run_bench(source, device=args.device, dtype=args.dtype, tokens=args.tokens,
                            prompt_tokens=args.prompt_tokens, trace=args.trace, trace_reuse=args.trace_reuse,
@@ -102,10 +105,7 @@ def run(args) -> int:
     for line in summary_lines(result):
         out.print(Text(line))
     if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise OffloadMoeError(f"--json {args.json}: cannot write ({e.strerror})") from None
+        write_text(args.json, json.dumps(result, indent=1) + "\n", force=args.force, what="--json results")
     return 0
 
 

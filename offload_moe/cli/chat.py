@@ -33,7 +33,7 @@ HELP = """\
 /reset         start a new conversation (the system prompt stays)
 /system TEXT   set the system prompt (/system alone removes it)
 /stats         expert cache and speed statistics
-/save FILE     write the transcript (messages and settings) as JSON
+/save FILE     write the transcript (messages and settings) as JSON (--force: overwrite)
 /exit          leave (also /quit, Ctrl-D, or Ctrl-C at the prompt)
 Ctrl-C during a reply stops it; the partial reply stays in the conversation.
 Start a line with // to send a message that begins with /."""
@@ -142,8 +142,11 @@ class ChatLoop:
             if not rest:
                 error("/save needs a file name: /save FILE")
                 return None
+            words = rest.split()
+            force = "--force" in words
+            target = " ".join(w for w in words if w != "--force") if force else rest
             try:
-                path = s.save(rest)
+                path = s.save(target, force=force)
             except OffloadMoeError as e:
                 error(str(e))
                 return None

@@ -26,6 +26,8 @@ dtype. Families whose experts have no per-expert layout (gpt-oss) are refused.
 Atomicity: everything is written into `dst.parent/.{dst.name}.partial-<pid>`, every file fsynced,
 and the directory renamed to `dst` as the very last step. Any failure removes the temporary
 directory, so `dst` either does not exist or is complete. An existing `dst` is never overwritten.
+SIGTERM and SIGHUP remove the temporary directory too (`owned_paths`); one left by a run killed
+outright (SIGKILL, power loss) is removed by the next quantize to the same `dst` (its PID is dead).
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .. import arch
+from .. import arch, owned_paths
 from ..api import resolve_device
 from ..checkpoint import Checkpoint
 from ..errors import OffloadMoeError
@@ -104,9 +108,11 @@ def quantize(src, dst, *, experts: str = "int3", attention: str = "int4", embedd
     try:
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
+            owned_paths.remove_stale(dst.parent, re.compile(re.escape(f".{dst.name}.partial-") + r"(?P<pid>\d+)"))
             if tmp.exists():  # left by a crashed run of a process with our pid
                 shutil.rmtree(tmp)
             tmp.mkdir()
+            owned_paths.own(tmp)  # removed on SIGTERM / SIGHUP / exit unless renamed to dst first
         except OSError as e:
             raise writer.error(e, tmp) from None
         _convert(ckpt, spec, writer, report, compute)
@@ -114,6 +120,8 @@ def quantize(src, dst, *, experts: str = "int3", attention: str = "int4", embedd
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        owned_paths.release(tmp)  # after the rename there is nothing left at tmp
     return dst
 
 
@@ -281,6 +289,9 @@ class _Writer:
             _fsync(file)
         except OSError as e:
             raise self.error(e, file) from None
+        except SafetensorError as e:  # safetensors reports I/O errors as its own type
+            full = "No space left" in str(e) or "StorageFull" in str(e)
+            raise self.error(OSError(errno.ENOSPC if full else errno.EIO, str(e).splitlines()[0]), file) from None
 
     def shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         file = self.tmp / name
