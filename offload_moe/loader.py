@@ -13,6 +13,7 @@ import torch
 
 from . import arch
 from .api import DEMO_DIR, Model, Progress, resolve_device, resolve_dtype
+from .budget import check_context, check_host_ram, check_kv_cache
 from .checkpoint import Checkpoint
 from .cpu import SplitByLayer, cpu_form, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
@@ -43,7 +44,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
          offload: str | None = None, ram_budget: int | str | None = None,
          offload_dir: str | Path | None = None, policy: str = "lru", record_trace: bool = False,
          cpu_experts: str | int = "auto", cpu_costs: CostModel | None = None,
-         nf4_experts: bool = False,
+         nf4_experts: bool = False, force_context: bool = False,
          progress: Progress | None = None) -> Model:
     """Load a checkpoint directory of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`; None:
     the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
@@ -66,7 +67,10 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     MoE layers' experts on the CPU, the others as `cache_slots` says.
 
     nf4_experts: quantize float experts to NF4 at load (bitsandbytes' layout; computed through
-    bitsandbytes on CUDA when it is installed, by a plain torch path otherwise)."""
+    bitsandbytes on CUDA when it is installed, by a plain torch path otherwise).
+
+    force_context: allow a context_length beyond the model's max_position_embeddings (the model's
+    `settings["warning"]` then says so); without it that is an error."""
     if path is None:
         if not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install")
@@ -82,8 +86,10 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     cache_slots, prefetch = placement.get("cache_slots"), placement.get("prefetch", 1)
     offload, ram_budget = placement.get("offload", "ram"), placement.get("ram_budget")
     context = placement.get("context_length") or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
-    if not isinstance(context, int) or context < 2:
+    if not isinstance(context, int) or isinstance(context, bool) or context < 2:
         raise OffloadMoeError(f"context_length = {context!r}, expected an integer >= 2")
+    context_warning = check_context(cfg, context, force_context)
+    check_kv_cache(cfg, context, device, dtype)  # before any weight is read
     report = progress or (lambda what, done, total: None)
     # The first n_cpu MoE layers' experts stay in RAM in CPU form; the engine below numbers the
     # others from 0 (SplitByLayer translates).
@@ -113,6 +119,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
 
     settings = {"profile": summary, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "context_length": context}
+    if context_warning:
+        settings["warning"] = context_warning
 
     def on_cpu(layer: int, e: int) -> ExpertWeights:
         return cpu_form(load_expert(layer, e, to="cpu"))
@@ -133,7 +141,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         layout = ExpertLayout(load_expert(n_cpu, 0, to="cpu"))
         store = HostStore(layout, offloaded, cfg.num_experts, offload=offload,
                           ram_budget=_bytes("ram_budget", ram_budget), offload_dir=offload_dir,
-                          pin=device.type == "cuda")
+                          pin=device.type == "cuda", check_ram=check_host_ram)
         for layer in range(offloaded):
             staging = store.staging(layer)
             for e in range(cfg.num_experts):

@@ -66,3 +66,15 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_stdin(stream, what: str = "stdin") -> str:
+    """All of a text stream's bytes as UTF-8 text, or one line saying where it is not UTF-8."""
+    data = getattr(stream, "buffer", stream).read()
+    if isinstance(data, str):  # a stream without bytes underneath (tests' StringIO)
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OffloadMoeError(f"{what}: byte {e.start} ({data[e.start:e.start + 1]!r}) is not valid UTF-8 "
+                              "(expected UTF-8 text)") from None

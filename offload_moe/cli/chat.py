@@ -23,6 +23,7 @@ from rich.text import Text
 from .. import load
 from ..chat_session import ChatSession
 from ..errors import OffloadMoeError
+from ..user_files import read_stdin
 from .common import add_model_arguments, add_sampling_arguments, load_kwargs, sampling_kwargs
 from .console import human_bytes, progress_bar, stderr
 from .stats import stats_table
@@ -58,7 +59,7 @@ def run(args) -> int:
     interactive = sys.stdin.isatty()
     message = None
     if not interactive:  # read before loading: an empty pipe is an error worth reporting fast
-        message = sys.stdin.read().strip()
+        message = read_stdin(sys.stdin).strip()
         if not message:
             raise OffloadMoeError("stdin is empty: pipe a message in, or run `offload-moe chat` in a terminal")
     model = load_chat_model(args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from .. import load
 from .console import progress_bar
 
@@ -20,6 +22,8 @@ def add_model_arguments(p):
     p.add_argument("--offload", choices=["ram", "disk"], default=None, help="host tier for cold experts")
     p.add_argument("--ram-budget", default=None, metavar="SIZE", help="RAM for experts, e.g. 20GB (rest on disk)")
     p.add_argument("--offload-dir", default=None, metavar="DIR", help="directory for the disk tier")
+    p.add_argument("--force-context", action="store_true",
+                   help="allow --context-length beyond the model's max_position_embeddings (with a warning)")
     p.add_argument("--nf4-experts", action="store_true",
                    help="quantize float experts to NF4 at load (bitsandbytes on CUDA when installed)")
 
@@ -43,9 +47,19 @@ def load_kwargs(args) -> dict:
         slots = int(slots) if slots.isdigit() else slots
     return dict(device=args.device, dtype=args.dtype, profile=args.profile, context_length=args.context_length, cache_slots=slots,
                 prefetch=args.prefetch, offload=args.offload, ram_budget=args.ram_budget,
-                offload_dir=args.offload_dir, nf4_experts=args.nf4_experts)
+                offload_dir=args.offload_dir, nf4_experts=args.nf4_experts,
+                force_context=getattr(args, "force_context", False))
 
 
 def load_model(args):
     with progress_bar() as report:
-        return load(args.model, progress=report, **load_kwargs(args))
+        model = load(args.model, progress=report, **load_kwargs(args))
+    warn_about(model)
+    return model
+
+
+def warn_about(model) -> None:
+    """What the loader accepted only because it was told to (e.g. --force-context), on stderr."""
+    warning = (model.settings or {}).get("warning")
+    if warning:
+        print(f"offload-moe: warning: {warning}", file=sys.stderr)

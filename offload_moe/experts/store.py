@@ -28,7 +28,8 @@ def human(n: int) -> str:
 
 class HostStore:
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, *, offload: str = "ram",
-                 ram_budget: int | None = None, offload_dir: str | Path | None = None, pin: bool = False):
+                 ram_budget: int | None = None, offload_dir: str | Path | None = None, pin: bool = False,
+                 check_ram=None):
         if offload not in ("ram", "disk"):
             raise OffloadMoeError(f"offload = {offload!r}, expected 'ram' or 'disk'")
         self.layout, self.num_layers, self.num_experts = layout, num_layers, num_experts
@@ -43,6 +44,8 @@ class HostStore:
                                       f"({human(self.layer_bytes)}); raise it or use offload='disk'")
             ram_layers = min(num_layers, ram_budget // self.layer_bytes)
         self.ram_layers = ram_layers
+        if check_ram is not None:  # before the RAM tier is allocated: (what, bytes) -> raise if too much
+            check_ram(f"the RAM tier ({ram_layers} layers of experts)", ram_layers * self.layer_bytes)
         self.pinned = pin
         # RAM tier: one (E, nbytes) uint8 buffer per layer, allocated once.
         self.ram = [torch.empty((num_experts, layout.nbytes), dtype=torch.uint8, pin_memory=pin)
