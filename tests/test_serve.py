@@ -268,7 +268,8 @@ def test_disconnect_while_waiting_non_streamed(url):
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     conn.request("POST", "/v1/completions", body=json.dumps(
-        {"model": NAME, "prompt": "Hello", "max_tokens": LONG, "ignore_eos": True}).encode())
+        {"model": NAME, "prompt": "Hello", "max_tokens": LONG, "ignore_eos": True}).encode(),
+        headers={"Content-Type": "application/json"})
     wait_for(lambda: metrics(url)["queue"]["busy"])
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
