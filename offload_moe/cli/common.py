@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from .. import load
+from ..validate import check_sampling
 from .console import progress_bar
 
 
@@ -37,8 +38,11 @@ def add_sampling_arguments(p):
 
 
 def sampling_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed)
+    """The sampling options, checked (so a bad --temperature fails before the model loads)."""
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed)
+    check_sampling(**kwargs, stop=None)
+    return kwargs
 
 
 def load_kwargs(args) -> dict:

@@ -22,8 +22,9 @@ def add_parser(sub):
 
 def run(args) -> int:
     prompt = read_stdin(sys.stdin) if args.prompt == "-" else args.prompt
+    sampling = sampling_kwargs(args)  # checked before the model loads
     model = load_model(args)
-    for piece in model.stream(prompt, **sampling_kwargs(args)):
+    for piece in model.stream(prompt, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
