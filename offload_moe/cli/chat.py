@@ -62,8 +62,8 @@ def run(args) -> int:
         message = read_stdin(sys.stdin).strip()
         if not message:
             raise OffloadMoeError("stdin is empty: pipe a message in, or run `offload-moe chat` in a terminal")
+    generation = dict(sampling_kwargs(args), ignore_eos=args.ignore_eos)  # checked before loading
     model = load_chat_model(args)
-    generation = dict(sampling_kwargs(args), ignore_eos=args.ignore_eos)
     session = ChatSession(model, system=args.system, **generation)
     note(describe_model(model), style=None)
     chat = ChatLoop(session)
