@@ -170,7 +170,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         model_type = raw.get("model_type")
-        parser = _PARSERS.get(model_type)
+        parser = _PARSERS.get(model_type) if isinstance(model_type, str) else None
         if parser is None:
             supported = ", ".join(sorted(_PARSERS))
             raise OffloadMoeError(f"{source}: model_type {model_type!r} is not supported "
@@ -258,7 +258,7 @@ class _Reader:
 
     def dtype(self) -> str:
         v = self.raw.get("torch_dtype") or self.raw.get("dtype") or "bfloat16"
-        if v not in DTYPE_BYTES:
+        if not isinstance(v, str) or v not in DTYPE_BYTES:
             self._fail("torch_dtype", f"one of {', '.join(DTYPE_BYTES)}")
         return v
 
