@@ -151,6 +151,10 @@ def cli_rows(root: Path, tiny: Path):
         out.write_text("mine\n")
         return ["bench", "--json", str(out), "--tokens", "4", "--device", "cpu"], ""
 
+    def empty_file():
+        (root / "empty-key").write_text("\n")
+        return root / "empty-key"
+
     deep = b'{"a": ' + b'[' * 100000 + b']' * 100000 + b'}'
     return [
         # ---- point 4: safetensors headers of the wrong shape
@@ -241,6 +245,11 @@ def cli_rows(root: Path, tiny: Path):
         ("--seed 10**30", gen(PROMPT, "--seed", str(10**30)), ["seed = 1000000000000000000000000000000"]),
         ("prompt on stdin not UTF-8", gen("-", stdin="ROMEO\xff\xfe"), ["stdin", "byte 5", "UTF-8"]),
         ("400-digit number in a profile", big_profile, ["context_length", "huge.toml"]),
+        # ---- point 6: the server's key
+        ("--api-key-file missing", lambda: (["serve", "--api-key-file", str(root / "no-such-key"), "--port", "0"], ""),
+         ["no-such-key", "API key file not found"]),
+        ("--api-key-file empty", lambda: (["serve", "--api-key-file", str(empty_file()), "--port", "0"], ""),
+         ["empty-key", "empty"]),
         # ---- point 5: overwrites
         ("bench --json onto an existing file", bench_json_exists, ["bench-existing.json", "already exists", "--force"]),
     ]
@@ -372,6 +381,14 @@ def test_disk_tier_not_enough_free_space(tiny_checkpoint, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ram_tier_larger_than_available_ram(tiny_checkpoint, monkeypatch):
+    import offload_moe.profiles
+
+    monkeypatch.setattr(offload_moe.profiles, "available_ram", lambda: 100_000)  # above the KV cache, below the RAM tier
+    raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="ram"),
+                    "RAM tier", "only 0.1 MB is available", "--ram-budget")
+
+
 def test_quantize_full_disk(tiny_checkpoint, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
@@ -451,3 +468,39 @@ def test_server(servers, server, path, body, headers, status, needles):
     for needle in needles:
         assert needle in message, message
 
+
+
+def test_server_accepts_its_own_and_allowed_origins(checkpoint_for_origins):
+    from serve_fixtures import running_server
+
+    from offload_moe.server import create_app
+
+    app = create_app(checkpoint_for_origins, model_name="demo", allowed_origins=("https://app.example",))
+    with running_server(app) as base:
+        port = base.rsplit(":", 1)[1]
+        for origin in (base, f"http://localhost:{port}", "https://app.example"):
+            status, reply = post(base, "/v1/completions", {**COMPLETION, "max_tokens": 1}, {"Origin": origin})
+            assert status == 200, (origin, reply)
+        status, _ = post(base, "/v1/completions", COMPLETION, {"Origin": "https://app.example.evil"})
+        assert status == 403
+
+
+@pytest.fixture(scope="module")
+def checkpoint_for_origins():
+    return offload_moe.load(device="cpu")
+
+
+def test_server_bug_is_a_generic_500(checkpoint_for_origins, monkeypatch):
+    from serve_fixtures import running_server
+
+    from offload_moe.server import app as server_app
+    from offload_moe.server import create_app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"secret detail at {ROOT}")
+
+    monkeypatch.setattr(server_app, "completion_prompt", broken)
+    with running_server(create_app(checkpoint_for_origins, model_name="demo")) as base:
+        status, reply = post(base, "/v1/completions", COMPLETION)
+    assert status == 500
+    assert "secret" not in reply["error"]["message"] and "internal server error" in reply["error"]["message"]
