@@ -135,12 +135,46 @@ def _raise(message: str):
     raise _TemplateError(message)
 
 
+_PADDING_METHODS = ("ljust", "rjust", "center", "zfill", "expandtabs")
+
+
+def _bounded_call(env, context, obj, *args, **kwargs):
+    """Calls from a template: no padding to a huge width, no result beyond MAX_TEMPLATE_CHARS."""
+    if getattr(obj, "__name__", "") in _PADDING_METHODS and any(
+            isinstance(a, int) and a > MAX_TEMPLATE_CHARS for a in (*args, *kwargs.values())):
+        raise _TemplateTooLong()
+    result = super(type(env), env).call(context, obj, *args, **kwargs)
+    if isinstance(result, (str, list, tuple)) and len(result) > MAX_TEMPLATE_CHARS:
+        raise _TemplateTooLong()
+    return result
+
+
+def _bounded_join(pieces):
+    """`~` in a template (jinja's str_join), refusing results beyond MAX_TEMPLATE_CHARS."""
+    pieces = [str(p) for p in pieces]
+    if sum(map(len, pieces)) > MAX_TEMPLATE_CHARS:
+        raise _TemplateTooLong()
+    return "".join(pieces)
+
+
 def _jinja_env():
+    from jinja2.compiler import CodeGenerator
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedConcat(CodeGenerator):
+        def visit_Concat(self, node, frame):  # `a ~ b` -> environment.bounded_join((a, b))
+            self.write("environment.bounded_join((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
 
     class BoundedEnvironment(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "**", "+"])
         call_binop = _bounded_binop
+        call = _bounded_call
+        code_generator_class = BoundedConcat
+        bounded_join = staticmethod(_bounded_join)
 
     env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(

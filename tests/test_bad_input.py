@@ -323,6 +323,22 @@ def test_generation_arguments(demo_model, kwargs, needles):
     raises_one_line(lambda: demo_model.generate(PROMPT, **kwargs), *needles)
 
 
+@pytest.mark.parametrize("template", [
+    "{{ 'x' * 1000000000 }}",
+    "{{ 2 ** 100000000 }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+    "{{ 'x'.ljust(10000000000) }}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxxxx{% endfor %}{% endfor %}",
+], ids=["repeat", "power", "concat doubling", "plus doubling", "ljust", "nested loops"])
+def test_runaway_chat_templates(tmp_path, template):
+    from offload_moe.text import Tokenizer
+
+    d = with_template(tmp_path, "t", template)
+    raises_one_line(lambda: Tokenizer(d).render_chat([{"role": "user", "content": "hi"}]),
+                    "tokenizer_config.json", "chat_template output exceeds")
+
+
 def test_lone_surrogate_prompt(demo_model):
     raises_one_line(lambda: demo_model.generate("a\ud800b"), "lone surrogate", "character 1")
 

@@ -437,11 +437,18 @@ def test_busy_port_and_bad_arguments_are_one_line_errors(capsys, checkpoint):
     assert "--max-queue" in capsys.readouterr().err
 
 
-def test_cli_serves_until_interrupted(checkpoint):
+@pytest.mark.parametrize("key_from", ["env", "file"])
+def test_cli_serves_until_interrupted(checkpoint, tmp_path, key_from):
     port = free_port()
-    env = {**os.environ, "NO_COLOR": "1", "OFFLOAD_MOE_API_KEY": "k3y"}
+    env = {**os.environ, "NO_COLOR": "1"}
+    key_args = []
+    if key_from == "env":
+        env["OFFLOAD_MOE_API_KEY"] = "k3y"
+    else:
+        (tmp_path / "key").write_text("k3y\n")
+        key_args = ["--api-key-file", str(tmp_path / "key")]
     proc = subprocess.Popen([sys.executable, "-m", "offload_moe", "serve", "--model", str(checkpoint),
-                             "--port", str(port), "--device", "cpu", "--model-name", NAME],
+                             "--port", str(port), "--device", "cpu", "--model-name", NAME, *key_args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -454,7 +461,7 @@ def test_cli_serves_until_interrupted(checkpoint):
         wait_for(up, timeout=60)
         reply = client_for(base, "k3y").completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0)
         assert reply.usage.completion_tokens >= 1
-        assert call(base, "GET", "/v1/models")[0] == 401  # the key came from $OFFLOAD_MOE_API_KEY
+        assert call(base, "GET", "/v1/models")[0] == 401  # the key came from $OFFLOAD_MOE_API_KEY or the file
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)

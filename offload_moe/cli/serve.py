@@ -25,7 +25,7 @@ def add_parser(sub):
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it "
                         "to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("OFFLOAD_MOE_API_KEY"),
+    p.add_argument("--api-key", metavar="KEY", default=None,
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                         "(default: $OFFLOAD_MOE_API_KEY, else no key); visible in `ps`: prefer "
                         "--api-key-file or the environment variable")
@@ -86,6 +86,11 @@ def run(args) -> int:
 
     if args.max_queue < 0:
         raise OffloadMoeError(f"--max-queue {args.max_queue}: expected an integer >= 0")
+    if args.api_key is not None:
+        stderr.print("offload-moe: warning: --api-key is visible to every user of this machine (ps); prefer "
+                     "--api-key-file FILE or $OFFLOAD_MOE_API_KEY", highlight=False, markup=False)
+    elif args.api_key_file is None:
+        args.api_key = os.environ.get("OFFLOAD_MOE_API_KEY")
     if args.api_key_file is not None:
         lines = read_user_file(Path(args.api_key_file), "API key file").splitlines()
         args.api_key = lines[0] if lines else ""
