@@ -9,25 +9,10 @@ renamed over the old one, so a failure never leaves half a file. Bottom layer.
 from __future__ import annotations
 
 import os
-import stat
 import tempfile
 from pathlib import Path
 
-from .errors import OffloadMoeError
-
-
-def regular_file(path: Path, what: str) -> os.stat_result:
-    """stat() a file we are about to open: it must be a regular file (a FIFO would hang the open)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise OffloadMoeError(f"{path}: {what} not found") from None
-    except OSError as e:
-        raise OffloadMoeError(f"{path}: cannot read {what} ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise OffloadMoeError(f"{path}: {what} is {kind} (expected a file)")
-    return st
+from .errors import OffloadMoeError, regular_file  # noqa: F401  (re-exported)
 
 
 def refuse_existing(path: Path, force: bool, hint: str = "pass --force to overwrite it") -> None:
