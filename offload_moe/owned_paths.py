@@ -19,7 +19,9 @@ import stat
 import threading
 from pathlib import Path
 
-_owned: dict[Path, bool] = {}   # path -> remove its parent too if empty (we created that as well)
+# path -> (remove its parent too if empty, the pid that made it: a forked child inherits the
+# registry, not the ownership)
+_owned: dict[Path, tuple[bool, int]] = {}
 _lock = threading.Lock()
 _installed = False
 CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -39,20 +41,22 @@ def pid_alive(pid: int) -> bool:
 
 def own(path: Path, remove_parent_if_empty: bool = False) -> None:
     with _lock:
-        _owned[Path(path)] = remove_parent_if_empty
+        _owned[Path(path)] = (remove_parent_if_empty, os.getpid())
     _install()
 
 
 def release(path: Path) -> None:
     """Remove one owned path now (idempotent)."""
     with _lock:
-        parent = _owned.pop(Path(path), None)
+        parent, _ = _owned.pop(Path(path), (False, None))
     _remove(Path(path), parent)
 
 
 def release_all() -> None:
+    """Remove every path this process made (not those a forked child inherited from its parent)."""
+    me = os.getpid()
     with _lock:
-        items = list(_owned.items())
+        items = [(path, parent) for path, (parent, pid) in _owned.items() if pid == me]
         _owned.clear()
     for path, parent in items:
         _remove(path, parent)

@@ -171,3 +171,19 @@ def test_quantize_removes_stale_partials_of_dead_processes(tiny_checkpoint, tmp_
     quantize(tiny_checkpoint[0], tmp_path / "q", experts="int4", attention="bf16", group_size=16, device="cpu")
     assert partials(tmp_path) == sorted([alive.name, other.name])
     assert (tmp_path / "q" / "config.json").exists()
+
+
+def test_a_forked_child_does_not_remove_its_parents_paths(tmp_path):
+    from offload_moe import owned_paths
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    owned_paths.own(mine)
+    pid = os.fork()
+    if pid == 0:  # the child exits through the same cleanup a normal exit runs
+        owned_paths.release_all()
+        os._exit(0 if mine.exists() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    owned_paths.release(mine)
+    assert not mine.exists()
