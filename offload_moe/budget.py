@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import runtime
 from .config import ModelConfig
 from .errors import OffloadMoeError
 
@@ -35,9 +36,7 @@ def free_memory(device: torch.device) -> int:
             return torch.cuda.mem_get_info(device)[0]
         except (RuntimeError, AssertionError):
             return 0
-    from .profiles import available_ram
-
-    return available_ram()
+    return runtime.available_ram()
 
 
 def check_kv_cache(cfg: ModelConfig, context: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -51,9 +50,7 @@ def check_kv_cache(cfg: ModelConfig, context: int, device: torch.device, dtype: 
 
 
 def check_host_ram(what: str, need: int) -> None:
-    from .profiles import available_ram
-
-    free = available_ram()
+    free = runtime.available_ram()
     if free and need > free:
         raise OffloadMoeError(f"{what} needs {_gb(need)} of RAM but only {_gb(free)} is available; "
                               "lower --ram-budget (the rest goes to disk) or use --offload disk")

@@ -398,9 +398,9 @@ def test_disk_tier_not_enough_free_space(tiny_checkpoint, tmp_path, monkeypatch)
 
 
 def test_ram_tier_larger_than_available_ram(tiny_checkpoint, monkeypatch):
-    import offload_moe.profiles
+    import offload_moe.runtime
 
-    monkeypatch.setattr(offload_moe.profiles, "available_ram", lambda: 100_000)  # above the KV cache, below the RAM tier
+    monkeypatch.setattr(offload_moe.runtime, "available_ram", lambda: 100_000)  # above the KV cache, below the RAM tier
     raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="ram"),
                     "RAM tier", "only 0.1 MB is available", "--ram-budget")
 
@@ -408,7 +408,7 @@ def test_ram_tier_larger_than_available_ram(tiny_checkpoint, monkeypatch):
 def test_quantize_full_disk(tiny_checkpoint, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 
-    from offload_moe.quant import convert
+    from offload_moe.tools import convert
 
     def full(*args, **kwargs):
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '

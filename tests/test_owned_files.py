@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import offload_moe
-from offload_moe.quant.convert import quantize
+from offload_moe.tools.convert import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "ROMEO. What light through yonder window breaks?"
