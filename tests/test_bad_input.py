@@ -263,7 +263,8 @@ def cli_results(tmp_path_factory, tiny_checkpoint):
     for _, build, _ in rows:
         argv, stdin = build()
         cases.append({"argv": argv, "stdin": stdin})
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(root), "NO_COLOR": "1"}
+    # CPU only: the runner caps its address space, which CUDA's initialisation would exceed
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(root), "NO_COLOR": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "bad_input_runner.py")],
                           input=json.dumps(cases), capture_output=True, text=True, env=env, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -423,13 +424,15 @@ def test_quantize_full_disk(tiny_checkpoint, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the server rows
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
+def needs_server_extra():
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """A server on the demo model and one on a copy with a NaN weight."""
+    """A server on the demo model, one on a copy with a NaN weight, one with a broken template."""
+    needs_server_extra()
     from serve_fixtures import running_server
 
     from offload_moe.server import create_app
@@ -487,6 +490,7 @@ def test_server(servers, server, path, body, headers, status, needles):
 
 
 def test_server_accepts_its_own_and_allowed_origins(checkpoint_for_origins):
+    needs_server_extra()
     from serve_fixtures import running_server
 
     from offload_moe.server import create_app
@@ -507,6 +511,7 @@ def checkpoint_for_origins():
 
 
 def test_server_bug_is_a_generic_500(checkpoint_for_origins, monkeypatch):
+    needs_server_extra()
     from serve_fixtures import running_server
 
     from offload_moe.server import app as server_app
