@@ -525,3 +525,14 @@ def test_server_bug_is_a_generic_500(checkpoint_for_origins, monkeypatch):
         status, reply = post(base, "/v1/completions", COMPLETION)
     assert status == 500
     assert "secret" not in reply["error"]["message"] and "internal server error" in reply["error"]["message"]
+
+
+def test_force_context_warns_and_runs(capsys):
+    from offload_moe.cli.main import main
+
+    assert main(["generate", PROMPT, "--context-length", "300", "--force-context", "--max-new-tokens", "2",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "offload-moe: warning: context_length = 300 exceeds the model's max_position_embeddings = 256" in err
+    model = offload_moe.load(device="cpu", context_length=300, force_context=True)
+    assert model.context_length == 300 and "--force-context" in model.settings["warning"]

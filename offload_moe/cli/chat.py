@@ -25,7 +25,7 @@ from ..chat_session import ChatSession
 from ..errors import OffloadMoeError
 from ..runtime import DEMO_DIR
 from ..user_files import read_stdin
-from .common import add_model_arguments, add_sampling_arguments, load_kwargs, sampling_kwargs
+from .common import add_model_arguments, add_sampling_arguments, load_kwargs, sampling_kwargs, warn_about
 from .console import human_bytes, progress_bar, stderr
 from .stats import stats_table
 
@@ -65,6 +65,7 @@ def run(args) -> int:
             raise OffloadMoeError("stdin is empty: pipe a message in, or run `offload-moe chat` in a terminal")
     generation = dict(sampling_kwargs(args), ignore_eos=args.ignore_eos)  # checked before loading
     model = load_chat_model(args)
+    warn_about(model)  # e.g. a context past the model's limit, allowed by --force-context
     session = ChatSession(model, system=args.system, **generation)
     note(describe_model(model), style=None)
     chat = ChatLoop(session)
