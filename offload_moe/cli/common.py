@@ -22,6 +22,12 @@ def add_model_arguments(p):
     p.add_argument("--offload-dir", default=None, metavar="DIR", help="directory for the disk tier")
     p.add_argument("--nf4-experts", action="store_true",
                    help="quantize float experts to NF4 at load (bitsandbytes on CUDA when installed)")
+    add_threads_argument(p)
+
+
+def add_threads_argument(p):
+    p.add_argument("--threads", default="auto", metavar="N",
+                   help="CPU threads for torch (default: auto, the cores other work leaves free)")
 
 
 def add_sampling_arguments(p):
