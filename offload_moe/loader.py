@@ -14,7 +14,8 @@ import torch
 from . import arch
 from .api import DEMO_DIR, Model, Progress, resolve_device, resolve_dtype
 from .checkpoint import Checkpoint
-from .cpu import SplitByLayer, cpu_form, cpu_layers, hybrid_tier
+from .cpu import SplitByLayer, cpu_layers, hybrid_tier
+from .cpu.kernels import resident_cpu_form
 from .errors import OffloadMoeError
 from .experts.cache import ExpertCache
 from .experts.costs import CostModel
@@ -115,7 +116,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
                 "context_length": context}
 
     def on_cpu(layer: int, e: int) -> ExpertWeights:
-        return cpu_form(load_expert(layer, e, to="cpu"))
+        return resident_cpu_form(load_expert(layer, e, to="cpu"))
 
     settings.update(cpu_experts=mode, cpu_layers=n_cpu)
     if n_cpu == len(moe_layers):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts.weights import ExpertWeights
+from ..quant.cpu_bf16 import PackedBF16, packable
 from ..quant.cpu_int4 import (INT4_GROUP_SIZES, INT4_ROWS, TOLERANCE, Int4Planes, cpu_matrix, int4_supported,
                               to_int4_planes)
 from ..quant.groupwise import QuantizedWeight
@@ -28,6 +29,14 @@ def cpu_form(weights: ExpertWeights) -> ExpertWeights:
     """An expert as the CPU kernels read it; float matrices (and biases) are shared, not copied,
     when they already live on the CPU."""
     return replace(weights, w1=cpu_matrix(weights.w1), w3=cpu_matrix(weights.w3), w2=cpu_matrix(weights.w2))
+
+
+def resident_cpu_form(weights: ExpertWeights) -> ExpertWeights:
+    """`cpu_form` for an expert that lives on the CPU for good (not a view of a host tier): bf16
+    matrices are also prepacked for oneDNN (`quant/cpu_bf16.py`; the same bytes, products bitwise
+    F.linear's)."""
+    w = cpu_form(weights)
+    return replace(w, **{m: PackedBF16(getattr(w, m)) for m in ("w1", "w3", "w2") if packable(getattr(w, m))})
 
 
 def converts(weights: ExpertWeights) -> bool:
@@ -51,6 +60,8 @@ def expert_format(weights: ExpertWeights) -> str:
     w = weights.w1
     if isinstance(w, torch.Tensor):
         return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(w.dtype, str(w.dtype))
+    if isinstance(w, PackedBF16):
+        return "bf16"
     bits = getattr(w, "bits", None)
     return f"int{bits}" if bits else type(w).__name__.lower().removesuffix("weight")
 
@@ -63,4 +74,4 @@ def reference_linear(x: torch.Tensor, w) -> torch.Tensor:
 
 
 __all__ = ["INT4_GROUP_SIZES", "INT4_ROWS", "TOLERANCE", "Int4Planes", "converts", "cpu_form", "cpu_matrix",
-           "expert_format", "int4_supported", "reference_linear", "to_int4_planes", "weight_nbytes"]
+           "expert_format", "int4_supported", "reference_linear", "resident_cpu_form", "to_int4_planes", "weight_nbytes"]
