@@ -47,7 +47,7 @@ from .groupwise import QuantizedWeight
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT4_ROWS = 16                   # the kernel packs output rows in blocks of 16
 TOLERANCE = 1e-2                 # relative error vs float64 math, every quantized format
-DEQUANT_MIN_TOKENS = 48          # from here on dequantize-then-multiply wins (BENCHMARKS.md)
+DEQUANT_MIN_TOKENS = 128         # from here on dequantize-then-multiply wins (measured; BENCHMARKS.md)
 DEQUANT_CHUNK_ROWS = 256         # output rows dequantized at a time: scratch ~ 256 * I * 6 bytes
 
 
@@ -83,6 +83,18 @@ def _block_rows() -> tuple[int, torch.Tensor] | None:
         if torch.equal(torch.sort(rows).values, torch.arange(B)) and bool((r == rows + offsets).all()):
             return B, rows
     return None
+
+
+# the usual layout: byte j of a block holds row j (low nibble) and row j + B/2 (high nibble)
+_HALVES = {B: torch.stack((torch.arange(B // 2), torch.arange(B // 2, B)), dim=-1).flatten() for B in (16, 32, 64)}
+
+
+@functools.cache
+def _slot_of_row(B: int) -> torch.Tensor:
+    """Index into (low nibbles, then high nibbles) of the slot holding each row of a block."""
+    _, rows = _block_rows()
+    order = torch.cat((rows[0::2], rows[1::2]))             # row held by each position of the cat
+    return order.argsort()
 
 
 @dataclass
@@ -128,20 +140,19 @@ class Int4Planes:
         multiples of the layout's block rows (see `dequantizable`)."""
         B, rows = _block_rows()
         O, I = self.shape
-        b0, b1 = r0 // B, r1 // B
-        G = I // self.group_size
+        b0, b1, R = r0 // B, r1 // B, r1 - r0
         w = None
         for plane, sz in zip(self.planes, self.scales_and_zeros):
-            p = plane.view(O // B, I, B // 2)[b0:b1]                                   # (nb, I, B/2)
-            q = torch.empty(b1 - b0, I, B, dtype=torch.uint8)
-            q[..., rows[0::2]] = p & 15
-            q[..., rows[1::2]] = p >> 4                                                 # (nb, I, B) codes
-            q = q.permute(0, 2, 1).reshape(r1 - r0, G, self.group_size).float()         # (R, G, group)
-            s = sz[:, r0:r1, 0].t().float().unsqueeze(-1)                               # (R, G, 1)
-            z = sz[:, r0:r1, 1].t().float().unsqueeze(-1)
-            part = (q - 8).mul_(s).add_(z)
+            p = plane.view(O // B, I, B // 2)[b0:b1]                                   # (nb, I, B/2) bytes
+            q = torch.cat((p & 15, p >> 4), dim=-1)                                   # (nb, I, B): low nibbles, then high
+            if not torch.equal(rows, _HALVES[B]):
+                q = q.index_select(-1, _slot_of_row(B))                               # rows in order
+            q = q.transpose(1, 2).reshape(R, -1, self.group_size)                      # (R, G, group) codes
+            s = sz[:, r0:r1, 0].t().float().unsqueeze(-1)                              # (R, G, 1)
+            z = sz[:, r0:r1, 1].t().float().unsqueeze(-1) - 8 * s                      # (q - 8) s + z' = q s + z
+            part = torch.addcmul(z, q.float(), s)                                      # (R, G, group) fp32
             w = part if w is None else w.add_(part)
-        return w.view(r1 - r0, I).to(dtype)
+        return w.reshape(R, I).to(dtype)
 
     def _chunked_linear(self, xb: torch.Tensor) -> torch.Tensor:
         """(N, I) bf16 -> (N, O) bf16 through dense products on row chunks of the weight."""
