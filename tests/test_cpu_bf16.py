@@ -29,7 +29,7 @@ def test_bf16_model_packs_and_offloaded_equals_resident(tmp_path):
     resident = offload_moe.load(src, device="cpu", dtype=torch.bfloat16)
     packed = [m for m in resident.transformer.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 3 * 4 + 1  # q, k, v, o per layer and lm_head; routers keep their weight
-    assert isinstance(resident.experts.weights[0][0].w1, PackedBF16)
+    assert isinstance(resident.experts.experts[0][0].weights.w1, PackedBF16)
     ids = torch.tensor([[1, 17, 42, 5, 66, 23, 9]])
     want = resident.logits(ids)
     for slots in (1, 3):

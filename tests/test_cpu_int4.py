@@ -78,7 +78,7 @@ def test_quantized_attention_runs_packed_on_the_cpu(tmp_path, monkeypatch):
     """A checkpoint quantized with int4 attention and int8 embeddings: every dense QLinear holds the
     kernel's form, and the logits match the dequantize-then-multiply reference within tolerance."""
     from offload_moe.quant import modules
-    from offload_moe.quant.convert import quantize as convert
+    from offload_moe.tools.convert import quantize as convert
 
     src = save(tiny_mixtral(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
                tmp_path / "src")

@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from ..experts.weights import ExpertWeights
+from ..experts.interface import ExpertWeights
 from ..quant.cpu_bf16 import PackedBF16, packable
 from ..quant.cpu_int4 import (INT4_GROUP_SIZES, INT4_ROWS, TOLERANCE, Int4Planes, cpu_matrix, int4_supported,
                               to_int4_planes)
