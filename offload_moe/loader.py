@@ -14,7 +14,7 @@ from . import arch
 from .api import Model
 from .budget import check_context, check_host_ram, check_kv_cache
 from .checkpoint import Checkpoint
-from .cpu.kernels import cpu_form
+from .cpu.kernels import resident_cpu_form
 from .experts.cpu_tier import SplitByLayer, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
 from .experts.cache import ExpertCache
@@ -124,7 +124,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         settings["warning"] = context_warning
 
     def on_cpu(layer: int, e: int) -> ExpertWeights:
-        return cpu_form(load_expert(layer, e, to="cpu"))
+        return resident_cpu_form(load_expert(layer, e, to="cpu"))
 
     settings.update(cpu_experts=mode, cpu_layers=n_cpu)
     act = Activation(cfg.swiglu_limit, cfg.swiglu_alpha)  # how every expert computes (gpt-oss clamps)

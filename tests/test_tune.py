@@ -45,7 +45,8 @@ def table_rows(text: str) -> list[tuple[int, int, str, float, bool]]:
 
 def test_cli_tune_writes_a_profile_that_loads(tiny_checkpoint, tmp_path, monkeypatch):
     directory = tiny_checkpoint[0]
-    out = cli("--model", str(directory), *FAST, config_home=tmp_path)
+    # the saved cost model is keyed by the thread count: tune with this process's, to read it back here
+    out = cli("--model", str(directory), *FAST, "--threads", str(torch.get_num_threads()), config_home=tmp_path)
     assert out.returncode == 0, out.stderr
     path = tmp_path / "offload-moe" / "profiles" / "tuned.toml"
     assert f"wrote {path}" in out.stdout and "--profile tuned" in out.stdout

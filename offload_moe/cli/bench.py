@@ -17,6 +17,7 @@ from ..errors import OffloadMoeError
 from ..runtime import DEMO_DIR
 from ..synthetic import KNOWN_MODELS, SyntheticCheckpoint
 from ..user_files import refuse_existing, write_text
+from .common import add_threads_argument
 from .console import human_bytes, progress_bar, stdout
 
 
@@ -55,8 +56,7 @@ def add_parser(sub):
     p.add_argument("--prefetch", type=int, default=None, metavar="D", help="engine prefetch depth (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
+    add_threads_argument(p)
     p.add_argument("--seed", type=int, default=0, metavar="S", help="prompt, synthetic trace and guess seed")
     p.add_argument("--json", metavar="OUT", default=None, help="write every measured field to this JSON file")
     p.add_argument("--force", action="store_true", help="let --json replace an existing file")
@@ -65,11 +65,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise OffloadMoeError(f"--threads {args.threads}: expected an integer >= 1")
-        import torch
-        torch.set_num_threads(args.threads)
     if args.synthetic:
         source = SyntheticCheckpoint(args.synthetic, layers=args.layers, scale=args.scale, seed=args.seed,
                                      bits=args.bits)

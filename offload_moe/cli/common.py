@@ -28,6 +28,12 @@ def add_model_arguments(p):
                    help="allow --context-length beyond the model's max_position_embeddings (with a warning)")
     p.add_argument("--nf4-experts", action="store_true",
                    help="quantize float experts to NF4 at load (bitsandbytes on CUDA when installed)")
+    add_threads_argument(p)
+
+
+def add_threads_argument(p):
+    p.add_argument("--threads", default="auto", metavar="N",
+                   help="CPU threads for torch (default: auto, the cores other work leaves free)")
 
 
 def add_sampling_arguments(p):

@@ -17,6 +17,7 @@ from ..runtime import fmt_bytes, parse_bytes
 from ..errors import OffloadMoeError
 from ..tune import (DISK_TEST_BYTES, cost_model, measurement_lines, parse_settings, profile_path, tune,
                     write_profile)
+from .common import add_threads_argument
 from .console import progress_bar, stderr, stdout
 
 
@@ -44,6 +45,7 @@ def add_parser(sub):
                    help=f"size of the disk read test file (default: {DISK_TEST_BYTES // 10**6}MB)")
     p.add_argument("--seconds-per-setting", type=float, default=None, metavar="S",
                    help="decode time limit of one setting (default: 8 on the CPU, 20 on a GPU)")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
