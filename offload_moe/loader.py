@@ -14,6 +14,7 @@ import torch
 from . import arch
 from .api import DEMO_DIR, Model, Progress, resolve_device, resolve_dtype
 from .checkpoint import Checkpoint
+from .sources import open_checkpoint
 from .cpu import SplitByLayer, cpu_form, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
 from .experts.cache import ExpertCache
@@ -43,7 +44,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
          offload: str | None = None, ram_budget: int | str | None = None,
          offload_dir: str | Path | None = None, policy: str = "lru", record_trace: bool = False,
          cpu_experts: str | int = "auto", cpu_costs: CostModel | None = None,
-         nf4_experts: bool = False,
+         nf4_experts: bool = False, requantize: str | None = None,
          progress: Progress | None = None) -> Model:
     """Load a checkpoint directory of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`; None:
     the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
@@ -66,12 +67,15 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     MoE layers' experts on the CPU, the others as `cache_slots` says.
 
     nf4_experts: quantize float experts to NF4 at load (bitsandbytes' layout; computed through
-    bitsandbytes on CUDA when it is installed, by a plain torch path otherwise)."""
+    bitsandbytes on CUDA when it is installed, by a plain torch path otherwise).
+
+    requantize: for a GGUF file, the width ("int4", ...) that tensor types with no exact packed form
+    (IQ*, TQ*, ...) are requantized to; None refuses such a file with one line."""
     if path is None:
         if not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install")
         path = DEMO_DIR
-    ckpt = path if hasattr(path, "expert") else Checkpoint(path)
+    ckpt = path if hasattr(path, "expert") else open_checkpoint(path, requantize)
     cfg = ckpt.config
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
@@ -158,7 +162,10 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
             experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts), experts)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
-    tokenizer = Tokenizer(ckpt.path) if ckpt.path.is_dir() and (ckpt.path / "tokenizer.json").exists() else None
+    if hasattr(ckpt, "tokenizer"):  # a GGUF file carries its own
+        tokenizer = ckpt.tokenizer()
+    else:
+        tokenizer = Tokenizer(ckpt.path) if ckpt.path.is_dir() and (ckpt.path / "tokenizer.json").exists() else None
     return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings)
 
 
