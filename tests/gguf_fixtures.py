@@ -43,7 +43,7 @@ def encode(data: np.ndarray, qtype, seed: int = 0) -> np.ndarray:
     if qtype in (T.F32, T.F16):
         return data.astype(np.float32 if qtype == T.F32 else np.float16)
     if qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
-        scale = float(np.abs(data).max()) / 8 or 0.01
+        scale = float(np.abs(data).max()) / 500 or 0.01  # d · sc · q then spans about the data
         return random_blocks(data.shape, qtype, seed, scale)
     return gguf.quants.quantize(data.astype(np.float32), qtype)
 
@@ -77,6 +77,8 @@ def write_gguf(src: str | Path, out: str | Path, *, experts=T.F32, attention=T.F
         w.add_expert_shared_feed_forward_length(c.shared_expert_size)
     if c.sliding_window:
         w.add_sliding_window(c.sliding_window)
+    if c.clip_qkv:
+        w.add_clamp_kqv(c.clip_qkv)
     if c.model_type == "qwen3_moe":
         w.add_expert_weights_norm(c.norm_topk_prob)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)

@@ -20,9 +20,10 @@ so a row becomes a `QuantizedWeight` (codes bit-packed, fp16 scale and zero per 
 | Q5_K  | as Q4_K + qh[32]                        | d sc, -dmin m                  | int8, group 32    |
 | Q6_K  | ql, qh, 16 int8 scales, d               | d sc, -32 a (16 weights)       | int8, group 16    |
 
-Q8_0, Q4_0 and Q5_0 are bit-exact (one fp16 scale, an integer zero). The others are exact up to
-rounding `a` (a product of an fp16 and a small integer) and `-b / a` to fp16: the "fp16 rounding
-of the scales". A group with a = 0 stores its constant b as codes 0, zero -1, scale b.
+Q8_0, Q4_0 and Q5_0 are bit-exact (one fp16 scale, an integer zero). Q3_K and Q6_K keep their
+integer zero and round only `a` (an fp16 times a small integer) to fp16; the types with a min
+(Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) also round the zero `-b / a` to fp16: the "fp16 rounding of the
+scales". A group with a = 0 stores its constant b as codes 0, zero -1, scale b.
 MXFP4 (gpt-oss) is repacked into our `MXFP4Weight` (same E2M1 codes and E8M0 exponents, another
 nibble order). F32 / F16 / BF16 are floats. Every other type (IQ*, TQ*, ...) has no exact form
 here: `requantize` dequantizes it with the gguf package and quantizes it again (RTN, group 32),
@@ -86,29 +87,30 @@ def _k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def decode(blocks: torch.Tensor, t: T) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """uint8 blocks [N, ts] -> (codes uint8 [N, K], a float32 [N, K/group], b float32 [N, K/group])."""
+def decode(blocks: torch.Tensor, t: T):
+    """uint8 blocks [N, ts] -> (codes uint8 [N, K], a float32 [N, K/group], b float32 [N, K/group] or
+    None, offset): w = a·q + b, or, for the symmetric types, w = a·(q - offset) with an integer offset."""
     n = blocks.shape[0]
     if t == T.Q8_0:
         d = _f16(blocks[:, :2])
         q = (blocks[:, 2:].view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
-        return q, d, -128 * d
+        return q, d, None, 128
     if t in (T.Q4_0, T.Q4_1):
         d = _f16(blocks[:, :2])
         off = 2 if t == T.Q4_0 else 4
         q = _nibbles(blocks[:, off:].view(n, 1, 16)).reshape(n, 32)
-        return q, d, (-8 * d if t == T.Q4_0 else _f16(blocks[:, 2:4]))
+        return (q, d, None, 8) if t == T.Q4_0 else (q, d, _f16(blocks[:, 2:4]), None)
     if t in (T.Q5_0, T.Q5_1):
         d = _f16(blocks[:, :2])
         off = 2 if t == T.Q5_0 else 4
         qh = _bits_of(blocks[:, off:off + 4].reshape(n, 4, 1), 8).reshape(n, 32)  # bit j of the u32 -> weight j
         q = _nibbles(blocks[:, off + 4:].view(n, 1, 16)).reshape(n, 32) | (qh << 4)
-        return q, d, (-16 * d if t == T.Q5_0 else _f16(blocks[:, 2:4]))
+        return (q, d, None, 16) if t == T.Q5_0 else (q, d, _f16(blocks[:, 2:4]), None)
     if t == T.Q2_K:
         scales, qs = blocks[:, :16], blocks[:, 16:80]
         d, dmin = _f16(blocks[:, 80:82]), _f16(blocks[:, 82:84])
         q = _bits_of(qs.reshape(n, 2, 32), 4, 2).reshape(n, 256)  # weight h·128 + s·32 + l
-        return q, d * (scales & 0x0F).float(), -dmin * (scales >> 4).float()
+        return q, d * (scales & 0x0F).float(), -dmin * (scales >> 4).float(), None
     if t == T.Q3_K:
         hmask, qs, s, d = blocks[:, :32], blocks[:, 32:96], blocks[:, 96:108], _f16(blocks[:, 108:110])
         low = torch.stack((s[:, :8] & 0x0F, s[:, :8] >> 4), dim=1).reshape(n, 16)
@@ -116,8 +118,7 @@ def decode(blocks: torch.Tensor, t: T) -> tuple[torch.Tensor, torch.Tensor, torc
         sc = (low | (high << 4)).float() - 32
         ql = _bits_of(qs.reshape(n, 2, 32), 4, 2).reshape(n, 256)
         qh = _bits_of(hmask.reshape(n, 1, 32), 8).reshape(n, 256)
-        a = d * sc
-        return ql | (qh << 2), a, -4 * a
+        return ql | (qh << 2), d * sc, None, 4
     if t in (T.Q4_K, T.Q5_K):
         d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
         sc, mn = _k_scale_min(blocks[:, 4:16])
@@ -125,13 +126,12 @@ def decode(blocks: torch.Tensor, t: T) -> tuple[torch.Tensor, torch.Tensor, torc
         q = _nibbles(qs.reshape(n, 4, 32)).reshape(n, 256)  # weight c·64 + nibble·32 + l
         if t == T.Q5_K:
             q = q | (_bits_of(blocks[:, 16:48].reshape(n, 1, 32), 8).reshape(n, 256) << 4)
-        return q, d * sc.float(), -dmin * mn.float()
+        return q, d * sc.float(), -dmin * mn.float(), None
     if t == T.Q6_K:
         ql, qh, sc, d = blocks[:, :128], blocks[:, 128:192], blocks[:, 192:208], _f16(blocks[:, 208:210])
         low = _nibbles(ql.reshape(n, 2, 64)).reshape(n, 256)  # weight h·128 + nibble·64 + l
         high = _bits_of(qh.reshape(n, 2, 32), 4, 2).reshape(n, 256)  # weight h·128 + s·32 + l
-        a = d * sc.view(torch.int8).float()
-        return low | (high << 4), a, -32 * a
+        return low | (high << 4), d * sc.view(torch.int8).float(), None, 32
     raise ValueError(f"no packed form for {type_name(t)}")
 
 
@@ -140,7 +140,11 @@ def to_quantized(raw: torch.Tensor, t: T, shape: tuple[int, int]) -> QuantizedWe
     bits, group = PACKED[t]
     out_f, in_f = shape
     bs, ts = GGML_QUANT_SIZES[t]
-    q, a, b = decode(raw.reshape(-1, ts), t)  # [N, K], [N, K/group] x 2
+    q, a, b, offset = decode(raw.reshape(-1, ts), t)  # [N, K], [N, K/group] x 2
+    if offset is not None:  # the zero is that integer exactly; only a is rounded (to fp16)
+        codes = q.reshape(out_f, in_f)
+        scale = a.reshape(out_f, -1).to(torch.float16)
+        return QuantizedWeight(pack(codes, bits), scale, torch.full_like(scale, offset), bits, group, (out_f, in_f))
     zero_scale = a == 0
     a16 = a.to(torch.float16).float()
     zero = torch.where(zero_scale, torch.ones_like(a), -b / torch.where(zero_scale, torch.ones_like(a), a16))

@@ -24,7 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from .. import arch
 from ..errors import OffloadMoeError
-from ..quant.format import INT_SETTINGS
+from ..quant.format import INT_SETTINGS, QuantSpec
 from ..quant.groupwise import QuantizedWeight
 from ..quant.mxfp4 import MXFP4Weight
 from ..quant.pack import pack, unpack
@@ -54,6 +54,9 @@ class GGUFCheckpoint:
         self.tensors = self.file.tensors
         self._check_types()
         self.config = config_from_gguf(self.file, header_quantization(self.file))
+        q = self.config.quantization  # what tune and quantize ask a checkpoint: its widths, or None
+        self.quant = None if q is None else QuantSpec({k: q[k] for k in ("experts", "attention", "embeddings")},
+                                                      q["group_size"], "gguf")
         import gguf
 
         self._map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_ARCH[self.config.model_type]),

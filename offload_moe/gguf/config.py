@@ -91,7 +91,7 @@ def config_from_gguf(f: GGUFFile, quantization: dict | None = None) -> ModelConf
             raw["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
     elif mt == "olmoe":
         raw |= {"num_experts": experts, "intermediate_size": expert_ff or ff, "norm_topk_prob": False,
-                "attention_bias": "blk.0.attn_q.bias" in f.tensors}
+                "attention_bias": "blk.0.attn_q.bias" in f.tensors, "clip_qkv": key("attention.clamp_kqv", None)}
     elif mt == "gpt_oss":
         layers = raw["num_hidden_layers"]
         raw |= {"num_local_experts": experts, "intermediate_size": expert_ff or ff, "sliding_window": window,

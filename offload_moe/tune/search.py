@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..api import DEMO_DIR, DTYPES, Progress, resolve_device
-from ..checkpoint import Checkpoint
+from ..sources import open_checkpoint
 from ..errors import OffloadMoeError
 from ..experts.layout import ExpertLayout
 from ..experts.weights import ExpertWeights
@@ -60,6 +60,8 @@ def _default_stages(cfg, fit: int, on_cuda: bool) -> list[list[Setting] | str]:
 def prompt_ids(ckpt) -> list[int]:
     """The fixed prompt: PROMPT_TEXT through the checkpoint's tokenizer, or without a tokenizer.json
     a fixed spread of 16 ids after BOS."""
+    if hasattr(ckpt, "tokenizer") and ckpt.tokenizer() is not None:  # a GGUF file's own
+        return ckpt.tokenizer().encode(PROMPT_TEXT)
     if (ckpt.path / "tokenizer.json").exists():
         return Tokenizer(ckpt.path).encode(PROMPT_TEXT)
     cfg = ckpt.config
@@ -106,7 +108,7 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
         raise OffloadMoeError(f"disk test size {disk_bytes:,} bytes: expected at least 1MiB")
     setting_seconds = setting_seconds or (20.0 if on_cuda else 8.0)
     time_budget = time_budget or (300.0 if on_cuda else 100.0)
-    ckpt = Checkpoint(model_path)
+    ckpt = open_checkpoint(model_path)
     cfg = ckpt.config
     bits = _checkpoint_bits(ckpt)
     # free VRAM now, in whole 10 MB: the profile's budget, so the slots chosen below fit it exactly
