@@ -67,3 +67,66 @@ def test_tokenization_equals_llama_tokenize(demo_files, fmt):
     theirs = [int(i) for i in re.findall(r"\d+", out.strip().splitlines()[-1])]
     ours = GGUFCheckpoint(demo_files[fmt]).tokenizer().encode(MIXED_TEXT)
     assert len(MIXED_TEXT) > 300 and ours == theirs
+
+
+# What llama.cpp's converter writes for each family, from tiny transformers models (vocabulary: the
+# demo's tokenizer, which the converter needs). Configs the converter carries over unchanged: it has
+# no dense layers for qwen*moe, drops OLMoE's clip_qkv, and llama.cpp fixes gpt-oss's SwiGLU clamp at 7.
+CONVERTER_FIXES = {"qwen3_moe": dict(mlp_only_layers=[]), "qwen2_moe": dict(decoder_sparse_step=1),
+                   "olmoe": dict(clip_qkv=None), "deepseek_v2": {}, "deepseek_v2_group": {},
+                   "gpt_oss": dict(swiglu_limit=7.0, rope_parameters=dict(
+                       rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                       original_max_position_embeddings=32))}
+
+
+def _converted(name, tmp_path):
+    import shutil
+
+    import transformers
+    from test_families import BASE, FAMILIES
+
+    prefix, overrides = FAMILIES[name]
+    config = getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides, "vocab_size": 4096,
+                                                         **CONVERTER_FIXES[name]})
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.normal_(1, 0.1) if pname.endswith("norm.weight") else p.normal_(0, 0.2)
+    d = tmp_path / "hf"
+    model.save_pretrained(d)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO_DIR / f, d / f)
+    return llamacpp_convert(d, tmp_path / f"{name}.gguf", "f32"), model
+
+
+@pytest.mark.parametrize("name", list(CONVERTER_FIXES))
+def test_every_family_as_the_converter_writes_it_matches_transformers(name, tmp_path):
+    path, model = _converted(name, tmp_path)
+    ids = torch.tensor([[1, 17, 42, 5, 66, 23, 9, 31]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    got = offload_moe.load(path, device="cpu", dtype="float32").logits(ids)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_gpt_oss_mxfp4_from_llama_quantize_stays_packed_and_exact(tmp_path):
+    import gguf
+    import numpy as np
+    from test_gguf import _dequantized_twin
+
+    path, _ = _converted("gpt_oss", tmp_path)
+    q = tmp_path / "gpt-oss-MXFP4.gguf"
+    subprocess.run([str(llamacpp_bin("llama-quantize")), str(path), str(q), "MXFP4_MOE", "2"], check=True,
+                   capture_output=True)
+    ckpt = GGUFCheckpoint(q)
+    t = ckpt.tensors["blk.1.ffn_gate_exps.weight"]
+    assert t.type == gguf.GGMLQuantizationType.MXFP4
+    w1 = ckpt.expert(1, 4)["w1"]
+    assert type(w1).__name__ == "MXFP4Weight"
+    assert np.array_equal(w1.dequantize().numpy(), gguf.quants.dequantize(np.array(t.data), t.type)[4])
+    ids = torch.tensor([[1, 17, 42, 5, 66, 23, 9, 31]])
+    twin = _dequantized_twin(q, tmp_path / "twin.gguf")
+    a = offload_moe.load(q, device="cpu", dtype="float32", cpu_experts="none").logits(ids)
+    b = offload_moe.load(twin, device="cpu", dtype="float32", cpu_experts="none").logits(ids)
+    assert (a - b).abs().max().item() < 1e-4
