@@ -49,13 +49,15 @@ def encode(data: np.ndarray, qtype, seed: int = 0) -> np.ndarray:
 
 
 def write_gguf(src: str | Path, out: str | Path, *, experts=T.F32, attention=T.F32, embeddings=T.F32,
-               tokenizer: bool = True, chat_template: str | None = None, version: int | None = None) -> Path:
-    """Convert checkpoint directory `src` (our tiny transformers checkpoints) into GGUF file `out`."""
+               tokenizer: bool = True, chat_template: str | None = None, version: int | None = None,
+               split_max_tensors: int = 0) -> Path:
+    """Convert checkpoint directory `src` (our tiny transformers checkpoints) into GGUF file `out`
+    (with split_max_tensors, a split set `out-0000i-of-0000N.gguf`; the first file is returned)."""
     ckpt = Checkpoint(src)
     c = ckpt.config
     arch = ARCH[c.model_type]
     names = gguf.get_tensor_name_map(arch, c.num_layers)
-    w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch])
+    w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[arch], split_max_tensors=split_max_tensors)
     w.add_block_count(c.num_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -111,6 +113,9 @@ def write_gguf(src: str | Path, out: str | Path, *, experts=T.F32, attention=T.F
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if split_max_tensors:
+        first = sorted(Path(out).parent.glob(Path(out).stem + "-00001-of-*.gguf"))
+        return first[0]
     if version is not None:  # a header version we do not read
         with open(out, "r+b") as f:
             f.seek(4)

@@ -261,13 +261,21 @@ def test_plan_and_info_read_the_header(demo_gguf):
 
 # ---------------------------------------------------------------- bad input
 
-def _one_line_error(path, *needles):
-    out = _cli("info", path)
-    assert out.returncode != 0
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
+def _one_line_error(path, *needles, commands=("info", "plan")):
+    """`offload-moe info PATH` and `plan PATH` exit non-zero with one line naming the file and the fault."""
+    import contextlib
+    import io
+
+    from offload_moe.cli.main import main
+
+    for command in commands:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = main([command, str(path), *(["--profile", "12gb"] if command == "plan" else [])])
+        lines = err.getvalue().strip().splitlines()
+        assert code != 0 and len(lines) == 1, err.getvalue()
+        for n in needles:
+            assert n in lines[0], lines[0]
 
 
 def test_wrong_magic(tmp_path):
@@ -293,6 +301,26 @@ def test_truncated_header(families, tmp_path):
     p = write_gguf(families["mixtral"][0], tmp_path / "h.gguf")
     p.write_bytes(p.read_bytes()[:300])
     _one_line_error(p, str(p))
+
+
+def test_unknown_ggml_type_number(families, tmp_path):
+    p = write_gguf(families["mixtral"][0], tmp_path / "u.gguf")
+    r = gguf.GGUFReader(p, "r+")
+    r.tensors[3].field.parts[4][0] = 99  # the tensor's ggml type
+    r.data.flush()
+    del r
+    _one_line_error(p, str(p), "ggml type 99")
+
+
+def test_split_sets_load_as_one_file(families, tmp_path):
+    d, model = families["mixtral"]
+    first = write_gguf(d, tmp_path / "s.gguf", experts=T.Q8_0, split_max_tensors=10)
+    files = sorted(tmp_path.glob("s-*-of-*.gguf"))
+    assert len(files) > 2 and first == files[0]
+    whole = write_gguf(d, tmp_path / "whole.gguf", experts=T.Q8_0)
+    assert torch.equal(_logits(files[1], IDS), _logits(whole, IDS))  # any shard names the set
+    files[-1].unlink()
+    _one_line_error(first, files[-1].name, "missing")
 
 
 def test_unknown_architecture(tmp_path):
@@ -330,7 +358,7 @@ def test_unknown_tensor_type_is_named(families, tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    _one_line_error(out, "blk.0.ffn_up_exps.weight", "IQ4_NL", "--requantize")
+    _one_line_error(out, "ffn_up_exps.weight", "IQ4_NL", "--requantize", commands=("info",))  # plan: header only
     ckpt = GGUFCheckpoint(out, requantize="int8")
     t = ckpt.tensors["blk.0.ffn_up_exps.weight"]
     reference = gguf.quants.dequantize(np.array(t.data), T.IQ4_NL)[2]

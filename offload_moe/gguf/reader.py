@@ -101,7 +101,7 @@ def _open(file: Path):
         reader = GGUFReader(file, "r")
     except ValueError as e:
         text = str(e)
-        unknown = re.search(r"(\d+) is not a valid GGMLQuantizationType", text)
+        unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", text)
         if unknown:
             raise OffloadMoeError(f"{file}: a tensor has ggml type {unknown[1]}, which is not known "
                                   "(a newer GGUF than the installed gguf package reads?)") from None
