@@ -19,7 +19,7 @@ from offload_moe.checkpoint import Checkpoint
 
 T = gguf.GGMLQuantizationType
 ARCH = {"mixtral": gguf.MODEL_ARCH.LLAMA, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
-        "olmoe": gguf.MODEL_ARCH.OLMOE}
+        "olmoe": gguf.MODEL_ARCH.OLMOE, "deepseek_v2": gguf.MODEL_ARCH.DEEPSEEK2, "gpt_oss": gguf.MODEL_ARCH.GPT_OSS}
 
 
 def llama_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -40,6 +40,8 @@ def random_blocks(shape: tuple[int, ...], qtype, seed: int = 0, scale: float = 0
 
 
 def encode(data: np.ndarray, qtype, seed: int = 0) -> np.ndarray:
+    if qtype == T.MXFP4:
+        return gguf.quants.quantize(data.astype(np.float32), qtype)
     if qtype in (T.F32, T.F16):
         return data.astype(np.float32 if qtype == T.F32 else np.float16)
     if qtype in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
@@ -71,6 +73,25 @@ def write_gguf(src: str | Path, out: str | Path, *, experts=T.F32, attention=T.F
     w.add_vocab_size(c.vocab_size)
     if c.model_type == "mixtral":
         w.add_rope_dimension_count(c.head_dim)
+    elif c.mla:  # DeepseekV2Model.set_gguf_parameters
+        m = c.mla
+        w.add_leading_dense_block_count(len(c.dense_layers))
+        if m.q_lora_rank:
+            w.add_q_lora_rank(m.q_lora_rank)
+        w.add_kv_lora_rank(m.kv_lora_rank)
+        w.add_key_length(m.kv_lora_rank + m.qk_rope_head_dim)
+        w.add_value_length(m.kv_lora_rank)
+        w.add_key_length_mla(m.qk_nope_head_dim + m.qk_rope_head_dim)
+        w.add_value_length_mla(m.v_head_dim)
+        w.add_expert_feed_forward_length(c.intermediate_size)
+        w.add_expert_shared_count(c.shared_expert_size // c.intermediate_size)
+        w.add_expert_weights_scale(c.routed_scaling_factor)
+        if c.norm_topk_prob:
+            w.add_expert_weights_norm(True)
+        w.add_rope_dimension_count(m.qk_rope_head_dim)
+        if c.n_group > 1:
+            w.add_expert_group_count(c.n_group)
+            w.add_expert_group_used_count(c.topk_group)
     else:
         w.add_expert_feed_forward_length(c.intermediate_size)
         w.add_key_length(c.head_dim)
@@ -79,6 +100,16 @@ def write_gguf(src: str | Path, out: str | Path, *, experts=T.F32, attention=T.F
         w.add_expert_shared_feed_forward_length(c.shared_expert_size)
     if c.sliding_window:
         w.add_sliding_window(c.sliding_window)
+    if c.rope_scaling:
+        y = c.rope_scaling
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(y["factor"])
+        w.add_rope_scaling_orig_ctx_len(y["original_max_position_embeddings"])
+        for key, add in (("beta_fast", w.add_rope_scaling_yarn_beta_fast), ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            if y.get(key) is not None:
+                add(y[key])
+        if y.get("mscale_all_dim"):
+            w.add_rope_scaling_yarn_log_mul(0.1 * y["mscale_all_dim"])
     if c.clip_qkv:
         w.add_clamp_kqv(c.clip_qkv)
     if c.model_type == "qwen3_moe":
@@ -92,8 +123,17 @@ def write_gguf(src: str | Path, out: str | Path, *, experts=T.F32, attention=T.F
     seed = 0
     for name, shape in ckpt.expected_shapes().items():
         base, _, suffix = name.rpartition(".")
+        if suffix not in ("weight", "bias"):  # gpt-oss's self_attn.sinks
+            base, suffix = name, "weight"
         gname = f"{names.get_name(base) or gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_layers).get_name(base)}.{suffix}"
         data = ckpt.get(name).float().numpy()
+        if name.endswith("kv_b_proj.weight"):  # split as DeepseekV2Model.modify_tensors does
+            m = c.mla
+            kv_b = data.reshape(c.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+            k_b, v_b = kv_b[:, :m.qk_nope_head_dim], kv_b[:, m.qk_nope_head_dim:]
+            w.add_tensor(gname.replace("attn_kv_b", "attn_k_b"), np.ascontiguousarray(k_b.transpose(0, 2, 1)))
+            w.add_tensor(gname.replace("attn_kv_b", "attn_v_b"), np.ascontiguousarray(v_b))
+            continue
         if c.model_type == "mixtral" and name.endswith(("q_proj.weight", "k_proj.weight")):
             data = llama_permute(data, c.num_heads if ".q_proj." in name else c.num_kv_heads)
         qtype = T.F32
@@ -104,11 +144,13 @@ def write_gguf(src: str | Path, out: str | Path, *, experts=T.F32, attention=T.F
         seed += 1
         w.add_tensor(gname, encode(data, qtype, seed), raw_dtype=qtype)
     for i in c.moe_layers:
-        stacked = {m: np.stack([ckpt.expert(i, e)[m].float().numpy() for e in range(c.num_experts)])
-                   for m in ("w1", "w3", "w2")}
-        for m, stem in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
+        parts = [ckpt.expert(i, e) for e in range(c.num_experts)]
+        for m, b, stem in (("w1", "b1", "ffn_gate_exps"), ("w3", "b3", "ffn_up_exps"), ("w2", "b2", "ffn_down_exps")):
             seed += 1
-            w.add_tensor(f"blk.{i}.{stem}.weight", encode(stacked[m], experts, seed), raw_dtype=experts)
+            stacked = np.stack([p[m].float().numpy() for p in parts])
+            w.add_tensor(f"blk.{i}.{stem}.weight", encode(stacked, experts, seed), raw_dtype=experts)
+            if b in parts[0]:  # gpt-oss
+                w.add_tensor(f"blk.{i}.{stem}.bias", np.stack([p[b].float().numpy() for p in parts]))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

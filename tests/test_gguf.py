@@ -72,10 +72,16 @@ def test_widening_keeps_the_values():
 
 # ---------------------------------------------------------------- families
 
-FAMILY_CASES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe"]
+FAMILY_CASES = ["mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v2_group", "gpt_oss"]
 GGUF_WIDTHS = {"qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=32),
                "olmoe": dict(intermediate_size=32),
-               "qwen2_moe": dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64)}
+               "qwen2_moe": dict(intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+               "deepseek_v2": dict(moe_intermediate_size=32, intermediate_size=64),
+               "deepseek_v2_group": dict(moe_intermediate_size=32, intermediate_size=64),
+               # llama.cpp fixes gpt-oss's SwiGLU clamp at 7 and truncates YaRN's correction range
+               "gpt_oss": dict(swiglu_limit=7.0, rope_parameters=dict(
+                   rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
+                   original_max_position_embeddings=32))}
 
 
 def _hf_dir(name: str, tmp_path_factory):
@@ -148,7 +154,8 @@ def _dequantized_twin(path: Path, out: Path) -> Path:
 @pytest.mark.parametrize("name,experts,attention", [
     ("mixtral", T.Q4_K, T.Q8_0), ("mixtral", T.Q6_K, T.Q4_0), ("mixtral", T.Q3_K, T.Q5_1),
     ("mixtral", T.Q2_K, T.Q4_1), ("mixtral", T.Q5_K, T.Q5_0), ("mixtral", T.Q8_0, T.Q4_K),
-    ("qwen3_moe", T.Q4_0, T.Q8_0), ("olmoe", T.Q8_0, T.Q8_0), ("qwen2_moe", T.Q4_1, T.Q8_0)],
+    ("qwen3_moe", T.Q4_0, T.Q8_0), ("olmoe", T.Q8_0, T.Q8_0), ("qwen2_moe", T.Q4_1, T.Q8_0),
+    ("deepseek_v2", T.Q8_0, T.F32), ("gpt_oss", T.MXFP4, T.Q8_0)],
     ids=lambda v: v if isinstance(v, str) else v.name)
 def test_quantized_gguf_matches_its_dequantized_weights(families, name, experts, attention, tmp_path):
     d, _ = families[name]
@@ -167,7 +174,7 @@ def test_quantized_gguf_matches_its_dequantized_weights(families, name, experts,
     twin = _dequantized_twin(path, tmp_path / "twin.gguf")
     expected = _logits(twin, IDS)
     got = _logits(path, IDS)
-    tol = 1e-4 if experts in EXACT and attention in EXACT else 2e-2 * expected.abs().max().item()
+    tol = 1e-4 if {experts, attention} <= {*EXACT, T.F32, T.MXFP4} else 2e-2 * expected.abs().max().item()
     assert (got - expected).abs().max().item() < tol
 
 
