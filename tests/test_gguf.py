@@ -374,3 +374,23 @@ def test_unknown_tensor_type_is_named(families, tmp_path):
     assert np.abs(w3.dequantize().numpy() - reference).max() <= np.abs(reference).max() / 100
     with pytest.raises(OffloadMoeError, match="IQ4_NL"):
         offload_moe.load(out, device="cpu")
+
+
+def test_quantize_takes_a_gguf_source(demo_gguf, tmp_path):
+    """An F32 GGUF quantizes to the same tensors as the checkpoint it came from; a Q8_0 one is
+    dequantized first, and the copy keeps the file's tokenizer and chat template."""
+    from safetensors.torch import load_file
+
+    from offload_moe.quant.convert import quantize
+
+    f32 = write_gguf(DEMO_DIR, tmp_path / "demo-f32.gguf")
+    settings = dict(experts="int4", attention="int8", embeddings="bf16", group_size=32, method="rtn", device="cpu")
+    a = quantize(f32, tmp_path / "from-gguf", **settings)
+    b = quantize(DEMO_DIR, tmp_path / "from-dir", **settings)
+    for shard in sorted(b.glob("*.safetensors")):
+        ta, tb = load_file(a / shard.name), load_file(shard)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in tb)
+    c = quantize(demo_gguf, tmp_path / "from-q8", **settings)
+    model = offload_moe.load(c, device="cpu")
+    assert model.tokenizer.encode(MIXED_TEXT) == Tokenizer(DEMO_DIR).encode(MIXED_TEXT)
+    assert model.tokenizer.render_chat([{"role": "user", "content": "Hi"}]) == "<|user|>Hi\n<|assistant|>"

@@ -201,6 +201,22 @@ class GGUFCheckpoint:
             qw = blocks.requantized(t.data[expert], T(t.type), shape, self.requantize)
         return widen(qw, target[1], target[2])
 
+    def config_json(self) -> dict:
+        """What a checkpoint directory's config.json would say (for `quantize` with a GGUF source)."""
+        from .config import config_json
+
+        return config_json(self.file)
+
+    def float_expert(self, layer: int, expert: int) -> dict:
+        """One expert with every matrix as float32 (dequantized by the gguf package where packed)."""
+        out = {}
+        for w, stem in EXPERT_MATRICES.items():
+            out[w] = _floats(self.tensors[f"blk.{layer}.{stem}.weight"], expert)
+        if self.config.family.expert_bias:
+            for b, stem in EXPERT_BIASES.items():
+                out[b] = _floats(self.tensors[f"blk.{layer}.{stem}.bias"], expert)
+        return out
+
     def tokenizer(self):
         """The file's own tokenizer and chat template (None when it has no vocabulary)."""
         from .tokenizer import GGUFTokenizer

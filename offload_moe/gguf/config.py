@@ -32,6 +32,14 @@ def model_type(f: GGUFFile) -> str:
 
 def config_from_gguf(f: GGUFFile, quantization: dict | None = None) -> ModelConfig:
     """The model's config from the header alone (tensor shapes settle the vocabulary and tying)."""
+    raw = config_json(f)
+    if quantization is not None:
+        raw["quantization_config"] = quantization
+    return ModelConfig.from_dict(raw, source=str(f.path))
+
+
+def config_json(f: GGUFFile) -> dict:
+    """The config.json (transformers' keys) our parsers read, rebuilt from the header."""
     mt = model_type(f)
     arch = f.get("general.architecture")
 
@@ -69,7 +77,6 @@ def config_from_gguf(f: GGUFFile, quantization: dict | None = None) -> ModelConf
         "eos_token_id": eos,
         "torch_dtype": FLOAT_NAMES.get(embd.type, "float16"),
         "num_experts_per_tok": key("expert_used_count"),
-        "quantization_config": quantization,
     }
     experts = key("expert_count")
     expert_ff = key("expert_feed_forward_length", None)
@@ -127,5 +134,4 @@ def config_from_gguf(f: GGUFFile, quantization: dict | None = None) -> ModelConf
     elif scaling not in (None, "none"):
         raise OffloadMoeError(f"{f.path}: {arch}.rope.scaling.type = {scaling!r} is not supported "
                               "(supported: none, yarn)")
-    raw = {k: v for k, v in raw.items() if v is not None}
-    return ModelConfig.from_dict(raw, source=str(f.path))
+    return {k: v for k, v in raw.items() if v is not None}

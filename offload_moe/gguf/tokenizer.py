@@ -59,20 +59,25 @@ class GGUFTokenizer(Tokenizer):
         bos, eos = f.get("tokenizer.ggml.bos_token_id"), f.get("tokenizer.ggml.eos_token_id")
         self.bos_token = tokens[bos] if isinstance(bos, int) and bos < len(tokens) else None
         self.eos_token = tokens[eos] if isinstance(eos, int) and eos < len(tokens) else None
-        self.add_bos = f.get("tokenizer.ggml.add_bos_token", model == "llama")
-        self.add_eos = f.get("tokenizer.ggml.add_eos_token", False)
-        self.bos_id, self.eos_id = bos, eos
+        # BOS / EOS as llama.cpp adds them with `add_special` (tokenizer.ggml.add_bos_token, ...)
+        from tokenizers import processors
+
+        add_bos = bool(f.get("tokenizer.ggml.add_bos_token", model == "llama")) and self.bos_token is not None
+        add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False)) and self.eos_token is not None
+        if add_bos or add_eos:
+            single = " ".join([f"{self.bos_token}:0"] * add_bos + ["$A:0"] + [f"{self.eos_token}:0"] * add_eos)
+            backend.post_processor = processors.TemplateProcessing(
+                single=single, pair=f"{single} $B:1",
+                special_tokens=[(self.bos_token, bos)] * add_bos + [(self.eos_token, eos)] * add_eos)
         self.chat_template = f.get("tokenizer.chat_template")
         self.source = f"{f.path} (tokenizer.chat_template)"
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """As llama.cpp tokenizes with `add_special` (BOS/EOS as the file says) and `parse_special`."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens and self.add_bos and self.bos_id is not None:
-            ids = [self.bos_id] + ids
-        if add_special_tokens and self.add_eos and self.eos_id is not None:
-            ids = ids + [self.eos_id]
-        return ids
+    def files(self) -> dict[str, str]:
+        """tokenizer.json and tokenizer_config.json that `text.Tokenizer` reads back the same."""
+        import json
+
+        config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": self.chat_template}
+        return {"tokenizer.json": self.backend.to_str(), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
 
 
 def _bpe(f: GGUFFile, tokens: list[str]):
