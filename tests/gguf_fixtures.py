@@ -234,3 +234,45 @@ def llamacpp_convert(src: Path, out: Path, outtype: str = "f32") -> Path:
     subprocess.run([sys.executable, "-c", CONVERT, str(llamacpp_dir()), str(src), "--outtype", outtype,
                     "--outfile", str(out)], check=True, capture_output=True)
     return out
+
+
+def write_spm_vocab(out: Path, corpus: str) -> Path:
+    """A vocabulary-only llama GGUF with a SentencePiece-style vocabulary (tokens, scores, types) as a
+    trained one has it: every character of the corpus a piece, byte fallback for the rest, and the
+    frequent substrings of its U+2581-prefixed words, scored by rank."""
+    import re
+
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    counts: dict[str, int] = {}
+    for word in re.findall(r"\S+", corpus):
+        w = "\u2581" + word
+        for i in range(len(w)):
+            for j in range(i + 2, min(len(w), i + 5) + 1):
+                counts[w[i:j]] = counts.get(w[i:j], 0) + 1
+    chars = sorted({c for c in corpus.replace(" ", "\u2581") if ord(c) < 0x2000 or c == "\u2581"})  # not CJK/emoji
+    pieces = chars + [p for p in sorted(counts, key=lambda p: (-counts[p] * len(p), p)) if set(p) <= set(chars)][:600]
+    tokens += pieces
+    types += [gguf.TokenType.NORMAL] * len(pieces)
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_expert_count(2)
+    w.add_expert_used_count(1)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(out)

@@ -394,3 +394,18 @@ def test_quantize_takes_a_gguf_source(demo_gguf, tmp_path):
     model = offload_moe.load(c, device="cpu")
     assert model.tokenizer.encode(MIXED_TEXT) == Tokenizer(DEMO_DIR).encode(MIXED_TEXT)
     assert model.tokenizer.render_chat([{"role": "user", "content": "Hi"}]) == "<|user|>Hi\n<|assistant|>"
+
+
+def test_sentencepiece_vocabulary_from_the_header(tmp_path):
+    """Tokens and scores (tokenizer.ggml.model = llama): pieces by score, a leading U+2581, byte
+    fallback for characters that are no piece; decoding gives the text back. (Against llama-tokenize:
+    test_gguf_llamacpp.py.)"""
+    from gguf_fixtures import write_spm_vocab
+
+    from offload_moe.gguf import GGUFFile, GGUFTokenizer
+
+    tok = GGUFTokenizer(GGUFFile(write_spm_vocab(tmp_path / "spm.gguf", MIXED_TEXT)))
+    ids = tok.encode(MIXED_TEXT)
+    assert ids[0] == 1 and tok.decode(ids) == MIXED_TEXT
+    pieces = [tok.backend.id_to_token(i) for i in tok.encode("Juliet 東", add_special_tokens=False)]
+    assert "".join(pieces[:-3]) == "\u2581Juliet\u2581" and pieces[-3:] == ["<0xE6>", "<0x9D>", "<0xB1>"]

@@ -130,3 +130,16 @@ def test_gpt_oss_mxfp4_from_llama_quantize_stays_packed_and_exact(tmp_path):
     a = offload_moe.load(q, device="cpu", dtype="float32", cpu_experts="none").logits(ids)
     b = offload_moe.load(twin, device="cpu", dtype="float32", cpu_experts="none").logits(ids)
     assert (a - b).abs().max().item() < 1e-4
+
+
+def test_sentencepiece_vocabulary_tokenizes_as_llama_tokenize(tmp_path):
+    from gguf_fixtures import write_spm_vocab
+
+    from offload_moe.gguf import GGUFFile, GGUFTokenizer
+
+    corpus = MIXED_TEXT + " the quick brown fox jumps over the lazy dog, and the window breaks; what light is this"
+    path = write_spm_vocab(tmp_path / "spm.gguf", corpus)
+    out = subprocess.run([str(llamacpp_bin("llama-tokenize")), "-m", str(path), "-p", MIXED_TEXT, "--ids",
+                          "--log-disable"], capture_output=True, text=True, timeout=120, check=True).stdout
+    theirs = [int(i) for i in re.findall(r"\d+", out.strip().splitlines()[-1])]
+    assert GGUFTokenizer(GGUFFile(path)).encode(MIXED_TEXT) == theirs
