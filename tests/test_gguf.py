@@ -185,8 +185,8 @@ def test_offloaded_equals_resident_bitwise(families, name, tmp_path):
     resident = offload_moe.load(path, device="cpu", dtype="float32", cpu_experts="none")
     offloaded = offload_moe.load(path, device="cpu", dtype="float32", cache_slots=2, cpu_experts="none")
     assert torch.equal(resident.logits(IDS), offloaded.logits(IDS))
-    a = resident.generate(IDS[0].tolist(), max_new_tokens=12, temperature=0, ignore_eos=True).token_ids
-    b = offloaded.generate(IDS[0].tolist(), max_new_tokens=12, temperature=0, ignore_eos=True).token_ids
+    a = resident.generate(IDS[0].tolist(), max_new_tokens=4, temperature=0, ignore_eos=True).token_ids
+    b = offloaded.generate(IDS[0].tolist(), max_new_tokens=4, temperature=0, ignore_eos=True).token_ids
     assert a == b
 
 
@@ -244,10 +244,10 @@ def test_a_lone_gguf_chats_with_its_own_template(demo_gguf, tmp_path):
     prompt = model.tokenizer.render_chat([{"role": "user", "content": "Hello"}])
     assert prompt == "<|user|>Hello\n<|assistant|>"
     out = subprocess.run([sys.executable, "-m", "offload_moe", "chat", "--model", str(lone), "--device", "cpu",
-                          "--temperature", "0", "--max-new-tokens", "8"], input="Hello\n", capture_output=True,
+                          "--temperature", "0", "--max-new-tokens", "4"], input="Hello\n", capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    expected = model.generate(model.tokenizer.encode(prompt, add_special_tokens=False), max_new_tokens=8,
+    expected = model.generate(model.tokenizer.encode(prompt, add_special_tokens=False), max_new_tokens=4,
                               temperature=0).text
     assert expected.strip() and expected.strip() in out.stdout
 
