@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .api import _GenerationRun
+from .api import GenerationRun
 from .errors import OffloadMoeError
 
 
@@ -34,7 +34,7 @@ class ChatSession:
     (max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos), checked here."""
 
     def __init__(self, model, *, system: str | None = None, **generation):
-        _GenerationRun(model, [0], **generation)  # bad sampling settings fail here, not on every turn
+        GenerationRun(model, [0], **generation)  # bad sampling settings fail here, not on every turn
         self.model = model
         self.system = system or None
         self.generation = dict(generation)

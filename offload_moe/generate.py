@@ -18,10 +18,14 @@ from .model import Transformer
 
 @dataclass(frozen=True)
 class Sampling:
+    """How a token is drawn. These defaults are the library's, the CLI's and the server's."""
     temperature: float = 0.7   # 0 means greedy
     top_p: float = 0.95
     top_k: int = 0             # 0 means no top-k cut
     seed: int | None = None
+
+
+DEFAULT_SAMPLING = Sampling()
 
 
 def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:

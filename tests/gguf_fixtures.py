@@ -276,3 +276,12 @@ def write_spm_vocab(out: Path, corpus: str) -> Path:
     w.write_tensors_to_file()
     w.close()
     return Path(out)
+
+
+def gguf_tokenizer(path):
+    """`text.Tokenizer` from a GGUF header alone (no weights needed: vocabulary-only files too)."""
+    from offload_moe.gguf import GGUFFile, tokenizer_parts
+    from offload_moe.text import Tokenizer
+
+    p = tokenizer_parts(GGUFFile(path))
+    return Tokenizer.from_parts(p.backend, p.bos_token, p.eos_token, p.chat_template, p.source)

@@ -18,9 +18,10 @@ from test_families import BASE, FAMILIES
 
 import offload_moe
 from offload_moe import OffloadMoeError
-from offload_moe.api import DEMO_DIR
+from offload_moe.runtime import DEMO_DIR
 from offload_moe.checkpoint import Checkpoint
 from offload_moe.gguf import GGUFCheckpoint, blocks
+from offload_moe.sources import open_tokenizer
 from offload_moe.text import Tokenizer
 
 EXACT = [T.Q8_0, T.Q4_0, T.Q5_0]                          # one fp16 scale and an integer zero
@@ -230,7 +231,7 @@ def demo_gguf(tmp_path_factory):
 
 
 def test_tokenizer_from_the_header_equals_tokenizer_json(demo_gguf):
-    ours = GGUFCheckpoint(demo_gguf).tokenizer()
+    ours = open_tokenizer(GGUFCheckpoint(demo_gguf))
     reference = Tokenizer(DEMO_DIR)
     assert ours.encode(MIXED_TEXT) == reference.encode(MIXED_TEXT)
     assert ours.decode(ours.encode(MIXED_TEXT)) == reference.decode(reference.encode(MIXED_TEXT))
@@ -381,7 +382,7 @@ def test_quantize_takes_a_gguf_source(demo_gguf, tmp_path):
     dequantized first, and the copy keeps the file's tokenizer and chat template."""
     from safetensors.torch import load_file
 
-    from offload_moe.quant.convert import quantize
+    from offload_moe.tools.convert import quantize
 
     f32 = write_gguf(DEMO_DIR, tmp_path / "demo-f32.gguf")
     settings = dict(experts="int4", attention="int8", embeddings="bf16", group_size=32, method="rtn", device="cpu")
@@ -400,11 +401,9 @@ def test_sentencepiece_vocabulary_from_the_header(tmp_path):
     """Tokens and scores (tokenizer.ggml.model = llama): pieces by score, a leading U+2581, byte
     fallback for characters that are no piece; decoding gives the text back. (Against llama-tokenize:
     test_gguf_llamacpp.py.)"""
-    from gguf_fixtures import write_spm_vocab
+    from gguf_fixtures import gguf_tokenizer, write_spm_vocab
 
-    from offload_moe.gguf import GGUFFile, GGUFTokenizer
-
-    tok = GGUFTokenizer(GGUFFile(write_spm_vocab(tmp_path / "spm.gguf", MIXED_TEXT)))
+    tok = gguf_tokenizer(write_spm_vocab(tmp_path / "spm.gguf", MIXED_TEXT))
     ids = tok.encode(MIXED_TEXT)
     assert ids[0] == 1 and tok.decode(ids) == MIXED_TEXT
     pieces = [tok.backend.id_to_token(i) for i in tok.encode("Juliet 東", add_special_tokens=False)]

@@ -13,8 +13,9 @@ from gguf_fixtures import llamacpp_bin, llamacpp_convert, llamacpp_dir
 from test_gguf import MIXED_TEXT
 
 import offload_moe
-from offload_moe.api import DEMO_DIR
+from offload_moe.runtime import DEMO_DIR
 from offload_moe.gguf import GGUFCheckpoint
+from offload_moe.sources import open_tokenizer
 
 pytestmark = pytest.mark.skipif(
     llamacpp_dir() is None or not all(llamacpp_bin(b) for b in ("llama-quantize", "llama-simple", "llama-tokenize")),
@@ -65,7 +66,7 @@ def test_tokenization_equals_llama_tokenize(demo_files, fmt):
     out = subprocess.run([str(llamacpp_bin("llama-tokenize")), "-m", str(demo_files[fmt]), "-p", MIXED_TEXT,
                           "--ids", "--log-disable"], capture_output=True, text=True, timeout=120, check=True).stdout
     theirs = [int(i) for i in re.findall(r"\d+", out.strip().splitlines()[-1])]
-    ours = GGUFCheckpoint(demo_files[fmt]).tokenizer().encode(MIXED_TEXT)
+    ours = open_tokenizer(GGUFCheckpoint(demo_files[fmt])).encode(MIXED_TEXT)
     assert len(MIXED_TEXT) > 300 and ours == theirs
 
 
@@ -133,13 +134,11 @@ def test_gpt_oss_mxfp4_from_llama_quantize_stays_packed_and_exact(tmp_path):
 
 
 def test_sentencepiece_vocabulary_tokenizes_as_llama_tokenize(tmp_path):
-    from gguf_fixtures import write_spm_vocab
-
-    from offload_moe.gguf import GGUFFile, GGUFTokenizer
+    from gguf_fixtures import gguf_tokenizer, write_spm_vocab
 
     corpus = MIXED_TEXT + " the quick brown fox jumps over the lazy dog, and the window breaks; what light is this"
     path = write_spm_vocab(tmp_path / "spm.gguf", corpus)
     out = subprocess.run([str(llamacpp_bin("llama-tokenize")), "-m", str(path), "-p", MIXED_TEXT, "--ids",
                           "--log-disable"], capture_output=True, text=True, timeout=120, check=True).stdout
     theirs = [int(i) for i in re.findall(r"\d+", out.strip().splitlines()[-1])]
-    assert GGUFTokenizer(GGUFFile(path)).encode(MIXED_TEXT) == theirs
+    assert gguf_tokenizer(path).encode(MIXED_TEXT) == theirs

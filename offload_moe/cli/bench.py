@@ -14,6 +14,7 @@ from rich.text import Text
 
 from ..bench import run_bench
 from ..errors import OffloadMoeError
+from ..runtime import DEMO_DIR
 from ..synthetic import KNOWN_MODELS, SyntheticCheckpoint
 from .console import human_bytes, progress_bar, stdout
 
@@ -69,7 +70,6 @@ def run(args) -> int:
     else:
         if args.layers is not None or args.scale != 1.0:
             raise OffloadMoeError("--layers and --scale apply to --synthetic models only")
-        from ..api import DEMO_DIR
         source = args.model or DEMO_DIR
         if args.model is None and not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing; give --model or --synthetic")

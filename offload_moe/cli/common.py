@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import load
+from ..generate import DEFAULT_SAMPLING
 from .console import progress_bar
 
 
@@ -28,8 +29,9 @@ def add_model_arguments(p):
 
 def add_sampling_arguments(p):
     p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 is greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95, metavar="P")
+    p.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature, metavar="T",
+                   help=f"0 is greedy (default {DEFAULT_SAMPLING.temperature})")
+    p.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p, metavar="P")
     p.add_argument("--top-k", type=int, default=0, metavar="K")
     p.add_argument("--seed", type=int, default=None, metavar="S")
 

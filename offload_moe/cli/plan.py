@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from ..planner import auto_profile, plan
+from ..profiles import list_profiles, load_profile
 from ..sources import load_config
-from ..planner import plan
-from ..profiles import auto_profile, list_profiles, load_profile
 from .console import stdout
 
 

@@ -11,7 +11,7 @@ from rich.progress import Progress
 
 from ..checkpoint import Checkpoint
 from ..sources import open_checkpoint
-from ..quant.convert import quantize
+from ..tools.convert import quantize
 from ..quant.format import SETTINGS
 from .console import byte_progress_columns, human_bytes, stderr, stdout
 

@@ -9,6 +9,6 @@ onto our packed formats (blocks.py), the tokenizer and chat template come from t
 
 from .checkpoint import GGUFCheckpoint
 from .reader import GGUFFile, is_gguf
-from .tokenizer import GGUFTokenizer
+from .tokenizer import TokenizerParts, tokenizer_parts
 
-__all__ = ["GGUFCheckpoint", "GGUFFile", "GGUFTokenizer", "is_gguf"]
+__all__ = ["GGUFCheckpoint", "GGUFFile", "TokenizerParts", "is_gguf", "tokenizer_parts"]

@@ -217,11 +217,11 @@ class GGUFCheckpoint:
                 out[b] = _floats(self.tensors[f"blk.{layer}.{stem}.bias"], expert)
         return out
 
-    def tokenizer(self):
-        """The file's own tokenizer and chat template (None when it has no vocabulary)."""
-        from .tokenizer import GGUFTokenizer
+    def tokenizer_parts(self):
+        """The file's own tokenizer and chat template (`tokenizer.TokenizerParts`; None without a vocabulary)."""
+        from .tokenizer import tokenizer_parts
 
-        return GGUFTokenizer(self.file) if self.file.get("tokenizer.ggml.tokens") else None
+        return tokenizer_parts(self.file) if self.file.get("tokenizer.ggml.tokens") else None
 
     # ---- facts for `info` ----
     def bytes_by_kind(self) -> dict[str, int]:

@@ -11,8 +11,9 @@ Control and user-defined tokens (token types 3 and 4) are matched whole, as adde
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import OffloadMoeError
-from ..text import Tokenizer
 from .reader import GGUFFile
 
 _CONTRACTIONS = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
@@ -34,43 +35,14 @@ PRE_SPLITS = {"gpt-2": [_GPT2], "olmo": [_GPT2], "mpt": [_GPT2], "phi-2": [_GPT2
 CONTROL, USER_DEFINED = 3, 4
 
 
-class GGUFTokenizer(Tokenizer):
-    """`text.Tokenizer` built from a GGUF header instead of tokenizer.json / tokenizer_config.json."""
-
-    def __init__(self, f: GGUFFile):
-        tokens = f.get("tokenizer.ggml.tokens")
-        model = f.get("tokenizer.ggml.model")
-        if not isinstance(tokens, list) or not tokens:
-            raise OffloadMoeError(f"{f.path}: no tokenizer.ggml.tokens, so text cannot be tokenized")
-        types = f.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        if model == "gpt2":
-            backend = _bpe(f, tokens)
-        elif model == "llama":
-            backend = _spm(f, tokens, types)
-        else:
-            raise OffloadMoeError(f"{f.path}: tokenizer.ggml.model = {model!r} is not supported "
-                                  "(supported: gpt2, llama)")
-        from tokenizers import AddedToken
-
-        special = [AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
-                   for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)]
-        backend.add_special_tokens(special)
-        self.backend = backend
-        bos, eos = f.get("tokenizer.ggml.bos_token_id"), f.get("tokenizer.ggml.eos_token_id")
-        self.bos_token = tokens[bos] if isinstance(bos, int) and bos < len(tokens) else None
-        self.eos_token = tokens[eos] if isinstance(eos, int) and eos < len(tokens) else None
-        # BOS / EOS as llama.cpp adds them with `add_special` (tokenizer.ggml.add_bos_token, ...)
-        from tokenizers import processors
-
-        add_bos = bool(f.get("tokenizer.ggml.add_bos_token", model == "llama")) and self.bos_token is not None
-        add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False)) and self.eos_token is not None
-        if add_bos or add_eos:
-            single = " ".join([f"{self.bos_token}:0"] * add_bos + ["$A:0"] + [f"{self.eos_token}:0"] * add_eos)
-            backend.post_processor = processors.TemplateProcessing(
-                single=single, pair=f"{single} $B:1",
-                special_tokens=[(self.bos_token, bos)] * add_bos + [(self.eos_token, eos)] * add_eos)
-        self.chat_template = f.get("tokenizer.chat_template")
-        self.source = f"{f.path} (tokenizer.chat_template)"
+@dataclass
+class TokenizerParts:
+    """What `text.Tokenizer.from_parts` takes: a `tokenizers.Tokenizer`, special tokens, the template."""
+    backend: object
+    bos_token: str | None
+    eos_token: str | None
+    chat_template: str | None
+    source: str
 
     def files(self) -> dict[str, str]:
         """tokenizer.json and tokenizer_config.json that `text.Tokenizer` reads back the same."""
@@ -78,6 +50,42 @@ class GGUFTokenizer(Tokenizer):
 
         config = {"bos_token": self.bos_token, "eos_token": self.eos_token, "chat_template": self.chat_template}
         return {"tokenizer.json": self.backend.to_str(), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
+
+
+def tokenizer_parts(f: GGUFFile) -> TokenizerParts:
+    """The header's tokenizer (`tokenizer.ggml.*`) and chat template."""
+    tokens = f.get("tokenizer.ggml.tokens")
+    model = f.get("tokenizer.ggml.model")
+    if not isinstance(tokens, list) or not tokens:
+        raise OffloadMoeError(f"{f.path}: no tokenizer.ggml.tokens, so text cannot be tokenized")
+    types = f.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if model == "gpt2":
+        backend = _bpe(f, tokens)
+    elif model == "llama":
+        backend = _spm(f, tokens, types)
+    else:
+        raise OffloadMoeError(f"{f.path}: tokenizer.ggml.model = {model!r} is not supported "
+                              "(supported: gpt2, llama)")
+    from tokenizers import AddedToken
+
+    special = [AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
+               for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)]
+    backend.add_special_tokens(special)
+    bos, eos = f.get("tokenizer.ggml.bos_token_id"), f.get("tokenizer.ggml.eos_token_id")
+    bos_token = tokens[bos] if isinstance(bos, int) and bos < len(tokens) else None
+    eos_token = tokens[eos] if isinstance(eos, int) and eos < len(tokens) else None
+    # BOS / EOS as llama.cpp adds them with `add_special` (tokenizer.ggml.add_bos_token, ...)
+    from tokenizers import processors
+
+    add_bos = bool(f.get("tokenizer.ggml.add_bos_token", model == "llama")) and bos_token is not None
+    add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False)) and eos_token is not None
+    if add_bos or add_eos:
+        single = " ".join([f"{bos_token}:0"] * add_bos + ["$A:0"] + [f"{eos_token}:0"] * add_eos)
+        backend.post_processor = processors.TemplateProcessing(
+            single=single, pair=f"{single} $B:1",
+            special_tokens=[(bos_token, bos)] * add_bos + [(eos_token, eos)] * add_eos)
+    return TokenizerParts(backend, bos_token, eos_token, f.get("tokenizer.chat_template"),
+                          f"{f.path} (tokenizer.chat_template)")
 
 
 def _bpe(f: GGUFFile, tokens: list[str]):

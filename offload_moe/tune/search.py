@@ -13,15 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..api import DEMO_DIR, DTYPES, Progress, resolve_device
-from ..sources import open_checkpoint
+from ..runtime import DTYPES, Progress, demo_dir, fmt_bytes, resolve_device
+from ..sources import open_checkpoint, open_tokenizer
 from ..errors import OffloadMoeError
 from ..experts.layout import ExpertLayout
-from ..experts.weights import ExpertWeights
+from ..experts.interface import ExpertWeights
 from ..loader import load
-from ..planner import checkpoint_float_bits, fmt_bytes, plan
+from ..planner import checkpoint_float_bits, plan
 from ..profiles import Profile
-from ..text import Tokenizer
 from .disk import DISK_TEST_BYTES
 from .machine import EXPERT_BITS, cost_model, measure_machine, pick_group_size
 from .settings import TIERS, Row, Setting, TuneResult, pick_best
@@ -60,10 +59,9 @@ def _default_stages(cfg, fit: int, on_cuda: bool) -> list[list[Setting] | str]:
 def prompt_ids(ckpt) -> list[int]:
     """The fixed prompt: PROMPT_TEXT through the checkpoint's tokenizer, or without a tokenizer.json
     a fixed spread of 16 ids after BOS."""
-    if hasattr(ckpt, "tokenizer") and ckpt.tokenizer() is not None:  # a GGUF file's own
-        return ckpt.tokenizer().encode(PROMPT_TEXT)
-    if (ckpt.path / "tokenizer.json").exists():
-        return Tokenizer(ckpt.path).encode(PROMPT_TEXT)
+    tokenizer = open_tokenizer(ckpt)
+    if tokenizer is not None:
+        return tokenizer.encode(PROMPT_TEXT)
     cfg = ckpt.config
     start = [cfg.bos_token_id] if cfg.bos_token_id is not None else []
     return start + [(17 * i + 5) % cfg.vocab_size for i in range(16)]
@@ -90,10 +88,7 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
     started = time.perf_counter()
     report = progress or (lambda what, done, total: None)
     if model_path is None:
-        if not (DEMO_DIR / "config.json").exists():
-            raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install; "
-                                  "pass a checkpoint directory (--model PATH)")
-        model_path = DEMO_DIR
+        model_path = demo_dir()
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
     if tokens is None:

@@ -42,13 +42,13 @@ import torch
 from safetensors.torch import save_file
 
 from .. import arch
-from ..api import resolve_device
+from ..runtime import resolve_device
 from ..checkpoint import Checkpoint
 from ..sources import open_checkpoint
 from ..errors import OffloadMoeError
-from .format import FLOAT_SETTINGS, QuantSpec, check_setting, tensor_kind
-from .groupwise import METHODS, nbytes_for
-from .groupwise import quantize as quantize_weight
+from ..quant.format import FLOAT_SETTINGS, QuantSpec, check_setting, tensor_kind
+from ..quant.groupwise import METHODS, nbytes_for
+from ..quant.groupwise import quantize as quantize_weight
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json")
@@ -229,7 +229,7 @@ def _convert(ckpt: Checkpoint, spec: QuantSpec, writer: _Writer, report: Progres
     writer.index()
     if hasattr(ckpt, "config_json"):  # a GGUF source: its header as config.json, its own tokenizer
         raw = ckpt.config_json()
-        tokenizer = ckpt.tokenizer()
+        tokenizer = ckpt.tokenizer_parts()
         for name, text in (tokenizer.files() if tokenizer else {}).items():
             writer.text(name, text)
     else:
