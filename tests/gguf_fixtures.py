@@ -13,7 +13,6 @@ from pathlib import Path
 
 import gguf
 import numpy as np
-import torch
 
 from offload_moe.checkpoint import Checkpoint
 

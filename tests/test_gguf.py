@@ -13,14 +13,13 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_fixtures import T, encode, random_blocks, write_gguf
+from gguf_fixtures import T, encode, write_gguf
 from test_families import BASE, FAMILIES
 
 import offload_moe
 from offload_moe import OffloadMoeError
-from offload_moe.runtime import DEMO_DIR
-from offload_moe.checkpoint import Checkpoint
 from offload_moe.gguf import GGUFCheckpoint, blocks
+from offload_moe.runtime import DEMO_DIR
 from offload_moe.sources import open_tokenizer
 from offload_moe.text import Tokenizer
 

@@ -13,8 +13,8 @@ from gguf_fixtures import llamacpp_bin, llamacpp_convert, llamacpp_dir
 from test_gguf import MIXED_TEXT
 
 import offload_moe
-from offload_moe.runtime import DEMO_DIR
 from offload_moe.gguf import GGUFCheckpoint
+from offload_moe.runtime import DEMO_DIR
 from offload_moe.sources import open_tokenizer
 
 pytestmark = pytest.mark.skipif(

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES, MODEL_ARCH, GGMLQuantizationType as T, get_tensor_name_map
 
 from .. import arch
 from ..errors import OffloadMoeError
 from ..quant.format import INT_SETTINGS, QuantSpec
 from ..quant.groupwise import QuantizedWeight
-from ..quant.mxfp4 import MXFP4Weight
-from ..quant.pack import pack, unpack
+from ..quant.pack import pack
 from . import blocks
 from .config import config_from_gguf, model_type
 from .reader import GGUFFile, GGUFTensor
@@ -57,11 +56,8 @@ class GGUFCheckpoint:
         q = self.config.quantization  # what tune and quantize ask a checkpoint: its widths, or None
         self.quant = None if q is None else QuantSpec({k: q[k] for k in ("experts", "attention", "embeddings")},
                                                       q["group_size"], "gguf")
-        import gguf
-
-        self._map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_ARCH[self.config.model_type]),
-                                             self.config.num_layers)
-        self._generic = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, self.config.num_layers)
+        self._map = get_tensor_name_map(getattr(MODEL_ARCH, GGUF_ARCH[self.config.model_type]), self.config.num_layers)
+        self._generic = get_tensor_name_map(MODEL_ARCH.LLAMA, self.config.num_layers)  # dense-layer MLPs
         self._targets = self._expert_targets()
         self._validate()
 
@@ -126,8 +122,7 @@ class GGUFCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """A tensor as floats (dequantized if packed), in our [out, in] orientation."""
-        w = self.get_weight(name, None, packed=False)
-        return w
+        return self.get_weight(name, None, packed=False)
 
     def get_weight(self, name: str, shape, packed: bool = True):
         """A dense weight: a float tensor, or a `QuantizedWeight` where the block type maps exactly and

@@ -23,7 +23,7 @@ SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 def is_gguf(path) -> bool:
-    """A path we read as GGUF: a `.gguf` file (or what `open` would say is not one, by suffix)."""
+    """A path we read as GGUF: by its `.gguf` suffix (the file's magic is checked when it is opened)."""
     return str(path).lower().endswith(".gguf")
 
 
