@@ -15,6 +15,7 @@ from .api import Model
 from .budget import check_context, check_host_ram, check_kv_cache
 from .checkpoint import Checkpoint
 from .cpu.kernels import resident_cpu_form
+from .sources import open_checkpoint, open_tokenizer
 from .experts.cpu_tier import SplitByLayer, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
 from .experts.cache import ExpertCache
@@ -30,7 +31,6 @@ from .profiles import Profile
 from .runtime import (Progress, SizeError, available_ram, demo_dir, place, resolve_device, resolve_dtype,
                       size_in_bytes)
 from .quant.nf4 import NF4Weight
-from .text import Tokenizer
 
 DEFAULT_CONTEXT = 4096
 
@@ -46,7 +46,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
          prefetch: int | None = None, offload: str | None = None, ram_budget: int | str | None = None,
          offload_dir: str | Path | None = None, policy: str | None = None, record_trace: bool | None = None,
          cpu_experts: str | int | None = None, cpu_costs: CostModel | None = None,
-         nf4_experts: bool | None = None, force_context: bool = False,
+         nf4_experts: bool | None = None, force_context: bool = False, requantize: str | None = None,
          progress: Progress | None = None) -> Model:
     """Load a checkpoint directory of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`; None:
     the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
@@ -73,10 +73,13 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     bitsandbytes on CUDA when it is installed, by a plain torch path otherwise).
 
     force_context: allow a context_length beyond the model's max_position_embeddings (the model's
-    `settings["warning"]` then says so); without it that is an error."""
+    `settings["warning"]` then says so); without it that is an error.
+
+    requantize: for a GGUF file, the width ("int4", ...) that tensor types with no exact packed form
+    (IQ*, TQ*, ...) are requantized to; None refuses such a file with one line."""
     if path is None:
         path = demo_dir()
-    ckpt = path if hasattr(path, "expert") else Checkpoint(path)
+    ckpt = path if hasattr(path, "expert") else open_checkpoint(path, requantize)
     cfg = ckpt.config
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
@@ -168,7 +171,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
             experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act), experts)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
-    tokenizer = Tokenizer(ckpt.path) if ckpt.path.is_dir() and (ckpt.path / "tokenizer.json").exists() else None
+    tokenizer = open_tokenizer(ckpt)  # a GGUF file carries its own
     return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings, placement=opts)
 
 

@@ -56,6 +56,15 @@ class Tokenizer:
                                   "expected a string (or a list of {name, template})")
         self.source = str(config_file)
 
+    @classmethod
+    def from_parts(cls, backend, bos_token: str | None, eos_token: str | None, chat_template: str | None,
+                   source: str) -> "Tokenizer":
+        """A tokenizer built elsewhere (a GGUF header's, `gguf/tokenizer.py`) with its special tokens."""
+        self = cls.__new__(cls)
+        self.backend, self.bos_token, self.eos_token = backend, bos_token, eos_token
+        self.chat_template, self.source = chat_template, source
+        return self
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
             text.encode("utf-8")

@@ -29,7 +29,7 @@ def add_parser(sub):
                     "offload) and report speed, hit rates, bytes moved, memory, and each row's decode time "
                     "against a lower bound computed from this run's own measurements.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the bundled demo model)")
+    src.add_argument("--model", metavar="PATH", help="checkpoint directory or .gguf file (default: the bundled demo model)")
     src.add_argument("--synthetic", metavar="NAME", choices=sorted(KNOWN_MODELS),
                      help=f"random weights with a known model's shapes ({', '.join(sorted(KNOWN_MODELS))})")
     p.add_argument("--layers", type=int, default=None, metavar="N", help="with --synthetic: keep N layers")

@@ -11,7 +11,7 @@ from .console import progress_bar
 
 
 def add_model_arguments(p):
-    p.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint directory or .gguf file (default: the bundled demo model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--profile", default="auto", metavar="NAME",
                    help="VRAM profile: a name (cpu, 6gb ... 24gb), a .toml path, or auto (default)")
@@ -28,6 +28,8 @@ def add_model_arguments(p):
                    help="allow --context-length beyond the model's max_position_embeddings (with a warning)")
     p.add_argument("--nf4-experts", action="store_true",
                    help="quantize float experts to NF4 at load (bitsandbytes on CUDA when installed)")
+    p.add_argument("--requantize", choices=["int2", "int3", "int4", "int8"], default=None,
+                   help="GGUF: requantize tensor types with no exact packed form (IQ*, TQ*, ...) to this width")
     add_threads_argument(p)
 
 
@@ -60,7 +62,7 @@ def load_kwargs(args) -> dict:
     return dict(device=args.device, dtype=args.dtype, profile=args.profile, context_length=args.context_length, cache_slots=slots,
                 prefetch=args.prefetch, offload=args.offload, ram_budget=args.ram_budget,
                 offload_dir=args.offload_dir, nf4_experts=args.nf4_experts,
-                force_context=getattr(args, "force_context", False))
+                force_context=getattr(args, "force_context", False), requantize=args.requantize)
 
 
 def load_model(args):

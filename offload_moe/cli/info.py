@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..checkpoint import Checkpoint
+from ..sources import open_checkpoint
 from .console import human_bytes, human_count, stdout
 
 
 def add_parser(sub):
     p = sub.add_parser("info", help="describe a checkpoint (architecture, parameters, bytes by kind)",
-                       description="Describe a checkpoint directory without loading its weights.")
-    p.add_argument("path", metavar="PATH", help="checkpoint directory")
+                       description="Describe a checkpoint directory or GGUF file without loading its weights.")
+    p.add_argument("path", metavar="PATH", help="checkpoint directory or .gguf file")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    ckpt = Checkpoint(args.path)
+    ckpt = open_checkpoint(args.path)
     c = ckpt.config
     table = Table(title=str(ckpt.path), show_header=False)
     table.add_column("field")

@@ -28,7 +28,7 @@ def add_parser(sub):
                     "then decode a few tokens with the model under a few settings (slots per layer, "
                     "prefetch depth, RAM or disk tier) and write the fastest as a profile "
                     "(default: tuned, in $XDG_CONFIG_HOME/offload-moe/profiles), so --profile tuned uses it.")
-    p.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint directory or .gguf file (default: the bundled demo model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--name", default="tuned", metavar="NAME", help="profile name to write (default: tuned)")
     p.add_argument("--tokens", type=int, default=None, metavar="N",

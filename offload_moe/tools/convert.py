@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from .. import arch, owned_paths
 from ..runtime import resolve_device
 from ..checkpoint import Checkpoint
+from ..sources import open_checkpoint
 from ..errors import OffloadMoeError
 from ..quant.format import FLOAT_SETTINGS, QuantSpec, check_setting, tensor_kind
 from ..quant.groupwise import METHODS, nbytes_for
@@ -90,8 +91,8 @@ def quantize(src, dst, *, experts: str = "int3", attention: str = "int4", embedd
     compute = resolve_device(device)
     dst = Path(dst)
     _check_new(dst)
-    ckpt = Checkpoint(src)
-    if ckpt.quant is not None:
+    ckpt = open_checkpoint(src)
+    if ckpt.quant is not None and not hasattr(ckpt, "float_expert"):  # a GGUF file is dequantized
         q = ckpt.quant.settings
         raise OffloadMoeError(f"{ckpt.path}: already quantized (experts={q['experts']}, attention={q['attention']}, "
                               f"embeddings={q['embeddings']}); quantize the original checkpoint instead")
@@ -198,7 +199,8 @@ def _router_renames(ckpt: Checkpoint) -> dict[str, str]:
 def _convert(ckpt: Checkpoint, spec: QuantSpec, writer: _Writer, report: Progress, device: torch.device) -> None:
     c = ckpt.config
     dense = ckpt.expected_shapes()
-    total = sum(ckpt.tensors[name].nbytes for name in [*dense, *ckpt.expert_shapes()])
+    total = sum(t.nbytes for t in ckpt.tensors.values()) if hasattr(ckpt, "float_expert") else \
+        sum(ckpt.tensors[name].nbytes for name in [*dense, *ckpt.expert_shapes()])
     done = 0
     report("quantize", 0, total)
     shards = c.num_layers + 1
@@ -220,7 +222,7 @@ def _convert(ckpt: Checkpoint, spec: QuantSpec, writer: _Writer, report: Progres
         if layer in c.moe_layers:
             for e in range(c.num_experts):
                 names = arch.expert_names(c, c.family, layer, e)
-                matrices = ckpt.expert(layer, e)
+                matrices = getattr(ckpt, "float_expert", ckpt.expert)(layer, e)  # GGUF: floats
                 for m in EXPERT_MATRICES:
                     add(out, names[m][0], matrices.pop(m))  # each source matrix is dropped once quantized
                 del matrices
@@ -233,10 +235,16 @@ def _convert(ckpt: Checkpoint, spec: QuantSpec, writer: _Writer, report: Progres
         report("quantize", done, total)
     writer.shard(shard_name(shards, shards), out)
     writer.index()
-    raw = json.loads((ckpt.path / "config.json").read_text())
+    if hasattr(ckpt, "config_json"):  # a GGUF source: its header as config.json, its own tokenizer
+        raw = ckpt.config_json()
+        tokenizer = ckpt.tokenizer_parts()
+        for name, text in (tokenizer.files() if tokenizer else {}).items():
+            writer.text(name, text)
+    else:
+        raw = json.loads((ckpt.path / "config.json").read_text())
     raw["quantization_config"] = spec.to_config()
     writer.text("config.json", json.dumps(raw, indent=2) + "\n")
-    for file in TOKENIZER_FILES:
+    for file in TOKENIZER_FILES if ckpt.path.is_dir() else ():
         if (ckpt.path / file).is_file():
             writer.copy(ckpt.path / file)
 

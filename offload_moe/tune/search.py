@@ -14,14 +14,13 @@ from pathlib import Path
 import torch
 
 from ..runtime import DTYPES, Progress, demo_dir, fmt_bytes, resolve_device
-from ..checkpoint import Checkpoint
+from ..sources import open_checkpoint, open_tokenizer
 from ..errors import OffloadMoeError
 from ..experts.layout import ExpertLayout
 from ..experts.interface import ExpertWeights
 from ..loader import load
 from ..planner import checkpoint_float_bits, plan
 from ..profiles import Profile
-from ..text import Tokenizer
 from .disk import DISK_TEST_BYTES
 from .machine import EXPERT_BITS, cost_model, measure_machine, pick_group_size
 from .settings import TIERS, Row, Setting, TuneResult, pick_best
@@ -60,8 +59,9 @@ def _default_stages(cfg, fit: int, on_cuda: bool) -> list[list[Setting] | str]:
 def prompt_ids(ckpt) -> list[int]:
     """The fixed prompt: PROMPT_TEXT through the checkpoint's tokenizer, or without a tokenizer.json
     a fixed spread of 16 ids after BOS."""
-    if (ckpt.path / "tokenizer.json").exists():
-        return Tokenizer(ckpt.path).encode(PROMPT_TEXT)
+    tokenizer = open_tokenizer(ckpt)
+    if tokenizer is not None:
+        return tokenizer.encode(PROMPT_TEXT)
     cfg = ckpt.config
     start = [cfg.bos_token_id] if cfg.bos_token_id is not None else []
     return start + [(17 * i + 5) % cfg.vocab_size for i in range(16)]
@@ -103,7 +103,7 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
         raise OffloadMoeError(f"disk test size {disk_bytes:,} bytes: expected at least 1MiB")
     setting_seconds = setting_seconds or (20.0 if on_cuda else 8.0)
     time_budget = time_budget or (300.0 if on_cuda else 100.0)
-    ckpt = Checkpoint(model_path)
+    ckpt = open_checkpoint(model_path)
     cfg = ckpt.config
     bits = _checkpoint_bits(ckpt)
     # free VRAM now, in whole 10 MB: the profile's budget, so the slots chosen below fit it exactly
