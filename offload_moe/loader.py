@@ -24,6 +24,7 @@ from .experts.resident import ResidentExperts
 from .experts.store import HostStore
 from .experts.interface import Activation, ExpertWeights
 from .model import build_transformer
+from .model_settings import ModelSettings
 from .options import Placement, from_profile
 from .profiles import Profile
 from .runtime import (Progress, SizeError, available_ram, demo_dir, place, resolve_device, resolve_dtype,
@@ -160,7 +161,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
     tokenizer = Tokenizer(ckpt.path) if ckpt.path.is_dir() and (ckpt.path / "tokenizer.json").exists() else None
-    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings, placement=opts)
+    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, ModelSettings(**settings),
+                 placement=opts)
 
 
 def _slots_per_layer(cache_slots, num_layers: int, num_experts: int) -> list[int]:

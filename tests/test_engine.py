@@ -40,7 +40,7 @@ def test_mixed_tiers_and_per_layer_slots_equal_resident(tiny_checkpoint, referen
     layer_bytes = 8 * 3 * 32 * 48 * 4  # 8 experts, three fp32 [48, 32] matrices, 64-byte aligned already
     model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=[1, 3, 2], ram_budget=layer_bytes,
                              offload_dir=tmp_path)
-    assert model.settings["ram_layers"] == 1 and model.settings["disk_layers"] == 2
+    assert model.settings.ram_layers == 1 and model.settings.disk_layers == 2
     assert model.generate(PROMPT, max_new_tokens=64, temperature=0, ignore_eos=True).token_ids == tokens
     assert torch.equal(model.logits(ids), logits)
 

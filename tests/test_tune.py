@@ -63,7 +63,7 @@ def test_cli_tune_writes_a_profile_that_loads(tiny_checkpoint, tmp_path, monkeyp
     profile = load_profile("tuned")
     assert (profile.device, profile.cache_slots, profile.prefetch, profile.offload) == \
         ("cpu", chosen[0][0], chosen[0][1], chosen[0][2])
-    from offload_moe.experts.costs import saved_costs
+    from offload_moe.experts.cost_file import saved_costs
 
     costs = saved_costs(torch.device("cpu"), ("int4", "int4"))  # the hybrid engine's cost model
     assert costs is not None and costs.link_bytes_per_second > 0 and set(costs.cpu) >= {"bf16", "int2", "fp32"}
