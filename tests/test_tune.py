@@ -207,6 +207,17 @@ def test_tune_library_runs_given_settings_with_progress(tiny_checkpoint, tmp_pat
         tune(tiny_checkpoint[0], device="cpu", tokens=1, measure=False)
 
 
+def test_tune_loads_every_setting_from_the_placement_it_is_given(tiny_checkpoint):
+    """Each setting is the given `Placement` with its slots, prefetch and tier: the policy reaches the engine."""
+    from offload_moe.options import Placement
+
+    base = Placement(policy="none", cache_slots=1, prefetch=5)
+    assert Setting(2, 0, "disk").placement(base) == Placement(policy="none", cache_slots=2, prefetch=0, offload="disk")
+    result = tune(tiny_checkpoint[0], device="cpu", tokens=6, settings=[(2, 0, "ram")], measure=False, placement=base)
+    assert result.rows[0].error is None and result.rows[0].slots == 2
+    assert result.rows[0].hit_rate == 0  # policy "none" reuses no slot: every expert a layer uses is copied
+
+
 def test_gpu_side_without_a_gpu(tiny_checkpoint, tmp_path):
     """The CUDA-only arithmetic: slots that fit a VRAM budget, the default search, the profile keys."""
     from offload_moe.config import ModelConfig
