@@ -4,7 +4,8 @@ The placement is what load() was asked for (e.g. `cache_slots=4`, `cpu_experts="
 the values it resolved (the slots of every offloaded layer, the CPU tier it chose, how many layers
 of the host tier landed in RAM and on disk). `as_dict()` is the plain JSON form chat transcripts and
 the CLI's model line print: the fields that apply to this placement only (an offloaded engine's
-fields when experts are offloaded, the hybrid's when there is a hybrid tier).
+fields when experts are offloaded, the hybrid's when there is a hybrid tier, a warning when there
+is one).
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ class ModelSettings:
     hybrid_layers: int | None = None
     cpu_costs: str | None = None         # where its cost model came from
     cpu_extra_bytes: int | None = None   # RAM its CPU-form copies take
+    warning: str | None = None           # something the caller should tell the user about this load
 
     def as_dict(self) -> dict:
         d = asdict(self)
         skip = (() if self.experts == "offloaded" else OFFLOADED_FIELDS) + \
             (() if self.hybrid_layers is not None else HYBRID_FIELDS)
-        return {k: v for k, v in d.items() if k not in skip}
+        return {k: v for k, v in d.items() if k not in skip and not (k == "warning" and v is None)}
