@@ -33,6 +33,9 @@ def add_parser(sub):
     p.add_argument("--layers", type=int, default=None, metavar="N", help="with --synthetic: keep N layers")
     p.add_argument("--scale", type=float, default=1.0, metavar="S",
                    help="with --synthetic: shrink widths by S (0 < S <= 1), for the CPU")
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=None, metavar="B",
+                   help="with --synthetic: experts and attention quantized to B bits (2, 3, 4 or 8), made "
+                        "directly in packed form (fast at full size)")
     p.add_argument("--profile", metavar="P", default=None,
                    help="take cache slots, prefetch and the VRAM limit from this profile (name or .toml)")
     p.add_argument("--vram-limit", metavar="SIZE", default=None,
@@ -66,10 +69,11 @@ def run(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     if args.synthetic:
-        source = SyntheticCheckpoint(args.synthetic, layers=args.layers, scale=args.scale, seed=args.seed)
+        source = SyntheticCheckpoint(args.synthetic, layers=args.layers, scale=args.scale, seed=args.seed,
+                                     bits=args.bits)
     else:
-        if args.layers is not None or args.scale != 1.0:
-            raise OffloadMoeError("--layers and --scale apply to --synthetic models only")
+        if args.layers is not None or args.scale != 1.0 or args.bits is not None:
+            raise OffloadMoeError("--layers, --scale and --bits apply to --synthetic models only")
         source = args.model or DEMO_DIR
         if args.model is None and not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing; give --model or --synthetic")
