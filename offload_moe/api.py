@@ -17,6 +17,7 @@ import torch
 from .errors import OffloadMoeError
 from .generate import DEFAULT_SAMPLING, DecodeTiming, Sampling, decode_tokens
 from .model import Transformer
+from .model_settings import ModelSettings
 from .text import StreamDecoder, Tokenizer
 from .validate import check_sampling
 
@@ -32,12 +33,13 @@ class Model:
     """A loaded model: the transformer on its device, its experts provider, its tokenizer."""
 
     def __init__(self, transformer: Transformer, experts, tokenizer: Tokenizer | None, path: Path,
-                 device: torch.device, dtype: torch.dtype, settings: dict, placement=None):
+                 device: torch.device, dtype: torch.dtype, settings: ModelSettings, placement=None):
         self.transformer = transformer
         self.experts = experts
         self.tokenizer = tokenizer
         self.config = transformer.config
-        self.path, self.device, self.dtype, self.settings = path, device, dtype, settings
+        self.path, self.device, self.dtype = path, device, dtype
+        self.settings = settings    # what load() resolved (`ModelSettings`; `.as_dict()` for JSON)
         self.placement = placement  # the `options.Placement` load() used (None when built by hand)
         self.last_timing = DecodeTiming()
         ids = set(self.config.eos_token_ids)

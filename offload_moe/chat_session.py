@@ -91,7 +91,7 @@ class ChatSession:
         model = self.model
         settings = {"model": str(model.path), "device": str(model.device),
                     "dtype": str(model.dtype).removeprefix("torch."), "context_length": model.context_length,
-                    **{k: v for k, v in (model.settings or {}).items() if _jsonable(v)},
+                    **{k: v for k, v in model.settings.as_dict().items() if _jsonable(v)},
                     **self.generation}
         head = [{"role": "system", "content": self.system}] if self.system else []
         return {"format": "offload-moe-chat-transcript/1",

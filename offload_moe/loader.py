@@ -26,6 +26,7 @@ from .experts.resident import ResidentExperts
 from .experts.store import HostStore
 from .experts.interface import Activation, ExpertWeights
 from .model import build_transformer
+from .model_settings import ModelSettings
 from .options import Placement, from_profile
 from .profiles import Profile
 from .runtime import (Progress, SizeError, available_ram, demo_dir, place, resolve_device, resolve_dtype,
@@ -73,7 +74,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     bitsandbytes on CUDA when it is installed, by a plain torch path otherwise).
 
     force_context: allow a context_length beyond the model's max_position_embeddings (the model's
-    `settings["warning"]` then says so); without it that is an error.
+    `settings.warning` then says so); without it that is an error.
 
     requantize: for a GGUF file, the width ("int4", ...) that tensor types with no exact packed form
     (IQ*, TQ*, ...) are requantized to; None refuses such a file with one line."""
@@ -172,7 +173,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
     tokenizer = open_tokenizer(ckpt)  # a GGUF file carries its own
-    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings, placement=opts)
+    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, ModelSettings(**settings),
+                 placement=opts)
 
 
 def _slots_per_layer(cache_slots, num_layers: int, num_experts: int) -> list[int]:

@@ -21,7 +21,7 @@ import time
 import torch
 
 from offload_moe.cpu.kernels import resident_cpu_form, weight_nbytes
-from offload_moe.experts.costs import measure_memcpy
+from offload_moe.timing import measure_copy_rate
 from offload_moe.experts.interface import ExpertWeights, expert_forward, linear
 from offload_moe.quant.groupwise import QuantizedWeight, qlinear
 from offload_moe.quant.pack import packed_cols
@@ -70,7 +70,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats (best / mean)")
 
-    memcpy = measure_memcpy(512 * 2**20, repeats=args.repeats)
+    memcpy = measure_copy_rate(512 * 2**20, "cpu", "cpu", args.repeats).high
     print(f"memcpy (512 MiB tensor copy): {memcpy / 1e9:6.2f} GB/s copied ({2 * memcpy / 1e9:.2f} GB/s read+write)")
 
     x1 = torch.randn(1, HIDDEN).bfloat16()

@@ -359,7 +359,7 @@ def test_save_refuses_to_overwrite(demo_model, tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "truncate_and_regrow_same_mtime"])
 def test_disk_tier_file_damaged_while_running(tiny_checkpoint, tmp_path, damage):
     model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="disk", offload_dir=tmp_path)
-    victim = Path(model.settings["offload_dir"]) / "layer-002.experts"
+    victim = Path(model.settings.offload_dir) / "layer-002.experts"
     st = victim.stat()
     with open(victim, "r+b") as f:
         f.truncate(st.st_size // 3)
@@ -535,4 +535,4 @@ def test_force_context_warns_and_runs(capsys):
     err = capsys.readouterr().err
     assert "offload-moe: warning: context_length = 300 exceeds the model's max_position_embeddings = 256" in err
     model = offload_moe.load(device="cpu", context_length=300, force_context=True)
-    assert model.context_length == 300 and "--force-context" in model.settings["warning"]
+    assert model.context_length == 300 and "--force-context" in model.settings.warning

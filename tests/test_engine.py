@@ -42,7 +42,7 @@ def test_mixed_tiers_and_per_layer_slots_equal_resident(tiny_checkpoint, referen
     layer_bytes = 8 * 3 * 32 * 48 * 4  # 8 experts, three fp32 [48, 32] matrices, 64-byte aligned already
     model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=[1, 3, 2], ram_budget=layer_bytes,
                              offload_dir=tmp_path)
-    assert model.settings["ram_layers"] == 1 and model.settings["disk_layers"] == 2
+    assert model.settings.ram_layers == 1 and model.settings.disk_layers == 2
     assert model.generate(PROMPT, max_new_tokens=64, temperature=0, ignore_eos=True).token_ids == tokens
     assert torch.equal(model.logits(ids), logits)
 
@@ -124,7 +124,7 @@ def test_offload_dir_that_is_a_file(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "rewrite", "truncate_and_regrow"])
 def test_disk_tier_file_changed_after_writing(tiny_checkpoint, tmp_path, damage):
     model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="disk", offload_dir=tmp_path)
-    victim = Path(model.settings["offload_dir"]) / "layer-001.experts"
+    victim = Path(model.settings.offload_dir) / "layer-001.experts"
     assert victim.parent.parent == tmp_path  # a private subdirectory of the offload_dir
     data, st = victim.read_bytes(), victim.stat()
     with open(victim, "r+b") as f:  # the same file (the one mapped), as a careless user would

@@ -271,7 +271,7 @@ def describe_model(model) -> str:
     parts = [name, str(model.device), str(model.dtype).removeprefix("torch."),
              f"{c.num_layers} layers × {c.num_experts} experts, top-{c.top_k}",
              f"context {model.context_length} tokens"]
-    settings = dict(model.settings or {})
+    settings = model.settings.as_dict()
     for shown in ("context_length", "device", "dtype"):
         settings.pop(shown, None)
     if settings.get("profile") is not None:

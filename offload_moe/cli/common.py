@@ -74,6 +74,6 @@ def load_model(args):
 
 def warn_about(model) -> None:
     """What the loader accepted only because it was told to (e.g. --force-context), on stderr."""
-    warning = (model.settings or {}).get("warning")
+    warning = model.settings.warning if model.settings is not None else None
     if warning:
         print(f"offload-moe: warning: {warning}", file=sys.stderr)

@@ -62,7 +62,7 @@ def run(args) -> int:
     costs = cost_model(result.measurements, source=f"offload-moe tune, {result.date}")
     costs_file = None
     if costs is not None:
-        from ..experts.costs import save_costs
+        from ..experts.cost_file import save_costs
         try:
             costs_file = save_costs(costs, torch.device(result.device))
         except OSError as e:  # the profile is written; the engine can still measure at load

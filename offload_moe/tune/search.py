@@ -19,6 +19,7 @@ from ..errors import OffloadMoeError
 from ..experts.layout import ExpertLayout
 from ..experts.interface import ExpertWeights
 from ..loader import load
+from ..options import Placement
 from ..planner import checkpoint_float_bits, plan
 from ..profiles import Profile
 from .disk import DISK_TEST_BYTES
@@ -75,7 +76,7 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
          settings: Iterable[Setting | tuple] | None = None, progress: Progress | None = None,
          offload_dir: str | Path | None = None, disk_bytes: int = DISK_TEST_BYTES,
          setting_seconds: float | None = None, time_budget: float | None = None,
-         measure: bool = True) -> TuneResult:
+         measure: bool = True, placement: Placement | None = None) -> TuneResult:
     """Measure the machine, then decode `tokens` tokens (default 32 on the CPU, 64 on CUDA) under
     each setting (default: the coordinate search in the package docstring) and pick the best.
 
@@ -84,7 +85,10 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
     for the whole run, measurements included (default 100 on the CPU, 300 on CUDA); settings left
     when it is spent are skipped (the first always runs). offload_dir: where the disk tier and the
     disk test write (default: the temp dir); everything written there is removed afterwards.
-    measure=False skips `measure_machine` (the profile header then says so)."""
+    measure=False skips `measure_machine` (the profile header then says so).
+
+    placement: what every setting loads with besides its slots, prefetch and tier (each setting is
+    `Setting.placement(placement)`, its context always the prompt plus `tokens`; default: nothing else)."""
     started = time.perf_counter()
     report = progress or (lambda what, done, total: None)
     if model_path is None:
@@ -144,6 +148,7 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
     if tokens < 2:
         raise OffloadMoeError(f"tune: the prompt leaves no room to decode in {max_pos} positions")
     context = min(max_pos, len(prompt) + tokens + 1)
+    base_placement = (placement or Placement()).override(context_length=context)
     measurements = {}
     if measure:
         group = ckpt.quant.group_size if ckpt.quant is not None else 64
@@ -169,8 +174,8 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
         try:
             t0 = time.perf_counter()
             try:
-                model = load(ckpt, device=dev, profile=None, cache_slots=s.slots, prefetch=s.prefetch,
-                             offload=s.tier, offload_dir=tier_dir, context_length=context, **extra)
+                model = load(ckpt, device=dev, placement=s.placement(base_placement).override(offload_dir=tier_dir),
+                             **extra)
             except torch.cuda.OutOfMemoryError:
                 row.error = "out of device memory"
                 return row
