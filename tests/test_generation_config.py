@@ -60,7 +60,7 @@ def test_sampling_defaults_apply_and_explicit_arguments_win(plain, tmp_path):
     assert model.generation.sampling() == (1.0, 0.95, 1)
     assert model.generate(PROMPT_IDS, max_new_tokens=12, seed=3).token_ids == greedy   # top-k 1 is greedy
     assert model.generate(PROMPT_IDS, max_new_tokens=12, seed=3, top_k=0).token_ids != greedy
-    assert "temperature 1, top-k 1 (generation_config.json)" in model.settings["sampling"]
+    assert "temperature 1, top-k 1 (generation_config.json)" in model.settings.sampling
 
 
 def test_do_sample_false_means_greedy_unless_told_otherwise(plain, tmp_path):

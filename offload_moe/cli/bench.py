@@ -16,7 +16,8 @@ from ..bench import run_bench
 from ..errors import OffloadMoeError
 from ..runtime import DEMO_DIR
 from ..synthetic import KNOWN_MODELS, SyntheticCheckpoint
-from .common import MODEL_HELP, fetch
+from ..user_files import refuse_existing, write_text
+from .common import MODEL_HELP, add_threads_argument, fetch
 from .console import human_bytes, progress_bar, stdout
 
 
@@ -55,20 +56,15 @@ def add_parser(sub):
     p.add_argument("--prefetch", type=int, default=None, metavar="D", help="engine prefetch depth (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
+    add_threads_argument(p)
     p.add_argument("--seed", type=int, default=0, metavar="S", help="prompt, synthetic trace and guess seed")
     p.add_argument("--json", metavar="OUT", default=None, help="write every measured field to this JSON file")
+    p.add_argument("--force", action="store_true", help="let --json replace an existing file")
     p.add_argument("--no-baselines", action="store_true", help="run the configured engine only")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise OffloadMoeError(f"--threads {args.threads}: expected an integer >= 1")
-        import torch
-        torch.set_num_threads(args.threads)
     if args.synthetic:
         source = SyntheticCheckpoint(args.synthetic, layers=args.layers, scale=args.scale, seed=args.seed,
                                      bits=args.bits)
@@ -95,6 +91,7 @@ def run(args) -> int:
         out = Path(args.json)
         if out.parent and not out.parent.is_dir():
             raise OffloadMoeError(f"--json {out}: directory {out.parent} does not exist")
+        refuse_existing(out, args.force)  # before the run, not after it
     with progress_bar() as report:
         result = run_bench(source, device=args.device, dtype=args.dtype, tokens=args.tokens,
                            prompt_tokens=args.prompt_tokens, trace=args.trace, trace_reuse=args.trace_reuse,
@@ -107,10 +104,7 @@ def run(args) -> int:
     for line in summary_lines(result):
         out.print(Text(line))
     if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise OffloadMoeError(f"--json {args.json}: cannot write ({e.strerror})") from None
+        write_text(args.json, json.dumps(result, indent=1) + "\n", force=args.force, what="--json results")
     return 0
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 from .. import load
 from ..hub import parse_reference, resolve
 from ..generate import DEFAULT_SAMPLING
+from ..validate import check_sampling
 from .console import human_bytes, progress_bar, stderr
 
 
-MODEL_HELP = ("checkpoint directory, or a Hugging Face repo id (org/name or org/name@revision; from the "
-              "Hugging Face cache, else downloaded) (default: the bundled demo model)")
+MODEL_HELP = ("checkpoint directory or .gguf file, or a Hugging Face repo id (org/name or org/name@revision; "
+              "from the Hugging Face cache, else downloaded) (default: the bundled demo model)")
 
 
 def add_model_arguments(p):
@@ -26,8 +29,18 @@ def add_model_arguments(p):
     p.add_argument("--offload", choices=["ram", "disk"], default=None, help="host tier for cold experts")
     p.add_argument("--ram-budget", default=None, metavar="SIZE", help="RAM for experts, e.g. 20GB (rest on disk)")
     p.add_argument("--offload-dir", default=None, metavar="DIR", help="directory for the disk tier")
+    p.add_argument("--force-context", action="store_true",
+                   help="allow --context-length beyond the model's max_position_embeddings (with a warning)")
     p.add_argument("--nf4-experts", action="store_true",
                    help="quantize float experts to NF4 at load (bitsandbytes on CUDA when installed)")
+    p.add_argument("--requantize", choices=["int2", "int3", "int4", "int8"], default=None,
+                   help="GGUF: requantize tensor types with no exact packed form (IQ*, TQ*, ...) to this width")
+    add_threads_argument(p)
+
+
+def add_threads_argument(p):
+    p.add_argument("--threads", default="auto", metavar="N",
+                   help="CPU threads for torch (default: auto, the cores other work leaves free)")
 
 
 def add_sampling_arguments(p):
@@ -42,8 +55,12 @@ def add_sampling_arguments(p):
 
 
 def sampling_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed)
+    """The sampling options, checked (so a bad --temperature fails before the model loads)."""
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed)
+    defaults = {"temperature": 0, "top_p": 1, "top_k": 0}  # None: the model's default, checked at load
+    check_sampling(**{k: defaults[k] if v is None and k in defaults else v for k, v in kwargs.items()}, stop=None)
+    return kwargs
 
 
 def load_kwargs(args) -> dict:
@@ -52,7 +69,8 @@ def load_kwargs(args) -> dict:
         slots = int(slots) if slots.isdigit() else slots
     return dict(device=args.device, dtype=args.dtype, profile=args.profile, context_length=args.context_length, cache_slots=slots,
                 prefetch=args.prefetch, offload=args.offload, ram_budget=args.ram_budget,
-                offload_dir=args.offload_dir, nf4_experts=args.nf4_experts)
+                offload_dir=args.offload_dir, nf4_experts=args.nf4_experts,
+                force_context=getattr(args, "force_context", False), requantize=args.requantize)
 
 
 def fetch(reference, want: str = "model", refresh: bool = False):
@@ -82,4 +100,13 @@ def _log_download(reference):
 def load_model(args):
     path = fetch(args.model)
     with progress_bar() as report:
-        return load(path, progress=report, **load_kwargs(args))
+        model = load(path, progress=report, **load_kwargs(args))
+    warn_about(model)
+    return model
+
+
+def warn_about(model) -> None:
+    """What the loader accepted only because it was told to (e.g. --force-context), on stderr."""
+    warning = model.settings.warning if model.settings is not None else None
+    if warning:
+        print(f"offload-moe: warning: {warning}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from ..user_files import read_stdin
 from .common import add_model_arguments, add_sampling_arguments, load_model, sampling_kwargs
 from .console import stderr
 from .stats import stats_table
@@ -20,9 +21,10 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin(sys.stdin) if args.prompt == "-" else args.prompt
+    sampling = sampling_kwargs(args)  # checked before the model loads
     model = load_model(args)
-    for piece in model.stream(prompt, **sampling_kwargs(args)):
+    for piece in model.stream(prompt, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from ..checkpoint import Checkpoint
 from ..hub import parse_reference
+from ..sources import open_checkpoint
 from .common import fetch
 from .console import human_bytes, human_count, stdout
 
 
 def add_parser(sub):
     p = sub.add_parser("info", help="describe a checkpoint (architecture, parameters, bytes by kind)",
-                       description="Describe a checkpoint directory without loading its weights.")
-    p.add_argument("path", metavar="PATH_OR_ID", help="checkpoint directory or Hugging Face repo id (org/name[@rev])")
+                       description="Describe a checkpoint directory or GGUF file without loading its weights.")
+    p.add_argument("path", metavar="PATH_OR_ID",
+                   help="checkpoint directory, .gguf file or Hugging Face repo id (org/name[@rev])")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    ckpt = Checkpoint(fetch(args.path))  # a Hugging Face repo id: from the cache, else downloaded
+    ckpt = open_checkpoint(fetch(args.path))  # a Hugging Face repo id: from the cache, else downloaded
     c = ckpt.config
     table = Table(title=str(args.path if parse_reference(args.path) else ckpt.path), show_header=False)
     table.add_column("field")

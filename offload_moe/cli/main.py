@@ -6,8 +6,11 @@ import argparse
 import importlib
 import sys
 
+import torch
+
 from .. import __version__
 from ..errors import OffloadMoeError
+from ..threads import set_threads
 
 COMMANDS = ["generate", "chat", "info", "plan", "quantize", "tune", "bench", "serve", "pull", "list"]
 
@@ -25,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
     try:
+        if hasattr(args, "threads"):  # generate, chat, serve, tune, bench
+            set_threads(args.threads)
         return args.func(args) or 0
     except OffloadMoeError as e:
         print(f"offload-moe: error: {e}", file=sys.stderr)
@@ -36,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `offload-moe generate ... | head` closed the pipe: not an error
         sys.stderr.close()
         return 0
+    finally:
+        torch.set_num_threads(threads)  # main() called in-process (tests) leaves the pool as it was
 
 
 if __name__ == "__main__":

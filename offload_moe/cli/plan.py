@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from ..config import ModelConfig
 from ..planner import auto_profile, plan
 from ..profiles import list_profiles, load_profile
+from ..sources import load_config
 from .common import fetch
 from .console import stdout
 
@@ -17,8 +17,8 @@ def add_parser(sub):
         "plan", help="show where a model's bytes go under a VRAM profile (from config.json alone)",
         description="Plan device, RAM and disk use for a model under a profile, and the bytes each "
                     "token moves, from its config.json alone: no weights are read.")
-    p.add_argument("path", metavar="PATH_OR_CONFIG", help="checkpoint directory, config.json file, or Hugging Face repo id "
-                   "(org/name[@rev]; only its config.json is fetched)")
+    p.add_argument("path", metavar="PATH_OR_CONFIG", help="checkpoint directory, config.json file, .gguf file "
+                   "(its header) or Hugging Face repo id (org/name[@rev]; only its config.json is fetched)")
     p.add_argument("--profile", metavar="NAME_OR_PATH", default=None,
                    help=f"bundled or user profile ({', '.join(list_profiles())}) or a .toml file "
                         "(default: the largest bundled profile this machine fits)")
@@ -28,7 +28,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    config = ModelConfig.load(fetch(args.path, want="config"))  # a repo id: config.json alone is fetched
+    config = load_config(fetch(args.path, want="config"))  # a repo id: config.json alone is fetched
     profile = load_profile(args.profile) if args.profile else auto_profile(config)
     result = plan(config, profile, hit_rate=args.hit_rate)
     picked = "" if args.profile else " (picked for this machine)"

@@ -17,7 +17,7 @@ from ..runtime import fmt_bytes, parse_bytes
 from ..errors import OffloadMoeError
 from ..tune import (DISK_TEST_BYTES, cost_model, measurement_lines, parse_settings, profile_path, tune,
                     write_profile)
-from .common import MODEL_HELP, fetch
+from .common import MODEL_HELP, add_threads_argument, fetch
 from .console import progress_bar, stderr, stdout
 
 
@@ -45,6 +45,7 @@ def add_parser(sub):
                    help=f"size of the disk read test file (default: {DISK_TEST_BYTES // 10**6}MB)")
     p.add_argument("--seconds-per-setting", type=float, default=None, metavar="S",
                    help="decode time limit of one setting (default: 8 on the CPU, 20 on a GPU)")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -62,7 +63,7 @@ def run(args) -> int:
     costs = cost_model(result.measurements, source=f"offload-moe tune, {result.date}")
     costs_file = None
     if costs is not None:
-        from ..experts.costs import save_costs
+        from ..experts.cost_file import save_costs
         try:
             costs_file = save_costs(costs, torch.device(result.device))
         except OSError as e:  # the profile is written; the engine can still measure at load
