@@ -19,6 +19,8 @@ from test_families import BASE, FAMILIES
 import offload_moe
 from offload_moe import OffloadMoeError
 from offload_moe.gguf import GGUFCheckpoint, blocks
+from offload_moe.quant import cpu_int4
+from offload_moe.quant import modules as quant_modules
 from offload_moe.runtime import DEMO_DIR
 from offload_moe.sources import open_tokenizer
 from offload_moe.text import Tokenizer
@@ -157,7 +159,7 @@ def _dequantized_twin(path: Path, out: Path) -> Path:
     ("qwen3_moe", T.Q4_0, T.Q8_0), ("olmoe", T.Q8_0, T.Q8_0), ("qwen2_moe", T.Q4_1, T.Q8_0),
     ("deepseek_v2", T.Q8_0, T.F32), ("gpt_oss", T.MXFP4, T.Q8_0)],
     ids=lambda v: v if isinstance(v, str) else v.name)
-def test_quantized_gguf_matches_its_dequantized_weights(families, name, experts, attention, tmp_path):
+def test_quantized_gguf_matches_its_dequantized_weights(families, name, experts, attention, tmp_path, monkeypatch):
     d, _ = families[name]
     if name != "mixtral" and experts in (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K):
         pytest.skip("k-quants need rows of 256")
@@ -173,9 +175,31 @@ def test_quantized_gguf_matches_its_dequantized_weights(families, name, experts,
         assert np.abs(w.dequantize().numpy() - reference[e]).max() <= bound
     twin = _dequantized_twin(path, tmp_path / "twin.gguf")
     expected = _logits(twin, IDS)
+    # the import, checked exactly: dense packed weights through the dequantize-then-multiply
+    # reference, not torch's int4 CPU kernel, which computes from bf16 activations (its accuracy on
+    # every GGUF type is test_int4_cpu_kernel_on_gguf_types'; its bf16 noise flips near-tied routes
+    # in these random tiny models, so logits would not show an import bug apart from it)
+    monkeypatch.setattr(quant_modules, "int4_supported", lambda qw: False)
     got = _logits(path, IDS)
     tol = 1e-4 if {experts, attention} <= {*EXACT, T.F32, T.MXFP4} else 2e-2 * expected.abs().max().item()
     assert (got - expected).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K], ids=lambda t: t.name)
+def test_int4_cpu_kernel_on_gguf_types(qtype):
+    """Every GGUF type the int4 CPU kernel takes (5-bit ones as 8-bit codes < 32, Q4_1's fp16 zeros)
+    is computed within the kernel's documented tolerance of float64 math on the imported weight."""
+    if not cpu_int4.int4_ops_available():
+        pytest.skip("this torch has no int4 CPU kernel")
+    O, I = 64, 512
+    data = np.random.default_rng(0).standard_normal((O, I)).astype(np.float32) * 0.05
+    raw = torch.from_numpy(np.ascontiguousarray(encode(data, qtype)).view(np.uint8)).reshape(O, -1)
+    qw = blocks.to_quantized(raw, qtype, (O, I))
+    assert cpu_int4.int4_supported(qw)
+    x = torch.randn(3, I, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ qw.dequantize().double().t()
+    y = cpu_int4.to_int4_planes(qw).linear(x)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < cpu_int4.TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])

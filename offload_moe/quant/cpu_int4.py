@@ -12,9 +12,10 @@ load, into its layout:
   is `w = (code - zero) * scale`, so `q = code + c`, `s = scale`, `z' = (8 - c - zero) * scale`,
   computed in fp32 and rounded to bf16 once, where `c = 8 - 2**(bits-1)` centres 2/3-bit codes on 8
   so `z'` stays small (a large `z'` would cancel against `(q - 8) * s` and amplify the rounding).
-- 8-bit groupwise -> two planes: `q = 16 * hi + lo` with hi, lo < 16, so
-  `w = (hi - 8) * 16 scale + [(lo - 8) * scale + (136 - zero) * scale]`, two int4 products summed
-  in fp32. Same bytes as int8 codes; torch's `_weight_int8pack_mm` is per-channel only.
+- 8-bit groupwise -> two planes: `q = code + c = 16 * hi + lo` with hi, lo < 16, so
+  `w = (hi - 8) * 16 scale + [(lo - 8) * scale + (136 - c - zero) * scale]`, two int4 products
+  summed in fp32, where `c = 128 - 2**(w-1)` for codes below `2**w` centres narrow codes (GGUF's
+  5-bit types are stored as 8-bit codes < 32) on 128, for the same reason as above. Same bytes as int8 codes; torch's `_weight_int8pack_mm` is per-channel only.
 
 The kernel's fast path (AVX2/AVX-512) is bf16-only, so activations are cast to bf16 for it and the
 result back to the caller's dtype; it accumulates in fp32. It needs out % 16 == 0 and a group size
@@ -184,8 +185,14 @@ def to_int4_planes(qw: QuantizedWeight) -> Int4Planes:
         shift = 8 - (1 << (qw.bits - 1))            # centre 2/3-bit codes on 8: z' stays small, exact in bf16
         parts = [(codes + shift, scale, (8 - shift - zero) * scale)]
     else:
+        # centre narrow 8-bit codes (GGUF's 5-bit Q5_0/Q5_1/Q5_K, codes < 32) on 128 as well, so the
+        # high plane's (hi - 8) * 16 s and the low plane's z' stay small instead of cancelling
+        # (-128 s against ~+120 s, each rounded to bf16: an error of ~s/4 on every weight)
+        width = max(int(codes.max()).bit_length(), 1) if codes.numel() else 8
+        shift = 128 - (1 << (width - 1))
+        codes = codes + shift
         parts = [(codes >> 4, 16 * scale, torch.zeros_like(scale)),               # high nibbles
-                 (codes & 15, scale, (136 - zero) * scale)]                      # low nibbles + offset
+                 (codes & 15, scale, (136 - shift - zero) * scale)]              # low nibbles + offset
     planes, szs = [], []
     for q, s, z in parts:
         planes.append(_pack(q))                                                    # (O, I/2)
