@@ -17,6 +17,7 @@ import torch
 from .checkpoint import Checkpoint
 from .errors import OffloadMoeError
 from .generate import DecodeTiming, Sampling, decode_tokens
+from .penalties import LogprobRecord
 from .model import Transformer, build_transformer
 from .text import StreamDecoder, Tokenizer
 
@@ -33,6 +34,13 @@ class Generation:
     token_ids: list[int]
     finish_reason: str            # "stop" (EOS or a stop string), "length", or "cancelled" (should_stop)
     stats: dict = field(default_factory=dict)
+    logprobs: list[dict] | None = None   # with logprobs=N: one entry per token id (see penalties.LogprobRecord)
+
+    @property
+    def context_full(self) -> bool:
+        """True when the generation stopped because the context was full (not at max_new_tokens)."""
+        g = self.stats.get("generation", {})
+        return self.finish_reason == "length" and g.get("context_full", False)
 
 
 class Model:
@@ -103,8 +111,11 @@ class Model:
 
     def generate(self, prompt: str | list[int], **kwargs) -> Generation:
         """Generate a completion. Keyword arguments: max_new_tokens=256, temperature=0.7, top_p=0.95,
-        top_k=0, seed=None, stop=None (a string or list of strings), ignore_eos=False,
-        should_stop=None (a callable checked between tokens).
+        top_k=0, min_p=0.0, repetition_penalty=1.0 (transformers' definition), presence_penalty=0.0,
+        frequency_penalty=0.0 (OpenAI's), seed=None, stop=None (a string or list of strings),
+        ignore_eos=False, should_stop=None (a callable checked between tokens), logprobs=None (N:
+        record each token's log-probability and the N most likely), generator=None (a
+        torch.Generator to draw from instead of seeding one), skip_special_tokens=True.
         temperature=0 is greedy."""
         run = _GenerationRun(self, prompt, **kwargs)
         for _ in run:
@@ -128,19 +139,30 @@ class _GenerationRun:
     def __init__(self, model: Model, prompt, *, max_new_tokens: int = 256, temperature: float = 0.7,
                  top_p: float = 0.95, top_k: int = 0, seed: int | None = None,
                  stop: str | list[str] | None = None, ignore_eos: bool = False,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logprobs: int | None = None, generator: torch.Generator | None = None,
+                 skip_special_tokens: bool = True):
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise OffloadMoeError(f"max_new_tokens = {max_new_tokens!r}, expected an integer >= 1")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise OffloadMoeError(f"sampling: temperature={temperature}, top_p={top_p}, top_k={top_k}; "
                                   "expected temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        check_penalties(min_p, repetition_penalty, presence_penalty, frequency_penalty)
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= 20):
+            raise OffloadMoeError(f"logprobs = {logprobs!r}, expected None or an integer from 0 to 20")
         self.model = model
         self.ids = model.encode_prompt(prompt)
         if len(self.ids) >= model.context_length:
             raise OffloadMoeError(f"prompt: {len(self.ids)} tokens leave no room in the context of "
                                   f"{model.context_length} tokens")
         self.max_new_tokens = max_new_tokens
-        self.sampling = Sampling(temperature, top_p, top_k, seed)
+        self.sampling = Sampling(temperature, top_p, top_k, seed, min_p, repetition_penalty, presence_penalty,
+                                 frequency_penalty)
+        self.generator = generator
+        self.logprobs = LogprobRecord(logprobs) if logprobs is not None else None
+        self.skip_special_tokens = skip_special_tokens
         self.ignore_eos = ignore_eos  # benchmarks and parity tests want a fixed number of tokens
         self.should_stop = should_stop  # checked between tokens: a server cancels a departed client
         self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
@@ -150,11 +172,12 @@ class _GenerationRun:
         m = self.model
         timing = DecodeTiming()
         m.last_timing = timing
-        decoder = StreamDecoder(m.tokenizer) if m.tokenizer else None
+        decoder = StreamDecoder(m.tokenizer, self.skip_special_tokens) if m.tokenizer else None
         out_ids: list[int] = []
         text, emitted = "", 0      # text so far; how much of it was yielded
         finish = "length"
-        for token_id in decode_tokens(m.transformer, self.ids, self.max_new_tokens, self.sampling, timing):
+        for token_id in decode_tokens(m.transformer, self.ids, self.max_new_tokens, self.sampling, timing,
+                                      generator=self.generator, logprobs=self.logprobs):
             if token_id in m.eos_ids and not self.ignore_eos:
                 finish = "stop"
                 break
@@ -181,7 +204,22 @@ class _GenerationRun:
             text, finish = (text[:cut], "stop") if cut is not None else (text, finish)
         if len(text) > emitted:
             yield text[emitted:]
-        self.result = Generation(text, out_ids, finish, m.stats)
+        stats = m.stats
+        stats["generation"]["context_full"] = len(self.ids) + len(out_ids) >= m.context_length
+        entries = self.logprobs.entries[:len(out_ids)] if self.logprobs is not None else None
+        self.result = Generation(text, out_ids, finish, stats, entries)
+
+
+def check_penalties(min_p, repetition_penalty, presence_penalty, frequency_penalty) -> None:
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not (number(min_p) and 0 <= min_p <= 1):
+        raise OffloadMoeError(f"min_p = {min_p!r}, expected a number from 0 to 1")
+    if not (number(repetition_penalty) and repetition_penalty > 0):
+        raise OffloadMoeError(f"repetition_penalty = {repetition_penalty!r}, expected a number > 0 (1.0 is off)")
+    for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not (number(v) and -2 <= v <= 2):
+            raise OffloadMoeError(f"{name} = {v!r}, expected a number from -2 to 2 (0 is off)")
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

@@ -96,16 +96,17 @@ class StreamDecoder:
     every emitted piece valid. Decoding a short window (not the whole sequence) keeps it O(1) per
     token while letting the tokenizer handle leading-space rules at the boundary."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.prefix = 0   # window starts here
         self.read = 0     # text of ids[prefix:read] was already emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix:], self.skip)
         if text.endswith("\ufffd") or len(text) <= len(done):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
@@ -113,7 +114,7 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is held back at the end (an incomplete character is emitted as U+FFFD)."""
-        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix:], self.skip)
         self.prefix = self.read = len(self.ids)
         return text[len(done):]
