@@ -16,25 +16,40 @@ def add_model_arguments(p):
                    help="tokens the KV cache holds (default: min(model limit, 4096))")
     p.add_argument("--cache-slots", default=None, metavar="K",
                    help="device slots per layer for experts ('all' or a number; default: all resident)")
-    p.add_argument("--prefetch", type=int, default=None, metavar="D", help="layers to prefetch ahead")
-    p.add_argument("--offload", choices=["ram", "disk"], default=None, help="host tier for cold experts")
+    p.add_argument("--prefetch", type=int, default=None, metavar="D",
+                   help="MoE layers whose experts are fetched ahead of use (default: the profile's)")
+    p.add_argument("--offload", choices=["ram", "disk"], default=None,
+                   help="host tier for cold experts (default: RAM, or the profile's)")
     p.add_argument("--ram-budget", default=None, metavar="SIZE", help="RAM for experts, e.g. 20GB (rest on disk)")
     p.add_argument("--offload-dir", default=None, metavar="DIR", help="directory for the disk tier")
     p.add_argument("--nf4-experts", action="store_true",
                    help="quantize float experts to NF4 at load (bitsandbytes on CUDA when installed)")
 
 
-def add_sampling_arguments(p):
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+def add_sampling_arguments(p, max_new_tokens_help: str = "tokens to generate at most (default 256)",
+                           max_new_tokens_default: int | None = 256):
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens_default, metavar="N", help=max_new_tokens_help)
     p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 is greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95, metavar="P")
-    p.add_argument("--top-k", type=int, default=0, metavar="K")
-    p.add_argument("--seed", type=int, default=None, metavar="S")
+    p.add_argument("--top-p", type=float, default=0.95, metavar="P",
+                   help="nucleus sampling: keep the most likely tokens up to this mass (default 0.95)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="keep only the K most likely tokens (default 0: no cut)")
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than P x the most likely one (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide the logits of tokens already seen by R, as transformers does (default 1.0: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="A",
+                   help="subtract A from the logits of tokens generated so far, as OpenAI (default 0: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="A",
+                   help="subtract A x count from the logits of tokens generated so far, as OpenAI (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="random seed, for replies that repeat on a rerun (default: a fresh one each run)")
 
 
 def sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed)
+                top_k=args.top_k, seed=args.seed, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
 
 
 def load_kwargs(args) -> dict:
