@@ -126,10 +126,11 @@ class Model:
         """Reply to a conversation rendered through the checkpoint's chat template."""
         return self.generate(self.chat_ids(messages), **kwargs)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids of a conversation, as transformers' apply_chat_template(messages, tools=tools)."""
         if self.tokenizer is None:
             raise OffloadMoeError(f"{self.path}: no tokenizer.json, so chat is not available")
-        text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
+        text = self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -167,13 +168,14 @@ class _GenerationRun:
         self.should_stop = should_stop  # checked between tokens: a server cancels a departed client
         self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         self.result: Generation | None = None
+        self.token_ids: list[int] = []
 
     def __iter__(self) -> Iterator[str]:
         m = self.model
         timing = DecodeTiming()
         m.last_timing = timing
         decoder = StreamDecoder(m.tokenizer, self.skip_special_tokens) if m.tokenizer else None
-        out_ids: list[int] = []
+        out_ids = self.token_ids = []   # generated ids (EOS excluded), visible while iterating
         text, emitted = "", 0      # text so far; how much of it was yielded
         finish = "length"
         for token_id in decode_tokens(m.transformer, self.ids, self.max_new_tokens, self.sampling, timing,

@@ -53,18 +53,22 @@ class Tokenizer:
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render messages with the checkpoint's chat template, as transformers does."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """Render messages (and the tools the model may call) with the checkpoint's chat template, as
+        transformers does. A message's extra keys (tool_calls, tool_call_id, name) reach the template."""
         if not self.chat_template:
             raise OffloadMoeError(f"{self.source}: no chat_template, so chat is not available "
                                   "for this checkpoint (use a plain prompt)")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                    isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls"))):
                 raise OffloadMoeError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
         template = _jinja_env().from_string(self.chat_template)
         try:
+            extra = {"tools": tools} if tools else {}
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
         except _TemplateError as e:
             raise OffloadMoeError(f"{self.source}: chat template refused the messages: {e}") from None
 
@@ -80,9 +84,9 @@ def _raise(message: str):
 def _jinja_env():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
-        x, indent=indent, ensure_ascii=ensure_ascii)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: json.dumps(
+        x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
