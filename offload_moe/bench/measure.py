@@ -12,17 +12,18 @@ import time
 import torch
 
 
-def measure_memcpy(nbytes: int, device: torch.device, *, repeats: int = 10, trials: int = 5) -> dict:
+def measure_memcpy(nbytes: int, device: torch.device, *, repeats: int = 10, trials: int = 7,
+                   warmup: int = 3) -> dict:
     """Peak copy rate of one expert-sized buffer: pinned host→device on CUDA (timed with CUDA events
-    on a side stream), RAM→RAM on the CPU (wall clock). `repeats` copies per trial; the best trial
-    is the peak (decimal GB/s)."""
+    on a side stream), RAM→RAM on the CPU (wall clock). `warmup` untimed copies first (page faults,
+    caches), then `trials` trials of `repeats` copies; the best trial is the peak (decimal GB/s)."""
     rates = []
     if device.type == "cuda":
         src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
         dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
         stream = torch.cuda.Stream(device)
         with torch.cuda.stream(stream):
-            for _ in range(3):
+            for _ in range(warmup):
                 dst.copy_(src, non_blocking=True)
             stream.synchronize()
             for _ in range(trials):
@@ -38,14 +39,15 @@ def measure_memcpy(nbytes: int, device: torch.device, *, repeats: int = 10, tria
     else:
         src = torch.ones(nbytes, dtype=torch.uint8)
         dst = torch.empty_like(src)
-        dst.copy_(src)
+        for _ in range(warmup):
+            dst.copy_(src)
         for _ in range(trials):
             t0 = time.perf_counter()
             for _ in range(repeats):
                 dst.copy_(src)
             rates.append(repeats * nbytes / (time.perf_counter() - t0) / 1e9)
         kind = "host RAM->RAM memcpy"
-    return {"kind": kind, "bytes": nbytes, "repeats": repeats, "trials": trials,
+    return {"kind": kind, "bytes": nbytes, "repeats": repeats, "trials": trials, "warmup": warmup,
             "peak_gbps": max(rates), "median_gbps": statistics.median(rates), "trial_gbps": rates}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -15,7 +16,7 @@ from rich.text import Text
 from ..bench import run_bench
 from ..errors import OffloadMoeError
 from ..synthetic import KNOWN_MODELS, SyntheticCheckpoint
-from .console import human_bytes, progress_bar, stdout
+from .console import human_bytes, progress_bar, stderr, stdout
 
 
 def add_parser(sub):
@@ -55,10 +56,17 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0, metavar="S", help="prompt, synthetic trace and guess seed")
     p.add_argument("--json", metavar="OUT", default=None, help="write every measured field to this JSON file")
     p.add_argument("--no-baselines", action="store_true", help="run the configured engine only")
+    p.add_argument("--repeats", type=int, default=3, metavar="N",
+                   help="rounds of every row, interleaved; each row shows its median run and the spread (default 3)")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also draw hit rate against slots (with Belady's curve) and decode speed against the "
+                        "bound into this PNG (needs the 'plot' extra: matplotlib; default: no plot)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.repeats < 1:
+        raise OffloadMoeError(f"--repeats {args.repeats}: expected an integer >= 1")
     if args.threads is not None:
         if args.threads < 1:
             raise OffloadMoeError(f"--threads {args.threads}: expected an integer >= 1")
@@ -90,17 +98,25 @@ def run(args) -> int:
         out = Path(args.json)
         if out.parent and not out.parent.is_dir():
             raise OffloadMoeError(f"--json {out}: directory {out.parent} does not exist")
+    if args.plot:
+        check_plot_target(args.plot)
     with progress_bar() as report:
         result = run_bench(source, device=args.device, dtype=args.dtype, tokens=args.tokens,
                            prompt_tokens=args.prompt_tokens, trace=args.trace, trace_reuse=args.trace_reuse,
                            guess_accuracy=guess, vram_limit=args.vram_limit, cache_slots=slots,
                            prefetch=args.prefetch, profile=args.profile, seed=args.seed,
-                           baselines=not args.no_baselines, progress=report)
-    # a pipe or file gets the whole table (rich would wrap it to 80 columns); a terminal its own width
-    out = stdout if stdout.is_terminal else Console(soft_wrap=True, width=200)
-    out.print(results_table(result))
+                           baselines=not args.no_baselines, repeats=args.repeats, progress=report)
+    # the tables fit 80 columns; a pipe or file gets them at 120 (rich would otherwise assume 80)
+    out = stdout if stdout.is_terminal else Console(soft_wrap=True, width=120, color_system=None)
+    for table in results_tables(result):
+        out.print(table)
     for line in summary_lines(result):
         out.print(Text(line))
+    for line in result["notes"]:   # logs, not results: stderr
+        stderr.print(Text(line if line.startswith("warning: ") else f"note: {line}"), highlight=False)
+    if args.plot:
+        path = plot_result(result, args.plot)
+        stderr.print(Text(f"plot written to {path}"), highlight=False)
     if args.json:
         try:
             Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -117,35 +133,53 @@ def _bytes(v) -> str:
     return "-" if v is None else human_bytes(v)
 
 
-def results_table(result: dict) -> Table:
+SHORT = {"engine": "engine", "resident": "resident", "on_demand": "on demand", "lru": "LRU", "accelerate": "accelerate"}
+
+
+def short_label(row: dict) -> str:
+    return SHORT.get(row["name"], row["name"])
+
+
+def results_tables(result: dict) -> list[Table]:
+    """Two tables that each fit 80 columns: speed against the bound, then experts and memory."""
     m = result["model"]
-    title = (f"{m['source']}: {m['num_layers']} layers x {m['num_experts']} experts (top-{m['top_k']}), "
-             f"{human_bytes(m['bytes_per_expert'])}/expert, {result['device']['type']} "
-             f"({result['device']['name']})")
-    table = Table(title=title, show_header=True)
-    for name, justify in (("configuration", "left"), ("prefill tok/s", "right"), ("TTFT s", "right"),
-                          ("decode tok/s", "right"), ("hit rate", "right"), ("prefetch acc", "right"),
-                          ("moved", "right"), ("GB/s", "right"), ("peak VRAM", "right"), ("peak RSS", "right"),
-                          ("bound s", "right"), ("ratio", "right")):
-        table.add_column(name, justify=justify)
+    title = (f"{Path(m['source']).name or m['source']}: {m['num_layers']} layers x {m['num_experts']} experts "
+             f"(top-{m['top_k']}), {human_bytes(m['bytes_per_expert'])}/expert, {result['device']['type']}")
+    runs = result["settings"].get("repeats") or 1
+    speed = Table(title=f"{title}; median of {runs} run{'s' * (runs != 1)}", box=box.SIMPLE_HEAD, pad_edge=False,
+                  collapse_padding=True)
+    for name in ("row", "prefill/s", "TTFT s", "decode/s", "min-max", "spread", "bound s", "ratio"):
+        speed.add_column(name, justify="left" if name == "row" else "right", no_wrap=True)
+    moves = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for name in ("row", "hit rate", "prefetch", "moved", "GB/s", "peak VRAM", "peak RSS"):
+        moves.add_column(name, justify="left" if name == "row" else "right", no_wrap=True)
     for row in result["rows"]:
+        label = Text(short_label(row))
         if row["status"] != "ok":
-            table.add_row(Text(row["label"]), "skipped", *[""] * 10)
+            speed.add_row(label, "skipped", *[""] * 6)
             continue
+        lo, hi = row.get("decode_tokens_per_second_min"), row.get("decode_tokens_per_second_max")
+        speed.add_row(label, _num(row["prefill_tokens_per_second"]), _num(row["ttft_seconds"], "{:.3f}"),
+                      _num(row["decode_tokens_per_second"], "{:.2f}"),
+                      "-" if lo is None else f"{lo:.1f}-{hi:.1f}", _num(row.get("spread"), "{:.0%}"),
+                      _num(row["bound_seconds"], "{:.3f}"), _num(row["ratio"], "{:.2f}"))
         issued = row["prefetch_issued"]
-        table.add_row(
-            Text(row["label"]), _num(row["prefill_tokens_per_second"]), _num(row["ttft_seconds"], "{:.3f}"),
-            _num(row["decode_tokens_per_second"], "{:.2f}"), _num(row["hit_rate"], "{:.3f}"),
-            _num(row["prefetch_accuracy"] if issued else None, "{:.3f}"), _bytes(row["bytes_moved"]),
-            _num(row["achieved_gbps"], "{:.2f}"), _bytes(row["peak_vram_bytes"]), _bytes(row["peak_rss_bytes"]),
-            _num(row["bound_seconds"], "{:.3f}"), _num(row["ratio"], "{:.2f}"))
-    return table
+        moves.add_row(label, _num(row["hit_rate"], "{:.3f}"), _num(row["prefetch_accuracy"] if issued else None,
+                                                                   "{:.3f}"),
+                      _bytes(row["bytes_moved"]), _num(row["achieved_gbps"], "{:.2f}"),
+                      _bytes(row["peak_vram_bytes"]), _bytes(row["peak_rss_bytes"]))
+    return [speed, moves]
 
 
 def summary_lines(result: dict) -> list[str]:
     mc, b, c, r = result["memcpy"], result["belady"], result["compute_reference"], result["routing"]
-    lines = [f"memcpy peak ({mc['kind']}, {human_bytes(mc['bytes'])} x {mc['repeats']}, best of {mc['trials']}): "
-             f"{mc['peak_gbps']:.2f} GB/s"]
+    lines = [f"{short_label(row)}: {row['label']}" for row in result["rows"] if short_label(row) != row["label"]]
+    rounds = mc.get("rounds", 1)
+    lines.append(f"memcpy peak ({mc['kind']}, {human_bytes(mc['bytes'])} x {mc['repeats']}, best of "
+                 f"{mc['trials'] * rounds} trials in {rounds} round{'s' * (rounds != 1)}): "
+                 f"{mc.get('memcpy_peak_gbps', mc['peak_gbps']):.2f} GB/s (median {mc['median_gbps']:.2f})")
+    if mc.get("row_peak_gbps") and mc["row_peak_gbps"] > mc.get("memcpy_peak_gbps", mc["peak_gbps"]):
+        lines.append(f"the rows' own copies reached {mc['row_peak_gbps']:.2f} GB/s: the bound uses that rate")
     if r["kind"] == "router":
         lines.append("routing: the model's own routers")
     else:
@@ -158,12 +192,33 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"Belady (optimal) hit rate with {b['slots']} slots: {b['belady_hit_rate']:.3f}; "
                      f"LRU {b['lru_hit_rate']:.3f} = {frac} of it")
     if c["decode_seconds"] is not None:
-        lines.append(f"bound = decode misses x bytes/expert / memcpy peak + compute {c['decode_seconds']:.3f} s "
-                     f"(decode steps x the fastest step of the {c['source']}); ratio = measured decode time / bound")
+        lines.append(f"bound = max(decode bytes copied / peak copy rate, compute {c['decode_seconds']:.3f} s = decode "
+                     f"steps x the {c['source']}); ratio = measured decode time / bound")
     else:
         lines.append(f"no lower bound: {c['note']}")
     lines.extend(f"{row['label']}: skipped: {row['reason']}" for row in result["rows"] if row["status"] != "ok")
     if result["same_tokens"] is False:
         lines.append("warning: the configurations did not all generate the same tokens")
-    lines.extend(f"note: {n}" for n in result["notes"])
     return lines
+
+
+def check_plot_target(path: str) -> None:
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise OffloadMoeError(f"--plot {path}: expected a .png file name")
+    if not out.parent.is_dir():
+        raise OffloadMoeError(f"--plot {path}: directory {out.parent} does not exist")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise OffloadMoeError("--plot needs matplotlib, which is not installed: pip install 'offload-moe[plot]'") \
+            from None
+
+
+def plot_result(result: dict, path: str) -> Path:
+    from ..bench.plot import plot_bench
+
+    try:
+        return plot_bench(result, path)
+    except OSError as e:
+        raise OffloadMoeError(f"--plot {path}: cannot write ({e.strerror or e})") from None
