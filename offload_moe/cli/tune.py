@@ -83,9 +83,9 @@ def run(args) -> int:
                       f"{r.hit_rate:.1%}", fmt_bytes(r.bytes_moved), mark)
     stdout.print(table)
     for note in result.notes:
-        stdout.print(Text(f"note: {note}"))
+        stderr.print(Text(f"note: {note}"), highlight=False)
     if result.skipped:
-        stdout.print(Text(f"note: {result.skipped} setting(s) skipped: the time budget ran out"))
+        stderr.print(Text(f"note: {result.skipped} setting(s) skipped: the time budget ran out"), highlight=False)
     if costs_file is not None:
         stdout.print(Text(f"cost model for the hybrid CPU/GPU engine saved to {costs_file}"))
     use = args.name if args.output is None else str(path)
