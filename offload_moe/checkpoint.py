@@ -78,6 +78,9 @@ class Checkpoint:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_file():
+            raise OffloadMoeError(f"{self.path}: a file, not a checkpoint directory (expected a directory "
+                                  "holding config.json and *.safetensors)")
         if not self.path.is_dir():
             raise OffloadMoeError(f"{self.path}: no such checkpoint directory")
         self.config = ModelConfig.load(self.path)

@@ -16,6 +16,7 @@ from rich.text import Text
 from ..bench import run_bench
 from ..errors import OffloadMoeError
 from ..synthetic import KNOWN_MODELS, SyntheticCheckpoint
+from .common import check_model_argument
 from .console import human_bytes, progress_bar, stderr, stdout
 
 
@@ -29,7 +30,8 @@ def add_parser(sub):
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the bundled demo model)")
     src.add_argument("--synthetic", metavar="NAME", choices=sorted(KNOWN_MODELS),
-                     help=f"random weights with a known model's shapes ({', '.join(sorted(KNOWN_MODELS))})")
+                     help=f"random weights with a known model's shapes ({', '.join(sorted(KNOWN_MODELS))}; "
+                          "default: none, the --model checkpoint)")
     p.add_argument("--layers", type=int, default=None, metavar="N", help="with --synthetic: keep N layers")
     p.add_argument("--scale", type=float, default=1.0, metavar="S",
                    help="with --synthetic: shrink widths by S (0 < S <= 1), for the CPU")
@@ -78,6 +80,7 @@ def run(args) -> int:
         if args.layers is not None or args.scale != 1.0:
             raise OffloadMoeError("--layers and --scale apply to --synthetic models only")
         from ..api import DEMO_DIR
+        check_model_argument(args)
         source = args.model or DEMO_DIR
         if args.model is None and not (DEMO_DIR / "config.json").exists():
             raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing; give --model or --synthetic")

@@ -27,7 +27,7 @@ from rich.text import Text
 from .. import load
 from ..chat_session import ChatSession
 from ..errors import OffloadMoeError
-from .common import add_model_arguments, add_sampling_arguments, load_kwargs, sampling_kwargs
+from .common import add_model_arguments, add_sampling_arguments, check_model_argument, load_kwargs, sampling_kwargs
 from .console import human_bytes, progress_bar, stderr
 from .stats import stats_table
 
@@ -64,6 +64,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    check_model_argument(args)
     interactive = sys.stdin.isatty()
     message = None
     if not interactive:  # read before loading: an empty pipe is an error worth reporting fast

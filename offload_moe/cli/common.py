@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .. import load
+from ..errors import OffloadMoeError
 from .console import progress_bar
 
 
@@ -20,7 +23,7 @@ def add_model_arguments(p):
                    help="MoE layers whose experts are fetched ahead of use (default: the profile's)")
     p.add_argument("--offload", choices=["ram", "disk"], default=None,
                    help="host tier for cold experts (default: RAM, or the profile's)")
-    p.add_argument("--ram-budget", default=None, metavar="SIZE", help="RAM for experts, e.g. 20GB (rest on disk)")
+    p.add_argument("--ram-budget", default=None, metavar="SIZE", help="RAM for experts, e.g. 20GB, the rest on disk (default: the profile's, or 90%% of available RAM)")
     p.add_argument("--offload-dir", default=None, metavar="DIR", help="directory for the disk tier")
     p.add_argument("--nf4-experts", action="store_true",
                    help="quantize float experts to NF4 at load (bitsandbytes on CUDA when installed)")
@@ -61,6 +64,15 @@ def load_kwargs(args) -> dict:
                 offload_dir=args.offload_dir, nf4_experts=args.nf4_experts)
 
 
+def check_model_argument(args) -> None:
+    """`--model README.md`: say that the file given as --model is a file, before anything loads."""
+    model = getattr(args, "model", None)
+    if model is not None and Path(model).is_file():
+        raise OffloadMoeError(f"--model {model}: a file, not a checkpoint directory (expected a directory "
+                              "holding config.json and *.safetensors)")
+
+
 def load_model(args):
+    check_model_argument(args)
     with progress_bar() as report:
         return load(args.model, progress=report, **load_kwargs(args))

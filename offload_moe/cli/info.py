@@ -1,24 +1,32 @@
-"""`offload-moe info PATH`: what a checkpoint holds, read from its headers only."""
+"""`offload-moe info PATH`: what a checkpoint holds, read from its headers only; given a config.json
+file (as `plan` takes), what the config alone says."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from rich.table import Table
 
 from ..checkpoint import Checkpoint
+from ..config import ModelConfig
 from .console import human_bytes, human_count, stdout
 
 
 def add_parser(sub):
     p = sub.add_parser("info", help="describe a checkpoint (architecture, parameters, bytes by kind)",
                        description="Describe a checkpoint directory without loading its weights.")
-    p.add_argument("path", metavar="PATH", help="checkpoint directory")
+    p.add_argument("path", metavar="PATH_OR_CONFIG", help="checkpoint directory or config.json file")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    ckpt = Checkpoint(args.path)
-    c = ckpt.config
-    table = Table(title=str(ckpt.path), show_header=False)
+    ckpt = None
+    if Path(args.path).is_file():
+        c = ModelConfig.load(args.path)
+    else:
+        ckpt = Checkpoint(args.path)
+        c = ckpt.config
+    table = Table(title=str(args.path if ckpt is None else ckpt.path), show_header=False)
     table.add_column("field")
     table.add_column("value", justify="right")
     rows = [
@@ -28,13 +36,16 @@ def run(args) -> int:
         ("parameters total", human_count(c.total_params)),
         ("parameters active per token", human_count(c.active_params)),
         ("one expert", f"{human_count(c.params_per_expert)} params"),
-        ("expert layout", ckpt.layout.replace("_", " ")),
     ]
-    for kind, n in ckpt.bytes_by_kind().items():
-        rows.append((f"bytes: {kind}", human_bytes(n)))
-    rows += [("dtypes", ", ".join(ckpt.dtypes())),
-             ("shards", f"{len(ckpt.shard_files())} ({human_bytes(ckpt.total_bytes())})"),
-             ("context", f"{c.max_position_embeddings} positions"
+    if ckpt is not None:
+        rows.append(("expert layout", ckpt.layout.replace("_", " ")))
+        for kind, n in ckpt.bytes_by_kind().items():
+            rows.append((f"bytes: {kind}", human_bytes(n)))
+        rows += [("dtypes", ", ".join(ckpt.dtypes())),
+                 ("shards", f"{len(ckpt.shard_files())} ({human_bytes(ckpt.total_bytes())})")]
+    else:
+        rows.append(("weights", f"not read (a config file alone; dtype {c.torch_dtype})"))
+    rows += [("context", f"{c.max_position_embeddings} positions"
                          + (f", sliding window {c.sliding_window}" if c.sliding_window else ""))]
     if c.quantization:
         q = c.quantization

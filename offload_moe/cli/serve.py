@@ -6,7 +6,7 @@ import os
 import socket
 
 from ..errors import OffloadMoeError
-from .common import add_model_arguments, load_kwargs
+from .common import add_model_arguments, check_model_argument, load_kwargs
 from .console import progress_bar, stderr
 
 
@@ -80,6 +80,7 @@ def run(args) -> int:
         raise OffloadMoeError(f"--max-queue {args.max_queue}: expected an integer >= 0")
     if args.api_key is not None and not args.api_key.strip():
         raise OffloadMoeError("--api-key is empty")
+    check_model_argument(args)
     sock = _listen(args.host, args.port)  # before loading: a busy port fails fast
     try:
         kwargs = load_kwargs(args)

@@ -18,6 +18,7 @@ from ..profiles import parse_bytes
 from ..errors import OffloadMoeError
 from ..tune import (DISK_TEST_BYTES, cost_model, measurement_lines, parse_settings, profile_path, tune,
                     write_profile)
+from .common import check_model_argument
 from .console import progress_bar, stderr, stdout
 
 
@@ -49,6 +50,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    check_model_argument(args)
     target = profile_path(args.name, args.output)  # a bad name or an existing file fails before measuring
     if target.exists() and not args.force:
         raise OffloadMoeError(f"{target} exists; pass --force to overwrite it, or choose another --name")
