@@ -14,7 +14,6 @@ Only the reply text goes to stdout; everything else (summary, notices, /help, /s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import inspect
 import os
