@@ -32,31 +32,37 @@ def add_parser(sub):
     src.add_argument("--synthetic", metavar="NAME", choices=sorted(KNOWN_MODELS),
                      help=f"random weights with a known model's shapes ({', '.join(sorted(KNOWN_MODELS))}; "
                           "default: none, the --model checkpoint)")
-    p.add_argument("--layers", type=int, default=None, metavar="N", help="with --synthetic: keep N layers (default: all of the model's)")
+    p.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="with --synthetic: keep N layers (default: all of the model's)")
     p.add_argument("--scale", type=float, default=1.0, metavar="S",
                    help="with --synthetic: shrink widths by S (0 < S <= 1), for the CPU (default 1.0)")
     p.add_argument("--profile", metavar="P", default=None,
-                   help="take cache slots, prefetch and the VRAM limit from this profile (name or .toml; default: none)")
+                   help="take cache slots, prefetch and the VRAM limit from this profile (name or .toml; "
+                        "default: none)")
     p.add_argument("--vram-limit", metavar="SIZE", default=None,
                    help="cap this process's GPU memory, e.g. 12GB (not applicable on the CPU; default: no cap)")
     p.add_argument("--tokens", type=int, default=32, metavar="N", help="tokens generated per row (default 32)")
     p.add_argument("--prompt-tokens", type=int, default=16, metavar="N", help="prompt length (default 16)")
     routing = p.add_mutually_exclusive_group()
-    routing.add_argument("--trace", metavar="FILE", help="replay this routing trace (offload-moe-trace/1; default: the model's routers decide)")
+    routing.add_argument("--trace", metavar="FILE",
+                         help="replay this routing trace (offload-moe-trace/1; default: the model's routers decide)")
     routing.add_argument("--trace-reuse", type=float, default=None, metavar="R",
                          help="replay a synthetic trace in which an expert used at one token is used again "
                               "at the next with probability R (default: no synthetic trace)")
     p.add_argument("--guess-accuracy", default="0.8", metavar="A",
                    help="under replay, prefetch guesses are emulated: the true next route with each id kept "
                         "with probability A (default 0.8); 'router' uses the model's routers instead")
-    p.add_argument("--cache-slots", default=None, metavar="K", help="engine slots per layer ('all' or a number; default: max(top_k, experts / 2))")
+    p.add_argument("--cache-slots", default=None, metavar="K",
+                   help="engine slots per layer ('all' or a number; default: max(top_k, experts / 2))")
     p.add_argument("--prefetch", type=int, default=None, metavar="D", help="engine prefetch depth (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="prompt, synthetic trace and guess seed (default 0)")
-    p.add_argument("--json", metavar="OUT", default=None, help="write every measured field to this JSON file (default: none)")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="prompt, synthetic trace and guess seed (default 0)")
+    p.add_argument("--json", metavar="OUT", default=None,
+                   help="write every measured field to this JSON file (default: none)")
     p.add_argument("--no-baselines", action="store_true", help="run the configured engine only")
     p.add_argument("--repeats", type=int, default=3, metavar="N",
                    help="rounds of every row, interleaved; each row shows its median run and the spread (default 3)")
@@ -214,8 +220,8 @@ def check_plot_target(path: str) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise OffloadMoeError("--plot needs matplotlib, which is not installed: pip install 'offload-moe[plot]'") \
-            from None
+        raise OffloadMoeError("--plot needs matplotlib, which is not installed: pip install matplotlib "
+                              "(or '.[plot]' in a clone)") from None
 
 
 def plot_result(result: dict, path: str) -> Path:

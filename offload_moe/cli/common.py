@@ -23,8 +23,11 @@ def add_model_arguments(p):
                    help="MoE layers whose experts are fetched ahead of use (default: the profile's)")
     p.add_argument("--offload", choices=["ram", "disk"], default=None,
                    help="host tier for cold experts (default: RAM, or the profile's)")
-    p.add_argument("--ram-budget", default=None, metavar="SIZE", help="RAM for experts, e.g. 20GB, the rest on disk (default: the profile's, or 90%% of available RAM)")
-    p.add_argument("--offload-dir", default=None, metavar="DIR", help="directory for the disk tier (default: a private temporary directory, removed at exit)")
+    p.add_argument("--ram-budget", default=None, metavar="SIZE",
+                   help="RAM for experts, e.g. 20GB, the rest on disk (default: the profile's, "
+                        "or 90%% of available RAM)")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="directory for the disk tier (default: a private temporary directory, removed at exit)")
     p.add_argument("--nf4-experts", action="store_true",
                    help="quantize float experts to NF4 at load (bitsandbytes on CUDA when installed)")
 

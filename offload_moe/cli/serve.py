@@ -15,7 +15,7 @@ def add_parser(sub):
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="Serve one model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                     "/v1/models, streaming or not), plus /health and /metrics. Point any OpenAI client at "
-                    "http://HOST:PORT/v1. Needs: pip install 'offload-moe[serve]'.")
+                    "http://HOST:PORT/v1. Needs starlette and uvicorn: pip install '.[serve]' in a clone.")
     add_model_arguments(p)
     if "--profile" not in p._option_string_actions:  # unless the shared model arguments grew one
         p.add_argument("--profile", default=None, metavar="P",

@@ -21,7 +21,7 @@ from .worker import Job, Worker
 
 log = logging.getLogger("offload_moe.server")
 
-INSTALL_HINT = "pip install 'offload-moe[serve]'"
+INSTALL_HINT = "pip install starlette uvicorn (or pip install '.[serve]' in a clone of offload-moe)"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the context left
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.95  # the library's defaults (as `offload-moe generate`)
