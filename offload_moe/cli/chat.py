@@ -213,6 +213,8 @@ class ChatLoop:
             if turn.cut_by_context:
                 note(f"reply cut at {turn.max_new_tokens} tokens: the context of {self.model.context_length} "
                      "tokens is full (/reset starts afresh)")
+            elif turn.result is not None and turn.result.finish_reason == "length":
+                note(f"reply cut at the budget of {turn.max_new_tokens} tokens (--max-new-tokens raises it)")
         except KeyboardInterrupt:
             if raise_errors:
                 raise
