@@ -123,7 +123,8 @@ class ToolCallParser:
                 content += rest[start:end + len("</tool_call>")]
             self.shown += end + len("</tool_call>")
         self.calls += calls
-        return _strip_between_calls(content, self.calls, calls), calls
+        # Qwen writes a newline between content and each call: whitespace-only text around calls goes
+        return ("" if self.calls and not content.strip() else content), calls
 
     # -- Mistral: [TOOL_CALLS] then a JSON list, or name[ARGS]{json} repeated
     def _mistral(self, done: bool) -> tuple[str, list[dict]]:
@@ -170,11 +171,6 @@ class ToolCallParser:
         return content, calls
 
 
-def _strip_between_calls(content: str, all_calls: list, new_calls: list) -> str:
-    """Qwen writes a newline between content and each call: drop whitespace-only text around calls."""
-    return "" if (all_calls or new_calls) and not content.strip() else content
-
-
 def _parse_json_call(body: str) -> dict | None:
     try:
         obj = json.loads(body.strip())
@@ -194,7 +190,8 @@ def _parse_mistral(body: str) -> list[dict] | None:
             return None
         if isinstance(items, dict):
             items = [items]
-        if not isinstance(items, list) or not all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items):
+        if not isinstance(items, list) or \
+                not all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items):
             return None
         return [new_call(i["name"], i.get("arguments", {})) for i in items]
     calls = []  # v11: name[ARGS]{json}[TOOL_CALLS]name[ARGS]{json}...
