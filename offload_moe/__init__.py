@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 
 
 def quantize(src, dst, **kwargs):
-    """Write a quantized copy of checkpoint `src` to the new directory `dst` (see quant/convert.py)."""
-    from .quant.convert import quantize as convert
+    """Write a quantized copy of checkpoint `src` to the new directory `dst` (see tools/convert.py)."""
+    from .tools.convert import quantize as convert
 
     return convert(src, dst, **kwargs)
 

@@ -14,19 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint
 from .errors import OffloadMoeError
-from .generate import DecodeTiming, Sampling, decode_tokens
+from .generate import DEFAULT_SAMPLING, DecodeTiming, Sampling, decode_tokens
+from .model import Transformer
 from .penalties import LogprobRecord
-from .model import Transformer, build_transformer
 from .text import StreamDecoder, Tokenizer
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-DEMO_DIR = Path(__file__).parent / "demo"
-
-Progress = Callable[[str, int, int], None]  # (what, done, total)
-
 
 @dataclass
 class Generation:
@@ -47,12 +39,13 @@ class Model:
     """A loaded model: the transformer on its device, its experts provider, its tokenizer."""
 
     def __init__(self, transformer: Transformer, experts, tokenizer: Tokenizer | None, path: Path,
-                 device: torch.device, dtype: torch.dtype, settings: dict):
+                 device: torch.device, dtype: torch.dtype, settings: dict, placement=None):
         self.transformer = transformer
         self.experts = experts
         self.tokenizer = tokenizer
         self.config = transformer.config
         self.path, self.device, self.dtype, self.settings = path, device, dtype, settings
+        self.placement = placement  # the `options.Placement` load() used (None when built by hand)
         self.last_timing = DecodeTiming()
         ids = set(self.config.eos_token_ids)
         if tokenizer is not None and tokenizer.token_id(tokenizer.eos_token) is not None:
@@ -105,7 +98,7 @@ class Model:
 
     def stream(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
         """Yield the generated text piece by piece (each piece valid UTF-8)."""
-        run = _GenerationRun(self, prompt, **kwargs)
+        run = GenerationRun(self, prompt, **kwargs)
         yield from run
         self.last_result = run.result
 
@@ -117,7 +110,7 @@ class Model:
         record each token's log-probability and the N most likely), generator=None (a
         torch.Generator to draw from instead of seeding one), skip_special_tokens=True.
         temperature=0 is greedy."""
-        run = _GenerationRun(self, prompt, **kwargs)
+        run = GenerationRun(self, prompt, **kwargs)
         for _ in run:
             pass
         return run.result
@@ -134,11 +127,12 @@ class Model:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
 
-class _GenerationRun:
+class GenerationRun:
     """One generation: iterate for text pieces; `.result` holds the `Generation` when done."""
 
-    def __init__(self, model: Model, prompt, *, max_new_tokens: int = 256, temperature: float = 0.7,
-                 top_p: float = 0.95, top_k: int = 0, seed: int | None = None,
+    def __init__(self, model: Model, prompt, *, max_new_tokens: int = 256,
+                 temperature: float = DEFAULT_SAMPLING.temperature, top_p: float = DEFAULT_SAMPLING.top_p,
+                 top_k: int = DEFAULT_SAMPLING.top_k, seed: int | None = None,
                  stop: str | list[str] | None = None, ignore_eos: bool = False,
                  should_stop: Callable[[], bool] | None = None, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
@@ -238,25 +232,3 @@ def _held_back(text: str, stops: list[str]) -> int:
                 best = n
                 break
     return best
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise OffloadMoeError(f"device {device!r} is not a device name (expected auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise OffloadMoeError(f"device {str(device)!r}: CUDA is not available on this machine")
-    return device
-
-
-def resolve_dtype(dtype, checkpoint_dtype: str) -> torch.dtype:
-    if dtype is None:
-        return DTYPES[checkpoint_dtype]
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype in DTYPES:
-        return DTYPES[dtype]
-    raise OffloadMoeError(f"dtype {dtype!r} is not supported (expected one of {', '.join(DTYPES)})")

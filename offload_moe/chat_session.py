@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .api import _GenerationRun
+from .api import GenerationRun
 from .errors import OffloadMoeError
 
 
@@ -42,7 +42,7 @@ class ChatSession:
     def __init__(self, model, *, system: str | None = None, **generation):
         if generation.get("max_new_tokens") is None:
             generation.pop("max_new_tokens", None)
-        _GenerationRun(model, [0], **generation)  # bad sampling settings fail here, not on every turn
+        GenerationRun(model, [0], **generation)  # bad sampling settings fail here, not on every turn
         self.model = model
         self.system = system or None
         self.generation = dict(generation)

@@ -28,11 +28,9 @@ from .config import ModelConfig
 from .errors import OffloadMoeError
 from .quant.format import QuantSpec, tensor_kind
 from .quant.groupwise import QuantizedWeight
-from .quant.mxfp4 import MXFP4Weight, is_mxfp4
+from .quant.mxfp4 import is_mxfp4
 from .quant.pack import packed_cols
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "U8": torch.uint8, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
 
@@ -119,11 +117,12 @@ class Checkpoint:
         return tensors
 
     def _detect_layout(self) -> str:
+        """The first of the family's stacked layouts whose first tensor is present, else per expert."""
         fam = self.config.family
-        if "mxfp4" in fam.layouts and f"model.layers.{self.config.moe_layers[0]}.mlp.experts.gate_up_proj_blocks" in self.tensors:
-            return "mxfp4"
-        if f"model.layers.{self.config.moe_layers[0]}.mlp.experts.gate_up_proj" in self.tensors:
-            return "transposed" if "transposed" in fam.layouts else "fused"
+        prefix = f"model.layers.{self.config.moe_layers[0]}.mlp.experts."
+        for name, stacked in fam.stacked.items():
+            if name in fam.layouts and next(iter(stacked.shapes(self.config, prefix))) in self.tensors:
+                return name
         if "per_expert" not in fam.layouts:
             raise OffloadMoeError(f"{self.path}: no model.layers.{self.config.moe_layers[0]}.mlp.experts.gate_up_proj "
                                   f"(expected a {self.config.model_type} checkpoint's experts)")
@@ -203,26 +202,10 @@ class Checkpoint:
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """The three matrices of one expert in [out, in] form: w1 (gate), w3 (up): [I, H]; w2: [H, I]
         (gpt-oss adds biases b1, b3: [I]; b2: [H]). `layer` counts all layers, dense ones too."""
-        p = f"model.layers.{layer}.mlp.experts."
-        I = self.config.intermediate_size
-        if self.layout == "fused":
-            gate_up = self._get_row(p + "gate_up_proj", expert)  # [2I, H]
-            return {"w1": gate_up[:I].contiguous(), "w3": gate_up[I:].contiguous(),
-                    "w2": self._get_row(p + "down_proj", expert)}  # [H, I]
-        if self.layout == "mxfp4":  # packed [out, in] rows; gate and up rows interleaved
-            gate_up = [self._get_row(p + f"gate_up_proj_{k}", expert) for k in ("blocks", "scales")]
-            bias = self._get_row(p + "gate_up_proj_bias", expert)
-            return {"w1": MXFP4Weight(*(t[0::2].contiguous() for t in gate_up)),
-                    "w3": MXFP4Weight(*(t[1::2].contiguous() for t in gate_up)),
-                    "w2": MXFP4Weight(*(self._get_row(p + f"down_proj_{k}", expert) for k in ("blocks", "scales"))),
-                    "b1": bias[0::2].contiguous(), "b3": bias[1::2].contiguous(),
-                    "b2": self._get_row(p + "down_proj_bias", expert)}
-        if self.layout == "transposed":
-            gate_up, bias = self._get_row(p + "gate_up_proj", expert), self._get_row(p + "gate_up_proj_bias", expert)
-            return {"w1": gate_up[:, 0::2].T.contiguous(), "w3": gate_up[:, 1::2].T.contiguous(),  # [H, 2I] -> [I, H]
-                    "w2": self._get_row(p + "down_proj", expert).T.contiguous(),                # [I, H] -> [H, I]
-                    "b1": bias[0::2].contiguous(), "b3": bias[1::2].contiguous(),
-                    "b2": self._get_row(p + "down_proj_bias", expert)}
+        stacked = self.config.family.stacked.get(self.layout)
+        if stacked is not None:  # the family's file says how to cut expert `expert` out of its tensors
+            p = f"model.layers.{layer}.mlp.experts."
+            return stacked.decode(lambda name: self._get_row(p + name, expert), self.config)
         names = arch.expert_names(self.config, self.config.family, layer, expert)
         return {w: self.get_weight(name, shape) for w, (name, shape) in names.items()}
 

@@ -19,6 +19,7 @@ from .penalties import LogprobRecord, TokenCounts, penalize
 
 @dataclass(frozen=True)
 class Sampling:
+    """How a token is drawn. These defaults are the library's, the CLI's and the server's."""
     temperature: float = 0.7   # 0 means greedy
     top_p: float = 0.95
     top_k: int = 0             # 0 means no top-k cut
@@ -32,6 +33,9 @@ class Sampling:
     def penalized(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+
+DEFAULT_SAMPLING = Sampling()
 
 
 def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:

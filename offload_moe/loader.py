@@ -6,15 +6,15 @@ compute device → give the experts to a provider → build the transformer arou
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import arch
-from .api import DEMO_DIR, Model, Progress, resolve_device, resolve_dtype
+from .api import Model
 from .checkpoint import Checkpoint
-from .cpu import SplitByLayer, cpu_form, cpu_layers, hybrid_tier
+from .cpu.kernels import cpu_form
+from .experts.cpu_tier import SplitByLayer, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
 from .experts.cache import ExpertCache
 from .experts.costs import CostModel
@@ -22,10 +22,12 @@ from .experts.layout import ExpertLayout
 from .experts.policy import POLICIES
 from .experts.resident import ResidentExperts
 from .experts.store import HostStore
-from .experts.weights import ExpertWeights
+from .experts.interface import Activation, ExpertWeights
 from .model import build_transformer
-from .planner import plan as make_plan
-from .profiles import Profile, auto_profile, available_ram, load_profile
+from .options import Placement, from_profile
+from .profiles import Profile
+from .runtime import (Progress, SizeError, available_ram, demo_dir, place, resolve_device, resolve_dtype,
+                      size_in_bytes)
 from .quant.nf4 import NF4Weight
 from .text import Tokenizer
 
@@ -38,19 +40,19 @@ def model_name(checkpoint_name: str) -> str:
 
 
 def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto", dtype=None,
-         profile: "str | Path | Profile | None" = "auto", context_length: int | None = None,
-         cache_slots: int | list[int] | str | None = None, prefetch: int | None = None,
-         offload: str | None = None, ram_budget: int | str | None = None,
-         offload_dir: str | Path | None = None, policy: str = "lru", record_trace: bool = False,
-         cpu_experts: str | int = "auto", cpu_costs: CostModel | None = None,
-         nf4_experts: bool = False,
-         progress: Progress | None = None) -> Model:
+         profile: "str | Path | Profile | None" = "auto", placement: Placement | None = None,
+         context_length: int | None = None, cache_slots: int | list[int] | str | None = None,
+         prefetch: int | None = None, offload: str | None = None, ram_budget: int | str | None = None,
+         offload_dir: str | Path | None = None, policy: str | None = None, record_trace: bool | None = None,
+         cpu_experts: str | int | None = None, cpu_costs: CostModel | None = None,
+         nf4_experts: bool | None = None, progress: Progress | None = None) -> Model:
     """Load a checkpoint directory of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`; None:
     the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
 
     profile: a VRAM profile name ("12gb"), a .toml path, a `Profile`, "auto" (measure free VRAM and
-    RAM and pick) or None. The planner turns it into placement (slots per layer, prefetch depth,
-    host tier, RAM budget, context length); keyword arguments given here override single keys.
+    RAM and pick) or None. The planner turns it into a `Placement` (slots per layer, prefetch depth,
+    host tier, RAM budget, context length); `placement=` gives one directly instead, and the
+    keyword arguments below override its single fields (`Placement.override`).
     The checkpoint's own bits are used; quantize first (`offload-moe quantize`) to use fewer.
 
     cache_slots: "all" keeps every expert resident on the device; an int (or one int per MoE layer)
@@ -58,7 +60,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     tier (`offload` "ram" or "disk", `ram_budget` bytes or "20GB", `offload_dir`), prefetching
     `prefetch` layers ahead, evicting by `policy` ("lru"; "none" reuses nothing, a baseline).
 
-    cpu_experts: which experts the CPU computes where they sit in host RAM (see `offload_moe.cpu`).
+    cpu_experts: which experts the CPU computes where they sit in host RAM (see `experts/cpu_tier.py`).
     "auto" (default): on a CPU device with resident experts, "all"; elsewhere "none". "none": always
     copy. "hybrid": each miss is either copied or computed on the CPU, whichever the cost model
     (`cpu_costs`, else the one saved for this machine, else measured at load) says finishes first.
@@ -68,32 +70,30 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     nf4_experts: quantize float experts to NF4 at load (bitsandbytes' layout; computed through
     bitsandbytes on CUDA when it is installed, by a plain torch path otherwise)."""
     if path is None:
-        if not (DEMO_DIR / "config.json").exists():
-            raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install")
-        path = DEMO_DIR
+        path = demo_dir()
     ckpt = path if hasattr(path, "expert") else Checkpoint(path)
     cfg = ckpt.config
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
-    placement, summary = apply_profile(profile, cfg, device, dtype)
-    given = dict(context_length=context_length, cache_slots=cache_slots, prefetch=prefetch, offload=offload,
-                 ram_budget=ram_budget)
-    placement.update({k: v for k, v in given.items() if v is not None})
-    cache_slots, prefetch = placement.get("cache_slots"), placement.get("prefetch", 1)
-    offload, ram_budget = placement.get("offload", "ram"), placement.get("ram_budget")
-    context = placement.get("context_length") or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
+    opts = (placement if placement is not None else from_profile(profile, cfg, device, dtype)).override(
+        context_length=context_length, cache_slots=cache_slots, prefetch=prefetch, offload=offload,
+        ram_budget=ram_budget, offload_dir=offload_dir, policy=policy, record_trace=record_trace,
+        cpu_experts=cpu_experts, nf4_experts=nf4_experts)
+    cache_slots, prefetch, offload, ram_budget = opts.cache_slots, opts.prefetch, opts.offload, opts.ram_budget
+    offload_dir, policy, record_trace, nf4_experts = opts.offload_dir, opts.policy, opts.record_trace, opts.nf4_experts
+    context = opts.context_length or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
     if not isinstance(context, int) or context < 2:
         raise OffloadMoeError(f"context_length = {context!r}, expected an integer >= 2")
     report = progress or (lambda what, done, total: None)
     # The first n_cpu MoE layers' experts stay in RAM in CPU form; the engine below numbers the
     # others from 0 (SplitByLayer translates).
-    mode, n_cpu = cpu_layers(cpu_experts, len(cfg.moe_layers), device, offloaded=cache_slots not in (None, "all"))
+    mode, n_cpu = cpu_layers(opts.cpu_experts, len(cfg.moe_layers), device, offloaded=cache_slots not in (None, "all"))
 
     shapes = ckpt.expected_shapes()
     read = getattr(ckpt, "get_weight", lambda name, shape: ckpt.get(name))
     dense = {}
     for i, (name, shape) in enumerate(shapes.items()):
-        dense[model_name(name)] = _to(read(name, shape), device, dtype)
+        dense[model_name(name)] = place(read(name, shape), device, dtype)
         report("dense weights", i + 1, len(shapes))
 
     # The expert engine numbers the MoE layers 0, 1, ... (dense layers have no experts).
@@ -105,25 +105,26 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
                               "quantized (its quantization_config says how)")
 
     def load_expert(layer: int, e: int, to=device) -> ExpertWeights:
-        w = {k: _to(v, to, dtype) for k, v in ckpt.expert(moe_layers[layer], e).items()}
+        w = {k: place(v, to, dtype) for k, v in ckpt.expert(moe_layers[layer], e).items()}
         if nf4_experts:
             w = {k: NF4Weight.quantize(v) if k in ("w1", "w3", "w2") else v for k, v in w.items()}
         report("experts", layer * cfg.num_experts + e + 1, total)
         return ExpertWeights(**w)
 
-    settings = {"profile": summary, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+    settings = {"profile": opts.profile, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "context_length": context}
 
     def on_cpu(layer: int, e: int) -> ExpertWeights:
         return cpu_form(load_expert(layer, e, to="cpu"))
 
     settings.update(cpu_experts=mode, cpu_layers=n_cpu)
+    act = Activation(cfg.swiglu_limit, cfg.swiglu_alpha)  # how every expert computes (gpt-oss clamps)
     if n_cpu == len(moe_layers):
-        experts = ResidentExperts(on_cpu, n_cpu, cfg.num_experts)
+        experts = ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act)
         settings.update(experts="cpu")
     elif cache_slots is None or cache_slots == "all":
         experts = ResidentExperts(lambda layer, e: on_cpu(layer, e) if layer < n_cpu else load_expert(layer, e),
-                                  len(moe_layers), cfg.num_experts)
+                                  len(moe_layers), cfg.num_experts, act)
         settings.update(experts="resident")
     else:
         slots = _slots_per_layer(cache_slots, len(moe_layers), cfg.num_experts)[n_cpu:]
@@ -150,51 +151,16 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
                             cpu_costs=costs.source if costs else None,
                             cpu_extra_bytes=tier.extra_bytes if tier else 0)
         experts = ExpertCache(store, device=device, slots=slots, prefetch=prefetch, record_trace=record_trace,
-                              policy=lambda layer: POLICIES[policy](), cpu=tier, costs=costs)
+                              policy=lambda layer: POLICIES[policy](), cpu=tier, costs=costs, activation=act)
         settings.update(experts="offloaded", cache_slots=slots, prefetch=prefetch, policy=policy,
                         ram_layers=store.ram_layers, disk_layers=offloaded - store.ram_layers,
                         offload_dir=str(store.disk_dir) if store.disk_dir else None)
         if n_cpu:
-            experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts), experts)
+            experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act), experts)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
     tokenizer = Tokenizer(ckpt.path) if ckpt.path.is_dir() and (ckpt.path / "tokenizer.json").exists() else None
-    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings)
-
-
-def _to(weight, device, dtype):
-    """Float weights move and take the compute dtype; packed ones only move (never inflated)."""
-    if isinstance(weight, torch.Tensor):
-        return weight.to(device=device, dtype=dtype)
-    return weight.to(device)
-
-
-def apply_profile(profile, cfg, device: torch.device, dtype: torch.dtype) -> tuple[dict, str | None]:
-    """Placement settings from a profile, via the planner: ({setting: value}, profile name)."""
-    if profile is None:
-        return {}, None
-    if isinstance(profile, Profile):
-        prof = profile
-    elif profile == "auto":
-        prof = auto_profile(cfg) if device.type == "cuda" else load_profile("cpu")
-    else:
-        prof = load_profile(profile)
-    if not cfg.quantization:  # plan for the weights as they will be held: the compute dtype
-        bits = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-        prof = replace(prof, experts_bits=bits, attention_bits=bits, embeddings_bits=bits)
-    if prof.device == "cuda" and device.type != "cuda":
-        raise OffloadMoeError(f"profile {prof.name!r} is for a CUDA GPU but the device is {device}; "
-                              "use profile='cpu' or device='cuda'")
-    p = make_plan(cfg, prof)
-    placement = dict(context_length=p.kv_tokens, prefetch=prof.prefetch, offload=prof.offload,
-                     ram_budget=p.ram_budget)
-    if prof.device == "cuda":
-        placement["cache_slots"] = "all" if p.slots_per_layer >= cfg.num_experts else p.slots_per_layer
-    elif prof.cache_slots is not None:  # a profile (e.g. a tuned one) that names its slots gets them
-        placement["cache_slots"] = min(prof.cache_slots, cfg.num_experts)
-    elif p.experts_on_disk:  # the CPU computes from RAM; layers that do not fit stream from disk
-        placement["cache_slots"] = min(cfg.num_experts, 2 * cfg.top_k)
-    return placement, prof.name
+    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings, placement=opts)
 
 
 def _slots_per_layer(cache_slots, num_layers: int, num_experts: int) -> list[int]:
@@ -206,21 +172,14 @@ def _slots_per_layer(cache_slots, num_layers: int, num_experts: int) -> list[int
     return values
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def _bytes(key: str, value) -> int | None:
-    """None, a byte count, or a string such as "20GB" / "512MiB"."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        return value
-    if isinstance(value, str):
-        text = value.strip().upper().replace(" ", "")
-        number = text.rstrip("KMGTIB")
-        try:
-            n = float(number) * _UNITS[text[len(number):]]
-        except (ValueError, KeyError):
-            n = 0
-        if n > 0:
-            return int(n)
+    """None, a byte count, or a string such as "20GB" / "512MiB" (`runtime.size_in_bytes`)."""
+    if value is None:
+        return None
+    try:
+        n = size_in_bytes(value)
+    except SizeError:
+        n = 0
+    if n > 0:
+        return n
     raise OffloadMoeError(f"{key} = {value!r}, expected a positive size such as 20GB or 512MiB")

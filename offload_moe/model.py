@@ -6,8 +6,11 @@ Read top to bottom: RMSNorm, rotary embeddings, a preallocated KV cache, grouped
 (optional biases, q/k norms, clamp, sinks, sliding window), multi-head latent attention, the
 router rules, a dense SwiGLU MLP (dense layers and shared experts), the sparse MoE block, one
 decoder layer, the whole stack. Routed experts are not part of this module: the MoE block asks an
-injected provider (`experts.fetch(layer, ids, residual)`) for the weights of the experts its tokens
-chose, so offloading, caching and prefetch live elsewhere and never touch this file.
+injected provider (`experts.interface.ExpertProvider`: `fetch(layer, ids, tokens, guesses)`) for
+the experts its tokens chose and hands over its guesses of the next layers' in the same call, so
+offloading, caching and prefetch live elsewhere and never call back into this file. Routing ids and
+guesses reach the host in one copy per MoE layer (`HostIds`); a benchmark replays a trace by giving
+the model a `Routing` strategy.
 
 Shape letters: B batch, T new tokens, S cached positions, H hidden size, nh / nkv query / key-value
 heads, hd head dim, E experts, k experts per token, N = B*T tokens, V vocab, r latent rank (MLA),
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 from itertools import accumulate
 
 import torch
@@ -25,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .experts.weights import expert_forward
+from .experts.interface import ExpertProvider
 from .quant.modules import QEmbedding, QLinear
 
 
@@ -271,11 +275,50 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Routing(Protocol):
+    """A routing strategy the model can be given in place of its own routers' choices (benchmarks
+    replay recorded traces through it). Layers are MoE layers (the engine's numbering)."""
+
+    def forced(self, layer: int, tokens: int) -> torch.Tensor | None:
+        """(tokens, k) expert ids that replace the router's top-k for this call, or None."""
+        ...
+
+    def guess(self, layer: int, tokens: int) -> torch.Tensor | None:
+        """(tokens, k) prefetch guesses for `layer`'s next call, or None: the routers guess."""
+        ...
+
+
+class HostIds:
+    """The one device->host transfer of a MoE layer: its routing ids and the guesses for the next
+    layers, gathered on the device into one preallocated buffer and copied back in one go into a
+    preallocated host buffer (pinned on CUDA). Steps larger than the buffers (prefill) copy once too."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.device = torch.device(device)
+        on_cuda = self.device.type == "cuda"
+        self.host = torch.empty(size, dtype=torch.long, pin_memory=on_cuda)               # (size,)
+        self.staged = torch.empty(size, dtype=torch.long, device=self.device) if on_cuda else self.host
+
+    def read(self, *parts: torch.Tensor) -> torch.Tensor:
+        """The parts (long tensors on the device), flattened one after another, on the host."""
+        sizes = [p.numel() for p in parts]
+        total = sum(sizes)
+        if total > self.host.numel():
+            return torch.cat([p.flatten() for p in parts]).cpu()
+        at = 0
+        for p, n in zip(parts, sizes):
+            self.staged[at:at + n].copy_(p.flatten())
+            at += n
+        if self.staged is self.host:
+            return self.host[:total]
+        return self.host[:total].copy_(self.staged[:total])            # blocking: the layer's one sync
+
+
 class MoEBlock(nn.Module):
     """Router (the family's rule) and the weighted sum of the chosen experts, plus the shared
     expert (sigmoid-gated in Qwen2-MoE) where the family has one."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, experts):
+    def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertProvider):
         super().__init__()
         fam = cfg.family
         self.cfg, self.layer, self.top_k, self.num_experts = cfg, layer, cfg.top_k, cfg.num_experts
@@ -284,8 +327,7 @@ class MoEBlock(nn.Module):
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size) if cfg.shared_expert_size else None
         self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
                                    if cfg.shared_expert_size and fam.shared_expert_gate else None)
-        self.experts = experts  # provider: not a submodule, owns no parameters of this model
-        self.forced_routes: Callable[[int, int], torch.Tensor] | None = None  # benchmarks replay traces
+        self.experts = experts  # the provider (`experts.interface`): not a submodule, owns no parameters here
 
     def route(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> weights (N, k) in x's dtype, expert ids (N, k); `forced` ids replace top-k."""
@@ -293,29 +335,33 @@ class MoEBlock(nn.Module):
         weights, ids = self.rule(logits, self.cfg, forced)
         return weights.to(x.dtype), ids
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids_to_host: HostIds, forced: torch.Tensor | None = None,
+                guesses: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H). `guesses` (D, N, k): the next D layers' likely experts, handed
+        to the provider for prefetch; they come to the host in the same copy as the routing ids."""
         B, T, H = x.shape
+        N, k = B * T, self.top_k
         h = x.reshape(-1, H)                                          # (N, H)
-        forced = self.forced_routes(self.layer, h.shape[0]) if self.forced_routes else None
-        weights, ids = self.route(h, forced)
-        # The one host sync of the layer: which experts were chosen, grouped by expert.
-        flat = ids.flatten().cpu()                                    # (N*k,)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        weights, ids = self.route(h, forced)                          # (N, k), (N, k)
+        flat = ids.flatten()                                          # (N*k,)
+        order = torch.argsort(flat, stable=True)                      # rows grouped by expert, on the device
+        token_of = order // k                                         # (N*k,) the token of each grouped row
+        parts = (flat,) if guesses is None else (flat, guesses)
+        host = ids_to_host.read(*parts)                               # the one host sync of the layer
+        counts = torch.bincount(host[:N * k], minlength=self.num_experts).tolist()
         ends = list(accumulate(counts))                               # expert e's rows end here
         used = [e for e, c in enumerate(counts) if c]
-        order = order.to(h.device)
+        ahead = ([sorted(set(g)) for g in host[N * k:].view(guesses.shape[0], -1).tolist()]
+                 if guesses is not None else ())
         row_weights = weights.flatten()                               # (N*k,)
         # Each (token, choice) gets its own row, summed over choices in a fixed order afterwards,
         # so the result does not depend on the order the provider hands experts out.
-        out = h.new_zeros(B * T * self.top_k, H)                      # (N*k, H)
-        limit, alpha = self.cfg.swiglu_limit, self.cfg.swiglu_alpha
-        for e, w in self.experts.fetch(self.layer, used, residual):
-            rows = order[ends[e] - counts[e]:ends[e]]             # flat (token, choice) indices
-            tokens = rows // self.top_k
-            y = expert_forward(h[tokens].to(w.device), w, limit, alpha).to(h.device)  # (n_e, H)
-            out[rows] = y * row_weights[rows, None]
-        y = out.view(B * T, self.top_k, H).sum(dim=1)                 # (N, H)
+        out = h.new_zeros(N * k, H)                                   # (N*k, H)
+        for e, expert in self.experts.fetch(self.layer, used, N, ahead):
+            start, end = ends[e] - counts[e], ends[e]
+            rows = order[start:end]                                   # flat (token, choice) indices
+            out[rows] = expert(h, token_of[start:end]) * row_weights[rows, None]  # (n_e, H)
+        y = out.view(N, k, H).sum(dim=1)                              # (N, H)
         if self.shared_expert is not None:
             shared = self.shared_expert(h)
             if self.shared_expert_gate is not None:
@@ -339,18 +385,19 @@ class DecoderLayer(nn.Module):
         else:  # the expert engine numbers MoE layers without the dense ones
             self.block_sparse_moe = MoEBlock(cfg, cfg.moe_layers.index(layer), experts)
 
-    def forward(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache, start, moe: Callable | None = None) -> torch.Tensor:
+        """`moe(block, x, residual)` runs the MoE block (the transformer adds routing and guesses)."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
         if self.dense:
             return h + self.mlp(self.post_attention_layernorm(h))
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h), residual=h)
+        return h + moe(self.block_sparse_moe, self.post_attention_layernorm(h), h)
 
 
 class Transformer(nn.Module):
     """Embeddings, decoder layers, final norm, lm_head. Parameter names follow the checkpoint's
     (minus the leading `model.`), so a state dict loads without renaming."""
 
-    def __init__(self, cfg: ModelConfig, experts):
+    def __init__(self, cfg: ModelConfig, experts: ExpertProvider):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -360,7 +407,8 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.kv_caches: list[KVCache] = []
         self.max_seq_len = 0
-        experts.attach_router(self.guess_experts)
+        self.experts = experts                  # the provider, shared by every MoE block
+        self.routing: Routing | None = None     # None: the routers decide (see `set_routing`)
 
     def setup(self, max_seq_len: int, device, dtype, max_batch: int = 1):
         """Allocate the KV cache and rotary tables once, on the compute device."""
@@ -373,6 +421,13 @@ class Transformer(nn.Module):
         else:
             shape = (cfg.num_kv_heads, max_seq_len, cfg.head_dim, device, dtype)
         self.kv_caches = [KVCache(max_batch, *shape) for _ in range(cfg.num_layers)]
+        # decode's routing ids and the next layers' guesses come back in one copy per MoE layer
+        depth = min(self.experts.prefetch_depth, cfg.num_moe_layers - 1)
+        self.ids_to_host = HostIds(max_batch * cfg.top_k * (1 + max(depth, 0)), device)
+
+    def set_routing(self, routing: Routing | None) -> None:
+        """Route by `routing` (e.g. a recorded trace) instead of the routers; None: the routers again."""
+        self.routing = routing
 
     @property
     def moe_blocks(self) -> list[MoEBlock]:
@@ -405,15 +460,31 @@ class Transformer(nn.Module):
         masks = {w: self.attention_mask(start, T, end if use_cache else T, w) for w in set(self.windows)}
         x = self.embed_tokens(tokens)                                  # (B, T, H)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[self.windows[i]], self.kv_caches[i] if use_cache else None, start)
+            x = layer(x, cos, sin, masks[self.windows[i]], self.kv_caches[i] if use_cache else None, start,
+                      self.moe_step)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()                      # (B, T, V)
 
+    def moe_step(self, block: MoEBlock, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """One MoE layer: its routing (the routers, or the strategy given) and, in decode, the next
+        layers' guesses the provider asked for, handed over with the request."""
+        N = x.shape[0] * x.shape[1]
+        forced = self.routing.forced(block.layer, N) if self.routing is not None else None
+        ahead = range(block.layer + 1, min(block.layer + 1 + self.experts.prefetch_depth, self.config.num_moe_layers))
+        guesses = None
+        if N == 1 and len(ahead):
+            guesses = torch.stack([self.guess_experts(layer, residual) for layer in ahead])  # (D, N, k)
+        return block(x, self.ids_to_host, forced, guesses)
+
     def guess_experts(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
-        """Which experts `layer` would pick for this residual stream: (N, k) ids. Used by the
-        expert engine to prefetch ahead; only a guess, since the true input differs. `layer` is
-        the engine's (MoE layers only)."""
+        """Which experts `layer` would pick for this residual stream: (N, k) ids, for the provider to
+        prefetch; only a guess, since the true input differs. A routing strategy may guess instead.
+        `layer` is the engine's (MoE layers only)."""
+        N = residual.numel() // residual.shape[-1]
+        guess = self.routing.guess(layer, N) if self.routing is not None else None
+        if guess is not None:
+            return guess.to(residual.device)
         block = self.layers[self.config.moe_layers[layer]]
         x = block.post_attention_layernorm(residual).reshape(-1, self.config.hidden_size)
         return block.block_sparse_moe.route(x)[1]
@@ -439,5 +510,3 @@ def build_transformer(cfg: ModelConfig, dense: dict, experts, *, device, dtype,
     model.setup(max_seq_len, device, dtype, max_batch)
     return model.eval()
 
-
-ExpertGuess = Callable[[int, torch.Tensor], torch.Tensor]

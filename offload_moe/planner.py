@@ -36,7 +36,8 @@ from .errors import OffloadMoeError
 from .quant.format import QuantSpec
 from .quant.mxfp4 import is_mxfp4
 from .quant.mxfp4 import nbytes_for as mxfp4_bytes
-from .profiles import BIT_WIDTHS, Profile, available_ram, bundled_profiles
+from .profiles import BIT_WIDTHS, Profile, bundled_profiles
+from .runtime import available_ram, fmt_bytes, free_vram
 
 GROUP_SIZE = 64            # quantization group along the input dimension
 AUTO_RAM_FRACTION = 0.9    # ram_budget = "auto": this much of MemAvailable, the rest for the OS
@@ -65,14 +66,6 @@ def _checkpoint_bits(config: ModelConfig) -> tuple[str, str, str, int]:
 def checkpoint_float_bits(config: ModelConfig) -> str:
     """The setting name of an unquantized checkpoint's dtype ('bf16', 'fp16' or 'fp32')."""
     return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[config.torch_dtype]
-
-
-def fmt_bytes(n: float) -> str:
-    """Decimal units, as disks and GPU spec sheets count: 1 GB = 1e9 bytes."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def _gb(n: float) -> str:
@@ -346,4 +339,25 @@ def _fixes(config: ModelConfig, profile: Profile, ram_available: int | None) -> 
     return "; ".join(found)
 
 
-__all__ = ["Plan", "plan", "weight_bytes", "fmt_bytes", "GROUP_SIZE", "AUTO_RAM_FRACTION"]
+def auto_profile(config=None, *, vram: int | None = None, ram: int | None = None) -> Profile:
+    """The largest bundled GPU profile whose budget fits the free VRAM, `cpu` without a GPU.
+
+    With a `ModelConfig`, a profile also has to yield a plan (`planner.plan`) for that model with
+    `ram` bytes of available host RAM, so a host too small for its offload setting falls back to
+    the next profile. `vram` and `ram` default to what the machine has free now.
+    """
+    vram = free_vram() if vram is None else vram
+    bundled = bundled_profiles()
+    gpu = [p for p in bundled if p.device == "cuda" and p.vram_budget <= vram]
+    for p in sorted(gpu, key=lambda p: p.vram_budget, reverse=True):
+        if config is None:
+            return p
+        try:
+            plan(config, p, ram_available=ram)
+            return p
+        except OffloadMoeError:
+            continue
+    return next(p for p in bundled if p.device == "cpu")
+
+
+__all__ = ["Plan", "plan", "auto_profile", "weight_bytes", "GROUP_SIZE", "AUTO_RAM_FRACTION"]

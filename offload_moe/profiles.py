@@ -23,6 +23,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from .errors import OffloadMoeError, read_user_file
+from .runtime import SizeError, size_in_bytes
 
 # Bits per weight of each width a profile may name; bf16/fp16 are stored as is, the ints groupwise.
 BIT_WIDTHS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
@@ -31,9 +32,6 @@ MAX_CONTEXT = 1 << 24      # tokens
 MAX_PREFETCH = 64
 MAX_SLOTS = 1024
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -54,35 +52,12 @@ class Profile:
     ram_budget: int | None      # bytes of host RAM for expert copies; None = "auto" (measured)
 
 
-class _Bad(Exception):
-    """A value parser's complaint: carries what was expected, the caller adds file and key."""
-
-
-def parse_bytes(value: int | str) -> int:
-    """'12GB' -> 12_000_000_000, '512MiB' -> 536_870_912, 1024 -> 1024. GB = 1e9, GiB = 2**30."""
-    try:
-        return _size(value)
-    except _Bad as e:
-        raise OffloadMoeError(f"size {value!r}: expected {e}") from None
-
-
-def _size(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    else:
-        m = _SIZE.match(value) if isinstance(value, str) else None
-        if m is None or m.group(2).lower() not in _UNITS:
-            raise _Bad("a size such as '12GB', '512MiB' or a byte count")
-        n = round(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n < 0:
-        raise _Bad("a size that is not negative")
-    return n
 
 
 def _budget(value: Any) -> int:
-    n = _size(value)
+    n = size_in_bytes(value)
     if n > MAX_BYTES:
-        raise _Bad(f"a size of at most {MAX_BYTES // 10**12} TB (a typo in the number or unit?)")
+        raise SizeError(f"a size of at most {MAX_BYTES // 10**12} TB (a typo in the number or unit?)")
     return n
 
 
@@ -93,7 +68,7 @@ def _auto_or(parse):
 def _int_in(lo: int, hi: int):
     def parse(v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise _Bad(f"an integer from {lo} to {hi}")
+            raise SizeError(f"an integer from {lo} to {hi}")
         return v
     return parse
 
@@ -101,7 +76,7 @@ def _int_in(lo: int, hi: int):
 def _one_of(*choices: str):
     def parse(v: Any) -> str:
         if v not in choices:
-            raise _Bad("one of " + ", ".join(f"{c!r}" for c in choices))
+            raise SizeError("one of " + ", ".join(f"{c!r}" for c in choices))
         return v
     return parse
 
@@ -160,7 +135,7 @@ def _build(name: str, source: str, raw: dict[str, Any], overrides: dict[str, Any
         value = values.get(field, default)
         try:
             parsed[field] = parse(value)
-        except _Bad as e:
+        except SizeError as e:
             raise OffloadMoeError(f"{source}: {where} = {value!r}, expected {_EXPECTED.get(field, '')}{e}") \
                 from None
     where = "override vram_budget" if overrides.get("vram_budget") is not None else "key 'vram_budget'"
@@ -243,54 +218,4 @@ def load_profile(name_or_path: str | os.PathLike, **overrides: Any) -> Profile:
     return _load_file(text, named[text], overrides)
 
 
-# ---- measuring the machine ----
-
-def free_vram() -> int:
-    """Free bytes on the current CUDA device, 0 without CUDA."""
-    import torch
-    if not torch.cuda.is_available():
-        return 0
-    free, _total = torch.cuda.mem_get_info()
-    return free
-
-
-def available_ram() -> int:
-    """Host RAM that can be used without swapping: MemAvailable, else free pages, else 0."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
-def auto_profile(config=None, *, vram: int | None = None, ram: int | None = None) -> Profile:
-    """The largest bundled GPU profile whose budget fits the free VRAM, `cpu` without a GPU.
-
-    With a `ModelConfig`, a profile also has to yield a plan (`planner.plan`) for that model with
-    `ram` bytes of available host RAM, so a host too small for its offload setting falls back to
-    the next profile. `vram` and `ram` default to what the machine has free now.
-    """
-    from .planner import plan  # the planner imports this module
-
-    vram = free_vram() if vram is None else vram
-    bundled = bundled_profiles()
-    gpu = [p for p in bundled if p.device == "cuda" and p.vram_budget <= vram]
-    for p in sorted(gpu, key=lambda p: p.vram_budget, reverse=True):
-        if config is None:
-            return p
-        try:
-            plan(config, p, ram_available=ram)
-            return p
-        except OffloadMoeError:
-            continue
-    return next(p for p in bundled if p.device == "cpu")
-
-
-__all__ = ["Profile", "BIT_WIDTHS", "parse_bytes", "load_profile", "list_profiles", "bundled_profiles",
-           "auto_profile", "free_vram", "available_ram", "user_dir", "bundled_dir"]
+__all__ = ["Profile", "BIT_WIDTHS", "load_profile", "list_profiles", "bundled_profiles", "user_dir", "bundled_dir"]

@@ -1,7 +1,7 @@
 """How fast the CPU expert kernels read a Mixtral-8x7B expert, against this machine's memcpy.
 
 One expert is w1, w3 [14336, 4096] and w2 [4096, 14336]. For int4 and int8 (groupwise, group 64,
-in the CPU form `offload_moe.cpu` converts to at load) and bf16 (plain F.linear), times each
+in the CPU form `offload_moe.cpu.kernels` converts to at load) and bf16 (plain F.linear), times each
 matrix's product and the whole SwiGLU expert at batch 1 (and `--batch` tokens), and reports GB/s
 of packed weight bytes read. The yardstick is a large RAM -> RAM tensor copy timed in the same run
 (bytes copied per second; the memory system moves twice that). Weight values are random codes
@@ -20,7 +20,7 @@ import torch
 
 from offload_moe.cpu.kernels import cpu_form, weight_nbytes
 from offload_moe.experts.costs import measure_memcpy
-from offload_moe.experts.weights import ExpertWeights, expert_forward, linear
+from offload_moe.experts.interface import ExpertWeights, expert_forward, linear
 from offload_moe.quant.groupwise import QuantizedWeight, qlinear
 from offload_moe.quant.pack import packed_cols
 

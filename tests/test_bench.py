@@ -18,7 +18,7 @@ from offload_moe import OffloadMoeError
 from offload_moe.bench import ROW_FIELDS, run_bench
 from offload_moe.cli.main import main
 from offload_moe.synthetic import SyntheticCheckpoint
-from offload_moe.trace import FORMAT, TraceRouter, load_trace, reuse_rate, save_trace, synthesize
+from offload_moe.tools.trace import FORMAT, TraceRouter, load_trace, reuse_rate, save_trace, synthesize
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "offload_moe" / "demo"
@@ -141,7 +141,7 @@ def check_result(result: dict, *, trace_replayed: bool, device: str = "cpu", acc
 
 
 def test_cli_synthetic_smoke(tmp_path):
-    proc, seconds = run_cli("--synthetic", "mixtral-8x7b", "--layers", "2", "--scale", "0.05", "--tokens", "8",
+    proc, _ = run_cli("--synthetic", "mixtral-8x7b", "--layers", "2", "--scale", "0.05", "--tokens", "8",
                             "--device", "cpu", "--threads", "1", "--repeats", "2", "--json", "out.json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for label in ("engine (slots 4, prefetch 1)", "all experts resident", "on demand", "LRU cache",
@@ -339,26 +339,30 @@ def test_trace_router_wraps_and_feeds_forced_routes():
 
 def test_guess_emulation_accuracy():
     trace = synthesize(2, 8, 2, 30, 0.5, seed=0)
-    residual = torch.zeros(1, 16)
     for accuracy, expect in ((1.0, 1.0), (0.0, 0.0)):
         router = TraceRouter(trace, 2, guess_accuracy=accuracy)
-        guess = router.guess(1, residual)
+        guess = router.guess(1, 1)
         assert guess.shape == (1, 2) and len(set(guess[0].tolist())) == 2
         right = len(set(guess[0].tolist()) & set(router.peek(1)[0])) / 2
         assert right == expect
     router = TraceRouter(trace, 2, guess_accuracy=0.8, seed=1)
     true = set(router.peek(0)[0])
-    kept = [len(set(router.guess(0, residual)[0].tolist()) & true) for _ in range(4000)]
+    kept = [len(set(router.guess(0, 1)[0].tolist()) & true) for _ in range(4000)]
     assert abs(sum(kept) / (2 * len(kept)) - 0.8) < 0.02
 
 
-def test_guess_emulation_is_installed_on_the_instance():
+def test_guess_emulation_drives_the_prefetch():
+    """A perfect emulated guess, given to the model as its routing strategy, makes every prefetch right;
+    without the emulation (the routers guess under a replayed trace) they are not all right."""
     trace = synthesize(2, 8, 2, 30, 0.6, seed=0)
+    plain = offload_moe.load(tiny(), device="cpu", cache_slots=3, prefetch=1)
+    TraceRouter(trace, 2).install(plain)
+    plain.generate([4, 5, 6], max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert plain.stats["experts"]["prefetch_accuracy"] < 1.0
     model = offload_moe.load(tiny(), device="cpu", cache_slots=3, prefetch=1)
     router = TraceRouter(trace, 2, guess_accuracy=1.0)
     router.install(model)
-    assert model.transformer.guess_experts == router.guess and model.experts.guess == router.guess
-    assert type(model.transformer).guess_experts is not router.guess   # the class is untouched
+    assert model.transformer.routing is router
     model.generate([4, 5, 6], max_new_tokens=12, temperature=0, ignore_eos=True)
     stats = model.stats["experts"]
     assert stats["prefetch_issued"] > 0 and stats["prefetch_accuracy"] == 1.0

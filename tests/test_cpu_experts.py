@@ -15,14 +15,15 @@ import offload_moe
 from conftest import save, tiny_mixtral
 from offload_moe import OffloadMoeError
 from offload_moe.checkpoint import Checkpoint
-from offload_moe.cpu import CpuTier, cpu_form, cpu_layers
+from offload_moe.cpu.kernels import cpu_form
+from offload_moe.experts.cpu_tier import CpuTier, cpu_layers
 from offload_moe.cpu.kernels import TOLERANCE, Int4Planes, int4_supported, reference_linear, to_int4_planes
 from offload_moe.experts.cache import ExpertCache
 from offload_moe.experts.costs import (CostModel, Throughput, measure_expert_costs, measure_link, measure_memcpy,
                                        measure_throughput, save_costs, saved_costs)
 from offload_moe.experts.layout import ExpertLayout
 from offload_moe.experts.store import HostStore
-from offload_moe.experts.weights import ExpertWeights, expert_forward
+from offload_moe.experts.interface import ExpertWeights, expert_forward
 from offload_moe.quant import quantize
 
 PROMPT = [1, 17, 42, 5, 66, 23, 9]
@@ -114,8 +115,7 @@ def tiny_engine(cost_model, *, slots=1, recent=2, experts=4):
 
 def placed(cache, tier, experts) -> dict[int, str]:
     """Run one step; where each expert's weights came from: "cpu" (the tier) or "slot"."""
-    x = torch.zeros(1, 32)
-    return {e: "cpu" if w is tier.weights(0, e) else "slot" for e, w in cache.fetch(0, experts, x)}
+    return {e: "cpu" if expert.weights is tier.weights(0, e) else "slot" for e, expert in cache.fetch(0, experts, 1)}
 
 
 def test_cold_misses_go_to_the_cpu_and_recently_used_ones_are_copied():
@@ -272,10 +272,13 @@ def quantizable_checkpoint(tmp_path_factory):
 def fixed_routes(model):
     """Route token t of layer l to experts (3t + l + j) % 8: a kernel's rounding cannot flip a top-k
     choice and turn a small difference into a different token's worth of logits."""
-    def routes(layer: int, n: int) -> torch.Tensor:
-        return (torch.arange(n)[:, None] * 3 + layer + torch.arange(2)) % 8   # (n, k)
-    for layer in model.transformer.layers:
-        layer.block_sparse_moe.forced_routes = routes
+    class Fixed:
+        def forced(self, layer: int, n: int) -> torch.Tensor:
+            return (torch.arange(n)[:, None] * 3 + layer + torch.arange(2)) % 8   # (n, k)
+
+        def guess(self, layer: int, n: int) -> None:
+            return None
+    model.transformer.set_routing(Fixed())
     return model
 
 
@@ -345,7 +348,9 @@ def test_cuda_hybrid_equals_resident_within_tolerance(tiny_checkpoint):
     CPU and GPU in rounding only."""
     ids = torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(3))
     resident = offload_moe.load(tiny_checkpoint[0], device="cuda").logits(ids)
-    model = offload_moe.load(tiny_checkpoint[0], device="cuda", cache_slots=2, prefetch=1, cpu_experts="auto",
+    auto = offload_moe.load(tiny_checkpoint[0], device="cuda", cache_slots=2, cpu_experts="auto")
+    assert auto.settings["cpu_experts"] == "none"   # "auto" copies on CUDA until the hybrid is measured there
+    model = offload_moe.load(tiny_checkpoint[0], device="cuda", cache_slots=2, prefetch=1, cpu_experts="hybrid",
                              cpu_costs=costs())
     assert model.settings["cpu_experts"] == "hybrid"
     assert rel_error(model.logits(ids), resident) < 1e-4

@@ -18,7 +18,7 @@ def test_every_subpackage_is_listed_in_pyproject():
 
 def test_installed_package_has_demo_and_profiles():
     import offload_moe
-    from offload_moe.api import DEMO_DIR
+    from offload_moe.runtime import DEMO_DIR
     from offload_moe.profiles import list_profiles
 
     assert (DEMO_DIR / "model.safetensors").exists() and (DEMO_DIR / "tokenizer.json").exists()

@@ -9,7 +9,10 @@ import pytest
 from offload_moe import profiles
 from offload_moe.config import ModelConfig
 from offload_moe.errors import OffloadMoeError
-from offload_moe.profiles import auto_profile, list_profiles, load_profile, parse_bytes
+from offload_moe import runtime
+from offload_moe.planner import auto_profile
+from offload_moe.profiles import list_profiles, load_profile
+from offload_moe.runtime import parse_bytes
 
 BUNDLED = ["6gb", "8gb", "12gb", "16gb", "24gb", "cpu"]
 MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b-config.json"
@@ -171,7 +174,7 @@ def test_bad_override_names_it():
 
 def test_auto_profile_without_cuda_is_cpu(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    assert profiles.free_vram() == 0
+    assert runtime.free_vram() == 0
     assert auto_profile().name == "cpu"
     assert auto_profile(ModelConfig.load(MIXTRAL), ram=64 * 10**9).name == "cpu"
 
@@ -184,4 +187,4 @@ def test_auto_profile_picks_the_largest_that_fits():
 
 
 def test_available_ram_is_measured():
-    assert profiles.available_ram() > 0
+    assert runtime.available_ram() > 0

@@ -41,7 +41,7 @@ import offload_moe
 from offload_moe import OffloadMoeError
 from offload_moe.checkpoint import Checkpoint, read_header
 from offload_moe.cli.main import main
-from offload_moe.quant import convert
+from offload_moe.tools import convert
 from offload_moe.quant.format import QuantSpec, tensor_kind
 from offload_moe.quant.groupwise import QuantizedWeight, nbytes_for
 from offload_moe.quant.pack import packed_cols

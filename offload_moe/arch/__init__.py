@@ -1,8 +1,9 @@
-"""Architecture adapters: one small module per MoE family, each a `Family` table.
+"""Architecture adapters: one file per MoE family, each a `Family` table with its config parser.
 
-The model, checkpoint reader and expert engine are shared; a family only names its tensors and
-switches a few model options (`family.Family`). How its `config.json` maps onto `ModelConfig` is
-its parser in `config._PARSERS`.
+The model, checkpoint reader and expert engine are shared; a family only names its tensors,
+switches a few model options (`family.Family`), and says how its `config.json` maps onto
+`ModelConfig` (its `parse`, built from `reader`). Adding a family is one new file here plus its
+line in `FAMILIES` (docs/architecture.md).
 """
 
 from __future__ import annotations

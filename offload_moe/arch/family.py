@@ -2,37 +2,63 @@
 
 A `Family` is a table. Names are relative to `model.layers.{i}.`; sizes come from `ModelConfig`.
 The functions below turn a config and a family into the checkpoint's tensor names and shapes,
-for every family at once, so a new family is a new table (and a config parser), not new code.
+for every family at once, so a new family is a new table and its config parser, not new code.
 
 Expert layouts on disk (`layout`):
 - "per_expert": `{experts}{e}.{gate}/{up}/{down}.weight`, [I, H], [I, H], [H, I] (published
   checkpoints and transformers' default `save_pretrained`)
-- "fused": `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows, then up rows) and
+- "fused" (`FUSED`): `mlp.experts.gate_up_proj` [E, 2I, H] (gate rows, then up rows) and
   `mlp.experts.down_proj` [E, H, I] (transformers' `save_original_format=False`)
-- "transposed": gpt-oss: `mlp.experts.gate_up_proj` [E, H, 2I] with gate and up columns
-  interleaved, `down_proj` [E, I, H], and `gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, H]
-- "mxfp4": gpt-oss as published: `gate_up_proj_blocks` [E, 2I, H/32, 16] and `_scales` [E, 2I, H/32]
-  (gate and up rows interleaved), `down_proj_blocks` [E, H, I/32, 16] and `_scales`, the same biases
+- a family's own stacked layouts, declared in its file (gpt-oss: "transposed", "mxfp4")
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-if TYPE_CHECKING:
-    from ..config import ModelConfig
+import torch
+
+from .reader import ConfigReader
+
+
+ConfigLike = Any  # a `config.ModelConfig`: read here, never imported (the config layer sits above)
+Row = Callable[[str], torch.Tensor]  # tensor name after `mlp.experts.` -> this expert's row of it
+
+
+@dataclass(frozen=True)
+class StackedLayout:
+    """Experts stacked along a leading E axis in a few tensors per layer."""
+    shapes: Callable[[ConfigLike, str], dict[str, tuple[int, ...]]]  # (config, layer prefix) -> name: shape
+    decode: Callable[[Row, ConfigLike], dict]  # one expert's rows -> {"w1", "w3", "w2"[, "b1", "b3", "b2"]}
+
+
+def _fused_shapes(c, p: str) -> dict[str, tuple[int, ...]]:
+    H, I, E = c.hidden_size, c.intermediate_size, c.num_experts
+    return {p + "gate_up_proj": (E, 2 * I, H), p + "down_proj": (E, H, I)}
+
+
+def _fused_decode(row: Row, c) -> dict:
+    I = c.intermediate_size
+    gate_up = row("gate_up_proj")  # [2I, H]
+    return {"w1": gate_up[:I].contiguous(), "w3": gate_up[I:].contiguous(), "w2": row("down_proj")}  # w2 [H, I]
+
+
+FUSED = StackedLayout(_fused_shapes, _fused_decode)
 
 
 @dataclass(frozen=True)
 class Family:
     model_type: str
+    parse: Callable[[ConfigReader], dict]  # config.json -> `ModelConfig` fields (all but model_type)
     # ---- names inside `model.layers.{i}.` ----
     router: str = "mlp.gate"                   # [E, H] router weight (module name, no `.weight`)
     experts: str = "mlp.experts.{e}."          # per-expert prefix
     matrices: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # our w1, w3, w2
     shared_expert: str = "mlp.shared_expert"   # the dense SwiGLU every token uses, if the config has one
     layouts: tuple[str, ...] = ("per_expert", "fused")
+    stacked: Mapping[str, StackedLayout] = field(default_factory=lambda: {"fused": FUSED})
     # ---- model options ----
     qk_norm: str | None = None      # "head": RMSNorm over each head's hd (Qwen3); "full": over all of q, k (OLMoE)
     router_rule: str = "softmax_topk"   # see `model.ROUTER_RULES`
@@ -48,12 +74,12 @@ def layer_prefix(layer: int) -> str:
     return f"model.layers.{layer}."
 
 
-def router_name(c: ModelConfig, fam: Family, layout: str, layer: int) -> str:
+def router_name(c: ConfigLike, fam: Family, layout: str, layer: int) -> str:
     """The router's weight: Mixtral's per-expert checkpoints call it block_sparse_moe.gate."""
     return layer_prefix(layer) + ("mlp.gate" if layout == "fused" else fam.router) + ".weight"
 
 
-def attention_shapes(c: ModelConfig, fam: Family) -> dict[str, tuple[int, ...]]:
+def attention_shapes(c: ConfigLike, fam: Family) -> dict[str, tuple[int, ...]]:
     """Names (after `self_attn.`) and shapes of one layer's attention tensors."""
     H, nh, nkv, hd = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
     if c.mla is not None:
@@ -88,7 +114,7 @@ def mlp_shapes(prefix: str, hidden: int, inner: int) -> dict[str, tuple[int, ...
             f"{prefix}.down_proj.weight": (hidden, inner)}
 
 
-def dense_shapes(c: ModelConfig, fam: Family, layout: str) -> dict[str, tuple[int, ...]]:
+def dense_shapes(c: ConfigLike, fam: Family, layout: str) -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape of every tensor that is not a routed expert."""
     H, V, E = c.hidden_size, c.vocab_size, c.num_experts
     shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
@@ -113,7 +139,7 @@ def dense_shapes(c: ModelConfig, fam: Family, layout: str) -> dict[str, tuple[in
     return shapes
 
 
-def expert_names(c: ModelConfig, fam: Family, layer: int, expert: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+def expert_names(c: ConfigLike, fam: Family, layer: int, expert: int) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Per-expert layout: {"w1" | "w3" | "w2": (checkpoint name, shape)}."""
     H, I = c.hidden_size, c.intermediate_size
     p = layer_prefix(layer) + fam.experts.format(e=expert)
@@ -121,23 +147,14 @@ def expert_names(c: ModelConfig, fam: Family, layer: int, expert: int) -> dict[s
     return {"w1": (f"{p}{gate}.weight", (I, H)), "w3": (f"{p}{up}.weight", (I, H)), "w2": (f"{p}{down}.weight", (H, I))}
 
 
-def expert_shapes(c: ModelConfig, fam: Family, layout: str) -> dict[str, tuple[int, ...]]:
+def expert_shapes(c: ConfigLike, fam: Family, layout: str) -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape of every routed-expert tensor."""
-    H, I, E = c.hidden_size, c.intermediate_size, c.num_experts
     shapes = {}
     for i in c.moe_layers:
-        p = layer_prefix(i) + "mlp.experts."
-        if layout == "fused":
-            shapes |= {p + "gate_up_proj": (E, 2 * I, H), p + "down_proj": (E, H, I)}
-        elif layout == "transposed":
-            shapes |= {p + "gate_up_proj": (E, H, 2 * I), p + "down_proj": (E, I, H),
-                       p + "gate_up_proj_bias": (E, 2 * I), p + "down_proj_bias": (E, H)}
-        elif layout == "mxfp4":
-            shapes |= {p + "gate_up_proj_blocks": (E, 2 * I, H // 32, 16), p + "gate_up_proj_scales": (E, 2 * I, H // 32),
-                       p + "down_proj_blocks": (E, H, I // 32, 16), p + "down_proj_scales": (E, H, I // 32),
-                       p + "gate_up_proj_bias": (E, 2 * I), p + "down_proj_bias": (E, H)}
+        if layout in fam.stacked:
+            shapes |= fam.stacked[layout].shapes(c, layer_prefix(i) + "mlp.experts.")
         else:
-            for e in range(E):
+            for e in range(c.num_experts):
                 shapes |= dict(expert_names(c, fam, i, e).values())
     return shapes
 

@@ -11,9 +11,8 @@ import time
 
 import torch
 
-from ..api import Progress
-from ..profiles import available_ram
-from ..trace import Trace, TraceRouter
+from ..runtime import Progress, available_ram
+from ..tools.trace import Trace, TraceRouter
 from .measure import decode_steps, free_memory, peak_rss, reset_peaks
 from .rows import Run, new_row, skipped_row
 

@@ -52,38 +52,18 @@ def measure_memcpy(nbytes: int, device: torch.device, *, repeats: int = 10, tria
 
 
 class CopyTimer:
-    """Times every copy the engine makes (see `copy_seconds` in the package docstring) by wrapping the
-    cache instance's `_copy_in`."""
+    """Reads the copy time the engine counts itself (`stats()["copy_seconds"]`, see `copy_seconds` in
+    the package docstring): every host-to-device expert copy, demand and prefetch. None for a
+    provider that makes no copies."""
 
     def __init__(self, cache):
-        self.cache, self.seconds, self.events = cache, 0.0, []
-        original = getattr(cache, "_copy_in", None)
-        if original is None:      # not an ExpertCache: nothing to time
-            self.seconds = None
-            return
-
-        def timed(layer: int, expert: int, slot: int) -> None:
-            if cache.cuda:
-                stream = cache.copy_stream
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                stream.wait_event(cache.released[layer][slot])   # time the copy, not the wait for its slot
-                start.record(stream)
-                original(layer, expert, slot)
-                end.record(stream)
-                self.events.append((start, end))
-            else:
-                t0 = time.perf_counter()
-                original(layer, expert, slot)
-                self.seconds += time.perf_counter() - t0
-
-        cache._copy_in = timed
+        self.cache = cache
+        self.start = cache.stats().get("copy_seconds") if hasattr(cache, "stats") else None
 
     def total(self) -> float | None:
-        if self.events:
-            torch.cuda.synchronize(self.cache.device)
-            self.seconds += sum(s.elapsed_time(e) for s, e in self.events) / 1000
-            self.events.clear()
-        return self.seconds
+        if self.start is None:
+            return None
+        return self.cache.stats()["copy_seconds"] - self.start
 
 
 def decode_steps(stamps: list[float]) -> dict:

@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..api import Progress, resolve_device, resolve_dtype
+from ..runtime import Progress, place, resolve_device, resolve_dtype
 from ..checkpoint import Checkpoint
 from ..errors import OffloadMoeError
 from ..experts.layout import ExpertLayout
-from ..experts.weights import ExpertWeights
-from ..loader import _to
-from ..trace import Trace, load_trace, synthesize
+from ..experts.interface import ExpertWeights
+from ..tools.trace import Trace, load_trace, synthesize
 from .bounds import add_bounds, belady_summary
 from .hf_offload import run_accelerate
 from .measure import device_info, measure_memcpy
@@ -105,7 +104,7 @@ def _bench(ckpt, cfg, device, dtype, *, tokens, prompt_tokens, trace, trace_reus
               profile, limit if device.type == "cuda" else None, cpu_experts, report)
 
     first = ckpt.expert(moe_layers[0], 0)
-    bytes_per_expert = ExpertLayout(ExpertWeights(**{k: _to(v, "cpu", dtype) for k, v in first.items()})).nbytes
+    bytes_per_expert = ExpertLayout(ExpertWeights(**{k: place(v, "cpu", dtype) for k, v in first.items()})).nbytes
     del first
     # warm-up: one short throwaway generation, so that one-time costs (kernel loading and autotuning,
     # allocator growth, lazy imports) fall on no row

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import OffloadMoeError
-from ..loader import apply_profile
-from ..profiles import Profile, load_profile, parse_bytes
+from ..options import from_profile
+from ..profiles import Profile, load_profile
+from ..runtime import parse_bytes
 
 
 def show_slots(slots) -> str:
@@ -18,12 +19,11 @@ def resolve_settings(cfg, device, dtype, cache_slots, prefetch, profile, vram_li
     """The engine row's slots and prefetch depth, and the VRAM limit: given values first, then the
     profile's placement (the same planner `load(profile=...)` uses), then the defaults."""
     E, k = cfg.num_experts, cfg.top_k
-    placement = {}
+    placement = from_profile(profile or None, cfg, device, dtype)
     if profile:
-        placement, name = apply_profile(profile, cfg, device, dtype)
-        if cache_slots is None and placement.get("cache_slots") is not None:
-            cache_slots = placement["cache_slots"]
-            notes.append(f"Slots per layer from profile {name}: {cache_slots}.")
+        if cache_slots is None and placement.cache_slots is not None:
+            cache_slots = placement.cache_slots
+            notes.append(f"Slots per layer from profile {placement.profile}: {cache_slots}.")
     if cache_slots is None:
         cache_slots = max(k, E // 2)
         notes.append(f"Slots per layer: {cache_slots} (default max(top_k, num_experts // 2)).")
@@ -36,7 +36,7 @@ def resolve_settings(cfg, device, dtype, cache_slots, prefetch, profile, vram_li
     elif isinstance(cache_slots, bool) or not isinstance(cache_slots, int) or not 1 <= cache_slots <= E:
         raise OffloadMoeError(f"cache_slots = {cache_slots!r}, expected 'all' or an integer in 1..{E}")
     if prefetch is None:
-        prefetch = placement.get("prefetch", 1)
+        prefetch = placement.prefetch
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise OffloadMoeError(f"prefetch = {prefetch!r}, expected a depth >= 0 (layers ahead)")
     try:

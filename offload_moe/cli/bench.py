@@ -15,6 +15,7 @@ from rich.text import Text
 
 from ..bench import run_bench
 from ..errors import OffloadMoeError
+from ..runtime import DEMO_DIR
 from ..synthetic import KNOWN_MODELS, SyntheticCheckpoint
 from .common import check_model_argument
 from .console import human_bytes, progress_bar, stderr, stdout
@@ -85,7 +86,6 @@ def run(args) -> int:
     else:
         if args.layers is not None or args.scale != 1.0:
             raise OffloadMoeError("--layers and --scale apply to --synthetic models only")
-        from ..api import DEMO_DIR
         check_model_argument(args)
         source = args.model or DEMO_DIR
         if args.model is None and not (DEMO_DIR / "config.json").exists():

@@ -26,6 +26,7 @@ from rich.text import Text
 from .. import load
 from ..chat_session import ChatSession
 from ..errors import OffloadMoeError
+from ..runtime import DEMO_DIR
 from .common import add_model_arguments, add_sampling_arguments, check_model_argument, load_kwargs, sampling_kwargs
 from .console import human_bytes, progress_bar, stderr
 from .stats import stats_table
@@ -352,7 +353,6 @@ def describe_model(model) -> str:
 
 
 def _is_demo(path) -> bool:
-    from ..api import DEMO_DIR
     try:
         return os.path.samefile(path, DEMO_DIR)
     except OSError:

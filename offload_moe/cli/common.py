@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .. import load
 from ..errors import OffloadMoeError
+from ..generate import DEFAULT_SAMPLING
 from .console import progress_bar
 
 
@@ -35,9 +36,10 @@ def add_model_arguments(p):
 def add_sampling_arguments(p, max_new_tokens_help: str = "tokens to generate at most (default 256)",
                            max_new_tokens_default: int | None = 256):
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens_default, metavar="N", help=max_new_tokens_help)
-    p.add_argument("--temperature", type=float, default=0.7, metavar="T", help="0 is greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95, metavar="P",
-                   help="nucleus sampling: keep the most likely tokens up to this mass (default 0.95)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_SAMPLING.temperature, metavar="T",
+                   help=f"0 is greedy (default {DEFAULT_SAMPLING.temperature})")
+    p.add_argument("--top-p", type=float, default=DEFAULT_SAMPLING.top_p, metavar="P",
+                   help=f"nucleus sampling: keep the most likely tokens up to this mass (default {DEFAULT_SAMPLING.top_p})")
     p.add_argument("--top-k", type=int, default=0, metavar="K",
                    help="keep only the K most likely tokens (default 0: no cut)")
     p.add_argument("--min-p", type=float, default=0.0, metavar="P",

@@ -10,6 +10,9 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..runtime import fmt_bytes
+
+
 def _console(**kwargs) -> Console:
     probe = Console(**kwargs)
     plain = bool(os.environ.get("NO_COLOR")) or not probe.is_terminal
@@ -43,12 +46,7 @@ def byte_progress_columns():
     return [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()]
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
+human_bytes = fmt_bytes  # one formatter for the whole package (runtime.fmt_bytes)
 
 
 def human_count(n: float) -> str:

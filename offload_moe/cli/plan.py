@@ -6,8 +6,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..config import ModelConfig
-from ..planner import plan
-from ..profiles import auto_profile, list_profiles, load_profile
+from ..planner import auto_profile, plan
+from ..profiles import list_profiles, load_profile
 from .console import stdout
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from rich.progress import Progress
 
 from ..checkpoint import Checkpoint
-from ..quant.convert import quantize
+from ..tools.convert import quantize
 from ..quant.format import SETTINGS
 from .console import byte_progress_columns, human_bytes, stderr, stdout
 

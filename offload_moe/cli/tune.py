@@ -13,8 +13,7 @@ import torch
 from rich.table import Table
 from rich.text import Text
 
-from ..planner import fmt_bytes
-from ..profiles import parse_bytes
+from ..runtime import fmt_bytes, parse_bytes
 from ..errors import OffloadMoeError
 from ..tune import (DISK_TEST_BYTES, cost_model, measurement_lines, parse_settings, profile_path, tune,
                     write_profile)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..experts.weights import ExpertWeights
+from ..experts.interface import ExpertWeights
 from ..quant.groupwise import QuantizedWeight
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)

@@ -1,11 +1,12 @@
 """The expert engine: per layer a fixed set of device slots in front of the host store.
 
-`fetch(layer, experts, residual)` is the one place that decides where each expert use gets its
-weights from: a slot it already occupies (a hit, perhaps thanks to prefetch), or a copy from the
-host tier into a free or least-recently-used slot (a miss). It hands out resident experts first,
-so they compute while the misses are still copying, and never evicts an expert the layer still
-needs. Before handing anything out it also guesses the next layers' experts (their routers applied
-to the current residual stream) and starts copying those ahead: a wrong guess costs bandwidth,
+`fetch(layer, experts, tokens, guesses)` (the `ExpertProvider` interface) is the one place that
+decides where each expert use gets its weights from: a slot it already occupies (a hit, perhaps
+thanks to prefetch), or a copy from the host tier into a free or least-recently-used slot (a miss).
+It hands out resident experts first, so they compute while the misses are still copying, and never
+evicts an expert the layer still needs. The model hands over its guesses of the next layers'
+experts with the request; once the hits are queued (so reading a disk-tier expert into a staging
+buffer never delays this layer's compute) they are copied ahead: a wrong guess costs bandwidth,
 never correctness, because every use is checked against what is actually resident.
 
 On CUDA, copies run on a side stream; each slot has a `ready` event (copy done; compute waits on
@@ -15,18 +16,22 @@ how every piece of it is tested without a GPU. Slots are allocated once here; no
 per token.
 
 With a CPU tier (`cpu=`, `costs=`: the hybrid), a miss may instead be computed by the CPU where the
-expert sits in host RAM (`_choose_cpu` decides, from a measured cost model); its weights are then
-CPU tensors and the model moves the activations over and back. Those experts are handed out last,
-after every hit and copy has been queued on the device, so on CUDA the CPU computes them while the
-device works through the others; their activations travel on a side stream that waits only for the
-layer's inputs, not for the device work queued before them (see `_on_cpu`).
+expert sits in host RAM (`_choose_cpu` decides, from a measured cost model). Those experts are
+handed out last, after every hit and copy has been queued on the device, so on CUDA the CPU
+computes them while the device works through the others; the cache moves their activations on a
+side stream that waits only for the layer's inputs, not for the device work queued before them
+(`StreamedCpuExpert`). The model only calls the experts it is given.
+
+Copy time is counted here (`stats()["copy_seconds"]`: host clock on the CPU, CUDA events on the
+copy stream, read when stats are), so benchmarks read it instead of wrapping the cache. `close()`
+waits for copies still in flight (a prefetch nobody waited for) before the slots can be freed.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -34,9 +39,9 @@ import torch
 from ..cpu.kernels import expert_format
 from .costs import CostModel
 from .layout import ExpertLayout
+from .interface import Activation, Expert, ExpertWeights
 from .policy import LRU
 from .store import HostStore
-from .weights import ExpertWeights
 
 
 @dataclass
@@ -46,6 +51,7 @@ class LayerStats:
     prefetch_issued: int = 0
     prefetch_used: int = 0
     bytes_moved: int = 0
+    copy_seconds: float = 0.0        # host-to-device copies, demand and prefetch (what bench's bound uses)
     stall_seconds: float = 0.0
     tokens: int = 0
     cpu_computed: int = 0            # misses the CPU computed where they sit (counted in misses too)
@@ -57,26 +63,48 @@ class LayerStats:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
+class StreamedCpuExpert(Expert):
+    """A CPU-tier expert of a CUDA model: gather its tokens, copy them to the host, compute, copy the
+    result back, all on the cache's side stream, which waits only for the layer's inputs (recorded
+    when the layer's fetch began); the compute stream waits for the result before using it."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self, weights: ExpertWeights, activation: Activation, cache: "ExpertCache"):
+        super().__init__(weights, activation)
+        self.cache = cache
+
+    def __call__(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        side, compute = self.cache.cpu_stream, torch.cuda.current_stream(h.device)
+        side.wait_event(self.cache.inputs_ready)                      # h and tokens, not the hits' work
+        with torch.cuda.stream(side):
+            y = super().__call__(h, tokens)                           # (n, H) back on the device
+        compute.wait_stream(side)
+        y.record_stream(compute)                                      # made on the side stream, used here
+        return y
+
+
 class ExpertCache:
     def __init__(self, store: HostStore, *, device: torch.device, slots: list[int], prefetch: int = 1,
                  policy: Callable[[int], object] = lambda layer: LRU(), record_trace: bool = False,
-                 cpu=None, costs: CostModel | None = None, recent: int = 2):
+                 cpu=None, costs: CostModel | None = None, recent: int = 2,
+                 activation: Activation = Activation()):
         L, E = store.num_layers, store.num_experts
         if len(slots) != L or any(not 1 <= k <= E for k in slots):
             raise ValueError(f"slots per layer must be {L} values in 1..{E}, got {slots}")
-        self.store, self.device, self.depth = store, torch.device(device), prefetch
+        self.store, self.device, self.prefetch_depth = store, torch.device(device), prefetch
         self.layout: ExpertLayout = store.layout
         self.slots = list(slots)
         # Device slots: one (K, nbytes) buffer per layer, and ExpertWeights views built once.
         self.buffers = [torch.empty((k, self.layout.nbytes), dtype=torch.uint8, device=self.device) for k in slots]
         self.views = [[self.layout.view(buf[s]) for s in range(k)] for buf, k in zip(self.buffers, slots)]
+        self.experts = [[Expert(w, activation) for w in views] for views in self.views]  # what fetch hands out
         self.slot_of: list[dict[int, int]] = [{} for _ in range(L)]     # expert -> slot
         self.holder = [[-1] * k for k in slots]                         # slot -> expert (-1 empty)
         self.prefetched: list[set[int]] = [set() for _ in range(L)]     # copied ahead, not used yet
         self.policies = [policy(layer) for layer in range(L)]
         self.layer_stats = [LayerStats() for _ in range(L)]
         self.trace: list[list[list[int]]] | None = [[] for _ in range(L)] if record_trace else None
-        self.guess: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self.cuda = self.device.type == "cuda"
         # The hybrid: a `CpuTier` the CPU computes from, the cost model, each layer's last steps.
         if (cpu is None) != (costs is None):
@@ -86,6 +114,8 @@ class ExpertCache:
         self.recent: list[deque[frozenset[int]]] = [deque(maxlen=recent) for _ in range(L)]
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
+            for buf in self.buffers:                # written on the copy stream: free only after its copies
+                buf.record_stream(self.copy_stream)
             self.ready = [[torch.cuda.Event() for _ in range(k)] for k in slots]
             self.released = [[torch.cuda.Event() for _ in range(k)] for k in slots]
             # pageable sources (the disk tier) are staged through two pinned buffers in turn
@@ -93,18 +123,18 @@ class ExpertCache:
             self.staging_done = [torch.cuda.Event() for _ in range(2)]
             self.next_staging = 0
             self.stall_events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
+            self.copy_events: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []
             if cpu is not None:
                 self.cpu_stream = torch.cuda.Stream(self.device)   # activations to and from the CPU
                 self.inputs_ready = torch.cuda.Event()
-
-    def attach_router(self, guess: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
-        """The model's `guess_experts(layer, residual) -> (N, k) ids`, used for prefetch."""
-        self.guess = guess
+        cpu_expert = (lambda w: StreamedCpuExpert(w, activation, self)) if self.cuda else (lambda w: Expert(w, activation))
+        self.cpu_experts = ({layer: [cpu_expert(w) for w in weights] for layer, weights in cpu.layers.items()}
+                            if cpu is not None else {})
 
     # ---- the decision point ----
-    def fetch(self, layer: int, experts: list[int], residual: torch.Tensor) -> Iterator[tuple[int, ExpertWeights]]:
+    def fetch(self, layer: int, experts: list[int], tokens: int,
+              guesses: Sequence[list[int]] = ()) -> Iterator[tuple[int, Expert]]:
         st, policy, resident = self.layer_stats[layer], self.policies[layer], self.slot_of[layer]
-        tokens = residual.numel() // residual.shape[-1]
         st.tokens += tokens
         if self.trace is not None:
             self.trace[layer].append(list(experts))
@@ -144,7 +174,6 @@ class ExpertCache:
                 copying.append((e, slot))
 
         start_copies()
-        self._prefetch(layer, residual)             # queued behind this layer's own copies
         if on_cpu and self.cuda:
             self.inputs_ready.record(torch.cuda.current_stream(self.device))  # before any expert's work
         for e in hits:
@@ -153,14 +182,17 @@ class ExpertCache:
             self._release(layer, slot)
             pending.discard(e)
             start_copies()
+        for ahead, guessed in enumerate(guesses[:self.prefetch_depth], start=layer + 1):
+            if ahead < len(self.slots):             # after the hits are queued, behind this layer's copies
+                self.prefetch(ahead, guessed)
         while copying:
             e, slot = copying.pop(0)
             yield e, self._use(layer, slot, demand=True)
             self._release(layer, slot)
             pending.discard(e)
             start_copies()
-        if on_cpu:
-            yield from self._on_cpu(layer, on_cpu)
+        for e in on_cpu:
+            yield e, self.cpu_experts[layer][e]
 
     # ---- the CPU tier (the hybrid) ----
     def _choose_cpu(self, layer: int, hits: list[int], misses: list[int], tokens: int) -> tuple[list[int], float]:
@@ -202,23 +234,6 @@ class ExpertCache:
         _, all_copied = plan(hybrid=False)
         return (chosen, all_copied - end) if chosen and end < all_copied else ([], 0.0)
 
-    def _on_cpu(self, layer: int, experts: list[int]) -> Iterator[tuple[int, ExpertWeights]]:
-        """Hand out CPU-tier weights. On CUDA the consumer's work for each (gather its tokens, copy
-        them to the host, compute, copy back, scatter) runs on a side stream that waits only for the
-        layer's inputs, so the device-to-host copy does not wait for the hits and copies queued
-        before it: the CPU computes while the device works. Limitation: the CPU experts run one
-        after another in the Python thread, and the layer's sum waits for the last of them."""
-        if not self.cuda:
-            for e in experts:
-                yield e, self.cpu.weights(layer, e)
-            return
-        compute = torch.cuda.current_stream(self.device)
-        self.cpu_stream.wait_event(self.inputs_ready)
-        for e in experts:
-            with torch.cuda.stream(self.cpu_stream):
-                yield e, self.cpu.weights(layer, e)
-        compute.wait_stream(self.cpu_stream)          # the layer's sum reads what those rows got
-
     # ---- slots ----
     def _drop_all(self, layer: int) -> None:
         for e in list(self.slot_of[layer]):
@@ -248,17 +263,25 @@ class ExpertCache:
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.released[layer][slot])
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(self.copy_stream)      # a disk read into staging counts as copy time
                 if not (self.store.pinned and self.store.tier(layer) == "ram"):
                     source, staged = self._stage(source)
                     target.copy_(source, non_blocking=True)
                     staged.record(self.copy_stream)  # after the copy out of the staging buffer
                 else:
                     target.copy_(source, non_blocking=True)
+                end.record(self.copy_stream)
                 self.ready[layer][slot].record(self.copy_stream)
+                self.copy_events.append((layer, start, end))
+                if len(self.copy_events) > 4096:    # no stats() for a long while: fold in what finished
+                    self._fold_timers(self.copy_events, "copy_seconds")
         else:
             t0 = time.perf_counter()
             target.copy_(source)                    # synchronous: compute waits for all of it
-            self.layer_stats[layer].stall_seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.layer_stats[layer].stall_seconds += seconds
+            self.layer_stats[layer].copy_seconds += seconds
         self.slot_of[layer][expert] = slot
         self.holder[layer][slot] = expert
         self.layer_stats[layer].bytes_moved += self.layout.nbytes
@@ -272,7 +295,7 @@ class ExpertCache:
         self.staging[i].copy_(source)               # reads the mmap'd file on the host
         return self.staging[i], self.staging_done[i]
 
-    def _use(self, layer: int, slot: int, demand: bool) -> ExpertWeights:
+    def _use(self, layer: int, slot: int, demand: bool) -> Expert:
         """The slot's weights, once the compute stream may read them."""
         if self.cuda:
             stream = torch.cuda.current_stream(self.device)
@@ -282,9 +305,11 @@ class ExpertCache:
                 stream.wait_event(self.ready[layer][slot])
                 end.record(stream)
                 self.stall_events.append((layer, start, end))
+                if len(self.stall_events) > 4096:
+                    self._fold_timers(self.stall_events, "stall_seconds")
             else:
                 stream.wait_event(self.ready[layer][slot])  # a prefetch may still be in flight
-        return self.views[layer][slot]
+        return self.experts[layer][slot]
 
     def _release(self, layer: int, slot: int) -> None:
         """The consumer has queued its compute on the slot: later copies into it wait for that."""
@@ -292,34 +317,44 @@ class ExpertCache:
             self.released[layer][slot].record(torch.cuda.current_stream(self.device))
 
     # ---- prefetch ----
-    def _prefetch(self, layer: int, residual: torch.Tensor) -> None:
-        """Copy ahead the experts the next `depth` layers' routers pick for this residual stream.
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Copy ahead the experts the model guessed `layer` will use (distinct ids; the model guesses
+        in decode only: a prompt's tokens touch most experts anyway and stream through the slots by
+        the demand path). Never claims a slot of an expert in `experts`."""
+        protected = set(experts)
+        for e in experts:
+            if e in self.slot_of[layer]:
+                continue
+            slot = self._claim_slot(layer, protected=protected)
+            if slot is None:
+                break
+            self._copy_in(layer, e, slot)
+            self.policies[layer].touch(e)
+            self.prefetched[layer].add(e)
+            self.layer_stats[layer].prefetch_issued += 1
 
-        Only for a single token (decode): a prompt's tokens touch most experts anyway and are
-        streamed through the slots by the demand path."""
-        if self.depth == 0 or self.guess is None or residual.numel() != residual.shape[-1]:
-            return
-        for ahead in range(layer + 1, min(layer + 1 + self.depth, len(self.slots))):
-            guessed = sorted(set(self.guess(ahead, residual).flatten().tolist()))
-            for e in guessed:
-                if e in self.slot_of[ahead]:
-                    continue
-                slot = self._claim_slot(ahead, protected=set(guessed))
-                if slot is None:
-                    break
-                self._copy_in(ahead, e, slot)
-                self.policies[ahead].touch(e)
-                self.prefetched[ahead].add(e)
-                self.layer_stats[ahead].prefetch_issued += 1
+    def _fold_timers(self, events: list, field: str) -> None:
+        """Add the finished (layer, start, end) timers to the layer counters, without waiting."""
+        done = 0
+        for layer, start, end in events:
+            if not end.query():
+                break
+            st = self.layer_stats[layer]
+            setattr(st, field, getattr(st, field) + start.elapsed_time(end) / 1000)
+            done += 1
+        del events[:done]
 
     # ---- reporting ----
     def stats(self) -> dict:
         """Totals and per-layer counters; on CUDA this waits for queued work to read stall timers."""
-        if self.cuda and self.stall_events:
+        if self.cuda and (self.stall_events or self.copy_events):
             torch.cuda.synchronize(self.device)
             for layer, start, end in self.stall_events:
                 self.layer_stats[layer].stall_seconds += start.elapsed_time(end) / 1000
+            for layer, start, end in self.copy_events:
+                self.layer_stats[layer].copy_seconds += start.elapsed_time(end) / 1000
             self.stall_events.clear()
+            self.copy_events.clear()
         total = LayerStats()
         for s in self.layer_stats:
             total.add(s)
@@ -329,7 +364,8 @@ class ExpertCache:
             "hit_rate": total.hits / uses if uses else 0.0,
             "prefetch_issued": total.prefetch_issued, "prefetch_used": total.prefetch_used,
             "prefetch_accuracy": total.prefetch_used / total.prefetch_issued if total.prefetch_issued else 0.0,
-            "bytes_moved": total.bytes_moved, "stall_seconds": total.stall_seconds, "tokens": total.tokens,
+            "bytes_moved": total.bytes_moved, "copy_seconds": total.copy_seconds,
+            "stall_seconds": total.stall_seconds, "tokens": total.tokens,
             "cpu_computed": total.cpu_computed, "bytes_not_moved": total.bytes_not_moved,
             "est_seconds_saved": total.est_seconds_saved,
             "slots_per_layer": list(self.slots), "bytes_per_expert": self.layout.nbytes,
@@ -337,4 +373,22 @@ class ExpertCache:
         }
 
     def reset_stats(self) -> None:
+        """Counters back to zero, timers still in flight dropped (they belong to before the reset)."""
+        if self.cuda:
+            self.stall_events.clear()
+            self.copy_events.clear()
         self.layer_stats = [LayerStats() for _ in self.slots]
+
+    def close(self) -> None:
+        """Wait for every copy still in flight (a prefetch for a wrong guess is waited on by nobody),
+        so the slot buffers can be freed safely. Also run when the cache is collected; the buffers are
+        marked as used by the copy stream too (`record_stream`), so the allocator never hands their
+        memory out while a copy into them is queued."""
+        if self.cuda:
+            self.copy_stream.synchronize()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter teardown: CUDA may already be gone
+            pass

@@ -34,7 +34,7 @@ import torch
 
 from ..cpu.kernels import cpu_form, expert_format, weight_nbytes
 from .layout import ExpertLayout
-from .weights import ExpertWeights, expert_forward
+from .interface import ExpertWeights, expert_forward
 
 COSTS_FILE = "cpu-costs.json"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .weights import ExpertWeights
+from .interface import ExpertWeights
 
 ALIGN = 64
 MATRICES = ("w1", "w3", "w2")

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
-import torch
-
-from .weights import ExpertWeights
+from .interface import Activation, Expert, ExpertWeights
 
 
 class ResidentExperts:
-    """Every expert's weights loaded once; `fetch` hands them out in the order asked."""
+    """Every expert's weights loaded once; `fetch` hands them out in the order asked. Weights held
+    elsewhere than the compute device (the CPU computing some layers) run there (`Expert`)."""
 
-    def __init__(self, load_expert: Callable[[int, int], ExpertWeights], num_layers: int, num_experts: int):
-        self.weights = [[load_expert(layer, e) for e in range(num_experts)] for layer in range(num_layers)]
+    prefetch_depth = 0  # nothing to prefetch: resident experts need no guess of future routing
 
-    def fetch(self, layer: int, experts: list[int], residual: torch.Tensor) -> Iterator[tuple[int, ExpertWeights]]:
+    def __init__(self, load_expert: Callable[[int, int], ExpertWeights], num_layers: int, num_experts: int,
+                 activation: Activation = Activation()):
+        self.experts = [[Expert(load_expert(layer, e), activation) for e in range(num_experts)]
+                        for layer in range(num_layers)]
+
+    def fetch(self, layer: int, experts: list[int], tokens: int,
+              guesses: Sequence[list[int]] = ()) -> Iterator[tuple[int, Expert]]:
         for e in experts:
-            yield e, self.weights[layer][e]
+            yield e, self.experts[layer][e]
 
-    def attach_router(self, guess: Callable) -> None:
-        """Resident experts need no prediction of future routing."""
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Everything is resident already."""
 
     def stats(self) -> dict:
         return {}
+
+    def reset_stats(self) -> None:
+        """No counters."""

@@ -13,6 +13,7 @@ import time
 import uuid
 
 from ..errors import OffloadMoeError
+from ..generate import DEFAULT_SAMPLING
 from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .responses import JSON, ApiError, EventStream, bad, cancel_on_disconnect, sse
 from .tools import HARMONY, ToolCallParser, tool_format
@@ -24,7 +25,7 @@ log = logging.getLogger("offload_moe.server")
 INSTALL_HINT = "pip install starlette uvicorn (or pip install '.[serve]' in a clone of offload-moe)"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the context left
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.7, 0.95  # the library's defaults (as `offload-moe generate`)
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = DEFAULT_SAMPLING.temperature, DEFAULT_SAMPLING.top_p  # the library's
 
 
 def require(module: str):

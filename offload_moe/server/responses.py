@@ -7,10 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .worker import Job
 
 
 class ApiError(Exception):
@@ -73,7 +69,7 @@ class EventStream:
     A task watches the connection; when the client disconnects the job is cancelled, which stops its
     generation between two tokens (or drops it from the queue) and frees the worker."""
 
-    def __init__(self, job: Job, chunks):
+    def __init__(self, job, chunks):
         self.job, self.chunks = job, chunks
 
     async def __call__(self, scope, receive, send):
@@ -94,7 +90,7 @@ class EventStream:
             self.job.cancel()  # no-op when the job is done
 
 
-async def cancel_on_disconnect(receive, job: Job):
+async def cancel_on_disconnect(receive, job):
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":

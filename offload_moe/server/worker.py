@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..api import _GenerationRun
+from ..api import GenerationRun
 from ..errors import OffloadMoeError
 from .responses import ApiError
 
@@ -119,7 +119,7 @@ class Worker:
         """Posts ("piece", text, logprob entries or None) per piece; returns the final event."""
         model = self.model
         try:
-            run = _GenerationRun(model, job.prompt_ids, should_stop=job.cancelled.is_set, **job.kwargs)
+            run = GenerationRun(model, job.prompt_ids, should_stop=job.cancelled.is_set, **job.kwargs)
             pieces = iter(run)
             sent = 0
             try:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from ..api import Progress, resolve_device
+from ..runtime import Progress, resolve_device
 from ..cpu.kernels import cpu_form as to_cpu_form
 from ..cpu.kernels import weight_nbytes
 from ..experts.costs import CostModel, Throughput, measure_link, measure_throughput
-from ..experts.weights import ExpertWeights
+from ..experts.interface import ExpertWeights
 from ..quant.format import FLOAT_SETTINGS, INT_SETTINGS
 from ..quant.groupwise import QuantizedWeight
 from ..quant.pack import packed_cols

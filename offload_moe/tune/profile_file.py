@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import OffloadMoeError
-from ..planner import fmt_bytes
+from ..runtime import fmt_bytes
 from ..profiles import load_profile, user_dir
 from .settings import TuneResult
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from ..api import DEMO_DIR, DTYPES, Progress, resolve_device
+from ..runtime import DTYPES, Progress, demo_dir, fmt_bytes, resolve_device
 from ..checkpoint import Checkpoint
 from ..errors import OffloadMoeError
 from ..experts.layout import ExpertLayout
-from ..experts.weights import ExpertWeights
+from ..experts.interface import ExpertWeights
 from ..loader import load
-from ..planner import checkpoint_float_bits, fmt_bytes, plan
+from ..planner import checkpoint_float_bits, plan
 from ..profiles import Profile
 from ..text import Tokenizer
 from .disk import DISK_TEST_BYTES
@@ -115,10 +115,7 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
     started = time.perf_counter()
     report = progress or (lambda what, done, total: None)
     if model_path is None:
-        if not (DEMO_DIR / "config.json").exists():
-            raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing from this install; "
-                                  "pass a checkpoint directory (--model PATH)")
-        model_path = DEMO_DIR
+        model_path = demo_dir()
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
     if tokens is None:

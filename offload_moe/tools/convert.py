@@ -42,12 +42,12 @@ import torch
 from safetensors.torch import save_file
 
 from .. import arch
-from ..api import resolve_device
+from ..runtime import resolve_device
 from ..checkpoint import Checkpoint
 from ..errors import OffloadMoeError
-from .format import FLOAT_SETTINGS, QuantSpec, check_setting, tensor_kind
-from .groupwise import METHODS, nbytes_for
-from .groupwise import quantize as quantize_weight
+from ..quant.format import FLOAT_SETTINGS, QuantSpec, check_setting, tensor_kind
+from ..quant.groupwise import METHODS, nbytes_for
+from ..quant.groupwise import quantize as quantize_weight
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json")

@@ -10,9 +10,10 @@ highest routing weight first. `load_trace` checks every field and route and fail
 naming the file and what is wrong; `save_trace` writes the same form back.
 
 `synthesize` makes traces with a chosen amount of temporal locality, and `TraceRouter` replays a
-trace through a model: it feeds `MoEBlock.forced_routes` (so every configuration of a benchmark sees
-the same expert choices whatever its weights) and, optionally, emulates a router-based prefetch
-guess of known accuracy, because under replay the model's own routers no longer predict anything.
+trace through a model as its routing strategy (`Transformer.set_routing`), so every configuration
+of a benchmark sees the same expert choices whatever its weights, and optionally emulates a
+router-based prefetch guess of known accuracy, because under replay the model's own routers no
+longer predict anything.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import OffloadMoeError, read_user_file
+from ..errors import OffloadMoeError, read_user_file
 
 FORMAT = "offload-moe-trace/1"
 
@@ -172,12 +173,13 @@ class TraceRouter:
     tokens (a prefill of n prompt tokens, or one decode token) takes the next n routes and advances
     by n; past the end of the trace it wraps around to the start (`wrapped` says it happened).
 
-    Install with `install(model)`. Prefetch guesses: while replaying, the model's routers no longer
-    decide anything, so their guesses of the next layer's experts are useless. With `guess_accuracy`
-    given to the constructor, `install` also replaces `Transformer.guess_experts` on the instance by
-    `guess`, an *emulation* of a predictor with that accuracy: it returns the route the layer will
-    really take next, each of its k ids independently kept with probability `guess_accuracy` and
-    otherwise replaced by a uniformly drawn expert outside the true route (distinct ids, seeded).
+    It is a routing strategy (`model.Routing`): `install(model)` gives it to the model
+    (`Transformer.set_routing`); nothing is patched. Prefetch guesses: while replaying, the model's
+    routers no longer decide anything, so their guesses of the next layer's experts are useless.
+    With `guess_accuracy` given to the constructor, `guess` is an *emulation* of a predictor with
+    that accuracy: it returns the route the layer will really take next, each of its k ids
+    independently kept with probability `guess_accuracy` and otherwise replaced by a uniformly
+    drawn expert outside the true route (distinct ids, seeded). Without it, the routers guess.
     """
 
     def __init__(self, trace: Trace, model_layers: int, *, guess_accuracy: float | None = None, seed: int = 0):
@@ -207,16 +209,22 @@ class TraceRouter:
         self.position[layer] = start + n_tokens
         return torch.tensor([self._row(layer, start + i) for i in range(n_tokens)], dtype=torch.long)
 
-    __call__ = routes  # MoEBlock.forced_routes(layer, n_tokens)
+    __call__ = routes
+
+    def forced(self, layer: int, tokens: int) -> torch.Tensor:
+        """`Routing.forced`: the trace's next routes replace the router's top-k."""
+        return self.routes(layer, tokens)
 
     def peek(self, layer: int, n_tokens: int = 1) -> list[tuple[int, ...]]:
         """The routes `layer` will take next, without advancing."""
         start = self.position[layer]
         return [self._row(layer, start + i) for i in range(n_tokens)]
 
-    def guess(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
-        """Emulated prefetch guess for `layer`'s next call: (N, k) ids, N = tokens in `residual`."""
-        n = residual.numel() // residual.shape[-1]
+    def guess(self, layer: int, n: int) -> torch.Tensor | None:
+        """`Routing.guess`: emulated prefetch guess for `layer`'s next call of n tokens, (n, k) ids;
+        None without `guess_accuracy` (the routers guess)."""
+        if self.guess_accuracy is None:
+            return None
         E, acc = self.trace.num_experts, self.guess_accuracy if self.guess_accuracy is not None else 1.0
         out = []
         for true in self.peek(layer, n):
@@ -231,23 +239,17 @@ class TraceRouter:
         return torch.tensor(out, dtype=torch.long)
 
     def install(self, model) -> None:
-        """Force `model`'s routing (an `offload_moe.Model`) to this trace, and the guess emulation when
-        `guess_accuracy` is set. Checks that the trace fits the model (experts, top-k)."""
+        """Route `model` (an `offload_moe.Model`) by this trace, with the guess emulation when
+        `guess_accuracy` is set. Checks that the trace fits the model (experts, top-k, layers)."""
         cfg = model.config
-        blocks = getattr(model.transformer, "moe_blocks", None)
-        if blocks is None:
-            blocks = [layer.block_sparse_moe for layer in model.transformer.layers]
+        blocks = model.transformer.moe_blocks
         if (self.trace.num_experts, self.trace.top_k) != (cfg.num_experts, cfg.top_k):
             t = self.trace
             raise OffloadMoeError(f"trace {t.model!r} has {t.num_experts} experts, top-{t.top_k}; "
                                   f"the model has {cfg.num_experts} experts, top-{cfg.top_k}")
         if self.model_layers != len(blocks):
             raise OffloadMoeError(f"TraceRouter built for {self.model_layers} MoE layers, the model has {len(blocks)}")
-        for block in blocks:
-            block.forced_routes = self
-        if self.guess_accuracy is not None:
-            model.transformer.guess_experts = self.guess
-            model.experts.attach_router(self.guess)
+        model.transformer.set_routing(self)
 
 
 __all__ = ["FORMAT", "Trace", "validate", "load_trace", "save_trace", "synthesize", "reuse_rate",

@@ -1,0 +1,172 @@
+"""Reading a family's `config.json`: typed keys with one-line errors (`ConfigReader`) and the fields
+every family reads the same way (`common_fields`). Each family's file in `arch/` turns these into
+the keyword arguments of `config.ModelConfig`; nothing here knows a family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import OffloadMoeError
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class MLA:
+    """Multi-head latent attention (DeepSeek-V2): keys and values are decompressed per head from a
+    kv_lora_rank latent shared by all heads; each query/key head is a no-RoPE part and a RoPE part."""
+    kv_lora_rank: int
+    q_lora_rank: int | None       # None: queries come from one q_proj, not a low-rank pair
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+
+class ConfigReader:
+    """Typed access to config.json keys with one-line errors naming the file and key."""
+
+    def __init__(self, raw: dict[str, Any], source: str):
+        self.raw, self.source = raw, source
+
+    def fail(self, key: str, expected: str):
+        raise OffloadMoeError(f"{self.source}: key {key!r} = {self.raw.get(key)!r}, expected {expected}")
+
+    def int(self, key: str, default: Any = ..., minimum: int = 1) -> Any:
+        if key not in self.raw or self.raw[key] is None:
+            if default is ...:
+                raise OffloadMoeError(f"{self.source}: missing key {key!r} (expected an integer)")
+            return default
+        v = self.raw[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            self.fail(key, f"an integer >= {minimum}")
+        return v
+
+    def float(self, key: str, default: float) -> float:
+        v = self.raw.get(key, default)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            self.fail(key, "a positive number")
+        return float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        v = self.raw.get(key, default)
+        if not isinstance(v, bool):
+            self.fail(key, "true or false")
+        return v
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        v = self.raw.get(key)
+        if v is None:
+            return ()
+        ids = v if isinstance(v, list) else [v]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            self.fail(key, "a token id or a list of token ids")
+        return tuple(ids)
+
+    def dtype(self) -> str:
+        v = self.raw.get("torch_dtype") or self.raw.get("dtype") or "bfloat16"
+        if v not in DTYPE_BYTES:
+            self.fail("torch_dtype", f"one of {', '.join(DTYPE_BYTES)}")
+        return v
+
+    def first(self, *keys: str) -> str:
+        """The first of several spellings of one key that the file has (else the first)."""
+        return next((k for k in keys if self.raw.get(k) is not None), keys[0])
+
+    def rope(self) -> tuple[float, dict[str, Any] | None]:
+        """(rope_theta, YaRN parameters or None), from transformers >= 5's nested `rope_parameters`
+        or the older `rope_theta` + `rope_scaling`."""
+        params = self.raw.get("rope_parameters")  # transformers >= 5 nests it
+        if isinstance(params, dict) and "rope_theta" in params:
+            theta, scaling = ConfigReader(params, self.source).float("rope_theta", 1e6), params
+        else:
+            theta, scaling = self.float("rope_theta", 1e6), self.raw.get("rope_scaling") or {}
+        if not isinstance(scaling, dict):
+            self.fail("rope_scaling", "an object or null")
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type == "default":
+            return theta, None
+        if rope_type != "yarn":
+            raise OffloadMoeError(f"{self.source}: rope_type {rope_type!r} is not supported "
+                                  "(supported: default, yarn)")
+        y = ConfigReader(scaling, self.source)
+        keys = ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor")
+        yarn = {k: y.float(k, None) if scaling.get(k) != 0 else None for k in keys} | {  # 0 means unset
+            "original_max_position_embeddings": y.int("original_max_position_embeddings"),
+            "truncate": y.bool("truncate", True)}
+        if yarn["factor"] is None:
+            y.fail("factor", "a positive number")
+        return theta, yarn
+
+    def sliding(self) -> int | None:
+        """Qwen configs carry a sliding_window that only applies with use_sliding_window."""
+        return self.int("sliding_window", None) if self.bool("use_sliding_window", False) else None
+
+
+def common_fields(r: ConfigReader, *, experts: str, intermediate: str = "intermediate_size",
+            head_dim: int | None = None) -> dict[str, Any]:
+    """The fields every family reads the same way; `experts` / `intermediate` name the keys for
+    the number of routed experts and their hidden width."""
+    hidden = r.int("hidden_size")
+    heads = r.int("num_attention_heads")
+    kv_heads = r.int("num_key_value_heads", heads)
+    if heads % kv_heads:
+        r.fail("num_key_value_heads", f"a divisor of num_attention_heads ({heads})")
+    num_experts = r.int(experts)
+    top_k_key = r.first("num_experts_per_tok", "experts_per_token")
+    top_k = r.int(top_k_key)
+    if top_k > num_experts:
+        r.fail(top_k_key, f"at most {experts} ({num_experts})")
+    if r.raw.get("hidden_act", "silu") != "silu":
+        r.fail("hidden_act", "'silu'")
+    theta, yarn = r.rope()
+    bos = r.raw.get("bos_token_id")
+    return dict(
+        vocab_size=r.int("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=r.int(intermediate),
+        num_layers=r.int("num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim or r.int("head_dim", hidden // heads),
+        num_experts=num_experts,
+        top_k=top_k,
+        rms_norm_eps=r.float("rms_norm_eps", 1e-5),
+        rope_theta=theta,
+        rope_scaling=yarn,
+        max_position_embeddings=r.int("max_position_embeddings", 32768),
+        tie_word_embeddings=r.bool("tie_word_embeddings", False),
+        bos_token_id=bos if isinstance(bos, int) else None,
+        eos_token_ids=r.token_ids("eos_token_id"),
+        torch_dtype=r.dtype(),
+        quantization=r.raw.get("quantization_config"),
+    )
+
+
+def dense_layers(r: ConfigReader, num_layers: int, dense: list[int] | tuple[int, ...]) -> tuple[int, ...]:
+    """Check that the dense layers leave at least one MoE layer, and say which key chose them."""
+    dense = tuple(sorted(set(dense)))
+    if len(dense) >= num_layers:
+        raise OffloadMoeError(f"{r.source}: every one of the {num_layers} layers is dense (no MoE layer): "
+                              "this is not a mixture-of-experts model")
+    return dense
+
+
+def qwen_dense_layers(r: ConfigReader, num_layers: int) -> tuple[int, ...]:
+    """Qwen: a layer is dense if listed in mlp_only_layers or not a multiple of decoder_sparse_step."""
+    step = r.int("decoder_sparse_step", 1)
+    only = r.raw.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(isinstance(i, int) and 0 <= i < num_layers for i in only):
+        r.fail("mlp_only_layers", f"a list of layer indices below {num_layers}")
+    return dense_layers(r, num_layers, [i for i in range(num_layers) if i in only or (i + 1) % step])
+
+
+def layer_types(r: ConfigReader, types, num_layers: int) -> tuple[str, ...]:
+    kinds = ("sliding_attention", "full_attention")
+    if types and (not isinstance(types, (list, tuple)) or len(types) != num_layers or
+                  any(t not in kinds for t in types)):
+        r.fail("layer_types", f"a list of {num_layers} entries, each one of {', '.join(kinds)}")
+    return tuple(types)

@@ -1,0 +1,134 @@
+"""The bottom layer's runtime helpers: devices, dtypes, byte sizes, the machine's free memory, and
+the progress callback type. Every other layer imports these from here; this module imports only
+`errors` (and torch), so it can sit under everything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import OffloadMoeError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DEMO_DIR = Path(__file__).parent / "demo"
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+# ---- devices and dtypes ----
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OffloadMoeError(f"device {device!r} is not a device name (expected auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OffloadMoeError(f"device {str(device)!r}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(dtype, checkpoint_dtype: str) -> torch.dtype:
+    if dtype is None:
+        return DTYPES[checkpoint_dtype]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise OffloadMoeError(f"dtype {dtype!r} is not supported (expected one of {', '.join(DTYPES)})")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def place(weight, device: torch.device, dtype: torch.dtype):
+    """Float weights move and take the compute dtype; packed ones only move (never inflated)."""
+    if isinstance(weight, torch.Tensor):
+        return weight.to(device=device, dtype=dtype)
+    return weight.to(device)
+
+
+def demo_dir() -> Path:
+    """The bundled demo checkpoint, or a one-line error when this install has none."""
+    if not (DEMO_DIR / "config.json").exists():
+        raise OffloadMoeError(f"{DEMO_DIR}: the bundled demo model is missing (a source checkout without "
+                              "offload_moe/demo?); give a checkpoint directory")
+    return DEMO_DIR
+
+
+# ---- byte sizes ----
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*$")
+
+
+class SizeError(ValueError):
+    """What a size parser expected; the caller adds the file or key that held the value."""
+
+
+def size_in_bytes(value: Any) -> int:
+    """'12GB' -> 12_000_000_000, '512MiB' -> 536_870_912, 1024 -> 1024 (GB = 1e9, GiB = 2**30).
+    Raises `SizeError` saying what was expected."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = _SIZE.match(value) if isinstance(value, str) else None
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise SizeError("a size such as '12GB', '512MiB' or a byte count")
+        n = round(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n < 0:
+        raise SizeError("a size that is not negative")
+    return n
+
+
+def parse_bytes(value: int | str, what: str = "size") -> int:
+    """`size_in_bytes` with a one-line user error naming `what` held the value."""
+    try:
+        return size_in_bytes(value)
+    except SizeError as e:
+        raise OffloadMoeError(f"{what} {value!r}: expected {e}") from None
+
+
+def fmt_bytes(n: float) -> str:
+    """Decimal units, as disks and GPU spec sheets count: 1 GB = 1e9 bytes."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+# ---- the machine ----
+
+def free_vram() -> int:
+    """Free bytes on the current CUDA device, 0 without CUDA."""
+    if not torch.cuda.is_available():
+        return 0
+    free, _total = torch.cuda.mem_get_info()
+    return free
+
+
+def available_ram() -> int:
+    """Host RAM that can be used without swapping: MemAvailable, else free pages, else 0."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
