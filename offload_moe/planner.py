@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 
 from .arch import attention_shapes
 from .config import ModelConfig
+from .experts.pinned import planned_bytes
 from .errors import OffloadMoeError
 from .quant.format import QuantSpec
 from .quant.mxfp4 import is_mxfp4
@@ -272,12 +273,15 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
 
     ram_layers = 0
     if host_layers and p.offload == "ram":
-        if ram_free < layer_bytes:
+        if ram_free < layer_bytes or (p.device == "cuda" and ram_free < planned_bytes(E, per_expert)):
             raise _Impossible(f"{p.source}: {ram_name} is {_gb(layer_bytes - ram_free)} too small to hold one "
                               f"layer's {E} experts at {experts_bits} ({_gb(layer_bytes)}) with offload = 'ram'"
                               + (f" after the shared weights, KV cache and reserve ({_gb(fixed)})"
                                  if p.device == "cpu" else ""))
         ram_layers = min(host_layers, ram_free // layer_bytes)
+        if p.device == "cuda":  # pinned: count the bytes really pinned (experts/pinned.py), not the data
+            while ram_layers and planned_bytes(ram_layers * E, per_expert) > ram_free:
+                ram_layers -= 1
 
     estimated = hit_rate is None
     if estimated:

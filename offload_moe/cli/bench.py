@@ -37,6 +37,9 @@ def add_parser(sub):
                    help="with --synthetic: keep N layers (default: all of the model's)")
     p.add_argument("--scale", type=float, default=1.0, metavar="S",
                    help="with --synthetic: shrink widths by S (0 < S <= 1), for the CPU (default 1.0)")
+    p.add_argument("--bits", type=int, choices=(2, 3, 4, 8), default=None, metavar="B",
+                   help="with --synthetic: experts and attention quantized to B bits (2, 3, 4 or 8), made "
+                        "directly in packed form (fast at full size; default: float weights)")
     p.add_argument("--profile", metavar="P", default=None,
                    help="take cache slots, prefetch and the VRAM limit from this profile (name or .toml; "
                         "default: none)")
@@ -82,10 +85,11 @@ def run(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     if args.synthetic:
-        source = SyntheticCheckpoint(args.synthetic, layers=args.layers, scale=args.scale, seed=args.seed)
+        source = SyntheticCheckpoint(args.synthetic, layers=args.layers, scale=args.scale, seed=args.seed,
+                                     bits=args.bits)
     else:
-        if args.layers is not None or args.scale != 1.0:
-            raise OffloadMoeError("--layers and --scale apply to --synthetic models only")
+        if args.layers is not None or args.scale != 1.0 or args.bits is not None:
+            raise OffloadMoeError("--layers, --scale and --bits apply to --synthetic models only")
         check_model_argument(args)
         source = args.model or DEMO_DIR
         if args.model is None and not (DEMO_DIR / "config.json").exists():

@@ -1,7 +1,8 @@
 """The host tier: where every expert's bytes live when not in a device slot.
 
 Whole layers are kept in RAM (pinned when the compute device is CUDA, so copies run at full link
-speed and asynchronously) until the RAM budget is spent; the remaining layers go to one file per
+speed and asynchronously; pinned.py pins them without power-of-two waste and says exactly what it
+pinned, which is what the budget counts) until the RAM budget is spent; the remaining layers go to one file per
 layer under `offload_dir`, read back through mmap. Bytes are stored in the form they are computed in
 (the flat `ExpertLayout` buffer, packed when quantized), so a miss moves the fewest bytes.
 
@@ -20,6 +21,7 @@ import torch
 
 from ..errors import OffloadMoeError
 from .layout import ExpertLayout
+from .pinned import PinnedArena, default_strategy
 
 
 def human(n: int) -> str:
@@ -28,25 +30,42 @@ def human(n: int) -> str:
 
 class HostStore:
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, *, offload: str = "ram",
-                 ram_budget: int | None = None, offload_dir: str | Path | None = None, pin: bool = False):
+                 ram_budget: int | None = None, offload_dir: str | Path | None = None, pin: bool = False,
+                 pinning=None):
+        """pinning: how pinned memory is made (pinned.Registered / pinned.Pow2Chunks; default: the
+        first that works here); only used when pin is true."""
         if offload not in ("ram", "disk"):
             raise OffloadMoeError(f"offload = {offload!r}, expected 'ram' or 'disk'")
         self.layout, self.num_layers, self.num_experts = layout, num_layers, num_experts
         self.layer_bytes = num_experts * layout.nbytes
+        self.pinning = (pinning or default_strategy()) if pin and offload == "ram" else None
+
+        def ram_cost(layers: int) -> int:  # host bytes `layers` RAM layers really take
+            n = layers * num_experts
+            return self.pinning.cost(n, layout.nbytes) if self.pinning else n * layout.nbytes
+
         if offload == "disk":
             ram_layers = 0
         elif ram_budget is None:
             ram_layers = num_layers
         else:
-            if ram_budget < self.layer_bytes:
+            if ram_budget < ram_cost(1):
                 raise OffloadMoeError(f"ram_budget = {human(ram_budget)} is smaller than one layer's experts "
-                                      f"({human(self.layer_bytes)}); raise it or use offload='disk'")
-            ram_layers = min(num_layers, ram_budget // self.layer_bytes)
+                                      f"({human(ram_cost(1))}{' pinned' if self.pinning else ''}); raise it or "
+                                      "use offload='disk'")
+            ram_layers = max(k for k in range(1, num_layers + 1) if ram_cost(k) <= ram_budget)
         self.ram_layers = ram_layers
         self.pinned = pin
-        # RAM tier: one (E, nbytes) uint8 buffer per layer, allocated once.
-        self.ram = [torch.empty((num_experts, layout.nbytes), dtype=torch.uint8, pin_memory=pin)
-                    for _ in range(ram_layers)]
+        # RAM tier: per layer, E flat uint8 views of nbytes each, allocated once.
+        self._arena = None
+        if self.pinning and ram_layers:
+            self._arena = PinnedArena(self.pinning, ram_layers * num_experts, layout.nbytes)
+            items = self._arena.items
+            self.ram = [items[k * num_experts:(k + 1) * num_experts] for k in range(ram_layers)]
+        else:
+            self.ram = [torch.empty((num_experts, layout.nbytes), dtype=torch.uint8, pin_memory=pin)
+                        for _ in range(ram_layers)]
+        self.pinned_bytes = self._arena.pinned_bytes if self._arena else 0
         self.disk_dir = None
         self.disk: dict[int, torch.Tensor] = {}
         self._written: dict[int, tuple[int, int]] = {}
@@ -65,6 +84,11 @@ class HostStore:
     @property
     def disk_bytes(self) -> int:
         return (self.num_layers - self.ram_layers) * self.layer_bytes
+
+    def close(self) -> None:
+        """Unpin the RAM tier now (also done when the store is collected)."""
+        if self._arena is not None:
+            self._arena.close()
 
     # ---- filling (at load) ----
     @staticmethod

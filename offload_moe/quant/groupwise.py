@@ -89,6 +89,12 @@ class QuantizedWeight:
         w = (q - self.zeros.float().unsqueeze(-1)) * self.scales.float().unsqueeze(-1)  # [out, G, group]
         return w.view(out_features, in_features).to(dtype)
 
+    def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows r0:r1 dequantized: [r1 - r0, in] (prefill.chunked_linear's unit of work)."""
+        part = QuantizedWeight(self.packed[r0:r1], self.scales[r0:r1], self.zeros[r0:r1], self.bits,
+                               self.group_size, (r1 - r0, self.shape[1]))
+        return part.dequantize(dtype)
+
     def to(self, device, non_blocking: bool = False) -> "QuantizedWeight":
         packed, scales, zeros = (t.to(device, non_blocking=non_blocking)
                                  for t in (self.packed, self.scales, self.zeros))
@@ -203,4 +209,8 @@ def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = No
                                               qw.bits, qw.group_size, qw.shape[0])  # [B, out]
             y = y.view(*x.shape[:-1], qw.shape[0])
             return y + bias if bias is not None else y
+    if x.is_cuda:  # long inputs: dequantize a bounded chunk of rows at a time
+        from .prefill import chunked_linear
+
+        return chunked_linear(x, qw, bias)
     return F.linear(x, qw.dequantize(x.dtype), bias)
