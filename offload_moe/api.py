@@ -17,8 +17,10 @@ import torch
 from .errors import OffloadMoeError
 from .generate import DEFAULT_SAMPLING, DecodeTiming, Sampling, decode_tokens
 from .model import Transformer
+from .model_settings import ModelSettings
 from .penalties import LogprobRecord
 from .text import StreamDecoder, Tokenizer
+from .validate import check_sampling
 
 @dataclass
 class Generation:
@@ -39,12 +41,13 @@ class Model:
     """A loaded model: the transformer on its device, its experts provider, its tokenizer."""
 
     def __init__(self, transformer: Transformer, experts, tokenizer: Tokenizer | None, path: Path,
-                 device: torch.device, dtype: torch.dtype, settings: dict, placement=None):
+                 device: torch.device, dtype: torch.dtype, settings: ModelSettings, placement=None):
         self.transformer = transformer
         self.experts = experts
         self.tokenizer = tokenizer
         self.config = transformer.config
-        self.path, self.device, self.dtype, self.settings = path, device, dtype, settings
+        self.path, self.device, self.dtype = path, device, dtype
+        self.settings = settings    # what load() resolved (`ModelSettings`; `.as_dict()` for JSON)
         self.placement = placement  # the `options.Placement` load() used (None when built by hand)
         self.last_timing = DecodeTiming()
         ids = set(self.config.eos_token_ids)
@@ -84,11 +87,20 @@ class Model:
                 raise OffloadMoeError("prompt is empty (expected some text)")
             if self.tokenizer is None:
                 raise OffloadMoeError(f"{self.path}: no tokenizer.json, so prompts must be token ids")
-            return self.tokenizer.encode(prompt)
+            return self._check_encoded(self.tokenizer.encode(prompt))
         ids = list(prompt)
         if not ids:
             raise OffloadMoeError("prompt is empty (expected at least one token id)")
         self._check_ids(ids)
+        return ids
+
+    def _check_encoded(self, ids: list[int]) -> list[int]:
+        """Ids the tokenizer produced must index the model's embeddings (a mismatched tokenizer.json)."""
+        top = max(ids, default=0)
+        if top >= self.config.vocab_size:
+            raise OffloadMoeError(f"{self.path / 'tokenizer.json'}: produced token id {top}, outside the model's "
+                                  f"vocabulary of {self.config.vocab_size} (config.json vocab_size): "
+                                  "the tokenizer does not belong to this model")
         return ids
 
     def _check_ids(self, ids: list[int]):
@@ -124,7 +136,7 @@ class Model:
         if self.tokenizer is None:
             raise OffloadMoeError(f"{self.path}: no tokenizer.json, so chat is not available")
         text = self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self._check_encoded(self.tokenizer.encode(text, add_special_tokens=False))
 
 
 class GenerationRun:
@@ -138,11 +150,7 @@ class GenerationRun:
                  repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  logprobs: int | None = None, generator: torch.Generator | None = None,
                  skip_special_tokens: bool = True):
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise OffloadMoeError(f"max_new_tokens = {max_new_tokens!r}, expected an integer >= 1")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise OffloadMoeError(f"sampling: temperature={temperature}, top_p={top_p}, top_k={top_k}; "
-                                  "expected temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
         check_penalties(min_p, repetition_penalty, presence_penalty, frequency_penalty)
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
                                      or not 0 <= logprobs <= 20):
@@ -160,7 +168,7 @@ class GenerationRun:
         self.skip_special_tokens = skip_special_tokens
         self.ignore_eos = ignore_eos  # benchmarks and parity tests want a fixed number of tokens
         self.should_stop = should_stop  # checked between tokens: a server cancels a departed client
-        self.stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        self.stops = [stop] if isinstance(stop, str) else list(stop or [])
         self.result: Generation | None = None
         self.token_ids: list[int] = []
 

@@ -33,6 +33,7 @@ import torch
 
 from .api import GenerationRun
 from .errors import OffloadMoeError
+from .user_files import write_text
 
 
 class ChatSession:
@@ -103,7 +104,7 @@ class ChatSession:
         model = self.model
         settings = {"model": str(model.path), "device": str(model.device),
                     "dtype": str(model.dtype).removeprefix("torch."), "context_length": model.context_length,
-                    **{k: v for k, v in (model.settings or {}).items() if _jsonable(v)},
+                    **{k: v for k, v in model.settings.as_dict().items() if _jsonable(v)},
                     **self.generation}
         head = [{"role": "system", "content": self.system}] if self.system else []
         return {"format": "offload-moe-chat-transcript/1",
@@ -113,14 +114,10 @@ class ChatSession:
                 "trimmed_turns": self.trimmed_turns,
                 "settings": settings}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the transcript as JSON (UTF-8, indented)."""
-        path = Path(path).expanduser()
-        try:
-            path.write_text(json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise OffloadMoeError(f"{path}: cannot write the transcript ({e.strerror or e})") from None
-        return path
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write the transcript as JSON (UTF-8, indented); an existing file only with `force`."""
+        return write_text(path, json.dumps(self.transcript(), indent=2, ensure_ascii=False) + "\n", force=force,
+                          what="transcript", hint="use /save FILE --force to overwrite it")
 
     def _commit(self, user: dict, reply: str, interrupted: bool) -> None:
         if not reply:

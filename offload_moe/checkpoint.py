@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from . import arch
 from .config import ModelConfig
@@ -30,40 +28,10 @@ from .quant.format import QuantSpec, tensor_kind
 from .quant.groupwise import QuantizedWeight
 from .quant.mxfp4 import is_mxfp4
 from .quant.pack import packed_cols
+from .safetensors_header import TensorInfo, read_header  # noqa: F401  (re-exported)
+from .sanity import check_layers_present, index_weight_map
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    file: Path
-    dtype: str          # safetensors dtype code, e.g. "BF16"
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-def read_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse one safetensors header and check that every tensor's bytes are inside the file."""
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError
-            header = json.loads(f.read(n))
-    except (struct.error, ValueError, UnicodeDecodeError):
-        raise OffloadMoeError(f"{file}: not a safetensors file (header unreadable or truncated)") from None
-    data_start = 8 + n
-    tensors = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = meta["data_offsets"]
-        if data_start + end > size:
-            raise OffloadMoeError(f"{file}: truncated: tensor {name!r} needs bytes up to "
-                                  f"{data_start + end:,} but the file has {size:,}")
-        tensors[name] = TensorInfo(file, meta["dtype"], tuple(meta["shape"]), end - begin)
-    return tensors
 
 
 def dense_shapes(c: ModelConfig, layout: str = "per_expert") -> dict[str, tuple[int, ...]]:
@@ -85,6 +53,7 @@ class Checkpoint:
         q = self.config.quantization  # gpt-oss's own MXFP4 experts are a layout, not our format
         self.quant = None if is_mxfp4(q) else QuantSpec.from_config(q, str(self.path / "config.json"))
         self.tensors = self._index()
+        check_layers_present(self.config, self.tensors, self.path)  # before sizes from config.json are trusted
         self.layout = self._detect_layout()
         self._handles: dict[Path, object] = {}
         self._validate()
@@ -93,20 +62,17 @@ class Checkpoint:
     def _index(self) -> dict[str, TensorInfo]:
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise OffloadMoeError(f"{index}: expected JSON with a 'weight_map' object") from None
+        if os.path.lexists(index):
+            weight_map = index_weight_map(index)
             files = sorted(set(weight_map.values()))
-        elif single.exists():
+        elif os.path.lexists(single):
             weight_map, files = None, ["model.safetensors"]
         else:
             raise OffloadMoeError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
         tensors: dict[str, TensorInfo] = {}
         for name in files:
             file = self.path / name
-            if not file.exists():
+            if not os.path.lexists(file):
                 raise OffloadMoeError(f"{index}: names shard {name!r}, which is missing from {self.path}")
             tensors.update(read_header(file))
         if weight_map is not None:
@@ -194,10 +160,17 @@ class Checkpoint:
         info = self.tensors.get(name)
         if info is None:
             raise OffloadMoeError(f"{self.path}: tensor {name!r} not found")
-        return self._handle(info.file).get_tensor(name)
+        try:
+            return self._handle(info.file).get_tensor(name)
+        except SafetensorError as e:  # the file changed since its header was checked
+            raise OffloadMoeError(f"{info.file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
 
     def _get_row(self, name: str, index: int) -> torch.Tensor:
-        return self._handle(self.tensors[name].file).get_slice(name)[index]
+        info = self.tensors[name]
+        try:
+            return self._handle(info.file).get_slice(name)[index]
+        except SafetensorError as e:
+            raise OffloadMoeError(f"{info.file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
 
     def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """The three matrices of one expert in [out, in] form: w1 (gate), w3 (up): [I, H]; w2: [H, I]

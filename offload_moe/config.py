@@ -16,7 +16,7 @@ from typing import Any
 
 from .arch import FAMILIES, attention_shapes, family_of
 from .arch.reader import MLA, ConfigReader
-from .errors import OffloadMoeError
+from .errors import OffloadMoeError, regular_file
 
 
 
@@ -158,7 +158,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         model_type = raw.get("model_type")
-        family = FAMILIES.get(model_type)
+        family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
         if family is None:
             supported = ", ".join(sorted(FAMILIES))
             raise OffloadMoeError(f"{source}: model_type {model_type!r} is not supported "
@@ -172,10 +172,13 @@ class ModelConfig:
         file = path / "config.json" if path.is_dir() else path
         if not file.exists():
             raise OffloadMoeError(f"{file}: not found (expected a Hugging Face config.json)")
+        regular_file(file, "config.json")
         try:
-            raw = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OffloadMoeError(f"{file}: not valid JSON ({e})") from None
+            raw = json.loads(file.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise OffloadMoeError(f"{file}: cannot read ({e.strerror})") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise OffloadMoeError(f"{file}: not valid UTF-8 JSON ({str(e)[:200]})") from None
         if not isinstance(raw, dict):
             raise OffloadMoeError(f"{file}: expected a JSON object at the top level")
         return cls.from_dict(raw, str(file))

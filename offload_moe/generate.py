@@ -2,7 +2,8 @@
 
 `decode_tokens` prefills the prompt in one pass, then yields one token id per step. Reading the
 token (to check for end-of-sequence and to stream it) is the only host sync per token besides the
-MoE layers' routing decisions.
+MoE layers' routing decisions; a finiteness flag of the logits rides along in the same transfer,
+and only when it is down is the sequence re-run to name the layer that produced NaN or Inf.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import OffloadMoeError
 from .model import Transformer
 from .penalties import LogprobRecord, TokenCounts, penalize
+from .nonfinite import diagnose
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,11 @@ def decode_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sa
     logits = model(tokens, start=0, last_only=True)[0, -1]                 # (V,)
     pos = len(prompt)
     counts = TokenCounts(logits.shape[-1], prompt, device) if sampling.penalized else None
+    generated: list[int] = []
     for i in range(max_new_tokens):
+        finite = torch.isfinite(logits.sum())                              # () one reduction, no sync
+        if sampling.temperature > 0:
+            logits = logits.nan_to_num_(0.0, 0.0, 0.0)                      # multinomial must not see NaN
         if counts is not None:
             logits = penalize(logits, counts, sampling.repetition_penalty, sampling.presence_penalty,
                               sampling.frequency_penalty)
@@ -111,7 +118,10 @@ def decode_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sa
             counts.add(token)
         if logprobs is not None:
             logprobs.add(logits, token)
-        token_id = int(token)                                               # the token must be read
+        token_id, ok = torch.stack((token, finite.to(token.dtype))).tolist()  # the token must be read
+        if not ok:
+            raise OffloadMoeError(diagnose(model, prompt + generated, i))
+        generated.append(token_id)
         now = time.perf_counter()
         if i == 0:
             timing.prefill_seconds = now - t0

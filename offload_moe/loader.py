@@ -12,8 +12,10 @@ import torch
 
 from . import arch
 from .api import Model
+from .budget import check_context, check_host_ram, check_kv_cache
 from .checkpoint import Checkpoint
-from .cpu.kernels import cpu_form
+from .cpu.kernels import resident_cpu_form
+from .sources import open_checkpoint, open_tokenizer
 from .experts.cpu_tier import SplitByLayer, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
 from .experts.cache import ExpertCache
@@ -24,12 +26,12 @@ from .experts.resident import ResidentExperts
 from .experts.store import HostStore
 from .experts.interface import Activation, ExpertWeights
 from .model import build_transformer
+from .model_settings import ModelSettings
 from .options import Placement, from_profile
 from .profiles import Profile
 from .runtime import (Progress, SizeError, available_ram, demo_dir, place, resolve_device, resolve_dtype,
                       size_in_bytes)
 from .quant.nf4 import NF4Weight
-from .text import Tokenizer
 
 DEFAULT_CONTEXT = 4096
 
@@ -45,7 +47,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
          prefetch: int | None = None, offload: str | None = None, ram_budget: int | str | None = None,
          offload_dir: str | Path | None = None, policy: str | None = None, record_trace: bool | None = None,
          cpu_experts: str | int | None = None, cpu_costs: CostModel | None = None,
-         nf4_experts: bool | None = None, progress: Progress | None = None) -> Model:
+         nf4_experts: bool | None = None, force_context: bool = False, requantize: str | None = None,
+         progress: Progress | None = None) -> Model:
     """Load a checkpoint directory of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`; None:
     the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
 
@@ -68,10 +71,16 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     MoE layers' experts on the CPU, the others as `cache_slots` says.
 
     nf4_experts: quantize float experts to NF4 at load (bitsandbytes' layout; computed through
-    bitsandbytes on CUDA when it is installed, by a plain torch path otherwise)."""
+    bitsandbytes on CUDA when it is installed, by a plain torch path otherwise).
+
+    force_context: allow a context_length beyond the model's max_position_embeddings (the model's
+    `settings.warning` then says so); without it that is an error.
+
+    requantize: for a GGUF file, the width ("int4", ...) that tensor types with no exact packed form
+    (IQ*, TQ*, ...) are requantized to; None refuses such a file with one line."""
     if path is None:
         path = demo_dir()
-    ckpt = path if hasattr(path, "expert") else Checkpoint(path)
+    ckpt = path if hasattr(path, "expert") else open_checkpoint(path, requantize)
     cfg = ckpt.config
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
@@ -84,6 +93,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     context = opts.context_length or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
     if not isinstance(context, int) or context < 2:
         raise OffloadMoeError(f"context_length = {context!r}, expected an integer >= 2")
+    context_warning = check_context(cfg, context, force_context)
+    check_kv_cache(cfg, context, device, dtype)  # before any weight is read
     report = progress or (lambda what, done, total: None)
     # The first n_cpu MoE layers' experts stay in RAM in CPU form; the engine below numbers the
     # others from 0 (SplitByLayer translates).
@@ -113,9 +124,11 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
 
     settings = {"profile": opts.profile, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                 "context_length": context}
+    if context_warning:
+        settings["warning"] = context_warning
 
     def on_cpu(layer: int, e: int) -> ExpertWeights:
-        return cpu_form(load_expert(layer, e, to="cpu"))
+        return resident_cpu_form(load_expert(layer, e, to="cpu"))
 
     settings.update(cpu_experts=mode, cpu_layers=n_cpu)
     act = Activation(cfg.swiglu_limit, cfg.swiglu_alpha)  # how every expert computes (gpt-oss clamps)
@@ -134,7 +147,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         layout = ExpertLayout(load_expert(n_cpu, 0, to="cpu"))
         store = HostStore(layout, offloaded, cfg.num_experts, offload=offload,
                           ram_budget=_bytes("ram_budget", ram_budget), offload_dir=offload_dir,
-                          pin=device.type == "cuda")
+                          pin=device.type == "cuda", check_ram=check_host_ram)
         for layer in range(offloaded):
             staging = store.staging(layer)
             for e in range(cfg.num_experts):
@@ -159,8 +172,9 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
             experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act), experts)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
-    tokenizer = Tokenizer(ckpt.path) if ckpt.path.is_dir() and (ckpt.path / "tokenizer.json").exists() else None
-    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, settings, placement=opts)
+    tokenizer = open_tokenizer(ckpt)  # a GGUF file carries its own
+    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, ModelSettings(**settings),
+                 placement=opts)
 
 
 def _slots_per_layer(cache_slots, num_layers: int, num_experts: int) -> list[int]:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .experts.interface import ExpertProvider
+from .quant.cpu_bf16 import pack_linears
 from .quant.modules import QEmbedding, QLinear
 
 
@@ -507,6 +508,7 @@ def build_transformer(cfg: ModelConfig, dense: dict, experts, *, device, dtype,
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, attr, QEmbedding(w, dtype) if attr == "embed_tokens" else QLinear(w))
     model.load_state_dict(plain, strict=True, assign=True)
+    pack_linears(model, skip=("gate", "shared_expert_gate"))  # bf16 on the CPU: prepacked once (routers read .weight)
     model.setup(max_seq_len, device, dtype, max_batch)
     return model.eval()
 

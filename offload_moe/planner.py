@@ -60,7 +60,10 @@ def _checkpoint_bits(config: ModelConfig) -> tuple[str, str, str, int]:
     if is_mxfp4(config.quantization):  # only the experts are MXFP4; the rest is stored as floats
         floats = checkpoint_float_bits(config)
         return "mxfp4", floats, floats, 32
-    spec = QuantSpec.from_config(config.quantization, "config.json")
+    q = config.quantization
+    if q.get("quant_method") == "gguf":  # a GGUF file's widths, as its header says (gguf/checkpoint.py)
+        return q["experts"], q["attention"], q["embeddings"], q["group_size"]
+    spec = QuantSpec.from_config(q, "config.json")
     return spec.settings["experts"], spec.settings["attention"], spec.settings["embeddings"], spec.group_size
 
 

@@ -8,6 +8,9 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import OffloadMoeError
+from .user_files import regular_file
+
+MAX_TEMPLATE_CHARS = 32 * 2**20  # a rendered chat prompt longer than this is a runaway template
 
 
 def _token_text(value) -> str | None:
@@ -25,6 +28,7 @@ class Tokenizer:
 
         directory = Path(directory)
         file = directory / "tokenizer.json"
+        regular_file(file, "tokenizer file")
         try:
             self.backend = HFTokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises a bare Exception on bad files
@@ -32,19 +36,41 @@ class Tokenizer:
         config_file = directory / "tokenizer_config.json"
         config = {}
         if config_file.exists():
+            regular_file(config_file, "tokenizer config")
             try:
-                config = json.loads(config_file.read_text())
-            except json.JSONDecodeError as e:
-                raise OffloadMoeError(f"{config_file}: not valid JSON ({e})") from None
+                config = json.loads(config_file.read_bytes().decode("utf-8"))
+            except OSError as e:
+                raise OffloadMoeError(f"{config_file}: cannot read ({e.strerror})") from None
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+                raise OffloadMoeError(f"{config_file}: not valid UTF-8 JSON ({str(e)[:200]})") from None
+            if not isinstance(config, dict):
+                raise OffloadMoeError(f"{config_file}: expected a JSON object at the top level")
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.chat_template = config.get("chat_template")
         if isinstance(self.chat_template, list):  # named templates: take the default one
-            named = {t.get("name"): t.get("template") for t in self.chat_template}
+            named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
             self.chat_template = named.get("default")
+        if self.chat_template is not None and not isinstance(self.chat_template, str):
+            raise OffloadMoeError(f"{config_file}: chat_template is a {type(self.chat_template).__name__}, "
+                                  "expected a string (or a list of {name, template})")
         self.source = str(config_file)
 
+    @classmethod
+    def from_parts(cls, backend, bos_token: str | None, eos_token: str | None, chat_template: str | None,
+                   source: str) -> "Tokenizer":
+        """A tokenizer built elsewhere (a GGUF header's, `gguf/tokenizer.py`) with its special tokens."""
+        self = cls.__new__(cls)
+        self.backend, self.bos_token, self.eos_token = backend, bos_token, eos_token
+        self.chat_template, self.source = chat_template, source
+        return self
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. from JSON "\ud800"
+            raise OffloadMoeError(f"prompt: character {e.start} is {text[e.start]!r}, a lone surrogate "
+                                  "(expected valid Unicode text)") from None
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -64,27 +90,106 @@ class Tokenizer:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
                     isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls"))):
                 raise OffloadMoeError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
-        template = _jinja_env().from_string(self.chat_template)
+        from jinja2 import TemplateError
+
         try:
-            extra = {"tools": tools} if tools else {}
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+            template = _jinja_env().from_string(self.chat_template)
+        except TemplateError as e:
+            raise OffloadMoeError(f"{self.source}: chat_template does not parse ({_one_line(e)})") from None
+        extra = {"tools": tools} if tools else {}
+        pieces, size = [], 0
+        try:
+            for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+                                           bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra):
+                size += len(piece)
+                if size > MAX_TEMPLATE_CHARS:
+                    raise _TemplateTooLong()
+                pieces.append(piece)
         except _TemplateError as e:
             raise OffloadMoeError(f"{self.source}: chat template refused the messages: {e}") from None
+        except _TemplateTooLong:
+            raise OffloadMoeError(f"{self.source}: chat_template output exceeds {MAX_TEMPLATE_CHARS:,} "
+                                  "characters (a runaway template)") from None
+        except Exception as e:  # the template is the checkpoint's code: any failure is its fault
+            raise OffloadMoeError(f"{self.source}: chat_template failed ({type(e).__name__}: {_one_line(e)})") from None
+        return "".join(pieces)
 
 
 class _TemplateError(Exception):
     pass
 
 
+class _TemplateTooLong(Exception):
+    pass
+
+
+def _one_line(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _bounded_binop(env, context, operator, left, right):
+    """`*`, `**` and `+` in a template, refusing results beyond MAX_TEMPLATE_CHARS (`'x' * 10**9`)."""
+    def size(v):
+        return len(v) if isinstance(v, (str, list, tuple)) else 0
+    if operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            if size(seq) and isinstance(n, int) and size(seq) * n > MAX_TEMPLATE_CHARS:
+                raise _TemplateTooLong()
+    elif operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 4096:
+            raise _TemplateTooLong()
+    elif operator == "+" and size(left) + size(right) > MAX_TEMPLATE_CHARS:
+        raise _TemplateTooLong()
+    return super(type(env), env).call_binop(context, operator, left, right)
+
+
 def _raise(message: str):
     raise _TemplateError(message)
 
 
+_PADDING_METHODS = ("ljust", "rjust", "center", "zfill", "expandtabs")
+
+
+def _bounded_call(env, context, obj, *args, **kwargs):
+    """Calls from a template: no padding to a huge width, no result beyond MAX_TEMPLATE_CHARS."""
+    if getattr(obj, "__name__", "") in _PADDING_METHODS and any(
+            isinstance(a, int) and a > MAX_TEMPLATE_CHARS for a in (*args, *kwargs.values())):
+        raise _TemplateTooLong()
+    result = super(type(env), env).call(context, obj, *args, **kwargs)
+    if isinstance(result, (str, list, tuple)) and len(result) > MAX_TEMPLATE_CHARS:
+        raise _TemplateTooLong()
+    return result
+
+
+def _bounded_join(pieces):
+    """`~` in a template (jinja's str_join), refusing results beyond MAX_TEMPLATE_CHARS."""
+    pieces = [str(p) for p in pieces]
+    if sum(map(len, pieces)) > MAX_TEMPLATE_CHARS:
+        raise _TemplateTooLong()
+    return "".join(pieces)
+
+
 def _jinja_env():
+    from jinja2.compiler import CodeGenerator
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    class BoundedConcat(CodeGenerator):
+        def visit_Concat(self, node, frame):  # `a ~ b` -> environment.bounded_join((a, b))
+            self.write("environment.bounded_join((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**", "+"])
+        call_binop = _bounded_binop
+        call = _bounded_call
+        code_generator_class = BoundedConcat
+        bounded_join = staticmethod(_bounded_join)
+
+    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: json.dumps(
         x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = _raise

@@ -1,11 +1,13 @@
 """How fast the CPU expert kernels read a Mixtral-8x7B expert, against this machine's memcpy.
 
 One expert is w1, w3 [14336, 4096] and w2 [4096, 14336]. For int4 and int8 (groupwise, group 64,
-in the CPU form `offload_moe.cpu.kernels` converts to at load) and bf16 (plain F.linear), times each
+in the CPU form `offload_moe.cpu.kernels` converts to at load) and bf16 (prepacked for oneDNN), times each
 matrix's product and the whole SwiGLU expert at batch 1 (and `--batch` tokens), and reports GB/s
 of packed weight bytes read. The yardstick is a large RAM -> RAM tensor copy timed in the same run
 (bytes copied per second; the memory system moves twice that). Weight values are random codes
-with fixed scales: throughput does not depend on them.
+with fixed scales: throughput does not depend on them. Beside them: bf16 F.linear without the
+prepacking, and torch's per-channel int8 kernel (`_weight_int8pack_mm`, which cannot take our
+groupwise scales) as the alternative torch offers for 8 bits.
 
     python scripts/cpu_kernel_bench.py --threads 2 --repeats 3
 """
@@ -18,8 +20,8 @@ import time
 
 import torch
 
-from offload_moe.cpu.kernels import cpu_form, weight_nbytes
-from offload_moe.experts.costs import measure_memcpy
+from offload_moe.cpu.kernels import resident_cpu_form, weight_nbytes
+from offload_moe.timing import measure_copy_rate
 from offload_moe.experts.interface import ExpertWeights, expert_forward, linear
 from offload_moe.quant.groupwise import QuantizedWeight, qlinear
 from offload_moe.quant.pack import packed_cols
@@ -68,7 +70,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats (best / mean)")
 
-    memcpy = measure_memcpy(512 * 2**20, repeats=args.repeats)
+    memcpy = measure_copy_rate(512 * 2**20, "cpu", "cpu", args.repeats).high
     print(f"memcpy (512 MiB tensor copy): {memcpy / 1e9:6.2f} GB/s copied ({2 * memcpy / 1e9:.2f} GB/s read+write)")
 
     x1 = torch.randn(1, HIDDEN).bfloat16()
@@ -77,7 +79,7 @@ def main() -> None:
         for fmt in args.formats.split(","):
             host = random_expert(fmt)
             t0 = time.perf_counter()
-            w = cpu_form(host)
+            w = resident_cpu_form(host)
             convert = time.perf_counter() - t0
             print(f"\n{fmt}: expert {weight_nbytes(w) / 1e6:.1f} MB in CPU form "
                   f"({weight_nbytes(host) / 1e6:.1f} MB host form), converted in {convert:.1f} s")
@@ -93,6 +95,16 @@ def main() -> None:
                 t = seconds(expert_forward, (x, w), args.repeats)
                 print(f"  expert batch {n}: {min(t) * 1e3:7.2f} ms  {weight_nbytes(w) / min(t) / 1e9:5.2f} GB/s best, "
                       f"{weight_nbytes(w) / statistics.mean(t) / 1e9:5.2f} mean")
+            if fmt == "bf16":  # what the prepacking saves: F.linear on the plain matrix
+                t = seconds(linear, (x1, host.w1), args.repeats)
+                print(f"  w1 plain F.linear (no prepack) batch 1: {min(t) * 1e3:7.2f} ms  "
+                      f"{nbytes(host.w1) / min(t) / 1e9:5.2f} GB/s best ({nbytes(host.w1) / min(t) / memcpy:.0%} of memcpy)")
+            if fmt == "int8":  # torch's int8 kernel, per-channel scales only: a bound, not our format
+                q8 = torch.randint(-128, 127, SHAPES["w1"], dtype=torch.int8)
+                s8 = torch.full((SHAPES["w1"][0],), 0.01, dtype=torch.bfloat16)
+                t = seconds(torch.ops.aten._weight_int8pack_mm, (x1, q8, s8), args.repeats)
+                print(f"  w1 torch _weight_int8pack_mm (per-channel) batch 1: {min(t) * 1e3:7.2f} ms  "
+                      f"{q8.numel() / min(t) / 1e9:5.2f} GB/s best ({q8.numel() / min(t) / memcpy:.0%} of memcpy)")
             if args.reference and fmt != "bf16":
                 t = seconds(qlinear, (x1, host.w1), 1)
                 print(f"  reference qlinear w1 batch 1: {min(t) * 1e3:7.1f} ms  "

@@ -77,3 +77,44 @@ def running_server(app, timeout: float = 20.0):
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+class HeldModel:
+    """A model whose next generation stops at a scripted step until it is cancelled, so a test can
+    disconnect while that request is certainly running, whatever the machine's speed.
+
+    `hold(after=n)` arms it for the next generation only: its first n - 1 tokens run (their text
+    reaches the client), then the n-th token's should_stop check waits until the server cancels the
+    job (`reached` is set while it waits). Everything else is the wrapped model's."""
+
+    def __init__(self, model, give_up: float = 30.0):
+        self.model, self.give_up = model, give_up
+        self.reached = threading.Event()
+        self.after: int | None = None
+        self.held_tokens: int | None = None   # tokens the held generation produced before it stopped
+
+    def hold(self, after: int = 4):
+        self.after, self.held_tokens = after, None
+        self.reached.clear()
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def stream(self, prompt, *, should_stop=None, **kwargs):
+        after, self.after = self.after, None
+        if after is None:
+            return self.model.stream(prompt, should_stop=should_stop, **kwargs)
+        calls = 0
+
+        def held() -> bool:
+            nonlocal calls
+            calls += 1
+            self.held_tokens = calls
+            if calls == after:
+                self.reached.set()
+                deadline = time.monotonic() + self.give_up  # never hang a broken test: it then fails
+                while not should_stop() and time.monotonic() < deadline:
+                    time.sleep(0.005)
+            return should_stop()
+
+        return self.model.stream(prompt, should_stop=held, **kwargs)

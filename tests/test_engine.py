@@ -3,6 +3,8 @@
 import os
 import stat
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ def test_mixed_tiers_and_per_layer_slots_equal_resident(tiny_checkpoint, referen
     layer_bytes = 8 * 3 * 32 * 48 * 4  # 8 experts, three fp32 [48, 32] matrices, 64-byte aligned already
     model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=[1, 3, 2], ram_budget=layer_bytes,
                              offload_dir=tmp_path)
-    assert model.settings["ram_layers"] == 1 and model.settings["disk_layers"] == 2
+    assert model.settings.ram_layers == 1 and model.settings.disk_layers == 2
     assert model.generate(PROMPT, max_new_tokens=64, temperature=0, ignore_eos=True).token_ids == tokens
     assert torch.equal(model.logits(ids), logits)
 
@@ -119,19 +121,24 @@ def test_offload_dir_that_is_a_file(tiny_checkpoint, tmp_path):
         offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=2, offload="disk", offload_dir=file)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "rewrite"])
+@pytest.mark.parametrize("damage", ["truncate", "rewrite", "truncate_and_regrow"])
 def test_disk_tier_file_changed_after_writing(tiny_checkpoint, tmp_path, damage):
     model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="disk", offload_dir=tmp_path)
-    victim = tmp_path / "layer-001.experts"
-    data = victim.read_bytes()
-    if damage == "truncate":
-        victim.write_bytes(data[:100])
-    else:
-        victim.write_bytes(bytes(len(data)))
-        os.utime(victim, ns=(1, 1))
+    victim = Path(model.settings.offload_dir) / "layer-001.experts"
+    assert victim.parent.parent == tmp_path  # a private subdirectory of the offload_dir
+    data, st = victim.read_bytes(), victim.stat()
+    with open(victim, "r+b") as f:  # the same file (the one mapped), as a careless user would
+        if damage == "truncate":
+            f.truncate(100)
+        elif damage == "rewrite":
+            f.write(bytes(len(data)))
+        else:
+            f.truncate(100)
+            f.truncate(len(data))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as they were (but truncate)
     with pytest.raises(OffloadMoeError, match="layer-001.experts") as e:
         model.generate(PROMPT, max_new_tokens=4, temperature=0)
-    assert ("truncated" if damage == "truncate" else "modified") in str(e.value)
+    assert ("truncated" if damage == "truncate" else "changed") in str(e.value)
 
 
 @pytest.mark.parametrize("value", [0, 9, "some", [1, 2], True])

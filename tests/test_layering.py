@@ -13,13 +13,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "offload_moe"
 
 # Bottom to top. A module may import its own layer or any layer below it, never one above.
 LAYERS = [
-    ("base", ["offload_moe.errors", "offload_moe.runtime", "offload_moe.quant"]),
-    ("family", ["offload_moe.arch", "offload_moe.config", "offload_moe.checkpoint"]),
+    ("base", ["offload_moe.errors", "offload_moe.runtime", "offload_moe.threads", "offload_moe.timing", "offload_moe.quant", "offload_moe.owned_paths",
+              "offload_moe.user_files", "offload_moe.validate", "offload_moe.safetensors_header"]),
+    ("family", ["offload_moe.arch", "offload_moe.config", "offload_moe.checkpoint", "offload_moe.sanity",
+                "offload_moe.budget", "offload_moe.gguf"]),
     ("model", ["offload_moe.experts.interface", "offload_moe.model"]),
     ("engine", ["offload_moe.experts", "offload_moe.cpu"]),
     ("planning", ["offload_moe.profiles", "offload_moe.planner", "offload_moe.options"]),
-    ("generation", ["offload_moe.generate", "offload_moe.penalties", "offload_moe.text"]),
-    ("api", ["offload_moe.api", "offload_moe.loader", "offload_moe.chat_session"]),
+    ("generation", ["offload_moe.generate", "offload_moe.penalties", "offload_moe.text", "offload_moe.nonfinite"]),
+    ("api", ["offload_moe.api", "offload_moe.model_settings", "offload_moe.loader", "offload_moe.chat_session", "offload_moe.sources"]),
     ("tools", ["offload_moe.bench", "offload_moe.tune", "offload_moe.tools", "offload_moe.synthetic",
                "offload_moe.server", "offload_moe"]),
     ("cli", ["offload_moe.cli", "offload_moe.__main__"]),

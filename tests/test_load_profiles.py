@@ -13,7 +13,7 @@ def test_auto_picks_the_cpu_profile_without_a_gpu(tiny_checkpoint):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: auto picks a GPU profile")
     model = offload_moe.load(tiny_checkpoint[0])
-    assert model.settings["profile"] == "cpu" and model.settings["experts"] == "cpu"  # resident, CPU kernels
+    assert model.settings.profile == "cpu" and model.settings.experts == "cpu"  # resident, CPU kernels
     assert model.context_length == 128  # the cpu profile's 4096 capped at the model's 128 positions
 
 
@@ -29,8 +29,8 @@ def test_user_profile_file_places_experts_on_disk(tiny_checkpoint, tmp_path):
     resident = offload_moe.load(tiny_checkpoint[0], device="cpu", profile=None)
     model = offload_moe.load(tiny_checkpoint[0], device="cpu", profile=tmp_path / "mine.toml",
                              offload_dir=tmp_path / "tier")
-    assert model.settings["profile"] == "mine"
-    assert model.settings["disk_layers"] == 3 and model.context_length == 64
+    assert model.settings.profile == "mine"
+    assert model.settings.disk_layers == 3 and model.context_length == 64
     expected = resident.generate(PROMPT, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids
     assert model.generate(PROMPT, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids == expected
 
@@ -38,7 +38,7 @@ def test_user_profile_file_places_experts_on_disk(tiny_checkpoint, tmp_path):
 def test_keyword_arguments_override_the_profile(tiny_checkpoint):
     model = offload_moe.load(tiny_checkpoint[0], device="cpu", profile="cpu", cache_slots=3, prefetch=2,
                              context_length=50)
-    assert model.settings["cache_slots"] == [3, 3, 3] and model.settings["prefetch"] == 2
+    assert model.settings.cache_slots == [3, 3, 3] and model.settings.prefetch == 2
     assert model.context_length == 50
 
 

@@ -322,7 +322,7 @@ def test_experts_within_step_bound(tiny_checkpoints, tmp_path, layout, method, e
 def test_offloaded_equals_resident_bitwise(tiny_checkpoint, cache, tmp_path, offload):
     dst = cache.dst(tiny_checkpoint[0], **DEFAULT_MIX)
     offloaded = offload_moe.load(dst, device="cpu", cache_slots=2, offload=offload, offload_dir=tmp_path / "tier")
-    assert offloaded.settings["experts"] == "offloaded"
+    assert offloaded.settings.experts == "offloaded"
     assert torch.equal(offloaded.logits(IDS), cache.logits(dst))
     assert greedy(offloaded) == cache.tokens(dst)
     assert offloaded.stats["experts"]["misses"] > 0

@@ -22,11 +22,12 @@ openai = pytest.importorskip("openai")
 
 import offload_moe  # noqa: E402
 from offload_moe.server import create_app  # noqa: E402
-from serve_fixtures import build_tiny_chat_checkpoint, free_port, running_server  # noqa: E402
+from serve_fixtures import HeldModel, build_tiny_chat_checkpoint, free_port, running_server  # noqa: E402
 
 NAME = "tiny-chat"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world, who are you?"}]
-LONG = 3000  # tokens: seconds of generation, so a request that is not cancelled would show
+LONG = 64  # tokens asked for by the requests that are held (`HeldModel`) and then cancelled
+HELD_AT = 4  # the held generation waits for its cancellation at this token
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,14 @@ def reference(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def url(checkpoint):
-    app = create_app(offload_moe.load(checkpoint, device="cpu"), model_name=NAME, max_queue=8)
+def held(checkpoint):
+    """The served model: generations run as usual unless a test arms `held.hold()`."""
+    return HeldModel(offload_moe.load(checkpoint, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def url(held):
+    app = create_app(held, model_name=NAME, max_queue=8)
     with running_server(app) as base:
         yield base
 
@@ -246,42 +253,51 @@ def test_concurrent_clients_all_get_their_answers(url, reference):
     assert metrics(url)["requests"]["served"] == served + len(prompts)
 
 
-def test_disconnect_mid_stream_frees_the_worker(url, client, reference):
+def test_disconnect_mid_stream_frees_the_worker(url, client, reference, held):
     before = metrics(url)["requests"]
+    held.hold(after=HELD_AT)
     s = OpenStream(url, "/v1/completions", {"model": NAME, "prompt": "Hello", "max_tokens": LONG, "temperature": 0,
                                             "stream": True, "ignore_eos": True})
     s.until_text()
+    assert held.reached.wait(30)   # the generation is waiting at its scripted step: still running
     s.disconnect()
-    wait_for(lambda: metrics(url)["requests"]["cancelled"] == before["cancelled"] + 1)
-    m = metrics(url)
-    assert m["stats"]["generation"]["new_tokens"] < LONG  # stopped between tokens, not at the end
-    assert not m["queue"]["busy"]
-    t0 = time.monotonic()
+    # one worker, first come first served: this answer comes after the cancelled request has ended
     expected = reference.chat(MESSAGES, max_new_tokens=8, temperature=0).text
     assert client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=8,
                                           temperature=0).choices[0].message.content == expected
-    assert time.monotonic() - t0 < 10
+    assert held.held_tokens == HELD_AT   # stopped at the token where the disconnect found it
+    m = metrics(url)
+    assert m["requests"]["cancelled"] == before["cancelled"] + 1
+    assert m["requests"]["served"] == before["served"] + 1
+    assert not m["queue"]["busy"]
 
 
-def test_disconnect_while_waiting_non_streamed(url):
-    before = metrics(url)["requests"]["cancelled"]
+def test_disconnect_while_waiting_non_streamed(url, client, held):
+    before = metrics(url)["requests"]
+    held.hold(after=HELD_AT)
     u = urlsplit(url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     conn.request("POST", "/v1/completions", body=json.dumps(
-        {"model": NAME, "prompt": "Hello", "max_tokens": LONG, "ignore_eos": True}).encode())
-    wait_for(lambda: metrics(url)["queue"]["busy"])
+        {"model": NAME, "prompt": "Hello", "max_tokens": LONG, "ignore_eos": True}).encode(),
+        headers={"Content-Type": "application/json"})
+    assert held.reached.wait(30)
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    wait_for(lambda: metrics(url)["requests"]["cancelled"] == before + 1)
-    assert metrics(url)["stats"]["generation"]["new_tokens"] < LONG
+    client.completions.create(model=NAME, prompt="Hello", max_tokens=2, temperature=0)  # served after it
+    assert held.held_tokens == HELD_AT
+    m = metrics(url)["requests"]
+    assert (m["cancelled"], m["served"]) == (before["cancelled"] + 1, before["served"] + 1)
 
 
 def test_full_queue_answers_429_then_recovers(checkpoint, reference):
-    app = create_app(offload_moe.load(checkpoint, device="cpu"), model_name=NAME, max_queue=1)
+    model = HeldModel(offload_moe.load(checkpoint, device="cpu"))
+    app = create_app(model, model_name=NAME, max_queue=1)
     with running_server(app) as base:
+        model.hold(after=HELD_AT)
         running = OpenStream(base, "/v1/chat/completions", {"model": NAME, "messages": MESSAGES, "max_tokens": LONG,
                                                             "temperature": 0, "stream": True, "ignore_eos": True})
         running.until_text()
+        assert model.reached.wait(30)  # running until cancelled
         queued: dict = {}
 
         def wait_in_queue():
@@ -290,16 +306,17 @@ def test_full_queue_answers_429_then_recovers(checkpoint, reference):
 
         waiter = threading.Thread(target=wait_in_queue)
         waiter.start()
-        wait_for(lambda: metrics(base)["queue"]["waiting"] == 1)
+        wait_for(lambda: metrics(base)["queue"]["waiting"] == 1)  # the other thread's request has arrived
         with pytest.raises(openai.RateLimitError) as e:
             client_for(base).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6)
         assert e.value.status_code == 429
         assert int(e.value.response.headers["retry-after"]) >= 1
         assert e.value.code == "rate_limit_exceeded" and "busy" in e.value.message
-        running.disconnect()  # the queued request runs next, promptly
-        waiter.join(20)
+        running.disconnect()  # the queued request runs next
+        waiter.join(30)
         expected = reference.chat(MESSAGES, max_new_tokens=6, temperature=0).text
         assert queued["reply"].choices[0].message.content == expected
+        assert model.held_tokens == HELD_AT
         m = metrics(base)["requests"]
         assert (m["rejected"], m["cancelled"], m["served"]) == (1, 1, 1)
         reply = client_for(base).completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0)
@@ -447,11 +464,18 @@ def test_busy_port_and_bad_arguments_are_one_line_errors(capsys, checkpoint):
     assert "--max-queue" in capsys.readouterr().err
 
 
-def test_cli_serves_until_interrupted(checkpoint):
+@pytest.mark.parametrize("key_from", ["env", "file"])
+def test_cli_serves_until_interrupted(checkpoint, tmp_path, key_from):
     port = free_port()
-    env = {**os.environ, "NO_COLOR": "1", "OFFLOAD_MOE_API_KEY": "k3y"}
+    env = {**os.environ, "NO_COLOR": "1"}
+    key_args = []
+    if key_from == "env":
+        env["OFFLOAD_MOE_API_KEY"] = "k3y"
+    else:
+        (tmp_path / "key").write_text("k3y\n")
+        key_args = ["--api-key-file", str(tmp_path / "key")]
     proc = subprocess.Popen([sys.executable, "-m", "offload_moe", "serve", "--model", str(checkpoint),
-                             "--port", str(port), "--device", "cpu", "--model-name", NAME],
+                             "--port", str(port), "--device", "cpu", "--model-name", NAME, *key_args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -464,7 +488,7 @@ def test_cli_serves_until_interrupted(checkpoint):
         wait_for(up, timeout=60)
         reply = client_for(base, "k3y").completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0)
         assert reply.usage.completion_tokens >= 1
-        assert call(base, "GET", "/v1/models")[0] == 401  # the key came from $OFFLOAD_MOE_API_KEY
+        assert call(base, "GET", "/v1/models")[0] == 401  # the key came from $OFFLOAD_MOE_API_KEY or the file
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)

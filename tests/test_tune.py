@@ -45,7 +45,8 @@ def table_rows(text: str) -> list[tuple[int, int, str, float, bool]]:
 
 def test_cli_tune_writes_a_profile_that_loads(tiny_checkpoint, tmp_path, monkeypatch):
     directory = tiny_checkpoint[0]
-    out = cli("--model", str(directory), *FAST, config_home=tmp_path)
+    # the saved cost model is keyed by the thread count: tune with this process's, to read it back here
+    out = cli("--model", str(directory), *FAST, "--threads", str(torch.get_num_threads()), config_home=tmp_path)
     assert out.returncode == 0, out.stderr
     path = tmp_path / "offload-moe" / "profiles" / "tuned.toml"
     assert f"wrote {path}" in out.stdout and "--profile tuned" in out.stdout
@@ -64,12 +65,12 @@ def test_cli_tune_writes_a_profile_that_loads(tiny_checkpoint, tmp_path, monkeyp
     profile = load_profile("tuned")
     assert (profile.device, profile.cache_slots, profile.prefetch, profile.offload) == \
         ("cpu", chosen[0][0], chosen[0][1], chosen[0][2])
-    from offload_moe.experts.costs import saved_costs
+    from offload_moe.experts.cost_file import saved_costs
 
     costs = saved_costs(torch.device("cpu"), ("int4", "int4"))  # the hybrid engine's cost model
     assert costs is not None and costs.link_bytes_per_second > 0 and set(costs.cpu) >= {"bf16", "int2", "fp32"}
     model = offload_moe.load(directory, device="cpu", profile="tuned", offload_dir=tmp_path / "tier")
-    assert model.settings["profile"] == "tuned"
+    assert model.settings.profile == "tuned"
     assert len(model.generate([1, 5, 9], max_new_tokens=4, temperature=0, ignore_eos=True).token_ids) == 4
 
 
@@ -206,6 +207,17 @@ def test_tune_library_runs_given_settings_with_progress(tiny_checkpoint, tmp_pat
     assert list(tmp_path.iterdir()) == []  # the disk tier's files are removed
     with pytest.raises(OffloadMoeError, match="tokens"):
         tune(tiny_checkpoint[0], device="cpu", tokens=1, measure=False)
+
+
+def test_tune_loads_every_setting_from_the_placement_it_is_given(tiny_checkpoint):
+    """Each setting is the given `Placement` with its slots, prefetch and tier: the policy reaches the engine."""
+    from offload_moe.options import Placement
+
+    base = Placement(policy="none", cache_slots=1, prefetch=5)
+    assert Setting(2, 0, "disk").placement(base) == Placement(policy="none", cache_slots=2, prefetch=0, offload="disk")
+    result = tune(tiny_checkpoint[0], device="cpu", tokens=6, settings=[(2, 0, "ram")], measure=False, placement=base)
+    assert result.rows[0].error is None and result.rows[0].slots == 2
+    assert result.rows[0].hit_rate == 0  # policy "none" reuses no slot: every expert a layer uses is copied
 
 
 def test_gpu_side_without_a_gpu(tiny_checkpoint, tmp_path):

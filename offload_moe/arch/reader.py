@@ -5,12 +5,25 @@ the keyword arguments of `config.ModelConfig`; nothing here knows a family.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import OffloadMoeError
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+# Upper bounds far above any published model, so a corrupt or hostile config.json fails here
+# instead of sizing loops and tables by a count of 10**9.
+LIMITS = {"num_hidden_layers": 4096, "vocab_size": 2**24, "hidden_size": 2**20, "intermediate_size": 2**22,
+          "moe_intermediate_size": 2**22, "shared_expert_intermediate_size": 2**22, "num_attention_heads": 2**14,
+          "num_key_value_heads": 2**14, "head_dim": 2**14, "num_local_experts": 2**16, "num_experts": 2**16,
+          "n_routed_experts": 2**16, "num_experts_per_tok": 2**16, "experts_per_token": 2**16,
+          "max_position_embeddings": 2**31, "sliding_window": 2**31, "kv_lora_rank": 2**16, "q_lora_rank": 2**16,
+          "qk_nope_head_dim": 2**14, "qk_rope_head_dim": 2**14, "v_head_dim": 2**14, "n_shared_experts": 2**10,
+          "first_k_dense_replace": 4096, "moe_layer_freq": 4096, "decoder_sparse_step": 4096,
+          "max_window_layers": 4096, "n_group": 2**16, "topk_group": 2**16,
+          "original_max_position_embeddings": 2**31}
 
 
 @dataclass(frozen=True)
@@ -31,7 +44,9 @@ class ConfigReader:
         self.raw, self.source = raw, source
 
     def fail(self, key: str, expected: str):
-        raise OffloadMoeError(f"{self.source}: key {key!r} = {self.raw.get(key)!r}, expected {expected}")
+        shown = repr(self.raw.get(key))
+        shown = shown if len(shown) <= 60 else shown[:40] + f"... ({len(shown)} characters)"
+        raise OffloadMoeError(f"{self.source}: key {key!r} = {shown}, expected {expected}")
 
     def int(self, key: str, default: Any = ..., minimum: int = 1) -> Any:
         if key not in self.raw or self.raw[key] is None:
@@ -41,14 +56,17 @@ class ConfigReader:
         v = self.raw[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
             self.fail(key, f"an integer >= {minimum}")
+        if v > LIMITS.get(key, 2**31):
+            self.fail(key, f"an integer in {minimum}..{LIMITS.get(key, 2**31)} (larger is no real model)")
         return v
 
     def float(self, key: str, default: float) -> float:
         v = self.raw.get(key, default)
         if v is None:
             return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-            self.fail(key, "a positive number")
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or v > 1e300
+                or not math.isfinite(v)):
+            self.fail(key, "a positive finite number")
         return float(v)
 
     def bool(self, key: str, default: bool) -> bool:
@@ -68,7 +86,7 @@ class ConfigReader:
 
     def dtype(self) -> str:
         v = self.raw.get("torch_dtype") or self.raw.get("dtype") or "bfloat16"
-        if v not in DTYPE_BYTES:
+        if not isinstance(v, str) or v not in DTYPE_BYTES:
             self.fail("torch_dtype", f"one of {', '.join(DTYPE_BYTES)}")
         return v
 

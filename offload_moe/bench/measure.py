@@ -7,48 +7,22 @@ import gc
 import os
 import resource
 import statistics
-import time
 
 import torch
+
+from ..timing import measure_copy_rate
 
 
 def measure_memcpy(nbytes: int, device: torch.device, *, repeats: int = 10, trials: int = 7,
                    warmup: int = 3) -> dict:
-    """Peak copy rate of one expert-sized buffer: pinned host→device on CUDA (timed with CUDA events
-    on a side stream), RAM→RAM on the CPU (wall clock). `warmup` untimed copies first (page faults,
-    caches), then `trials` trials of `repeats` copies; the best trial is the peak (decimal GB/s)."""
-    rates = []
-    if device.type == "cuda":
-        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
-        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                dst.copy_(src, non_blocking=True)
-            stream.synchronize()
-            for _ in range(trials):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                for _ in range(repeats):
-                    dst.copy_(src, non_blocking=True)
-                end.record(stream)
-                end.synchronize()
-                rates.append(repeats * nbytes / (start.elapsed_time(end) / 1000) / 1e9)
-        kind = "pinned host->device"
-        del src, dst
-    else:
-        src = torch.ones(nbytes, dtype=torch.uint8)
-        dst = torch.empty_like(src)
-        for _ in range(warmup):
-            dst.copy_(src)
-        for _ in range(trials):
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                dst.copy_(src)
-            rates.append(repeats * nbytes / (time.perf_counter() - t0) / 1e9)
-        kind = "host RAM->RAM memcpy"
+    """Peak copy rate of one expert-sized buffer: pinned host→device on CUDA, RAM→RAM on the CPU
+    (`timing.measure_copy_rate`: `warmup` untimed copies, then `trials` trials of `repeats` copies);
+    the best trial is the peak (decimal GB/s)."""
+    rate = measure_copy_rate(nbytes, "cpu", device, trials, repeats=repeats, warmup=warmup)
+    kind = "pinned host->device" if device.type == "cuda" else "host RAM->RAM memcpy"
     return {"kind": kind, "bytes": nbytes, "repeats": repeats, "trials": trials, "warmup": warmup,
-            "peak_gbps": max(rates), "median_gbps": statistics.median(rates), "trial_gbps": rates}
+            "peak_gbps": rate.high / 1e9, "median_gbps": rate.median / 1e9,
+            "trial_gbps": [r / 1e9 for r in rate.trials]}
 
 
 class CopyTimer:

@@ -110,8 +110,7 @@ def _measure_ours(run: Run, row: dict, *, cache_slots, prefetch: int, policy: st
                  offload=run.offload, ram_budget=run.ram_budget, offload_dir=run.offload_dir,
                  record_trace=offloaded, progress=run.report, **extra)
     row["load_seconds"] = time.perf_counter() - t0
-    if "cpu_experts" in model.settings:
-        settings["cpu_experts"] = model.settings["cpu_experts"]
+    settings["cpu_experts"] = model.settings.cpu_experts
     router = None
     if run.trace is not None:
         router = TraceRouter(run.trace, run.moe_layers, seed=run.seed,

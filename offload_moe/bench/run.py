@@ -14,7 +14,7 @@ import torch
 
 from .. import __version__
 from ..runtime import Progress, place, resolve_device, resolve_dtype
-from ..checkpoint import Checkpoint
+from ..sources import open_checkpoint
 from ..errors import OffloadMoeError
 from ..experts.layout import ExpertLayout
 from ..experts.interface import ExpertWeights
@@ -60,7 +60,7 @@ def run_bench(source, *, device: str = "auto", dtype=None, tokens: int = 32, pro
     if guess_accuracy is not None and not (isinstance(guess_accuracy, (int, float)) and 0 <= guess_accuracy <= 1):
         raise OffloadMoeError(f"guess accuracy = {guess_accuracy!r}, expected a probability from 0 to 1")
 
-    ckpt = source if hasattr(source, "expert") else Checkpoint(source)
+    ckpt = source if hasattr(source, "expert") else open_checkpoint(source)
     cfg = ckpt.config
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
@@ -90,7 +90,7 @@ def run_bench(source, *, device: str = "auto", dtype=None, tokens: int = 32, pro
 def _bench(ckpt, cfg, device, dtype, *, tokens, prompt_tokens, trace, trace_reuse, guess_accuracy, slots, prefetch,
            profile, limit, vram, offload, ram_budget, offload_dir, cpu_experts, seed, baselines, repeats, report,
            notes) -> dict:
-    synthetic = not Path(ckpt.path).is_dir()
+    synthetic = not Path(ckpt.path).exists()
     context = prompt_tokens + tokens
     moe_layers = list(cfg.moe_layers)   # the engine numbers these 0, 1, ...
     trace, routing = _routing(cfg, len(moe_layers), context, trace, trace_reuse, guess_accuracy, seed, synthetic,

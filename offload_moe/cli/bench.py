@@ -17,7 +17,8 @@ from ..bench import run_bench
 from ..errors import OffloadMoeError
 from ..runtime import DEMO_DIR
 from ..synthetic import KNOWN_MODELS, SyntheticCheckpoint
-from .common import check_model_argument
+from ..user_files import refuse_existing, write_text
+from .common import add_threads_argument, check_model_argument
 from .console import human_bytes, progress_bar, stderr, stdout
 
 
@@ -29,7 +30,7 @@ def add_parser(sub):
                     "offload) and report speed, hit rates, bytes moved, memory, and each row's decode time "
                     "against a lower bound computed from this run's own measurements.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the bundled demo model)")
+    src.add_argument("--model", metavar="PATH", help="checkpoint directory or .gguf file (default: the bundled demo model)")
     src.add_argument("--synthetic", metavar="NAME", choices=sorted(KNOWN_MODELS),
                      help=f"random weights with a known model's shapes ({', '.join(sorted(KNOWN_MODELS))}; "
                           "default: none, the --model checkpoint)")
@@ -61,12 +62,12 @@ def add_parser(sub):
     p.add_argument("--prefetch", type=int, default=None, metavar="D", help="engine prefetch depth (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for torch (default: torch's choice; 1 is steadier on a busy machine)")
+    add_threads_argument(p)
     p.add_argument("--seed", type=int, default=0, metavar="S",
                    help="prompt, synthetic trace and guess seed (default 0)")
     p.add_argument("--json", metavar="OUT", default=None,
                    help="write every measured field to this JSON file (default: none)")
+    p.add_argument("--force", action="store_true", help="let --json replace an existing file")
     p.add_argument("--no-baselines", action="store_true", help="run the configured engine only")
     p.add_argument("--repeats", type=int, default=3, metavar="N",
                    help="rounds of every row, interleaved; each row shows its median run and the spread (default 3)")
@@ -79,11 +80,6 @@ def add_parser(sub):
 def run(args) -> int:
     if args.repeats < 1:
         raise OffloadMoeError(f"--repeats {args.repeats}: expected an integer >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise OffloadMoeError(f"--threads {args.threads}: expected an integer >= 1")
-        import torch
-        torch.set_num_threads(args.threads)
     if args.synthetic:
         source = SyntheticCheckpoint(args.synthetic, layers=args.layers, scale=args.scale, seed=args.seed,
                                      bits=args.bits)
@@ -111,6 +107,7 @@ def run(args) -> int:
         out = Path(args.json)
         if out.parent and not out.parent.is_dir():
             raise OffloadMoeError(f"--json {out}: directory {out.parent} does not exist")
+        refuse_existing(out, args.force)  # before the run, not after it
     if args.plot:
         check_plot_target(args.plot)
     with progress_bar() as report:
@@ -131,10 +128,7 @@ def run(args) -> int:
         path = plot_result(result, args.plot)
         stderr.print(Text(f"plot written to {path}"), highlight=False)
     if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise OffloadMoeError(f"--json {args.json}: cannot write ({e.strerror})") from None
+        write_text(args.json, json.dumps(result, indent=1) + "\n", force=args.force, what="--json results")
     return 0
 
 

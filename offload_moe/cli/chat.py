@@ -27,7 +27,9 @@ from .. import load
 from ..chat_session import ChatSession
 from ..errors import OffloadMoeError
 from ..runtime import DEMO_DIR
-from .common import add_model_arguments, add_sampling_arguments, check_model_argument, load_kwargs, sampling_kwargs
+from ..user_files import read_stdin
+from .common import (add_model_arguments, add_sampling_arguments, check_model_argument, load_kwargs, sampling_kwargs,
+                     warn_about)
 from .console import human_bytes, progress_bar, stderr
 from .stats import stats_table
 
@@ -38,7 +40,7 @@ HELP = """\
 /reset         start a new conversation (the system prompt stays)
 /system TEXT   set the system prompt (/system alone removes it)
 /stats         expert cache and speed statistics
-/save FILE     write the transcript (messages and settings) as JSON
+/save FILE     write the transcript (messages and settings) as JSON (--force: overwrite)
 /exit          leave (also /quit, Ctrl-D, or Ctrl-C at the prompt)
 Ctrl-C during a reply stops it; the partial reply stays in the conversation.
 Keys typed while a reply streams are ignored.
@@ -68,11 +70,12 @@ def run(args) -> int:
     interactive = sys.stdin.isatty()
     message = None
     if not interactive:  # read before loading: an empty pipe is an error worth reporting fast
-        message = sys.stdin.read().strip()
+        message = read_stdin(sys.stdin).strip()
         if not message:
             raise OffloadMoeError("stdin is empty: pipe a message in, or run `offload-moe chat` in a terminal")
+    generation = dict(sampling_kwargs(args), ignore_eos=args.ignore_eos)  # checked before loading
     model = load_chat_model(args)
-    generation = dict(sampling_kwargs(args), ignore_eos=args.ignore_eos)
+    warn_about(model)  # e.g. a context past the model's limit, allowed by --force-context
     session = ChatSession(model, system=args.system, **generation)
     note(describe_model(model), style=None)
     chat = ChatLoop(session)
@@ -171,8 +174,11 @@ class ChatLoop:
             if not rest:
                 error("/save needs a file name: /save FILE")
                 return None
+            words = rest.split()
+            force = "--force" in words
+            target = " ".join(w for w in words if w != "--force") if force else rest
             try:
-                path = s.save(rest)
+                path = s.save(target, force=force)
             except OffloadMoeError as e:
                 error(str(e))
                 return None
@@ -323,7 +329,7 @@ def describe_model(model) -> str:
     parts = [name, str(model.device), str(model.dtype).removeprefix("torch."),
              f"{c.num_layers} layers × {c.num_experts} experts, top-{c.top_k}",
              f"context {model.context_length} tokens"]
-    settings = dict(model.settings or {})
+    settings = model.settings.as_dict()
     for shown in ("context_length", "device", "dtype"):
         settings.pop(shown, None)
     if settings.get("profile") is not None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+import sys
 
 from .. import load
 from ..errors import OffloadMoeError
 from ..generate import DEFAULT_SAMPLING
+from ..validate import check_sampling
 from .console import progress_bar
 
 
 def add_model_arguments(p):
-    p.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint directory or .gguf file (default: the bundled demo model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--profile", default="auto", metavar="NAME",
                    help="VRAM profile: a name (cpu, 6gb ... 24gb), a .toml path, or auto (default)")
@@ -29,8 +31,18 @@ def add_model_arguments(p):
                         "or 90%% of available RAM)")
     p.add_argument("--offload-dir", default=None, metavar="DIR",
                    help="directory for the disk tier (default: a private temporary directory, removed at exit)")
+    p.add_argument("--force-context", action="store_true",
+                   help="allow --context-length beyond the model's max_position_embeddings (with a warning; default: off)")
     p.add_argument("--nf4-experts", action="store_true",
                    help="quantize float experts to NF4 at load (bitsandbytes on CUDA when installed)")
+    p.add_argument("--requantize", choices=["int2", "int3", "int4", "int8"], default=None,
+                   help="GGUF: requantize tensor types with no exact packed form (IQ*, TQ*, ...) to this width (default: none, refuse them)")
+    add_threads_argument(p)
+
+
+def add_threads_argument(p):
+    p.add_argument("--threads", default="auto", metavar="N",
+                   help="CPU threads for torch (default: auto, the cores other work leaves free)")
 
 
 def add_sampling_arguments(p, max_new_tokens_help: str = "tokens to generate at most (default 256)",
@@ -55,8 +67,12 @@ def add_sampling_arguments(p, max_new_tokens_help: str = "tokens to generate at 
 
 
 def sampling_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+    """The sampling options, checked (so a bad --temperature fails before the model loads)."""
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  top_k=args.top_k, seed=args.seed)
+    # chat's default None is "a budget from the context", settled later; check the rest now
+    check_sampling(**dict(kwargs, max_new_tokens=kwargs["max_new_tokens"] or 1), stop=None)
+    return dict(kwargs, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                 presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
 
 
@@ -66,18 +82,28 @@ def load_kwargs(args) -> dict:
         slots = int(slots) if slots.isdigit() else slots
     return dict(device=args.device, dtype=args.dtype, profile=args.profile, context_length=args.context_length, cache_slots=slots,
                 prefetch=args.prefetch, offload=args.offload, ram_budget=args.ram_budget,
-                offload_dir=args.offload_dir, nf4_experts=args.nf4_experts)
+                offload_dir=args.offload_dir, nf4_experts=args.nf4_experts,
+                force_context=getattr(args, "force_context", False), requantize=args.requantize)
 
 
 def check_model_argument(args) -> None:
     """`--model README.md`: say that the file given as --model is a file, before anything loads."""
     model = getattr(args, "model", None)
-    if model is not None and Path(model).is_file():
+    if model is not None and Path(model).is_file() and Path(model).suffix.lower() != ".gguf":
         raise OffloadMoeError(f"--model {model}: a file, not a checkpoint directory (expected a directory "
-                              "holding config.json and *.safetensors)")
+                              "holding config.json and *.safetensors, or a .gguf file)")
 
 
 def load_model(args):
     check_model_argument(args)
     with progress_bar() as report:
-        return load(args.model, progress=report, **load_kwargs(args))
+        model = load(args.model, progress=report, **load_kwargs(args))
+    warn_about(model)
+    return model
+
+
+def warn_about(model) -> None:
+    """What the loader accepted only because it was told to (e.g. --force-context), on stderr."""
+    warning = model.settings.warning if model.settings is not None else None
+    if warning:
+        print(f"offload-moe: warning: {warning}", file=sys.stderr)

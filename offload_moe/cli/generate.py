@@ -11,6 +11,7 @@ import sys
 
 from rich.text import Text
 
+from ..user_files import read_stdin
 from .common import add_model_arguments, add_sampling_arguments, load_model, sampling_kwargs
 from .console import stderr
 from .stats import stats_table
@@ -35,13 +36,14 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin(sys.stdin) if args.prompt == "-" else args.prompt
+    sampling = sampling_kwargs(args)  # checked before the model loads
     model = load_model(args)
     if args.chat or args.system is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": prompt}]
         prompt = model.chat_ids(messages)
-    kwargs = dict(sampling_kwargs(args), stop=args.stop, ignore_eos=args.ignore_eos)
+    kwargs = dict(sampling, stop=args.stop, ignore_eos=args.ignore_eos)
     for piece in model.stream(prompt, **kwargs):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -7,24 +7,24 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..checkpoint import Checkpoint
 from ..config import ModelConfig
+from ..sources import open_checkpoint
 from .console import human_bytes, human_count, stdout
 
 
 def add_parser(sub):
     p = sub.add_parser("info", help="describe a checkpoint (architecture, parameters, bytes by kind)",
-                       description="Describe a checkpoint directory without loading its weights.")
-    p.add_argument("path", metavar="PATH_OR_CONFIG", help="checkpoint directory or config.json file")
+                       description="Describe a checkpoint directory or GGUF file without loading its weights.")
+    p.add_argument("path", metavar="PATH_OR_CONFIG", help="checkpoint directory, .gguf file or config.json file")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     ckpt = None
-    if Path(args.path).is_file():
+    if Path(args.path).is_file() and Path(args.path).suffix.lower() == ".json":
         c = ModelConfig.load(args.path)
     else:
-        ckpt = Checkpoint(args.path)
+        ckpt = open_checkpoint(args.path)
         c = ckpt.config
     table = Table(title=str(args.path if ckpt is None else ckpt.path), show_header=False)
     table.add_column("field")

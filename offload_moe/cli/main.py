@@ -7,9 +7,12 @@ import argparse
 import importlib
 import sys
 
+import torch
+
 from .. import __version__
 from ..errors import OffloadMoeError
 from .parser import EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, Parser
+from ..threads import set_threads
 
 COMMANDS = ["generate", "chat", "info", "plan", "quantize", "tune", "bench", "serve"]
 
@@ -29,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
     try:
+        if hasattr(args, "threads"):  # generate, chat, serve, tune, bench
+            set_threads(args.threads)
         return args.func(args) or 0
     except OffloadMoeError as e:
         print(f"offload-moe: error: {e}", file=sys.stderr)
@@ -40,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `offload-moe generate ... | head` closed the pipe: not an error
         sys.stderr.close()
         return 0
+    finally:
+        torch.set_num_threads(threads)  # main() called in-process (tests) leaves the pool as it was
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from ..config import ModelConfig
 from ..planner import auto_profile, plan
 from ..profiles import list_profiles, load_profile
+from ..sources import load_config
 from .console import stdout
 
 
@@ -16,7 +16,7 @@ def add_parser(sub):
         "plan", help="show where a model's bytes go under a VRAM profile (from config.json alone)",
         description="Plan device, RAM and disk use for a model under a profile, and the bytes each "
                     "token moves, from its config.json alone: no weights are read.")
-    p.add_argument("path", metavar="PATH_OR_CONFIG", help="checkpoint directory or config.json file")
+    p.add_argument("path", metavar="PATH_OR_CONFIG", help="checkpoint directory, config.json file or .gguf file (its header)")
     p.add_argument("--profile", metavar="NAME_OR_PATH", default=None,
                    help=f"bundled or user profile ({', '.join(list_profiles())}) or a .toml file "
                         "(default: the largest bundled profile this machine fits)")
@@ -26,7 +26,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    config = ModelConfig.load(args.path)
+    config = load_config(args.path)
     profile = load_profile(args.profile) if args.profile else auto_profile(config)
     result = plan(config, profile, hit_rate=args.hit_rate)
     picked = "" if args.profile else " (picked for this machine)"

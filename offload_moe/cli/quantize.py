@@ -10,6 +10,7 @@ from __future__ import annotations
 from rich.progress import Progress
 
 from ..checkpoint import Checkpoint
+from ..sources import open_checkpoint
 from ..tools.convert import quantize
 from ..quant.format import SETTINGS
 from .console import byte_progress_columns, human_bytes, stderr, stdout
@@ -21,7 +22,7 @@ def add_parser(sub):
         "quantize", help="write a quantized copy of a checkpoint (streams one layer at a time)",
         description="Quantize checkpoint SRC into the new directory DST (never overwritten). Each kind of "
                     f"weight gets a width: one of {widths}. Norms and routers are copied as they are.")
-    p.add_argument("src", metavar="SRC", help="checkpoint directory to read")
+    p.add_argument("src", metavar="SRC", help="checkpoint directory or .gguf file to read")
     p.add_argument("dst", metavar="DST", help="new directory to write (must not exist)")
     p.add_argument("--experts", default="int3", metavar="WIDTH", help="routed expert weights (default int3)")
     p.add_argument("--attention", default="int4", metavar="WIDTH", help="attention projections (default int4)")
@@ -50,7 +51,7 @@ def run(args) -> int:
         dst = quantize(args.src, args.dst, experts=args.experts, attention=args.attention,
                        embeddings=args.embeddings, group_size=args.group_size, method=args.method,
                        progress=report, device=args.device)
-    before = Checkpoint(args.src).total_bytes()
+    before = open_checkpoint(args.src).total_bytes()
     after = Checkpoint(dst).total_bytes()
     stdout.print(f"{dst}: {human_bytes(before)} → {human_bytes(after)} ({before / after:.2f}x smaller, "
                  f"{after / before:.1%} of the original)", markup=False, highlight=False)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
-from ..errors import OffloadMoeError
-from .common import add_model_arguments, check_model_argument, load_kwargs
+from ..errors import OffloadMoeError, read_user_file
+from .common import add_model_arguments, check_model_argument, load_kwargs, warn_about
 from .console import progress_bar, stderr
 
 
@@ -24,9 +25,15 @@ def add_parser(sub):
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it "
                         "to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
-    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("OFFLOAD_MOE_API_KEY"),
+    p.add_argument("--api-key", metavar="KEY", default=None,
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health "
-                        "(default: $OFFLOAD_MOE_API_KEY, else no key)")
+                        "(default: $OFFLOAD_MOE_API_KEY, else no key); visible in `ps`: prefer "
+                        "--api-key-file or the environment variable")
+    p.add_argument("--api-key-file", metavar="FILE", default=None,
+                   help="read the API key from the first line of FILE (default: none)")
+    p.add_argument("--allowed-origin", metavar="ORIGIN", action="append", default=[],
+                   help="a browser origin (e.g. https://app.example) allowed to call the server besides "
+                        "its own host names; repeatable (default: none)")
     p.add_argument("--max-queue", type=int, default=8, metavar="N",
                    help="requests that may wait behind the one generating; more get HTTP 429 (default: 8)")
     p.add_argument("--model-name", metavar="NAME", default=None,
@@ -71,6 +78,7 @@ def _log_config() -> dict:
 
 def run(args) -> int:
     from ..server import create_app, require
+    from ..server.guard import allowed_hosts_for
 
     require("starlette")
     uvicorn = require("uvicorn")
@@ -78,6 +86,16 @@ def run(args) -> int:
 
     if args.max_queue < 0:
         raise OffloadMoeError(f"--max-queue {args.max_queue}: expected an integer >= 0")
+    if args.api_key is not None:
+        stderr.print("offload-moe: warning: --api-key is visible to every user of this machine (ps); prefer "
+                     "--api-key-file FILE or $OFFLOAD_MOE_API_KEY", highlight=False, markup=False)
+    elif args.api_key_file is None:
+        args.api_key = os.environ.get("OFFLOAD_MOE_API_KEY")
+    if args.api_key_file is not None:
+        lines = read_user_file(Path(args.api_key_file), "API key file").splitlines()
+        args.api_key = lines[0] if lines else ""
+        if not args.api_key.strip():
+            raise OffloadMoeError(f"{args.api_key_file}: the API key file is empty")
     if args.api_key is not None and not args.api_key.strip():
         raise OffloadMoeError("--api-key is empty")
     check_model_argument(args)
@@ -89,7 +107,9 @@ def run(args) -> int:
         with progress_bar() as report:
             model = load(args.model, progress=report, **kwargs)
         name = args.model_name or (model.path.name if args.model else "offload-moe-demo")
-        app = create_app(model, model_name=name, api_key=args.api_key, max_queue=args.max_queue)
+        warn_about(model)
+        app = create_app(model, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
+                         allowed_hosts=allowed_hosts_for(args.host), allowed_origins=tuple(args.allowed_origin))
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         stderr.print(f"offload-moe: serving {name!r} (context {model.context_length} tokens) at "

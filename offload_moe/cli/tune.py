@@ -18,6 +18,7 @@ from ..errors import OffloadMoeError
 from ..tune import (DISK_TEST_BYTES, cost_model, measurement_lines, parse_settings, profile_path, tune,
                     write_profile)
 from .common import check_model_argument
+from .common import add_threads_argument
 from .console import progress_bar, stderr, stdout
 
 
@@ -28,7 +29,7 @@ def add_parser(sub):
                     "then decode a few tokens with the model under a few settings (slots per layer, "
                     "prefetch depth, RAM or disk tier) and write the fastest as a profile "
                     "(default: tuned, in $XDG_CONFIG_HOME/offload-moe/profiles), so --profile tuned uses it.")
-    p.add_argument("--model", metavar="PATH", help="checkpoint directory (default: the bundled demo model)")
+    p.add_argument("--model", metavar="PATH", help="checkpoint directory or .gguf file (default: the bundled demo model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--name", default="tuned", metavar="NAME", help="profile name to write (default: tuned)")
     p.add_argument("--tokens", type=int, default=None, metavar="N",
@@ -45,6 +46,7 @@ def add_parser(sub):
                    help=f"size of the disk read test file (default: {DISK_TEST_BYTES // 10**6}MB)")
     p.add_argument("--seconds-per-setting", type=float, default=None, metavar="S",
                    help="decode time limit of one setting (default: 8 on the CPU, 20 on a GPU)")
+    add_threads_argument(p)
     p.set_defaults(func=run)
 
 
@@ -62,7 +64,7 @@ def run(args) -> int:
     costs = cost_model(result.measurements, source=f"offload-moe tune, {result.date}")
     costs_file = None
     if costs is not None:
-        from ..experts.costs import save_costs
+        from ..experts.cost_file import save_costs
         try:
             costs_file = save_costs(costs, torch.device(result.device))
         except OSError as e:  # the profile is written; the engine can still measure at load

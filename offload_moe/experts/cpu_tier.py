@@ -7,7 +7,7 @@ Chosen by `load(..., cpu_experts=...)`:
   converts experts at load and holds a second CPU form): ask for it with "hybrid".
 - "hybrid" (offloaded experts only): the expert cache decides per miss whether to copy the expert
   into a slot or have the CPU compute it from its `CpuTier` form (see `ExpertCache.fetch` and
-  `experts/costs.py`), on CUDA and on the CPU alike (tests, comparisons).
+  `experts/costs.py`, measured by `experts/cost_timing.py`), on CUDA and on the CPU alike (tests, comparisons).
 - "all": every expert stays in host RAM in CPU form and is computed there (llama.cpp's
   `-ot exps=CPU`); attention, norms and routers stay on the device.
 - an int N: the first N MoE layers' experts are computed on the CPU, the others are resident or
@@ -24,7 +24,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ..errors import OffloadMoeError
-from .costs import CostModel, measure_costs, saved_costs
+from .cost_file import saved_costs
+from .cost_timing import measure_costs
+from .costs import CostModel
 from .store import HostStore
 from .interface import Expert, ExpertWeights
 from ..cpu.kernels import Int4Planes, converts, cpu_form, expert_format, weight_nbytes

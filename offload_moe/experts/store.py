@@ -6,20 +6,20 @@ pinned, which is what the budget counts) until the RAM budget is spent; the rema
 layer under `offload_dir`, read back through mmap. Bytes are stored in the form they are computed in
 (the flat `ExpertLayout` buffer, packed when quantized), so a miss moves the fewest bytes.
 
-A disk file records its size and modification time when written; every read checks both, so a file
-truncated or rewritten behind our back is a clear error instead of a crash (SIGBUS) or wrong output.
+The disk files live in a private per-process directory (`disk_dir.DiskDir`) that is removed at exit;
+every read checks the file's size and a sampled checksum of the expert, so a file truncated or
+rewritten behind our back is a clear error instead of a crash (SIGBUS) or wrong output.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 
 from ..errors import OffloadMoeError
+from .disk_dir import DiskDir
 from .layout import ExpertLayout
 from .pinned import PinnedArena, default_strategy
 
@@ -31,9 +31,10 @@ def human(n: int) -> str:
 class HostStore:
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, *, offload: str = "ram",
                  ram_budget: int | None = None, offload_dir: str | Path | None = None, pin: bool = False,
-                 pinning=None):
+                 pinning=None, check_ram=None):
         """pinning: how pinned memory is made (pinned.Registered / pinned.Pow2Chunks; default: the
-        first that works here); only used when pin is true."""
+        first that works here); only used when pin is true. check_ram(what, bytes): raises if the
+        RAM tier would not fit in the RAM available (called before it is allocated)."""
         if offload not in ("ram", "disk"):
             raise OffloadMoeError(f"offload = {offload!r}, expected 'ram' or 'disk'")
         self.layout, self.num_layers, self.num_experts = layout, num_layers, num_experts
@@ -55,6 +56,8 @@ class HostStore:
                                       "use offload='disk'")
             ram_layers = max(k for k in range(1, num_layers + 1) if ram_cost(k) <= ram_budget)
         self.ram_layers = ram_layers
+        if check_ram is not None:  # before the RAM tier is allocated: (what, bytes) -> raise if too much
+            check_ram(f"the RAM tier ({ram_layers} layers of experts)", ram_cost(ram_layers))
         self.pinned = pin
         # RAM tier: per layer, E flat uint8 views of nbytes each, allocated once.
         self._arena = None
@@ -67,11 +70,13 @@ class HostStore:
                         for _ in range(ram_layers)]
         self.pinned_bytes = self._arena.pinned_bytes if self._arena else 0
         self.disk_dir = None
+        self._dir: DiskDir | None = None
         self.disk: dict[int, torch.Tensor] = {}
-        self._written: dict[int, tuple[int, int]] = {}
         self._staging: dict[int, torch.Tensor] = {}
         if ram_layers < num_layers:
-            self.disk_dir = self._prepare_dir(offload_dir)
+            self._dir = DiskDir(offload_dir, (num_layers - ram_layers) * self.layer_bytes)
+            self.disk_dir = self._dir.path
+            weakref.finalize(self, self._dir.remove)  # a store dropped before exit takes its files along
 
     # ---- placement facts ----
     def tier(self, layer: int) -> str:
@@ -86,25 +91,18 @@ class HostStore:
         return (self.num_layers - self.ram_layers) * self.layer_bytes
 
     def close(self) -> None:
-        """Unpin the RAM tier now (also done when the store is collected)."""
+        """Unpin the RAM tier and remove the disk tier's files now (also done when the store is
+        collected, and the files at exit)."""
         if self._arena is not None:
             self._arena.close()
+        self.disk.clear()
+        if self._dir is not None:
+            self._dir.remove()
 
     # ---- filling (at load) ----
     @staticmethod
-    def _prepare_dir(offload_dir) -> Path:
-        d = Path(offload_dir) if offload_dir else Path(tempfile.mkdtemp(prefix="offload-moe-"))
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            probe = d / ".write-test"
-            probe.write_bytes(b"x")
-            probe.unlink()
-        except OSError as e:
-            raise OffloadMoeError(f"offload_dir {str(d)!r} is not writable ({e.strerror})") from None
-        return d
-
-    def _file(self, layer: int) -> Path:
-        return self.disk_dir / f"layer-{layer:03d}.experts"
+    def _name(layer: int) -> str:
+        return f"layer-{layer:03d}.experts"
 
     def staging(self, layer: int) -> torch.Tensor:
         """A host buffer to assemble one disk layer in before it is written (reused across layers)."""
@@ -119,39 +117,18 @@ class HostStore:
         """After `staging(layer)` was filled: write a disk layer out and map it back."""
         if layer < self.ram_layers:
             return
-        path = self._file(layer)
-        tmp = path.with_suffix(".partial")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(self.staging(layer).numpy().tobytes())
-            os.replace(tmp, path)
-        except OSError as e:
-            raise OffloadMoeError(f"{path}: cannot write the disk tier ({e.strerror})") from None
-        st = path.stat()
-        self._written[layer] = (st.st_size, st.st_mtime_ns)
+        path = self._dir.write(self._name(layer), self.staging(layer).numpy())
         self.disk[layer] = torch.from_file(str(path), shared=False, size=self.layer_bytes,
                                            dtype=torch.uint8).view(self.num_experts, self.layout.nbytes)
 
     def finish(self) -> None:
         self._staging.clear()
-        if self.disk_dir is not None:
-            manifest = {str(k): {"size": s, "mtime_ns": m} for k, (s, m) in self._written.items()}
-            (self.disk_dir / "manifest.json").write_text(json.dumps(manifest))
 
     # ---- reading (every miss) ----
     def expert(self, layer: int, expert: int) -> torch.Tensor:
         """The flat uint8 bytes of one expert (a view: RAM or mmap)."""
         if layer < self.ram_layers:
             return self.ram[layer][expert]
-        path = self._file(layer)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise OffloadMoeError(f"{path}: disk tier file disappeared after it was written") from None
-        size, mtime = self._written[layer]
-        if st.st_size != size:
-            raise OffloadMoeError(f"{path}: disk tier file is {st.st_size:,} bytes, expected {size:,} "
-                                  "(truncated after it was written)")
-        if st.st_mtime_ns != mtime:
-            raise OffloadMoeError(f"{path}: disk tier file was modified after it was written")
-        return self.disk[layer][expert]
+        row = self.disk[layer][expert]
+        self._dir.check(self._name(layer), expert, row)
+        return row

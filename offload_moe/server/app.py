@@ -15,6 +15,7 @@ import uuid
 from ..errors import OffloadMoeError
 from ..generate import DEFAULT_SAMPLING
 from .logprobs import TokenText, chat_logprobs, completion_logprobs
+from .guard import LOOPBACK_NAMES, RequestGuard, public_message
 from .responses import JSON, ApiError, EventStream, bad, cancel_on_disconnect, sse
 from .tools import HARMONY, ToolCallParser, tool_format
 from .validation import CHAT_FIELDS, COMPLETION_FIELDS, chat_messages, check_fields, completion_prompt
@@ -26,6 +27,7 @@ INSTALL_HINT = "pip install starlette uvicorn (or pip install '.[serve]' in a cl
 MAX_BODY_BYTES = 8 * 1024 * 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the context left
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = DEFAULT_SAMPLING.temperature, DEFAULT_SAMPLING.top_p  # the library's
+INTERNAL_ERROR = "internal server error (a bug in offload-moe; the server log has the details)"
 
 
 def require(module: str):
@@ -297,29 +299,35 @@ def _listed(obj) -> list:
 
 def _failed(event: tuple) -> ApiError:
     """The answer to a worker's ("error", status, message) event."""
-    status, message = event[1], event[2]
+    status, message = event[1], public_message(event[2]) if event[1] < 500 else INTERNAL_ERROR
     return ApiError(status, message, type="invalid_request_error" if status < 500 else "server_error", code=None)
 
 
-def _endpoint(handler):
-    """Turn ApiError / OffloadMoeError / anything unexpected into an OpenAI-style JSON error."""
+def _endpoint(handler, guard: RequestGuard):
+    """Check the request's Host, Origin and type; turn ApiError / OffloadMoeError / anything
+    unexpected into an OpenAI-style JSON error (a bug: logged, answered 500 with a generic body)."""
     async def endpoint(request):
         try:
+            guard.check(request)
             return await handler(request)
         except ApiError as e:
+            e.message = public_message(e.message)
             return e.response()
         except OffloadMoeError as e:
-            return ApiError(400, str(e), code=None).response()
-        except Exception as e:
+            return ApiError(400, public_message(str(e)), code=None).response()
+        except Exception:
             log.exception("%s %s: unexpected error", request.method, request.url.path)
-            return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+            return ApiError(500, INTERNAL_ERROR, type="server_error", code=None).response()
     return endpoint
 
 
-def create_app(model, *, model_name: str, api_key: str | None = None, max_queue: int = 8):
+def create_app(model, *, model_name: str, api_key: str | None = None, max_queue: int = 8,
+               allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES, allowed_origins: tuple[str, ...] = ()):
     """The ASGI app serving `model` under `model_name`. While the app runs it owns the model: all
     generation happens on its one worker thread. `api_key`: require `Authorization: Bearer <key>`
-    (except on /health). `max_queue`: requests that may wait behind the running one (then 429)."""
+    (except on /health). `max_queue`: requests that may wait behind the running one (then 429).
+    `allowed_hosts`: the Host names requests may carry (None: any; `guard.allowed_hosts_for` gives
+    them for a bind address); `allowed_origins`: browser origins allowed besides those hosts."""
     require("starlette")
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -332,6 +340,7 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_queue:
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise OffloadMoeError("api_key is empty (expected a non-empty string, or None for no key)")
     server = _Server(model, model_name, api_key.strip() if api_key else None, max_queue)
+    guard = RequestGuard(allowed_hosts, tuple(allowed_origins))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -352,12 +361,12 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_queue:
         return error.response()
 
     routes = [
-        Route("/health", _endpoint(server.health), methods=["GET"]),
-        Route("/metrics", _endpoint(server.metrics), methods=["GET"]),
-        Route("/v1/models", _endpoint(server.models), methods=["GET"]),
-        Route("/v1/models/{name:path}", _endpoint(server.retrieve_model), methods=["GET"]),
-        Route("/v1/chat/completions", _endpoint(server.chat_completions), methods=["POST"]),
-        Route("/v1/completions", _endpoint(server.completions), methods=["POST"]),
+        Route("/health", _endpoint(server.health, guard), methods=["GET"]),
+        Route("/metrics", _endpoint(server.metrics, guard), methods=["GET"]),
+        Route("/v1/models", _endpoint(server.models, guard), methods=["GET"]),
+        Route("/v1/models/{name:path}", _endpoint(server.retrieve_model, guard), methods=["GET"]),
+        Route("/v1/chat/completions", _endpoint(server.chat_completions, guard), methods=["POST"]),
+        Route("/v1/completions", _endpoint(server.completions, guard), methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.state.server = server

@@ -101,7 +101,7 @@ class Worker:
                 event = ("cancelled",) if job.cancelled.is_set() else self._run(job)
             except BaseException as e:  # never leave a client waiting
                 log.exception("worker: unexpected error")
-                event = ("error", 500, f"internal error: {type(e).__name__}: {e}")
+                event = ("error", 500, "internal error")  # the body says no more; the log has it
             seconds = time.perf_counter() - t0
             with self.lock:
                 self.running = None

@@ -26,6 +26,8 @@ dtype. Families whose experts have no per-expert layout (gpt-oss) are refused.
 Atomicity: everything is written into `dst.parent/.{dst.name}.partial-<pid>`, every file fsynced,
 and the directory renamed to `dst` as the very last step. Any failure removes the temporary
 directory, so `dst` either does not exist or is complete. An existing `dst` is never overwritten.
+SIGTERM and SIGHUP remove the temporary directory too (`owned_paths`); one left by a run killed
+outright (SIGKILL, power loss) is removed by the next quantize to the same `dst` (its PID is dead).
 """
 
 from __future__ import annotations
@@ -34,16 +36,19 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .. import arch
+from .. import arch, owned_paths
 from ..runtime import resolve_device
 from ..checkpoint import Checkpoint
+from ..sources import open_checkpoint
 from ..errors import OffloadMoeError
 from ..quant.format import FLOAT_SETTINGS, QuantSpec, check_setting, tensor_kind
 from ..quant.groupwise import METHODS, nbytes_for
@@ -86,8 +91,8 @@ def quantize(src, dst, *, experts: str = "int3", attention: str = "int4", embedd
     compute = resolve_device(device)
     dst = Path(dst)
     _check_new(dst)
-    ckpt = Checkpoint(src)
-    if ckpt.quant is not None:
+    ckpt = open_checkpoint(src)
+    if ckpt.quant is not None and not hasattr(ckpt, "float_expert"):  # a GGUF file is dequantized
         q = ckpt.quant.settings
         raise OffloadMoeError(f"{ckpt.path}: already quantized (experts={q['experts']}, attention={q['attention']}, "
                               f"embeddings={q['embeddings']}); quantize the original checkpoint instead")
@@ -104,9 +109,11 @@ def quantize(src, dst, *, experts: str = "int3", attention: str = "int4", embedd
     try:
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
+            owned_paths.remove_stale(dst.parent, re.compile(re.escape(f".{dst.name}.partial-") + r"(?P<pid>\d+)"))
             if tmp.exists():  # left by a crashed run of a process with our pid
                 shutil.rmtree(tmp)
             tmp.mkdir()
+            owned_paths.own(tmp)  # removed on SIGTERM / SIGHUP / exit unless renamed to dst first
         except OSError as e:
             raise writer.error(e, tmp) from None
         _convert(ckpt, spec, writer, report, compute)
@@ -114,6 +121,8 @@ def quantize(src, dst, *, experts: str = "int3", attention: str = "int4", embedd
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        owned_paths.release(tmp)  # after the rename there is nothing left at tmp
     return dst
 
 
@@ -190,7 +199,8 @@ def _router_renames(ckpt: Checkpoint) -> dict[str, str]:
 def _convert(ckpt: Checkpoint, spec: QuantSpec, writer: _Writer, report: Progress, device: torch.device) -> None:
     c = ckpt.config
     dense = ckpt.expected_shapes()
-    total = sum(ckpt.tensors[name].nbytes for name in [*dense, *ckpt.expert_shapes()])
+    total = sum(t.nbytes for t in ckpt.tensors.values()) if hasattr(ckpt, "float_expert") else \
+        sum(ckpt.tensors[name].nbytes for name in [*dense, *ckpt.expert_shapes()])
     done = 0
     report("quantize", 0, total)
     shards = c.num_layers + 1
@@ -212,7 +222,7 @@ def _convert(ckpt: Checkpoint, spec: QuantSpec, writer: _Writer, report: Progres
         if layer in c.moe_layers:
             for e in range(c.num_experts):
                 names = arch.expert_names(c, c.family, layer, e)
-                matrices = ckpt.expert(layer, e)
+                matrices = getattr(ckpt, "float_expert", ckpt.expert)(layer, e)  # GGUF: floats
                 for m in EXPERT_MATRICES:
                     add(out, names[m][0], matrices.pop(m))  # each source matrix is dropped once quantized
                 del matrices
@@ -225,10 +235,16 @@ def _convert(ckpt: Checkpoint, spec: QuantSpec, writer: _Writer, report: Progres
         report("quantize", done, total)
     writer.shard(shard_name(shards, shards), out)
     writer.index()
-    raw = json.loads((ckpt.path / "config.json").read_text())
+    if hasattr(ckpt, "config_json"):  # a GGUF source: its header as config.json, its own tokenizer
+        raw = ckpt.config_json()
+        tokenizer = ckpt.tokenizer_parts()
+        for name, text in (tokenizer.files() if tokenizer else {}).items():
+            writer.text(name, text)
+    else:
+        raw = json.loads((ckpt.path / "config.json").read_text())
     raw["quantization_config"] = spec.to_config()
     writer.text("config.json", json.dumps(raw, indent=2) + "\n")
-    for file in TOKENIZER_FILES:
+    for file in TOKENIZER_FILES if ckpt.path.is_dir() else ():
         if (ckpt.path / file).is_file():
             writer.copy(ckpt.path / file)
 
@@ -281,6 +297,9 @@ class _Writer:
             _fsync(file)
         except OSError as e:
             raise self.error(e, file) from None
+        except SafetensorError as e:  # safetensors reports I/O errors as its own type
+            full = "No space left" in str(e) or "StorageFull" in str(e)
+            raise self.error(OSError(errno.ENOSPC if full else errno.EIO, str(e).splitlines()[0]), file) from None
 
     def shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         file = self.tmp / name

@@ -19,10 +19,10 @@ was decoded) and the whole workload has a budget, after which remaining settings
 Decode statistics exclude the prompt: expert counters are read after the first token, when the
 prefill is done, and again at the end.
 
-The link and compute timings are `experts/costs.py`'s (`measure_link`, `measure_throughput`), so
+The link timing is `timing.measure_copy_rate` and the compute `experts/cost_timing.py`'s, so
 the figures tune reports are the ones the hybrid CPU/GPU engine's cost model uses; `cost_model`
 turns them into that model (per width: the slot form on the device, and the CPU form the hybrid
-computes from), which the CLI saves with `costs.save_costs` so `load()` need not measure.
+computes from), which the CLI saves with `experts.cost_file.save_costs` so `load()` need not measure.
 
 The modules: `machine` (link and expert compute, the cost model), `disk` (the disk read), `search`
 (the settings tried on the model), `settings` (a setting, its row, the result, the best row),

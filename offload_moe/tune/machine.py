@@ -2,8 +2,9 @@
 expert's SwiGLU per bit width (in a device slot, and in the hybrid's CPU form), plus the disk read;
 and the hybrid engine's cost model built from those figures.
 
-The timings are `experts/costs.py`'s (`measure_link`, `measure_throughput`), so the figures tune
-reports are the ones the hybrid CPU/GPU engine's cost model uses.
+The link is `timing.measure_copy_rate` and the compute `experts/cost_timing.py`'s
+`measure_throughput`, so the figures tune reports are the ones the hybrid CPU/GPU engine's cost
+model uses.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 from ..runtime import Progress, resolve_device
 from ..cpu.kernels import cpu_form as to_cpu_form
 from ..cpu.kernels import weight_nbytes
-from ..experts.costs import CostModel, Throughput, measure_link, measure_throughput
+from ..experts.cost_timing import measure_throughput
+from ..experts.costs import CostModel, Throughput
 from ..experts.interface import ExpertWeights
 from ..quant.format import FLOAT_SETTINGS, INT_SETTINGS
 from ..quant.groupwise import QuantizedWeight
 from ..quant.pack import packed_cols
+from ..timing import measure_copy_rate
 from .disk import DISK_TEST_BYTES, measure_disk_read
 
 EXPERT_BITS = ("bf16", "int8", "int4", "int3", "int2")
@@ -30,15 +33,9 @@ FLOAT_WIDTHS = ("bf16", "fp16", "fp32")
 
 def measure_link_bandwidth(device: torch.device | str, nbytes: int, *, repeats: int = 5) -> float:
     """Bytes/s of copying one `nbytes` buffer (one expert) from host RAM into a buffer on `device`,
-    as a miss does: from pinned RAM on CUDA, a RAM → RAM memcpy on the CPU. The timing is
-    `experts.costs.measure_link` (the fastest of `repeats` copies after a warm-up)."""
-    device = torch.device(device)
-    if nbytes < 1:
-        raise ValueError(f"nbytes = {nbytes}: expected a positive buffer size")
-    source = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    source.fill_(7)  # touch every page before timing
-    target = torch.zeros(nbytes, dtype=torch.uint8, device=device)  # one slot, as a miss fills
-    return measure_link(source, target, repeats=repeats)
+    as a miss does: from pinned RAM on CUDA, a RAM → RAM memcpy on the CPU. The fastest of
+    `repeats` trials of `timing.measure_copy_rate` (the one copy-rate measurement)."""
+    return measure_copy_rate(nbytes, "cpu", torch.device(device), repeats).high
 
 
 def pick_group_size(hidden: int, intermediate: int, preferred: int = 64) -> int:
@@ -81,7 +78,7 @@ def measure_expert_throughput(device: torch.device | str, hidden: int, intermedi
                               cpu_form: bool = False, tokens: int = 8, repeats: int = 3):
     """`experts.costs.Throughput` of one expert of this shape and width: `expert_forward` at 1 and
     `tokens` tokens of `dtype` activations (float widths: their own dtype), timed by
-    `experts.costs.measure_throughput`.
+    `experts.cost_timing.measure_throughput`.
 
     cpu_form=False: the weights on `device` as an expert slot holds them, so ints go through
     `qlinear` (the fused kernel on CUDA where available, dequantize + F.linear elsewhere).
@@ -193,7 +190,7 @@ def measure_machine(device: torch.device | str, expert_shape: tuple[int, int], *
 
 def cost_model(measurements: dict, source: str = "offload-moe tune"):
     """The hybrid engine's `experts.costs.CostModel` from `measure_machine`'s figures (None when
-    there are none): save it with `experts.costs.save_costs` so `load()` need not measure."""
+    there are none): save it with `experts.cost_file.save_costs` so `load()` need not measure."""
     if not measurements or "cpu_throughput" not in measurements:
         return None
     return CostModel(link_bytes_per_second=measurements["link_bytes_per_second"],

@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 
 from ..runtime import DTYPES, Progress, demo_dir, fmt_bytes, resolve_device
-from ..checkpoint import Checkpoint
+from ..sources import open_checkpoint, open_tokenizer
 from ..errors import OffloadMoeError
 from ..experts.layout import ExpertLayout
 from ..experts.interface import ExpertWeights
 from ..loader import load
+from ..options import Placement
 from ..planner import checkpoint_float_bits, plan
 from ..profiles import Profile
-from ..text import Tokenizer
 from .disk import DISK_TEST_BYTES
 from .machine import EXPERT_BITS, cost_model, measure_machine, pick_group_size
 from .settings import TIERS, Row, Setting, TuneResult, pick_best
@@ -61,8 +61,9 @@ def _default_stages(cfg, fit: int, on_cuda: bool) -> list[list[Setting] | str]:
 def prompt_ids(ckpt) -> list[int]:
     """The fixed prompt: PROMPT_TEXT through the checkpoint's tokenizer, or without a tokenizer.json
     a fixed spread of 16 ids after BOS."""
-    if (ckpt.path / "tokenizer.json").exists():
-        return Tokenizer(ckpt.path).encode(PROMPT_TEXT)
+    tokenizer = open_tokenizer(ckpt)
+    if tokenizer is not None:
+        return tokenizer.encode(PROMPT_TEXT)
     cfg = ckpt.config
     start = [cfg.bos_token_id] if cfg.bos_token_id is not None else []
     return start + [(17 * i + 5) % cfg.vocab_size for i in range(16)]
@@ -102,7 +103,7 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
          settings: Iterable[Setting | tuple] | None = None, progress: Progress | None = None,
          offload_dir: str | Path | None = None, disk_bytes: int = DISK_TEST_BYTES,
          setting_seconds: float | None = None, time_budget: float | None = None,
-         measure: bool = True) -> TuneResult:
+         measure: bool = True, placement: Placement | None = None) -> TuneResult:
     """Measure the machine, then decode `tokens` tokens (default 32 on the CPU, 64 on CUDA) under
     each setting (default: the coordinate search in the package docstring) and pick the best.
 
@@ -111,7 +112,10 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
     for the whole run, measurements included (default 100 on the CPU, 300 on CUDA); settings left
     when it is spent are skipped (the first always runs). offload_dir: where the disk tier and the
     disk test write (default: the temp dir); everything written there is removed afterwards.
-    measure=False skips `measure_machine` (the profile header then says so)."""
+    measure=False skips `measure_machine` (the profile header then says so).
+
+    placement: what every setting loads with besides its slots, prefetch and tier (each setting is
+    `Setting.placement(placement)`, its context always the prompt plus `tokens`; default: nothing else)."""
     started = time.perf_counter()
     report = progress or (lambda what, done, total: None)
     if model_path is None:
@@ -130,7 +134,7 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
         raise OffloadMoeError(f"disk test size {disk_bytes:,} bytes: expected at least 1MiB")
     setting_seconds = setting_seconds or (20.0 if on_cuda else 8.0)
     time_budget = time_budget or (300.0 if on_cuda else 100.0)
-    ckpt = Checkpoint(model_path)
+    ckpt = open_checkpoint(model_path)
     cfg = ckpt.config
     bits = _checkpoint_bits(ckpt)
     # free VRAM now, in whole 10 MB: the profile's budget, so the slots chosen below fit it exactly
@@ -171,6 +175,7 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
     if tokens < 2:
         raise OffloadMoeError(f"tune: the prompt leaves no room to decode in {max_pos} positions")
     context = min(max_pos, len(prompt) + tokens + 1)
+    base_placement = (placement or Placement()).override(context_length=context)
     measurements = {}
     if measure:
         group = ckpt.quant.group_size if ckpt.quant is not None else 64
@@ -196,8 +201,8 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
         try:
             t0 = time.perf_counter()
             try:
-                model = load(ckpt, device=dev, profile=None, cache_slots=s.slots, prefetch=s.prefetch,
-                             offload=s.tier, offload_dir=tier_dir, context_length=context, **extra)
+                model = load(ckpt, device=dev, placement=s.placement(base_placement).override(offload_dir=tier_dir),
+                             **extra)
             except torch.cuda.OutOfMemoryError:
                 row.error = "out of device memory"
                 return row

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..errors import OffloadMoeError
+from ..options import Placement
 
 TIERS = ("ram", "disk")
 
@@ -20,6 +21,10 @@ class Setting:
 
     def __str__(self):
         return f"{self.slots} slots, prefetch {self.prefetch}, {self.tier}"
+
+    def placement(self, base: Placement) -> Placement:
+        """`base` with this setting's slots, prefetch depth and host tier."""
+        return base.override(cache_slots=self.slots, prefetch=self.prefetch, offload=self.tier)
 
 
 @dataclass

@@ -1,0 +1,137 @@
+"""GGUF metadata -> `ModelConfig`, through the same parsers as config.json.
+
+llama.cpp's converter writes `{arch}.*` keys (`gguf.Keys.LLM`) in place of config.json. We
+rebuild the config.json keys our parsers read from them, so every check and default is shared.
+Architectures, as the converter names them: Mixtral is `llama` with expert tensors; `qwen3moe`,
+`qwen2moe`, `olmoe`, `deepseek2`, `gpt-oss`. Where llama.cpp fixes a behaviour in code rather than
+in the file, so do we (e.g. qwen3moe always renormalises its top-k weights; gpt-oss alternates
+sliding and full attention from layer 0).
+"""
+
+from __future__ import annotations
+
+from ..config import ModelConfig
+from ..errors import OffloadMoeError
+from .reader import GGUFFile
+
+ARCHES = {"llama": "mixtral", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "olmoe": "olmoe",
+          "deepseek2": "deepseek_v2", "gpt-oss": "gpt_oss"}
+FLOAT_NAMES = {0: "float32", 1: "float16", 30: "bfloat16"}  # ggml F32, F16, BF16
+
+
+def model_type(f: GGUFFile) -> str:
+    arch = f.get("general.architecture")
+    if arch not in ARCHES:
+        raise OffloadMoeError(f"{f.path}: general.architecture = {arch!r} is not supported "
+                              f"(supported: {', '.join(sorted(ARCHES))})")
+    if not f.get(f"{arch}.expert_count"):
+        raise OffloadMoeError(f"{f.path}: {arch}.expert_count is missing or 0: a dense {arch} model, "
+                              "not a mixture of experts")
+    return ARCHES[arch]
+
+
+def config_from_gguf(f: GGUFFile, quantization: dict | None = None) -> ModelConfig:
+    """The model's config from the header alone (tensor shapes settle the vocabulary and tying)."""
+    raw = config_json(f)
+    if quantization is not None:
+        raw["quantization_config"] = quantization
+    return ModelConfig.from_dict(raw, source=str(f.path))
+
+
+def config_json(f: GGUFFile) -> dict:
+    """The config.json (transformers' keys) our parsers read, rebuilt from the header."""
+    mt = model_type(f)
+    arch = f.get("general.architecture")
+
+    def key(name, default=...):
+        full = f"{arch}.{name}"
+        if full not in f.fields:
+            if default is ...:
+                raise OffloadMoeError(f"{f.path}: metadata key {full!r} is missing")
+            return default
+        return f.fields[full]
+
+    embd = f.tensors.get("token_embd.weight")
+    if embd is None:
+        raise OffloadMoeError(f"{f.path}: tensor 'token_embd.weight' is missing")
+    heads = key("attention.head_count")
+    if isinstance(heads, list):
+        heads = heads[0]
+    kv = key("attention.head_count_kv", heads)
+    kv = kv[0] if isinstance(kv, list) else kv
+    hidden = key("embedding_length")
+    eos = f.get("tokenizer.ggml.eos_token_id")
+    raw = {
+        "model_type": mt,
+        "vocab_size": embd.shape[0],
+        "hidden_size": hidden,
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": key("attention.key_length", hidden // heads if heads else None),
+        "max_position_embeddings": key("context_length", 4096),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": key("rope.freq_base", 10000.0),
+        "tie_word_embeddings": "output.weight" not in f.tensors,
+        "bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos,
+        "torch_dtype": FLOAT_NAMES.get(embd.type, "float16"),
+        "num_experts_per_tok": key("expert_used_count"),
+    }
+    experts = key("expert_count")
+    expert_ff = key("expert_feed_forward_length", None)
+    ff = key("feed_forward_length", None)
+    window = key("attention.sliding_window", None)
+    if mt == "mixtral":
+        raw |= {"num_local_experts": experts, "intermediate_size": expert_ff or ff, "sliding_window": window,
+                "head_dim": key("rope.dimension_count", raw["head_dim"])}
+    elif mt in ("qwen3_moe", "qwen2_moe"):
+        raw |= {"num_experts": experts, "moe_intermediate_size": expert_ff, "intermediate_size": ff or expert_ff,
+                "norm_topk_prob": bool(key("expert_weights_norm", mt == "qwen3_moe")),
+                "attention_bias": False,
+                "mlp_only_layers": [i for i in range(raw["num_hidden_layers"])  # dense: no router tensor
+                                    if f"blk.{i}.ffn_gate_inp.weight" not in f.tensors]}
+        if mt == "qwen2_moe":
+            raw["shared_expert_intermediate_size"] = key("expert_shared_feed_forward_length", 0)
+            raw["qkv_bias"] = "blk.0.attn_q.bias" in f.tensors
+        else:
+            raw["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
+    elif mt == "olmoe":
+        raw |= {"num_experts": experts, "intermediate_size": expert_ff or ff, "norm_topk_prob": False,
+                "attention_bias": "blk.0.attn_q.bias" in f.tensors, "clip_qkv": key("attention.clamp_kqv", None)}
+    elif mt == "gpt_oss":
+        layers = raw["num_hidden_layers"]
+        raw |= {"num_local_experts": experts, "intermediate_size": expert_ff or ff, "sliding_window": window,
+                "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                "attention_bias": "blk.0.attn_q.bias" in f.tensors}
+    elif mt == "deepseek_v2":
+        rope = key("rope.dimension_count")
+        kv_rank = key("attention.kv_lora_rank")
+        k_mla, v_mla = key("attention.key_length_mla", None), key("attention.value_length_mla", None)
+        if k_mla is None:  # older converters: key/value_length are the per-head sizes
+            k_mla, v_mla = key("attention.key_length"), key("attention.value_length")
+        groups = key("expert_group_count", 1) or 1
+        raw |= {"n_routed_experts": experts, "moe_intermediate_size": expert_ff, "intermediate_size": ff or expert_ff,
+                "kv_lora_rank": kv_rank, "q_lora_rank": key("attention.q_lora_rank", None) or None,
+                "qk_rope_head_dim": rope, "qk_nope_head_dim": k_mla - rope, "v_head_dim": v_mla,
+                "head_dim": None, "num_key_value_heads": heads,
+                "first_k_dense_replace": key("leading_dense_block_count", 0),
+                "n_shared_experts": key("expert_shared_count", 0),
+                "routed_scaling_factor": key("expert_weights_scale", 1.0) or 1.0,
+                "norm_topk_prob": bool(key("expert_weights_norm", False)),
+                "topk_method": "group_limited_greedy" if groups > 1 else "greedy",
+                "n_group": groups, "topk_group": key("expert_group_used_count", 1) or 1}
+        if key("expert_gating_func", 1) not in (0, 1):  # 1: softmax (V2); 2: sigmoid (V3)
+            raw["scoring_func"] = "sigmoid"
+    scaling = key("rope.scaling.type", None)
+    if scaling == "yarn":
+        log_mul = key("rope.scaling.yarn_log_multiplier", 0.0)
+        raw["rope_scaling"] = {
+            "rope_type": "yarn", "factor": key("rope.scaling.factor"),
+            "original_max_position_embeddings": key("rope.scaling.original_context_length"),
+            "beta_fast": key("rope.scaling.yarn_beta_fast", 32.0), "beta_slow": key("rope.scaling.yarn_beta_slow", 1.0),
+            "mscale": log_mul / 0.1 if log_mul else None, "mscale_all_dim": log_mul / 0.1 if log_mul else None}
+    elif scaling not in (None, "none"):
+        raise OffloadMoeError(f"{f.path}: {arch}.rope.scaling.type = {scaling!r} is not supported "
+                              "(supported: none, yarn)")
+    return {k: v for k, v in raw.items() if v is not None}

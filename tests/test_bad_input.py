@@ -1,0 +1,538 @@
+"""The bad-input table: every bad input we know of, one row each, and what it must get.
+
+Command lines, the Python API and the server. A command line must exit non-zero with exactly one
+error line on stderr, `offload-moe: error: ...` (the last line; chat prints a summary of the model
+it loaded before it renders a template), naming the file, key or value (the row's `needles`), and
+no traceback, hang or memory blow-up (all command-line rows run in one subprocess, `bad_input_runner`,
+with an address-space cap and a per-case alarm). An API call must raise `OffloadMoeError` with a
+one-line message holding the needles. A server request must get the row's 4xx, with the needles
+in the message and no absolute path.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import offload_moe
+from offload_moe import OffloadMoeError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "offload_moe" / "demo"
+PROMPT = "ROMEO. What light"
+
+
+# ---------------------------------------------------------------- building broken inputs
+
+
+def safetensors_bytes(header, data: bytes = b"") -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def demo_copy(root: Path, name: str, *, weights: str = "link") -> Path:
+    """A copy of the demo checkpoint whose files are symlinks (cheap) unless replaced."""
+    d = root / name
+    d.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO / f, d / f)
+    if weights == "link":
+        (d / "model.safetensors").symlink_to(DEMO / "model.safetensors")
+    return d
+
+
+def edit_json(file: Path, **changes):
+    raw = json.loads(file.read_text())
+    raw.update(changes)
+    file.write_text(json.dumps(raw))
+
+
+def with_header(root, name, header, data=b""):
+    d = demo_copy(root, name, weights="none")
+    (d / "model.safetensors").write_bytes(safetensors_bytes(header, data))
+    return d
+
+
+def sharded(root, name, weight_map_text: str | bytes):
+    d = demo_copy(root, name, weights="none")
+    (d / "model-00001-of-00001.safetensors").symlink_to(DEMO / "model.safetensors")
+    data = weight_map_text if isinstance(weight_map_text, bytes) else weight_map_text.encode()
+    (d / "model.safetensors.index.json").write_bytes(data)
+    return d
+
+
+def poisoned(root, name, value: float, tensor="model.layers.2.self_attn.o_proj.weight"):
+    d = demo_copy(root, name, weights="none")
+    weights = load_file(DEMO / "model.safetensors")
+    weights[tensor][3, 5] = value
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def with_template(root, name, template):
+    d = demo_copy(root, name)
+    edit_json(d / "tokenizer_config.json", chat_template=template)
+    return d
+
+
+def one_weight_map(name: str) -> str:
+    return json.dumps({"weight_map": {"model.embed_tokens.weight": name}})
+
+
+F32_8 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+
+# ---------------------------------------------------------------- the command-line rows
+# (id, builder(root) -> argv (with "{d}" for the built directory) and stdin, needles)
+
+def cli_rows(root: Path, tiny: Path):
+    def header(name, h, data=b"\0" * 16):
+        return lambda: (["info", str(with_header(root, name, h, data))], "")
+
+    def config(name, **changes):
+        def build():
+            d = demo_copy(root, name)
+            edit_json(d / "config.json", **changes)
+            return ["info", str(d)], ""
+        return build
+
+    def gen(*args, model=None, stdin=""):
+        return lambda: (["generate", *args, "--max-new-tokens", "4", "--device", "cpu",
+                         *(["--model", str(model() if callable(model) else model)] if model else [])], stdin)
+
+    def chat_with(name, template):
+        return lambda: (["chat", "--model", str(with_template(root, name, template)), "--max-new-tokens", "2",
+                         "--temperature", "0", "--device", "cpu"], "Speak.\n")
+
+    def special(kind):
+        def build():
+            d = demo_copy(root, f"special-{kind}", weights="none" if kind.startswith("shard") else "link")
+            target = d / ("model.safetensors" if kind.startswith("shard") else "config.json")
+            if target.exists():
+                target.unlink()
+            if kind.endswith("dir"):
+                target.mkdir()
+            else:
+                os.mkfifo(target)
+            return ["info", str(d)], ""
+        return build
+
+    def tokenizer_bigger_than_model():
+        d = root / "tiny-with-demo-tokenizer"
+        shutil.copytree(tiny, d)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(DEMO / f, d / f)
+        return d
+
+    def non_utf8_tokenizer_config():
+        d = demo_copy(root, "tokcfg-latin1")
+        (d / "tokenizer_config.json").write_bytes(b'{"bos_token": "\xe9"}')
+        return d
+
+    def big_profile():
+        f = root / "huge.toml"
+        f.write_text((ROOT / "profiles" / "cpu.toml").read_text().replace("context_length = 4096",
+                                                                          "context_length = " + "9" * 400))
+        return ["plan", str(DEMO), "--profile", str(f)], ""
+
+    def bench_json_exists():
+        out = root / "bench-existing.json"
+        out.write_text("mine\n")
+        return ["bench", "--json", str(out), "--tokens", "4", "--device", "cpu"], ""
+
+    def empty_file():
+        (root / "empty-key").write_text("\n")
+        return root / "empty-key"
+
+    deep = b'{"a": ' + b'[' * 100000 + b']' * 100000 + b'}'
+    return [
+        # ---- point 4: safetensors headers of the wrong shape
+        ("header is a list", header("h-list", []), ["model.safetensors", "JSON list"]),
+        ("header entry is an int", header("h-int", {"a": 5}), ["model.safetensors", "'a'", "int"]),
+        ("data_offsets missing", header("h-nooff", {"a": {"dtype": "F32", "shape": [2]}}),
+         ["model.safetensors", "'a'", "data_offsets"]),
+        ("data_offsets a string", header("h-stroff", {"a": {"dtype": "F32", "shape": [2], "data_offsets": "0,8"}}),
+         ["model.safetensors", "data_offsets '0,8'"]),
+        ("header nested 100000 deep", lambda: (["info", str(with_header(root, "h-deep", deep))], ""),
+         ["model.safetensors", "not UTF-8 JSON"]),
+        ("header not UTF-8", lambda: (["info", str(with_header(root, "h-latin1", b'{"\xe9": 1}'))], ""),
+         ["model.safetensors", "not UTF-8 JSON"]),
+        ("offsets overlap", header("h-overlap", {"a": F32_8, "b": {**F32_8, "data_offsets": [4, 12]}}),
+         ["model.safetensors", "'b'", "overlapping"]),
+        ("offsets reversed", header("h-reversed", {"a": {**F32_8, "data_offsets": [8, 0]}}),
+         ["model.safetensors", "'a'", "[8, 0]"]),
+        ("offsets negative", header("h-negative", {"a": {**F32_8, "data_offsets": [-8, 0]}}),
+         ["model.safetensors", "'a'", "[-8, 0]"]),
+        ("dtype disagrees with byte length", header("h-dtype", {"a": {"dtype": "F32", "shape": [4],
+                                                                      "data_offsets": [0, 8]}}),
+         ["model.safetensors", "'a'", "needs 16"]),
+        ("unknown dtype", header("h-unknown", {"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}),
+         ["model.safetensors", "'Q4'"]),
+        ("bytes after the last tensor", header("h-trailing", {"a": F32_8}, b"\0" * 12),
+         ["model.safetensors", "after the last tensor"]),
+        # ---- point 4: the wrong kind of file
+        ("shard is a directory", special("shard-dir"), ["model.safetensors", "a directory"]),
+        ("shard is a FIFO", special("shard-fifo"), ["model.safetensors", "not a regular file"]),
+        ("config.json is a directory", special("config-dir"), ["config.json", "a directory"]),
+        ("config.json is a FIFO", special("config-fifo"), ["config.json", "not a regular file"]),
+        ("index not UTF-8", lambda: (["info", str(sharded(root, "idx-latin1", b'{"weight_map": {"\xe9": 1}}'))], ""),
+         ["model.safetensors.index.json", "UTF-8"]),
+        ("weight_map a list", lambda: (["info", str(sharded(root, "idx-list", '{"weight_map": ["a"]}'))], ""),
+         ["model.safetensors.index.json", "weight_map"]),
+        ("weight_map value not a string", lambda: (["info", str(sharded(root, "idx-int",
+                                                                          '{"weight_map": {"a": 3}}'))], ""),
+         ["model.safetensors.index.json", "weight_map['a'] = 3"]),
+        # ---- point 7: shard names outside the checkpoint
+        ("absolute shard name", lambda: (["info", str(sharded(root, "idx-abs", one_weight_map("/etc/passwd")))], ""),
+         ["model.safetensors.index.json", "'/etc/passwd'", "plain file name"]),
+        ("../ shard name", lambda: (["info", str(sharded(root, "idx-up", one_weight_map("../model.safetensors")))],
+                                    ""),
+         ["model.safetensors.index.json", "'../model.safetensors'", "plain file name"]),
+        # ---- point 2: config values that would size loops and tables
+        ("num_hidden_layers 10**9", config("c-layers", num_hidden_layers=10**9),
+         ["config.json", "num_hidden_layers", "1000000000"]),
+        ("num_hidden_layers more than present", config("c-layers8", num_hidden_layers=8),
+         ["config.json", "num_hidden_layers = 8", "4 layers"]),
+        ("num_local_experts 10**8", config("c-experts", num_local_experts=10**8),
+         ["config.json", "num_local_experts", "100000000"]),
+        ("num_local_experts more than present", config("c-experts16", num_local_experts=16),
+         ["config.json", "16 experts", "have 8"]),
+        # ---- point 3: non-finite config floats
+        ("rms_norm_eps NaN", config("c-eps", rms_norm_eps=math.nan), ["config.json", "rms_norm_eps", "nan"]),
+        ("rope_theta NaN", config("c-theta", rope_theta=math.nan), ["config.json", "rope_theta", "nan"]),
+        ("rope_theta Infinity", config("c-theta-inf", rope_theta=math.inf), ["config.json", "rope_theta", "inf"]),
+        # ---- point 2: sizes before memory
+        ("--context-length 1000000", gen(PROMPT, "--context-length", "1000000"),
+         ["context_length = 1000000", "max_position_embeddings = 256", "--force-context"]),
+        ("--context-length 100000000 --force-context", gen(PROMPT, "--context-length", "100000000",
+                                                           "--force-context"),
+         ["context_length = 100000000", "KV cache"]),
+        ("chat template 'x' * 10**9", chat_with("t-huge", "{{ 'x' * 1000000000 }}"),
+         ["tokenizer_config.json", "chat_template output exceeds"]),
+        # ---- point 3: NaN and Inf weights
+        ("NaN weight, greedy", gen(PROMPT, "--temperature", "0", model=lambda: poisoned(root, "w-nan", math.nan)),
+         ["layer 2", "model.layers.2.self_attn.o_proj.weight"]),
+        ("NaN weight, sampling", gen(PROMPT, "--temperature", "0.8", "--seed", "1",
+                                     model=lambda: poisoned(root, "w-nan2", math.nan)),
+         ["layer 2", "model.layers.2.self_attn.o_proj.weight"]),
+        ("Inf weight", gen(PROMPT, "--temperature", "0",
+                           model=lambda: poisoned(root, "w-inf", math.inf, "model.layers.1.self_attn.q_proj.weight")),
+         ["layer 1", "model.layers.1.self_attn"]),
+        # ---- point 4: tokenizer and templates
+        ("tokenizer ids beyond the vocabulary", gen(PROMPT, model=tokenizer_bigger_than_model),
+         ["tokenizer.json", "outside the model's vocabulary of 96"]),
+        ("tokenizer_config not UTF-8", gen(PROMPT, model=non_utf8_tokenizer_config),
+         ["tokenizer_config.json", "UTF-8"]),
+        ("template does not parse", chat_with("t-syntax", "{% for %}"), ["tokenizer_config.json", "does not parse"]),
+        ("template undefined variable", chat_with("t-undef", "{{ nothing.here }}"),
+         ["tokenizer_config.json", "'nothing' is undefined"]),
+        ("template escapes the sandbox", chat_with("t-sandbox", "{{ messages.__class__.__mro__ }}"),
+         ["tokenizer_config.json", "unsafe"]),
+        # ---- point 4: arguments
+        ("--temperature nan", gen(PROMPT, "--temperature", "nan"), ["temperature = nan"]),
+        ("--top-p inf", gen(PROMPT, "--top-p", "inf"), ["top_p = inf"]),
+        ("--seed 10**30", gen(PROMPT, "--seed", str(10**30)), ["seed = 1000000000000000000000000000000"]),
+        ("prompt on stdin not UTF-8", gen("-", stdin="ROMEO\xff\xfe"), ["stdin", "byte 5", "UTF-8"]),
+        ("400-digit number in a profile", big_profile, ["context_length", "huge.toml"]),
+        # ---- point 6: the server's key
+        ("--api-key-file missing", lambda: (["serve", "--api-key-file", str(root / "no-such-key"), "--port", "0"], ""),
+         ["no-such-key", "API key file not found"]),
+        ("--api-key-file empty", lambda: (["serve", "--api-key-file", str(empty_file()), "--port", "0"], ""),
+         ["empty-key", "empty"]),
+        # ---- point 5: overwrites
+        ("bench --json onto an existing file", bench_json_exists, ["bench-existing.json", "already exists", "--force"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("bad-input")
+    rows = cli_rows(root, Path(tiny_checkpoint[0]))
+    cases = []
+    for _, build, _ in rows:
+        argv, stdin = build()
+        cases.append({"argv": argv, "stdin": stdin})
+    # CPU only: the runner caps its address space, which CUDA's initialisation would exceed
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(root), "NO_COLOR": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "bad_input_runner.py")],
+                          input=json.dumps(cases), capture_output=True, text=True, env=env, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {row[0]: (case, result) for row, case, result in zip(rows, cases, json.loads(done.stdout))}
+
+
+CLI_IDS = [row[0] for row in cli_rows(Path("/nonexistent"), Path("/nonexistent"))]
+NEEDLES = {row[0]: row[2] for row in cli_rows(Path("/nonexistent"), Path("/nonexistent"))}
+
+
+@pytest.mark.parametrize("case", CLI_IDS)
+def test_command_line(cli_results, case):
+    argv, result = cli_results[case]
+    assert result["escaped"] is None, f"{argv}: escaped main(): {result['escaped']}"
+    assert result["rc"] not in (0, -1), f"{argv}: exit status {result['rc']}"
+    lines = [line for line in result["stderr"].splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    # one error line, the last thing said (chat may have printed its one-line summary of the model before)
+    assert len(errors) == 1 and lines[-1] == errors[0] and errors[0].startswith("offload-moe: error: "), \
+        result["stderr"]
+    assert "Traceback" not in result["stderr"]
+    for needle in NEEDLES[case]:
+        assert needle in errors[0], f"{needle!r} not in: {errors[0]}"
+
+
+# ---------------------------------------------------------------- the Python API rows
+
+
+def raises_one_line(call, *needles):
+    with pytest.raises(OffloadMoeError) as e:
+        call()
+    message = str(e.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    return offload_moe.load(device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, needles", [
+    (dict(stop=""), ["stop = ''", "empty stop string"]),
+    (dict(stop=["ok", ""]), ["stop = ''"]),
+    (dict(stop=[3]), ["stop = [3]"]),
+    (dict(temperature=math.nan), ["temperature = nan"]),
+    (dict(temperature=math.inf), ["temperature = inf"]),
+    (dict(top_p=math.nan), ["top_p = nan"]),
+    (dict(seed=10**30), ["seed = 1000000000000000000000000000000"]),
+    (dict(seed=True), ["seed = True"]),
+    (dict(max_new_tokens=1.5), ["max_new_tokens = 1.5"]),
+], ids=["stop empty", "stop list with empty", "stop not a string", "temperature NaN", "temperature Inf",
+        "top_p NaN", "seed 10**30", "seed bool", "max_new_tokens float"])
+def test_generation_arguments(demo_model, kwargs, needles):
+    raises_one_line(lambda: demo_model.generate(PROMPT, **kwargs), *needles)
+
+
+@pytest.mark.parametrize("template", [
+    "{{ 'x' * 1000000000 }}",
+    "{{ 2 ** 100000000 }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+    "{{ 'x'.ljust(10000000000) }}",
+    "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxxxx{% endfor %}{% endfor %}",
+], ids=["repeat", "power", "concat doubling", "plus doubling", "ljust", "nested loops"])
+def test_runaway_chat_templates(tmp_path, template):
+    from offload_moe.text import Tokenizer
+
+    d = with_template(tmp_path, "t", template)
+    raises_one_line(lambda: Tokenizer(d).render_chat([{"role": "user", "content": "hi"}]),
+                    "tokenizer_config.json", "chat_template output exceeds")
+
+
+def test_lone_surrogate_prompt(demo_model):
+    raises_one_line(lambda: demo_model.generate("a\ud800b"), "lone surrogate", "character 1")
+
+
+def test_save_refuses_to_overwrite(demo_model, tmp_path):
+    from offload_moe.chat_session import ChatSession
+
+    existing = tmp_path / "mine.json"
+    existing.write_text("mine\n")
+    session = ChatSession(demo_model)
+    raises_one_line(lambda: session.save(existing), "mine.json", "already exists", "--force")
+    assert existing.read_text() == "mine\n"
+    session.save(existing, force=True)
+    assert json.loads(existing.read_text())["format"].startswith("offload-moe-chat-transcript")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "truncate_and_regrow_same_mtime"])
+def test_disk_tier_file_damaged_while_running(tiny_checkpoint, tmp_path, damage):
+    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="disk", offload_dir=tmp_path)
+    victim = Path(model.settings.offload_dir) / "layer-002.experts"
+    st = victim.stat()
+    with open(victim, "r+b") as f:
+        f.truncate(st.st_size // 3)
+        if damage != "truncate":
+            f.truncate(st.st_size)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    raises_one_line(lambda: model.generate([1, 5, 9, 12], max_new_tokens=8, temperature=0),
+                    "layer-002.experts", "truncated" if damage == "truncate" else "changed after it was written")
+
+
+def test_disk_tier_full_disk(tiny_checkpoint, tmp_path, monkeypatch):
+    from offload_moe.experts import disk_dir
+
+    real_write, written = os.write, []
+
+    def write(fd, data):  # the second layer file meets a full disk
+        written.append(fd)
+        if len(written) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(disk_dir.os, "write", write)
+    message = raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1,
+                                                       offload="disk", offload_dir=tmp_path),
+                              "disk full", "needs")
+    assert "MB" in message or "GB" in message
+    assert list(tmp_path.iterdir()) == []  # nothing of ours left, partial or whole
+
+
+def test_disk_tier_not_enough_free_space(tiny_checkpoint, tmp_path, monkeypatch):
+    from offload_moe.experts import disk_dir
+
+    monkeypatch.setattr(disk_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="disk",
+                                             offload_dir=tmp_path), "needs", "only 0.00 MB is free")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ram_tier_larger_than_available_ram(tiny_checkpoint, monkeypatch):
+    import offload_moe.runtime
+
+    monkeypatch.setattr(offload_moe.runtime, "available_ram", lambda: 100_000)  # above the KV cache, below the RAM tier
+    raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="ram"),
+                    "RAM tier", "only 0.1 MB is available", "--ram-budget")
+
+
+def test_quantize_full_disk(tiny_checkpoint, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from offload_moe.tools import convert
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(convert, "save_file", full)
+    raises_one_line(lambda: convert.quantize(tiny_checkpoint[0], tmp_path / "q", experts="int4", attention="bf16",
+                                             group_size=16, device="cpu"),
+                    "no space left on device", "nothing was written")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the server rows
+
+def needs_server_extra():
+    pytest.importorskip("starlette")
+    pytest.importorskip("uvicorn")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """A server on the demo model, one on a copy with a NaN weight, one with a broken template."""
+    needs_server_extra()
+    from serve_fixtures import running_server
+
+    from offload_moe.server import create_app
+
+    root = tmp_path_factory.mktemp("bad-input-server")
+    bad_template = with_template(root, "t-undef", "{{ nothing.here }}")
+    with running_server(create_app(offload_moe.load(device="cpu"), model_name="demo")) as good, \
+            running_server(create_app(offload_moe.load(poisoned(root, "w-nan", math.nan), device="cpu"),
+                                      model_name="nan")) as nan, \
+            running_server(create_app(offload_moe.load(bad_template, device="cpu"), model_name="tpl")) as tpl:
+        yield {"demo": good, "nan": nan, "tpl": tpl}
+
+
+def post(base, path, body, headers=None):
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    raw = r.read()
+    conn.close()
+    return r.status, json.loads(raw)
+
+
+CHAT = {"model": "any", "messages": [{"role": "user", "content": "Speak."}], "max_tokens": 4}
+COMPLETION = {"model": "any", "prompt": PROMPT, "max_tokens": 4}
+
+
+@pytest.mark.parametrize("server, path, body, headers, status, needles", [
+    ("demo", "/v1/completions", b'{"model": "any", "prompt": "a\\ud800b", "max_tokens": 4}', None, 400,
+     ["lone surrogate"]),
+    ("demo", "/v1/completions", {**COMPLETION, "stop": ""}, None, 400, ["stop"]),
+    ("demo", "/v1/completions", b'{"model": "any", "prompt": "a", "temperature": NaN}', None, 400,
+     ["temperature"]),
+    ("demo", "/v1/completions", json.dumps(COMPLETION).encode(), {"Content-Type": "text/plain"}, 415,
+     ["Content-Type", "application/json"]),
+    ("demo", "/v1/completions", COMPLETION, {"Origin": "http://evil.example"}, 403, ["http://evil.example"]),
+    ("demo", "/v1/completions", COMPLETION, {"Host": "evil.example:8000"}, 421, ["evil.example"]),
+    ("nan", "/v1/completions", {**COMPLETION, "temperature": 0}, None, 400, ["non-finite", "layer 2"]),
+    ("nan", "/v1/chat/completions", {**CHAT, "temperature": 0.8}, None, 400, ["non-finite", "layer 2"]),
+    ("tpl", "/v1/chat/completions", CHAT, None, 400, ["tokenizer_config.json", "'nothing' is undefined"]),
+], ids=["lone surrogate", "empty stop", "temperature NaN", "text/plain body", "foreign Origin", "foreign Host",
+        "NaN weights", "NaN weights, chat, sampling", "template error names no absolute path"])
+def test_server(servers, server, path, body, headers, status, needles):
+    got, reply = post(servers[server], path, body, headers)
+    message = reply["error"]["message"]
+    assert got == status, reply
+    assert "\n" not in message and "/" + "tmp" not in message and str(ROOT) not in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+
+def test_server_accepts_its_own_and_allowed_origins(checkpoint_for_origins):
+    needs_server_extra()
+    from serve_fixtures import running_server
+
+    from offload_moe.server import create_app
+
+    app = create_app(checkpoint_for_origins, model_name="demo", allowed_origins=("https://app.example",))
+    with running_server(app) as base:
+        port = base.rsplit(":", 1)[1]
+        for origin in (base, f"http://localhost:{port}", "https://app.example"):
+            status, reply = post(base, "/v1/completions", {**COMPLETION, "max_tokens": 1}, {"Origin": origin})
+            assert status == 200, (origin, reply)
+        status, _ = post(base, "/v1/completions", COMPLETION, {"Origin": "https://app.example.evil"})
+        assert status == 403
+
+
+@pytest.fixture(scope="module")
+def checkpoint_for_origins():
+    return offload_moe.load(device="cpu")
+
+
+def test_server_bug_is_a_generic_500(checkpoint_for_origins, monkeypatch):
+    needs_server_extra()
+    from serve_fixtures import running_server
+
+    from offload_moe.server import app as server_app
+    from offload_moe.server import create_app
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"secret detail at {ROOT}")
+
+    monkeypatch.setattr(server_app, "completion_prompt", broken)
+    with running_server(create_app(checkpoint_for_origins, model_name="demo")) as base:
+        status, reply = post(base, "/v1/completions", COMPLETION)
+    assert status == 500
+    assert "secret" not in reply["error"]["message"] and "internal server error" in reply["error"]["message"]
+
+
+def test_force_context_warns_and_runs(capsys):
+    from offload_moe.cli.main import main
+
+    assert main(["generate", PROMPT, "--context-length", "300", "--force-context", "--max-new-tokens", "2",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "offload-moe: warning: context_length = 300 exceeds the model's max_position_embeddings = 256" in err
+    model = offload_moe.load(device="cpu", context_length=300, force_context=True)
+    assert model.context_length == 300 and "--force-context" in model.settings.warning
