@@ -19,6 +19,7 @@ from .generate import DecodeTiming, Sampling, decode_tokens
 from .generation_config import GenerationDefaults
 from .model import Transformer
 from .model_settings import ModelSettings
+from .penalties import LogprobRecord
 from .text import StreamDecoder, Tokenizer
 from .validate import check_sampling
 
@@ -28,6 +29,13 @@ class Generation:
     token_ids: list[int]
     finish_reason: str            # "stop" (EOS or a stop string), "length", or "cancelled" (should_stop)
     stats: dict = field(default_factory=dict)
+    logprobs: list[dict] | None = None   # with logprobs=N: one entry per token id (see penalties.LogprobRecord)
+
+    @property
+    def context_full(self) -> bool:
+        """True when the generation stopped because the context was full (not at max_new_tokens)."""
+        g = self.stats.get("generation", {})
+        return self.finish_reason == "length" and g.get("context_full", False)
 
 
 class Model:
@@ -103,16 +111,25 @@ class Model:
         if bad:
             raise OffloadMoeError(f"token id {bad[0]!r} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
+    def start(self, prompt: str | list[int], **kwargs) -> GenerationRun:
+        """A generation, checked but not yet run (the keyword arguments of `generate`): iterate it for
+        text pieces; its `.result`, `.token_ids` and `.logprobs` fill in as it goes."""
+        return GenerationRun(self, prompt, **kwargs)
+
     def stream(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
         """Yield the generated text piece by piece (each piece valid UTF-8)."""
-        run = GenerationRun(self, prompt, **kwargs)
+        run = self.start(prompt, **kwargs)
         yield from run
         self.last_result = run.result
 
     def generate(self, prompt: str | list[int], **kwargs) -> Generation:
         """Generate a completion. Keyword arguments: max_new_tokens=256, temperature, top_p, top_k
-        (default: the checkpoint's generation_config.json, else 0.7, 0.95, 0), seed=None, stop=None (a
-        string or list of strings), ignore_eos=False, should_stop=None (a callable checked between tokens).
+        (default: the checkpoint's generation_config.json, else 0.7, 0.95, 0), min_p=0.0,
+        repetition_penalty=1.0 (transformers' definition), presence_penalty=0.0,
+        frequency_penalty=0.0 (OpenAI's), seed=None, stop=None (a string or list of strings),
+        ignore_eos=False, should_stop=None (a callable checked between tokens), logprobs=None (N:
+        record each token's log-probability and the N most likely), generator=None (a
+        torch.Generator to draw from instead of seeding one), skip_special_tokens=True.
         temperature=0 is greedy."""
         run = GenerationRun(self, prompt, **kwargs)
         for _ in run:
@@ -123,10 +140,11 @@ class Model:
         """Reply to a conversation rendered through the checkpoint's chat template."""
         return self.generate(self.chat_ids(messages), **kwargs)
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids of a conversation, as transformers' apply_chat_template(messages, tools=tools)."""
         if self.tokenizer is None:
             raise OffloadMoeError(f"{self.path}: no tokenizer.json, so chat is not available")
-        text = self.tokenizer.render_chat(messages, add_generation_prompt=True)
+        text = self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools)
         return self._check_encoded(self.tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -136,30 +154,43 @@ class GenerationRun:
     def __init__(self, model: Model, prompt, *, max_new_tokens: int = 256, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                  stop: str | list[str] | None = None, ignore_eos: bool = False,
-                 should_stop: Callable[[], bool] | None = None):
+                 should_stop: Callable[[], bool] | None = None, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 logprobs: int | None = None, generator: torch.Generator | None = None,
+                 skip_special_tokens: bool = True):
         temperature, top_p, top_k = model.generation.sampling(temperature, top_p, top_k)  # None: the model's
         check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        check_penalties(min_p, repetition_penalty, presence_penalty, frequency_penalty)
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= 20):
+            raise OffloadMoeError(f"logprobs = {logprobs!r}, expected None or an integer from 0 to 20")
         self.model = model
         self.ids = model.encode_prompt(prompt)
         if len(self.ids) >= model.context_length:
             raise OffloadMoeError(f"prompt: {len(self.ids)} tokens leave no room in the context of "
                                   f"{model.context_length} tokens")
         self.max_new_tokens = max_new_tokens
-        self.sampling = Sampling(temperature, top_p, top_k, seed)
+        self.sampling = Sampling(temperature, top_p, top_k, seed, min_p, repetition_penalty, presence_penalty,
+                                 frequency_penalty)
+        self.generator = generator
+        self.logprobs = LogprobRecord(logprobs) if logprobs is not None else None
+        self.skip_special_tokens = skip_special_tokens
         self.ignore_eos = ignore_eos  # benchmarks and parity tests want a fixed number of tokens
         self.should_stop = should_stop  # checked between tokens: a server cancels a departed client
         self.stops = [stop] if isinstance(stop, str) else list(stop or [])
         self.result: Generation | None = None
+        self.token_ids: list[int] = []
 
     def __iter__(self) -> Iterator[str]:
         m = self.model
         timing = DecodeTiming()
         m.last_timing = timing
-        decoder = StreamDecoder(m.tokenizer) if m.tokenizer else None
-        out_ids: list[int] = []
+        decoder = StreamDecoder(m.tokenizer, self.skip_special_tokens) if m.tokenizer else None
+        out_ids = self.token_ids = []   # generated ids (EOS excluded), visible while iterating
         text, emitted = "", 0      # text so far; how much of it was yielded
         finish = "length"
-        for token_id in decode_tokens(m.transformer, self.ids, self.max_new_tokens, self.sampling, timing):
+        for token_id in decode_tokens(m.transformer, self.ids, self.max_new_tokens, self.sampling, timing,
+                                      generator=self.generator, logprobs=self.logprobs):
             if token_id in m.eos_ids and not self.ignore_eos:
                 finish = "stop"
                 break
@@ -186,7 +217,22 @@ class GenerationRun:
             text, finish = (text[:cut], "stop") if cut is not None else (text, finish)
         if len(text) > emitted:
             yield text[emitted:]
-        self.result = Generation(text, out_ids, finish, m.stats)
+        stats = m.stats
+        stats["generation"]["context_full"] = len(self.ids) + len(out_ids) >= m.context_length
+        entries = self.logprobs.entries[:len(out_ids)] if self.logprobs is not None else None
+        self.result = Generation(text, out_ids, finish, stats, entries)
+
+
+def check_penalties(min_p, repetition_penalty, presence_penalty, frequency_penalty) -> None:
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not (number(min_p) and 0 <= min_p <= 1):
+        raise OffloadMoeError(f"min_p = {min_p!r}, expected a number from 0 to 1")
+    if not (number(repetition_penalty) and repetition_penalty > 0):
+        raise OffloadMoeError(f"repetition_penalty = {repetition_penalty!r}, expected a number > 0 (1.0 is off)")
+    for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not (number(v) and -2 <= v <= 2):
+            raise OffloadMoeError(f"{name} = {v!r}, expected a number from -2 to 2 (0 is off)")
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

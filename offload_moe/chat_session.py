@@ -1,17 +1,21 @@
 """A multi-turn conversation with a `Model`: history, trimming to the context, transcripts. No printing.
 
-    session = ChatSession(model, system="Be brief.", max_new_tokens=200, temperature=0.7)
+    session = ChatSession(model, system="Be brief.", temperature=0.7, seed=0)
     turn = session.send("Hello")
     for piece in turn:            # streamed text; the reply joins the history as it ends
         print(piece, end="")
     turn.dropped_turns            # oldest user/assistant pairs dropped to make room (0 usually)
 
 Every turn renders the whole conversation (system prompt, kept turns, the new user message)
-through the checkpoint's chat template. When that prompt plus `max_new_tokens` would not fit in
-the context, the oldest user/assistant pairs are dropped from the history, never the system
+through the checkpoint's chat template. The reply budget is `max_new_tokens`, by default a quarter
+of the context (at most 2048 tokens), so that a short context still holds a few turns of history.
+When that prompt plus the budget would not fit in the context, the oldest user/assistant pairs are dropped from the history, never the system
 prompt; if the new message alone still leaves less room than `max_new_tokens`, this turn's
 `max_new_tokens` is lowered to what is left, and if it leaves no room at all the turn is refused
 with an `OffloadMoeError` and the history is untouched.
+
+With a `seed`, one random generator is seeded once for the whole session: each turn draws where the
+previous one stopped (so turns differ), and replaying the same messages repeats the same replies.
 
 A reply that stops early (the caller stops iterating, Ctrl-C, an error while generating) keeps
 what was generated so far in the history, marked `interrupted`; a reply with no text at all is
@@ -25,6 +29,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from .api import GenerationRun
 from .errors import OffloadMoeError
 from .user_files import write_text
@@ -35,10 +41,14 @@ class ChatSession:
     (max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos), checked here."""
 
     def __init__(self, model, *, system: str | None = None, **generation):
+        if generation.get("max_new_tokens") is None:
+            generation.pop("max_new_tokens", None)
         GenerationRun(model, [0], **generation)  # bad sampling settings fail here, not on every turn
         self.model = model
         self.system = system or None
         self.generation = dict(generation)
+        seed = generation.get("seed")
+        self.generator = None if seed is None else torch.Generator(device=model.device).manual_seed(seed)
         self.history: list[dict] = []       # alternating user/assistant messages still in the context
         self.log: list[dict] = []           # every message of this conversation, trimmed ones included
         self.trimmed_turns = 0
@@ -46,7 +56,10 @@ class ChatSession:
 
     @property
     def max_new_tokens(self) -> int:
-        return self.generation.get("max_new_tokens", 256)
+        """The reply budget: the caller's max_new_tokens, else a quarter of the context (16 to 2048)."""
+        if "max_new_tokens" in self.generation:
+            return self.generation["max_new_tokens"]
+        return default_reply_budget(self.model.context_length)
 
     def messages(self) -> list[dict]:
         """The conversation as the model sees it: the system prompt (if any), then the kept turns."""
@@ -135,6 +148,12 @@ class ChatTurn:
     def capped(self) -> bool:
         return self.max_new_tokens < self.session.max_new_tokens
 
+    @property
+    def cut_by_context(self) -> bool:
+        """The reply ran out of room in the context (it would have gone on): worth telling the user."""
+        return (self.result is not None and self.result.finish_reason == "length"
+                and (self.capped or self.result.context_full))
+
     def __iter__(self) -> Iterator[str]:
         return self._pieces
 
@@ -144,7 +163,8 @@ class ChatTurn:
 
     def _generate(self) -> Iterator[str]:
         model = self.session.model
-        kwargs = dict(self.session.generation, max_new_tokens=self.max_new_tokens)
+        kwargs = dict(self.session.generation, max_new_tokens=self.max_new_tokens,
+                      generator=self.session.generator)
         try:
             for piece in model.stream(self.prompt_ids, **kwargs):
                 self.text += piece
@@ -153,6 +173,10 @@ class ChatTurn:
             self.result = getattr(model, "last_result", None)
         finally:
             self.session._commit(self.user, self.text, interrupted=not self.done)
+
+
+def default_reply_budget(context_length: int) -> int:
+    return max(16, min(context_length // 4, 2048))
 
 
 def _jsonable(value) -> bool:

@@ -44,6 +44,9 @@ class Checkpoint:
     """A checkpoint directory: its config, a map of tensor name → location, and lazy reads."""
 
     def __init__(self, path: str | Path):
+        if Path(path).is_file():
+            raise OffloadMoeError(f"{path}: a file, not a checkpoint directory (expected a directory "
+                                  "holding config.json and *.safetensors)")
         self.path = resolve_reference(path)  # a Hugging Face repo id becomes its snapshot in the cache
         if not self.path.is_dir():
             raise OffloadMoeError(f"{self.path}: no such checkpoint directory")

@@ -16,6 +16,7 @@ import torch
 
 from .errors import OffloadMoeError
 from .model import Transformer
+from .penalties import LogprobRecord, TokenCounts, penalize
 from .nonfinite import diagnose
 
 
@@ -26,13 +27,23 @@ class Sampling:
     top_p: float = 0.95
     top_k: int = 0             # 0 means no top-k cut
     seed: int | None = None
+    min_p: float = 0.0         # drop tokens less likely than min_p x the top token's probability
+    repetition_penalty: float = 1.0   # penalties: see penalties.py (1.0 / 0.0 are off)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
 
 DEFAULT_SAMPLING = Sampling()
 
 
 def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """logits (V,) fp32 -> probabilities after temperature, top-k and top-p (nucleus) cuts."""
+    """logits (V,) fp32 -> probabilities after temperature, top-k, top-p (nucleus) and min-p cuts
+    (in transformers' order; min-p keeps tokens with p >= min_p * max p)."""
     logits = logits / s.temperature
     if s.top_k > 0:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[-1]
@@ -44,6 +55,9 @@ def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= s.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum()
+    if s.min_p > 0.0:
+        probs = probs.masked_fill(probs < s.min_p * probs.max(), 0.0)
         probs = probs / probs.sum()
     return probs
 
@@ -75,24 +89,35 @@ class DecodeTiming:
 
 
 def decode_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sampling: Sampling,
-                  timing: DecodeTiming | None = None) -> Iterator[int]:
-    """Yield up to max_new_tokens ids; the caller stops early on EOS or a stop string."""
+                  timing: DecodeTiming | None = None, *, generator: torch.Generator | None = None,
+                  logprobs: LogprobRecord | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens ids; the caller stops early on EOS or a stop string.
+
+    generator: the random state to draw from (a chat session passes one for the whole session);
+    without one, `sampling.seed` seeds a fresh one. logprobs: filled in step by step when given."""
     timing = timing if timing is not None else DecodeTiming()
     device = model.device
-    generator = None
-    if sampling.seed is not None:
+    if generator is None and sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     timing.prompt_tokens = len(prompt)
     t0 = time.perf_counter()
     tokens = torch.tensor([prompt], device=device)
     logits = model(tokens, start=0, last_only=True)[0, -1]                 # (V,)
     pos = len(prompt)
+    counts = TokenCounts(logits.shape[-1], prompt, device) if sampling.penalized else None
     generated: list[int] = []
     for i in range(max_new_tokens):
         finite = torch.isfinite(logits.sum())                              # () one reduction, no sync
         if sampling.temperature > 0:
             logits = logits.nan_to_num_(0.0, 0.0, 0.0)                      # multinomial must not see NaN
+        if counts is not None:
+            logits = penalize(logits, counts, sampling.repetition_penalty, sampling.presence_penalty,
+                              sampling.frequency_penalty)
         token = sample(logits, sampling, generator)
+        if counts is not None:
+            counts.add(token)
+        if logprobs is not None:
+            logprobs.add(logits, token)
         token_id, ok = torch.stack((token, finite.to(token.dtype))).tolist()  # the token must be read
         if not ok:
             raise OffloadMoeError(diagnose(model, prompt + generated, i))

@@ -74,12 +74,15 @@ class Tokenizer:
     def token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render messages with the checkpoint's chat template, as transformers does."""
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """Render messages (and the tools the model may call) with the checkpoint's chat template, as
+        transformers does. A message's extra keys (tool_calls, tool_call_id, name) reach the template."""
         if not self.chat_template:
             raise OffloadMoeError(no_template_message(self.template))
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                    isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls"))):
                 raise OffloadMoeError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
         from jinja2 import TemplateError
 
@@ -87,10 +90,11 @@ class Tokenizer:
             template = _jinja_env().from_string(self.chat_template)
         except TemplateError as e:
             raise OffloadMoeError(f"{self.source}: chat_template does not parse ({_one_line(e)})") from None
+        extra = {"tools": tools} if tools else {}
         pieces, size = [], 0
         try:
             for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                           bos_token=self.bos_token or "", eos_token=self.eos_token or ""):
+                                           bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra):
                 size += len(piece)
                 if size > MAX_TEMPLATE_CHARS:
                     raise _TemplateTooLong()
@@ -196,16 +200,17 @@ class StreamDecoder:
     every emitted piece valid. Decoding a short window (not the whole sequence) keeps it O(1) per
     token while letting the tokenizer handle leading-space rules at the boundary."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.prefix = 0   # window starts here
         self.read = 0     # text of ids[prefix:read] was already emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix:], self.skip)
         if text.endswith("\ufffd") or len(text) <= len(done):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
@@ -213,7 +218,7 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is held back at the end (an incomplete character is emitted as U+FFFD)."""
-        done = self.tokenizer.decode(self.ids[self.prefix:self.read])
-        text = self.tokenizer.decode(self.ids[self.prefix:])
+        done = self.tokenizer.decode(self.ids[self.prefix:self.read], self.skip)
+        text = self.tokenizer.decode(self.ids[self.prefix:], self.skip)
         self.prefix = self.read = len(self.ids)
         return text[len(done):]

@@ -64,9 +64,9 @@ step triton 100 - "$PY" scripts/gpu_check.py triton $TINY_FLAG --out "$OUT_DIR/t
 step syncs 40 - "$PY" scripts/gpu_check.py syncs $TINY_FLAG --out "$OUT_DIR/syncs.json"
 
 if [ -n "$TINY" ]; then
-  BENCH=(--synthetic mixtral-8x7b --bits 4 --layers 2 --scale 0.05 --tokens 3 --prompt-tokens 4 --threads 1)
+  BENCH=(--synthetic mixtral-8x7b --bits 4 --layers 2 --scale 0.05 --tokens 3 --prompt-tokens 4 --threads 1 --repeats 1)
 else  # the 12gb profile: VRAM capped at 12 GB, its planned slots; int4 experts and attention
-  BENCH=(--synthetic mixtral-8x7b --bits 4 --profile 12gb --tokens 16 --prompt-tokens 8)
+  BENCH=(--synthetic mixtral-8x7b --bits 4 --profile 12gb --tokens 16 --prompt-tokens 8 --repeats 1)  # one round: the step has 170 s
 fi
 : >"$OUT_DIR/bench.txt"
 step bench 170 "$OUT_DIR/bench.txt" "$PY" -m offload_moe bench "${BENCH[@]}" --json "$OUT_DIR/bench.json"

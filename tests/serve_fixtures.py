@@ -101,9 +101,16 @@ class HeldModel:
         return getattr(self.model, name)
 
     def stream(self, prompt, *, should_stop=None, **kwargs):
+        return self.model.stream(prompt, should_stop=self._should_stop(should_stop), **kwargs)
+
+    def start(self, prompt, *, should_stop=None, **kwargs):  # what the server's worker calls
+        return self.model.start(prompt, should_stop=self._should_stop(should_stop), **kwargs)
+
+    def _should_stop(self, should_stop):
+        """should_stop itself, or (when armed by `hold`) the check that waits at the n-th token."""
         after, self.after = self.after, None
         if after is None:
-            return self.model.stream(prompt, should_stop=should_stop, **kwargs)
+            return should_stop
         calls = 0
 
         def held() -> bool:
@@ -117,4 +124,4 @@ class HeldModel:
                     time.sleep(0.005)
             return should_stop()
 
-        return self.model.stream(prompt, should_stop=held, **kwargs)
+        return held

@@ -338,8 +338,18 @@ BAD = [  # (path, body, status, code, param, words in the message)
     ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "invalid_type", "messages", "non-empty"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, 400, "missing_required_parameter",
      "messages[0].content", "content"),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_value",
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value",
      "messages[0].role", "expected one of"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "unsupported_value",
+     "response_format.type", "constrained decoding"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": "required"}, 400, "unsupported_value", "tool_choice",
+     "constrained decoding"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "unsupported_value", "tools", "no tool-call format"),
+    ("/v1/chat/completions", {**CHAT, "top_logprobs": 3}, 400, "invalid_value", "top_logprobs", "logprobs: true"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, 400, "invalid_value", "top_logprobs",
+     "between 0 and 20"),
+    ("/v1/chat/completions", {**CHAT, "presence_penalty": 3}, 400, "invalid_value", "presence_penalty", "<= 2"),
     ("/v1/chat/completions", {**CHAT, "temperature": "hot"}, 400, "invalid_type", "temperature", "number"),
     ("/v1/chat/completions", {**CHAT, "temperature": 3}, 400, "invalid_value", "temperature", "<= 2"),
     ("/v1/chat/completions", {**CHAT, "top_p": 1.5}, 400, "invalid_value", "top_p", "<= 1"),
@@ -349,7 +359,8 @@ BAD = [  # (path, body, status, code, param, words in the message)
     ("/v1/chat/completions", {**CHAT, "seed": "7"}, 400, "invalid_type", "seed", "integer"),
     ("/v1/chat/completions", {**CHAT, "stop": [1]}, 400, "invalid_type", "stop", "list of strings"),
     ("/v1/chat/completions", {**CHAT, "stream": "yes"}, 400, "invalid_type", "stream", "true or false"),
-    ("/v1/chat/completions", {**CHAT, "tools": []}, 400, "unknown_parameter", "tools", "unrecognized"),
+    ("/v1/chat/completions", {**CHAT, "tools": "x"}, 400, "invalid_type", "tools", "list of tools"),
+    ("/v1/chat/completions", {**CHAT, "frobnicate": 1}, 400, "unknown_parameter", "frobnicate", "unrecognized"),
     ("/v1/chat/completions", {**CHAT, "n": 2}, 400, "unsupported_value", "n", "not supported"),
     ("/v1/chat/completions", {**CHAT, "max_tokens": 5000}, 400, "context_length_exceeded", "messages",
      "maximum context length is 4096 tokens"),
@@ -433,9 +444,9 @@ def test_missing_dependency_is_a_one_line_error(monkeypatch, capsys, checkpoint)
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     assert main(["serve", "--model", str(checkpoint), "--port", "0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'offload-moe[serve]'" in err[0]
+    assert len(err) == 1 and "pip install starlette uvicorn" in err[0]
     monkeypatch.setitem(sys.modules, "starlette", None)
-    with pytest.raises(OffloadMoeError, match=r"offload-moe\[serve\]"):
+    with pytest.raises(OffloadMoeError, match=r"pip install starlette uvicorn"):
         create_app(None, model_name=NAME)
 
 

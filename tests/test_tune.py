@@ -58,7 +58,8 @@ def test_cli_tune_writes_a_profile_that_loads(tiny_checkpoint, tmp_path, monkeyp
     assert len(rows) == 6  # default search: 3 slot counts, 2 more prefetch depths, the disk tier
     assert {r[2] for r in rows} == {"ram", "disk"}
     chosen = [r for r in rows if r[4]]
-    assert len(chosen) == 1 and chosen[0][3] == max(r[3] for r in rows)
+    # the fastest row, unless re-measuring it against the default (all 8 experts in slots) overruled it
+    assert len(chosen) == 1 and (chosen[0][3] == max(r[3] for r in rows) or chosen[0][:3] == (8, 0, "ram"))
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     profile = load_profile("tuned")

@@ -19,17 +19,20 @@ and peak RSS. Once per run: the memcpy peak (one expert-sized buffer copied repe
 host→device on CUDA, RAM→RAM on the CPU), and the Belady (optimal) hit rate of the recorded
 routing for the same slots, with LRU's hit rate as a fraction of it.
 
+Rows run `repeats` times (default 3) in rounds, interleaved (engine, resident, ..., then again), so a
+burst of load on a shared machine hits every row alike; each row reports its median run, with the
+min-max and spread of its runs (`repeat.py`), and `notes` warn when the spread says the figures are
+not trustworthy. The memcpy peak is measured every round, after a warm-up.
+
 Lower bound of a row's decode time (the tokens after the first), from this run's own measurements:
 
-    bound = decode misses × bytes per expert ÷ memcpy peak + compute time
+    bound = max(decode bytes copied ÷ peak copy rate, (tokens - 1) × fastest decode step)
 
-compute time is the resident row's decode time, taken as (tokens - 1) × its fastest decode step so
-that preempted steps do not inflate the bound (if the resident row could not run: the same
-from a slots="all" engine run, when that fits; otherwise the bound is null and the reason is given).
-So the bound is the decode time if every expert computed as fast as when resident and every missed
-expert crossed at the peak copy rate without overlapping anything. ratio = measured decode time ÷
-bound: near 1 the row is as fast as its misses allow; a ratio below 1 means copies overlapped
-compute (the engine computes resident experts while misses copy), or noise.
+the peak copy rate being the best memcpy trial or the fastest decode copies of any row, whichever is
+higher, and the fastest step that of any run of any row. So the bound is the decode time if every
+step were as fast as the fastest seen and every copy ran at the fastest rate seen, overlapping
+compute perfectly: no run can be faster, however the load falls. ratio = measured decode time ÷
+bound (>= 1); near 1 the row is as fast as this machine allowed at its best moment.
 
 Definitions used in the output (the JSON schema is in docs/trace-format.md):
 

@@ -13,7 +13,7 @@ from ..loader import load
 from ..profiles import Profile
 from ..runtime import Progress, available_ram
 from ..tools.trace import Trace, TraceRouter
-from .bounds import belady_rates
+from .bounds import belady_rates, hit_rate_curve
 from .measure import CopyTimer, decode_steps, free_memory, peak_rss, reset_peaks
 
 ROW_FIELDS = (
@@ -159,6 +159,8 @@ def _measure_ours(run: Run, row: dict, *, cache_slots, prefetch: int, policy: st
                    achieved_gbps=st["bytes_moved"] / copy_seconds / 1e9 if copy_seconds else None)
         if getattr(model.experts, "trace", None) is not None:
             row.update(belady_rates(model.experts.trace, st["slots_per_layer"]))
+            if engine:
+                row["_curve"] = hit_rate_curve(model.experts.trace, run.cfg.top_k, run.cfg.num_experts)
     else:
         row.update(hits=0, misses=0, decode_hits=0, decode_misses=0, cpu_computed=0, bytes_moved=0, decode_bytes_moved=0,
                    stall_seconds=0.0, decode_stall_seconds=0.0, copy_seconds=0.0, decode_copy_seconds=0.0)
@@ -189,26 +191,14 @@ def fits_all_experts(run: Run, dense_bytes: int | None, bytes_per_expert: int) -
     return True, None
 
 
-def compute_reference(run: Run, rows: dict, dense_bytes, bytes_per_expert) -> dict:
-    """Decode time with no transfers: (tokens - 1) x the fastest decode step of the resident row, else of
-    a slots="all" engine run (when it fits), else unknown. Decode steps cost the same whatever the
-    position (the KV cache is preallocated), so the fastest step is the compute time without the
+def compute_reference(run: Run, rows: dict, dense_bytes, bytes_per_expert, fastest_step: float | None) -> dict:
+    """Decode time with no transfers: (tokens - 1) x the fastest decode step of any run of any row.
+    Decode steps cost the same whatever the position (the KV cache is preallocated), and no run's step
+    was faster, so this is a lower bound of every row's compute; taking the fastest leaves out the
     preemptions and stray stalls a shared machine adds."""
     steps = run.tokens - 1
-    resident = rows.get("resident")
-    if resident and resident["status"] == "ok":
-        return {"source": "resident row", "decode_seconds": (resident["decode_step_min_seconds"] or 0.0) * steps,
-                "step_seconds": resident["decode_step_min_seconds"], "note": None}
-    fits, why = fits_all_experts(run, dense_bytes, bytes_per_expert)
-    if fits:
-        row = run_ours(run, "compute_reference", "slots=all", cache_slots=run.cfg.num_experts, prefetch=0,
-                       policy="lru", guess=False)
-        if row["status"] == "ok":
-            return {"source": "slots=all engine run",
-                    "decode_seconds": (row["decode_step_min_seconds"] or 0.0) * steps,
-                    "step_seconds": row["decode_step_min_seconds"],
-                    "note": "the resident row did not run; with a slot for every expert the fastest decode "
-                            "step copies nothing"}
-        why = row["reason"]
-    return {"source": None, "decode_seconds": None, "step_seconds": None,
-            "note": f"compute time unknown, so no lower bound: {why}"}
+    if fastest_step is None:
+        return {"source": None, "decode_seconds": None, "step_seconds": None,
+                "note": "compute time unknown (no run decoded more than one token), so no lower bound"}
+    return {"source": "fastest decode step of any run", "decode_seconds": fastest_step * steps,
+            "step_seconds": fastest_step, "note": None}

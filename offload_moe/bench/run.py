@@ -22,6 +22,8 @@ from ..tools.trace import Trace, load_trace, synthesize
 from .bounds import add_bounds, belady_summary
 from .hf_offload import run_accelerate
 from .measure import device_info, measure_memcpy
+from .repeat import combine, fastest_copy_gbps, fastest_step, merge_memcpy
+from .repeat import warnings as spread_warnings
 from .rows import LABELS, Run, compute_reference, fits_all_experts, run_ours, skipped_row
 from .settings import apply_vram_limit, resolve_settings, show_slots
 
@@ -33,7 +35,7 @@ def run_bench(source, *, device: str = "auto", dtype=None, tokens: int = 32, pro
               guess_accuracy: float | None = 0.8, vram_limit: int | str | None = None,
               cache_slots: int | str | None = None, prefetch: int | None = None, profile: str | None = None,
               offload: str | None = None, ram_budget=None, offload_dir=None, cpu_experts=None, seed: int = 0,
-              baselines: bool = True, progress: Progress | None = None) -> dict:
+              baselines: bool = True, repeats: int = 3, progress: Progress | None = None) -> dict:
     """Benchmark `source` (a checkpoint directory, or an opened `Checkpoint` / `SyntheticCheckpoint`)
     and return the results as a JSON-ready dict (schema: docs/trace-format.md).
 
@@ -45,11 +47,12 @@ def run_bench(source, *, device: str = "auto", dtype=None, tokens: int = 32, pro
     max(top_k, num_experts // 2) slots and prefetch 1). vram_limit: bytes or "12GB", applied with
     `torch.cuda.set_per_process_memory_fraction` on CUDA (recorded as not applicable on the CPU).
     cpu_experts: the engine row's `load(cpu_experts=...)` (None: load's default; the baselines always
-    copy, "none"). baselines=False runs the engine row only.
+    copy, "none"). baselines=False runs the engine row only. repeats: rounds of every row, interleaved
+    (each row reports its median run and the spread; see repeat.py).
     """
     report = progress or (lambda what, done, total: None)
     notes: list[str] = []
-    for name, v in (("tokens", tokens), ("prompt_tokens", prompt_tokens)):
+    for name, v in (("tokens", tokens), ("prompt_tokens", prompt_tokens), ("repeats", repeats)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise OffloadMoeError(f"{name} = {v!r}, expected an integer >= 1")
     if trace is not None and trace_reuse is not None:
@@ -76,7 +79,7 @@ def run_bench(source, *, device: str = "auto", dtype=None, tokens: int = 32, pro
                       trace_reuse=trace_reuse, guess_accuracy=guess_accuracy, slots=slots, prefetch=prefetch,
                       profile=profile, limit=limit, vram=vram, offload=offload, ram_budget=ram_budget,
                       offload_dir=offload_dir, cpu_experts=cpu_experts, seed=seed, baselines=baselines,
-                      report=report, notes=notes)
+                      repeats=repeats, report=report, notes=notes)
     finally:
         if before is not None:
             torch.cuda.set_per_process_memory_fraction(before, device)
@@ -85,7 +88,7 @@ def run_bench(source, *, device: str = "auto", dtype=None, tokens: int = 32, pro
 
 
 def _bench(ckpt, cfg, device, dtype, *, tokens, prompt_tokens, trace, trace_reuse, guess_accuracy, slots, prefetch,
-           profile, limit, vram, offload, ram_budget, offload_dir, cpu_experts, seed, baselines, report,
+           profile, limit, vram, offload, ram_budget, offload_dir, cpu_experts, seed, baselines, repeats, report,
            notes) -> dict:
     synthetic = not Path(ckpt.path).exists()
     context = prompt_tokens + tokens
@@ -103,10 +106,6 @@ def _bench(ckpt, cfg, device, dtype, *, tokens, prompt_tokens, trace, trace_reus
     first = ckpt.expert(moe_layers[0], 0)
     bytes_per_expert = ExpertLayout(ExpertWeights(**{k: place(v, "cpu", dtype) for k, v in first.items()})).nbytes
     del first
-    report("memcpy", 0, 1)
-    memcpy = measure_memcpy(bytes_per_expert, device)
-    report("memcpy", 1, 1)
-
     # warm-up: one short throwaway generation, so that one-time costs (kernel loading and autotuning,
     # allocator growth, lazy imports) fall on no row
     t0 = time.perf_counter()
@@ -115,37 +114,55 @@ def _bench(ckpt, cfg, device, dtype, *, tokens, prompt_tokens, trace, trace_reus
     warmup_seconds = time.perf_counter() - t0
 
     plan = ["engine"] + (["resident", "on_demand", "lru", "accelerate"] if baselines else [])
-    rows: dict[str, dict] = {}
-    dense_bytes, wrapped = None, False
-    for i, name in enumerate(plan):
-        report("bench", i, len(plan))
-        label = LABELS[name].format(slots=show_slots(slots), prefetch=prefetch)
-        if name == "engine":
-            row = run_ours(run, name, label, cache_slots=slots, prefetch=prefetch, policy="lru", guess=True,
-                           engine=True)
-            dense_bytes = row.pop("_dense_bytes", None)
-        elif name == "resident":
-            fits, why = fits_all_experts(run, dense_bytes, bytes_per_expert)
-            row = (run_ours(run, name, label, cache_slots="all", prefetch=0, policy="lru", guess=False) if fits
-                   else skipped_row(name, label, why, {"experts": "resident"}))
-        elif name == "on_demand":
-            row = run_ours(run, name, label, cache_slots=cfg.top_k, prefetch=0, policy="none", guess=False)
-        elif name == "lru":
-            row = run_ours(run, name, label, cache_slots=slots, prefetch=0, policy="lru", guess=False)
-        else:
-            budget = limit if (limit and device.type == "cuda") else rows["engine"].get("peak_vram_bytes")
-            row = run_accelerate(run, name, label, budget)
-        row.pop("_dense_bytes", None)
-        wrapped = row.pop("_wrapped", False) or wrapped
-        rows[name] = row
-        report("bench", i + 1, len(plan))
+    runs: dict[str, list[dict]] = {name: [] for name in plan}
+    memcpy_rounds = []
+    dense_bytes, wrapped, fits, curve = None, False, None, None
+    for rep in range(repeats):   # rounds: every row once per round, so load bursts hit all rows alike
+        report("memcpy", rep, repeats)
+        memcpy_rounds.append(measure_memcpy(bytes_per_expert, device))
+        for i, name in enumerate(plan):
+            report("bench", rep * len(plan) + i, repeats * len(plan))
+            label = LABELS[name].format(slots=show_slots(slots), prefetch=prefetch)
+            if name == "engine":
+                row = run_ours(run, name, label, cache_slots=slots, prefetch=prefetch, policy="lru", guess=True,
+                               engine=True)
+                dense_bytes = row.pop("_dense_bytes", None) or dense_bytes
+                curve = row.pop("_curve", None) or curve
+            elif name == "resident":
+                if fits is None:
+                    fits = fits_all_experts(run, dense_bytes, bytes_per_expert)
+                row = (run_ours(run, name, label, cache_slots="all", prefetch=0, policy="lru", guess=False)
+                       if fits[0] else skipped_row(name, label, fits[1], {"experts": "resident"}))
+            elif name == "on_demand":
+                row = run_ours(run, name, label, cache_slots=cfg.top_k, prefetch=0, policy="none", guess=False)
+            elif name == "lru":
+                row = run_ours(run, name, label, cache_slots=slots, prefetch=0, policy="lru", guess=False)
+            else:
+                if rep and runs[name][0]["status"] != "ok":
+                    row = runs[name][0]   # skipped once (no CUDA, no accelerate): skipped every round
+                else:
+                    engine_run = runs["engine"][-1]
+                    budget = limit if (limit and device.type == "cuda") else engine_run.get("peak_vram_bytes")
+                    row = run_accelerate(run, name, label, budget)
+            row.pop("_dense_bytes", None)
+            wrapped = row.pop("_wrapped", False) or wrapped
+            runs[name].append(row)
+            report("bench", rep * len(plan) + i + 1, repeats * len(plan))
+    report("memcpy", repeats, repeats)
+    memcpy = merge_memcpy(memcpy_rounds)
+    all_runs = [r for name in plan for r in runs[name]]
+    rows = {name: combine(runs[name]) for name in plan}
 
-    compute = compute_reference(run, rows, dense_bytes, bytes_per_expert)
+    compute = compute_reference(run, rows, dense_bytes, bytes_per_expert, fastest_step(all_runs))
     reference_ids = rows["engine"].get("token_ids")
     for row in rows.values():
         if row["status"] == "ok":
             row["tokens_match_engine"] = row["token_ids"] == reference_ids if reference_ids is not None else None
+    row_peak = fastest_copy_gbps(all_runs)
+    memcpy["row_peak_gbps"] = row_peak
+    memcpy["peak_gbps"] = max(memcpy["memcpy_peak_gbps"], row_peak or 0.0)
     add_bounds(rows, compute, memcpy["peak_gbps"], bytes_per_expert)
+    notes.extend(f"warning: {w}" for w in spread_warnings(list(rows.values()), memcpy))
 
     belady = belady_summary(rows, slots)
     ok = [r for r in rows.values() if r["status"] == "ok" and r["name"] != "accelerate"]
@@ -164,12 +181,13 @@ def _bench(ckpt, cfg, device, dtype, *, tokens, prompt_tokens, trace, trace_reus
         "vram_limit": vram,
         "settings": {"tokens": tokens, "prompt_tokens": prompt_tokens, "cache_slots": slots, "prefetch": prefetch,
                      "profile": getattr(profile, "name", profile), "offload": offload, "seed": seed,
-                     "baselines": baselines},
+                     "baselines": baselines, "repeats": repeats},
         "routing": routing | {"wrapped": routing["wrapped"] or wrapped},
         "memcpy": memcpy,
         "warmup_seconds": warmup_seconds,
         "compute_reference": compute,
         "belady": belady,
+        "hit_rate_curve": curve,
         "same_tokens": all(r["token_ids"] == reference_ids for r in ok) if ok else None,
         "rows": [rows[name] for name in plan],
         "notes": notes,

@@ -4,14 +4,17 @@ In a terminal: a `>>> ` prompt with line editing and history (readline), slash c
 line on stderr after each reply. With stdin not a terminal (`echo hi | offload-moe chat`): the whole
 input is one user message and stdout receives only the reply and a newline.
 
-Ctrl-C during a reply stops it and keeps the partial reply in the conversation (a reply with no
-text yet is dropped with its question); Ctrl-C or Ctrl-D at the prompt ends the session (exit 0).
+Multi-line input: end a line with a backslash to continue it on the next (as llama.cpp), or wrap
+the message in three double quotes (as ollama). Keys typed while a reply streams are neither echoed into it nor
+kept as the next input. Ctrl-C during a reply stops it and keeps the partial reply in the
+conversation (a reply with no text yet is dropped with its question); Ctrl-C or Ctrl-D at the prompt
+ends the session (exit 0).
 Only the reply text goes to stdout; everything else (summary, notices, /help, /stats) goes to stderr.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import inspect
 import os
 import signal
@@ -25,11 +28,13 @@ from ..chat_session import ChatSession
 from ..errors import OffloadMoeError
 from ..runtime import DEMO_DIR
 from ..user_files import read_stdin
-from .common import add_model_arguments, add_sampling_arguments, fetch, load_kwargs, sampling_kwargs, warn_about
+from .common import (add_model_arguments, add_sampling_arguments, check_model_argument, fetch, load_kwargs,
+                     sampling_kwargs, warn_about)
 from .console import human_bytes, progress_bar, stderr
 from .stats import stats_table
 
 PROMPT = ">>> "
+CONTINUE = "... "
 HELP = """\
 /help          this help
 /reset         start a new conversation (the system prompt stays)
@@ -38,6 +43,8 @@ HELP = """\
 /save FILE     write the transcript (messages and settings) as JSON (--force: overwrite)
 /exit          leave (also /quit, Ctrl-D, or Ctrl-C at the prompt)
 Ctrl-C during a reply stops it; the partial reply stays in the conversation.
+Keys typed while a reply streams are ignored.
+Multi-line: end a line with \\ to continue it, or start and end the message with \"\"\".
 Start a line with // to send a message that begins with /."""
 
 
@@ -50,13 +57,16 @@ def add_parser(sub):
     if "--profile" not in p._option_string_actions:
         p.add_argument("--profile", metavar="NAME", default=None,
                        help="memory profile for the expert cache (default: the loader's choice)")
-    add_sampling_arguments(p)
-    p.add_argument("--system", metavar="TEXT", default=None, help="system prompt")
-    p.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)  # tests, benchmarks
+    add_sampling_arguments(p, "reply budget in tokens (default: a quarter of the context, 16 to 2048, "
+                              "so the conversation keeps room)", None)
+    p.add_argument("--system", metavar="TEXT", default=None, help="system prompt (default: none)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past the end-of-sequence token (default: a reply ends there)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    check_model_argument(args)
     interactive = sys.stdin.isatty()
     message = None
     if not interactive:  # read before loading: an empty pipe is an error worth reporting fast
@@ -77,8 +87,27 @@ def run(args) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    note("Type a message; /help lists commands; Ctrl-D exits.")
-    return chat.interactive(lambda: input(PROMPT))
+    note('Type a message; /help lists commands; """ or a trailing \\ for several lines; Ctrl-D exits.')
+    return chat.interactive(read_message)
+
+
+def read_message(read=input) -> str:
+    """One message from the terminal: a line; lines ending in `\\` continue (the backslash goes);
+    a message opened with triple quotes runs to the line that closes them."""
+    line = read(PROMPT)
+    if line.lstrip().startswith('"""'):
+        body = line.lstrip()[3:]
+        lines = []
+        while not body.rstrip().endswith('"""'):
+            lines.append(body)
+            body = read(CONTINUE)
+        lines.append(body.rstrip()[:-3])
+        return "\n".join(lines).strip("\n")
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read(CONTINUE)
+    return "\n".join(lines + [line])
 
 
 def load_chat_model(args):
@@ -184,13 +213,17 @@ class ChatLoop:
                 n = turn.dropped_turns
                 note(f"dropped {'the oldest turn' if n == 1 else f'the {n} oldest turns'} to fit the context of "
                      f"{self.model.context_length} tokens")
-            if turn.capped:
-                note(f"reply limited to {turn.max_new_tokens} tokens by the context length")
-            for piece in turn:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            with typed_keys_ignored():
+                for piece in turn:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
             sys.stdout.write("\n")
             sys.stdout.flush()
+            if turn.cut_by_context:
+                note(f"reply cut at {turn.max_new_tokens} tokens: the context of {self.model.context_length} "
+                     "tokens is full (/reset starts afresh)")
+            elif turn.result is not None and turn.result.finish_reason == "length":
+                note(f"reply cut at the budget of {turn.max_new_tokens} tokens (--max-new-tokens raises it)")
         except KeyboardInterrupt:
             if raise_errors:
                 raise
@@ -240,6 +273,31 @@ class ChatLoop:
 
 
 # ---- helpers ----
+@contextlib.contextmanager
+def typed_keys_ignored():
+    """While a reply streams: the terminal echoes no keys, and what was typed is discarded at the end
+    (so it neither garbles the reply nor becomes the next message). Ctrl-C still interrupts."""
+    fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
+    if fd is None:
+        yield
+        return
+    import termios
+
+    try:
+        saved = termios.tcgetattr(fd)
+    except termios.error:
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ECHONL)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcflush(fd, termios.TCIFLUSH)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
 def show(renderable):
     """Print on stderr; a Ctrl-C arriving meanwhile is raised only once the line is out (rich keeps
     a half-written line in its buffer and would print it again with the next line)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import sys
 
 from .. import load
+from ..errors import OffloadMoeError
 from ..hub import parse_reference, resolve
 from ..generate import DEFAULT_SAMPLING
 from ..validate import check_sampling
@@ -25,16 +27,21 @@ def add_model_arguments(p):
                    help="tokens the KV cache holds (default: min(model limit, 4096))")
     p.add_argument("--cache-slots", default=None, metavar="K",
                    help="device slots per layer for experts ('all' or a number; default: all resident)")
-    p.add_argument("--prefetch", type=int, default=None, metavar="D", help="layers to prefetch ahead")
-    p.add_argument("--offload", choices=["ram", "disk"], default=None, help="host tier for cold experts")
-    p.add_argument("--ram-budget", default=None, metavar="SIZE", help="RAM for experts, e.g. 20GB (rest on disk)")
-    p.add_argument("--offload-dir", default=None, metavar="DIR", help="directory for the disk tier")
+    p.add_argument("--prefetch", type=int, default=None, metavar="D",
+                   help="MoE layers whose experts are fetched ahead of use (default: the profile's)")
+    p.add_argument("--offload", choices=["ram", "disk"], default=None,
+                   help="host tier for cold experts (default: RAM, or the profile's)")
+    p.add_argument("--ram-budget", default=None, metavar="SIZE",
+                   help="RAM for experts, e.g. 20GB, the rest on disk (default: the profile's, "
+                        "or 90%% of available RAM)")
+    p.add_argument("--offload-dir", default=None, metavar="DIR",
+                   help="directory for the disk tier (default: a private temporary directory, removed at exit)")
     p.add_argument("--force-context", action="store_true",
-                   help="allow --context-length beyond the model's max_position_embeddings (with a warning)")
+                   help="allow --context-length beyond the model's max_position_embeddings (with a warning; default: off)")
     p.add_argument("--nf4-experts", action="store_true",
                    help="quantize float experts to NF4 at load (bitsandbytes on CUDA when installed)")
     p.add_argument("--requantize", choices=["int2", "int3", "int4", "int8"], default=None,
-                   help="GGUF: requantize tensor types with no exact packed form (IQ*, TQ*, ...) to this width")
+                   help="GGUF: requantize tensor types with no exact packed form (IQ*, TQ*, ...) to this width (default: none, refuse them)")
     add_threads_argument(p)
 
 
@@ -43,24 +50,40 @@ def add_threads_argument(p):
                    help="CPU threads for torch (default: auto, the cores other work leaves free)")
 
 
-def add_sampling_arguments(p):
-    p.add_argument("--max-new-tokens", type=int, default=256, metavar="N")
+def add_sampling_arguments(p, max_new_tokens_help: str = "tokens to generate at most (default 256)",
+                           max_new_tokens_default: int | None = 256):
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens_default, metavar="N", help=max_new_tokens_help)
     p.add_argument("--temperature", type=float, default=None, metavar="T",
                    help=f"0 is greedy (default: the model's generation_config.json, else {DEFAULT_SAMPLING.temperature})")
     p.add_argument("--top-p", type=float, default=None, metavar="P",
-                   help=f"(default: the model's generation_config.json, else {DEFAULT_SAMPLING.top_p})")
+                   help="nucleus sampling: keep the most likely tokens up to this mass "
+                        f"(default: the model's generation_config.json, else {DEFAULT_SAMPLING.top_p})")
     p.add_argument("--top-k", type=int, default=None, metavar="K",
-                   help=f"(default: the model's generation_config.json, else {DEFAULT_SAMPLING.top_k}: no cut)")
-    p.add_argument("--seed", type=int, default=None, metavar="S")
+                   help="keep only the K most likely tokens "
+                        f"(default: the model's generation_config.json, else {DEFAULT_SAMPLING.top_k}: no cut)")
+    p.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than P x the most likely one (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide the logits of tokens already seen by R, as transformers does (default 1.0: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="A",
+                   help="subtract A from the logits of tokens generated so far, as OpenAI (default 0: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="A",
+                   help="subtract A x count from the logits of tokens generated so far, as OpenAI (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="random seed, for replies that repeat on a rerun (default: a fresh one each run)")
 
 
 def sampling_kwargs(args) -> dict:
     """The sampling options, checked (so a bad --temperature fails before the model loads)."""
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=args.seed)
-    defaults = {"temperature": 0, "top_p": 1, "top_k": 0}  # None: the model's default, checked at load
-    check_sampling(**{k: defaults[k] if v is None and k in defaults else v for k, v in kwargs.items()}, stop=None)
-    return kwargs
+    # None: the model's default sampling, checked at load; chat's None max_new_tokens is "a budget from
+    # the context", settled later; check the rest now
+    defaults = {"temperature": 0, "top_p": 1, "top_k": 0}
+    checked = {k: defaults[k] if v is None and k in defaults else v for k, v in kwargs.items()}
+    check_sampling(**dict(checked, max_new_tokens=kwargs["max_new_tokens"] or 1), stop=None)
+    return dict(kwargs, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty)
 
 
 def load_kwargs(args) -> dict:
@@ -97,7 +120,16 @@ def _log_download(reference):
     return report
 
 
+def check_model_argument(args) -> None:
+    """`--model README.md`: say that the file given as --model is a file, before anything loads."""
+    model = getattr(args, "model", None)
+    if model is not None and Path(model).is_file() and Path(model).suffix.lower() != ".gguf":
+        raise OffloadMoeError(f"--model {model}: a file, not a checkpoint directory (expected a directory "
+                              "holding config.json and *.safetensors, or a .gguf file)")
+
+
 def load_model(args):
+    check_model_argument(args)
     path = fetch(args.model)
     with progress_bar() as report:
         model = load(path, progress=report, **load_kwargs(args))

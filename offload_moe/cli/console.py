@@ -1,7 +1,10 @@
-"""Where CLI output goes: results on stdout, logs and progress on stderr. rich honours NO_COLOR."""
+"""Where CLI output goes: results on stdout, logs and progress on stderr. With NO_COLOR set (to
+anything non-empty) or output that is not a terminal, nothing is styled: no colour, bold, dim or
+italic (rich alone drops only the colours)."""
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -9,8 +12,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 from ..runtime import fmt_bytes
 
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
+
+def _console(**kwargs) -> Console:
+    probe = Console(**kwargs)
+    plain = bool(os.environ.get("NO_COLOR")) or not probe.is_terminal
+    return Console(color_system=None, **kwargs) if plain else probe
+
+
+stdout = _console(soft_wrap=True)
+stderr = _console(stderr=True, soft_wrap=True)
 
 
 @contextmanager

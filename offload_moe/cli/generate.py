@@ -1,8 +1,15 @@
-"""`offload-moe generate`: complete one prompt, streaming only the generated text to stdout."""
+"""`offload-moe generate`: complete one prompt, streaming only the generated text to stdout.
+
+`--chat` (or `--system`) renders PROMPT as a user message through the checkpoint's chat template;
+`--stop` (repeatable) ends the text at the first stop string; `--ignore-eos` generates all
+`--max-new-tokens`. When the context length ends the text, a notice says so on stderr.
+"""
 
 from __future__ import annotations
 
 import sys
+
+from rich.text import Text
 
 from ..user_files import read_stdin
 from .common import add_model_arguments, add_sampling_arguments, load_model, sampling_kwargs
@@ -16,6 +23,14 @@ def add_parser(sub):
     p.add_argument("prompt", metavar="PROMPT", help="text to complete ('-' reads stdin)")
     add_model_arguments(p)
     add_sampling_arguments(p)
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the text before this string; repeat for several (default: none)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past the end-of-sequence token, up to --max-new-tokens")
+    p.add_argument("--chat", action="store_true",
+                   help="send PROMPT as a user message through the model's chat template (default: raw text)")
+    p.add_argument("--system", metavar="TEXT", default=None,
+                   help="system prompt for --chat (implies --chat; default: none)")
     p.add_argument("--stats", action="store_true", help="print expert cache statistics to stderr")
     p.set_defaults(func=run)
 
@@ -24,10 +39,20 @@ def run(args) -> int:
     prompt = read_stdin(sys.stdin) if args.prompt == "-" else args.prompt
     sampling = sampling_kwargs(args)  # checked before the model loads
     model = load_model(args)
-    for piece in model.stream(prompt, **sampling):
+    if args.chat or args.system is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        prompt = model.chat_ids(messages)
+    kwargs = dict(sampling, stop=args.stop, ignore_eos=args.ignore_eos)
+    for piece in model.stream(prompt, **kwargs):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()
+    result = model.last_result
+    if result.context_full:
+        stderr.print(Text(f"note: the context of {model.context_length} tokens is full: generation stopped after "
+                          f"{len(result.token_ids)} tokens (raise --context-length for more)"), highlight=False)
     if args.stats:
         stderr.print(stats_table(model.stats))
     return 0

@@ -1,9 +1,13 @@
-"""`offload-moe info PATH`: what a checkpoint holds, read from its headers only."""
+"""`offload-moe info PATH`: what a checkpoint holds, read from its headers only; given a config.json
+file (as `plan` takes), what the config alone says."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 
+from ..config import ModelConfig
 from ..hub import parse_reference
 from ..sources import open_checkpoint
 from .common import fetch
@@ -14,14 +18,18 @@ def add_parser(sub):
     p = sub.add_parser("info", help="describe a checkpoint (architecture, parameters, bytes by kind)",
                        description="Describe a checkpoint directory or GGUF file without loading its weights.")
     p.add_argument("path", metavar="PATH_OR_ID",
-                   help="checkpoint directory, .gguf file or Hugging Face repo id (org/name[@rev])")
+                   help="checkpoint directory, .gguf file, config.json file or Hugging Face repo id (org/name[@rev])")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    ckpt = open_checkpoint(fetch(args.path))  # a Hugging Face repo id: from the cache, else downloaded
-    c = ckpt.config
-    table = Table(title=str(args.path if parse_reference(args.path) else ckpt.path), show_header=False)
+    ckpt = None
+    if Path(args.path).is_file() and Path(args.path).suffix.lower() == ".json":
+        c = ModelConfig.load(args.path)
+    else:
+        ckpt = open_checkpoint(fetch(args.path))  # a Hugging Face repo id: from the cache, else downloaded
+        c = ckpt.config
+    table = Table(title=str(args.path if ckpt is None or parse_reference(args.path) else ckpt.path), show_header=False)
     table.add_column("field")
     table.add_column("value", justify="right")
     rows = [
@@ -31,13 +39,16 @@ def run(args) -> int:
         ("parameters total", human_count(c.total_params)),
         ("parameters active per token", human_count(c.active_params)),
         ("one expert", f"{human_count(c.params_per_expert)} params"),
-        ("expert layout", ckpt.layout.replace("_", " ")),
     ]
-    for kind, n in ckpt.bytes_by_kind().items():
-        rows.append((f"bytes: {kind}", human_bytes(n)))
-    rows += [("dtypes", ", ".join(ckpt.dtypes())),
-             ("shards", f"{len(ckpt.shard_files())} ({human_bytes(ckpt.total_bytes())})"),
-             ("context", f"{c.max_position_embeddings} positions"
+    if ckpt is not None:
+        rows.append(("expert layout", ckpt.layout.replace("_", " ")))
+        for kind, n in ckpt.bytes_by_kind().items():
+            rows.append((f"bytes: {kind}", human_bytes(n)))
+        rows += [("dtypes", ", ".join(ckpt.dtypes())),
+                 ("shards", f"{len(ckpt.shard_files())} ({human_bytes(ckpt.total_bytes())})")]
+    else:
+        rows.append(("weights", f"not read (a config file alone; dtype {c.torch_dtype})"))
+    rows += [("context", f"{c.max_position_embeddings} positions"
                          + (f", sliding window {c.sliding_window}" if c.sliding_window else ""))]
     if c.quantization:
         q = c.quantization

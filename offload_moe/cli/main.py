@@ -1,4 +1,5 @@
-"""Entry point: parse the command line, run one command, map user errors to one line and exit 1."""
+"""Entry point: parse the command line, run one command, map user errors to one line and exit 1
+(usage errors exit 2, Ctrl-C 130: see parser.py)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import torch
 
 from .. import __version__
 from ..errors import OffloadMoeError
+from .parser import EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, Parser
 from ..threads import set_threads
 
 COMMANDS = ["generate", "chat", "info", "plan", "quantize", "tune", "bench", "serve", "pull", "list"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="offload-moe",
-        description="Run Mixture-of-Experts language models on one consumer GPU or on the CPU.")
+        description="Run Mixture-of-Experts language models on one consumer GPU or on the CPU.",
+        epilog=EXIT_CODES[0].upper() + EXIT_CODES[1:] + ". NO_COLOR (or output that is not a terminal) turns "
+               "styling off.")
     parser.add_argument("--version", action="version", version=f"offload-moe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
@@ -35,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except OffloadMoeError as e:
         print(f"offload-moe: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("offload-moe: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `offload-moe generate ... | head` closed the pipe: not an error
         sys.stderr.close()
         return 0

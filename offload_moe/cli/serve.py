@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import OffloadMoeError, read_user_file
 from ..hub import model_name
-from .common import add_model_arguments, fetch, load_kwargs, warn_about
+from .common import add_model_arguments, check_model_argument, fetch, load_kwargs, warn_about
 from .console import progress_bar, stderr
 
 
@@ -17,7 +17,7 @@ def add_parser(sub):
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="Serve one model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                     "/v1/models, streaming or not), plus /health and /metrics. Point any OpenAI client at "
-                    "http://HOST:PORT/v1. Needs: pip install 'offload-moe[serve]'.")
+                    "http://HOST:PORT/v1. Needs starlette and uvicorn: pip install '.[serve]' in a clone.")
     add_model_arguments(p)
     if "--profile" not in p._option_string_actions:  # unless the shared model arguments grew one
         p.add_argument("--profile", default=None, metavar="P",
@@ -31,10 +31,10 @@ def add_parser(sub):
                         "(default: $OFFLOAD_MOE_API_KEY, else no key); visible in `ps`: prefer "
                         "--api-key-file or the environment variable")
     p.add_argument("--api-key-file", metavar="FILE", default=None,
-                   help="read the API key from the first line of FILE")
+                   help="read the API key from the first line of FILE (default: none)")
     p.add_argument("--allowed-origin", metavar="ORIGIN", action="append", default=[],
                    help="a browser origin (e.g. https://app.example) allowed to call the server besides "
-                        "its own host names; repeatable")
+                        "its own host names; repeatable (default: none)")
     p.add_argument("--max-queue", type=int, default=8, metavar="N",
                    help="requests that may wait behind the one generating; more get HTTP 429 (default: 8)")
     p.add_argument("--model-name", metavar="NAME", default=None,
@@ -99,6 +99,7 @@ def run(args) -> int:
             raise OffloadMoeError(f"{args.api_key_file}: the API key file is empty")
     if args.api_key is not None and not args.api_key.strip():
         raise OffloadMoeError("--api-key is empty")
+    check_model_argument(args)
     sock = _listen(args.host, args.port)  # before loading: a busy port fails fast
     try:
         kwargs = load_kwargs(args)

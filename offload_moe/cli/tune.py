@@ -17,7 +17,7 @@ from ..runtime import fmt_bytes, parse_bytes
 from ..errors import OffloadMoeError
 from ..tune import (DISK_TEST_BYTES, cost_model, measurement_lines, parse_settings, profile_path, tune,
                     write_profile)
-from .common import MODEL_HELP, add_threads_argument, fetch
+from .common import MODEL_HELP, add_threads_argument, check_model_argument, fetch
 from .console import progress_bar, stderr, stdout
 
 
@@ -50,6 +50,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    check_model_argument(args)
     target = profile_path(args.name, args.output)  # a bad name or an existing file fails before measuring
     if target.exists() and not args.force:
         raise OffloadMoeError(f"{target} exists; pass --force to overwrite it, or choose another --name")
@@ -85,9 +86,9 @@ def run(args) -> int:
                       f"{r.hit_rate:.1%}", fmt_bytes(r.bytes_moved), mark)
     stdout.print(table)
     for note in result.notes:
-        stdout.print(Text(f"note: {note}"))
+        stderr.print(Text(f"note: {note}"), highlight=False)
     if result.skipped:
-        stdout.print(Text(f"note: {result.skipped} setting(s) skipped: the time budget ran out"))
+        stderr.print(Text(f"note: {result.skipped} setting(s) skipped: the time budget ran out"), highlight=False)
     if costs_file is not None:
         stdout.print(Text(f"cost model for the hybrid CPU/GPU engine saved to {costs_file}"))
     use = args.name if args.output is None else str(path)

@@ -14,14 +14,16 @@ import uuid
 
 from ..errors import OffloadMoeError
 from ..generate import DEFAULT_SAMPLING
+from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .guard import LOOPBACK_NAMES, RequestGuard, public_message
 from .responses import JSON, ApiError, EventStream, bad, cancel_on_disconnect, sse
+from .tools import HARMONY, ToolCallParser, tool_format
 from .validation import CHAT_FIELDS, COMPLETION_FIELDS, chat_messages, check_fields, completion_prompt
 from .worker import Job, Worker
 
 log = logging.getLogger("offload_moe.server")
 
-INSTALL_HINT = "pip install 'offload-moe[serve]'"
+INSTALL_HINT = "pip install starlette uvicorn (or pip install '.[serve]' in a clone of offload-moe)"
 MAX_BODY_BYTES = 8 * 1024 * 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the context left
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = DEFAULT_SAMPLING.temperature, DEFAULT_SAMPLING.top_p  # the library's
@@ -94,10 +96,14 @@ class _Server:
         return dict(max_new_tokens=max_tokens, temperature=p.get("temperature"),
                     top_p=top_p if top_p is None or top_p > 0 else 1e-9,  # top_p = 0 keeps the most likely token
                     top_k=None if top_k is None else max(top_k, 0), seed=p.get("seed"), stop=p.get("stop"),
-                    ignore_eos=p.get("ignore_eos", False))
+                    ignore_eos=p.get("ignore_eos", False), min_p=p.get("min_p", 0.0),
+                    repetition_penalty=p.get("repetition_penalty", 1.0),
+                    presence_penalty=p.get("presence_penalty", 0.0),
+                    frequency_penalty=p.get("frequency_penalty", 0.0))
 
     async def _finish(self, request, job: Job) -> tuple[str, object]:
-        """Wait for a non-streamed job (cancelling it if the client leaves); return its text and result."""
+        """Wait for a non-streamed job (cancelling it if the client leaves); return its text and result
+        (whose `.logprobs` has the entries of every generated token when they were asked for)."""
         watcher = asyncio.ensure_future(cancel_on_disconnect(request.receive, job))
         pieces = []
         try:
@@ -116,17 +122,19 @@ class _Server:
             job.cancel()
 
     async def _events(self, job: Job, chunk, final, usage_chunk, include_usage: bool):
-        """SSE bytes for a streamed job: one chunk per text piece, the finish chunk, usage, [DONE]."""
-        first = chunk(None)
-        if first is not None:
-            yield sse(first)
+        """SSE bytes for a streamed job: the chunks `chunk(piece, logprob entries)` returns for each
+        text piece (a dict or a list of them), those of `final(result, remaining entries)`, usage, [DONE]."""
+        for obj in _listed(chunk(None, None)):
+            yield sse(obj)
         while True:
             event = await job.events.get()
             if event[0] == "piece":
-                yield sse(chunk(event[1]))
+                for obj in _listed(chunk(event[1], event[2])):
+                    yield sse(obj)
             elif event[0] == "done":
                 result = event[1]
-                yield sse(final(result.finish_reason))
+                for obj in _listed(final(result, event[2])):
+                    yield sse(obj)
                 if include_usage:
                     yield sse(usage_chunk(self._usage(len(job.prompt_ids), result)))
                 yield sse(b"[DONE]")
@@ -178,20 +186,60 @@ class _Server:
         messages = chat_messages(p["messages"])
         if "max_tokens" in p and "max_completion_tokens" in p and p["max_tokens"] != p["max_completion_tokens"]:
             raise bad("max_tokens and max_completion_tokens disagree; send one of them", "max_tokens")
+        if "top_logprobs" in p and not p.get("logprobs"):
+            raise bad("top_logprobs needs logprobs: true", "top_logprobs")
         requested = p.get("max_completion_tokens", p.get("max_tokens"))
         param = "max_completion_tokens" if "max_completion_tokens" in p else "max_tokens"
-        ids = self.model.chat_ids(messages)
+        tools = p.get("tools") or None
+        if p.get("tool_choice") == "none":
+            tools = None
+        fmt = tool_format(self.model.tokenizer.chat_template if self.model.tokenizer else None)
+        if tools and fmt is None:
+            raise bad("tools: this model's chat template defines no tool-call format this server can parse "
+                      "(it knows Qwen's <tool_call>, Mistral's [TOOL_CALLS] and gpt-oss's channels)", "tools",
+                      "unsupported_value")
+        parser = ToolCallParser(fmt) if fmt is not None and (tools or fmt == HARMONY) else None
+        ids = self.model.chat_ids(messages, tools=tools)
         max_tokens = self._max_tokens(len(ids), requested, None, param, "messages")
-        job = self._job(ids, self._sampling(p, max_tokens))
+        kwargs = self._sampling(p, max_tokens)
+        if p.get("logprobs"):
+            kwargs["logprobs"] = p.get("top_logprobs", 0)
+        if parser is not None:
+            kwargs["skip_special_tokens"] = False   # the markers are special tokens in some families
+        job = self._job(ids, kwargs)
+        text_of = TokenText(self.model.tokenizer)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
-        if p.get("stream"):
-            def chunk(piece):
-                delta = {"role": "assistant", "content": ""} if piece is None else {"content": piece}
-                return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
-            def final(reason):
-                return {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]}
+        def logprobs_of(entries):
+            return chat_logprobs(entries, text_of) if entries is not None else None
+
+        if p.get("stream"):
+            calls_sent = []
+
+            def delta_chunks(content, calls, entries):
+                out = []
+                if content or entries:
+                    out.append({"content": content})
+                for call in calls:
+                    out.append({"tool_calls": [{"index": len(calls_sent), **call}]})
+                    calls_sent.append(call)
+                lp = logprobs_of(entries) if entries else None
+                return [{**head, "choices": [{"index": 0, "delta": d, "logprobs": lp if i == 0 else None,
+                                              "finish_reason": None}]} for i, d in enumerate(out)]
+
+            def chunk(piece, entries):
+                if piece is None:
+                    return {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]}
+                content, calls = parser.feed(piece) if parser is not None else (piece, [])
+                return delta_chunks(content, calls, entries)
+
+            def final(result, entries):
+                content, calls = parser.finish() if parser is not None else ("", [])
+                reason = "tool_calls" if calls_sent or calls else result.finish_reason
+                return delta_chunks(content, calls, entries) + [
+                    {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]}]
 
             def usage_chunk(usage):
                 return {**head, "choices": [], "usage": usage}
@@ -199,9 +247,18 @@ class _Server:
             include = p.get("stream_options", {}).get("include_usage", False)
             return EventStream(job, self._events(job, chunk, final, usage_chunk, include))
         text, result = await self._finish(request, job)
+        message = {"role": "assistant", "content": text}
+        reason = result.finish_reason
+        if parser is not None:
+            content, calls = parser.feed(text)
+            more, later = parser.finish()
+            message["content"] = (content + more) or None
+            if calls + later:
+                message["tool_calls"], reason = calls + later, "tool_calls"
+                message["content"] = message["content"] if (message["content"] or "").strip() else None
         return JSON({**head, "object": "chat.completion",
-                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                   "logprobs": None, "finish_reason": result.finish_reason}],
+                      "choices": [{"index": 0, "message": message, "logprobs": logprobs_of(result.logprobs),
+                                   "finish_reason": reason}],
                       "usage": self._usage(len(ids), result)})
 
     async def completions(self, request):
@@ -210,22 +267,35 @@ class _Server:
         ids = completion_prompt(self.model, p["prompt"])
         max_tokens = self._max_tokens(len(ids), p.get("max_tokens"), COMPLETIONS_DEFAULT_MAX_TOKENS,
                                       "max_tokens", "prompt")
-        job = self._job(ids, self._sampling(p, max_tokens))
+        kwargs = self._sampling(p, max_tokens)
+        if "logprobs" in p:
+            kwargs["logprobs"] = p["logprobs"]
+        job = self._job(ids, kwargs)
+        text_of = TokenText(self.model.tokenizer)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+        offset = [0]
 
-        def choice(text, reason):
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        def choice(text, reason, entries):
+            lp = None
+            if entries is not None:
+                lp = completion_logprobs(entries, text_of, offset[0])
+                offset[0] += sum(len(t) for t in lp["tokens"])
+            return {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
 
         if p.get("stream"):
             include = p.get("stream_options", {}).get("include_usage", False)
             return EventStream(job, self._events(
-                job, lambda piece: None if piece is None else {**head, "choices": [choice(piece, None)]},
-                lambda reason: {**head, "choices": [choice("", reason)]},
+                job, lambda piece, entries: None if piece is None else {**head, "choices": [choice(piece, None, entries)]},
+                lambda result, entries: {**head, "choices": [choice("", result.finish_reason, entries)]},
                 lambda usage: {**head, "choices": [], "usage": usage}, include))
         text, result = await self._finish(request, job)
-        return JSON({**head, "choices": [choice(text, result.finish_reason)],
+        return JSON({**head, "choices": [choice(text, result.finish_reason, result.logprobs)],
                       "usage": self._usage(len(ids), result)})
+
+
+def _listed(obj) -> list:
+    return [] if obj is None else obj if isinstance(obj, list) else [obj]
 
 
 def _failed(event: tuple) -> ApiError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from .responses import ApiError, bad
+from .tools import check_tool_choice, check_tools
 
 
 def _is_int(v) -> bool:
@@ -81,8 +82,14 @@ def _stream_options(name, value):
 
 
 def _response_format(name, value):
-    if not isinstance(value, dict) or value.get("type") != "text" or len(value) != 1:
-        raise bad(f"{name}: only {{\"type\": \"text\"}} is supported by this server", name, "unsupported_value")
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise _type_error(name, "an object with a 'type'", value)
+    if value["type"] in ("json_object", "json_schema"):
+        raise bad(f"{name}.type = {value['type']!r} is not supported: it needs constrained decoding, which this "
+                  "server does not do, so the reply could be text that is not JSON; ask for JSON in the prompt "
+                  "and parse the reply yourself", f"{name}.type", "unsupported_value")
+    if value["type"] != "text" or len(value) != 1:
+        raise bad(f"{name}: expected {{\"type\": \"text\"}}", name, "unsupported_value")
     return value
 
 
@@ -99,15 +106,21 @@ _COMMON_FIELDS = {
     "n": lambda n, v: _only({1}, "one choice per request; send the request again")(n, _int(n, v, 1)),
     "user": _string,
     "ignore_eos": _bool,                                    # extension (as vLLM): generate max_tokens tokens
-    "presence_penalty": lambda n, v: _only({0}, "no penalties")(n, _number(n, v, -2, 2)),
-    "frequency_penalty": lambda n, v: _only({0}, "no penalties")(n, _number(n, v, -2, 2)),
+    "presence_penalty": lambda n, v: _number(n, v, -2, 2),      # OpenAI's definition
+    "frequency_penalty": lambda n, v: _number(n, v, -2, 2),
+    "repetition_penalty": lambda n, v: _number(n, v, 0, 10, lo_open=True),  # extension (as vLLM): transformers'
+    "min_p": lambda n, v: _number(n, v, 0, 1),                  # extension (as vLLM)
 }
 CHAT_FIELDS = {**_COMMON_FIELDS, "messages": None, "max_completion_tokens": lambda n, v: _int(n, v, 1),
-                "logprobs": _only({False}, "no log-probabilities"), "response_format": _response_format}
+                "logprobs": _bool, "top_logprobs": lambda n, v: _int(n, v, 0, 20),
+                "response_format": _response_format, "tools": check_tools, "tool_choice": check_tool_choice,
+                "parallel_tool_calls": _bool}
 COMPLETION_FIELDS = {**_COMMON_FIELDS, "prompt": None, "echo": _only({False}, "no echo"),
-                      "logprobs": _only({0}, "no log-probabilities"), "best_of": _only({1}, "one choice"),
+                      "logprobs": lambda n, v: _int(n, v, 0, 5), "best_of": _only({1}, "one choice"),
                       "suffix": _only({""}, "no suffix")}
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_MESSAGE_KEYS = {"system": {"name"}, "user": {"name"}, "assistant": {"name", "tool_calls", "refusal"},
+                 "tool": {"tool_call_id", "name"}}
 
 
 def check_fields(body, allowed: dict, required: list[str]) -> dict:
@@ -136,11 +149,13 @@ def chat_messages(value) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise _type_error(where, "an object with 'role' and 'content'", m)
+        role, content = m.get("role"), m.get("content")
         for key in m:
-            if key not in ("role", "content", "name"):
+            if key not in ("role", "content") and key not in _MESSAGE_KEYS.get(_ROLES.get(role), {"name"}):
                 raise bad(f"{where}.{key}: unrecognized or unsupported message field", f"{where}.{key}",
                            "unknown_parameter")
-        role, content = m.get("role"), m.get("content")
+        if role == "assistant" and content is None and m.get("tool_calls"):
+            content = ""
         if role is None or content is None:
             missing = "role" if role is None else "content"
             raise bad(f"missing required parameter: '{where}.{missing}'", f"{where}.{missing}",
@@ -159,8 +174,28 @@ def chat_messages(value) -> list[dict]:
             content = "\n".join(texts)
         elif not isinstance(content, str):
             raise _type_error(f"{where}.content", "a string or a list of text parts", content)
-        out.append({"role": _ROLES[role], "content": content})
+        message = {"role": _ROLES[role], "content": content}
+        if role == "assistant" and m.get("tool_calls"):
+            message["tool_calls"] = _tool_calls(f"{where}.tool_calls", m["tool_calls"])
+        if role == "tool":
+            message["tool_call_id"] = _string(f"{where}.tool_call_id", m.get("tool_call_id", ""))
+        if m.get("name") is not None:
+            message["name"] = _string(f"{where}.name", m["name"])
+        out.append(message)
     return out
+
+
+def _tool_calls(name, value) -> list[dict]:
+    """An assistant message's tool_calls, as the client sent them back (arguments a JSON string)."""
+    if not isinstance(value, list):
+        raise _type_error(name, "a list of tool calls", value)
+    for i, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                not isinstance(fn.get("arguments", ""), (str, dict)):
+            raise bad(f"{name}[{i}]: expected {{\"id\", \"type\": \"function\", \"function\": "
+                      "{\"name\", \"arguments\"}}", f"{name}[{i}]")
+    return value
 
 
 def completion_prompt(model, value) -> list[int]:

@@ -115,14 +115,21 @@ class Worker:
             job.post(event)  # after the bookkeeping: a client's next request finds the worker free
 
     def _run(self, job: Job) -> tuple:
+        """Posts ("piece", text, logprob entries or None) per piece; returns the final event."""
         model = self.model
         try:
-            pieces = model.stream(job.prompt_ids, should_stop=job.cancelled.is_set, **job.kwargs)
+            run = model.start(job.prompt_ids, should_stop=job.cancelled.is_set, **job.kwargs)
+            pieces = iter(run)
+            sent = 0
             try:
                 for piece in pieces:
                     if job.cancelled.is_set():
                         break
-                    job.post(("piece", piece))
+                    entries = None
+                    if run.logprobs is not None:
+                        n = len(run.token_ids)
+                        entries, sent = run.logprobs.entries[sent:n], n
+                    job.post(("piece", piece, entries))
             finally:
                 pieces.close()
         except OffloadMoeError as e:
@@ -131,9 +138,9 @@ class Worker:
             self.model_stats = model.stats
         if job.cancelled.is_set():
             return ("cancelled",)
-        result = model.last_result
+        result = model.last_result = run.result
         self.last_decode_tps = result.stats.get("generation", {}).get("decode_tokens_per_second", 0.0)
-        return ("done", result)
+        return ("done", result, result.logprobs[sent:] if result.logprobs is not None else None)
 
     def metrics(self) -> dict:
         with self.lock:

@@ -140,7 +140,8 @@ def measure_machine(device: torch.device | str, expert_shape: tuple[int, int], *
         report("machine", done, total)
 
     report("machine", 0, total)
-    link = measure_link_bandwidth(device, nbytes, repeats=max(repeats, 5))
+    # the fastest of many copies: a busy machine slows some of them, never speeds one up
+    link = measure_link_bandwidth(device, nbytes, repeats=max(repeats, 20))
     step()
     disk = measure_disk_read(disk_bytes, disk_dir)
     step()

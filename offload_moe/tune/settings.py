@@ -42,6 +42,7 @@ class Row:
     load_seconds: float = 0.0
     timed_out: bool = False                 # stopped at the setting's deadline before `tokens`
     error: str | None = None                # e.g. out of device memory; such rows are never best
+    runs: list[float] = field(default_factory=list)  # decode tok/s of each run (re-measured rows: several)
 
     @property
     def setting(self) -> Setting:

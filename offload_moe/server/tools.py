@@ -1,0 +1,226 @@
+"""OpenAI tool calling: the request's `tools` / `tool_choice` checked, and the model's tool-call text
+parsed back into `tool_calls`, for the formats the families' chat templates define:
+
+- Qwen3 / Qwen2 (Hermes style): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, any number;
+- Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (v3) or `[TOOL_CALLS]name[ARGS]{...}` (v11);
+- gpt-oss (harmony): messages `<|channel|>commentary to=functions.NAME ... <|message|>{json}`, the
+  `final` channel being the answer and `analysis` the reasoning (not returned as content).
+
+Which format applies is read from the chat template itself (the markers it writes), never from a
+file name. A parser is fed the generated text piece by piece (special tokens kept) and returns what
+can be shown already: content text, and complete tool calls; text that may still turn into a
+tool-call marker is held back until it is clear.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+from .responses import bad
+
+HERMES, MISTRAL, HARMONY = "hermes", "mistral", "harmony"
+
+
+def tool_format(chat_template: str | None) -> str | None:
+    """The tool-call format a chat template writes, or None when it defines none."""
+    t = chat_template or ""
+    if "<|channel|>" in t and "to=functions." in t:
+        return HARMONY
+    if "[TOOL_CALLS]" in t:
+        return MISTRAL
+    if "<tool_call>" in t:
+        return HERMES
+    return None
+
+
+def check_tools(name, value) -> list[dict]:
+    if not isinstance(value, list):
+        raise bad(f"{name}: expected a list of tools", name, "invalid_type")
+    for i, tool in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise bad(f"{where}: expected {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}", where)
+        fn = tool["function"]
+        if not isinstance(fn.get("name"), str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", fn["name"]):
+            raise bad(f"{where}.function.name: expected a name of 1-64 letters, digits, _ . -", f"{where}.function.name")
+        if "parameters" in fn and not isinstance(fn["parameters"], dict):
+            raise bad(f"{where}.function.parameters: expected a JSON Schema object", f"{where}.function.parameters")
+    return value
+
+
+def check_tool_choice(name, value):
+    if value in ("none", "auto"):
+        return value
+    if value == "required" or isinstance(value, dict):
+        raise bad(f"{name} = {json.dumps(value)[:80]}: forcing a tool call needs constrained decoding, which this "
+                  "server does not do; send \"auto\" (the model decides) or \"none\"", name, "unsupported_value")
+    raise bad(f"{name}: expected \"none\" or \"auto\"", name)
+
+
+def new_call(name: str, arguments) -> dict:
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _held(text: str, marker: str) -> int:
+    """Length of the longest tail of text that is a proper prefix of marker."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return n
+    return 0
+
+
+class ToolCallParser:
+    """Feed generated text; get back (content, [tool calls]) as they become certain."""
+
+    def __init__(self, fmt: str):
+        self.fmt = fmt
+        self.text = ""          # all generated text so far
+        self.shown = 0          # for hermes / mistral: characters of text already returned as content
+        self.calls: list[dict] = []
+        self.final_shown = 0    # for harmony: characters of the final channel already returned
+        self.messages_done = 0  # for harmony: complete messages already looked at
+
+    def feed(self, piece: str) -> tuple[str, list[dict]]:
+        self.text += piece
+        return getattr(self, f"_{self.fmt}")(done=False)
+
+    def finish(self) -> tuple[str, list[dict]]:
+        return getattr(self, f"_{self.fmt}")(done=True)
+
+    # -- Hermes (Qwen): <tool_call> JSON </tool_call>
+    def _hermes(self, done: bool) -> tuple[str, list[dict]]:
+        content, calls = "", []
+        while True:
+            rest = self.text[self.shown:]
+            start = rest.find("<tool_call>")
+            if start < 0:
+                keep = 0 if done else _held(rest, "<tool_call>")
+                content += rest[:len(rest) - keep]
+                self.shown += len(rest) - keep
+                break
+            content += rest[:start]
+            end = rest.find("</tool_call>", start)
+            if end < 0:
+                if done:  # an unterminated call: parse what is there, else show it as text
+                    call = _parse_json_call(rest[start + len("<tool_call>"):])
+                    if call is not None:
+                        calls.append(call)
+                    else:
+                        content += rest[start:]
+                    self.shown = len(self.text)
+                else:
+                    self.shown += start
+                break
+            body = rest[start + len("<tool_call>"):end]
+            call = _parse_json_call(body)
+            if call is not None:
+                calls.append(call)
+            else:
+                content += rest[start:end + len("</tool_call>")]
+            self.shown += end + len("</tool_call>")
+        self.calls += calls
+        # Qwen writes a newline between content and each call: whitespace-only text around calls goes
+        return ("" if self.calls and not content.strip() else content), calls
+
+    # -- Mistral: [TOOL_CALLS] then a JSON list, or name[ARGS]{json} repeated
+    def _mistral(self, done: bool) -> tuple[str, list[dict]]:
+        rest = self.text[self.shown:]
+        start = rest.find("[TOOL_CALLS]")
+        if start < 0:
+            keep = 0 if done else _held(rest, "[TOOL_CALLS]")
+            self.shown += len(rest) - keep
+            return rest[:len(rest) - keep], []
+        content = rest[:start]
+        self.shown += start
+        if not done:
+            return content, []
+        body = self.text[self.shown:]
+        calls = _parse_mistral(body[len("[TOOL_CALLS]"):])
+        if calls is None:
+            content += body
+            calls = []
+        self.shown = len(self.text)
+        self.calls += calls
+        return content, calls
+
+    # -- gpt-oss harmony
+    def _harmony(self, done: bool) -> tuple[str, list[dict]]:
+        messages = _harmony_messages(self.text)
+        final = "".join(body for header, body, _ in messages if "<|channel|>final" in header or not header)
+        keep = 0 if done else _held(final, "<|")
+        content = final[self.final_shown:len(final) - keep]
+        self.final_shown = max(self.final_shown, len(final) - keep)
+        calls = []
+        for header, body, complete in messages[self.messages_done:]:
+            if not (complete or done):
+                break                      # only the last message can still be growing
+            self.messages_done += 1
+            m = re.search(r"to=functions\.([A-Za-z0-9_.-]+)", header)
+            if m is None:
+                continue
+            try:
+                arguments = json.loads(body) if body.strip() else {}
+            except ValueError:
+                arguments = body.strip()
+            calls.append(new_call(m.group(1), arguments))
+        self.calls += calls
+        return content, calls
+
+
+def _parse_json_call(body: str) -> dict | None:
+    try:
+        obj = json.loads(body.strip())
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    return new_call(obj["name"], obj.get("arguments", obj.get("parameters", {})))
+
+
+def _parse_mistral(body: str) -> list[dict] | None:
+    body = body.strip()
+    if body.startswith("["):
+        try:
+            items = json.loads(body)
+        except ValueError:
+            return None
+        if isinstance(items, dict):
+            items = [items]
+        if not isinstance(items, list) or \
+                not all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items):
+            return None
+        return [new_call(i["name"], i.get("arguments", {})) for i in items]
+    calls = []  # v11: name[ARGS]{json}[TOOL_CALLS]name[ARGS]{json}...
+    for part in body.split("[TOOL_CALLS]"):
+        name, sep, args = part.partition("[ARGS]")
+        if not sep or not name.strip():
+            return None
+        try:
+            arguments = json.loads(args)
+        except ValueError:
+            return None
+        calls.append(new_call(name.strip(), arguments))
+    return calls
+
+
+def _harmony_messages(text: str) -> list[tuple[str, str, bool]]:
+    """Split harmony output into (header, body, complete) messages; the `<|start|>assistant` between
+    messages is dropped; a message is complete when its `<|end|>` (or `<|call|>`) came."""
+    if "<|" not in text:    # plain text with no harmony markup (yet)
+        return [("", text, False)] if text else []
+    out = []
+    for chunk in re.split(r"<\|start\|>", text):
+        header, sep, body = chunk.partition("<|message|>")
+        if not sep:         # a header still arriving
+            continue
+        complete = False
+        for end in ("<|end|>", "<|call|>", "<|return|>"):
+            if end in body:
+                body, complete = body.split(end, 1)[0], True
+                break
+        out.append((header, body, complete))
+    return out
