@@ -165,7 +165,13 @@ def test_serve_by_repo_id_offline(cache, local):
                 break
         assert "serving 'org/tiny'" in line, line
         base = f"http://127.0.0.1:{port}/v1"
-        assert httpx.get(f"{base}/models").json()["data"][0]["id"] == "org/tiny"
+        for _ in range(300):  # "serving" is logged just before uvicorn's socket accepts
+            try:
+                models = httpx.get(f"{base}/models")
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert models.json()["data"][0]["id"] == "org/tiny"
         body = {"model": "org/tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
         answer = httpx.post(f"{base}/completions", json=body, timeout=60).json()
         assert answer["choices"][0]["text"] == greedy(local["main"])

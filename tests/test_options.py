@@ -44,7 +44,7 @@ def test_model_settings_are_typed_and_print_as_before(tiny_checkpoint):
     has the keys of the placement that applies and nothing else."""
     from offload_moe.model_settings import ModelSettings
 
-    base = {"profile", "device", "dtype", "context_length", "cpu_experts", "cpu_layers", "experts"}
+    base = {"profile", "device", "dtype", "context_length", "cpu_experts", "cpu_layers", "experts", "sampling"}
     resident = offload_moe.load(tiny_checkpoint[0], device="cpu", profile=None)
     assert isinstance(resident.settings, ModelSettings) and resident.settings.experts == "cpu"  # on the CPU: all on the CPU kernels
     assert set(resident.settings.as_dict()) == base
