@@ -18,7 +18,7 @@ slot before claiming it for the next miss, but it thrashes: every token misses a
 top_k - slots experts per layer, and the plan says so. `cache_slots = "auto"` takes as many slots
 as fit, at most num_experts (then nothing is offloaded). Prefetch (layers ahead) copies into the
 same slots, so it costs no extra memory. The KV cache holds context_length positions even under a
-sliding window, as `model.KVCache` allocates them.
+sliding window, as `attention.KVCache` allocates them.
 
 Tiers (the rule of `experts/store.py`): with offload = "ram", whole layers of experts are kept in
 host RAM (pinned on a GPU) until ram_budget is spent and the remaining layers go to memory-mapped

@@ -1,0 +1,212 @@
+"""The attention side of the decoder: RMSNorm, rotary embeddings (with YaRN), a preallocated KV
+cache, grouped-query attention (optional biases, q/k norms, clamp, sinks, sliding window) and
+multi-head latent attention (DeepSeek-V2), following transformers' math. `model.py` builds the
+decoder layers from these and the MoE block.
+
+Shape letters: B batch, T new tokens, S cached positions, H hidden size, nh / nkv query / key-value
+heads, hd head dim, r latent rank (MLA), d rotated dims per head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, scale_fp32: bool = False):
+        super().__init__()
+        self.eps, self.scale_fp32 = eps, scale_fp32
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()  # normalise in fp32 as the reference does, whatever the weight dtype
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_fp32:
+            return (self.weight * h).to(x.dtype)
+        return self.weight * h.to(x.dtype)
+
+
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
+def _yarn(cfg: ModelConfig, d: int, device) -> tuple[torch.Tensor, float]:
+    """YaRN: (inv_freq (d/2,), factor applied to cos and sin), as transformers computes them."""
+    y, base = cfg.rope_scaling, cfg.rope_theta
+    factor, original = y["factor"], y["original_max_position_embeddings"]
+    attention_factor = y["attention_factor"]
+    if attention_factor is None:
+        attention_factor = (yarn_mscale(factor, y["mscale"]) / yarn_mscale(factor, y["mscale_all_dim"])
+                            if y["mscale"] and y["mscale_all_dim"] else yarn_mscale(factor))
+
+    def correction_dim(rotations):
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(y["beta_fast"] or 32), correction_dim(y["beta_slow"] or 1)
+    if y["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, d, 2, device=device).float() / d)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, attention_factor
+
+
+def rope_tables(cfg: ModelConfig, max_seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: (max_seq_len, d), computed in fp32 then cast (as transformers does)."""
+    d = cfg.rope_dim
+    if cfg.rope_scaling:
+        inv_freq, scale = _yarn(cfg, d, device)
+    else:
+        inv_freq, scale = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device)
+                                                    .float() / d)), 1.0
+    freqs = torch.arange(max_seq_len, device=device).float()[:, None] * inv_freq[None, :]  # (S, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (S, d)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, d); cos, sin: (T, d). Rotates the pairs (i, i + d/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, d); cos, sin: (T, d). Rotates the pairs (2i, 2i + 1) in fp32 (DeepSeek)."""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half].float(), sin[..., :half].float()           # (T, d/2)
+    even, odd = x[..., 0::2].float(), x[..., 1::2].float()             # (B, heads, T, d/2)
+    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position so far, preallocated once: (B, nkv, S, hd) and
+    (B, nkv, S, v_dim). MLA stores its latent as the "keys" and its rotated key as the "values"."""
+
+    def __init__(self, batch: int, kv_heads: int, max_seq_len: int, head_dim: int, device, dtype,
+                 v_dim: int | None = None):
+        super().__init__()
+        shape = (batch, kv_heads, max_seq_len)
+        self.register_buffer("k", torch.zeros(*shape, head_dim, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(*shape, v_dim or head_dim, device=device, dtype=dtype),
+                             persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, nkv, T, hd) at positions start.. and return the filled prefix (B, nkv, start+T, hd)."""
+        B, end = k.shape[0], start + k.shape[2]
+        self.k[:B, :, start:end] = k
+        self.v[:B, :, start:end] = v
+        return self.k[:B, :, :end], self.v[:B, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; per family optional q/k/v (and o) biases, q/k RMSNorm per head
+    ("head") or over the whole projection ("full"), a clamp of q, k, v, and attention sinks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        fam = cfg.family
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm, self.clip = fam.qk_norm, cfg.clip_qkv
+        if fam.qk_norm:
+            head = fam.qk_norm == "head"
+            self.q_norm = RMSNorm(self.hd if head else self.nh * self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd if head else self.nkv * self.hd, cfg.rms_norm_eps)
+        self.sinks = nn.Parameter(torch.zeros(self.nh)) if fam.attention_sinks else None
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)      # (B, T, nh*hd), (B, T, nkv*hd) x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(B, T, self.nh, self.hd)
+        k = k.view(B, T, self.nkv, self.hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)                                          # (B, nh, T, hd)
+        k = k.transpose(1, 2)                                          # (B, nkv, T, hd)
+        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)            # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start, k, v)                           # (B, nkv, S, hd)
+        if self.sinks is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nh != self.nkv)
+        else:
+            y = self._attend_with_sinks(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+    def _attend_with_sinks(self, q, k, v, mask) -> torch.Tensor:
+        """Softmax over the keys and one learned logit per head that takes weight but has no value."""
+        k = k.repeat_interleave(self.nh // self.nkv, dim=1)             # (B, nh, S, hd)
+        v = v.repeat_interleave(self.nh // self.nkv, dim=1)
+        scores = q @ k.transpose(-1, -2) * self.hd ** -0.5              # (B, nh, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        sinks = self.sinks.view(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)
+        probs = torch.softmax(torch.cat((scores, sinks), dim=-1), dim=-1)[..., :-1]
+        return probs @ v                                                # (B, nh, T, hd)
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2). Keys and values come from a rank-r latent shared by
+    all heads, which is what the cache holds (with the rotated d-dim key part, also shared); they
+    are decompressed for every head at each step. RoPE rotates (even, odd) pairs here."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m, H = cfg.mla, cfg.hidden_size
+        self.nh, self.nope, self.rope, self.v_dim, self.rank = (cfg.num_heads, m.qk_nope_head_dim,
+                                                                m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank)
+        qk = self.nope + self.rope
+        self.q_lora = bool(m.q_lora_rank)
+        if self.q_lora:
+            self.q_a_proj = nn.Linear(H, m.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, 1e-6)  # transformers leaves these at their default eps
+            self.q_b_proj = nn.Linear(m.q_lora_rank, self.nh * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(H, self.nh * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.rank + self.rope, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.rank, 1e-6)
+        self.kv_b_proj = nn.Linear(self.rank, self.nh * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.nh * self.v_dim, H, bias=False)
+        self.scale = qk ** -0.5
+        y = cfg.rope_scaling
+        if y and y["mscale_all_dim"]:  # YaRN's attention temperature, squared (transformers' yarn_apply_mscale)
+            self.scale *= yarn_mscale(y["factor"], y["mscale_all_dim"]) ** 2
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(B, T, self.nh, self.nope + self.rope).transpose(1, 2)        # (B, nh, T, nope+d)
+        q_nope, q_rot = q.split([self.nope, self.rope], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)  # (B, T, r), (B, T, d)
+        latent = self.kv_a_layernorm(latent).view(B, 1, T, self.rank)          # (B, 1, T, r)
+        k_rot = k_rot.view(B, 1, T, self.rope)
+        q_rot, k_rot = apply_rope_interleaved(q_rot, cos, sin), apply_rope_interleaved(k_rot, cos, sin)
+        if cache is not None:
+            latent, k_rot = cache.update(start, latent, k_rot)                 # (B, 1, S, r), (B, 1, S, d)
+        S = latent.shape[2]
+        kv = self.kv_b_proj(latent).view(B, S, self.nh, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)                  # (B, nh, S, nope), (B, nh, S, v)
+        k = torch.cat((k_nope, k_rot.expand(B, self.nh, S, self.rope)), dim=-1)  # (B, nh, S, nope+d)
+        q = torch.cat((q_nope, q_rot), dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, nh, T, v)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.v_dim))
