@@ -59,7 +59,8 @@ def test_default_demo_chat_keeps_three_turns_in_context(tmp_path):
     saved, out = session(MESSAGES, tmp_path / "t.json")
     assert saved["in_context"] == 3 and saved["trimmed"] == 0, out
     assert saved["messages_in_context"] == 6
-    assert "dropped" not in out and "reply cut" not in out and "limited" not in out, out  # no notices
+    # no turn dropped, no context limited (a sampled reply may reach its budget: that notice is fine)
+    assert "dropped" not in out and "limited" not in out, out
 
 
 def test_a_session_seed_seeds_the_session_once_and_a_replay_repeats_it(tmp_path):

@@ -59,14 +59,44 @@ def test_disk_tier_removed_after_a_normal_end(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+# Runs the real CLI, but the first piece of text written to stdout waits there for a signal: the
+# signal then lands mid-generation however loaded the machine is (the demo decodes 200 tokens in
+# under a second, so signalling "soon after the tier is written" could find the run already over).
+STALLED_GENERATE = """
+import signal, sys
+marker = sys.argv.pop(1)
+class Stalls:
+    def __init__(self, inner): self.inner, self.stalled = inner, False
+    def __getattr__(self, name): return getattr(self.inner, name)
+    def write(self, text):
+        n = self.inner.write(text)
+        if text.strip() and not self.stalled:
+            self.stalled = True
+            self.inner.flush()
+            open(marker, "w").close()
+            while True:
+                signal.pause()  # a signal's handler runs here: KeyboardInterrupt, or cleanup and exit
+        return n
+sys.stdout = Stalls(sys.stdout)
+from offload_moe.cli.main import main
+sys.exit(main())
+"""
+
+
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM),
                                          (signal.SIGHUP, -signal.SIGHUP)], ids=["SIGINT", "SIGTERM", "SIGHUP"])
-def test_disk_tier_removed_when_interrupted(tmp_path, sig, status):
-    proc = cli("generate", PROMPT, "--max-new-tokens", "200", *DISK_TIER, tmpdir=tmp_path)
-    wait_until(lambda: layer_files_written(tmp_path), proc)
+def test_disk_tier_removed_when_interrupted_mid_generation(tmp_path, sig, status):
+    marker = tmp_path.parent / f"{tmp_path.name}.generating"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path), "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", STALLED_GENERATE, str(marker), "generate", PROMPT,
+                             "--max-new-tokens", "200", *DISK_TIER], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_until(marker.exists, proc)
+    assert layer_files_written(tmp_path)  # the tier is there while it generates
     proc.send_signal(sig)
-    proc.communicate(timeout=120)
-    assert proc.returncode == status
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err
+    assert "Traceback" not in err, err
     assert leftovers(tmp_path) == []
 
 
