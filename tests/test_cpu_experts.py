@@ -17,7 +17,8 @@ from offload_moe import OffloadMoeError
 from offload_moe.checkpoint import Checkpoint
 from offload_moe.cpu.kernels import cpu_form
 from offload_moe.experts.cpu_tier import CpuTier, cpu_layers
-from offload_moe.cpu.kernels import TOLERANCE, Int4Planes, int4_supported, reference_linear, to_int4_planes
+from offload_moe.cpu.kernels import (CPU_FORMS, TOLERANCE, Int4Planes, QmvMatrix, has_cpu_kernel, reference_linear,
+                                     to_int4_planes)
 from offload_moe.experts.cache import ExpertCache
 from offload_moe.experts.cost_file import save_costs, saved_costs
 from offload_moe.experts.cost_timing import measure_expert_costs, measure_throughput
@@ -81,18 +82,23 @@ def test_expert_in_cpu_form_matches_reference(bits):
     g = torch.Generator().manual_seed(bits)
     w = ExpertWeights(*(quantize(torch.randn(s, generator=g) * 0.05, bits, 64) for s in [(128, 64), (128, 64), (64, 128)]))
     c = cpu_form(w)
-    assert all(isinstance(m, Int4Planes) for m in (c.w1, c.w3, c.w2))
+    assert all(isinstance(m, CPU_FORMS) for m in (c.w1, c.w3, c.w2))
     x = torch.randn(4, 64, generator=g)
     assert rel_error(expert_forward(x, c), expert_forward(x, w)) < TOLERANCE
 
 
-def test_shapes_the_kernel_cannot_take_keep_the_reference_form():
-    odd_rows = quantize(torch.randn(40, 64), 4, 32)          # out % 16 != 0
-    small_group = quantize(torch.randn(64, 48), 4, 16)      # group 16
-    for qw in (odd_rows, small_group):
-        assert not int4_supported(qw)
-        w = cpu_form(ExpertWeights(qw, qw, qw))
-        assert w.w1 is not None and not isinstance(w.w1, Int4Planes)
+def test_shapes_no_kernel_takes_keep_the_reference_form():
+    small_group = quantize(torch.randn(64, 48), 4, 16)      # group 16, in % 64 != 0
+    assert not has_cpu_kernel(small_group)
+    w = cpu_form(ExpertWeights(small_group, small_group, small_group))
+    assert w.w1 is not None and not isinstance(w.w1, CPU_FORMS)
+
+
+def test_rows_torch_kernel_cannot_take_go_to_ours_where_it_is_built():
+    odd_rows = quantize(torch.randn(40, 64), 4, 32)          # out % 16 != 0: not torch's int4 kernel
+    w = cpu_form(ExpertWeights(odd_rows, odd_rows, odd_rows))
+    assert isinstance(w.w1, QmvMatrix) == has_cpu_kernel(odd_rows)
+    assert not isinstance(w.w1, Int4Planes)
 
 
 # ---------------------------------------------------------------- the decision, on the engine alone
@@ -291,7 +297,11 @@ def test_quantized_cpu_modes_equal_resident_within_tolerance(quantizable_checkpo
     for kw in (dict(cpu_experts="all"), dict(cpu_experts="hybrid", cache_slots=2, cpu_costs=costs(f"int{bits}"))):
         model = fixed_routes(offload_moe.load(checkpoint, device="cpu", **kw))
         assert rel_error(model.logits(ids), expected) < TOLERANCE
-    assert model.stats["experts"]["cpu_computed"] > 0 and model.settings.cpu_extra_bytes > 0
+    assert model.stats["experts"]["cpu_computed"] > 0
+    # our kernel computes 4/8-bit experts from the host tier's own bytes; torch's needs a copy
+    shares = has_cpu_kernel(quantize(torch.randn(64, 64), bits, 64)) and not isinstance(
+        cpu_form(ExpertWeights(*[quantize(torch.randn(64, 64), bits, 64)] * 3)).w1, Int4Planes)
+    assert (model.settings.cpu_extra_bytes == 0) == shares
 
 
 # ---------------------------------------------------------------- the cost model

@@ -12,7 +12,8 @@ import torch
 import offload_moe
 from conftest import save, tiny_mixtral
 from offload_moe.quant import quantize
-from offload_moe.quant import cpu_int4
+from offload_moe.quant import cpu_forms, cpu_int4
+from offload_moe.quant.cpu_forms import CPU_FORMS
 from offload_moe.quant.cpu_int4 import TOLERANCE, Int4Planes, to_int4_planes
 from offload_moe.quant.modules import QLinear
 
@@ -87,8 +88,8 @@ def test_quantized_attention_runs_packed_on_the_cpu(tmp_path, monkeypatch):
     ids = torch.tensor([[1, 17, 42, 5, 66, 23, 9]])
     model = offload_moe.load(dst, device="cpu", dtype=torch.float32)
     qlinears = {n: m for n, m in model.transformer.named_modules() if isinstance(m, QLinear)}
-    assert len(qlinears) == 3 * 4 + 1 and all(isinstance(m.qw, Int4Planes) for m in qlinears.values())
-    monkeypatch.setattr(modules, "int4_supported", lambda qw: False)  # the packed bytes as stored
+    assert len(qlinears) == 3 * 4 + 1 and all(isinstance(m.qw, CPU_FORMS) for m in qlinears.values())
+    monkeypatch.setattr(modules, "has_cpu_kernel", lambda qw: False)  # the packed bytes as stored
     stored = {n: m.qw for n, m in offload_moe.load(dst, device="cpu", dtype=torch.float32).transformer.named_modules()
               if isinstance(m, QLinear)}
     calls = []
@@ -98,4 +99,4 @@ def test_quantized_attention_runs_packed_on_the_cpu(tmp_path, monkeypatch):
         model.logits(tokens)
     assert {name for name, _, _ in calls} == set(qlinears)
     for name, x, y in calls:
-        assert rel_error(y, float64_linear(x, stored[name])) < TOLERANCE, name
+        assert rel_error(y, float64_linear(x, stored[name])) < cpu_forms.TOLERANCE, name

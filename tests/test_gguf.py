@@ -19,7 +19,7 @@ from test_families import BASE, FAMILIES
 import offload_moe
 from offload_moe import OffloadMoeError
 from offload_moe.gguf import GGUFCheckpoint, blocks
-from offload_moe.quant import cpu_int4
+from offload_moe.quant import cpu_int4, cpu_qmv, native
 from offload_moe.quant import modules as quant_modules
 from offload_moe.runtime import DEMO_DIR
 from offload_moe.sources import open_tokenizer
@@ -176,30 +176,35 @@ def test_quantized_gguf_matches_its_dequantized_weights(families, name, experts,
     twin = _dequantized_twin(path, tmp_path / "twin.gguf")
     expected = _logits(twin, IDS)
     # the import, checked exactly: dense packed weights through the dequantize-then-multiply
-    # reference, not torch's int4 CPU kernel, which computes from bf16 activations (its accuracy on
-    # every GGUF type is test_int4_cpu_kernel_on_gguf_types'; its bf16 noise flips near-tied routes
+    # reference, not the packed CPU kernels, which compute from bf16 or int8 activations (their accuracy
+    # on every GGUF type is test_cpu_kernels_on_gguf_types'; their noise flips near-tied routes
     # in these random tiny models, so logits would not show an import bug apart from it)
-    monkeypatch.setattr(quant_modules, "int4_supported", lambda qw: False)
+    monkeypatch.setattr(quant_modules, "has_cpu_kernel", lambda qw: False)
     got = _logits(path, IDS)
     tol = 1e-4 if {experts, attention} <= {*EXACT, T.F32, T.MXFP4} else 2e-2 * expected.abs().max().item()
     assert (got - expected).abs().max().item() < tol
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K], ids=lambda t: t.name)
-def test_int4_cpu_kernel_on_gguf_types(qtype):
-    """Every GGUF type the int4 CPU kernel takes (5-bit ones as 8-bit codes < 32, Q4_1's fp16 zeros)
-    is computed within the kernel's documented tolerance of float64 math on the imported weight."""
-    if not cpu_int4.int4_ops_available():
+@pytest.mark.parametrize("kernel", ["torch-int4", "qmv"])
+def test_cpu_kernels_on_gguf_types(qtype, kernel):
+    """Every GGUF type the packed CPU kernels take (5-bit ones as 8-bit codes < 32, Q4_1's fp16
+    zeros) is computed within the kernel's documented tolerance of float64 math on the imported weight."""
+    module, supported, convert = {"torch-int4": (cpu_int4, cpu_int4.int4_supported, cpu_int4.to_int4_planes),
+                                  "qmv": (cpu_qmv, cpu_qmv.qmv_supported, cpu_qmv.to_qmv)}[kernel]
+    if kernel == "torch-int4" and not cpu_int4.int4_ops_available():
         pytest.skip("this torch has no int4 CPU kernel")
+    if kernel == "qmv" and native.load() is None:
+        pytest.skip(f"the qmv kernel is not built here: {native.status()}")
     O, I = 64, 512
     data = np.random.default_rng(0).standard_normal((O, I)).astype(np.float32) * 0.05
     raw = torch.from_numpy(np.ascontiguousarray(encode(data, qtype)).view(np.uint8)).reshape(O, -1)
     qw = blocks.to_quantized(raw, qtype, (O, I))
-    assert cpu_int4.int4_supported(qw)
+    assert supported(qw)
     x = torch.randn(3, I, generator=torch.Generator().manual_seed(1))
     ref = x.double() @ qw.dequantize().double().t()
-    y = cpu_int4.to_int4_planes(qw).linear(x)
-    assert ((y.double() - ref).norm() / ref.norm()).item() < cpu_int4.TOLERANCE
+    y = convert(qw).linear(x)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < module.TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])

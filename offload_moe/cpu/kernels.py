@@ -2,9 +2,9 @@
 
 Why: an expert that is not in a device slot can be computed where it sits, in host RAM, instead
 of being copied over the link. That only pays if the CPU reads the packed bytes at close to memory
-speed, so quantized weights are converted once, at load, into the layout of torch's own CPU
-low-bit kernel (`quant/cpu_int4.py`, which says how and to what tolerance), and compute never
-converts anything. bf16 / fp16 / fp32 matrices stay as they are and go through F.linear: bitwise
+speed, so quantized weights get, once at load, the form of a packed CPU kernel (`quant/cpu_forms.py`:
+our int8-activation kernel reading the stored bytes, else torch's int4 kernel on a converted copy;
+each module says how and to what tolerance), and compute never converts anything. bf16 / fp16 / fp32 matrices stay as they are and go through F.linear: bitwise
 what the device path computes on the CPU. A weight the int4 kernel cannot take keeps its
 `QuantizedWeight` form (the `qlinear` reference: dequantize + F.linear, slow).
 
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from ..experts.interface import ExpertWeights
 from ..quant.cpu_bf16 import PackedBF16, packable
-from ..quant.cpu_int4 import (INT4_GROUP_SIZES, INT4_ROWS, TOLERANCE, Int4Planes, cpu_matrix, int4_supported,
-                              to_int4_planes)
+from ..quant.cpu_forms import CPU_FORMS, TOLERANCE, copies_bytes, cpu_matrix, has_cpu_kernel, owns_bytes
+from ..quant.cpu_int4 import INT4_GROUP_SIZES, INT4_ROWS, Int4Planes, int4_supported, to_int4_planes
+from ..quant.cpu_qmv import QmvMatrix, to_qmv
 from ..quant.groupwise import QuantizedWeight
 
 
@@ -40,8 +41,8 @@ def resident_cpu_form(weights: ExpertWeights) -> ExpertWeights:
 
 
 def converts(weights: ExpertWeights) -> bool:
-    """Whether `cpu_form` makes new tensors (quantized matrices) rather than reusing the bytes."""
-    return any(isinstance(getattr(weights, m), QuantizedWeight) and int4_supported(getattr(weights, m))
+    """Whether `cpu_form` makes new tensors (some quantized matrices) rather than reusing the bytes."""
+    return any(isinstance(getattr(weights, m), QuantizedWeight) and copies_bytes(getattr(weights, m))
                for m in ("w1", "w3", "w2"))
 
 
@@ -73,5 +74,6 @@ def reference_linear(x: torch.Tensor, w) -> torch.Tensor:
     return F.linear(x.float(), w.dequantize(torch.float32))
 
 
-__all__ = ["INT4_GROUP_SIZES", "INT4_ROWS", "TOLERANCE", "Int4Planes", "converts", "cpu_form", "cpu_matrix",
-           "expert_format", "int4_supported", "reference_linear", "resident_cpu_form", "to_int4_planes", "weight_nbytes"]
+__all__ = ["CPU_FORMS", "INT4_GROUP_SIZES", "INT4_ROWS", "TOLERANCE", "Int4Planes", "QmvMatrix", "converts", "cpu_form", "cpu_matrix",
+           "expert_format", "has_cpu_kernel", "int4_supported", "owns_bytes", "reference_linear", "resident_cpu_form",
+           "to_int4_planes", "to_qmv", "weight_nbytes"]

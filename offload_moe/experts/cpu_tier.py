@@ -29,7 +29,7 @@ from .cost_timing import measure_costs
 from .costs import CostModel
 from .store import HostStore
 from .interface import Expert, ExpertWeights
-from ..cpu.kernels import Int4Planes, converts, cpu_form, expert_format, weight_nbytes
+from ..cpu.kernels import Int4Planes, converts, cpu_form, expert_format, owns_bytes, weight_nbytes
 
 MODES = ("auto", "none", "hybrid", "all")
 
@@ -37,9 +37,10 @@ MODES = ("auto", "none", "hybrid", "all")
 class CpuTier:
     """The experts the CPU may compute, per layer, in the form its kernels read.
 
-    Float experts are views of the host tier's bytes (no second copy); quantized ones are
-    converted once into torch's int4 CPU layout, held beside the host bytes (as large at 4 bits,
-    6% larger at 8 bits, 4 bits per weight at 2 and 3 bits). Layers without a CPU form are absent."""
+    Float experts are views of the host tier's bytes (no second copy), and so are 4- and 8-bit
+    ones where our kernel computes them (`quant/cpu_qmv.py`); otherwise quantized ones are
+    converted once, held beside the host bytes (2/3-bit codes repacked to 4 bits; torch's int4
+    layout: as large at 4 bits, 6% larger at 8). Layers without a CPU form are absent."""
 
     def __init__(self, layers: dict[int, list[ExpertWeights]]):
         self.layers = layers
@@ -57,7 +58,7 @@ class CpuTier:
     def extra_bytes(self) -> int:
         """Host RAM held in addition to the host tier (0 when the CPU reads the host tier's bytes)."""
         example = next(iter(self.layers.values()))[0]
-        if not isinstance(example.w1, Int4Planes):
+        if not owns_bytes(example.w1):
             return 0
         return sum(len(experts) for experts in self.layers.values()) * self.nbytes
 

@@ -41,7 +41,6 @@ import functools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .groupwise import QuantizedWeight
 
@@ -115,6 +114,12 @@ class Int4Planes:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.planes, *self.scales_and_zeros))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Component tensors by name (what a module registers as buffers)."""
+        named = {f"plane{i}": t for i, t in enumerate(self.planes)}
+        named.update({f"scales_and_zeros{i}": t for i, t in enumerate(self.scales_and_zeros)})
+        return named
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., I] -> [..., O] in x's dtype (computed from bf16 activations, fp32 sums)."""
@@ -199,10 +204,3 @@ def to_int4_planes(qw: QuantizedWeight) -> Int4Planes:
         szs.append(torch.stack([s, z], dim=-1).to(torch.bfloat16).contiguous())   # (G, O, 2)
     return Int4Planes(tuple(planes), tuple(szs), qw.group_size, tuple(qw.shape), qw.bits)
 
-
-def cpu_matrix(w):
-    """One matrix in its CPU form: int4 planes where the kernel fits, else the weight itself on the
-    CPU (float tensors; other packed formats compute through their own `linear`)."""
-    if isinstance(w, QuantizedWeight) and int4_supported(w):
-        return to_int4_planes(w.to("cpu"))
-    return w.to("cpu")

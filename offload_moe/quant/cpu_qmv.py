@@ -1,0 +1,125 @@
+"""Groupwise-quantized matrices computed by our C kernel (`qmv.c`) from their stored bytes.
+
+Why: torch's int4 CPU kernel (`cpu_int4.py`) widens every weight to fp32, so a decode step is bound
+by instructions, not by the bytes it reads, and 8-bit weights take two of its passes. `qmv.c`
+quantizes the activations to int8 (one scale per 64 inputs) and multiplies the codes as bytes
+(AVX-512 VNNI or AVX2), as llama.cpp's Q4_0/Q8_0 products do, reading 4- and 8-bit codes in the
+checkpoint's own layout (pack.py): an expert in the host tier is computed from its host bytes,
+with no second copy. 2- and 3-bit codes are repacked to 4 bits at load.
+
+Where the library is not available (no C compiler, another instruction set, OFFLOAD_MOE_NATIVE=0;
+`native.status()` says which), `cpu_matrix` falls back to torch's kernel.
+
+Tolerance against float64 math (`x @ ((code - zero) * scale).T`): relative error (Frobenius)
+below `TOLERANCE`: the int8 activations bound it (measured ~0.5-1%, tests/test_cpu_qmv.py), the
+same rounding llama.cpp's quantized products apply.
+
+For long prefill chunks (`DEQUANT_MIN_TOKENS` tokens or more) a dense product on rows dequantized
+in chunks wins (`prefill.py`'s bounded scratch), as for the torch kernel.
+
+Shape letters: N tokens, I in features, O out features, G = I / group groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import native
+from .groupwise import QuantizedWeight
+from .pack import pack
+
+TOLERANCE = 2.5e-2        # relative error vs float64 math (int8 activations)
+DEQUANT_MIN_TOKENS = 64   # from here on dequantize-then-multiply wins (measured; BENCHMARKS.md)
+DEQUANT_CHUNK_ROWS = 256  # output rows dequantized at a time
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def qmv_supported(qw: QuantizedWeight) -> bool:
+    """Whether the C kernel is available and takes this weight's shape and group size."""
+    lib = native.load()
+    return lib is not None and lib.qmv_path() > 0 and qw.bits in (2, 3, 4, 8) and \
+        bool(lib.qmv_supported(qw.shape[1], qw.group_size, 4 if qw.bits < 8 else 8))
+
+
+@dataclass
+class QmvMatrix:
+    """A groupwise-quantized [O, I] weight in the form `qmv.c` reads: 4- or 8-bit codes as pack.py
+    lays them out, fp16 scales and zeros [O, G] as stored."""
+
+    codes: torch.Tensor       # uint8 [O, I/2] (4-bit) or [O, I] (8-bit)
+    scales: torch.Tensor      # fp16 [O, G]
+    zeros: torch.Tensor       # fp16 [O, G]
+    group_size: int
+    shape: tuple[int, int]    # (O, I)
+    bits: int                 # of the source format (2, 3, 4 or 8)
+
+    @property
+    def kernel_bits(self) -> int:
+        return 8 if self.bits == 8 else 4
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
+
+    @property
+    def owns_bytes(self) -> bool:
+        """Whether the codes are a copy (2/3-bit repacked) rather than the stored bytes."""
+        return self.bits not in (4, 8)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Component tensors by name (what a module registers as buffers)."""
+        return {"qweight": self.codes, "scales": self.scales, "zeros": self.zeros}
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., I] -> [..., O] in x's dtype (fp32 or bf16 computed as they are; others via fp32)."""
+        O, I = self.shape
+        dtype = x.dtype if x.dtype in _DTYPES else torch.float32
+        xs = x.reshape(-1, I).to(dtype).contiguous()                                     # (N, I)
+        if xs.shape[0] >= DEQUANT_MIN_TOKENS:
+            return self._chunked_linear(xs).to(x.dtype).view(*x.shape[:-1], O)
+        y = torch.empty(xs.shape[0], O, dtype=dtype)                                      # (N, O)
+        rc = native.load().qmv(xs.data_ptr(), _DTYPES[dtype], y.data_ptr(), _DTYPES[dtype], xs.shape[0], O, I,
+                               self.codes.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
+                               self.group_size, self.kernel_bits, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"qmv: no scratch for {xs.shape[0]} x {I} activations") if rc == -1 else \
+                ValueError(f"qmv: {self.kernel_bits}-bit {list(self.shape)} weight with group {self.group_size}")
+        return y.to(x.dtype).view(*x.shape[:-1], O)
+
+    def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Rows r0:r1 as (code - zero) * scale in fp32, cast to `dtype`: [r1 - r0, I]."""
+        O, I = self.shape
+        p = self.codes[r0:r1]
+        q = p if self.kernel_bits == 8 else torch.stack((p & 15, p >> 4), dim=-1).view(r1 - r0, I)
+        q = q.view(r1 - r0, -1, self.group_size).float()                                  # (R, G, group)
+        w = (q - self.zeros[r0:r1].float().unsqueeze(-1)) * self.scales[r0:r1].float().unsqueeze(-1)
+        return w.view(r1 - r0, I).to(dtype)
+
+    def _chunked_linear(self, xs: torch.Tensor) -> torch.Tensor:
+        """(N, I) -> (N, O) through dense products on row chunks of the weight (bounded scratch)."""
+        O, _ = self.shape
+        out = torch.empty(xs.shape[0], O, dtype=xs.dtype)                                 # (N, O)
+        for r0 in range(0, O, DEQUANT_CHUNK_ROWS):
+            r1 = min(O, r0 + DEQUANT_CHUNK_ROWS)
+            torch.mm(xs, self.dequantize_rows(r0, r1, xs.dtype).t(), out=out[:, r0:r1])
+        return out
+
+
+def to_qmv(qw: QuantizedWeight) -> QmvMatrix:
+    """The kernel's form of a CPU weight: 4- and 8-bit weights share the stored bytes (no copy);
+    2- and 3-bit codes are repacked to 4 bits."""
+    if not qmv_supported(qw):
+        raise ValueError(f"{qw.bits}-bit weight {list(qw.shape)} with group size {qw.group_size}: the qmv kernel "
+                         f"needs in % 64 == 0 and a group size of 32, 64 or a multiple of 128 ({native.status()})")
+    codes = qw.packed if qw.bits in (4, 8) else pack(qw.codes(), 4)
+    return QmvMatrix(codes.contiguous(), qw.scales.contiguous(), qw.zeros.contiguous(), qw.group_size,
+                     tuple(qw.shape), qw.bits)
+
+
+__all__ = ["DEQUANT_MIN_TOKENS", "TOLERANCE", "QmvMatrix", "qmv_supported", "to_qmv"]

@@ -1,0 +1,369 @@
+/* Groupwise-quantized matrix products on the CPU, from the packed codes, with int8 activations.
+
+   Why: a decode step is a chain of matrix-vector products bound by the bytes they read. torch's
+   int4 CPU kernel widens every weight to fp32 and multiplies in fp32, so it is bound by
+   instructions per weight, not by bandwidth. Here, as in llama.cpp's Q4_0 x Q8_0 products, the
+   activations are quantized to int8 (one scale per 32 inputs) and the weights' codes are
+   multiplied as bytes (AVX-512 VNNI `vpdpbusd`: 64 products per instruction; AVX2 `vpmaddubsw`).
+
+   Weight (one [O, I] matrix, groups of G inputs along a row: see qmv_supported):
+     w[o, i] = (code[o, i] - zero[o, g]) * scale[o, g],   g = i / G,  scale/zero fp16 [O, I/G]
+   codes, `bits` = 4: uint8 [O, I/2] as stored (pack.py): byte j of a row holds input 2j (low
+     nibble) and input 2j + 1 (high nibble), so the kernel reads the checkpoint's bytes as they are.
+     Codes of 2- and 3-bit weights are repacked to this layout (4 bits each) by the caller.
+   codes, `bits` = 8: uint8 [O, I], one byte per input, as stored.
+   Activation (one token row of I inputs): a[i] = round(x[i] / d[b]) in [-127, 127], b = i / 64,
+     d[b] = max |x| of block b / 127; the product uses x^ = a * d, so
+     y[o] = sum_g scale[o, g] * (sum_{b in g} d[b] * sum_{i in b} code[o, i] a[i]  -  zero[o, g] X[g])
+     with X[g] = sum_{i in g} x^[i], the group's sum of x^ (exact: the zero point is applied to the
+     same activations the codes see). For 4-bit codes the int8 activations are stored in the
+     order the codes unpack from one load (`slot`): even inputs first, odd ones after, per run of
+     128 inputs (AVX-512; a trailing run of 64 likewise) or of 32 (AVX2).
+   Error against float64 math: that of x^ against x (relative ~0.5%), plus fp32 sums.
+
+   Threads: an OpenMP loop over output rows in the OpenMP runtime torch already loaded (the
+   library is linked against libgomp.so.1, which resolves to torch's), `threads` from the caller.
+   Scratch for the quantized activations is one buffer per calling thread, grown, never freed
+   per call. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QB 64 /* activation block: one scale per 64 inputs */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define QMV_PATH 2
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define QMV_PATH 1
+#else
+#define QMV_PATH 0
+#endif
+
+int qmv_path(void) { return QMV_PATH; } /* 2: AVX-512 VNNI, 1: AVX2, 0: portable C */
+
+/* ------------------------------------------------------------------ fp16 / bf16 conversions */
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal */
+            float f = ldexpf((float)man, -24);
+            memcpy(&bits, &f, 4);
+            bits |= sign;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN kept NaN */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1);
+    return (uint16_t)(bits >> 16);
+}
+
+/* ------------------------------------------------------------------ activations */
+
+typedef struct {
+    int8_t *a;    /* [N, I] int8 */
+    float *d;     /* [N, I/64] block scales */
+    float *xsum;  /* [N, I/G] group sums of x^ */
+    float *row;   /* [I] one token's activations as fp32 */
+    size_t cap;
+} Scratch;
+
+static __thread Scratch scratch;
+
+static int reserve(size_t n_tokens, size_t in, size_t groups) {
+    size_t blocks = in / QB;
+    size_t need = n_tokens * in + 4 * (n_tokens * (blocks + groups) + in) + 256;
+    if (need <= scratch.cap) return 0;
+    void *p = NULL;
+    if (posix_memalign(&p, 64, need)) return -1;
+    free(scratch.a);
+    scratch.a = (int8_t *)p;
+    scratch.cap = need;
+    return 0;
+}
+
+static void layout_scratch(size_t n_tokens, size_t in, size_t groups) {
+    uintptr_t base = (uintptr_t)scratch.a + n_tokens * in;
+    base = (base + 63) & ~(uintptr_t)63;
+    scratch.d = (float *)base;
+    scratch.xsum = scratch.d + n_tokens * (in / QB);
+    scratch.row = scratch.xsum + n_tokens * groups;
+}
+
+/* Where input i's activation is stored (see the header): 4-bit codes unpack as the even inputs of
+   a run (low nibbles), then its odd ones (high nibbles). */
+static inline size_t slot(size_t i, size_t in, int bits) {
+#if QMV_PATH == 2
+    size_t run = (i & ~(size_t)127) + 128 <= in ? 128 : 64;
+#elif QMV_PATH == 1
+    size_t run = 32;
+#else
+    size_t run = 0;
+#endif
+    if (bits == 8 || run == 0) return i;
+    size_t j = i % run;
+    return i - j + (j & 1) * (run / 2) + j / 2;
+}
+
+static void quantize_row(const float *x, size_t in, size_t group, int bits, int8_t *a, float *d, float *xsum) {
+    size_t blocks = in / QB;
+    for (size_t g = 0; g < in / group; g++) xsum[g] = 0.0f;
+    for (size_t b = 0; b < blocks; b++) {
+        const float *xb = x + b * QB;
+        float amax = 0.0f;
+        for (int i = 0; i < QB; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float db = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int8_t q[QB];
+        for (int i = 0; i < QB; i++) {
+            float v = nearbyintf(xb[i] * inv);
+            q[i] = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
+        }
+        for (size_t g0 = 0; g0 < QB; g0 += (group < QB ? group : QB)) {
+            size_t len = group < QB ? group : QB;
+            int sum = 0;
+            for (size_t i = g0; i < g0 + len; i++) sum += q[i];
+            xsum[(b * QB + g0) / group] += db * (float)sum;
+        }
+        for (int i = 0; i < QB; i++) a[slot(b * QB + i, in, bits)] = q[i];
+        d[b] = db;
+    }
+}
+
+/* ------------------------------------------------------------------ one row, NT tokens */
+
+#if QMV_PATH == 2
+
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+static inline float zero_term(const uint16_t *scale, const uint16_t *zero, const float *xs, size_t groups) {
+    __m512 zacc = _mm512_setzero_ps();
+    size_t g = 0;
+    for (; g + 16 <= groups; g += 16) {
+        __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + g)));
+        __m512 zv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zero + g)));
+        zacc = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_loadu_ps(xs + g), zacc);
+    }
+    float zs = hsum(zacc);
+    for (; g < groups; g++) zs += _cvtsh_ss(scale[g]) * _cvtsh_ss(zero[g]) * xs[g];
+    return zs;
+}
+
+/* lanes 0-7 = a, lanes 8-15 = b */
+static inline __m512 halves(float a, float b) {
+    return _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b));
+}
+
+/* The weight scale of each int32 lane of a dot product over 128 inputs from i: lane k sums
+   inputs 8k .. 8k+7 of the run (both nibbles). */
+static inline __m512 run_scales(const uint16_t *scale, size_t i, size_t group) {
+    if (group == 32) {
+        const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        __m128 four = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scale + i / 32)));
+        return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(four));
+    }
+    if (group == 64) return halves(_cvtsh_ss(scale[i / 64]), _cvtsh_ss(scale[i / 64 + 1]));
+    return _mm512_set1_ps(_cvtsh_ss(scale[i / group]));
+}
+
+__attribute__((always_inline)) static inline void row_tokens(
+    const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
+    const int8_t *a, const float *d, const float *xsum, size_t blocks, size_t groups,
+    int NT, float *out) {
+    __m512 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    size_t i = 0;
+    if (bits == 4) {
+        const __m512i m = _mm512_set1_epi8(0x0f);
+        for (; i + 128 <= in; i += 128) {              /* 64 bytes: inputs i .. i+127 */
+            __m512i b = _mm512_loadu_si512((const void *)(w + i / 2));
+            __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
+            __m512 s = run_scales(scale, i, group);
+            size_t c = i / 64;                          /* activation blocks c (lanes 0-7), c + 1 */
+            for (int t = 0; t < NT; t++) {
+                const int8_t *at = a + t * in + i;
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512((const void *)at));
+                dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512((const void *)(at + 64)));
+                __m512 dv = halves(d[t * blocks + c], d[t * blocks + c + 1]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+            }
+        }
+        if (i < in) {                                   /* a trailing run of 64 inputs: 32 bytes */
+            const __m256i m8 = _mm256_set1_epi8(0x0f);
+            __m256i b = _mm256_loadu_si256((const __m256i *)(w + i / 2));
+            __m256i lo = _mm256_and_si256(b, m8), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m8);
+            __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            /* lanes 0-3 and 8-11 hold inputs 0-31 of the run, lanes 4-7 and 12-15 inputs 32-63 */
+            __m512 s = group == 32 ? _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(_cvtsh_ss(scale[i / 32])),
+                                                          _mm512_set1_ps(_cvtsh_ss(scale[i / 32 + 1])))
+                                   : _mm512_set1_ps(_cvtsh_ss(scale[i / group]));
+            for (int t = 0; t < NT; t++) {
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_load_si512((const void *)(a + t * in + i)));
+                __m512 dv = _mm512_set1_ps(d[t * blocks + i / 64]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+            }
+        }
+    } else {
+        for (; i < in; i += 64) {                       /* 64 bytes: inputs i .. i+63 */
+            __m512i q = _mm512_loadu_si512((const void *)(w + i));
+            __m512 s = group == 32 ? halves(_cvtsh_ss(scale[i / 32]), _cvtsh_ss(scale[i / 32 + 1]))
+                                   : _mm512_set1_ps(_cvtsh_ss(scale[i / group]));
+            for (int t = 0; t < NT; t++) {
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_load_si512((const void *)(a + t * in + i)));
+                __m512 dv = _mm512_set1_ps(d[t * blocks + i / 64]);
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t] = hsum(acc[t]) - zero_term(scale, zero, xsum + t * groups, groups);
+}
+
+#elif QMV_PATH == 1
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* The dot product of 32 codes with their 32 activations, as 8 int32 lanes. `k`: index of the
+   first of the 32 inputs (a multiple of 32). */
+static inline __m256i dot32(const uint8_t *w, size_t k, int bits, const int8_t *a) {
+    const __m256i ones = _mm256_set1_epi16(1), m = _mm256_set1_epi8(0x0f);
+    __m256i x = _mm256_loadu_si256((const __m256i *)a);
+    if (bits == 8) { /* u8 x s8 pairs would overflow int16: 16 * dot(high nibbles) + dot(low) */
+        __m256i b = _mm256_loadu_si256((const __m256i *)(w + k));
+        __m256i lo = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(b, m), x), ones);
+        __m256i hi = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 4), m), x), ones);
+        return _mm256_add_epi32(_mm256_slli_epi32(hi, 4), lo);
+    }
+    __m128i b = _mm_loadu_si128((const __m128i *)(w + k / 2)), m4 = _mm_set1_epi8(0x0f);
+    __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);  /* even, odd inputs */
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set_m128i(hi, lo), x), ones);
+}
+
+__attribute__((always_inline)) static inline void row_tokens(
+    const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
+    const int8_t *a, const float *d, const float *xsum, size_t blocks, size_t groups,
+    int NT, float *out) {
+    __m256 acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    for (size_t k = 0; k < in; k += 32) {
+        float s = _cvtsh_ss(scale[k / group]);
+        for (int t = 0; t < NT; t++) {
+            __m256i dot = dot32(w, k, bits, a + t * in + k);  /* the run's activations, in slot order */
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d[t * blocks + k / QB] * s), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        const float *xs = xsum + t * groups;
+        float zs = 0.0f;
+        for (size_t g = 0; g < groups; g++) zs += _cvtsh_ss(scale[g]) * _cvtsh_ss(zero[g]) * xs[g];
+        out[t] = hsum8(acc[t]) - zs;
+    }
+}
+
+#else
+
+__attribute__((always_inline)) static inline void row_tokens(
+    const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
+    const int8_t *a, const float *d, const float *xsum, size_t blocks, size_t groups,
+    int NT, float *out) {
+    for (int t = 0; t < NT; t++) {
+        const int8_t *at = a + t * in;
+        float total = 0.0f;
+        for (size_t k0 = 0; k0 < in; k0 += 32) {       /* 32 inputs share a weight scale and a block */
+            int sum = 0;
+            for (size_t k = k0; k < k0 + 32; k++) {
+                int code = bits == 8 ? w[k] : (w[k / 2] >> (4 * (k & 1))) & 15;
+                sum += code * at[k];
+            }
+            total += half_to_float(scale[k0 / group]) * d[t * blocks + k0 / QB] * (float)sum;
+        }
+        const float *xs = xsum + t * groups;
+        for (size_t g = 0; g < groups; g++) total -= half_to_float(scale[g]) * half_to_float(zero[g]) * xs[g];
+        out[t] = total;
+    }
+}
+
+#endif
+
+/* ------------------------------------------------------------------ entry point */
+
+/* The shapes the layout takes: I a multiple of 64; G = 32, 64 or a multiple of 128 dividing I. */
+int qmv_supported(int64_t in_features, int64_t group, int bits) {
+    return in_features > 0 && in_features % 64 == 0 && (group == 32 || group == 64 || (group > 0 && group % 128 == 0))
+           && in_features % group == 0 && (bits == 4 || bits == 8);
+}
+
+/* y[N, O] = x[N, I] @ w.T.  x_dtype / y_dtype: 0 float32, 1 bfloat16.  Returns 0, or -1 when the
+   scratch cannot be allocated, -2 for a shape the layout does not take. */
+int qmv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, int64_t out_features,
+        int64_t in_features, const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,
+        int64_t group, int bits, int threads) {
+    const size_t N = (size_t)n_tokens, O = (size_t)out_features, I = (size_t)in_features, G = (size_t)group;
+    if (!qmv_supported(in_features, group, bits)) return -2;
+    const size_t groups = I / G, blocks = I / QB, row_bytes = bits == 8 ? I : I / 2;
+    if (reserve(N, I, groups)) return -1;
+    layout_scratch(N, I, groups);
+    int8_t *a = scratch.a;
+    float *d = scratch.d, *xsum = scratch.xsum;
+
+    for (size_t t = 0; t < N; t++) {
+        const float *xt = (const float *)x + t * I;
+        if (x_dtype != 0) {
+            const uint16_t *xb = (const uint16_t *)x + t * I;
+            for (size_t i = 0; i < I; i++) scratch.row[i] = bf16_to_float(xb[i]);
+            xt = scratch.row;
+        }
+        quantize_row(xt, I, G, bits, a + t * I, d + t * blocks, xsum + t * groups);
+    }
+
+    const int parallel = threads > 1 && O * I * N >= (1u << 18);
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+    for (int64_t o = 0; o < (int64_t)O; o++) {
+        const uint8_t *w = codes + (size_t)o * row_bytes;
+        const uint16_t *s = scales + (size_t)o * groups, *z = zeros + (size_t)o * groups;
+        for (size_t t0 = 0; t0 < N; t0 += 4) {
+            float r[4];
+            size_t nt = N - t0 < 4 ? N - t0 : 4;
+            const int8_t *at = a + t0 * I;
+            const float *dt = d + t0 * blocks, *xt = xsum + t0 * groups;
+            switch (nt) {
+                case 1: row_tokens(w, s, z, I, G, bits, at, dt, xt, blocks, groups, 1, r); break;
+                case 2: row_tokens(w, s, z, I, G, bits, at, dt, xt, blocks, groups, 2, r); break;
+                case 3: row_tokens(w, s, z, I, G, bits, at, dt, xt, blocks, groups, 3, r); break;
+                default: row_tokens(w, s, z, I, G, bits, at, dt, xt, blocks, groups, 4, r); break;
+            }
+            for (size_t t = 0; t < nt; t++) {
+                size_t k = (t0 + t) * O + (size_t)o;
+                if (y_dtype == 0) ((float *)y)[k] = r[t];
+                else ((uint16_t *)y)[k] = float_to_bf16(r[t]);
+            }
+        }
+    }
+    return 0;
+}

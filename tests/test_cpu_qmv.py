@@ -1,0 +1,165 @@
+"""Our C kernel for quantized products (quant/qmv.c) against float64 math, on every instruction path
+this machine can run, and its build: cached, atomic, shared with torch's OpenMP runtime, off when
+asked, nothing left behind when the compiler fails.
+
+The oracle is `x @ ((code - zero) * scale).T` in float64 from the stored codes, scales and zeros;
+the kernel computes from int8 activations (one scale per 64 inputs), so they agree within
+`cpu_qmv.TOLERANCE` (relative Frobenius error). The three paths are also checked against each other.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from offload_moe.quant import cpu_qmv, native, quantize
+from offload_moe.quant.cpu_qmv import QmvMatrix, to_qmv
+
+if native.load() is None:
+    pytest.skip(f"the qmv kernel is not built here: {native.status()}", allow_module_level=True)
+
+BASE_FLAGS = tuple(f for f in native.FLAGS if f != "-march=native")
+PATH_FLAGS = {"avx512-vnni": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"),
+              "avx2": ("-mavx2", "-mfma", "-mf16c"), "portable": ()}
+NEEDS = {"avx512-vnni": {"avx512f", "avx512bw", "avx512_vnni"}, "avx2": {"avx2", "fma", "f16c"}, "portable": set()}
+
+
+def cpu_flags() -> set[str]:
+    line = native._cpu_flags()
+    return set(line.split(":", 1)[-1].split())
+
+
+@pytest.fixture(scope="module", params=list(PATH_FLAGS))
+def lib(request, tmp_path_factory):
+    """The library built for one instruction path (skipped where this CPU cannot run it)."""
+    missing = NEEDS[request.param] - cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {sorted(missing)}")
+    built = native.open_library(native.build(flags=BASE_FLAGS + PATH_FLAGS[request.param],
+                                             directory=tmp_path_factory.mktemp("kernels")))
+    assert built.qmv_path() == {"avx512-vnni": 2, "avx2": 1, "portable": 0}[request.param]
+    return built
+
+
+def float64_linear(x: torch.Tensor, qw) -> torch.Tensor:
+    O, I = qw.shape
+    codes = qw.codes().double().view(O, -1, qw.group_size)
+    w = (codes - qw.zeros.double()[..., None]) * qw.scales.double()[..., None]
+    return x.double() @ w.view(O, I).t()
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def call(lib, m: QmvMatrix, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    code = {torch.float32: 0, torch.bfloat16: 1}[x.dtype]
+    y = torch.empty(x.shape[0], m.shape[0], dtype=x.dtype)
+    rc = lib.qmv(x.data_ptr(), code, y.data_ptr(), code, x.shape[0], m.shape[0], m.shape[1], m.codes.data_ptr(),
+                 m.scales.data_ptr(), m.zeros.data_ptr(), m.group_size, m.kernel_bits, threads)
+    assert rc == 0
+    return y
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group, inputs", [(g, i) for g in (32, 64, 128, 256) for i in (512, 768, 576) if i % g == 0])
+def test_every_path_matches_float64(lib, bits, group, inputs):  # 576: runs of 128 and a trailing run of 64
+    g = torch.Generator().manual_seed(bits * 1000 + group + inputs)
+    qw = quantize(torch.randn(72, inputs, generator=g) * 0.02, bits, group)   # 72 rows: any count
+    m = to_qmv(qw)
+    for tokens in (1, 3, 4, 6):                                               # tiles of 4 tokens and their rest
+        x = torch.randn(tokens, inputs, generator=g)
+        ref = float64_linear(x, qw)
+        for dtype in (torch.float32, torch.bfloat16):
+            y = call(lib, m, x.to(dtype))
+            assert y.dtype == dtype and rel_error(y, ref) < cpu_qmv.TOLERANCE, (tokens, dtype)
+
+
+def test_paths_agree_and_threads_change_nothing(lib):
+    """Each row is one thread's work, so 1 and 2 threads give the same bits; and every path
+    computes the same sums up to fp32 ordering."""
+    qw = quantize(torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)) * 0.02, 4, 64)
+    x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(1))
+    m = to_qmv(qw)
+    one, two = call(lib, m, x, threads=1), call(lib, m, x, threads=2)
+    assert torch.equal(one, two)
+    default = call(native.load(), m, x)
+    assert torch.allclose(one, default, rtol=1e-5, atol=1e-6 * default.abs().max().item())
+
+
+def test_an_all_zero_activation_block_and_large_values():
+    qw = quantize(torch.randn(64, 256, generator=torch.Generator().manual_seed(2)), 8, 32)
+    x = torch.randn(1, 256) * 1e4
+    x[0, :64] = 0                                                # a block whose scale is 0
+    assert rel_error(to_qmv(qw).linear(x), float64_linear(x, qw)) < cpu_qmv.TOLERANCE
+
+
+def test_the_form_shares_the_stored_bytes_and_keeps_leading_dimensions():
+    for bits in (4, 8):
+        qw = quantize(torch.randn(64, 128) * 0.02, bits, 64)
+        m = to_qmv(qw)
+        assert m.codes.data_ptr() == qw.packed.data_ptr() and not m.owns_bytes   # no second copy
+    three = to_qmv(quantize(torch.randn(64, 128) * 0.02, 3, 64))
+    assert three.owns_bytes and three.codes.shape == (64, 64)                     # repacked to 4 bits
+    x = torch.randn(2, 3, 128, dtype=torch.bfloat16)
+    y = m.linear(x)
+    assert y.shape == (2, 3, 64) and y.dtype == torch.bfloat16
+    assert rel_error(y.view(-1, 64), float64_linear(x.view(-1, 128), qw)) < cpu_qmv.TOLERANCE
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_long_prefill_dequantizes_in_row_chunks(bits, monkeypatch):
+    qw = quantize(torch.randn(300, 256, generator=torch.Generator().manual_seed(bits)) * 0.02, bits, 64)
+    m = to_qmv(qw)
+    rows = []
+    original = QmvMatrix.dequantize_rows
+    monkeypatch.setattr(QmvMatrix, "dequantize_rows", lambda self, r0, r1, dtype=torch.bfloat16:
+                        rows.append((r0, r1)) or original(self, r0, r1, dtype))
+    x = torch.randn(cpu_qmv.DEQUANT_MIN_TOKENS + 1, 256)
+    assert rel_error(m.linear(x), float64_linear(x, qw)) < 1e-5                    # fp32 dense: no int8 rounding
+    assert rows == [(0, 256), (256, 300)]
+    rows.clear()
+    m.linear(x[:3])
+    assert rows == []                                                             # decode: from the packed bytes
+
+
+def test_the_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    first = native.build(directory=tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert native.build(directory=tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]
+    bad = tmp_path / "bad.c"
+    bad.write_text("int qmv_path(void) { return syntax error; }\n")
+    with pytest.raises(RuntimeError, match="could not build bad.c"):
+        native.build(source=bad, directory=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, "bad.c"])
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="no C compiler"):
+        native.build(directory=tmp_path / "other")
+
+
+def run_python(code: str, **env) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_off_when_asked_or_without_a_compiler_falls_back_to_torch(tmp_path):
+    probe = ("import torch; from offload_moe.quant import quantize, native; from offload_moe.quant.cpu_forms import "
+             "to_cpu_kernel; print(type(to_cpu_kernel(quantize(torch.randn(64, 128), 4, 64))).__name__, native.status())")
+    assert run_python(probe, OFFLOAD_MOE_NATIVE="0").startswith("Int4Planes off")
+    out = run_python(probe, CC="/nonexistent/cc", XDG_CACHE_HOME=str(tmp_path))
+    assert out.startswith("Int4Planes unavailable: no C compiler")
+    assert not any(tmp_path.rglob("*.so"))
+
+
+def test_one_openmp_runtime_in_the_process():
+    maps = run_python("import torch; from offload_moe.quant import native; native.load(); "
+                      "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l}))")
+    assert len(eval(maps)) == 1, maps   # the library's libgomp.so.1 is torch's
