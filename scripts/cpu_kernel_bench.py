@@ -1,13 +1,16 @@
 """How fast the CPU expert kernels read a Mixtral-8x7B expert, against this machine's memcpy.
 
 One expert is w1, w3 [14336, 4096] and w2 [4096, 14336]. For int4 and int8 (groupwise, group 64,
-in the CPU form `offload_moe.cpu.kernels` converts to at load) and bf16 (prepacked for oneDNN), times each
-matrix's product and the whole SwiGLU expert at batch 1 (and `--batch` tokens), and reports GB/s
-of packed weight bytes read. The yardstick is a large RAM -> RAM tensor copy timed in the same run
-(bytes copied per second; the memory system moves twice that). Weight values are random codes
-with fixed scales: throughput does not depend on them. Beside them: bf16 F.linear without the
-prepacking, and torch's per-channel int8 kernel (`_weight_int8pack_mm`, which cannot take our
-groupwise scales) as the alternative torch offers for 8 bits.
+in the CPU form `offload_moe.cpu.kernels` gives them at load: our qmv kernel where it is built, else
+torch's int4 kernel) and bf16 (prepacked for oneDNN), times each matrix's product and the whole
+SwiGLU expert at batch 1 (and `--batch` tokens), and reports GB/s of packed weight bytes read. The
+yardstick is a large RAM -> RAM tensor copy timed in the same run (bytes copied per second; the
+memory system moves twice that). Each timed call reads another of `--copies` experts in turn, so
+the weights come from RAM, not from the last-level cache (a 4-bit w1 is 29 MB). Weight values are
+random codes with fixed scales: throughput does not depend on them. Beside them: torch's int4
+kernel (the fallback), bf16 F.linear without the prepacking, and torch's per-channel int8 kernel
+(`_weight_int8pack_mm`, which cannot take our groupwise scales) as the alternative torch offers
+for 8 bits.
 
     python scripts/cpu_kernel_bench.py --threads 2 --repeats 3
 """
@@ -20,7 +23,7 @@ import time
 
 import torch
 
-from offload_moe.cpu.kernels import resident_cpu_form, weight_nbytes
+from offload_moe.cpu.kernels import int4_supported, resident_cpu_form, to_int4_planes, weight_nbytes
 from offload_moe.timing import measure_copy_rate
 from offload_moe.experts.interface import ExpertWeights, expert_forward, linear
 from offload_moe.quant.groupwise import QuantizedWeight, qlinear
@@ -30,8 +33,8 @@ HIDDEN, INTERMEDIATE, GROUP = 4096, 14336, 64
 SHAPES = {"w1": (INTERMEDIATE, HIDDEN), "w3": (INTERMEDIATE, HIDDEN), "w2": (HIDDEN, INTERMEDIATE)}
 
 
-def random_expert(fmt: str) -> ExpertWeights:
-    g = torch.Generator().manual_seed(0)
+def random_expert(fmt: str, seed: int = 0) -> ExpertWeights:
+    g = torch.Generator().manual_seed(seed)
     if fmt == "bf16":
         return ExpertWeights(**{m: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for m, s in SHAPES.items()})
     bits = int(fmt.removeprefix("int"))
@@ -44,14 +47,16 @@ def random_expert(fmt: str) -> ExpertWeights:
     return ExpertWeights(**mats)
 
 
-def seconds(fn, args: tuple, repeats: int) -> list[float]:
-    """Wall times of `fn(*args)`, after one warm-up call."""
-    fn(*args)
+def seconds(fn, argsets: list[tuple], repeats: int) -> list[float]:
+    """Wall times of `fn(*args)` over `repeats` passes through `argsets` (one time per pass, divided
+    by its calls), after one warm-up call."""
+    fn(*argsets[-1])
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn(*args)
-        out.append(time.perf_counter() - t0)
+        for args in argsets:
+            fn(*args)
+        out.append((time.perf_counter() - t0) / len(argsets))
     return out
 
 
@@ -65,6 +70,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=4, help="a second, small batch size to time the expert at")
     p.add_argument("--formats", default="int4,int8,bf16")
+    p.add_argument("--copies", type=int, default=3, help="distinct experts timed in turn (defeats the L3 cache)")
     p.add_argument("--reference", action="store_true", help="also time qlinear (dequantize + F.linear) on w1")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,36 +83,43 @@ def main() -> None:
     xi = torch.randn(1, INTERMEDIATE).bfloat16()
     with torch.inference_mode():
         for fmt in args.formats.split(","):
-            host = random_expert(fmt)
+            hosts = [random_expert(fmt, seed) for seed in range(args.copies)]
+            host = hosts[0]
             t0 = time.perf_counter()
-            w = resident_cpu_form(host)
-            convert = time.perf_counter() - t0
-            print(f"\n{fmt}: expert {weight_nbytes(w) / 1e6:.1f} MB in CPU form "
+            ws = [resident_cpu_form(h) for h in hosts]
+            w = ws[0]
+            convert = (time.perf_counter() - t0) / len(ws)
+            print(f"\n{fmt}: expert {weight_nbytes(w) / 1e6:.1f} MB in CPU form {type(w.w1).__name__} "
                   f"({weight_nbytes(host) / 1e6:.1f} MB host form), converted in {convert:.1f} s")
             for m in ("w1", "w2"):
                 mat = getattr(w, m)
                 x = x1 if m != "w2" else xi
-                t = seconds(linear, (x, mat), args.repeats)
+                t = seconds(linear, [(x, getattr(e, m)) for e in ws], args.repeats)
                 print(f"  {m} {list(SHAPES[m])} batch 1: {min(t) * 1e3:7.2f} ms  "
                       f"{nbytes(mat) / min(t) / 1e9:5.2f} GB/s best, {nbytes(mat) / statistics.mean(t) / 1e9:5.2f} mean "
                       f"({nbytes(mat) / min(t) / memcpy:.0%} of memcpy)")
             for n in (1, args.batch):
                 x = torch.randn(n, HIDDEN).bfloat16()
-                t = seconds(expert_forward, (x, w), args.repeats)
+                t = seconds(expert_forward, [(x, e) for e in ws], args.repeats)
                 print(f"  expert batch {n}: {min(t) * 1e3:7.2f} ms  {weight_nbytes(w) / min(t) / 1e9:5.2f} GB/s best, "
                       f"{weight_nbytes(w) / statistics.mean(t) / 1e9:5.2f} mean")
             if fmt == "bf16":  # what the prepacking saves: F.linear on the plain matrix
-                t = seconds(linear, (x1, host.w1), args.repeats)
+                t = seconds(linear, [(x1, h.w1) for h in hosts], args.repeats)
                 print(f"  w1 plain F.linear (no prepack) batch 1: {min(t) * 1e3:7.2f} ms  "
                       f"{nbytes(host.w1) / min(t) / 1e9:5.2f} GB/s best ({nbytes(host.w1) / min(t) / memcpy:.0%} of memcpy)")
             if fmt == "int8":  # torch's int8 kernel, per-channel scales only: a bound, not our format
-                q8 = torch.randint(-128, 127, SHAPES["w1"], dtype=torch.int8)
                 s8 = torch.full((SHAPES["w1"][0],), 0.01, dtype=torch.bfloat16)
-                t = seconds(torch.ops.aten._weight_int8pack_mm, (x1, q8, s8), args.repeats)
+                q8s = [torch.randint(-128, 127, SHAPES["w1"], dtype=torch.int8) for _ in range(args.copies)]
+                t = seconds(torch.ops.aten._weight_int8pack_mm, [(x1, q, s8) for q in q8s], args.repeats)
                 print(f"  w1 torch _weight_int8pack_mm (per-channel) batch 1: {min(t) * 1e3:7.2f} ms  "
-                      f"{q8.numel() / min(t) / 1e9:5.2f} GB/s best ({q8.numel() / min(t) / memcpy:.0%} of memcpy)")
+                      f"{q8s[0].numel() / min(t) / 1e9:5.2f} GB/s best ({q8s[0].numel() / min(t) / memcpy:.0%} of memcpy)")
+            if fmt != "bf16" and int4_supported(host.w1):  # the fallback: torch's int4 CPU kernel
+                planes = [to_int4_planes(h.w1) for h in hosts]
+                t = seconds(linear, [(x1, pl) for pl in planes], args.repeats)
+                print(f"  w1 torch int4 kernel (fallback) batch 1: {min(t) * 1e3:7.2f} ms  "
+                      f"{planes[0].nbytes / min(t) / 1e9:5.2f} GB/s best ({planes[0].nbytes / min(t) / memcpy:.0%} of memcpy)")
             if args.reference and fmt != "bf16":
-                t = seconds(qlinear, (x1, host.w1), 1)
+                t = seconds(qlinear, [(x1, host.w1)], 1)
                 print(f"  reference qlinear w1 batch 1: {min(t) * 1e3:7.1f} ms  "
                       f"{nbytes(host.w1) / min(t) / 1e9:5.3f} GB/s")
 
