@@ -76,21 +76,33 @@ class QmvMatrix:
         """Component tensors by name (what a module registers as buffers)."""
         return {"qweight": self.codes, "scales": self.scales, "zeros": self.zeros}
 
+    def __post_init__(self) -> None:
+        # what every call passes after the activations: fixed for the matrix's life (its tensors are
+        # fields of this object and never replaced)
+        O, I = self.shape
+        self._call = native.load().qmv
+        self._weight_args = (O, I, self.codes.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
+                             self.group_size, self.kernel_bits)
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., I] -> [..., O] in x's dtype (fp32 or bf16 computed as they are; others via fp32)."""
         O, I = self.shape
-        dtype = x.dtype if x.dtype in _DTYPES else torch.float32
-        xs = x.reshape(-1, I).to(dtype).contiguous()                                     # (N, I)
-        if xs.shape[0] >= DEQUANT_MIN_TOKENS:
+        code = _DTYPES.get(x.dtype)
+        xs = x.reshape(-1, I) if code is not None else x.reshape(-1, I).float()          # (N, I)
+        if not xs.is_contiguous():
+            xs = xs.contiguous()
+        n = xs.shape[0]
+        if n >= DEQUANT_MIN_TOKENS:
             return self._chunked_linear(xs).to(x.dtype).view(*x.shape[:-1], O)
-        y = torch.empty(xs.shape[0], O, dtype=dtype)                                      # (N, O)
-        rc = native.load().qmv(xs.data_ptr(), _DTYPES[dtype], y.data_ptr(), _DTYPES[dtype], xs.shape[0], O, I,
-                               self.codes.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
-                               self.group_size, self.kernel_bits, torch.get_num_threads())
+        y = torch.empty(n, O, dtype=xs.dtype)                                             # (N, O)
+        code = _DTYPES[xs.dtype]
+        rc = self._call(xs.data_ptr(), code, y.data_ptr(), code, n, *self._weight_args, torch.get_num_threads())
         if rc != 0:
-            raise MemoryError(f"qmv: no scratch for {xs.shape[0]} x {I} activations") if rc == -1 else \
+            raise MemoryError(f"qmv: no scratch for {n} x {I} activations") if rc == -1 else \
                 ValueError(f"qmv: {self.kernel_bits}-bit {list(self.shape)} weight with group {self.group_size}")
-        return y.to(x.dtype).view(*x.shape[:-1], O)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], O)
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """Rows r0:r1 as (code - zero) * scale in fp32, cast to `dtype`: [r1 - r0, I]."""

@@ -152,6 +152,65 @@ static void quantize_row(const float *x, size_t in, size_t group, int bits, int8
     }
 }
 
+#if QMV_PATH == 2
+/* quantize_row for AVX-512: 64 inputs per block in four vectors; 4-bit runs of 128 are split into
+   their even and odd inputs with two-source permutes (the same slots as `slot`). */
+static inline __m512 load16(const void *x, int x_dtype, size_t i) {
+    if (x_dtype == 0) return _mm512_loadu_ps((const float *)x + i);
+    __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+
+static void quantize_row_fast(const void *x, int x_dtype, size_t in, size_t group, int bits, int8_t *a, float *d,
+                              float *xsum) {
+    const size_t blocks = in / QB;
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    for (size_t g = 0; g < in / group; g++) xsum[g] = 0.0f;
+    for (size_t b = 0; b < blocks; b++) {
+        __m512 v[4];
+        for (int j = 0; j < 4; j++) v[j] = load16(x, x_dtype, b * QB + 16 * j);
+        __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
+                                 _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3])));
+        float amax = _mm512_reduce_max_ps(m);
+        float db = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        __m512i q[4];
+        for (int j = 0; j < 4; j++) q[j] = _mm512_cvtps_epi32(_mm512_mul_ps(v[j], _mm512_set1_ps(inv)));
+        d[b] = db;
+        if (group == 32) {
+            xsum[2 * b] = db * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1]));
+            xsum[2 * b + 1] = db * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q[2], q[3]));
+        } else {
+            xsum[b * QB / group] += db * (float)_mm512_reduce_add_epi32(
+                _mm512_add_epi32(_mm512_add_epi32(q[0], q[1]), _mm512_add_epi32(q[2], q[3])));
+        }
+        size_t i0 = b * QB, run0 = i0 & ~(size_t)127;
+        if (bits == 8 || run0 + 128 > in) {
+            if (bits == 8) {
+                for (int j = 0; j < 4; j++) _mm_storeu_si128((__m128i *)(a + i0 + 16 * j), _mm512_cvtsepi32_epi8(q[j]));
+            } else {  /* a trailing run of 64: evens to slots 0-31, odds to 32-63 */
+                for (int j = 0; j < 2; j++) {
+                    __m512i e = _mm512_permutex2var_epi32(q[2 * j], even, q[2 * j + 1]);
+                    __m512i o = _mm512_permutex2var_epi32(q[2 * j], odd, q[2 * j + 1]);
+                    _mm_storeu_si128((__m128i *)(a + i0 + 16 * j), _mm512_cvtsepi32_epi8(e));
+                    _mm_storeu_si128((__m128i *)(a + i0 + 32 + 16 * j), _mm512_cvtsepi32_epi8(o));
+                }
+            }
+            continue;
+        }
+        /* block `half` (0 or 1) of a run of 128: its inputs 32p..32p+31 (p = 0, 1) have evens at
+           slots 32 half + 16 p, odds at 64 + 32 half + 16 p */
+        size_t half = (i0 - run0) / 64;
+        for (int pair = 0; pair < 2; pair++) {
+            __m512i e = _mm512_permutex2var_epi32(q[2 * pair], even, q[2 * pair + 1]);
+            __m512i o = _mm512_permutex2var_epi32(q[2 * pair], odd, q[2 * pair + 1]);
+            _mm_storeu_si128((__m128i *)(a + run0 + 32 * half + 16 * pair), _mm512_cvtsepi32_epi8(e));
+            _mm_storeu_si128((__m128i *)(a + run0 + 64 + 32 * half + 16 * pair), _mm512_cvtsepi32_epi8(o));
+        }
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------ one row, NT tokens */
 
 #if QMV_PATH == 2
@@ -333,6 +392,11 @@ int qmv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, int6
     float *d = scratch.d, *xsum = scratch.xsum;
 
     for (size_t t = 0; t < N; t++) {
+#if QMV_PATH == 2
+        quantize_row_fast((const char *)x + t * I * (x_dtype == 0 ? 4 : 2), x_dtype, I, G, bits, a + t * I,
+                          d + t * blocks, xsum + t * groups);
+        continue;
+#endif
         const float *xt = (const float *)x + t * I;
         if (x_dtype != 0) {
             const uint16_t *xb = (const uint16_t *)x + t * I;
