@@ -108,6 +108,15 @@ class KVCache(nn.Module):
         return self.k[:B, :, :end], self.v[:B, :, :end]
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, **kw) -> torch.Tensor:
+    """F.scaled_dot_product_attention, except that a CPU decode step (one query) in bf16/fp16 runs
+    in fp32: torch's CPU kernel for a single half-precision query is 2.5-5x slower than upcasting
+    q, k and v first (88 to 4000 cached tokens; BENCHMARKS.md, "CPU decode overhead")."""
+    if q.device.type == "cpu" and q.shape[-2] == 1 and q.dtype in (torch.bfloat16, torch.float16):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, **kw).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+
+
 class Attention(nn.Module):
     """Grouped-query attention; per family optional q/k/v (and o) biases, q/k RMSNorm per head
     ("head") or over the whole projection ("full"), a clamp of q, k, v, and attention sinks."""
@@ -145,7 +154,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start, k, v)                           # (B, nkv, S, hd)
         if self.sinks is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nh != self.nkv)
+            y = attend(q, k, v, mask, enable_gqa=self.nh != self.nkv)
         else:
             y = self._attend_with_sinks(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
@@ -208,5 +217,5 @@ class LatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)                  # (B, nh, S, nope), (B, nh, S, v)
         k = torch.cat((k_nope, k_rot.expand(B, self.nh, S, self.rope)), dim=-1)  # (B, nh, S, nope+d)
         q = torch.cat((q_nope, q_rot), dim=-1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # (B, nh, T, v)
+        y = attend(q, k, v, mask, scale=self.scale)                                 # (B, nh, T, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.v_dim))

@@ -34,7 +34,7 @@
 
 #define QB 64 /* activation block: one scale per 64 inputs */
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define QMV_PATH 2
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QMV_PATH 1
@@ -88,6 +88,7 @@ typedef struct {
     float *d;     /* [N, I/64] block scales */
     float *xsum;  /* [N, I/G] group sums of x^ */
     float *row;   /* [I] one token's activations as fp32 */
+    float *dexp;  /* [N, I/128, 16] per run of 128 inputs: its two block scales, 8 lanes each */
     size_t cap;
 } Scratch;
 
@@ -95,7 +96,7 @@ static __thread Scratch scratch;
 
 static int reserve(size_t n_tokens, size_t in, size_t groups) {
     size_t blocks = in / QB;
-    size_t need = n_tokens * in + 4 * (n_tokens * (blocks + groups) + in) + 256;
+    size_t need = n_tokens * in + 4 * (n_tokens * (blocks + groups + in / 8) + in) + 256;
     if (need <= scratch.cap) return 0;
     void *p = NULL;
     if (posix_memalign(&p, 64, need)) return -1;
@@ -111,6 +112,7 @@ static void layout_scratch(size_t n_tokens, size_t in, size_t groups) {
     scratch.d = (float *)base;
     scratch.xsum = scratch.d + n_tokens * (in / QB);
     scratch.row = scratch.xsum + n_tokens * groups;
+    scratch.dexp = (float *)(((uintptr_t)(scratch.row + in) + 63) & ~(uintptr_t)63);
 }
 
 /* Where input i's activation is stored (see the header): 4-bit codes unpack as the even inputs of
@@ -153,6 +155,11 @@ static void quantize_row(const float *x, size_t in, size_t group, int bits, int8
 }
 
 #if QMV_PATH == 2
+static void expand_scales(const float *d, size_t in, float *dexp) {
+    for (size_t r = 0; r < in / 128; r++)
+        _mm512_store_ps(dexp + 16 * r, _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(d[2 * r]), _mm512_set1_ps(d[2 * r + 1])));
+}
+
 /* quantize_row for AVX-512: 64 inputs per block in four vectors; 4-bit runs of 128 are split into
    their even and odd inputs with two-source permutes (the same slots as `slot`). */
 static inline __m512 load16(const void *x, int x_dtype, size_t i) {
@@ -235,68 +242,106 @@ static inline __m512 halves(float a, float b) {
     return _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b));
 }
 
-/* The weight scale of each int32 lane of a dot product over 128 inputs from i: lane k sums
-   inputs 8k .. 8k+7 of the run (both nibbles). */
-static inline __m512 run_scales(const uint16_t *scale, size_t i, size_t group) {
-    if (group == 32) {
-        const __m512i idx = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-        __m128 four = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scale + i / 32)));
-        return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(four));
-    }
-    if (group == 64) return halves(_cvtsh_ss(scale[i / 64]), _cvtsh_ss(scale[i / 64 + 1]));
-    return _mm512_set1_ps(_cvtsh_ss(scale[i / group]));
+static inline __mmask16 first(size_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+
+/* 16 fp16 values from p (fewer at the end of a row: the rest are zero) as fp32 */
+static inline __m512 load_halfs(const uint16_t *p, size_t n) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n), (const void *)p));
 }
 
+/* One row against NT tokens. A step reads `span` inputs (128 for 4-bit codes: 64 bytes; 64 for
+   8-bit: 64 bytes) into 16 int32 lanes; lane k covers inputs span/16 * k onwards. The weight scale
+   of each lane comes from a vector of 16 group scales loaded once per 16 groups and permuted per
+   step (`gps` groups per step, so lane k takes group k / (16 / gps), plus gps per step); where a
+   group spans several steps the step broadcasts its one scale. The zero points' term is
+   subtracted per 16 groups in the same accumulator. */
 __attribute__((always_inline)) static inline void row_tokens(
     const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
-    const int8_t *a, const float *d, const float *xsum, size_t blocks, size_t groups,
+    const int8_t *a, const float *d, const float *dexp, const float *xsum, size_t blocks, size_t groups,
     int NT, float *out) {
     __m512 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
-    size_t i = 0;
-    if (bits == 4) {
-        const __m512i m = _mm512_set1_epi8(0x0f);
-        for (; i + 128 <= in; i += 128) {              /* 64 bytes: inputs i .. i+127 */
-            __m512i b = _mm512_loadu_si512((const void *)(w + i / 2));
-            __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
-            __m512 s = run_scales(scale, i, group);
-            size_t c = i / 64;                          /* activation blocks c (lanes 0-7), c + 1 */
-            for (int t = 0; t < NT; t++) {
-                const int8_t *at = a + t * in + i;
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512((const void *)at));
-                dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512((const void *)(at + 64)));
-                __m512 dv = halves(d[t * blocks + c], d[t * blocks + c + 1]);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+    const size_t span = bits == 4 ? 128 : 64, steps = in / span;
+    const size_t gps = group <= span && span % group == 0 ? span / group : 0;   /* groups per step */
+    const __m512i m = _mm512_set1_epi8(0x0f);
+    const size_t dexp_stride = (in / 128) * 16;
+    if (gps) {
+        const size_t per_load = 16 / gps;                                         /* steps per scale vector */
+        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        const __m512i idx0 = _mm512_srli_epi32(lane, (unsigned)__builtin_ctz((unsigned)per_load));
+        const __m512i step = _mm512_set1_epi32((int)gps);
+        for (size_t s0 = 0; s0 < steps; s0 += per_load) {
+            __m512 sv = load_halfs(scale + s0 * gps, groups - s0 * gps);
+            __m512i idx = idx0;
+            size_t s1 = s0 + per_load < steps ? s0 + per_load : steps;
+            for (size_t st = s0; st < s1; st++, idx = _mm512_add_epi32(idx, step)) {
+                __m512 s = _mm512_permutexvar_ps(idx, sv);
+                if (bits == 4) {
+                    __m512i b = _mm512_loadu_si512((const void *)(w + st * 64));
+                    __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
+                    for (int t = 0; t < NT; t++) {
+                        const int8_t *at = a + t * in + st * 128;
+                        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512((const void *)at));
+                        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512((const void *)(at + 64)));
+                        __m512 dv = _mm512_load_ps(dexp + t * dexp_stride + st * 16);
+                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+                    }
+                } else {
+                    __m512i q = _mm512_loadu_si512((const void *)(w + st * 64));
+                    for (int t = 0; t < NT; t++) {
+                        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q,
+                                                          _mm512_load_si512((const void *)(a + t * in + st * 64)));
+                        __m512 dv = _mm512_set1_ps(d[t * blocks + st]);
+                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+                    }
+                }
             }
         }
-        if (i < in) {                                   /* a trailing run of 64 inputs: 32 bytes */
-            const __m256i m8 = _mm256_set1_epi8(0x0f);
-            __m256i b = _mm256_loadu_si256((const __m256i *)(w + i / 2));
-            __m256i lo = _mm256_and_si256(b, m8), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m8);
-            __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-            /* lanes 0-3 and 8-11 hold inputs 0-31 of the run, lanes 4-7 and 12-15 inputs 32-63 */
-            __m512 s = group == 32 ? _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(_cvtsh_ss(scale[i / 32])),
-                                                          _mm512_set1_ps(_cvtsh_ss(scale[i / 32 + 1])))
-                                   : _mm512_set1_ps(_cvtsh_ss(scale[i / group]));
-            for (int t = 0; t < NT; t++) {
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_load_si512((const void *)(a + t * in + i)));
-                __m512 dv = _mm512_set1_ps(d[t * blocks + i / 64]);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
-            }
-        }
-    } else {
-        for (; i < in; i += 64) {                       /* 64 bytes: inputs i .. i+63 */
-            __m512i q = _mm512_loadu_si512((const void *)(w + i));
-            __m512 s = group == 32 ? halves(_cvtsh_ss(scale[i / 32]), _cvtsh_ss(scale[i / 32 + 1]))
-                                   : _mm512_set1_ps(_cvtsh_ss(scale[i / group]));
-            for (int t = 0; t < NT; t++) {
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_load_si512((const void *)(a + t * in + i)));
-                __m512 dv = _mm512_set1_ps(d[t * blocks + i / 64]);
-                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+    } else {                                                                      /* a group spans steps */
+        for (size_t st = 0; st < steps; st++) {
+            __m512 s = _mm512_set1_ps(_cvtsh_ss(scale[st * span / group]));
+            if (bits == 4) {
+                __m512i b = _mm512_loadu_si512((const void *)(w + st * 64));
+                __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
+                for (int t = 0; t < NT; t++) {
+                    const int8_t *at = a + t * in + st * 128;
+                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512((const void *)at));
+                    dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512((const void *)(at + 64)));
+                    __m512 dv = _mm512_load_ps(dexp + t * dexp_stride + st * 16);
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+                }
+            } else {
+                __m512i q = _mm512_loadu_si512((const void *)(w + st * 64));
+                for (int t = 0; t < NT; t++) {
+                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q,
+                                                      _mm512_load_si512((const void *)(a + t * in + st * 64)));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(d[t * blocks + st]), s), acc[t]);
+                }
             }
         }
     }
-    for (int t = 0; t < NT; t++) out[t] = hsum(acc[t]) - zero_term(scale, zero, xsum + t * groups, groups);
+    if (bits == 4 && steps * 128 < in) {                                          /* a trailing run of 64 inputs */
+        size_t i = steps * 128;
+        const __m256i m8 = _mm256_set1_epi8(0x0f);
+        __m256i b = _mm256_loadu_si256((const __m256i *)(w + i / 2));
+        __m256i lo = _mm256_and_si256(b, m8), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m8);
+        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        /* lanes 0-3 and 8-11 hold inputs 0-31 of the run, lanes 4-7 and 12-15 inputs 32-63 */
+        __m512 s = group == 32 ? _mm512_mask_blend_ps(0xf0f0, _mm512_set1_ps(_cvtsh_ss(scale[i / 32])),
+                                                      _mm512_set1_ps(_cvtsh_ss(scale[i / 32 + 1])))
+                               : _mm512_set1_ps(_cvtsh_ss(scale[i / group]));
+        for (int t = 0; t < NT; t++) {
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_load_si512((const void *)(a + t * in + i)));
+            __m512 dv = _mm512_set1_ps(d[t * blocks + i / 64]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+        }
+    }
+    for (size_t g = 0; g < groups; g += 16) {                                     /* - sum_g scale zero X[g] */
+        __m512 sz = _mm512_mul_ps(load_halfs(scale + g, groups - g), load_halfs(zero + g, groups - g));
+        for (int t = 0; t < NT; t++)
+            acc[t] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(first(groups - g), xsum + t * groups + g), acc[t]);
+    }
+    for (int t = 0; t < NT; t++) out[t] = hsum(acc[t]);
 }
 
 #elif QMV_PATH == 1
@@ -326,7 +371,7 @@ static inline __m256i dot32(const uint8_t *w, size_t k, int bits, const int8_t *
 
 __attribute__((always_inline)) static inline void row_tokens(
     const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
-    const int8_t *a, const float *d, const float *xsum, size_t blocks, size_t groups,
+    const int8_t *a, const float *d, const float *dexp, const float *xsum, size_t blocks, size_t groups,
     int NT, float *out) {
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -349,7 +394,7 @@ __attribute__((always_inline)) static inline void row_tokens(
 
 __attribute__((always_inline)) static inline void row_tokens(
     const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
-    const int8_t *a, const float *d, const float *xsum, size_t blocks, size_t groups,
+    const int8_t *a, const float *d, const float *dexp, const float *xsum, size_t blocks, size_t groups,
     int NT, float *out) {
     for (int t = 0; t < NT; t++) {
         const int8_t *at = a + t * in;
@@ -389,12 +434,13 @@ int qmv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, int6
     if (reserve(N, I, groups)) return -1;
     layout_scratch(N, I, groups);
     int8_t *a = scratch.a;
-    float *d = scratch.d, *xsum = scratch.xsum;
+    float *d = scratch.d, *xsum = scratch.xsum, *dexp = scratch.dexp;  /* the caller's: workers have their own */
 
     for (size_t t = 0; t < N; t++) {
 #if QMV_PATH == 2
         quantize_row_fast((const char *)x + t * I * (x_dtype == 0 ? 4 : 2), x_dtype, I, G, bits, a + t * I,
                           d + t * blocks, xsum + t * groups);
+        expand_scales(d + t * blocks, I, scratch.dexp + t * (I / 128) * 16);
         continue;
 #endif
         const float *xt = (const float *)x + t * I;
@@ -415,12 +461,12 @@ int qmv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, int6
             float r[4];
             size_t nt = N - t0 < 4 ? N - t0 : 4;
             const int8_t *at = a + t0 * I;
-            const float *dt = d + t0 * blocks, *xt = xsum + t0 * groups;
+            const float *dt = d + t0 * blocks, *xt = xsum + t0 * groups, *et = dexp + t0 * (I / 128) * 16;
             switch (nt) {
-                case 1: row_tokens(w, s, z, I, G, bits, at, dt, xt, blocks, groups, 1, r); break;
-                case 2: row_tokens(w, s, z, I, G, bits, at, dt, xt, blocks, groups, 2, r); break;
-                case 3: row_tokens(w, s, z, I, G, bits, at, dt, xt, blocks, groups, 3, r); break;
-                default: row_tokens(w, s, z, I, G, bits, at, dt, xt, blocks, groups, 4, r); break;
+                case 1: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 1, r); break;
+                case 2: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 2, r); break;
+                case 3: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 3, r); break;
+                default: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 4, r); break;
             }
             for (size_t t = 0; t < nt; t++) {
                 size_t k = (t0 + t) * O + (size_t)o;
