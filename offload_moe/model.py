@@ -136,7 +136,13 @@ class MoEBlock(nn.Module):
 
     def route(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> weights (N, k) in x's dtype, expert ids (N, k); `forced` ids replace top-k."""
-        logits = F.linear(x.float(), self.gate.weight.float()) if self.router_fp32 else self.gate(x)  # (N, E)
+        if self.router_fp32:
+            logits = F.linear(x.float(), self.gate.weight.float())                       # (N, E)
+        elif x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and self.gate.bias is None:
+            # torch's CPU product of a half-precision row with a [E, H] matrix costs ~4x the fp32 one
+            logits = F.linear(x.float(), self.gate.weight.float()).to(x.dtype)
+        else:
+            logits = self.gate(x)
         weights, ids = self.rule(logits, self.cfg, forced)
         return weights.to(x.dtype), ids
 
@@ -149,23 +155,29 @@ class MoEBlock(nn.Module):
         h = x.reshape(-1, H)                                          # (N, H)
         weights, ids = self.route(h, forced)                          # (N, k), (N, k)
         flat = ids.flatten()                                          # (N*k,)
-        order = torch.argsort(flat, stable=True)                      # rows grouped by expert, on the device
-        token_of = order // k                                         # (N*k,) the token of each grouped row
         parts = (flat,) if guesses is None else (flat, guesses)
         host = ids_to_host.read(*parts)                               # the one host sync of the layer
-        counts = torch.bincount(host[:N * k], minlength=self.num_experts).tolist()
-        ends = list(accumulate(counts))                               # expert e's rows end here
-        used = [e for e, c in enumerate(counts) if c]
         ahead = ([sorted(set(g)) for g in host[N * k:].view(guesses.shape[0], -1).tolist()]
                  if guesses is not None else ())
         row_weights = weights.flatten()                               # (N*k,)
         # Each (token, choice) gets its own row, summed over choices in a fixed order afterwards,
         # so the result does not depend on the order the provider hands experts out.
-        out = h.new_zeros(N * k, H)                                   # (N*k, H)
-        for e, expert in self.experts.fetch(self.layer, used, N, ahead):
-            start, end = ends[e] - counts[e], ends[e]
-            rows = order[start:end]                                   # flat (token, choice) indices
-            out[rows] = expert(h, token_of[start:end]) * row_weights[rows, None]  # (n_e, H)
+        out = h.new_empty(N * k, H) if N == 1 else h.new_zeros(N * k, H)  # (N*k, H)
+        if N == 1:  # decode: k distinct experts, one row each; no grouping needed
+            choice = {e: j for j, e in enumerate(host[:k].tolist())}
+            for e, expert in self.experts.fetch(self.layer, sorted(choice), N, ahead):
+                j = choice[e]
+                torch.mul(expert(h, None), row_weights[j], out=out[j:j + 1])   # (1, H)
+        else:
+            order = torch.argsort(flat, stable=True)                  # rows grouped by expert, on the device
+            token_of = order // k                                     # (N*k,) the token of each grouped row
+            counts = torch.bincount(host[:N * k], minlength=self.num_experts).tolist()
+            ends = list(accumulate(counts))                           # expert e's rows end here
+            used = [e for e, c in enumerate(counts) if c]
+            for e, expert in self.experts.fetch(self.layer, used, N, ahead):
+                start, end = ends[e] - counts[e], ends[e]
+                rows = order[start:end]                               # flat (token, choice) indices
+                out[rows] = expert(h, token_of[start:end]) * row_weights[rows, None]  # (n_e, H)
         y = out.view(N, k, H).sum(dim=1)                              # (N, H)
         if self.shared_expert is not None:
             shared = self.shared_expert(h)

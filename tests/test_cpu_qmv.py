@@ -163,3 +163,28 @@ def test_one_openmp_runtime_in_the_process():
     maps = run_python("import torch; from offload_moe.quant import native; native.load(); "
                       "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l}))")
     assert len(eval(maps)) == 1, maps   # the library's libgomp.so.1 is torch's
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_fused_expert_matches_float64_and_steps_aside_for_long_prefill(bits):
+    from offload_moe.experts.interface import ExpertWeights, expert_forward
+
+    g = torch.Generator().manual_seed(bits)
+    w1, w3 = (quantize(torch.randn(192, 128, generator=g) * 0.05, bits, 64) for _ in range(2))
+    w2 = quantize(torch.randn(128, 192, generator=g) * 0.05, bits, 32)
+    fused = ExpertWeights(to_qmv(w1), to_qmv(w3), to_qmv(w2))
+
+    def float64_expert(x):
+        gate, up = float64_linear(x, w1), float64_linear(x, w3)
+        return float64_linear(torch.nn.functional.silu(gate) * up, w2)
+
+    for tokens in (1, 3, 6):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(tokens, 128, generator=g).to(dtype)
+            y = fused.w1.swiglu(x, fused.w3, fused.w2)
+            assert y.dtype == dtype and y.shape == (tokens, 128)
+            assert rel_error(y, float64_expert(x)) < 2 * cpu_qmv.TOLERANCE     # two int8-activation products
+            assert torch.equal(expert_forward(x, fused), y)                   # what the engine runs
+    long = torch.randn(cpu_qmv.DEQUANT_MIN_TOKENS, 128)
+    assert fused.w1.swiglu(long, fused.w3, fused.w2) is None                 # dense on dequantized rows instead
+    assert rel_error(expert_forward(long, fused), float64_expert(long)) < 1e-3

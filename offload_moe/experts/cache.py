@@ -74,7 +74,7 @@ class StreamedCpuExpert(Expert):
         super().__init__(weights, activation)
         self.cache = cache
 
-    def __call__(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         side, compute = self.cache.cpu_stream, torch.cuda.current_stream(h.device)
         side.wait_event(self.cache.inputs_ready)                      # h and tokens, not the hits' work
         with torch.cuda.stream(side):

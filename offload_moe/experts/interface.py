@@ -6,7 +6,8 @@ its own routers, or by a routing strategy it was given), so the provider can sta
 Data flows one way through this interface: the provider never calls back into the model.
 
 What `fetch` yields is an `Expert`: one expert ready to run, `expert(h, tokens)` with h (N, H) the
-layer's input on the compute device and tokens (n,) the rows that chose it, returning (n, H) on
+layer's input on the compute device and tokens (n,) the rows that chose it (None: all of them),
+returning (n, H) on
 the compute device. Where the weights live elsewhere (an expert the CPU computes from host RAM),
 the expert moves the activations itself; the model never knows. `ExpertWeights` holds the three
 matrices of one SiLU-gated MLP in [out, in] form, each a plain tensor or a quantized weight
@@ -57,7 +58,9 @@ def expert_forward(x: torch.Tensor, w: ExpertWeights, swiglu_limit: float | None
     """SwiGLU expert: x [n, H] -> [n, H]. With `swiglu_limit`, gpt-oss's clamped variant:
     gate clamped above, up clamped to ±limit, (up + 1) · gate · sigmoid(alpha · gate)."""
     if w.b1 is None and swiglu_limit is None:
-        return linear(F.silu(linear(x, w.w1)) * linear(x, w.w3), w.w2)
+        fused = getattr(w.w1, "swiglu", None)   # a packed CPU form may compute the whole expert in one call
+        y = fused(x, w.w3, w.w2) if fused is not None else None
+        return y if y is not None else linear(F.silu(linear(x, w.w1)) * linear(x, w.w3), w.w2)
     gate, up = linear(x, w.w1), linear(x, w.w3)  # (n, I)
     if w.b1 is not None:
         gate, up = gate + w.b1, up + w.b3
@@ -80,8 +83,8 @@ class Expert:
     def __init__(self, weights: ExpertWeights, activation: Activation = Activation()):
         self.weights, self.activation, self.device = weights, activation, weights.device
 
-    def __call__(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        x = h[tokens]                                                  # (n, H)
+    def __call__(self, h: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        x = h if tokens is None else h[tokens]                         # (n, H); None: every row
         if self.device == h.device:
             return expert_forward(x, self.weights, *self.activation)
         return expert_forward(x.to(self.device), self.weights, *self.activation).to(h.device)

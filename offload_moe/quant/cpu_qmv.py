@@ -80,7 +80,8 @@ class QmvMatrix:
         # what every call passes after the activations: fixed for the matrix's life (its tensors are
         # fields of this object and never replaced)
         O, I = self.shape
-        self._call = native.load().qmv
+        lib = native.load()
+        self._call, self._swiglu = lib.qmv, lib.qmv_swiglu
         self._weight_args = (O, I, self.codes.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
                              self.group_size, self.kernel_bits)
 
@@ -103,6 +104,28 @@ class QmvMatrix:
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.view(*x.shape[:-1], O)
+
+    def swiglu(self, x: torch.Tensor, up: QmvMatrix, down: QmvMatrix) -> torch.Tensor | None:
+        """The SwiGLU expert with this matrix as its gate: silu(x @ self.T) * (x @ up.T) @ down.T in
+        one kernel call (x quantized once for gate and up, the hidden activations fp32 until `down`);
+        None where it does not apply (other forms of `up`/`down`, a long prefill chunk, another dtype)."""
+        F_, H = self.shape
+        code = _DTYPES.get(x.dtype)
+        if (code is None or not isinstance(up, QmvMatrix) or not isinstance(down, QmvMatrix) or x.dim() != 2
+                or up.shape != self.shape or down.shape != (H, F_) or up.kernel_bits != self.kernel_bits
+                or up.group_size != self.group_size or x.shape[0] >= DEQUANT_MIN_TOKENS):
+            return None
+        if not x.is_contiguous():
+            x = x.contiguous()
+        n = x.shape[0]
+        y = torch.empty(n, H, dtype=x.dtype)
+        rc = self._swiglu(x.data_ptr(), code, y.data_ptr(), code, n, H, F_, *self._weight_args[2:5],
+                          *up._weight_args[2:5], self.group_size, self.kernel_bits, *down._weight_args[2:5],
+                          down.group_size, down.kernel_bits, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"qmv: no scratch for a {n}-token expert") if rc == -1 else \
+                ValueError(f"qmv: expert {list(self.shape)} / {list(down.shape)}")
+        return y
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """Rows r0:r1 as (code - zero) * scale in fp32, cast to `dtype`: [r1 - r0, I]."""

@@ -83,36 +83,44 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN ke
 
 /* ------------------------------------------------------------------ activations */
 
-typedef struct {
-    int8_t *a;    /* [N, I] int8 */
-    float *d;     /* [N, I/64] block scales */
-    float *xsum;  /* [N, I/G] group sums of x^ */
-    float *row;   /* [I] one token's activations as fp32 */
-    float *dexp;  /* [N, I/128, 16] per run of 128 inputs: its two block scales, 8 lanes each */
-    size_t cap;
-} Scratch;
+typedef struct {            /* N tokens' activations, quantized for a weight with groups of G */
+    int8_t *a;              /* [N, I] int8, in slot order */
+    float *d;               /* [N, I/64] block scales */
+    float *xsum;            /* [N, I/G] group sums of x^ */
+    float *dexp;            /* [N, I/128, 16] per run of 128 inputs: its two block scales, 8 lanes each */
+    float *row;             /* [I] one token's activations as fp32 (portable and AVX2 paths) */
+    size_t n, in, group;
+    int bits;
+} Act;
 
-static __thread Scratch scratch;
+/* One buffer per calling thread, grown, never freed per call; carved into what a call needs. */
+static __thread struct { char *base; size_t cap; } arena;
 
-static int reserve(size_t n_tokens, size_t in, size_t groups) {
-    size_t blocks = in / QB;
-    size_t need = n_tokens * in + 4 * (n_tokens * (blocks + groups + in / 8) + in) + 256;
-    if (need <= scratch.cap) return 0;
-    void *p = NULL;
-    if (posix_memalign(&p, 64, need)) return -1;
-    free(scratch.a);
-    scratch.a = (int8_t *)p;
-    scratch.cap = need;
-    return 0;
+static inline size_t up64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static size_t act_bytes(size_t n, size_t in, size_t group) {
+    return up64(n * in) + up64(4 * n * (in / QB)) + up64(4 * n * (in / group)) + up64(4 * n * (in / 8)) + up64(4 * in);
 }
 
-static void layout_scratch(size_t n_tokens, size_t in, size_t groups) {
-    uintptr_t base = (uintptr_t)scratch.a + n_tokens * in;
-    base = (base + 63) & ~(uintptr_t)63;
-    scratch.d = (float *)base;
-    scratch.xsum = scratch.d + n_tokens * (in / QB);
-    scratch.row = scratch.xsum + n_tokens * groups;
-    scratch.dexp = (float *)(((uintptr_t)(scratch.row + in) + 63) & ~(uintptr_t)63);
+static char *reserve(size_t need) {
+    if (need > arena.cap) {
+        void *p = NULL;
+        if (posix_memalign(&p, 64, need)) return NULL;
+        free(arena.base);
+        arena.base = (char *)p;
+        arena.cap = need;
+    }
+    return arena.base;
+}
+
+static char *act_carve(Act *act, char *p, size_t n, size_t in, size_t group, int bits) {
+    act->n = n, act->in = in, act->group = group, act->bits = bits;
+    act->a = (int8_t *)p;                 p += up64(n * in);
+    act->d = (float *)p;                  p += up64(4 * n * (in / QB));
+    act->xsum = (float *)p;               p += up64(4 * n * (in / group));
+    act->dexp = (float *)p;               p += up64(4 * n * (in / 8));
+    act->row = (float *)p;                p += up64(4 * in);
+    return p;
 }
 
 /* Where input i's activation is stored (see the header): 4-bit codes unpack as the even inputs of
@@ -423,6 +431,51 @@ int qmv_supported(int64_t in_features, int64_t group, int bits) {
            && in_features % group == 0 && (bits == 4 || bits == 8);
 }
 
+static void act_fill(Act *act, const void *x, int x_dtype) {
+    const size_t N = act->n, I = act->in, G = act->group, blocks = I / QB, groups = I / G;
+    for (size_t t = 0; t < N; t++) {
+#if QMV_PATH == 2
+        quantize_row_fast((const char *)x + t * I * (x_dtype == 0 ? 4 : 2), x_dtype, I, G, act->bits, act->a + t * I,
+                          act->d + t * blocks, act->xsum + t * groups);
+        expand_scales(act->d + t * blocks, I, act->dexp + t * (I / 128) * 16);
+#else
+        const float *xt = (const float *)x + t * I;
+        if (x_dtype != 0) {
+            const uint16_t *xb = (const uint16_t *)x + t * I;
+            for (size_t i = 0; i < I; i++) act->row[i] = bf16_to_float(xb[i]);
+            xt = act->row;
+        }
+        quantize_row(xt, I, G, act->bits, act->a + t * I, act->d + t * blocks, act->xsum + t * groups);
+#endif
+    }
+}
+
+/* Row o of a weight against every token of `act`: out[t * stride + o] in out_dtype (0 fp32, 1 bf16). */
+static inline void product_row(const Act *act, const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,
+                               size_t o, void *out, int out_dtype, size_t stride) {
+    const size_t N = act->n, I = act->in, G = act->group, blocks = I / QB, groups = I / G;
+    const int bits = act->bits;
+    const uint8_t *w = codes + o * (bits == 8 ? I : I / 2);
+    const uint16_t *s = scales + o * groups, *z = zeros + o * groups;
+    for (size_t t0 = 0; t0 < N; t0 += 4) {
+        float r[4];
+        size_t nt = N - t0 < 4 ? N - t0 : 4;
+        const int8_t *at = act->a + t0 * I;
+        const float *dt = act->d + t0 * blocks, *xt = act->xsum + t0 * groups, *et = act->dexp + t0 * (I / 128) * 16;
+        switch (nt) {
+            case 1: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 1, r); break;
+            case 2: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 2, r); break;
+            case 3: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 3, r); break;
+            default: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 4, r); break;
+        }
+        for (size_t t = 0; t < nt; t++) {
+            size_t k = (t0 + t) * stride + o;
+            if (out_dtype == 0) ((float *)out)[k] = r[t];
+            else ((uint16_t *)out)[k] = float_to_bf16(r[t]);
+        }
+    }
+}
+
 /* y[N, O] = x[N, I] @ w.T.  x_dtype / y_dtype: 0 float32, 1 bfloat16.  Returns 0, or -1 when the
    scratch cannot be allocated, -2 for a shape the layout does not take. */
 int qmv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, int64_t out_features,
@@ -430,50 +483,48 @@ int qmv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, int6
         int64_t group, int bits, int threads) {
     const size_t N = (size_t)n_tokens, O = (size_t)out_features, I = (size_t)in_features, G = (size_t)group;
     if (!qmv_supported(in_features, group, bits)) return -2;
-    const size_t groups = I / G, blocks = I / QB, row_bytes = bits == 8 ? I : I / 2;
-    if (reserve(N, I, groups)) return -1;
-    layout_scratch(N, I, groups);
-    int8_t *a = scratch.a;
-    float *d = scratch.d, *xsum = scratch.xsum, *dexp = scratch.dexp;  /* the caller's: workers have their own */
-
-    for (size_t t = 0; t < N; t++) {
-#if QMV_PATH == 2
-        quantize_row_fast((const char *)x + t * I * (x_dtype == 0 ? 4 : 2), x_dtype, I, G, bits, a + t * I,
-                          d + t * blocks, xsum + t * groups);
-        expand_scales(d + t * blocks, I, scratch.dexp + t * (I / 128) * 16);
-        continue;
-#endif
-        const float *xt = (const float *)x + t * I;
-        if (x_dtype != 0) {
-            const uint16_t *xb = (const uint16_t *)x + t * I;
-            for (size_t i = 0; i < I; i++) scratch.row[i] = bf16_to_float(xb[i]);
-            xt = scratch.row;
-        }
-        quantize_row(xt, I, G, bits, a + t * I, d + t * blocks, xsum + t * groups);
-    }
-
+    char *p = reserve(act_bytes(N, I, G));
+    if (p == NULL) return -1;
+    Act act;
+    act_carve(&act, p, N, I, G, bits);
+    act_fill(&act, x, x_dtype);
     const int parallel = threads > 1 && O * I * N >= (1u << 18);
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-    for (int64_t o = 0; o < (int64_t)O; o++) {
-        const uint8_t *w = codes + (size_t)o * row_bytes;
-        const uint16_t *s = scales + (size_t)o * groups, *z = zeros + (size_t)o * groups;
-        for (size_t t0 = 0; t0 < N; t0 += 4) {
-            float r[4];
-            size_t nt = N - t0 < 4 ? N - t0 : 4;
-            const int8_t *at = a + t0 * I;
-            const float *dt = d + t0 * blocks, *xt = xsum + t0 * groups, *et = dexp + t0 * (I / 128) * 16;
-            switch (nt) {
-                case 1: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 1, r); break;
-                case 2: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 2, r); break;
-                case 3: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 3, r); break;
-                default: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 4, r); break;
-            }
-            for (size_t t = 0; t < nt; t++) {
-                size_t k = (t0 + t) * O + (size_t)o;
-                if (y_dtype == 0) ((float *)y)[k] = r[t];
-                else ((uint16_t *)y)[k] = float_to_bf16(r[t]);
-            }
+    for (int64_t o = 0; o < (int64_t)O; o++) product_row(&act, codes, scales, zeros, (size_t)o, y, y_dtype, O);
+    return 0;
+}
+
+/* A SwiGLU expert in one call: y[N, H] = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T, w1 and w3 [F, H]
+   (one format), w2 [H, F]. x is quantized once for w1 and w3; the hidden activations stay fp32
+   until they are quantized for w2. One parallel region: w1 and w3 rows, then w2 rows. */
+int qmv_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, int64_t hidden, int64_t inter,
+               const uint8_t *c1, const uint16_t *s1, const uint16_t *z1, const uint8_t *c3, const uint16_t *s3,
+               const uint16_t *z3, int64_t group13, int bits13, const uint8_t *c2, const uint16_t *s2,
+               const uint16_t *z2, int64_t group2, int bits2, int threads) {
+    const size_t N = (size_t)n_tokens, H = (size_t)hidden, F = (size_t)inter;
+    if (!qmv_supported(hidden, group13, bits13) || !qmv_supported(inter, group2, bits2)) return -2;
+    char *p = reserve(act_bytes(N, H, (size_t)group13) + act_bytes(N, F, (size_t)group2) + 2 * up64(4 * N * F));
+    if (p == NULL) return -1;
+    Act in1, in2;
+    p = act_carve(&in1, p, N, H, (size_t)group13, bits13);
+    p = act_carve(&in2, p, N, F, (size_t)group2, bits2);
+    float *gate = (float *)p, *up = (float *)(p + up64(4 * N * F));
+    act_fill(&in1, x, x_dtype);
+    const int parallel = threads > 1 && F * H * N >= (1u << 17);
+#pragma omp parallel num_threads(threads) if (parallel)
+    {
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < (int64_t)F; o++) {
+            product_row(&in1, c1, s1, z1, (size_t)o, gate, 0, F);
+            product_row(&in1, c3, s3, z3, (size_t)o, up, 0, F);
         }
+#pragma omp single
+        {
+            for (size_t k = 0; k < N * F; k++) gate[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
+            act_fill(&in2, gate, 0);
+        }
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < (int64_t)H; o++) product_row(&in2, c2, s2, z2, (size_t)o, y, y_dtype, H);
     }
     return 0;
 }
