@@ -88,22 +88,24 @@ class QmvMatrix:
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., I] -> [..., O] in x's dtype (fp32 or bf16 computed as they are; others via fp32)."""
         O, I = self.shape
-        code = _DTYPES.get(x.dtype)
-        xs = x.reshape(-1, I) if code is not None else x.reshape(-1, I).float()          # (N, I)
+        xs = x.reshape(-1, I) if x.dtype in _DTYPES else x.reshape(-1, I).float()      # (N, I)
         if not xs.is_contiguous():
             xs = xs.contiguous()
-        n = xs.shape[0]
-        if n >= DEQUANT_MIN_TOKENS:
-            return self._chunked_linear(xs).to(x.dtype).view(*x.shape[:-1], O)
-        y = torch.empty(n, O, dtype=xs.dtype)                                             # (N, O)
-        code = _DTYPES[xs.dtype]
-        rc = self._call(xs.data_ptr(), code, y.data_ptr(), code, n, *self._weight_args, torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError(f"qmv: no scratch for {n} x {I} activations") if rc == -1 else \
-                ValueError(f"qmv: {self.kernel_bits}-bit {list(self.shape)} weight with group {self.group_size}")
+        y = self._chunked_linear(xs) if xs.shape[0] >= DEQUANT_MIN_TOKENS else self.linear_packed(xs)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.view(*x.shape[:-1], O)
+
+    def linear_packed(self, xs: torch.Tensor) -> torch.Tensor:
+        """(N, I) contiguous fp32 or bf16 -> (N, O) in its dtype, from the packed codes at any N."""
+        n = xs.shape[0]
+        y = torch.empty(n, self.shape[0], dtype=xs.dtype)                                # (N, O)
+        code = _DTYPES[xs.dtype]
+        rc = self._call(xs.data_ptr(), code, y.data_ptr(), code, n, *self._weight_args, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"qmv: no scratch for {n} x {self.shape[1]} activations") if rc == -1 else \
+                ValueError(f"qmv: {self.kernel_bits}-bit {list(self.shape)} weight with group {self.group_size}")
+        return y
 
     def swiglu(self, x: torch.Tensor, up: QmvMatrix, down: QmvMatrix) -> torch.Tensor | None:
         """The SwiGLU expert with this matrix as its gate: silu(x @ self.T) * (x @ up.T) @ down.T in

@@ -3,7 +3,7 @@
    Why: a decode step is a chain of matrix-vector products bound by the bytes they read. torch's
    int4 CPU kernel widens every weight to fp32 and multiplies in fp32, so it is bound by
    instructions per weight, not by bandwidth. Here, as in llama.cpp's Q4_0 x Q8_0 products, the
-   activations are quantized to int8 (one scale per 32 inputs) and the weights' codes are
+   activations are quantized to int8 (one scale per 64 inputs) and the weights' codes are
    multiplied as bytes (AVX-512 VNNI `vpdpbusd`: 64 products per instruction; AVX2 `vpmaddubsw`).
 
    Weight (one [O, I] matrix, groups of G inputs along a row: see qmv_supported):
@@ -24,7 +24,7 @@
    Threads: an OpenMP loop over output rows in the OpenMP runtime torch already loaded (the
    library is linked against libgomp.so.1, which resolves to torch's), `threads` from the caller.
    Scratch for the quantized activations is one buffer per calling thread, grown, never freed
-   per call. */
+   per call. `qmv_swiglu` computes a whole SwiGLU expert in one call and one parallel region. */
 
 #include <immintrin.h>
 #include <math.h>
