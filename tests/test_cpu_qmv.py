@@ -120,7 +120,7 @@ def test_long_prefill_dequantizes_in_row_chunks(bits, monkeypatch):
     original = QmvMatrix.dequantize_rows
     monkeypatch.setattr(QmvMatrix, "dequantize_rows", lambda self, r0, r1, dtype=torch.bfloat16:
                         rows.append((r0, r1)) or original(self, r0, r1, dtype))
-    x = torch.randn(cpu_qmv.DEQUANT_MIN_TOKENS + 1, 256)
+    x = torch.randn(m.dense_from + 1, 256)
     assert rel_error(m.linear(x), float64_linear(x, qw)) < 1e-5                    # fp32 dense: no int8 rounding
     assert rows == [(0, 256), (256, 300)]
     rows.clear()
@@ -185,6 +185,6 @@ def test_the_fused_expert_matches_float64_and_steps_aside_for_long_prefill(bits)
             assert y.dtype == dtype and y.shape == (tokens, 128)
             assert rel_error(y, float64_expert(x)) < 2 * cpu_qmv.TOLERANCE     # two int8-activation products
             assert torch.equal(expert_forward(x, fused), y)                   # what the engine runs
-    long = torch.randn(cpu_qmv.DEQUANT_MIN_TOKENS, 128)
+    long = torch.randn(fused.w1.dense_from, 128)
     assert fused.w1.swiglu(long, fused.w3, fused.w2) is None                 # dense on dequantized rows instead
     assert rel_error(expert_forward(long, fused), float64_expert(long)) < 1e-3

@@ -14,7 +14,7 @@ Tolerance against float64 math (`x @ ((code - zero) * scale).T`): relative error
 below `TOLERANCE`: the int8 activations bound it (measured ~0.5-1%, tests/test_cpu_qmv.py), the
 same rounding llama.cpp's quantized products apply.
 
-For long prefill chunks (`DEQUANT_MIN_TOKENS` tokens or more) a dense product on rows dequantized
+For long prefill chunks (`DEQUANT_MIN_TOKENS[bits]` tokens or more) a dense product on rows dequantized
 in chunks wins (`prefill.py`'s bounded scratch), as for the torch kernel.
 
 Shape letters: N tokens, I in features, O out features, G = I / group groups.
@@ -31,7 +31,8 @@ from .groupwise import QuantizedWeight
 from .pack import pack
 
 TOLERANCE = 2.5e-2        # relative error vs float64 math (int8 activations)
-DEQUANT_MIN_TOKENS = 64   # from here on dequantize-then-multiply wins (measured; BENCHMARKS.md)
+DEQUANT_MIN_TOKENS = {4: 224, 8: 144}  # by kernel bits: from here on dequantize-then-multiply wins
+                                       # (scripts/prefill_crossover.py; BENCHMARKS.md)
 DEQUANT_CHUNK_ROWS = 256  # output rows dequantized at a time
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -68,6 +69,11 @@ class QmvMatrix:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.zeros))
 
     @property
+    def dense_from(self) -> int:
+        """Token count from which `linear` multiplies dequantized rows instead."""
+        return DEQUANT_MIN_TOKENS[self.kernel_bits]
+
+    @property
     def owns_bytes(self) -> bool:
         """Whether the codes are a copy (2/3-bit repacked) rather than the stored bytes."""
         return self.bits not in (4, 8)
@@ -91,7 +97,7 @@ class QmvMatrix:
         xs = x.reshape(-1, I) if x.dtype in _DTYPES else x.reshape(-1, I).float()      # (N, I)
         if not xs.is_contiguous():
             xs = xs.contiguous()
-        y = self._chunked_linear(xs) if xs.shape[0] >= DEQUANT_MIN_TOKENS else self.linear_packed(xs)
+        y = self._chunked_linear(xs) if xs.shape[0] >= self.dense_from else self.linear_packed(xs)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.view(*x.shape[:-1], O)
@@ -115,7 +121,7 @@ class QmvMatrix:
         code = _DTYPES.get(x.dtype)
         if (code is None or not isinstance(up, QmvMatrix) or not isinstance(down, QmvMatrix) or x.dim() != 2
                 or up.shape != self.shape or down.shape != (H, F_) or up.kernel_bits != self.kernel_bits
-                or up.group_size != self.group_size or x.shape[0] >= DEQUANT_MIN_TOKENS):
+                or up.group_size != self.group_size or x.shape[0] >= min(self.dense_from, down.dense_from)):
             return None
         if not x.is_contiguous():
             x = x.contiguous()
