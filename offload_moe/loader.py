@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from . import arch
 from .api import Model
@@ -33,6 +32,8 @@ from .options import Placement, from_profile
 from .profiles import Profile
 from .runtime import (Progress, SizeError, available_ram, demo_dir, place, resolve_device, resolve_dtype,
                       size_in_bytes)
+from .quant.cpu_forms import kernel_name
+from .quant.groupwise import QuantizedWeight
 from .quant.nf4 import NF4Weight
 
 DEFAULT_CONTEXT = 4096
@@ -180,6 +181,9 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     tokenizer = open_tokenizer(ckpt)  # a GGUF file carries its own
     generation = GenerationDefaults.load(ckpt.path if ckpt.path.is_dir() else None)
     settings["sampling"] = generation.describe()
+    if (device.type == "cpu" or n_cpu or mode == "hybrid") and (
+            cfg.quantization or any(isinstance(v, QuantizedWeight) for v in dense.values())):
+        settings["cpu_kernel"] = kernel_name()
     return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, ModelSettings(**settings),
                  placement=opts, generation=generation)
 

@@ -36,6 +36,7 @@ class ModelSettings:
     hybrid_layers: int | None = None
     cpu_costs: str | None = None         # where its cost model came from
     cpu_extra_bytes: int | None = None   # RAM its CPU-form copies take
+    cpu_kernel: str | None = None        # what computes quantized matrices on the CPU ("qmv (AVX-512 VNNI)"...)
     sampling: str | None = None          # the sampling in effect and where it came from (generation_config.json...)
     warning: str | None = None           # something the caller should tell the user about this load
 
@@ -43,4 +44,4 @@ class ModelSettings:
         d = asdict(self)
         skip = (() if self.experts == "offloaded" else OFFLOADED_FIELDS) + \
             (() if self.hybrid_layers is not None else HYBRID_FIELDS)
-        return {k: v for k, v in d.items() if k not in skip and not (k in ("warning", "sampling") and v is None)}
+        return {k: v for k, v in d.items() if k not in skip and not (k in ("warning", "sampling", "cpu_kernel") and v is None)}

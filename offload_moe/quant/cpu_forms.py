@@ -8,7 +8,7 @@ has `linear(x)`, `nbytes`, `shape`, `bits`, `tensors()` and `dequantize_rows(r0,
 
 from __future__ import annotations
 
-from . import cpu_int4, cpu_qmv
+from . import cpu_int4, cpu_qmv, native
 from .cpu_int4 import Int4Planes, int4_supported, to_int4_planes
 from .cpu_qmv import QmvMatrix, qmv_supported, to_qmv
 from .groupwise import QuantizedWeight
@@ -35,6 +35,15 @@ def cpu_matrix(w):
     return w.to("cpu")
 
 
+def kernel_name() -> str:
+    """What computes quantized CPU matrices on this machine: "qmv (AVX-512 VNNI)", or torch's kernel
+    and why ours is not used."""
+    lib = native.load()
+    if lib is not None and lib.qmv_path() > 0:
+        return f"qmv ({native.status()})"
+    return f"torch int4 (qmv {native.status()})" if lib is None else "torch int4 (qmv: no SIMD path for this CPU)"
+
+
 def copies_bytes(qw: QuantizedWeight) -> bool:
     """Whether the CPU form of `qw` is new memory rather than the stored bytes."""
     if qmv_supported(qw):
@@ -47,4 +56,4 @@ def owns_bytes(w) -> bool:
     return isinstance(w, Int4Planes) or (isinstance(w, QmvMatrix) and w.owns_bytes)
 
 
-__all__ = ["CPU_FORMS", "TOLERANCE", "copies_bytes", "cpu_matrix", "has_cpu_kernel", "owns_bytes", "to_cpu_kernel"]
+__all__ = ["CPU_FORMS", "TOLERANCE", "copies_bytes", "cpu_matrix", "has_cpu_kernel", "kernel_name", "owns_bytes", "to_cpu_kernel"]
