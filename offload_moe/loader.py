@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from . import arch
 from .api import Model
 from .budget import check_context, check_host_ram, check_kv_cache
