@@ -67,8 +67,9 @@ def call(lib, m: QmvMatrix, x: torch.Tensor, threads: int = 2) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group, inputs", [(g, i) for g in (32, 64, 128, 256) for i in (512, 768, 576) if i % g == 0])
-def test_every_path_matches_float64(lib, bits, group, inputs):  # 576: runs of 128 and a trailing run of 64
+@pytest.mark.parametrize("group, inputs", [(g, i) for g in (32, 64, 128, 256) for i in (512, 768, 576, 160, 352)
+                                           if i % g == 0])
+def test_every_path_matches_float64(lib, bits, group, inputs):  # 576 = 4 x 128 + 64; 160 = 128 + 32; 352 = 2 x 128 + 64 + 32
     g = torch.Generator().manual_seed(bits * 1000 + group + inputs)
     qw = quantize(torch.randn(72, inputs, generator=g) * 0.02, bits, group)   # 72 rows: any count
     m = to_qmv(qw)

@@ -159,7 +159,7 @@ def to_qmv(qw: QuantizedWeight) -> QmvMatrix:
     2- and 3-bit codes are repacked to 4 bits."""
     if not qmv_supported(qw):
         raise ValueError(f"{qw.bits}-bit weight {list(qw.shape)} with group size {qw.group_size}: the qmv kernel "
-                         f"needs in % 64 == 0 and a group size of 32, 64 or a multiple of 128 ({native.status()})")
+                         f"needs in % 32 == 0 and a group size of 32, 64 or a multiple of 128 dividing it ({native.status()})")
     codes = qw.packed if qw.bits in (4, 8) else pack(qw.codes(), 4)
     return QmvMatrix(codes.contiguous(), qw.scales.contiguous(), qw.zeros.contiguous(), qw.group_size,
                      tuple(qw.shape), qw.bits)

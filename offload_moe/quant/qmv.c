@@ -32,7 +32,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define QB 64 /* activation block: one scale per 64 inputs */
+#define QB 64 /* activation block: one scale per 64 inputs (a trailing block may hold 32) */
+#define NBLOCKS(in) (((in) + QB - 1) / QB)
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define QMV_PATH 2
@@ -99,7 +100,7 @@ static __thread struct { char *base; size_t cap; } arena;
 static inline size_t up64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 static size_t act_bytes(size_t n, size_t in, size_t group) {
-    return up64(n * in) + up64(4 * n * (in / QB)) + up64(4 * n * (in / group)) + up64(4 * n * (in / 8)) + up64(4 * in);
+    return up64(n * in) + up64(4 * n * NBLOCKS(in)) + up64(4 * n * (in / group)) + up64(4 * n * (in / 8)) + up64(4 * in);
 }
 
 static char *reserve(size_t need) {
@@ -116,7 +117,7 @@ static char *reserve(size_t need) {
 static char *act_carve(Act *act, char *p, size_t n, size_t in, size_t group, int bits) {
     act->n = n, act->in = in, act->group = group, act->bits = bits;
     act->a = (int8_t *)p;                 p += up64(n * in);
-    act->d = (float *)p;                  p += up64(4 * n * (in / QB));
+    act->d = (float *)p;                  p += up64(4 * n * NBLOCKS(in));
     act->xsum = (float *)p;               p += up64(4 * n * (in / group));
     act->dexp = (float *)p;               p += up64(4 * n * (in / 8));
     act->row = (float *)p;                p += up64(4 * in);
@@ -127,7 +128,7 @@ static char *act_carve(Act *act, char *p, size_t n, size_t in, size_t group, int
    a run (low nibbles), then its odd ones (high nibbles). */
 static inline size_t slot(size_t i, size_t in, int bits) {
 #if QMV_PATH == 2
-    size_t run = (i & ~(size_t)127) + 128 <= in ? 128 : 64;
+    size_t run = (i & ~(size_t)127) + 128 <= in ? 128 : (i & ~(size_t)63) + 64 <= in ? 64 : 32;
 #elif QMV_PATH == 1
     size_t run = 32;
 #else
@@ -139,25 +140,26 @@ static inline size_t slot(size_t i, size_t in, int bits) {
 }
 
 static void quantize_row(const float *x, size_t in, size_t group, int bits, int8_t *a, float *d, float *xsum) {
-    size_t blocks = in / QB;
+    size_t blocks = NBLOCKS(in);
     for (size_t g = 0; g < in / group; g++) xsum[g] = 0.0f;
     for (size_t b = 0; b < blocks; b++) {
         const float *xb = x + b * QB;
+        const size_t len = in - b * QB < QB ? in - b * QB : QB;          /* 64, or 32 at the end */
         float amax = 0.0f;
-        for (int i = 0; i < QB; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        for (size_t i = 0; i < len; i++) amax = fmaxf(amax, fabsf(xb[i]));
         float db = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int8_t q[QB];
-        for (int i = 0; i < QB; i++) {
+        for (size_t i = 0; i < len; i++) {
             float v = nearbyintf(xb[i] * inv);
             q[i] = (int8_t)(v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v));
         }
-        for (size_t g0 = 0; g0 < QB; g0 += (group < QB ? group : QB)) {
-            size_t len = group < QB ? group : QB;
+        const size_t step = group < len ? group : len;
+        for (size_t g0 = 0; g0 < len; g0 += step) {
             int sum = 0;
-            for (size_t i = g0; i < g0 + len; i++) sum += q[i];
+            for (size_t i = g0; i < g0 + step; i++) sum += q[i];
             xsum[(b * QB + g0) / group] += db * (float)sum;
         }
-        for (int i = 0; i < QB; i++) a[slot(b * QB + i, in, bits)] = q[i];
+        for (size_t i = 0; i < len; i++) a[slot(b * QB + i, in, bits)] = q[i];
         d[b] = db;
     }
 }
@@ -176,14 +178,38 @@ static inline __m512 load16(const void *x, int x_dtype, size_t i) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
 }
 
+static void quantize_tail32(const void *x, int x_dtype, size_t in, size_t group, int bits, int8_t *a, float *d,
+                            float *xsum, size_t b, __m512i even, __m512i odd) {
+    const size_t i0 = b * QB;
+    __m512 v0 = load16(x, x_dtype, i0), v1 = load16(x, x_dtype, i0 + 16);
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    float db = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+    __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+    d[b] = db;
+    xsum[i0 / group] += db * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));   /* group is 32 */
+    if (bits == 8) {
+        _mm_storeu_si128((__m128i *)(a + i0), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(a + i0 + 16), _mm512_cvtsepi32_epi8(q1));
+    } else {                                           /* evens to slots 0-15, odds to 16-31 */
+        _mm_storeu_si128((__m128i *)(a + i0), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, even, q1)));
+        _mm_storeu_si128((__m128i *)(a + i0 + 16), _mm512_cvtsepi32_epi8(_mm512_permutex2var_epi32(q0, odd, q1)));
+    }
+    (void)in;
+}
+
 static void quantize_row_fast(const void *x, int x_dtype, size_t in, size_t group, int bits, int8_t *a, float *d,
                               float *xsum) {
-    const size_t blocks = in / QB;
+    const size_t blocks = NBLOCKS(in);
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     for (size_t g = 0; g < in / group; g++) xsum[g] = 0.0f;
     for (size_t b = 0; b < blocks; b++) {
         __m512 v[4];
+        if ((b + 1) * QB > in) {                       /* a trailing block of 32 inputs */
+            quantize_tail32(x, x_dtype, in, group, bits, a, d, xsum, b, even, odd);
+            continue;
+        }
         for (int j = 0; j < 4; j++) v[j] = load16(x, x_dtype, b * QB + 16 * j);
         __m512 m = _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])),
                                  _mm512_max_ps(_mm512_abs_ps(v[2]), _mm512_abs_ps(v[3])));
@@ -328,7 +354,7 @@ __attribute__((always_inline)) static inline void row_tokens(
             }
         }
     }
-    if (bits == 4 && steps * 128 < in) {                                          /* a trailing run of 64 inputs */
+    if (bits == 4 && steps * 128 + 64 <= in) {                                    /* a trailing run of 64 inputs */
         size_t i = steps * 128;
         const __m256i m8 = _mm256_set1_epi8(0x0f);
         __m256i b = _mm256_loadu_si256((const __m256i *)(w + i / 2));
@@ -342,6 +368,23 @@ __attribute__((always_inline)) static inline void row_tokens(
             __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_load_si512((const void *)(a + t * in + i)));
             __m512 dv = _mm512_set1_ps(d[t * blocks + i / 64]);
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+        }
+    }
+    if (in % 64) {                                                                /* a trailing 32 inputs (group 32) */
+        const size_t i = in - 32;
+        __m256i q;
+        if (bits == 4) {
+            const __m128i m4 = _mm_set1_epi8(0x0f);
+            __m128i b = _mm_loadu_si128((const __m128i *)(w + i / 2));
+            q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));  /* evens, odds */
+        } else {
+            q = _mm256_loadu_si256((const __m256i *)(w + i));
+        }
+        __m512 s = _mm512_set1_ps(_cvtsh_ss(scale[i / 32]));
+        for (int t = 0; t < NT; t++) {
+            __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, _mm256_loadu_si256((const __m256i *)(a + t * in + i)));
+            __m512 dv = _mm512_set1_ps(d[t * blocks + i / 64]);
+            acc[t] = _mm512_fmadd_ps(_mm512_zextps256_ps512(_mm256_cvtepi32_ps(dot)), _mm512_mul_ps(dv, s), acc[t]);
         }
     }
     for (size_t g = 0; g < groups; g += 16) {                                     /* - sum_g scale zero X[g] */
@@ -425,14 +468,14 @@ __attribute__((always_inline)) static inline void row_tokens(
 
 /* ------------------------------------------------------------------ entry point */
 
-/* The shapes the layout takes: I a multiple of 64; G = 32, 64 or a multiple of 128 dividing I. */
+/* The shapes the layout takes: I a multiple of 32; G = 32, 64 or a multiple of 128 dividing I. */
 int qmv_supported(int64_t in_features, int64_t group, int bits) {
-    return in_features > 0 && in_features % 64 == 0 && (group == 32 || group == 64 || (group > 0 && group % 128 == 0))
+    return in_features > 0 && in_features % 32 == 0 && (group == 32 || group == 64 || (group > 0 && group % 128 == 0))
            && in_features % group == 0 && (bits == 4 || bits == 8);
 }
 
 static void act_fill(Act *act, const void *x, int x_dtype) {
-    const size_t N = act->n, I = act->in, G = act->group, blocks = I / QB, groups = I / G;
+    const size_t N = act->n, I = act->in, G = act->group, blocks = NBLOCKS(I), groups = I / G;
     for (size_t t = 0; t < N; t++) {
 #if QMV_PATH == 2
         quantize_row_fast((const char *)x + t * I * (x_dtype == 0 ? 4 : 2), x_dtype, I, G, act->bits, act->a + t * I,
@@ -453,7 +496,7 @@ static void act_fill(Act *act, const void *x, int x_dtype) {
 /* Row o of a weight against every token of `act`: out[t * stride + o] in out_dtype (0 fp32, 1 bf16). */
 static inline void product_row(const Act *act, const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,
                                size_t o, void *out, int out_dtype, size_t stride) {
-    const size_t N = act->n, I = act->in, G = act->group, blocks = I / QB, groups = I / G;
+    const size_t N = act->n, I = act->in, G = act->group, blocks = NBLOCKS(I), groups = I / G;
     const int bits = act->bits;
     const uint8_t *w = codes + o * (bits == 8 ? I : I / 2);
     const uint16_t *s = scales + o * groups, *z = zeros + o * groups;
