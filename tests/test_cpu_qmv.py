@@ -139,6 +139,11 @@ def test_the_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="could not build bad.c"):
         native.build(source=bad, directory=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, "bad.c"])
+    stale = tmp_path / ".qmv-killed.so"                                   # a build killed outright
+    stale.write_bytes(b"half")
+    os.utime(stale, (1, 1))
+    (tmp_path / first.name).unlink()
+    assert native.build(directory=tmp_path) == first and not stale.exists()
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(RuntimeError, match="no C compiler"):
         native.build(directory=tmp_path / "other")

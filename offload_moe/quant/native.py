@@ -7,7 +7,8 @@ Triton and torch.compile build theirs. The library lands in `$XDG_CACHE_HOME/off
 (default `~/.cache/...`) under a name that hashes the source, the flags, the compiler's version
 and the CPU's feature flags, so a changed source, compiler or machine (a shared home directory)
 gets its own build; it is written to a private temporary file and renamed into place, so two
-processes building at once never see half a library, and a failed build leaves nothing behind.
+processes building at once never see half a library, and a failed build leaves nothing behind
+(a build killed outright leaves a hidden partial file, removed by a later build).
 
 No compiler, a failed build, or `OFFLOAD_MOE_NATIVE=0`: `load()` returns None and says why in
 `status()`, and callers use torch's kernels. Bottom layer: imports nothing of offload_moe.
@@ -23,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -72,6 +74,7 @@ def build(source: Path = SOURCE, flags: tuple[str, ...] = FLAGS, directory: Path
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(directory, source.stem)
     fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=directory)
     os.close(fd)
     try:
@@ -88,6 +91,16 @@ def build(source: Path = SOURCE, flags: tuple[str, ...] = FLAGS, directory: Path
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _remove_stale_partials(directory: Path, stem: str, age_s: float = 600.0) -> None:
+    """Half-written libraries of builds killed outright (older than any build takes)."""
+    for partial in directory.glob(f".{stem}-*.so"):
+        try:
+            if time.time() - partial.stat().st_mtime > age_s:
+                partial.unlink()
+        except OSError:
+            pass
 
 
 def open_library(path: Path) -> ctypes.CDLL:
