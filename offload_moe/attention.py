@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .quant.modules import fused_linear
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, scale_fp32: bool = False):
@@ -24,8 +25,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()  # normalise in fp32 as the reference does, whatever the weight dtype
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # normalise in fp32 as the reference does (x * rsqrt(mean(x^2) + eps)), whatever the weight
+        # dtype; torch's fused op computes it in one pass (bitwise the three-op form on the CPU)
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.scale_fp32:
             return (self.weight * h).to(x.dtype)
         return self.weight * h.to(x.dtype)
@@ -135,10 +137,25 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.hd if head else self.nh * self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd if head else self.nkv * self.hd, cfg.rms_norm_eps)
         self.sinks = nn.Parameter(torch.zeros(self.nh)) if fam.attention_sinks else None
+        self.qkv = None  # q, k, v in one kernel call, where `fuse_projections` finds they can be
+
+    def fuse_projections(self) -> None:
+        """After the weights are in place: q, k and v packed for our CPU kernel (no biases) are
+        computed in one call (one activation quantization, one parallel loop)."""
+        if any(getattr(m, "bias", None) is not None for m in (self.q_proj, self.k_proj, self.v_proj)):
+            return
+        self.qkv = fused_linear([self.q_proj, self.k_proj, self.v_proj])
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, H) -> q (B, T, nh*hd), k, v (B, T, nkv*hd)."""
+        y = self.qkv.linear(x) if self.qkv is not None else None
+        if y is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return y.split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)      # (B, T, nh*hd), (B, T, nkv*hd) x2
+        q, k, v = self.project(x)                                      # (B, T, nh*hd), (B, T, nkv*hd) x2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:

@@ -325,6 +325,9 @@ def build_transformer(cfg: ModelConfig, dense: dict, experts, *, device, dtype,
         setattr(owner, attr, QEmbedding(w, dtype) if attr == "embed_tokens" else QLinear(w))
     model.load_state_dict(plain, strict=True, assign=True)
     pack_linears(model, skip=("gate", "shared_expert_gate"))  # bf16 on the CPU: prepacked once (routers read .weight)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fuse_projections()
     model.setup(max_seq_len, device, dtype, max_batch)
     return model.eval()
 

@@ -194,3 +194,20 @@ def test_the_fused_expert_matches_float64_and_steps_aside_for_long_prefill(bits)
     long = torch.randn(fused.w1.dense_from, 128)
     assert fused.w1.swiglu(long, fused.w3, fused.w2) is None                 # dense on dequantized rows instead
     assert rel_error(expert_forward(long, fused), float64_expert(long)) < 1e-3
+
+
+def test_a_group_of_projections_equals_its_matrices_bitwise():
+    from offload_moe.quant.cpu_qmv import QmvGroup
+
+    g = torch.Generator().manual_seed(5)
+    mats = [to_qmv(quantize(torch.randn(o, 256, generator=g) * 0.02, 4, 64)) for o in (128, 32, 32)]
+    group = QmvGroup(mats)
+    for tokens in (1, 5):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(1, tokens, 256, generator=g).to(dtype)
+            y = group.linear(x)
+            assert y.shape == (1, tokens, 192)
+            assert torch.equal(y, torch.cat([m.linear(x) for m in mats], dim=-1))
+    assert group.linear(torch.randn(group.dense_from, 256)) is None        # long prefill: each on its own
+    with pytest.raises(ValueError):
+        QmvGroup([mats[0], to_qmv(quantize(torch.randn(32, 256) * 0.02, 8, 64))])

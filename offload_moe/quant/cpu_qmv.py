@@ -22,6 +22,7 @@ Shape letters: N tokens, I in features, O out features, G = I / group groups.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -154,6 +155,43 @@ class QmvMatrix:
         return out
 
 
+class QmvGroup:
+    """Matrices of one input computed in one kernel call (`qmv_many`: the activations quantized
+    once, one parallel loop): `linear(x)` -> [..., sum of their outputs], None for a long prefill
+    chunk (then each matrix computes on its own)."""
+
+    def __init__(self, mats: list[QmvMatrix]):
+        first = mats[0]
+        if len(mats) > 16 or any((m.shape[1], m.group_size, m.kernel_bits) !=
+                                 (first.shape[1], first.group_size, first.kernel_bits) for m in mats):
+            raise ValueError("a QmvGroup needs up to 16 matrices of one input width, group size and width")
+        self.mats, self.out = mats, sum(m.shape[0] for m in mats)
+        self.dense_from = min(m.dense_from for m in mats)
+        arrays = [(ctypes.c_int64 * len(mats))(*[m.shape[0] for m in mats])]
+        for k in (2, 3, 4):                                    # codes, scales, zeros pointers
+            arrays.append((ctypes.c_void_p * len(mats))(*[m._weight_args[k] for m in mats]))
+        self._arrays = arrays                                  # kept alive with the matrices
+        self._call = native.load().qmv_many
+        self._args = (first.shape[1], len(mats), *arrays, first.group_size, first.kernel_bits)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor | None:
+        I = self.mats[0].shape[1]
+        if x.dtype not in _DTYPES:
+            return None
+        xs = x.reshape(-1, I)
+        if xs.shape[0] >= self.dense_from:
+            return None
+        if not xs.is_contiguous():
+            xs = xs.contiguous()
+        y = torch.empty(xs.shape[0], self.out, dtype=xs.dtype)
+        code = _DTYPES[xs.dtype]
+        rc = self._call(xs.data_ptr(), code, y.data_ptr(), code, xs.shape[0], *self._args, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"qmv: no scratch for {xs.shape[0]} x {I} activations") if rc == -1 else \
+                ValueError(f"qmv: a group of {len(self.mats)} matrices [*, {I}]")
+        return y.view(*x.shape[:-1], self.out)
+
+
 def to_qmv(qw: QuantizedWeight) -> QmvMatrix:
     """The kernel's form of a CPU weight: 4- and 8-bit weights share the stored bytes (no copy);
     2- and 3-bit codes are repacked to 4 bits."""
@@ -165,4 +203,4 @@ def to_qmv(qw: QuantizedWeight) -> QmvMatrix:
                      tuple(qw.shape), qw.bits)
 
 
-__all__ = ["DEQUANT_MIN_TOKENS", "TOLERANCE", "QmvMatrix", "qmv_supported", "to_qmv"]
+__all__ = ["DEQUANT_MIN_TOKENS", "TOLERANCE", "QmvGroup", "QmvMatrix", "qmv_supported", "to_qmv"]

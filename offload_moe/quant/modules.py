@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .cpu_forms import has_cpu_kernel, to_cpu_kernel
+from .cpu_qmv import QmvGroup, QmvMatrix
 from .groupwise import QuantizedWeight
 
 
@@ -25,6 +26,18 @@ class QLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.qw.linear(x)  # a CPU kernel form, or QuantizedWeight's dequantize-then-multiply
+
+
+def fused_linear(modules: list[nn.Module]) -> QmvGroup | None:
+    """One call for several projections of the same input (attention's q, k, v) where all are
+    QLinear on our CPU kernel with one input width, group size and width, and no bias; else None."""
+    mats = [getattr(m, "qw", None) for m in modules]
+    if not all(isinstance(m, QLinear) for m in modules) or not all(isinstance(w, QmvMatrix) for w in mats):
+        return None
+    try:
+        return QmvGroup(mats)
+    except ValueError:
+        return None
 
 
 class QEmbedding(nn.Module):

@@ -115,6 +115,8 @@ def open_library(path: Path) -> ctypes.CDLL:
                         ctypes.c_int]
     P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.qmv_swiglu.restype = I32
+    lib.qmv_many.restype = I32
+    lib.qmv_many.argtypes = [P, I32, P, I32, I64, I64, I32, P, P, P, P, I64, I32, I32]
     lib.qmv_swiglu.argtypes = [P, I32, P, I32, I64, I64, I64, P, P, P, P, P, P, I64, I32, P, P, P, I64, I32, I32]
     return lib
 

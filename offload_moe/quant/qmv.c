@@ -537,6 +537,33 @@ int qmv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, int6
     return 0;
 }
 
+/* Several matrices of one input in one call (attention's q, k and v): x quantized once, one
+   parallel loop over all their rows, y[N, sum(outs)] with matrix m's outputs in its columns. */
+int qmv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, int64_t in_features, int count,
+             const int64_t *outs, const uint8_t *const *codes, const uint16_t *const *scales,
+             const uint16_t *const *zeros, int64_t group, int bits, int threads) {
+    const size_t N = (size_t)n_tokens, I = (size_t)in_features, G = (size_t)group;
+    if (!qmv_supported(in_features, group, bits) || count < 1 || count > 16) return -2;
+    size_t first[17], total = 0;
+    for (int m = 0; m < count; m++) first[m] = total, total += (size_t)outs[m];
+    first[count] = total;
+    char *p = reserve(act_bytes(N, I, G));
+    if (p == NULL) return -1;
+    Act act;
+    act_carve(&act, p, N, I, G, bits);
+    act_fill(&act, x, x_dtype);
+    const size_t esize = y_dtype == 0 ? 4 : 2;
+    const int parallel = threads > 1 && total * I * N >= (1u << 18);
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+    for (int64_t r = 0; r < (int64_t)total; r++) {
+        int m = 0;
+        while ((size_t)r >= first[m + 1]) m++;
+        product_row(&act, codes[m], scales[m], zeros[m], (size_t)r - first[m], (char *)y + first[m] * esize, y_dtype,
+                    total);
+    }
+    return 0;
+}
+
 /* A SwiGLU expert in one call: y[N, H] = (silu(x @ w1.T) * (x @ w3.T)) @ w2.T, w1 and w3 [F, H]
    (one format), w2 [H, F]. x is quantized once for w1 and w3; the hidden activations stay fp32
    until they are quantized for w2. One parallel region: w1 and w3 rows, then w2 rows. */
