@@ -211,3 +211,16 @@ def test_a_group_of_projections_equals_its_matrices_bitwise():
     assert group.linear(torch.randn(group.dense_from, 256)) is None        # long prefill: each on its own
     with pytest.raises(ValueError):
         QmvGroup([mats[0], to_qmv(quantize(torch.randn(32, 256) * 0.02, 8, 64))])
+
+
+def test_the_model_says_which_cpu_kernel_runs(tmp_path):
+    import offload_moe
+    from conftest import save, tiny_mixtral
+    from offload_moe.tools.convert import quantize as convert
+
+    src = save(tiny_mixtral(hidden_size=64, intermediate_size=128), tmp_path / "src")
+    convert(src, tmp_path / "int4", experts="int4", attention="int4", group_size=32, method="rtn", device="cpu")
+    quantized = offload_moe.load(tmp_path / "int4", device="cpu")
+    assert quantized.settings.cpu_kernel == f"qmv ({native.status()})"
+    assert quantized.settings.as_dict()["cpu_kernel"] == quantized.settings.cpu_kernel
+    assert offload_moe.load(src, device="cpu").settings.cpu_kernel is None          # nothing quantized

@@ -587,12 +587,13 @@ int qmv_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_token
         for (int64_t o = 0; o < (int64_t)F; o++) {
             product_row(&in1, c1, s1, z1, (size_t)o, gate, 0, F);
             product_row(&in1, c3, s3, z3, (size_t)o, up, 0, F);
+            for (size_t t = 0; t < N; t++) {                  /* silu(gate) * up, by the row's thread */
+                float g = gate[t * F + (size_t)o];
+                gate[t * F + (size_t)o] = g / (1.0f + expf(-g)) * up[t * F + (size_t)o];
+            }
         }
 #pragma omp single
-        {
-            for (size_t k = 0; k < N * F; k++) gate[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
-            act_fill(&in2, gate, 0);
-        }
+        act_fill(&in2, gate, 0);
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < (int64_t)H; o++) product_row(&in2, c2, s2, z2, (size_t)o, y, y_dtype, H);
     }
