@@ -27,6 +27,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32 as the reference does (x * rsqrt(mean(x^2) + eps)), whatever the weight
         # dtype; torch's fused op computes it in one pass (bitwise the three-op form on the CPU)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not self.scale_fp32:
+            # torch's CPU op normalises bf16 in fp32 and rounds once: bitwise the two conversions'
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.scale_fp32:
             return (self.weight * h).to(x.dtype)

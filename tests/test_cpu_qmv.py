@@ -224,3 +224,4 @@ def test_the_model_says_which_cpu_kernel_runs(tmp_path):
     assert quantized.settings.cpu_kernel == f"qmv ({native.status()})"
     assert quantized.settings.as_dict()["cpu_kernel"] == quantized.settings.cpu_kernel
     assert offload_moe.load(src, device="cpu").settings.cpu_kernel is None          # nothing quantized
+
