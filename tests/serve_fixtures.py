@@ -125,3 +125,22 @@ class HeldModel:
             return should_stop()
 
         return held
+
+
+# ---------------------------------------------------------------- fixtures the server test modules share
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny chat checkpoint with a tokenizer and chat template, built once per test module."""
+    return build_tiny_chat_checkpoint(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """A second instance of the same model, used in the test thread (the server owns its own)."""
+    import offload_moe
+
+    return offload_moe.load(checkpoint, device="cpu")

@@ -39,17 +39,22 @@ def session(messages, transcript, *args) -> tuple[dict, str]:
     child.expect(r"(\d+) turns? in context · (\d+) trimmed")
     in_context, trimmed = int(child.match.group(1)), int(child.match.group(2))
     child.expect(">>> ")
+    saved, out = save_and_exit(child, transcript)
+    saved["in_context"], saved["trimmed"] = in_context, trimmed
+    return saved, out
+
+
+def save_and_exit(child, transcript, saved: str = "saved") -> tuple[dict, str]:
+    """At the prompt: /save the transcript (expecting `saved`), /exit cleanly; (transcript, output)."""
     child.sendline(f"/save {transcript}")
-    child.expect("saved")
+    child.expect(saved)
     child.expect(">>> ")
     child.sendline("/exit")
     child.expect(pexpect.EOF)
     child.close()
     out = child.logfile_read.getvalue()
     assert child.exitstatus == 0 and "Traceback" not in out, out
-    saved = json.loads(transcript.read_text())
-    saved["in_context"], saved["trimmed"] = in_context, trimmed
-    return saved, out
+    return json.loads(transcript.read_text()), out
 
 
 MESSAGES = ["Who is Hamlet?", "I love thee, Juliet.", "What news from Verona?"]
@@ -87,15 +92,8 @@ def test_keys_typed_during_a_reply_are_not_echoed_nor_sent(tiny, tmp_path):
     child.sendintr()
     child.expect("reply interrupted")
     child.expect(">>> ")
-    child.sendline(f"/save {tmp_path / 't.json'}")
-    child.expect("saved 2 messages")
-    child.expect(">>> ")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    out = child.logfile_read.getvalue()
+    saved, out = save_and_exit(child, tmp_path / "t.json", "saved 2 messages")
     assert "XQXQ" not in out
-    saved = json.loads((tmp_path / "t.json").read_text())
     assert all("XQXQ" not in m["content"] for m in saved["messages"])
 
 

@@ -22,23 +22,13 @@ openai = pytest.importorskip("openai")
 
 import offload_moe  # noqa: E402
 from offload_moe.server import create_app  # noqa: E402
-from serve_fixtures import HeldModel, build_tiny_chat_checkpoint, free_port, running_server  # noqa: E402
+from serve_fixtures import HeldModel, free_port, running_server  # noqa: E402
+from serve_fixtures import checkpoint, reference  # noqa: E402,F401  (fixtures)
 
 NAME = "tiny-chat"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world, who are you?"}]
 LONG = 64  # tokens asked for by the requests that are held (`HeldModel`) and then cancelled
 HELD_AT = 4  # the held generation waits for its cancellation at this token
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_chat_checkpoint(tmp_path_factory.mktemp("tiny-chat"))
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    """A second instance of the same model, used in the test thread (the server owns its own)."""
-    return offload_moe.load(checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")

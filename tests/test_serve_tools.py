@@ -19,7 +19,8 @@ openai = pytest.importorskip("openai")
 import offload_moe  # noqa: E402
 from offload_moe.server import create_app  # noqa: E402
 from offload_moe.server.tools import HARMONY, HERMES, MISTRAL, ToolCallParser, tool_format  # noqa: E402
-from serve_fixtures import build_tiny_chat_checkpoint, running_server  # noqa: E402
+from serve_fixtures import running_server  # noqa: E402
+from serve_fixtures import checkpoint, reference  # noqa: E402,F401  (fixtures)
 
 NAME = "tiny"
 
@@ -29,16 +30,6 @@ def client_for(base):
 
 
 # ---------------------------------------------------------------- logprobs and penalties
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return build_tiny_chat_checkpoint(tmp_path_factory.mktemp("tiny-chat"))
-
-
-@pytest.fixture(scope="module")
-def reference(checkpoint):
-    return offload_moe.load(checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")

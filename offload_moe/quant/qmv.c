@@ -139,6 +139,7 @@ static inline size_t slot(size_t i, size_t in, int bits) {
     return i - j + (j & 1) * (run / 2) + j / 2;
 }
 
+#if QMV_PATH != 2  /* AVX-512 has quantize_row_fast */
 static void quantize_row(const float *x, size_t in, size_t group, int bits, int8_t *a, float *d, float *xsum) {
     size_t blocks = NBLOCKS(in);
     for (size_t g = 0; g < in / group; g++) xsum[g] = 0.0f;
@@ -163,6 +164,7 @@ static void quantize_row(const float *x, size_t in, size_t group, int bits, int8
         d[b] = db;
     }
 }
+#endif
 
 #if QMV_PATH == 2
 static void expand_scales(const float *d, size_t in, float *dexp) {
@@ -258,29 +260,37 @@ static void quantize_row_fast(const void *x, int x_dtype, size_t in, size_t grou
 
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-static inline float zero_term(const uint16_t *scale, const uint16_t *zero, const float *xs, size_t groups) {
-    __m512 zacc = _mm512_setzero_ps();
-    size_t g = 0;
-    for (; g + 16 <= groups; g += 16) {
-        __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + g)));
-        __m512 zv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(zero + g)));
-        zacc = _mm512_fmadd_ps(_mm512_mul_ps(sv, zv), _mm512_loadu_ps(xs + g), zacc);
-    }
-    float zs = hsum(zacc);
-    for (; g < groups; g++) zs += _cvtsh_ss(scale[g]) * _cvtsh_ss(zero[g]) * xs[g];
-    return zs;
-}
-
-/* lanes 0-7 = a, lanes 8-15 = b */
-static inline __m512 halves(float a, float b) {
-    return _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b));
-}
-
 static inline __mmask16 first(size_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 
 /* 16 fp16 values from p (fewer at the end of a row: the rest are zero) as fp32 */
 static inline __m512 load_halfs(const uint16_t *p, size_t n) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n), (const void *)p));
+}
+
+/* One step of a row (64 bytes of codes: 128 inputs at 4 bits, 64 at 8) against NT tokens, with
+   `s` the weight scale of each of its 16 int32 lanes. */
+__attribute__((always_inline)) static inline void one_step(const uint8_t *w, int bits, size_t st, __m512 s,
+                                                           const int8_t *a, size_t in, const float *d, size_t blocks,
+                                                           const float *dexp, int NT, __m512 *acc) {
+    const size_t dexp_stride = (in / 128) * 16;
+    __m512i b = _mm512_loadu_si512((const void *)(w + st * 64));
+    if (bits == 4) {
+        const __m512i m = _mm512_set1_epi8(0x0f);
+        __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
+        for (int t = 0; t < NT; t++) {
+            const int8_t *at = a + t * in + st * 128;
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512((const void *)at));
+            dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512((const void *)(at + 64)));
+            __m512 dv = _mm512_load_ps(dexp + t * dexp_stride + st * 16);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+        }
+    } else {
+        for (int t = 0; t < NT; t++) {
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), b, _mm512_load_si512((const void *)(a + t * in + st * 64)));
+            __m512 dv = _mm512_set1_ps(d[t * blocks + st]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
+        }
+    }
 }
 
 /* One row against NT tokens. A step reads `span` inputs (128 for 4-bit codes: 64 bytes; 64 for
@@ -297,8 +307,6 @@ __attribute__((always_inline)) static inline void row_tokens(
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
     const size_t span = bits == 4 ? 128 : 64, steps = in / span;
     const size_t gps = group <= span && span % group == 0 ? span / group : 0;   /* groups per step */
-    const __m512i m = _mm512_set1_epi8(0x0f);
-    const size_t dexp_stride = (in / 128) * 16;
     if (gps) {
         const size_t per_load = 16 / gps;                                         /* steps per scale vector */
         const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
@@ -308,51 +316,12 @@ __attribute__((always_inline)) static inline void row_tokens(
             __m512 sv = load_halfs(scale + s0 * gps, groups - s0 * gps);
             __m512i idx = idx0;
             size_t s1 = s0 + per_load < steps ? s0 + per_load : steps;
-            for (size_t st = s0; st < s1; st++, idx = _mm512_add_epi32(idx, step)) {
-                __m512 s = _mm512_permutexvar_ps(idx, sv);
-                if (bits == 4) {
-                    __m512i b = _mm512_loadu_si512((const void *)(w + st * 64));
-                    __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
-                    for (int t = 0; t < NT; t++) {
-                        const int8_t *at = a + t * in + st * 128;
-                        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512((const void *)at));
-                        dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512((const void *)(at + 64)));
-                        __m512 dv = _mm512_load_ps(dexp + t * dexp_stride + st * 16);
-                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
-                    }
-                } else {
-                    __m512i q = _mm512_loadu_si512((const void *)(w + st * 64));
-                    for (int t = 0; t < NT; t++) {
-                        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q,
-                                                          _mm512_load_si512((const void *)(a + t * in + st * 64)));
-                        __m512 dv = _mm512_set1_ps(d[t * blocks + st]);
-                        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
-                    }
-                }
-            }
+            for (size_t st = s0; st < s1; st++, idx = _mm512_add_epi32(idx, step))
+                one_step(w, bits, st, _mm512_permutexvar_ps(idx, sv), a, in, d, blocks, dexp, NT, acc);
         }
     } else {                                                                      /* a group spans steps */
-        for (size_t st = 0; st < steps; st++) {
-            __m512 s = _mm512_set1_ps(_cvtsh_ss(scale[st * span / group]));
-            if (bits == 4) {
-                __m512i b = _mm512_loadu_si512((const void *)(w + st * 64));
-                __m512i lo = _mm512_and_si512(b, m), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), m);
-                for (int t = 0; t < NT; t++) {
-                    const int8_t *at = a + t * in + st * 128;
-                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512((const void *)at));
-                    dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512((const void *)(at + 64)));
-                    __m512 dv = _mm512_load_ps(dexp + t * dexp_stride + st * 16);
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dv, s), acc[t]);
-                }
-            } else {
-                __m512i q = _mm512_loadu_si512((const void *)(w + st * 64));
-                for (int t = 0; t < NT; t++) {
-                    __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q,
-                                                      _mm512_load_si512((const void *)(a + t * in + st * 64)));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(_mm512_set1_ps(d[t * blocks + st]), s), acc[t]);
-                }
-            }
-        }
+        for (size_t st = 0; st < steps; st++)
+            one_step(w, bits, st, _mm512_set1_ps(_cvtsh_ss(scale[st * span / group])), a, in, d, blocks, dexp, NT, acc);
     }
     if (bits == 4 && steps * 128 + 64 <= in) {                                    /* a trailing run of 64 inputs */
         size_t i = steps * 128;
