@@ -16,7 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .decode_cpu import AttentionStep, rms_norm_row
 from .quant.modules import fused_linear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, scale_fp32: bool = False):
@@ -25,6 +27,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.numel() == x.shape[-1]:  # one row (decode): one C call
+            y = rms_norm_row(x, self.weight, self.eps, self.scale_fp32)
+            if y is not None:
+                return y
         # normalise in fp32 as the reference does (x * rsqrt(mean(x^2) + eps)), whatever the weight
         # dtype; torch's fused op computes it in one pass (bitwise the three-op form on the CPU)
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not self.scale_fp32:
@@ -126,10 +132,11 @@ class Attention(nn.Module):
     """Grouped-query attention; per family optional q/k/v (and o) biases, q/k RMSNorm per head
     ("head") or over the whole projection ("full"), a clamp of q, k, v, and attention sinks."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
         fam = cfg.family
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.window = window  # the layer's sliding window (None: all earlier positions)
         self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
@@ -141,6 +148,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.hd if head else self.nkv * self.hd, cfg.rms_norm_eps)
         self.sinks = nn.Parameter(torch.zeros(self.nh)) if fam.attention_sinks else None
         self.qkv = None  # q, k, v in one kernel call, where `fuse_projections` finds they can be
+        self.decode_step: AttentionStep | None = None  # one token on the CPU in one C call (`prepare_cpu_decode`)
 
     def fuse_projections(self) -> None:
         """After the weights are in place: q, k and v packed for our CPU kernel (no biases) are
@@ -148,6 +156,10 @@ class Attention(nn.Module):
         if any(getattr(m, "bias", None) is not None for m in (self.q_proj, self.k_proj, self.v_proj)):
             return
         self.qkv = fused_linear([self.q_proj, self.k_proj, self.v_proj])
+
+    def prepare_cpu_decode(self) -> None:
+        """Decode steps on the CPU compute everything between the projections in one call."""
+        self.decode_step = AttentionStep(self, self.window)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, H) -> q (B, T, nh*hd), k, v (B, T, nkv*hd)."""
@@ -159,6 +171,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project(x)                                      # (B, T, nh*hd), (B, T, nkv*hd) x2
+        if self.decode_step is not None and T == 1:
+            y = self.decode_step(q, k, v, cos, sin, cache, start, mask is not None)
+            if y is not None:
+                return self.o_proj(y)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:

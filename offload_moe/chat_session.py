@@ -157,8 +157,11 @@ class ChatTurn:
     def __iter__(self) -> Iterator[str]:
         return self._pieces
 
-    def close(self) -> None:
-        """Stop early (if still running) and settle the history now rather than at garbage collection."""
+    def close(self, shown: str | None = None) -> None:
+        """Stop early (if still running) and settle the history now rather than at garbage collection.
+        `shown`: the part of the reply the user saw (a prefix of `text`), kept instead of all of it."""
+        if shown is not None and not self.done:
+            self.text = shown
         self._pieces.close()
 
     def _generate(self) -> Iterator[str]:

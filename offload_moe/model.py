@@ -28,7 +28,9 @@ import torch.nn.functional as F
 
 from .attention import RMSNorm, rope_tables, KVCache, Attention, LatentAttention
 from .config import ModelConfig
+from .decode_cpu import RouteStep
 from .experts.interface import ExpertProvider
+from .quant import native
 from .quant.cpu_bf16 import pack_linears
 from .quant.modules import QEmbedding, QLinear
 
@@ -133,14 +135,21 @@ class MoEBlock(nn.Module):
         self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
                                    if cfg.shared_expert_size and fam.shared_expert_gate else None)
         self.experts = experts  # the provider (`experts.interface`): not a submodule, owns no parameters here
+        self.decode_route: RouteStep | None = None  # one token on the CPU in one C call (`prepare_cpu_decode`)
 
     def route(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> weights (N, k) in x's dtype, expert ids (N, k); `forced` ids replace top-k."""
-        if self.router_fp32:
-            logits = F.linear(x.float(), self.gate.weight.float())                       # (N, E)
-        elif x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and self.gate.bias is None:
-            # torch's CPU product of a half-precision row with a [E, H] matrix costs ~4x the fp32 one
-            logits = F.linear(x.float(), self.gate.weight.float()).to(x.dtype)
+        if self.decode_route is not None and forced is None and x.shape[0] == 1:
+            routed = self.decode_route(x)
+            if routed is not None:
+                return routed
+        half_on_cpu = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+        if self.router_fp32 or half_on_cpu:
+            # (on the CPU, torch's product of a half-precision row with a [E, H] matrix costs ~4x the fp32 one)
+            bias = self.gate.bias.float() if self.gate.bias is not None else None
+            logits = F.linear(x.float(), self.gate.weight.float(), bias)                 # (N, E)
+            if not self.router_fp32:
+                logits = logits.to(x.dtype)
         else:
             logits = self.gate(x)
         weights, ids = self.rule(logits, self.cfg, forced)
@@ -194,7 +203,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         fp32 = cfg.family.norm_scale_fp32
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fp32)
-        self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg)
+        self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg, cfg.window(layer))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fp32)
         self.dense = layer in cfg.dense_layers
         if self.dense:
@@ -241,6 +250,15 @@ class Transformer(nn.Module):
         # decode's routing ids and the next layers' guesses come back in one copy per MoE layer
         depth = min(self.experts.prefetch_depth, cfg.num_moe_layers - 1)
         self.ids_to_host = HostIds(max_batch * cfg.top_k * (1 + max(depth, 0)), device)
+
+    def prepare_cpu_decode(self) -> None:
+        """On the CPU, a decode step's attention (between its projections), norms and routers run
+        as one C call each (`decode_cpu.py`) where the library is available."""
+        for layer in self.layers:
+            if isinstance(layer.self_attn, Attention):
+                layer.self_attn.prepare_cpu_decode()
+            if not layer.dense:
+                layer.block_sparse_moe.decode_route = RouteStep(layer.block_sparse_moe)
 
     def set_routing(self, routing: Routing | None) -> None:
         """Route by `routing` (e.g. a recorded trace) instead of the routers; None: the routers again."""
@@ -328,6 +346,8 @@ def build_transformer(cfg: ModelConfig, dense: dict, experts, *, device, dtype,
     for module in model.modules():
         if isinstance(module, Attention):
             module.fuse_projections()
+    if torch.device(device).type == "cpu" and native.load_decode() is not None:
+        model.prepare_cpu_decode()
     model.setup(max_seq_len, device, dtype, max_batch)
     return model.eval()
 

@@ -17,7 +17,7 @@ LAYERS = [
               "offload_moe.user_files", "offload_moe.validate", "offload_moe.safetensors_header"]),
     ("family", ["offload_moe.arch", "offload_moe.config", "offload_moe.checkpoint", "offload_moe.sanity",
                 "offload_moe.budget", "offload_moe.gguf", "offload_moe.hub"]),
-    ("model", ["offload_moe.experts.interface", "offload_moe.attention", "offload_moe.model"]),
+    ("model", ["offload_moe.experts.interface", "offload_moe.decode_cpu", "offload_moe.attention", "offload_moe.model"]),
     ("engine", ["offload_moe.experts", "offload_moe.cpu"]),
     ("planning", ["offload_moe.profiles", "offload_moe.planner", "offload_moe.options"]),
     ("generation", ["offload_moe.generate", "offload_moe.generation_config", "offload_moe.penalties", "offload_moe.text",

@@ -206,7 +206,7 @@ class ChatLoop:
     def turn(self, text: str, raise_errors: bool = False) -> None:
         before = self.model.last_timing
         counters = expert_counters(self.model.stats)
-        turn = None
+        turn, shown = None, ""
         try:
             turn = self.session.send(text)
             if turn.dropped_turns:
@@ -215,8 +215,10 @@ class ChatLoop:
                      f"{self.model.context_length} tokens")
             with typed_keys_ignored():
                 for piece in turn:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                    with interrupt_deferred():  # a Ctrl-C lands before or after a piece is out, never between
+                        sys.stdout.write(piece)
+                        sys.stdout.flush()
+                        shown += piece
             sys.stdout.write("\n")
             sys.stdout.flush()
             if turn.cut_by_context:
@@ -228,7 +230,7 @@ class ChatLoop:
             if raise_errors:
                 raise
             if turn is not None:
-                turn.close()
+                turn.close(shown)                # what was kept is what was shown
             sys.stdout.write("\n")
             sys.stdout.flush()
             kept = turn is not None and turn.text
@@ -247,7 +249,7 @@ class ChatLoop:
                 traceback.print_exc()
         finally:
             if turn is not None:
-                turn.close()
+                turn.close(shown)                # what was kept is what was shown
         if self.model.last_timing is not before:
             note(self.status_line(counters))
 
@@ -276,7 +278,8 @@ class ChatLoop:
 @contextlib.contextmanager
 def typed_keys_ignored():
     """While a reply streams: the terminal echoes no keys, and what was typed is discarded at the end
-    (so it neither garbles the reply nor becomes the next message). Ctrl-C still interrupts."""
+    (so it neither garbles the reply nor becomes the next message). Ctrl-C still interrupts, without
+    the terminal dropping the reply text still queued for the screen."""
     fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
     if fd is None:
         yield
@@ -290,6 +293,7 @@ def typed_keys_ignored():
         return
     quiet = list(saved)
     quiet[3] &= ~(termios.ECHO | termios.ECHONL)
+    quiet[3] |= termios.NOFLSH  # Ctrl-C must not discard reply text already written: what was kept is what was shown
     termios.tcsetattr(fd, termios.TCSANOW, quiet)
     try:
         yield
@@ -298,22 +302,29 @@ def typed_keys_ignored():
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
-def show(renderable):
-    """Print on stderr; a Ctrl-C arriving meanwhile is raised only once the line is out (rich keeps
-    a half-written line in its buffer and would print it again with the next line)."""
-    sys.stdout.flush()
+@contextlib.contextmanager
+def interrupt_deferred():
+    """A Ctrl-C arriving inside the block is raised once the block is done."""
     caught = []
     try:
         previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
     except ValueError:  # not the main thread: no signal handling to defer
         previous = None
     try:
-        stderr.print(renderable, highlight=False)
+        yield
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
+
+
+def show(renderable):
+    """Print on stderr; a Ctrl-C arriving meanwhile is raised only once the line is out (rich keeps
+    a half-written line in its buffer and would print it again with the next line)."""
+    sys.stdout.flush()
+    with interrupt_deferred():
+        stderr.print(renderable, highlight=False)
 
 
 def note(message: str, style: str | None = "dim"):

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("qmv.c")
+DECODE_SOURCE = Path(__file__).parent.parent / "decode.c"   # a decode step's small ops (decode_cpu.py)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 PATHS = {2: "AVX-512 VNNI", 1: "AVX2", 0: "portable C"}
 BUILD_TIMEOUT_S = 120
@@ -136,10 +137,38 @@ def load() -> ctypes.CDLL | None:
     return lib
 
 
+def open_decode_library(path: Path) -> ctypes.CDLL:
+    torch.get_num_threads()
+    lib = ctypes.CDLL(str(path))
+    P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.rms_norm_row.restype = lib.attn_decode.restype = lib.route_one.restype = I32
+    lib.rms_norm_row.argtypes = [P, I32, P, I32, I64, F32, I32, P, I32]
+    lib.attn_decode.argtypes = [P, P, P, I32, P, P, I32, P, P, I32, I32, F32, F32, P, I32, P, P, I32, I64, I64, I64,
+                                I64, I64, I64, F32, P, I32, I32]
+    lib.route_one.argtypes = [P, I32, P, I32, P, I32, I64, I64, I32, I32, I32, F32, I32, P, P, I32]
+    return lib
+
+
+@functools.cache
+def load_decode() -> ctypes.CDLL | None:
+    """The decode-step library (`decode.c`) built for this machine, or None (see `status("decode")`)."""
+    if os.environ.get("OFFLOAD_MOE_NATIVE", "1") == "0":
+        _status["decode"] = "off (OFFLOAD_MOE_NATIVE=0)"
+        return None
+    try:
+        lib = open_decode_library(build(DECODE_SOURCE))
+    except (RuntimeError, OSError) as e:
+        _status["decode"] = f"unavailable: {e}"
+        return None
+    _status["decode"] = "built"
+    return lib
+
+
 def status() -> str:
     """What the kernel library is: its instruction path, or why it is not used."""
     load()
     return _status.get("qmv", "not loaded")
 
 
-__all__ = ["FLAGS", "PATHS", "SOURCE", "build", "cache_dir", "load", "open_library", "status"]
+__all__ = ["DECODE_SOURCE", "FLAGS", "PATHS", "SOURCE", "build", "cache_dir", "load", "load_decode", "open_decode_library",
+           "open_library", "status"]

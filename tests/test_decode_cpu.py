@@ -1,0 +1,159 @@
+"""The CPU decode step's C calls (`decode_cpu.py`, `decode.c`) against the torch path they replace:
+one token's attention (every family option: q/k norms per head and over the projection, clamp,
+sinks, sliding window, grouped and plain heads), one-row RMSNorm, the routers' top-k. fp32 agrees
+to float rounding; bf16 is at least as close to float64 math as the torch path (it rounds once)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from offload_moe import decode_cpu
+from offload_moe.attention import Attention, KVCache, RMSNorm
+from offload_moe.model import MoEBlock
+
+pytestmark = pytest.mark.skipif(decode_cpu.native.load_decode() is None, reason="no C compiler for decode.c")
+
+BF16_ULP = 2 ** -7   # one bf16 step at magnitude 1
+
+
+def attention_config(nh, nkv, hd, qk_norm=None, clip=None, sinks=False):
+    family = SimpleNamespace(qk_norm=qk_norm, attention_sinks=sinks)
+    return SimpleNamespace(family=family, num_heads=nh, num_kv_heads=nkv, head_dim=hd, hidden_size=48,
+                           qkv_bias=False, o_bias=False, clip_qkv=clip, rms_norm_eps=1e-5)
+
+
+def rotary(positions: int, hd: int, dtype):
+    inv = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+    freqs = torch.arange(positions).float()[:, None] * inv[None]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def randomise(module, g):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 1.0) + (1.0 if "norm" in name else 0))
+
+
+ATTENTION_CASES = [
+    dict(nh=8, nkv=2, hd=64),
+    dict(nh=4, nkv=4, hd=16, qk_norm="head"),
+    dict(nh=4, nkv=2, hd=8, qk_norm="full", clip=0.7),
+    dict(nh=4, nkv=2, hd=40, sinks=True, window=5),
+    dict(nh=6, nkv=3, hd=32, window=64),   # a window longer than the sequence: every key
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_attention_matches_the_torch_path(case, dtype):
+    g = torch.Generator().manual_seed(0)
+    case = dict(case)
+    window = case.pop("window", None)
+    cfg = attention_config(**case)
+    attn = Attention(cfg, window)
+    randomise(attn, g)
+    attn = attn.to(dtype)
+    attn.prepare_cpu_decode()
+    S, prompt = 24, 11
+    cos, sin = rotary(S, cfg.head_dim, dtype)
+    cache = KVCache(1, cfg.num_kv_heads, S, cfg.head_dim, "cpu", dtype)
+    step, attn.decode_step = attn.decode_step, None
+    with torch.no_grad():
+        attn(torch.randn(1, prompt, 48, generator=g).to(dtype), cos[:prompt], sin[:prompt],
+             torch.ones(prompt, prompt).tril().bool(), cache, 0)                       # the prompt, torch path
+        for pos in range(prompt, prompt + 3):
+            x = torch.randn(1, 1, 48, generator=g).to(dtype)
+            mask = (torch.arange(pos + 1) > pos - window)[None] if window and pos + 1 > window else None
+            twin = KVCache(1, cfg.num_kv_heads, S, cfg.head_dim, "cpu", dtype)
+            twin.k.copy_(cache.k), twin.v.copy_(cache.v)
+            attn.decode_step = None
+            torchs = attn(x, cos[pos:pos + 1], sin[pos:pos + 1], mask, twin, pos)
+            attn.decode_step = step
+            ours = attn(x, cos[pos:pos + 1], sin[pos:pos + 1], mask, cache, pos)
+            exact = reference(attn.double(), x.double(), cos[:pos + 1].double(), sin[:pos + 1].double(), cache, pos,
+                              window)
+            attn.to(dtype)
+            assert ours.dtype == dtype and ours.shape == torchs.shape
+            if dtype == torch.float32:
+                torch.testing.assert_close(ours, torchs, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(cache.k[:, :, :pos + 1], twin.k[:, :, :pos + 1], rtol=1e-5, atol=1e-6)
+            else:
+                scale = exact.abs().max().item()
+                assert (ours.double() - exact).abs().max() <= (torchs.double() - exact).abs().max() + 2 * BF16_ULP * scale
+                assert (cache.k[:, :, pos].double() - twin.k[:, :, pos].double()).abs().max() <= \
+                    2 * BF16_ULP * twin.k[:, :, pos].double().abs().max()
+            assert torch.equal(cache.v[:, :, pos], twin.v[:, :, pos])
+
+
+def reference(attn, x, cos, sin, cache, pos, window):
+    """The new token's attention output in float64 from the cached keys/values before `pos` (which
+    both paths wrote alike up to rounding) and its own, through the torch path's ops."""
+    hd, nkv = attn.hd, attn.nkv
+    saved = KVCache(1, nkv, cache.k.shape[2], hd, "cpu", torch.float64)
+    saved.k.copy_(cache.k), saved.v.copy_(cache.v)
+    mask = (torch.arange(pos + 1) > pos - window)[None] if window and pos + 1 > window else None
+    step, attn.decode_step = attn.decode_step, None
+    y = attn(x, cos[pos:pos + 1], sin[pos:pos + 1], mask, saved, pos)
+    attn.decode_step = step
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_fp32", [False, True])
+def test_one_row_rmsnorm_matches_the_torch_path(dtype, scale_fp32):
+    g = torch.Generator().manual_seed(1)
+    for hidden in (8, 100, 1024):
+        norm = RMSNorm(hidden, 1e-6, scale_fp32)
+        norm.weight.data = (torch.randn(hidden, generator=g) + 1).to(dtype)
+        x = (torch.randn(1, 1, hidden, generator=g) * 3).to(dtype)
+        ours = decode_cpu.rms_norm_row(x, norm.weight, norm.eps, scale_fp32)
+        torchs = norm(x.expand(2, 1, hidden).contiguous())[:1]      # two rows: the torch path
+        assert ours is not None and ours.dtype == torchs.dtype and ours.shape == x.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(ours, torchs, rtol=1e-6, atol=1e-6)
+        else:
+            assert (ours.float() - torchs.float()).abs().max() <= BF16_ULP * torchs.float().abs().max()
+        assert torch.equal(norm(x), ours)   # the module takes the C call for one row
+
+
+def router_config(rule, E, k, norm, scaling=1.0, bias=False, fp32=False):
+    family = SimpleNamespace(router_rule=rule, router_fp32=fp32, router_bias=bias, shared_expert_gate=False)
+    return SimpleNamespace(family=family, hidden_size=64, num_experts=E, top_k=k, shared_expert_size=0, n_group=1,
+                           topk_group=1, norm_topk_prob=norm, routed_scaling_factor=scaling)
+
+
+ROUTERS = [("softmax_topk", 8, 2, True, 1.0, False, False), ("softmax_topk", 60, 4, False, 2.5, False, True),
+           ("topk_softmax", 32, 4, False, 1.0, True, True), ("softmax_topk", 16, 1, True, 1.0, True, False)]
+
+
+@pytest.mark.parametrize("router", ROUTERS, ids=lambda r: f"{r[0]}-E{r[1]}-k{r[2]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_routing_matches_the_torch_path(router, dtype):
+    g = torch.Generator().manual_seed(2)
+    block = MoEBlock(router_config(*router), 0, experts=None)
+    randomise(block, g)
+    block = block.to(dtype)
+    step = decode_cpu.RouteStep(block)
+    for _ in range(20):
+        x = torch.randn(1, 64, generator=g).to(dtype)
+        with torch.no_grad():
+            weights, ids = step(x)
+            torch_weights, torch_ids = block.route(x)
+        assert ids.dtype == torch.long and weights.dtype == dtype
+        assert torch.equal(ids, torch_ids)
+        tol = 1e-6 if dtype == torch.float32 else BF16_ULP
+        torch.testing.assert_close(weights.float(), torch_weights.float(), rtol=tol, atol=tol)
+
+
+def test_other_devices_dtypes_and_shapes_take_the_torch_path():
+    x16 = torch.randn(1, 1, 32).half()
+    assert decode_cpu.rms_norm_row(x16, torch.ones(32).half(), 1e-6, False) is None
+    assert decode_cpu.rms_norm_row(torch.randn(2, 32), torch.ones(32), 1e-6, False) is None   # two rows
+    assert decode_cpu.rms_norm_row(torch.randn(1, 32), torch.ones(32).bfloat16(), 1e-6, False) is None
+    block = MoEBlock(router_config("softmax_topk", 8, 2, True), 0, experts=None)
+    assert decode_cpu.RouteStep(block)(torch.randn(2, 64)) is None                             # prefill
+    grouped = router_config("softmax_topk", 8, 2, True)
+    grouped.n_group = 4
+    assert decode_cpu.RouteStep(MoEBlock(grouped, 0, experts=None))(torch.randn(1, 64)) is None
