@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .decode_cpu import AttentionStep, rms_norm_row
+from .quant.cpu_bf16 import fuse_bf16
 from .quant.modules import fused_linear
 
 
@@ -151,11 +152,12 @@ class Attention(nn.Module):
         self.decode_step: AttentionStep | None = None  # one token on the CPU in one C call (`prepare_cpu_decode`)
 
     def fuse_projections(self) -> None:
-        """After the weights are in place: q, k and v packed for our CPU kernel (no biases) are
-        computed in one call (one activation quantization, one parallel loop)."""
+        """After the weights are in place: q, k and v on one of our CPU kernels (no biases) are
+        computed in one call (one activation quantization, one parallel loop; bf16: one weight)."""
         if any(getattr(m, "bias", None) is not None for m in (self.q_proj, self.k_proj, self.v_proj)):
             return
-        self.qkv = fused_linear([self.q_proj, self.k_proj, self.v_proj])
+        projections = [self.q_proj, self.k_proj, self.v_proj]
+        self.qkv = fused_linear(projections) or fuse_bf16(projections)
 
     def prepare_cpu_decode(self) -> None:
         """Decode steps on the CPU compute everything between the projections in one call."""

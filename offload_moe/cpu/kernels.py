@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..experts.interface import ExpertWeights
-from ..quant.cpu_bf16 import PackedBF16, packable
+from ..quant.cpu_bf16 import PackedBF16, bmv_available, packable
 from ..quant.cpu_forms import CPU_FORMS, TOLERANCE, copies_bytes, cpu_matrix, has_cpu_kernel, owns_bytes
 from ..quant.cpu_int4 import INT4_GROUP_SIZES, INT4_ROWS, Int4Planes, int4_supported, to_int4_planes
 from ..quant.cpu_qmv import QmvMatrix, to_qmv
@@ -33,10 +33,12 @@ def cpu_form(weights: ExpertWeights) -> ExpertWeights:
 
 
 def resident_cpu_form(weights: ExpertWeights) -> ExpertWeights:
-    """`cpu_form` for an expert that lives on the CPU for good (not a view of a host tier): bf16
-    matrices are also prepacked for oneDNN (`quant/cpu_bf16.py`; the same bytes, products bitwise
-    F.linear's)."""
+    """`cpu_form` for an expert that lives on the CPU for good (not a view of a host tier): without
+    our bf16 kernel, bf16 matrices are also prepacked for oneDNN (`quant/cpu_bf16.py`; the same
+    bytes, products bitwise F.linear's)."""
     w = cpu_form(weights)
+    if bmv_available():  # our bf16 kernel reads the stored layout, as it does a slot's
+        return w
     return replace(w, **{m: PackedBF16(getattr(w, m)) for m in ("w1", "w3", "w2") if packable(getattr(w, m))})
 
 

@@ -25,11 +25,15 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
+from ..quant.cpu_bf16 import small_linear, small_swiglu
+
 
 def linear(x: torch.Tensor, w: Any) -> torch.Tensor:
-    """x @ w.T for a plain [out, in] tensor or a quantized weight."""
+    """x @ w.T for a plain [out, in] tensor or a quantized weight (bf16 on the CPU for a few tokens:
+    our kernel, the same bits for a slot view and a resident tensor)."""
     if isinstance(w, torch.Tensor):
-        return F.linear(x, w)
+        y = small_linear(x, w) if x.device.type == "cpu" else None
+        return F.linear(x, w) if y is None else y
     return w.linear(x)
 
 
@@ -58,8 +62,12 @@ def expert_forward(x: torch.Tensor, w: ExpertWeights, swiglu_limit: float | None
     """SwiGLU expert: x [n, H] -> [n, H]. With `swiglu_limit`, gpt-oss's clamped variant:
     gate clamped above, up clamped to ±limit, (up + 1) · gate · sigmoid(alpha · gate)."""
     if w.b1 is None and swiglu_limit is None:
-        fused = getattr(w.w1, "swiglu", None)   # a packed CPU form may compute the whole expert in one call
-        y = fused(x, w.w3, w.w2) if fused is not None else None
+        # a packed CPU form, or bf16 CPU tensors, may compute the whole expert in one call
+        if isinstance(w.w1, torch.Tensor):
+            y = small_swiglu(x, w.w1, w.w3, w.w2) if x.device.type == "cpu" else None
+        else:
+            fused = getattr(w.w1, "swiglu", None)
+            y = fused(x, w.w3, w.w2) if fused is not None else None
         return y if y is not None else linear(F.silu(linear(x, w.w1)) * linear(x, w.w3), w.w2)
     gate, up = linear(x, w.w1), linear(x, w.w3)  # (n, I)
     if w.b1 is not None:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("qmv.c")
+BF16_SOURCE = Path(__file__).with_name("bf16mv.c")           # bf16 weights (cpu_bf16.py)
 DECODE_SOURCE = Path(__file__).parent.parent / "decode.c"   # a decode step's small ops (decode_cpu.py)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 PATHS = {2: "AVX-512 VNNI", 1: "AVX2", 0: "portable C"}
@@ -104,71 +105,69 @@ def _remove_stale_partials(directory: Path, stem: str, age_s: float = 600.0) -> 
             pass
 
 
-def open_library(path: Path) -> ctypes.CDLL:
+P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+# each library: (source, {function: (return type, argument types)}, its instruction-path function or None)
+LIBRARIES = {
+    "qmv": (SOURCE, {
+        "qmv_path": (I32, []),
+        "qmv_supported": (I32, [I64, I64, I32]),
+        "qmv": (I32, [P, I32, P, I32, I64, I64, I64, P, P, P, I64, I32, I32]),
+        "qmv_many": (I32, [P, I32, P, I32, I64, I64, I32, P, P, P, P, I64, I32, I32]),
+        "qmv_swiglu": (I32, [P, I32, P, I32, I64, I64, I64, P, P, P, P, P, P, I64, I32, P, P, P, I64, I32, I32]),
+    }, "qmv_path"),
+    "bmv": (BF16_SOURCE, {
+        "bmv_path": (I32, []),
+        "bmv": (I32, [P, P, I32, I64, I64, I64, P, I32]),
+        "bmv_swiglu": (I32, [P, P, I32, I64, I64, I64, P, P, P, I32]),
+    }, "bmv_path"),
+    "decode": (DECODE_SOURCE, {
+        "rms_norm_row": (I32, [P, I32, P, I32, I64, F32, I32, P, I32]),
+        "attn_decode": (I32, [P, P, P, I32, P, P, I32, P, P, I32, I32, F32, F32, P, I32, P, P, I32, I64, I64, I64,
+                              I64, I64, I64, F32, P, I32, I32]),
+        "route_one": (I32, [P, I32, P, I32, P, I32, I64, I64, I32, I32, I32, F32, I32, P, P, I32]),
+    }, None),
+}
+BF16_PATHS = {2: "AVX-512 BF16", 1: "AVX2", 0: "portable C"}
+
+
+def open_library(path: Path, name: str = "qmv") -> ctypes.CDLL:
+    """Load a built library and declare the signatures of library `name`'s functions."""
     torch.get_num_threads()  # torch (and its OpenMP runtime) is loaded first: the library shares it
     lib = ctypes.CDLL(str(path))
-    lib.qmv_path.restype = ctypes.c_int
-    lib.qmv_supported.restype = ctypes.c_int
-    lib.qmv_supported.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-    lib.qmv.restype = ctypes.c_int
-    lib.qmv.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
-                        ctypes.c_int]
-    P, I64, I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.qmv_swiglu.restype = I32
-    lib.qmv_many.restype = I32
-    lib.qmv_many.argtypes = [P, I32, P, I32, I64, I64, I32, P, P, P, P, I64, I32, I32]
-    lib.qmv_swiglu.argtypes = [P, I32, P, I32, I64, I64, I64, P, P, P, P, P, P, I64, I32, P, P, P, I64, I32, I32]
+    for function, (restype, argtypes) in LIBRARIES[name][1].items():
+        f = getattr(lib, function)
+        f.restype, f.argtypes = restype, argtypes
     return lib
 
 
 @functools.cache
-def load() -> ctypes.CDLL | None:
-    """The kernel library built for this machine, or None (see `status`)."""
+def load(name: str = "qmv") -> ctypes.CDLL | None:
+    """Library `name` ("qmv", "bmv", "decode") built for this machine, or None (see `status`)."""
     if os.environ.get("OFFLOAD_MOE_NATIVE", "1") == "0":
-        _status["qmv"] = "off (OFFLOAD_MOE_NATIVE=0)"
+        _status[name] = "off (OFFLOAD_MOE_NATIVE=0)"
         return None
+    source, _, path_of = LIBRARIES[name]
     try:
-        lib = open_library(build())
+        lib = open_library(build(source), name)
     except (RuntimeError, OSError) as e:
-        _status["qmv"] = f"unavailable: {e}"
+        _status[name] = f"unavailable: {e}"
         return None
-    _status["qmv"] = PATHS.get(lib.qmv_path(), "unknown")
+    paths = BF16_PATHS if name == "bmv" else PATHS
+    _status[name] = paths.get(getattr(lib, path_of)(), "unknown") if path_of else "built"
     return lib
 
 
-def open_decode_library(path: Path) -> ctypes.CDLL:
-    torch.get_num_threads()
-    lib = ctypes.CDLL(str(path))
-    P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.rms_norm_row.restype = lib.attn_decode.restype = lib.route_one.restype = I32
-    lib.rms_norm_row.argtypes = [P, I32, P, I32, I64, F32, I32, P, I32]
-    lib.attn_decode.argtypes = [P, P, P, I32, P, P, I32, P, P, I32, I32, F32, F32, P, I32, P, P, I32, I64, I64, I64,
-                                I64, I64, I64, F32, P, I32, I32]
-    lib.route_one.argtypes = [P, I32, P, I32, P, I32, I64, I64, I32, I32, I32, F32, I32, P, P, I32]
-    return lib
-
-
-@functools.cache
 def load_decode() -> ctypes.CDLL | None:
-    """The decode-step library (`decode.c`) built for this machine, or None (see `status("decode")`)."""
-    if os.environ.get("OFFLOAD_MOE_NATIVE", "1") == "0":
-        _status["decode"] = "off (OFFLOAD_MOE_NATIVE=0)"
-        return None
-    try:
-        lib = open_decode_library(build(DECODE_SOURCE))
-    except (RuntimeError, OSError) as e:
-        _status["decode"] = f"unavailable: {e}"
-        return None
-    _status["decode"] = "built"
-    return lib
+    """The decode-step library (`decode.c`), or None."""
+    return load("decode")
 
 
-def status() -> str:
-    """What the kernel library is: its instruction path, or why it is not used."""
-    load()
-    return _status.get("qmv", "not loaded")
+def status(name: str = "qmv") -> str:
+    """What library `name` is: its instruction path, or why it is not used."""
+    load(name)
+    return _status.get(name, "not loaded")
 
 
-__all__ = ["DECODE_SOURCE", "FLAGS", "PATHS", "SOURCE", "build", "cache_dir", "load", "load_decode", "open_decode_library",
-           "open_library", "status"]
+__all__ = ["BF16_PATHS", "BF16_SOURCE", "DECODE_SOURCE", "FLAGS", "LIBRARIES", "PATHS", "SOURCE", "build", "cache_dir",
+           "load", "load_decode", "open_library", "status"]
