@@ -55,23 +55,39 @@ class AttentionStep:
         self.clip = float(attn.clip) if attn.clip is not None else 0.0
         self.scale = attn.hd ** -0.5
         self._lib = native.load_decode()
+        self._static = None   # the module's own tensors' arguments, checked on the first call
+
+    def _moved(self) -> bool:
+        """Whether the module's tensors were replaced since their arguments were taken (`.to()`)."""
+        norms, sinks = self._kept if self._static else ((None, None), None)
+        return (norms[0] is not None and norms[0].data_ptr() != self.attn.q_norm.weight.data_ptr()) or \
+            (sinks is not None and sinks.data_ptr() != self.attn.sinks.data_ptr())
+
+    def _static_args(self) -> tuple | None:
+        """Norm weights and sinks as the call takes them (fixed once the weights are in place)."""
+        a = self.attn
+        norms = (a.q_norm.weight.detach(), a.k_norm.weight.detach()) if self.norm_mode else (None, None)
+        sinks = a.sinks.detach() if a.sinks is not None else None
+        if not supported(*norms, sinks) or norms[0] is not None and norms[0].dtype != norms[1].dtype:
+            return None
+        self._kept = (norms, sinks)
+        return (_ptr(norms[0]), _ptr(norms[1]), _code(norms[0]), self.norm_mode,
+                a.q_norm.eps if self.norm_mode else 0.0, self.clip, _ptr(sinks), _code(sinks))
 
     def __call__(self, q, k, v, cos, sin, cache, start: int, windowed: bool) -> torch.Tensor | None:
         """q (1, 1, nh*hd), k, v (1, 1, nkv*hd) in the model's dtype; cos, sin (1, hd) the rotary rows
         of position `start`; `windowed`: the step's mask limits the keys to the layer's window.
         -> (1, 1, nh*hd), or None where the torch path must run."""
         a = self.attn
-        norms = (a.q_norm.weight, a.k_norm.weight) if self.norm_mode else (None, None)
-        if (self._lib is None or cache is None or q.shape[0] != 1 or q.shape[1] != 1 or cos.shape[-1] != a.hd
-                or not supported(q, k, v, cos, sin, cache.k, *norms, a.sinks)
-                or len({q.dtype, k.dtype, v.dtype}) > 1 or norms[0] is not None and norms[0].dtype != norms[1].dtype):
+        if self._static is None or self._moved():
+            self._static = self._static_args() or ()
+        if (not self._static or cache is None or q.shape[0] != 1 or q.shape[1] != 1 or cos.shape[-1] != a.hd
+                or not q.dtype == k.dtype == v.dtype or not supported(q, k, v, cos, sin, cache.k)):
             return None
         out = torch.empty_like(q)
-        sinks = a.sinks.detach() if a.sinks is not None else None
         rc = self._lib.attn_decode(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), _code(q), cos.data_ptr(), sin.data_ptr(), _code(cos),
-            _ptr(norms[0]), _ptr(norms[1]), _code(norms[0]), self.norm_mode, a.q_norm.eps if self.norm_mode else 0.0,
-            self.clip, _ptr(sinks), _code(sinks), cache.k.data_ptr(), cache.v.data_ptr(), _code(cache.k),
+            *self._static, cache.k.data_ptr(), cache.v.data_ptr(), _code(cache.k),
             cache.k.shape[2], start, self.window if windowed else 0, a.nh, a.nkv, a.hd, self.scale,
             out.data_ptr(), _code(out), torch.get_num_threads())
         if rc != 0:
@@ -90,18 +106,26 @@ class RouteStep:
         self.block, self.k = block, cfg.top_k
         self.rule = self.RULES.get(block.cfg.family.router_rule) if cfg.n_group <= 1 else None
         self._lib = native.load_decode()
+        self._static = None   # the router's own tensors' arguments, checked on the first call
+
+    def _static_args(self) -> tuple | None:
+        gate, cfg = self.block.gate, self.block.cfg
+        weight, bias = gate.weight.detach(), gate.bias.detach() if gate.bias is not None else None
+        if self._lib is None or self.rule is None or not supported(weight, bias):
+            return None
+        self._kept = (weight, bias)
+        return (weight.data_ptr(), _code(weight), _ptr(bias), _code(bias), cfg.num_experts, cfg.hidden_size, self.k,
+                self.rule, int(bool(cfg.norm_topk_prob)), float(cfg.routed_scaling_factor))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        gate, cfg = self.block.gate, self.block.cfg
-        if self._lib is None or self.rule is None or x.shape[0] != 1 or not supported(x, gate.weight, gate.bias):
+        if self._static is None or self._static and self._kept[0].data_ptr() != self.block.gate.weight.data_ptr():
+            self._static = self._static_args() or ()
+        if not self._static or x.shape[0] != 1 or not supported(x):
             return None
         ids = torch.empty(1, self.k, dtype=torch.long)
         weights = torch.empty(1, self.k, dtype=x.dtype)
-        bias = gate.bias.detach() if gate.bias is not None else None
         round_logits = not self.block.router_fp32 and x.dtype != torch.float32
-        rc = self._lib.route_one(x.data_ptr(), _code(x), gate.weight.data_ptr(), _code(gate.weight), _ptr(bias),
-                                 _code(bias), cfg.num_experts, cfg.hidden_size, self.k, self.rule,
-                                 int(bool(cfg.norm_topk_prob)), float(cfg.routed_scaling_factor), int(round_logits),
+        rc = self._lib.route_one(x.data_ptr(), _code(x), *self._static, int(round_logits),
                                  ids.data_ptr(), weights.data_ptr(), _code(weights))
         if rc != 0:
             raise ValueError(f"router of MoE layer {self.block.layer}: top-{self.k} of {cfg.num_experts} experts")

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..quant.cpu_bf16 import small_linear, small_swiglu
+from ..quant.cpu_bf16 import bind_swiglu, small_linear, small_swiglu
 
 
 def linear(x: torch.Tensor, w: Any) -> torch.Tensor:
@@ -57,6 +57,15 @@ class Activation(NamedTuple):
     alpha: float = 1.702
 
 
+def bind_expert(w: ExpertWeights):
+    """`x -> y or None`: the whole-expert kernel call `expert_forward` makes for these matrices
+    (bf16 CPU tensors, or a packed CPU form with `bind_swiglu`), checked once; None if there is none."""
+    if isinstance(w.w1, torch.Tensor):
+        return bind_swiglu(w.w1, w.w3, w.w2) if w.w1.device.type == "cpu" else None
+    bind = getattr(w.w1, "bind_swiglu", None)
+    return bind(w.w3, w.w2) if bind is not None else None
+
+
 def expert_forward(x: torch.Tensor, w: ExpertWeights, swiglu_limit: float | None = None,
                    alpha: float = 1.702) -> torch.Tensor:
     """SwiGLU expert: x [n, H] -> [n, H]. With `swiglu_limit`, gpt-oss's clamped variant:
@@ -86,15 +95,18 @@ class Expert:
     or resident expert, never per token. Weights on another device (the CPU tier with a CUDA model)
     get the tokens moved there and the result moved back."""
 
-    __slots__ = ("weights", "activation", "device")
+    __slots__ = ("weights", "activation", "device", "fused")
 
     def __init__(self, weights: ExpertWeights, activation: Activation = Activation()):
         self.weights, self.activation, self.device = weights, activation, weights.device
+        # the one-call CPU kernel `expert_forward` would pick, bound once (None: expert_forward decides)
+        self.fused = bind_expert(weights) if activation == Activation() and weights.b1 is None else None
 
     def __call__(self, h: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         x = h if tokens is None else h[tokens]                         # (n, H); None: every row
         if self.device == h.device:
-            return expert_forward(x, self.weights, *self.activation)
+            y = self.fused(x) if self.fused is not None else None
+            return y if y is not None else expert_forward(x, self.weights, *self.activation)
         return expert_forward(x.to(self.device), self.weights, *self.activation).to(h.device)
 
 

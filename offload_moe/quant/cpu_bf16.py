@@ -65,6 +65,36 @@ def small_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
+class BF16Swiglu:
+    """`small_swiglu` for one expert's fixed matrices, checked once: per call only x is looked at."""
+
+    def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
+        self.args = (w1.shape[1], w1.shape[0], w1.data_ptr(), w3.data_ptr(), w2.data_ptr())
+        self.weights = (w1, w3, w2)   # kept alive with the pointers
+        self._call = _bmv().bmv_swiglu
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        H = self.args[0]
+        if x.dtype != torch.bfloat16 or x.dim() != 2 or not 0 < x.shape[0] <= BMV_MAX_TOKENS or x.shape[1] != H \
+                or x.device.type != "cpu" or not x.is_contiguous():
+            return None
+        n = x.shape[0]
+        y = torch.empty(n, H, dtype=torch.bfloat16)
+        if self._call(x.data_ptr(), y.data_ptr(), 1, n, *self.args, torch.get_num_threads()) != 0:
+            raise MemoryError(f"bmv: no scratch for a {n}-token expert")
+        return y
+
+
+def bind_swiglu(w1, w3, w2) -> BF16Swiglu | None:
+    """A bound whole-expert call where `small_swiglu` would take these matrices, else None."""
+    probe = torch.empty(1, w1.shape[1] if isinstance(w1, torch.Tensor) else 0, dtype=torch.bfloat16)
+    if not all(isinstance(w, torch.Tensor) for w in (w1, w3, w2)) or w3.shape != w1.shape \
+            or w2.shape != (w1.shape[1], w1.shape[0]) or not all(_takes(probe, w) for w in (w1, w3, w2)) \
+            or _bmv() is None:
+        return None
+    return BF16Swiglu(w1, w3, w2)
+
+
 def small_swiglu(x: torch.Tensor, w1, w3, w2) -> torch.Tensor | None:
     """silu(x @ w1.T) * (x @ w3.T) @ w2.T in one call of our kernel (x (n, H) bf16, n <= BMV_MAX_TOKENS;
     w1, w3 [F, H] and w2 [H, F] bf16 CPU tensors), else None."""

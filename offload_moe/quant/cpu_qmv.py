@@ -136,6 +136,28 @@ class QmvMatrix:
                 ValueError(f"qmv: expert {list(self.shape)} / {list(down.shape)}")
         return y
 
+    def bind_swiglu(self, up: QmvMatrix, down: QmvMatrix):
+        """`swiglu` with `up` and `down` fixed, the matrices checked once: `x -> y or None`."""
+        F_, H = self.shape
+        if (not isinstance(up, QmvMatrix) or not isinstance(down, QmvMatrix) or up.shape != self.shape
+                or down.shape != (H, F_) or up.kernel_bits != self.kernel_bits or up.group_size != self.group_size):
+            return None
+        limit = min(self.dense_from, down.dense_from)
+        args = (H, F_, *self._weight_args[2:5], *up._weight_args[2:5], self.group_size, self.kernel_bits,
+                *down._weight_args[2:5], down.group_size, down.kernel_bits)
+        call = self._swiglu
+
+        def swiglu(x: torch.Tensor) -> torch.Tensor | None:
+            code = _DTYPES.get(x.dtype)
+            if code is None or x.dim() != 2 or x.shape[1] != H or x.shape[0] >= limit or not x.is_contiguous():
+                return None
+            n = x.shape[0]
+            y = torch.empty(n, H, dtype=x.dtype)
+            if call(x.data_ptr(), code, y.data_ptr(), code, n, *args, torch.get_num_threads()) != 0:
+                raise MemoryError(f"qmv: no scratch for a {n}-token expert")
+            return y
+        return swiglu
+
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """Rows r0:r1 as (code - zero) * scale in fp32, cast to `dtype`: [r1 - r0, I]."""
         O, I = self.shape
