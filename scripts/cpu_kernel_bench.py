@@ -2,13 +2,14 @@
 
 One expert is w1, w3 [14336, 4096] and w2 [4096, 14336]. For int4 and int8 (groupwise, group 64,
 in the CPU form `offload_moe.cpu.kernels` gives them at load: our qmv kernel where it is built, else
-torch's int4 kernel) and bf16 (prepacked for oneDNN), times each matrix's product and the whole
+torch's int4 kernel) and bf16 (our bf16mv kernel where it is built, else prepacked for oneDNN), times each matrix's product and the whole
 SwiGLU expert at batch 1 (and `--batch` tokens), and reports GB/s of packed weight bytes read. The
 yardstick is a large RAM -> RAM tensor copy timed in the same run (bytes copied per second; the
 memory system moves twice that). Each timed call reads another of `--copies` experts in turn, so
 the weights come from RAM, not from the last-level cache (a 4-bit w1 is 29 MB). Weight values are
 random codes with fixed scales: throughput does not depend on them. Beside them: torch's int4
-kernel (the fallback), bf16 F.linear without the prepacking, and torch's per-channel int8 kernel
+kernel (the fallback), bf16 F.linear without the prepacking and oneDNN prepacked against ours at
+1-32 tokens (where ours stops winning sets `BMV_MAX_TOKENS`), and torch's per-channel int8 kernel
 (`_weight_int8pack_mm`, which cannot take our groupwise scales) as the alternative torch offers
 for 8 bits.
 
@@ -22,10 +23,13 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from offload_moe.cpu.kernels import int4_supported, resident_cpu_form, to_int4_planes, weight_nbytes
 from offload_moe.timing import measure_copy_rate
 from offload_moe.experts.interface import ExpertWeights, expert_forward, linear
+from offload_moe.quant import native
+from offload_moe.quant.cpu_bf16 import PackedBF16, packing_available
 from offload_moe.quant.groupwise import QuantizedWeight, qlinear
 from offload_moe.quant.pack import packed_cols
 
@@ -58,6 +62,13 @@ def seconds(fn, argsets: list[tuple], repeats: int) -> list[float]:
             fn(*args)
         out.append((time.perf_counter() - t0) / len(argsets))
     return out
+
+
+def bmv_product(lib, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Our bf16 kernel at any token count (the model stops at BMV_MAX_TOKENS)."""
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.bfloat16)
+    lib.bmv(x.data_ptr(), y.data_ptr(), 1, x.shape[0], w.shape[0], w.shape[1], w.data_ptr(), torch.get_num_threads())
+    return y
 
 
 def nbytes(w) -> int:
@@ -103,10 +114,21 @@ def main() -> None:
                 t = seconds(expert_forward, [(x, e) for e in ws], args.repeats)
                 print(f"  expert batch {n}: {min(t) * 1e3:7.2f} ms  {weight_nbytes(w) / min(t) / 1e9:5.2f} GB/s best, "
                       f"{weight_nbytes(w) / statistics.mean(t) / 1e9:5.2f} mean")
-            if fmt == "bf16":  # what the prepacking saves: F.linear on the plain matrix
-                t = seconds(linear, [(x1, h.w1) for h in hosts], args.repeats)
+            if fmt == "bf16":  # the alternatives: F.linear on the plain matrix, oneDNN prepacked
+                t = seconds(F.linear, [(x1, h.w1) for h in hosts], args.repeats)
                 print(f"  w1 plain F.linear (no prepack) batch 1: {min(t) * 1e3:7.2f} ms  "
                       f"{nbytes(host.w1) / min(t) / 1e9:5.2f} GB/s best ({nbytes(host.w1) / min(t) / memcpy:.0%} of memcpy)")
+                if packing_available():
+                    packed = [PackedBF16(h.w1) for h in hosts]
+                    lib = native.load("bmv")
+                    for n in (1, 2, 4, 8, 16, 32):  # where our kernel stops winning: BMV_MAX_TOKENS
+                        x = torch.randn(n, HIDDEN).bfloat16()
+                        t = seconds(lambda pk: pk.linear(x), [(pk,) for pk in packed], args.repeats)
+                        line = f"  w1 oneDNN prepacked batch {n:2d}: {min(t) * 1e3:7.2f} ms"
+                        if lib is not None:
+                            ours = seconds(lambda w: bmv_product(lib, x, w), [(h.w1,) for h in hosts], args.repeats)
+                            line += f"   ours {min(ours) * 1e3:7.2f} ms ({min(t) / min(ours):.2f}x)"
+                        print(line)
             if fmt == "int8":  # torch's int8 kernel, per-channel scales only: a bound, not our format
                 s8 = torch.full((SHAPES["w1"][0],), 0.01, dtype=torch.bfloat16)
                 q8s = [torch.randint(-128, 127, SHAPES["w1"], dtype=torch.int8) for _ in range(args.copies)]
