@@ -9,7 +9,8 @@ memory system moves twice that). Each timed call reads another of `--copies` exp
 the weights come from RAM, not from the last-level cache (a 4-bit w1 is 29 MB). Weight values are
 random codes with fixed scales: throughput does not depend on them. Beside them: torch's int4
 kernel (the fallback), bf16 F.linear without the prepacking and oneDNN prepacked against ours at
-1-32 tokens (where ours stops winning sets `BMV_MAX_TOKENS`), and torch's per-channel int8 kernel
+1-32 tokens (where ours stops beating plain F.linear, which the model falls back to, sets
+`BMV_MAX_TOKENS`), and torch's per-channel int8 kernel
 (`_weight_int8pack_mm`, which cannot take our groupwise scales) as the alternative torch offers
 for 8 bits.
 
@@ -121,13 +122,16 @@ def main() -> None:
                 if packing_available():
                     packed = [PackedBF16(h.w1) for h in hosts]
                     lib = native.load("bmv")
-                    for n in (1, 2, 4, 8, 16, 32):  # where our kernel stops winning: BMV_MAX_TOKENS
+                    for n in (1, 2, 3, 4, 8, 16, 32):  # where our kernel stops winning: BMV_MAX_TOKENS
                         x = torch.randn(n, HIDDEN).bfloat16()
                         t = seconds(lambda pk: pk.linear(x), [(pk,) for pk in packed], args.repeats)
                         line = f"  w1 oneDNN prepacked batch {n:2d}: {min(t) * 1e3:7.2f} ms"
+                        plain = seconds(F.linear, [(x, h.w1) for h in hosts], args.repeats)
+                        line += f"   plain F.linear {min(plain) * 1e3:7.2f} ms"
                         if lib is not None:
                             ours = seconds(lambda w: bmv_product(lib, x, w), [(h.w1,) for h in hosts], args.repeats)
-                            line += f"   ours {min(ours) * 1e3:7.2f} ms ({min(t) / min(ours):.2f}x)"
+                            line += (f"   ours {min(ours) * 1e3:7.2f} ms ({min(t) / min(ours):.2f}x prepacked, "
+                                     f"{min(plain) / min(ours):.2f}x plain)")
                         print(line)
             if fmt == "int8":  # torch's int8 kernel, per-channel scales only: a bound, not our format
                 s8 = torch.full((SHAPES["w1"][0],), 0.01, dtype=torch.bfloat16)

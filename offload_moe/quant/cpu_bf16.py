@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import native
 
-BMV_MAX_TOKENS = 8   # tokens up to which our kernel beats oneDNN (scripts/cpu_kernel_bench.py --bf16; BENCHMARKS.md)
+BMV_MAX_TOKENS = 3   # tokens up to which our kernel beats F.linear on a Mixtral-size matrix (scripts/cpu_kernel_bench.py; BENCHMARKS.md)
 
 
 def _bmv():
