@@ -92,6 +92,9 @@ typedef struct {            /* N tokens' activations, quantized for a weight wit
     float *row;             /* [I] one token's activations as fp32 (portable and AVX2 paths) */
     size_t n, in, group;
     int bits;
+    /* the row loop's geometry, computed once per call (divisions per row cost as much as a short row) */
+    size_t blocks, groups, span, steps, gps, per_load, row_bytes;
+    unsigned shift;
 } Act;
 
 /* One buffer per calling thread, grown, never freed per call; carved into what a call needs. */
@@ -116,6 +119,11 @@ static char *reserve(size_t need) {
 
 static char *act_carve(Act *act, char *p, size_t n, size_t in, size_t group, int bits) {
     act->n = n, act->in = in, act->group = group, act->bits = bits;
+    act->blocks = NBLOCKS(in), act->groups = in / group, act->row_bytes = bits == 8 ? in : in / 2;
+    act->span = bits == 4 ? 128 : 64, act->steps = in / act->span;
+    act->gps = group <= act->span && act->span % group == 0 ? act->span / group : 0;   /* groups per step */
+    act->per_load = act->gps ? 16 / act->gps : 0;                                      /* steps per scale vector */
+    act->shift = act->per_load ? (unsigned)__builtin_ctz((unsigned)act->per_load) : 0;
     act->a = (int8_t *)p;                 p += up64(n * in);
     act->d = (float *)p;                  p += up64(4 * n * NBLOCKS(in));
     act->xsum = (float *)p;               p += up64(4 * n * (in / group));
@@ -300,17 +308,16 @@ __attribute__((always_inline)) static inline void one_step(const uint8_t *w, int
    group spans several steps the step broadcasts its one scale. The zero points' term is
    subtracted per 16 groups in the same accumulator. */
 __attribute__((always_inline)) static inline void row_tokens(
-    const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
+    const Act *geo, const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
     const int8_t *a, const float *d, const float *dexp, const float *xsum, size_t blocks, size_t groups,
     int NT, float *out) {
     __m512 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
-    const size_t span = bits == 4 ? 128 : 64, steps = in / span;
-    const size_t gps = group <= span && span % group == 0 ? span / group : 0;   /* groups per step */
+    const size_t span = geo->span, steps = geo->steps, gps = geo->gps;
     if (gps) {
-        const size_t per_load = 16 / gps;                                         /* steps per scale vector */
+        const size_t per_load = geo->per_load;
         const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-        const __m512i idx0 = _mm512_srli_epi32(lane, (unsigned)__builtin_ctz((unsigned)per_load));
+        const __m512i idx0 = _mm512_srli_epi32(lane, geo->shift);
         const __m512i step = _mm512_set1_epi32((int)gps);
         for (size_t s0 = 0; s0 < steps; s0 += per_load) {
             __m512 sv = load_halfs(scale + s0 * gps, groups - s0 * gps);
@@ -390,9 +397,10 @@ static inline __m256i dot32(const uint8_t *w, size_t k, int bits, const int8_t *
 }
 
 __attribute__((always_inline)) static inline void row_tokens(
-    const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
+    const Act *geo, const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
     const int8_t *a, const float *d, const float *dexp, const float *xsum, size_t blocks, size_t groups,
     int NT, float *out) {
+    (void)geo;
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (size_t k = 0; k < in; k += 32) {
@@ -413,9 +421,10 @@ __attribute__((always_inline)) static inline void row_tokens(
 #else
 
 __attribute__((always_inline)) static inline void row_tokens(
-    const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
+    const Act *geo, const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
     const int8_t *a, const float *d, const float *dexp, const float *xsum, size_t blocks, size_t groups,
     int NT, float *out) {
+    (void)geo;
     for (int t = 0; t < NT; t++) {
         const int8_t *at = a + t * in;
         float total = 0.0f;
@@ -465,9 +474,9 @@ static void act_fill(Act *act, const void *x, int x_dtype) {
 /* Row o of a weight against every token of `act`: out[t * stride + o] in out_dtype (0 fp32, 1 bf16). */
 static inline void product_row(const Act *act, const uint8_t *codes, const uint16_t *scales, const uint16_t *zeros,
                                size_t o, void *out, int out_dtype, size_t stride) {
-    const size_t N = act->n, I = act->in, G = act->group, blocks = NBLOCKS(I), groups = I / G;
+    const size_t N = act->n, I = act->in, G = act->group, blocks = act->blocks, groups = act->groups;
     const int bits = act->bits;
-    const uint8_t *w = codes + o * (bits == 8 ? I : I / 2);
+    const uint8_t *w = codes + o * act->row_bytes;
     const uint16_t *s = scales + o * groups, *z = zeros + o * groups;
     for (size_t t0 = 0; t0 < N; t0 += 4) {
         float r[4];
@@ -475,10 +484,10 @@ static inline void product_row(const Act *act, const uint8_t *codes, const uint1
         const int8_t *at = act->a + t0 * I;
         const float *dt = act->d + t0 * blocks, *xt = act->xsum + t0 * groups, *et = act->dexp + t0 * (I / 128) * 16;
         switch (nt) {
-            case 1: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 1, r); break;
-            case 2: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 2, r); break;
-            case 3: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 3, r); break;
-            default: row_tokens(w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 4, r); break;
+            case 1: row_tokens(act, w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 1, r); break;
+            case 2: row_tokens(act, w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 2, r); break;
+            case 3: row_tokens(act, w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 3, r); break;
+            default: row_tokens(act, w, s, z, I, G, bits, at, dt, et, xt, blocks, groups, 4, r); break;
         }
         for (size_t t = 0; t < nt; t++) {
             size_t k = (t0 + t) * stride + o;
