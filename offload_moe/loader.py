@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from . import arch
 from .api import Model
 from .budget import check_context, check_host_ram, check_kv_cache
@@ -31,6 +33,7 @@ from .options import Placement, from_profile
 from .profiles import Profile
 from .runtime import (Progress, SizeError, available_ram, demo_dir, place, resolve_device, resolve_dtype,
                       size_in_bytes)
+from .quant.cpu_bf16 import kernel_name as bf16_kernel_name
 from .quant.cpu_forms import kernel_name
 from .quant.groupwise import QuantizedWeight
 from .quant.nf4 import NF4Weight
@@ -183,6 +186,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     if (device.type == "cpu" or n_cpu or mode == "hybrid") and (
             cfg.quantization or any(isinstance(v, QuantizedWeight) for v in dense.values())):
         settings["cpu_kernel"] = kernel_name()
+    elif device.type == "cpu" and dtype == torch.bfloat16:
+        settings["cpu_kernel"] = bf16_kernel_name()
     return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, ModelSettings(**settings),
                  placement=opts, generation=generation)
 

@@ -36,7 +36,7 @@ class ModelSettings:
     hybrid_layers: int | None = None
     cpu_costs: str | None = None         # where its cost model came from
     cpu_extra_bytes: int | None = None   # RAM its CPU-form copies take
-    cpu_kernel: str | None = None        # what computes quantized matrices on the CPU ("qmv (AVX-512 VNNI)"...)
+    cpu_kernel: str | None = None        # what computes quantized (or bf16) matrices on the CPU ("qmv (AVX-512 VNNI)"...)
     sampling: str | None = None          # the sampling in effect and where it came from (generation_config.json...)
     warning: str | None = None           # something the caller should tell the user about this load
 

@@ -157,3 +157,27 @@ def test_other_devices_dtypes_and_shapes_take_the_torch_path():
     grouped = router_config("softmax_topk", 8, 2, True)
     grouped.n_group = 4
     assert decode_cpu.RouteStep(MoEBlock(grouped, 0, experts=None))(torch.randn(1, 64)) is None
+
+
+def test_without_the_libraries_a_bf16_model_decodes_through_torch(tmp_path):
+    """OFFLOAD_MOE_NATIVE=0, or no C compiler: no C decode step, oneDNN for bf16, and it still generates."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import torch, offload_moe; from offload_moe.attention import Attention; "
+             "m = offload_moe.load('offload_moe/demo', device='cpu', dtype=torch.bfloat16); "
+             "steps = [a.decode_step for a in m.transformer.modules() if isinstance(a, Attention)]; "
+             "g = m.generate([1, 2, 3], max_new_tokens=4, temperature=0, ignore_eos=True); "
+             "print(all(s is None for s in steps), len(g.token_ids), m.settings.cpu_kernel)")
+    root = Path(__file__).resolve().parents[1]
+    for env in ({"OFFLOAD_MOE_NATIVE": "0"}, {"CC": "/nonexistent/cc", "XDG_CACHE_HOME": str(tmp_path)}):
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root), **env})
+        assert done.returncode == 0, done.stderr
+        none, tokens, kernel = done.stdout.split(maxsplit=2)
+        assert none == "True" and tokens == "4" and kernel.startswith("oneDNN (bf16mv ")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0 and done.stdout.split()[0] == "False", done.stderr   # and with them: C steps

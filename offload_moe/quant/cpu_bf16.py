@@ -39,6 +39,11 @@ def _bmv():
     return native.load("bmv")
 
 
+def kernel_name() -> str:
+    """What computes bf16 CPU products of a few tokens here: "bf16mv (AVX-512 BF16)", or oneDNN and why."""
+    return f"bf16mv ({native.status('bmv')})" if _bmv() is not None else f"oneDNN (bf16mv {native.status('bmv')})"
+
+
 def bmv_available() -> bool:
     """Whether our bf16 kernel is built here (then bf16 weights stay in their stored layout)."""
     return _bmv() is not None
