@@ -108,6 +108,8 @@ class HostIds:
 
     def read(self, *parts: torch.Tensor) -> torch.Tensor:
         """The parts (long tensors on the device), flattened one after another, on the host."""
+        if self.staged is self.host and len(parts) == 1:
+            return parts[0].flatten()   # already in host memory (a CPU model): nothing to copy
         sizes = [p.numel() for p in parts]
         total = sum(sizes)
         if total > self.host.numel():
@@ -174,9 +176,10 @@ class MoEBlock(nn.Module):
         out = h.new_empty(N * k, H) if N == 1 else h.new_zeros(N * k, H)  # (N*k, H)
         if N == 1:  # decode: k distinct experts, one row each; no grouping needed
             choice = {e: j for j, e in enumerate(host[:k].tolist())}
+            scale = row_weights.tolist()                              # the weights' exact values
             for e, expert in self.experts.fetch(self.layer, sorted(choice), N, ahead):
                 j = choice[e]
-                torch.mul(expert(h, None), row_weights[j], out=out[j:j + 1])   # (1, H)
+                torch.mul(expert(h, None), scale[j], out=out[j:j + 1])   # (1, H)
         else:
             order = torch.argsort(flat, stable=True)                  # rows grouped by expert, on the device
             token_of = order // k                                     # (N*k,) the token of each grouped row
