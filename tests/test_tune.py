@@ -23,7 +23,7 @@ from offload_moe.tune import (EXPERT_BITS, Row, Setting, TuneResult, cost_model,
                               measure_link_bandwidth, measure_machine, parse_settings, pick_best, tune,
                               write_profile)
 
-ROW = re.compile(r"^#\s+(\d+)\s+(\d+)\s+(ram|disk)\s+([\d.]+)\s+([\d.]+)%\s+.*?(<- chosen)?$")
+ROW = re.compile(r"^#\s+(\d+)\s+(\d+)\s+(ram|disk)\s+([\d.]+)\s+([\d.]+)%\s+.*?(\(median of \d+ runs\))?\s*(<- chosen)?$")
 FAST = ["--device", "cpu", "--tokens", "8", "--disk-test", "8MB", "--seconds-per-setting", "3"]
 
 
@@ -33,13 +33,14 @@ def cli(*args, config_home):
                           env=env, timeout=300)
 
 
-def table_rows(text: str) -> list[tuple[int, int, str, float, bool]]:
-    """(slots, prefetch, tier, tok/s, chosen) from a profile's comment header."""
+def table_rows(text: str) -> list[tuple[int, int, str, float, bool, bool]]:
+    """(slots, prefetch, tier, tok/s, chosen, re-measured) from a profile's comment header."""
     rows = []
     for line in text.splitlines():
         m = ROW.match(line)
         if m:
-            rows.append((int(m.group(1)), int(m.group(2)), m.group(3), float(m.group(4)), bool(m.group(6))))
+            rows.append((int(m.group(1)), int(m.group(2)), m.group(3), float(m.group(4)), bool(m.group(7)),
+                         bool(m.group(6))))
     return rows
 
 
@@ -58,8 +59,12 @@ def test_cli_tune_writes_a_profile_that_loads(tiny_checkpoint, tmp_path, monkeyp
     assert len(rows) == 6  # default search: 3 slot counts, 2 more prefetch depths, the disk tier
     assert {r[2] for r in rows} == {"ram", "disk"}
     chosen = [r for r in rows if r[4]]
-    # the fastest row, unless re-measuring it against the default (all 8 experts in slots) overruled it
-    assert len(chosen) == 1 and (chosen[0][3] == max(r[3] for r in rows) or chosen[0][:3] == (8, 0, "ram"))
+    # the fastest row, unless re-measuring it against the default (all 8 experts in slots) overruled it;
+    # a re-measured row shows the median of its runs, which may fall below another row's single run, but
+    # never below the default's (re-measured alongside it)
+    default = next(r for r in rows if r[:3] == (8, 0, "ram"))
+    assert len(chosen) == 1 and (chosen[0][3] == max(r[3] for r in rows) or chosen[0] == default
+                                 or (chosen[0][5] and default[5] and chosen[0][3] > default[3]))
 
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     profile = load_profile("tuned")

@@ -65,7 +65,7 @@ def profile_text(result: TuneResult, name: str) -> str:
                  + (f" ({result.skipped} skipped: time budget)" if result.skipped else ""))
     lines.append("#   slots  prefetch  tier   tok/s    hit rate  moved")
     for r in result.rows:
-        mark = "  <- chosen" if r is b else ""
+        mark = (f"  (median of {len(r.runs)} runs)" if len(r.runs) > 1 else "") + ("  <- chosen" if r is b else "")
         if r.error:
             lines.append(f"#   {r.slots:>5}  {r.prefetch:>8}  {r.tier:<5}  {r.error}")
             continue
