@@ -74,18 +74,19 @@ class BF16Swiglu:
     """`small_swiglu` for one expert's fixed matrices, checked once: per call only x is looked at."""
 
     def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
-        self.args = (w1.shape[1], w1.shape[0], w1.data_ptr(), w3.data_ptr(), w2.data_ptr())
+        self.hidden = w1.shape[1]
+        self._block, self._at = native.arg_block(w1.shape[1], w1.shape[0], w1.data_ptr(), w3.data_ptr(), w2.data_ptr())
         self.weights = (w1, w3, w2)   # kept alive with the pointers
-        self._call = _bmv().bmv_swiglu
+        self._call = _bmv().bmv_swiglu_p
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        H = self.args[0]
+        H = self.hidden
         if x.dtype != torch.bfloat16 or x.dim() != 2 or not 0 < x.shape[0] <= BMV_MAX_TOKENS or x.shape[1] != H \
                 or x.device.type != "cpu" or not x.is_contiguous():
             return None
         n = x.shape[0]
         y = torch.empty(n, H, dtype=torch.bfloat16)
-        if self._call(x.data_ptr(), y.data_ptr(), 1, n, *self.args, torch.get_num_threads()) != 0:
+        if self._call(x.data_ptr(), y.data_ptr(), 1, n, self._at, torch.get_num_threads()) != 0:
             raise MemoryError(f"bmv: no scratch for a {n}-token expert")
         return y
 

@@ -88,9 +88,11 @@ class QmvMatrix:
         # fields of this object and never replaced)
         O, I = self.shape
         lib = native.load()
-        self._call, self._swiglu = lib.qmv, lib.qmv_swiglu
+        self._call, self._swiglu = lib.qmv_p, lib.qmv_swiglu_p
         self._weight_args = (O, I, self.codes.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
                              self.group_size, self.kernel_bits)
+        self._block, self._block_at = native.arg_block(*self._weight_args)   # one argument per call
+        self._bound = None   # the last (up, down, bound swiglu) `swiglu` was asked for
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., I] -> [..., O] in x's dtype (fp32 or bf16 computed as they are; others via fp32)."""
@@ -108,7 +110,7 @@ class QmvMatrix:
         n = xs.shape[0]
         y = torch.empty(n, self.shape[0], dtype=xs.dtype)                                # (N, O)
         code = _DTYPES[xs.dtype]
-        rc = self._call(xs.data_ptr(), code, y.data_ptr(), code, n, *self._weight_args, torch.get_num_threads())
+        rc = self._call(xs.data_ptr(), code, y.data_ptr(), code, n, self._block_at, torch.get_num_threads())
         if rc != 0:
             raise MemoryError(f"qmv: no scratch for {n} x {self.shape[1]} activations") if rc == -1 else \
                 ValueError(f"qmv: {self.kernel_bits}-bit {list(self.shape)} weight with group {self.group_size}")
@@ -118,23 +120,10 @@ class QmvMatrix:
         """The SwiGLU expert with this matrix as its gate: silu(x @ self.T) * (x @ up.T) @ down.T in
         one kernel call (x quantized once for gate and up, the hidden activations fp32 until `down`);
         None where it does not apply (other forms of `up`/`down`, a long prefill chunk, another dtype)."""
-        F_, H = self.shape
-        code = _DTYPES.get(x.dtype)
-        if (code is None or not isinstance(up, QmvMatrix) or not isinstance(down, QmvMatrix) or x.dim() != 2
-                or up.shape != self.shape or down.shape != (H, F_) or up.kernel_bits != self.kernel_bits
-                or up.group_size != self.group_size or x.shape[0] >= min(self.dense_from, down.dense_from)):
-            return None
-        if not x.is_contiguous():
-            x = x.contiguous()
-        n = x.shape[0]
-        y = torch.empty(n, H, dtype=x.dtype)
-        rc = self._swiglu(x.data_ptr(), code, y.data_ptr(), code, n, H, F_, *self._weight_args[2:5],
-                          *up._weight_args[2:5], self.group_size, self.kernel_bits, *down._weight_args[2:5],
-                          down.group_size, down.kernel_bits, torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError(f"qmv: no scratch for a {n}-token expert") if rc == -1 else \
-                ValueError(f"qmv: expert {list(self.shape)} / {list(down.shape)}")
-        return y
+        bound = self._bound
+        if bound is None or bound[0] is not up or bound[1] is not down:
+            self._bound = bound = (up, down, self.bind_swiglu(up, down))
+        return bound[2](x) if bound[2] is not None else None
 
     def bind_swiglu(self, up: QmvMatrix, down: QmvMatrix):
         """`swiglu` with `up` and `down` fixed, the matrices checked once: `x -> y or None`."""
@@ -143,8 +132,8 @@ class QmvMatrix:
                 or down.shape != (H, F_) or up.kernel_bits != self.kernel_bits or up.group_size != self.group_size):
             return None
         limit = min(self.dense_from, down.dense_from)
-        args = (H, F_, *self._weight_args[2:5], *up._weight_args[2:5], self.group_size, self.kernel_bits,
-                *down._weight_args[2:5], down.group_size, down.kernel_bits)
+        block, at = native.arg_block(H, F_, *self._weight_args[2:5], *up._weight_args[2:5], self.group_size,
+                                     self.kernel_bits, *down._weight_args[2:5], down.group_size, down.kernel_bits)
         call = self._swiglu
 
         def swiglu(x: torch.Tensor) -> torch.Tensor | None:
@@ -153,9 +142,12 @@ class QmvMatrix:
                 return None
             n = x.shape[0]
             y = torch.empty(n, H, dtype=x.dtype)
-            if call(x.data_ptr(), code, y.data_ptr(), code, n, *args, torch.get_num_threads()) != 0:
-                raise MemoryError(f"qmv: no scratch for a {n}-token expert")
+            rc = call(x.data_ptr(), code, y.data_ptr(), code, n, at, torch.get_num_threads())
+            if rc != 0:
+                raise MemoryError(f"qmv: no scratch for a {n}-token expert") if rc == -1 else \
+                    ValueError(f"qmv: expert {[F_, H]} / {list(down.shape)}")
             return y
+        swiglu.block = block   # kept alive with the function
         return swiglu
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -192,9 +184,10 @@ class QmvGroup:
         arrays = [(ctypes.c_int64 * len(mats))(*[m.shape[0] for m in mats])]
         for k in (2, 3, 4):                                    # codes, scales, zeros pointers
             arrays.append((ctypes.c_void_p * len(mats))(*[m._weight_args[k] for m in mats]))
+        self._call = native.load().qmv_many_p
+        self._block, self._at = native.arg_block(first.shape[1], len(mats), *(ctypes.addressof(a) for a in arrays),
+                                                 first.group_size, first.kernel_bits)
         self._arrays = arrays                                  # kept alive with the matrices
-        self._call = native.load().qmv_many
-        self._args = (first.shape[1], len(mats), *arrays, first.group_size, first.kernel_bits)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor | None:
         I = self.mats[0].shape[1]
@@ -207,7 +200,7 @@ class QmvGroup:
             xs = xs.contiguous()
         y = torch.empty(xs.shape[0], self.out, dtype=xs.dtype)
         code = _DTYPES[xs.dtype]
-        rc = self._call(xs.data_ptr(), code, y.data_ptr(), code, xs.shape[0], *self._args, torch.get_num_threads())
+        rc = self._call(xs.data_ptr(), code, y.data_ptr(), code, xs.shape[0], self._at, torch.get_num_threads())
         if rc != 0:
             raise MemoryError(f"qmv: no scratch for {xs.shape[0]} x {I} activations") if rc == -1 else \
                 ValueError(f"qmv: a group of {len(self.mats)} matrices [*, {I}]")

@@ -107,6 +107,13 @@ def _remove_stale_partials(directory: Path, stem: str, age_s: float = 600.0) -> 
 
 P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
+
+def arg_block(*values: int) -> tuple[ctypes.Array, int]:
+    """Fixed arguments of a `*_p` entry point as one int64 block: (the block, kept alive by the
+    caller, and its address to pass)."""
+    block = (ctypes.c_int64 * len(values))(*values)
+    return block, ctypes.addressof(block)
+
 # each library: (source, {function: (return type, argument types)}, its instruction-path function or None)
 LIBRARIES = {
     "qmv": (SOURCE, {
@@ -115,11 +122,15 @@ LIBRARIES = {
         "qmv": (I32, [P, I32, P, I32, I64, I64, I64, P, P, P, I64, I32, I32]),
         "qmv_many": (I32, [P, I32, P, I32, I64, I64, I32, P, P, P, P, I64, I32, I32]),
         "qmv_swiglu": (I32, [P, I32, P, I32, I64, I64, I64, P, P, P, P, P, P, I64, I32, P, P, P, I64, I32, I32]),
+        "qmv_p": (I32, [P, I32, P, I32, I64, P, I32]),
+        "qmv_many_p": (I32, [P, I32, P, I32, I64, P, I32]),
+        "qmv_swiglu_p": (I32, [P, I32, P, I32, I64, P, I32]),
     }, "qmv_path"),
     "bmv": (BF16_SOURCE, {
         "bmv_path": (I32, []),
         "bmv": (I32, [P, P, I32, I64, I64, I64, P, I32]),
         "bmv_swiglu": (I32, [P, P, I32, I64, I64, I64, P, P, P, I32]),
+        "bmv_swiglu_p": (I32, [P, P, I32, I64, P, I32]),
     }, "bmv_path"),
     "decode": (DECODE_SOURCE, {
         "rms_norm_row": (I32, [P, I32, P, I32, I64, F32, I32, P, I32]),
@@ -169,5 +180,5 @@ def status(name: str = "qmv") -> str:
     return _status.get(name, "not loaded")
 
 
-__all__ = ["BF16_PATHS", "BF16_SOURCE", "DECODE_SOURCE", "FLAGS", "LIBRARIES", "PATHS", "SOURCE", "build", "cache_dir",
+__all__ = ["arg_block", "BF16_PATHS", "BF16_SOURCE", "DECODE_SOURCE", "FLAGS", "LIBRARIES", "PATHS", "SOURCE", "build", "cache_dir",
            "load", "load_decode", "open_library", "status"]

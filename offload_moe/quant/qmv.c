@@ -610,3 +610,31 @@ int qmv_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_token
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------ fixed arguments in one block */
+
+/* The entry points above with a weight's fixed arguments read from one int64 block the caller
+   builds once (pointers as integers): a foreign-function call costs ~0.2 us an argument, as much
+   as a short expert's rows. */
+int qmv_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
+    /* w: out_features, in_features, codes, scales, zeros, group, bits */
+    return qmv(x, x_dtype, y, y_dtype, n_tokens, w[0], w[1], (const uint8_t *)(intptr_t)w[2],
+               (const uint16_t *)(intptr_t)w[3], (const uint16_t *)(intptr_t)w[4], w[5], (int)w[6], threads);
+}
+
+int qmv_many_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
+    /* w: in_features, count, outs, codes, scales, zeros (pointers to arrays of count), group, bits */
+    return qmv_many(x, x_dtype, y, y_dtype, n_tokens, w[0], (int)w[1], (const int64_t *)(intptr_t)w[2],
+                    (const uint8_t *const *)(intptr_t)w[3], (const uint16_t *const *)(intptr_t)w[4],
+                    (const uint16_t *const *)(intptr_t)w[5], w[6], (int)w[7], threads);
+}
+
+int qmv_swiglu_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
+    /* w: hidden, inter, c1, s1, z1, c3, s3, z3, group13, bits13, c2, s2, z2, group2, bits2 */
+#define U8(i) ((const uint8_t *)(intptr_t)w[i])
+#define U16(i) ((const uint16_t *)(intptr_t)w[i])
+    return qmv_swiglu(x, x_dtype, y, y_dtype, n_tokens, w[0], w[1], U8(2), U16(3), U16(4), U8(5), U16(6), U16(7), w[8],
+                      (int)w[9], U8(10), U16(11), U16(12), w[13], (int)w[14], threads);
+#undef U8
+#undef U16
+}
