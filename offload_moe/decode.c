@@ -16,22 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernel_common.h"
+
 #define LANES 16 /* independent partial sums per dot product: the compiler keeps them in one vector */
 
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN kept NaN */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-    bits += 0x7fffu + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
 
 static inline float load(const void *p, int dtype, size_t i) {
     return dtype ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
@@ -100,20 +88,11 @@ static void rotate(float *x, const float *c, const float *s, size_t d) {
     }
 }
 
-/* Buffers per thread, grown, never freed per call: a call's rows, and one head's scores (a
- * separate one: the calling thread is one of the heads' threads too). */
-typedef struct { float *base; size_t cap; } Buffer;
-static __thread Buffer rows, scores;
+/* Buffers per thread (kernel_common.h): a call's rows, and one head's scores (a separate one: the
+ * calling thread is one of the heads' threads too). */
+static __thread Arena rows, scores;
 
-static float *reserve(Buffer *b, size_t floats) {
-    if (floats > b->cap) {
-        float *p = realloc(b->base, floats * sizeof(float));
-        if (!p) return NULL;
-        b->base = p;
-        b->cap = floats;
-    }
-    return b->base;
-}
+static float *reserve(Arena *b, size_t floats) { return (float *)arena_reserve(b, floats * sizeof(float)); }
 
 /* One row: out = rms_norm(x) * w. half_scale: round the normalised row to x's dtype before the
  * weight multiplies it (torch's `weight * norm(x).to(dtype)`); otherwise scale in fp32. */

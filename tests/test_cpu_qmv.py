@@ -149,6 +149,18 @@ def test_the_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeyp
         native.build(directory=tmp_path / "other")
 
 
+def test_a_changed_shared_header_is_a_new_build(tmp_path, monkeypatch):
+    include = tmp_path / "include"
+    include.mkdir()
+    header = include / "kernel_common.h"
+    header.write_text((native.INCLUDE / "kernel_common.h").read_text())
+    monkeypatch.setattr(native, "INCLUDE", include)
+    first = native.build(directory=tmp_path / "out")
+    header.write_text(header.read_text() + "\n/* changed */\n")
+    second = native.build(directory=tmp_path / "out")
+    assert second != first and first.exists() and second.exists()
+
+
 def run_python(code: str, **env) -> str:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env})

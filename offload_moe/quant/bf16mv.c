@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernel_common.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #define BMV_PATH 2
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -32,34 +34,10 @@
 
 int bmv_path(void) { return BMV_PATH; } /* 2: AVX-512 BF16, 1: AVX2, 0: portable C */
 
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN kept NaN */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-    bits += 0x7fffu + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
+static __thread Arena arena; /* one per calling thread (kernel_common.h) */
 
-/* One buffer per calling thread, grown, never freed per call. */
-static __thread struct { char *base; size_t cap; } arena;
-
-static char *reserve(size_t need) {
-    if (need > arena.cap) {
-        void *p = NULL;
-        if (posix_memalign(&p, 64, need)) return NULL;
-        free(arena.base);
-        arena.base = (char *)p;
-        arena.cap = need;
-    }
-    return arena.base;
-}
+static char *reserve(size_t need) { return arena_reserve(&arena, need); }
 
 /* Activations as a row kernel reads them: bf16 as given (AVX-512 BF16), else fp32 widened once. */
 typedef struct {

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("qmv.c")
+INCLUDE = Path(__file__).parent                                # kernel_common.h, shared by the sources
 BF16_SOURCE = Path(__file__).with_name("bf16mv.c")           # bf16 weights (cpu_bf16.py)
 DECODE_SOURCE = Path(__file__).parent.parent / "decode.c"   # a decode step's small ops (decode_cpu.py)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
@@ -70,7 +71,8 @@ def build(source: Path = SOURCE, flags: tuple[str, ...] = FLAGS, directory: Path
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"{cc} --version failed: {e}") from None
-    key = hashlib.sha256("\0".join([source.read_text(), *flags, version, _cpu_flags()]).encode()).hexdigest()[:16]
+    headers = [h.read_text() for h in sorted(INCLUDE.glob("*.h"))]   # what the sources #include
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, *flags, version, _cpu_flags()]).encode()).hexdigest()[:16]
     directory = Path(directory) if directory is not None else cache_dir()
     target = directory / f"{source.stem}-{key}.so"
     if target.exists():
@@ -80,7 +82,7 @@ def build(source: Path = SOURCE, flags: tuple[str, ...] = FLAGS, directory: Path
     fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=directory)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
+        done = subprocess.run([cc, *flags, f"-I{INCLUDE}", str(source), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])

@@ -32,6 +32,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernel_common.h"
+
 #define QB 64 /* activation block: one scale per 64 inputs (a trailing block may hold 32) */
 #define NBLOCKS(in) (((in) + QB - 1) / QB)
 
@@ -67,20 +69,6 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN kept NaN */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-    bits += 0x7fffu + ((bits >> 16) & 1);
-    return (uint16_t)(bits >> 16);
-}
 
 /* ------------------------------------------------------------------ activations */
 
@@ -98,7 +86,7 @@ typedef struct {            /* N tokens' activations, quantized for a weight wit
 } Act;
 
 /* One buffer per calling thread, grown, never freed per call; carved into what a call needs. */
-static __thread struct { char *base; size_t cap; } arena;
+static __thread Arena arena; /* kernel_common.h */
 
 static inline size_t up64(size_t n) { return (n + 63) & ~(size_t)63; }
 
@@ -106,16 +94,7 @@ static size_t act_bytes(size_t n, size_t in, size_t group) {
     return up64(n * in) + up64(4 * n * NBLOCKS(in)) + up64(4 * n * (in / group)) + up64(4 * n * (in / 8)) + up64(4 * in);
 }
 
-static char *reserve(size_t need) {
-    if (need > arena.cap) {
-        void *p = NULL;
-        if (posix_memalign(&p, 64, need)) return NULL;
-        free(arena.base);
-        arena.base = (char *)p;
-        arena.cap = need;
-    }
-    return arena.base;
-}
+static char *reserve(size_t need) { return arena_reserve(&arena, need); }
 
 static char *act_carve(Act *act, char *p, size_t n, size_t in, size_t group, int bits) {
     act->n = n, act->in = in, act->group = group, act->bits = bits;
