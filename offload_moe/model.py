@@ -8,8 +8,9 @@ decoder layer, the whole stack. Routed experts are not part of this module: the 
 injected provider (`experts.interface.ExpertProvider`: `fetch(layer, ids, tokens, guesses)`) for
 the experts its tokens chose and hands over its guesses of the next layers' in the same call, so
 offloading, caching and prefetch live elsewhere and never call back into this file. Routing ids and
-guesses reach the host in one copy per MoE layer (`HostIds`); a benchmark replays a trace by giving
-the model a `Routing` strategy.
+guesses reach the host in one copy per MoE layer (`HostIds`), the only time a decode step's layer
+waits for the device; the routing weights stay there (`tests/test_host_syncs.py` counts, for every
+family). A benchmark replays a trace by giving the model a `Routing` strategy.
 
 Shape letters: B batch, T new tokens, S cached positions, H hidden size, nh / nkv query / key-value
 heads, hd head dim, E experts, k experts per token, N = B*T tokens, V vocab, r latent rank (MLA),
