@@ -91,7 +91,12 @@ class SyncCounter:
         if t.device.type != "cpu":
             return False
         ref = self._derived.get(id(t))
-        return (ref is not None and ref() is t) or t.untyped_storage().data_ptr() in self.host_storages
+        if ref is not None and ref() is t:
+            return True
+        try:
+            return t.untyped_storage().data_ptr() in self.host_storages
+        except NotImplementedError:   # no storage to look at (an opaque packed weight): on the device
+            return False
 
     def mark_host(self, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:

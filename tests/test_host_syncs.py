@@ -16,6 +16,7 @@ from offload_moe.experts.costs import CostModel, Throughput
 from offload_moe.generate import Sampling, decode_tokens
 from offload_moe.model import HostIds
 from offload_moe.quant import native
+from offload_moe.synthetic import SyntheticCheckpoint
 from sync_counter import SyncCounter
 from test_families import FAMILIES, PROMPT, tiny_model
 
@@ -70,6 +71,13 @@ def test_one_sync_per_moe_layer_and_token(name, mode, decode_path, family_checkp
     assert_one_per_moe_layer_and_token(model)
     if mode == "offloaded" and model.config.num_moe_layers > 1:
         assert model.stats["experts"]["prefetch_issued"] > 0   # the guesses came back in those reads
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_one_sync_per_moe_layer_and_token_quantized(bits, decode_path):
+    """Packed experts and dense weights (the kernels read them where they are, no sync either)."""
+    ckpt = SyntheticCheckpoint("mixtral-8x7b", layers=2, scale=0.02, bits=bits)
+    assert_one_per_moe_layer_and_token(offload_moe.load(ckpt, device="cpu", profile=None, **MODES["offloaded"]))
 
 
 def fake_costs() -> CostModel:
