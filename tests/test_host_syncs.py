@@ -1,8 +1,8 @@
 """Decode makes the host wait for the device once per MoE layer (routing ids and prefetch guesses in
 one copy; the routing weights stay on the device) and once per token (the token read). On the CPU,
 `SyncCounter` counts every operation that would be a sync on CUDA, for every family, resident,
-offloaded and with the CPU tier, through the C decode step and through the torch path CUDA runs;
-on CUDA, torch's sync debug mode counts the real ones."""
+offloaded, with the CPU tier and with packed int4/int8 weights, through the C decode step and
+through the torch path CUDA runs; on CUDA, torch's sync debug mode counts the real ones."""
 
 from __future__ import annotations
 
