@@ -154,11 +154,20 @@ class Model:
         """Reply to a conversation rendered through the checkpoint's chat template."""
         return self.generate(self.chat_ids(messages), **kwargs)
 
-    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Prompt ids of a conversation, as transformers' apply_chat_template(messages, tools=tools)."""
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None, **template_vars) -> list[int]:
+        """Prompt ids of a conversation, as transformers' apply_chat_template(messages, tools=tools,
+        **template_vars) (e.g. reasoning_effort="high" for gpt-oss's template)."""
+        return self.encode_chat(self.chat_text(messages, tools, **template_vars))
+
+    def chat_text(self, messages: list[dict], tools: list[dict] | None = None, **template_vars) -> str:
+        """The conversation rendered through the chat template, ending with the assistant's turn opened."""
         if self.tokenizer is None:
             raise OffloadMoeError(f"{self.path}: no tokenizer.json, so chat is not available")
-        text = self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools)
+        return self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools,
+                                          template_vars=template_vars)
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Ids of a rendered conversation (the template wrote its special tokens itself)."""
         return self._check_encoded(self.tokenizer.encode(text, add_special_tokens=False))
 
 

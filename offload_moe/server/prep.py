@@ -88,3 +88,10 @@ def _settle(future: asyncio.Future, result, error):
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for: the longest entry of the vocabulary (a byte-level
+    token's string has one character per byte, and a byte is at least one character's worth)."""
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    return max((len(token) for token in vocab), default=1)
