@@ -19,7 +19,7 @@ import torch
 
 from .errors import OffloadMoeError
 
-INSTALL_HINT = "pip install llguidance (or pip install '.[grammar]' in a clone of offload-moe)"
+INSTALL_HINT = "pip install llguidance (a dependency of offload-moe: reinstall it)"
 # Compact JSON: no free whitespace between tokens (a model could otherwise emit spaces forever).
 JSON_OPTIONS = {"whitespace_flexible": False}
 
