@@ -8,6 +8,7 @@ the mask allows, alternately in the two libraries' runs (interleaved, so a share
 both alike). Prints medians and spreads; nothing here is imported by the package.
 
     .venv/bin/python scripts/grammar_overhead.py [--tokens 200] [--rounds 5] [--corpus DIR]
+    .venv/bin/python scripts/grammar_overhead.py --e2e [--rounds 5]   # demo decode tok/s, constrained or not
 """
 
 from __future__ import annotations
@@ -129,13 +130,36 @@ def walk(lib, vocab: int, tokens: int, seed: int) -> tuple[list[float], list[flo
     return masks, advances
 
 
+def end_to_end(rounds: int):
+    """The demo's decode tok/s for 64 tokens, free and under a regex that cannot end sooner (through our
+    Constraint, i.e. llguidance), alternating."""
+    import offload_moe
+
+    model = offload_moe.load(None, device="cpu")
+    runs = {"free": dict(ignore_eos=True), "regex": dict(regex="[a-z ]{400}")}
+    tps = {name: [] for name in runs}
+    for r in range(rounds + 1):
+        for name, kwargs in runs.items():
+            result = model.generate("The king", max_new_tokens=64, temperature=1.0, seed=r, **kwargs)
+            assert len(result.token_ids) == 64, (name, len(result.token_ids))
+            if r:   # the first round warms up
+                tps[name].append(result.stats["generation"]["decode_tokens_per_second"])
+    print(f"threads {torch.get_num_threads()}")
+    for name, values in tps.items():
+        print(f"demo decode, {name:5s}: median {statistics.median(values):6.1f} tok/s "
+              f"(rounds {min(values):.1f}-{max(values):.1f})")
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--corpus", type=Path, default=Path(torch.__file__).parent)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "bpe150k")
     args = ap.parse_args()
+    if args.e2e:
+        return end_to_end(args.rounds)
     args.cache.mkdir(exist_ok=True)
     demo = Path(__file__).resolve().parent.parent / "offload_moe" / "demo" / "tokenizer.json"
     t0 = time.perf_counter()

@@ -110,3 +110,18 @@ def test_load_threads(monkeypatch, checkpoint_dir=None):
             offload_moe.load(None, device="cpu", threads="many")
     finally:
         torch.set_num_threads(before)
+
+
+def test_cli_generate_with_a_json_schema_file_and_bad_constraints(tmp_path, capsys):
+    from offload_moe.cli.main import main
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    assert main(["generate", "Once", "--json-schema", str(schema), "--temperature", "1", "--seed", "3",
+                 "--device", "cpu", "--max-new-tokens", "200"]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMA)
+    assert main(["generate", "Once", "--regex", "[0-9", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("offload-moe: error: regex:") and err.count("\n") == 1
+    assert main(["generate", "Once", "--json-schema", str(tmp_path / "missing.json"), "--device", "cpu"]) == 1
+    assert "missing.json" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 `--chat` (or `--system`) renders PROMPT as a user message through the checkpoint's chat template;
 `--stop` (repeatable) ends the text at the first stop string; `--ignore-eos` generates all
-`--max-new-tokens`; `--json-schema`, `--regex` or `--grammar` constrain the output (llguidance). When the context length ends the text, a notice says so on stderr.
+`--max-new-tokens`; `--json-schema`, `--regex` or `--grammar` constrain the output (llguidance).
+When the context length ends the text, a notice says so on stderr.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def add_parser(sub):
     p.add_argument("--json-schema", metavar="SCHEMA", default=None,
                    help="constrain the output to JSON matching this JSON Schema: a file, or the schema itself "
                         "('{}' for any JSON object); through llguidance (default: free text)")
-    p.add_argument("--regex", metavar="RE", default=None, help="constrain the output to match this regex")
+    p.add_argument("--regex", metavar="RE", default=None, help="constrain the output to match this regex (default: free text)")
     p.add_argument("--grammar", metavar="FILE", default=None,
-                   help="constrain the output to this Lark grammar file (llguidance's dialect)")
+                   help="constrain the output to this Lark grammar file, llguidance's dialect (default: free text)")
     p.add_argument("--stats", action="store_true", help="print expert cache statistics to stderr")
     p.set_defaults(func=run)
 
