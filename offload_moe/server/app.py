@@ -276,7 +276,8 @@ class _Server:
             raise bad("tools: this model's chat template defines no tool-call format this server can parse "
                       "(it knows Qwen's <tool_call>, Mistral's [TOOL_CALLS] and gpt-oss's channels)", "tools",
                       "unsupported_value")
-        parser = ToolCallParser(fmt) if fmt is not None and forced is None and (tools or fmt == HARMONY) else None
+        # Constrained output is bare JSON, never in the template's tool-call or channel format: no parser.
+        parser = ToolCallParser(fmt) if fmt is not None and schema is None and (tools or fmt == HARMONY) else None
         template_vars = {"reasoning_effort": p["reasoning_effort"]} if "reasoning_effort" in p else {}
         self._check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
         ids = await self.prep.run(self._chat_ids, messages, tools, template_vars, schema)
