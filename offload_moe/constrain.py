@@ -99,19 +99,25 @@ class Constraint:
             raise OffloadMoeError(f"grammar: {_one_line(self.matcher.get_error())}")
         self.vocab_size = tokenizer.vocab_size
         words = (self.vocab_size + 31) // 32
-        self.host_mask = torch.zeros(words, dtype=torch.int32,                      # (W,) bits of allowed ids
-                                     pin_memory=device.type == "cuda" and torch.cuda.is_available())
+        pinned = device.type == "cuda" and torch.cuda.is_available()
+        # Allocated once; per token: llguidance fills host_mask, one copy to the device, two ops unpack it.
+        self.host_mask = torch.zeros(words, dtype=torch.int32, pin_memory=pinned)   # (W,) bits of allowed ids
+        self.mask = torch.zeros(words, dtype=torch.int32, device=device)            # (W,) on the device
         self.bits = (1 << torch.arange(32, dtype=torch.int64, device=device)).to(torch.int32)  # (32,)
-        self.device = device
+        self.words = torch.zeros((words, 32), dtype=torch.int32, device=device)     # (W, 32) mask & bit
+        self.forbidden = torch.zeros(words * 32, dtype=torch.bool, device=device)   # (W*32,) id not allowed
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (V,) on the sampling device: every token the grammar forbids set to -inf, in place."""
+        """logits (V,) on the sampling device: every token the grammar forbids set to -inf, in place.
+        (The host mask is rewritten only after the token of the previous step was read, a sync, so
+        the asynchronous copy from it has finished.)"""
         self.matcher.unsafe_compute_mask_ptr(self.host_mask.data_ptr(), self.host_mask.numel() * 4)
         if self.matcher.is_error():
             raise OffloadMoeError(f"grammar: {_one_line(self.matcher.get_error())}")
-        mask = self.host_mask.to(self.device, non_blocking=True)                     # (W,)
-        allowed = ((mask[:, None] & self.bits) != 0).flatten()[:logits.shape[-1]]    # (V,)
-        return logits.masked_fill_(~allowed, float("-inf"))
+        self.mask.copy_(self.host_mask, non_blocking=True)
+        torch.bitwise_and(self.mask[:, None], self.bits, out=self.words)           # (W, 32)
+        torch.eq(self.words.view(-1), 0, out=self.forbidden)                         # (W*32,)
+        return logits.masked_fill_(self.forbidden[:logits.shape[-1]], float("-inf"))
 
     def advance(self, token_id: int) -> None:
         if not self.matcher.consume_token(token_id):

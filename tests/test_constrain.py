@@ -125,3 +125,17 @@ def test_cli_generate_with_a_json_schema_file_and_bad_constraints(tmp_path, caps
     assert err.startswith("offload-moe: error: regex:") and err.count("\n") == 1
     assert main(["generate", "Once", "--json-schema", str(tmp_path / "missing.json"), "--device", "cpu"]) == 1
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_the_mask_forbids_exactly_the_tokens_the_grammar_rejects(demo):
+    """Our unpacking of llguidance's bitmask on the device, against the matcher asked token by token."""
+    from offload_moe.constrain import Constraint, grammar_from
+
+    c = Constraint(demo.grammar_tokenizer(), grammar_from(json_schema=SCHEMA), demo.device)
+    for token in demo.encode_prompt('{"name":"Ann"'):   # a few steps into the document
+        if token != 1:   # <s>
+            c.advance(token)
+    logits = torch.zeros(demo.config.vocab_size)
+    allowed = set(torch.isfinite(c.apply(logits)).nonzero().flatten().tolist())
+    expected = {t for t in range(demo.config.vocab_size) if c.matcher.validate_tokens([t]) == 1}
+    assert allowed == expected and 0 < len(allowed) < demo.config.vocab_size

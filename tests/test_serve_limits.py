@@ -271,3 +271,34 @@ def _quietly(fn, *args):
         fn(*args)
     except OSError:
         pass
+
+
+def test_prep_pool_is_bounded_and_has_a_deadline():
+    """Two stuck calls hold the pool's two threads: a third request is told the server is busy (503);
+    a caller past the deadline gets 408 while its work goes on; the threads free when the work ends."""
+    import asyncio
+
+    from offload_moe.server.prep import PrepPool
+    from offload_moe.server.responses import ApiError
+
+    release = threading.Event()
+    pool = PrepPool(threads=2, timeout=0.2)
+
+    async def scenario():
+        stuck = [asyncio.ensure_future(pool.run(release.wait)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(ApiError) as busy:
+            await pool.run(lambda: 1)
+        for task in stuck:
+            with pytest.raises(ApiError) as late:
+                await task
+            assert late.value.status == 408 and "took longer than 0.2 s" in late.value.message
+        assert pool.metrics()["busy"] == 2
+        release.set()
+        while pool.metrics()["busy"]:
+            await asyncio.sleep(0.01)
+        return busy.value, await pool.run(lambda x: x + 1, 41)
+
+    busy, answer = asyncio.run(scenario())
+    assert busy.status == 503 and busy.headers["Retry-After"] == "1"
+    assert answer == 42 and pool.metrics()["timeouts"] == 2
