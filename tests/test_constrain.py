@@ -95,7 +95,10 @@ def test_bad_constraints_are_one_line_errors(demo, kwargs, words):
     assert words in str(e.value).lower() and "\n" not in str(e.value)
 
 
-def test_load_threads(monkeypatch, checkpoint_dir=None):
+def test_load_threads(monkeypatch):
+    from offload_moe.threads import set_threads
+
+    monkeypatch.setattr("offload_moe.loader.set_threads", set_threads)   # the real one (conftest pins "auto")
     before = torch.get_num_threads()
     try:
         offload_moe.load(None, device="cpu", threads=1)
