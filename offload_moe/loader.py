@@ -16,6 +16,7 @@ from .budget import check_context, check_host_ram, check_kv_cache
 from .checkpoint import Checkpoint
 from .cpu.kernels import resident_cpu_form
 from .sources import open_checkpoint, open_tokenizer
+from .threads import set_threads
 from .experts.cpu_tier import SplitByLayer, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
 from .experts.cache import ExpertCache
@@ -53,7 +54,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
          offload_dir: str | Path | None = None, policy: str | None = None, record_trace: bool | None = None,
          cpu_experts: str | int | None = None, cpu_costs: CostModel | None = None,
          nf4_experts: bool | None = None, force_context: bool = False, requantize: str | None = None,
-         progress: Progress | None = None) -> Model:
+         threads: int | str | None = "auto", progress: Progress | None = None) -> Model:
     """Load a checkpoint directory or .gguf file of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`),
     or a Hugging Face repo id ("org/name", "org/name@revision": from the cache, else downloaded; see `hub`);
     None: the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
@@ -83,7 +84,13 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     `settings.warning` then says so); without it that is an error.
 
     requantize: for a GGUF file, the width ("int4", ...) that tensor types with no exact packed form
-    (IQ*, TQ*, ...) are requantized to; None refuses such a file with one line."""
+    (IQ*, TQ*, ...) are requantized to; None refuses such a file with one line.
+
+    threads: torch's CPU threads for this process, as the CLI's --threads: "auto" (default) takes the
+    cores other work leaves free (`threads.default_threads`: on a busy machine more threads than free
+    cores decode several times slower), an int sets them; None leaves torch's setting alone."""
+    if threads is not None:
+        set_threads(threads)
     if path is None:
         path = demo_dir()
     if not hasattr(path, "expert"):  # a directory, a .gguf file, or a Hugging Face repo id (downloaded when not cached)
