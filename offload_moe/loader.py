@@ -23,6 +23,7 @@ from .experts.costs import CostModel
 from .experts.layout import ExpertLayout
 from .experts.policy import POLICIES
 from .experts.resident import ResidentExperts
+from .experts.source import SourceStore, source_fields
 from .experts.store import HostStore
 from .experts.interface import Activation, ExpertWeights
 from .generation_config import GenerationDefaults
@@ -108,8 +109,17 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     # others from 0 (SplitByLayer translates).
     mode, n_cpu = cpu_layers(opts.cpu_experts, len(cfg.moe_layers), device, offloaded=cache_slots not in (None, "all"))
 
+    # A CPU run computes from the file where it lies when the checkpoint can say where (GGUF): every
+    # weight a view of the mapping, the same form in every tier (`experts_in_place`).
+    # The offloading engine's slots hold one layout for every layer: a file whose expert types differ
+    # across layers is repacked to one form for it instead.
+    in_place = device.type == "cpu" and getattr(ckpt, "in_place", False) and not nf4_experts and (
+        cache_slots in (None, "all") or ckpt.uniform_experts)
     shapes = ckpt.expected_shapes()
-    read = getattr(ckpt, "get_weight", lambda name, shape: ckpt.get(name))
+    if in_place:
+        read = lambda name, shape: ckpt.get_weight(name, shape, in_place=True)  # noqa: E731
+    else:
+        read = getattr(ckpt, "get_weight", lambda name, shape: ckpt.get(name))
     dense = {}
     for i, (name, shape) in enumerate(shapes.items()):
         dense[model_name(name)] = place(read(name, shape), device, dtype)
@@ -124,6 +134,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
                               "quantized (its quantization_config says how)")
 
     def load_expert(layer: int, e: int, to=device) -> ExpertWeights:
+        if in_place:  # views: nothing read, converted or copied (a float type other than dtype aside)
+            return ExpertWeights(**{k: place(v, to, dtype) for k, v in ckpt.expert_in_place(moe_layers[layer], e).items()})
         w = {k: place(v, to, dtype) for k, v in ckpt.expert(moe_layers[layer], e).items()}
         if nf4_experts:
             w = {k: NF4Weight.quantize(v) if k in ("w1", "w3", "w2") else v for k, v in w.items()}
@@ -139,6 +151,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         return resident_cpu_form(load_expert(layer, e, to="cpu"))
 
     settings.update(cpu_experts=mode, cpu_layers=n_cpu)
+    if in_place:
+        settings.update(weights="mapped")
     act = Activation(cfg.swiglu_limit, cfg.swiglu_alpha)  # how every expert computes (gpt-oss clamps)
     if n_cpu == len(moe_layers):
         experts = ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act)
@@ -153,15 +167,22 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
             raise OffloadMoeError(f"prefetch = {prefetch!r}, expected a depth >= 0 (layers ahead)")
         offloaded = len(moe_layers) - n_cpu
         layout = ExpertLayout(load_expert(n_cpu, 0, to="cpu"))
-        store = HostStore(layout, offloaded, cfg.num_experts, offload=offload,
-                          ram_budget=_bytes("ram_budget", ram_budget), offload_dir=offload_dir,
-                          pin=device.type == "cuda", check_ram=check_host_ram)
-        for layer in range(offloaded):
-            staging = store.staging(layer)
-            for e in range(cfg.num_experts):
-                layout.write(staging[e], load_expert(n_cpu + layer, e, to="cpu"))
-            store.commit_layer(layer)
-        store.finish()
+        if offload not in ("ram", "disk"):
+            raise OffloadMoeError(f"offload = {offload!r}, expected 'ram' or 'disk'")
+        if in_place and source_fields(layout, ckpt.expert_ranges(moe_layers[n_cpu], 0)):
+            # the file is the tier: each miss a pread of the expert's ranges into a slot (no copy at load)
+            store = SourceStore(layout, lambda layer, e: ckpt.expert_ranges(moe_layers[n_cpu + layer], e),
+                                offloaded, cfg.num_experts)
+        else:
+            store = HostStore(layout, offloaded, cfg.num_experts, offload=offload,
+                              ram_budget=_bytes("ram_budget", ram_budget), offload_dir=offload_dir,
+                              pin=device.type == "cuda", check_ram=check_host_ram)
+            for layer in range(offloaded):
+                staging = store.staging(layer)
+                for e in range(cfg.num_experts):
+                    layout.write(staging[e], load_expert(n_cpu + layer, e, to="cpu"))
+                store.commit_layer(layer)
+            store.finish()
         if policy not in POLICIES:
             raise OffloadMoeError(f"policy = {policy!r}, expected one of {', '.join(POLICIES)}")
         tier, costs = None, None
@@ -176,6 +197,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         settings.update(experts="offloaded", cache_slots=slots, prefetch=prefetch, policy=policy,
                         ram_layers=store.ram_layers, disk_layers=offloaded - store.ram_layers,
                         offload_dir=str(store.disk_dir) if store.disk_dir else None)
+        if isinstance(store, SourceStore):
+            settings.update(offload="file", expert_cache_bytes=sum(slots) * layout.nbytes)
         if n_cpu:
             experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act), experts)
 

@@ -1,7 +1,9 @@
 """One GGUF file, or a split set (`name-00001-of-00003.gguf`), opened through the gguf package.
 
-`GGUFReader` memory-maps each file and parses its header (metadata and tensor table); tensor bytes
-are numpy views of the map, so nothing is read until a tensor is used. Before handing a file to it
+`GGUFReader` memory-maps each file once and parses its header (metadata and tensor table); tensor
+bytes are numpy views of that one map, so nothing is read until a tensor is used, and what is read
+stays file pages the kernel may reclaim (no anonymous copy). The map is copy-on-write (`mode="c"`):
+writable views for `torch.from_numpy`, the file never written. Before handing a file to it
 we check what it does not say in one line: the magic, the version, and that every tensor's bytes
 lie inside the file.
 """
@@ -35,6 +37,7 @@ class GGUFTensor:
     shape: tuple[int, ...]    # torch order: the last dimension is a row (ggml's ne reversed)
     nbytes: int
     data: np.ndarray          # the mmap'd bytes (uint8, or the float/int dtype of the type)
+    offset: int = 0           # where the bytes start in `file` (a pread of an expert's range)
 
 
 class GGUFFile:
@@ -55,7 +58,8 @@ class GGUFFile:
                 if t.name in self.tensors:
                     raise OffloadMoeError(f"{file}: tensor {t.name!r} is also in {self.tensors[t.name].file}")
                 shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-                self.tensors[t.name] = GGUFTensor(t.name, file, int(t.tensor_type), shape, int(t.n_bytes), t.data)
+                self.tensors[t.name] = GGUFTensor(t.name, file, int(t.tensor_type), shape, int(t.n_bytes), t.data,
+                                                     int(t.data_offset))
         expected = self.fields.get("split.tensors.count")
         if isinstance(expected, int) and expected != len(self.tensors):
             raise OffloadMoeError(f"{self.path}: split set holds {len(self.tensors)} tensors, its header says "
@@ -98,7 +102,7 @@ def _open(file: Path):
         raise OffloadMoeError(f"{file}: GGUF version {version} is not supported "
                               f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
     try:
-        reader = GGUFReader(file, "r")
+        reader = GGUFReader(file, "c")  # copy-on-write: views are writable, the file is not
     except ValueError as e:
         text = str(e)
         unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", text)
