@@ -93,7 +93,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     cfg = ckpt.config
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
-    opts = (placement if placement is not None else from_profile(profile, cfg, device, dtype)).override(
+    mappable = device.type == "cpu" and getattr(ckpt, "in_place", False) and not nf4_experts
+    opts = (placement if placement is not None else from_profile(profile, cfg, device, dtype, mapped=mappable)).override(
         context_length=context_length, cache_slots=cache_slots, prefetch=prefetch, offload=offload,
         ram_budget=ram_budget, offload_dir=offload_dir, policy=policy, record_trace=record_trace,
         cpu_experts=cpu_experts, nf4_experts=nf4_experts)
@@ -113,8 +114,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     # weight a view of the mapping, the same form in every tier (`experts_in_place`).
     # The offloading engine's slots hold one layout for every layer: a file whose expert types differ
     # across layers is repacked to one form for it instead.
-    in_place = device.type == "cpu" and getattr(ckpt, "in_place", False) and not nf4_experts and (
-        cache_slots in (None, "all") or ckpt.uniform_experts)
+    in_place = mappable and (cache_slots in (None, "all") or ckpt.uniform_experts)
     shapes = ckpt.expected_shapes()
     if in_place:
         read = lambda name, shape: ckpt.get_weight(name, shape, in_place=True)  # noqa: E731
