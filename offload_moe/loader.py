@@ -155,11 +155,11 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         settings.update(weights="mapped")
     act = Activation(cfg.swiglu_limit, cfg.swiglu_alpha)  # how every expert computes (gpt-oss clamps)
     if n_cpu == len(moe_layers):
-        experts = ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act)
+        experts = ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act, lazy=in_place)
         settings.update(experts="cpu")
     elif cache_slots is None or cache_slots == "all":
         experts = ResidentExperts(lambda layer, e: on_cpu(layer, e) if layer < n_cpu else load_expert(layer, e),
-                                  len(moe_layers), cfg.num_experts, act)
+                                  len(moe_layers), cfg.num_experts, act, lazy=in_place)
         settings.update(experts="resident")
     else:
         slots = _slots_per_layer(cache_slots, len(moe_layers), cfg.num_experts)[n_cpu:]
@@ -200,7 +200,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         if isinstance(store, SourceStore):
             settings.update(offload="file", expert_cache_bytes=sum(slots) * layout.nbytes)
         if n_cpu:
-            experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act), experts)
+            experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act, lazy=in_place), experts)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
     tokenizer = open_tokenizer(ckpt)  # a GGUF file carries its own

@@ -144,6 +144,24 @@ class _Parser:
     def string(self) -> str:
         return self.bytes(self.scalar(10)).decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary: 150k of them), in one tight loop."""
+        buf, at, size, out = self.buf, self.at, self.size, []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if at + 8 > size:
+                self.at = at
+                self.need(8)
+            (n,) = length(buf, at)
+            at += 8
+            if at + n > size:
+                self.at = at
+                self.need(n)
+            out.append(buf[at:at + n].decode("utf-8", errors="replace"))
+            at += n
+        self.at = at
+        return out
+
     def value(self, vtype: int):
         if vtype == STRING:
             return self.string()
@@ -152,7 +170,7 @@ class _Parser:
             if count > self.size - self.at:
                 raise HeaderError(f"an array of {count:,} items at byte {self.at:,} cannot fit in the file")
             if item == STRING:
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             if item == ARRAY:
                 return [self.value(ARRAY) for _ in range(count)]
             if item not in SCALARS:
