@@ -170,7 +170,10 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         if offload not in ("ram", "disk"):
             raise OffloadMoeError(f"offload = {offload!r}, expected 'ram' or 'disk'")
         if in_place and source_fields(layout, ckpt.expert_ranges(moe_layers[n_cpu], 0)):
-            # the file is the tier: each miss a pread of the expert's ranges into a slot (no copy at load)
+            # the file is the tier: each miss a pread of the expert's ranges into a slot (no copy at load);
+            # the slots are the RAM expert cache, anonymous memory
+            check_host_ram(f"the RAM expert cache ({sum(slots)} slots of {layout.nbytes:,} bytes)",
+                           sum(slots) * layout.nbytes)
             store = SourceStore(layout, lambda layer, e: ckpt.expert_ranges(moe_layers[n_cpu + layer], e),
                                 offloaded, cfg.num_experts)
         else:
