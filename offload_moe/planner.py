@@ -38,6 +38,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from .arch import attention_shapes
 from .config import ModelConfig
 from .experts.pinned import planned_bytes
@@ -49,6 +51,7 @@ from .profiles import BIT_WIDTHS, Profile, bundled_profiles
 from .runtime import available_ram, fmt_bytes, free_vram
 
 GROUP_SIZE = 64            # quantization group along the input dimension
+GGML_TYPE_NAMES = {t.name: t for t in GGMLQuantizationType}
 AUTO_RAM_FRACTION = 0.9    # ram_budget = "auto": this much of MemAvailable, the rest for the OS
 
 
@@ -303,14 +306,25 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
             p.experts_bits, p.attention_bits, p.embeddings_bits, GROUP_SIZE
 
     H, I, L, E = c.hidden_size, c.intermediate_size, c.num_moe_layers, c.num_experts  # L: layers with experts
+    ggml = (c.quantization or {}).get("ggml_types") or {}  # a GGUF file: kinds sized by their block type
+
+    bits_of = {"experts": experts_bits, "attention": attention_bits, "embeddings": embeddings_bits}
+
+    def sized(out: int, in_: int, kind: str) -> int:
+        """One [out, in] weight of a kind: its GGUF block type's own bytes, else the packed formula."""
+        if ggml.get(kind) in GGML_TYPE_NAMES:
+            bs, ts = GGML_QUANT_SIZES[GGML_TYPE_NAMES[ggml[kind]]]
+            return out * -(-in_ // bs) * ts
+        return weight_bytes(out, in_, bits_of[kind], group)
+
     shapes = attention_shapes(c, c.family).values()  # one layer's; vectors (norms, biases, sinks) stay 16-bit
-    attention = c.num_layers * sum(weight_bytes(*s, attention_bits, group) for s in shapes if len(s) == 2)
-    embeddings = (1 if c.tie_word_embeddings else 2) * weight_bytes(c.vocab_size, H, embeddings_bits, group)
+    attention = c.num_layers * sum(sized(*s, "attention") for s in shapes if len(s) == 2)
+    embeddings = (1 if c.tie_word_embeddings else 2) * sized(c.vocab_size, H, "embeddings")
     norm_router = 2 * (c.norm_params + c.num_layers * sum(s[0] for s in shapes if len(s) == 1)
                        + L * c.router_params_per_layer)
     mlp = (len(c.dense_layers) * _mlp_bytes(H, c.dense_intermediate_size, attention_bits, group)
            + L * _mlp_bytes(H, c.shared_expert_size, attention_bits, group) + 2 * L * H * (c.family.shared_expert_gate and c.shared_expert_size > 0))
-    per_expert = (2 * weight_bytes(I, H, experts_bits, group) + weight_bytes(H, I, experts_bits, group)
+    per_expert = (2 * sized(I, H, "experts") + sized(H, I, "experts")
                   + 2 * (2 * I + H) * c.family.expert_bias)  # 16-bit biases (gpt-oss)
 
     kv_tokens = p.context_length

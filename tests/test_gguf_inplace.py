@@ -151,3 +151,15 @@ def test_our_header_parser_reads_what_the_gguf_package_reads(q8_file):
     assert keys.keys() == ours.fields.keys()
     for k, v in keys.items():
         assert ours.fields[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), k
+
+
+def test_a_mapped_plan_sizes_experts_by_the_files_own_blocks(q8_file):
+    """The planner sizes a GGUF's experts by their ggml blocks (Q8_0: 34 bytes per 32 weights), so a
+    plan's bytes per expert, and the bytes a token reads, are what the file holds."""
+    from offload_moe.planner import plan
+    from offload_moe.profiles import load_profile
+
+    ckpt = GGUFCheckpoint(q8_file)
+    p = plan(ckpt.config, load_profile("cpu"), mapped=True, ram_available=2**34)
+    one = sum(n for _, _, n in ckpt.expert_ranges(0, 0).values())
+    assert p.bytes_per_expert == one and p.mapped

@@ -308,15 +308,17 @@ def header_quantization(f: GGUFFile) -> dict | None:
     """Our description of a file's widths, for the planner and `info`: per kind the setting of its
     widest tensor type (Q6_K -> int8, Q4_K -> int4, ...) and the smallest group; None when all float."""
     kinds = {"experts": "_exps.weight", "attention": ".attn_", "embeddings": "token_embd"}
-    settings, groups = {}, []
+    settings, groups, ggml = {}, [], {}
     for kind, marker in kinds.items():
         types = [t.type for t in f.tensors.values() if marker in t.name and len(t.shape) >= 2]
         settings[kind] = _setting_of(max(types, key=_width_rank)) if types else "bf16"
+        if types:  # the planner sizes a kind by its widest type's own blocks (Q4_0: 18 bytes per 32)
+            ggml[kind] = T(max(types, key=_width_rank)).name
         groups += [blocks.PACKED[T(x)][1] for x in types if x in blocks.PACKED]
     if all(s in ("bf16", "fp16", "fp32") for s in settings.values()):
         return None
     return {"quant_method": "gguf", "group_size": min(groups) if groups else 32, **settings,
-            "file_type": f.get("general.file_type")}
+            "file_type": f.get("general.file_type"), "ggml_types": ggml}
 
 
 def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
