@@ -111,7 +111,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     mode, n_cpu = cpu_layers(opts.cpu_experts, len(cfg.moe_layers), device, offloaded=cache_slots not in (None, "all"))
 
     # A CPU run computes from the file where it lies when the checkpoint can say where (GGUF): every
-    # weight a view of the mapping, the same form in every tier (`experts_in_place`).
+    # weight a view of the mapping, the same form in every tier (`GGUFCheckpoint.expert_in_place`).
     # The offloading engine's slots hold one layout for every layer: a file whose expert types differ
     # across layers is repacked to one form for it instead.
     in_place = mappable and (cache_slots in (None, "all") or ckpt.uniform_experts)
@@ -174,7 +174,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
             # the slots are the RAM expert cache, anonymous memory
             check_host_ram(f"the RAM expert cache ({sum(slots)} slots of {layout.nbytes:,} bytes)",
                            sum(slots) * layout.nbytes)
-            store = SourceStore(layout, lambda layer, e: ckpt.expert_ranges(moe_layers[n_cpu + layer], e),
+            store = SourceStore(layout, lambda layer: ckpt.expert_ranges(moe_layers[n_cpu + layer], 0),
                                 offloaded, cfg.num_experts)
         else:
             store = HostStore(layout, offloaded, cfg.num_experts, offload=offload,

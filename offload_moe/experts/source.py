@@ -47,20 +47,19 @@ class SourceStore:
     disk_dir = None
     pinned_bytes = 0
 
-    def __init__(self, layout: ExpertLayout, ranges, num_layers: int, num_experts: int):
-        """ranges(layer, expert) -> `Ranges` (the checkpoint's `expert_ranges`, engine layer numbers)."""
+    def __init__(self, layout: ExpertLayout, first_ranges, num_layers: int, num_experts: int):
+        """first_ranges(layer) -> `Ranges` of expert 0 of that (engine-numbered) layer: expert e of a
+        stacked tensor lies e · bytes further on (equal contiguous slices), so nothing is done per
+        expert here."""
         self.layout, self.num_layers, self.num_experts = layout, num_layers, num_experts
         self.layer_bytes = num_experts * layout.nbytes
         offsets = {f.name.split(".", 1)[0]: (f.offset, f.nbytes) for f in layout.fields}
         self._fds: dict[Path, int] = {}
-        # per (layer, expert): [(fd, file offset, slot offset, bytes)], computed once at load (plain ints)
+        # per layer: [(fd, file offset of expert 0, slot offset, bytes per expert)] (plain ints)
         self._reads = []
         for layer in range(num_layers):
-            row = []
-            for e in range(num_experts):
-                r = ranges(layer, e)
-                row.append([(self._fd(r[m][0]), r[m][1], offsets[m][0], offsets[m][1]) for m in offsets])
-            self._reads.append(row)
+            r = first_ranges(layer)
+            self._reads.append([(self._fd(r[m][0]), r[m][1], offsets[m][0], offsets[m][1]) for m in offsets])
         self.bytes_read = [0] * num_layers
         self.io = IOThread()
 
@@ -85,8 +84,8 @@ class SourceStore:
     def read_into(self, layer: int, expert: int, target: torch.Tensor) -> None:
         """pread the expert's ranges into a flat uint8 slot (CPU) of `layout.nbytes`, on this thread."""
         buf = target.numpy()
-        for fd, offset, at, n in self._reads[layer][expert]:
-            view = memoryview(buf[at:at + n])
+        for fd, first, at, n in self._reads[layer]:
+            view, offset = memoryview(buf[at:at + n]), first + expert * n
             done = 0
             while done < n:
                 got = os.preadv(fd, [view[done:]], offset + done)
