@@ -70,6 +70,11 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     tier (`offload` "ram" or "disk", `ram_budget` bytes or "20GB", `offload_dir`), prefetching
     `prefetch` layers ahead, evicting by `policy` ("lru"; "none" reuses nothing, a baseline).
 
+    On a CPU device a GGUF file is computed where it lies (every weight a view of its mapping, see
+    gguf/checkpoint.py); there `cache_slots` is a RAM expert cache in front of the file itself, which
+    is the host tier whatever `offload` says (misses are preads of the expert's bytes, prefetched on
+    an I/O thread; nothing is written under `offload_dir`; `settings.offload == "file"`).
+
     cpu_experts: which experts the CPU computes where they sit in host RAM (see `experts/cpu_tier.py`).
     "auto" (default): on a CPU device with resident experts, "all"; elsewhere "none". "none": always
     copy. "hybrid": each miss is either copied or computed on the CPU, whichever the cost model

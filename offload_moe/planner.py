@@ -283,8 +283,9 @@ def plan(config: ModelConfig, profile: Profile, *, hit_rate: float | None = None
     if hit_rate is not None and not (isinstance(hit_rate, (int, float)) and 0 <= hit_rate <= 1):
         raise OffloadMoeError(f"hit rate {hit_rate!r}: expected a number from 0 to 1")
     try:
-        result = _plan(config, profile, hit_rate, ram_available)
-        if mapped and profile.device == "cpu":
+        mapped = mapped and profile.device == "cpu"
+        result = _plan(config, profile, hit_rate, ram_available, mapped)
+        if mapped:
             result = _mapped(result, hit_rate, disk_rate)
         return result
     except _Impossible as e:
@@ -296,7 +297,8 @@ class _Impossible(Exception):
     """The budget cannot hold the model; `plan` appends what would fit."""
 
 
-def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_available: int | None) -> Plan:
+def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_available: int | None,
+          mapped: bool = False) -> Plan:
     c, p = config, profile
     notes = []
     if c.quantization:
@@ -354,7 +356,7 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
         ram_free = ram_budget - fixed
 
     ram_layers = 0
-    if host_layers and p.offload == "ram":
+    if host_layers and p.offload == "ram" and not mapped:  # mapped: the file is the tier (`_mapped`)
         if ram_free < layer_bytes or (p.device == "cuda" and ram_free < planned_bytes(E, per_expert)):
             raise _Impossible(f"{p.source}: {ram_name} is {_gb(layer_bytes - ram_free)} too small to hold one "
                               f"layer's {E} experts at {experts_bits} ({_gb(layer_bytes)}) with offload = 'ram'"

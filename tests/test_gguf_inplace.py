@@ -163,3 +163,24 @@ def test_a_mapped_plan_sizes_experts_by_the_files_own_blocks(q8_file):
     p = plan(ckpt.config, load_profile("cpu"), mapped=True, ram_available=2**34)
     one = sum(n for _, _, n in ckpt.expert_ranges(0, 0).values())
     assert p.bytes_per_expert == one and p.mapped
+
+
+def test_plan_says_what_each_token_reads_from_the_file_and_how_fast(q8_file, tmp_path):
+    """`offload-moe plan FILE.gguf` under a CPU profile too small for every expert: weights as file
+    pages, a RAM expert cache of the slots that fit, and the bytes a token reads at the rate measured
+    on the file itself."""
+    import contextlib
+    import io
+
+    from offload_moe.cli.main import main
+
+    toml = tmp_path / "small.toml"
+    toml.write_text('device = "cpu"\nvram_budget = 0\nreserve = "1MB"\ncontext_length = 64\ncache_slots = "auto"\n'
+                    'prefetch = 1\noffload = "ram"\nram_budget = "2.4MB"\n\n[bits]\nexperts = "int8"\n'
+                    'attention = "int8"\nembeddings = "int8"\n')
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["plan", str(q8_file), "--profile", str(toml)])
+    text = " ".join(out.getvalue().split())
+    assert code == 0, text
+    assert "mapped from the file" in text and "read from disk per token" in text and "measured" in text
