@@ -184,3 +184,19 @@ def test_plan_says_what_each_token_reads_from_the_file_and_how_fast(q8_file, tmp
     text = " ".join(out.getvalue().split())
     assert code == 0, text
     assert "mapped from the file" in text and "read from disk per token" in text and "measured" in text
+
+
+def test_a_file_truncated_after_loading_is_one_clear_error(q8_file, tmp_path):
+    """The file tier reads at use: a file cut short behind our back is an OffloadMoeError naming it,
+    not a crash (SIGBUS) or garbage."""
+    from offload_moe import OffloadMoeError
+
+    copy = tmp_path / "q8.gguf"
+    copy.write_bytes(q8_file.read_bytes())
+    model = offload_moe.load(copy, device="cpu", dtype="float32", cache_slots=1, prefetch=0)
+    ckpt = GGUFCheckpoint(copy)
+    first = min(r[1] for r in ckpt.expert_ranges(0, 0).values())
+    with open(copy, "r+b") as f:
+        f.truncate(first)  # every expert gone; the small tensors before them stay mapped
+    with pytest.raises(OffloadMoeError, match="past the end of the file"):
+        model.generate(IDS, max_new_tokens=2, temperature=0, ignore_eos=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import OffloadMoeError
 from .layout import ExpertLayout
 
 # An expert's ranges: layout field name -> (file, byte offset, byte count).
@@ -90,8 +91,9 @@ class SourceStore:
             while done < n:
                 got = os.preadv(fd, [view[done:]], offset + done)
                 if got <= 0:
-                    raise OSError(f"expert {expert} of MoE layer {layer}: the file ended {n - done} bytes early "
-                                  "(truncated after it was opened?)")
+                    path = next(p for p, f in self._fds.items() if f == fd)
+                    raise OffloadMoeError(f"{path}: expert {expert} of MoE layer {layer} ends {n - done:,} bytes "
+                                          "past the end of the file (truncated after it was opened?)")
                 done += got
         self.bytes_read[layer] += self.layout.nbytes
 
