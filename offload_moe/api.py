@@ -66,9 +66,10 @@ class Model:
 
     @property
     def stats(self) -> dict:
-        """Expert engine counters (hits, misses, bytes moved...) and the last generation's timing."""
+        """Expert engine counters (hits, misses, bytes moved...), the process's memory by kind and the
+        last generation's timing."""
         t = self.last_timing
-        return {"experts": self.experts.stats(),
+        return {"experts": self.experts.stats(), "memory": process_memory(),
                 "generation": {"prompt_tokens": t.prompt_tokens, "new_tokens": t.new_tokens,
                                "prefill_seconds": t.prefill_seconds, "decode_seconds": t.decode_seconds,
                                "prefill_tokens_per_second": t.prefill_tokens_per_second,
@@ -294,3 +295,20 @@ def _held_back(text: str, stops: list[str]) -> int:
                 best = n
                 break
     return best
+
+
+def process_memory() -> dict:
+    """This process's resident memory by kind (/proc/self/status; {} where there is none): anonymous
+    (KV cache, activations, copies: what the kernel must keep) and file pages (weights mapped from
+    their file: what it may drop and read again)."""
+    keys = {"RssAnon:": "anonymous_bytes", "RssFile:": "file_bytes", "RssShmem:": "shared_bytes"}
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = keys.get(line.split(" ", 1)[0].split("\t", 1)[0])
+                if key:
+                    out[key] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out

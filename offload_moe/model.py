@@ -227,7 +227,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, experts: ExpertProvider):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # given its (meta) weight, nn.Embedding skips its random init, whose normal_ on the meta device
+        # imports torch._dynamo: 6-7 s of a fresh process's load on a 2-core machine
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts) for i in range(cfg.num_layers))
         self.windows = [cfg.window(i) for i in range(cfg.num_layers)]  # each layer's sliding window
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.norm_scale_fp32)

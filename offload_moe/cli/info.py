@@ -44,6 +44,8 @@ def run(args) -> int:
         rows.append(("expert layout", ckpt.layout.replace("_", " ")))
         for kind, n in ckpt.bytes_by_kind().items():
             rows.append((f"bytes: {kind}", human_bytes(n)))
+        if getattr(ckpt, "in_place", False):  # a CPU run computes from the mapping: no copy, no repack
+            rows.append(("on the CPU", "weights mapped where they lie (file pages, not anonymous memory)"))
         rows += [("dtypes", ", ".join(ckpt.dtypes())),
                  ("shards", f"{len(ckpt.shard_files())} ({human_bytes(ckpt.total_bytes())})")]
     else:

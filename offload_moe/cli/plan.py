@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from rich.table import Table
 from rich.text import Text
 
 from ..planner import auto_profile, plan
 from ..profiles import list_profiles, load_profile
+from ..gguf.reader import is_gguf
 from ..sources import load_config
+from ..tune.disk import measure_file_read
 from .common import fetch
 from .console import stdout
 
@@ -30,7 +34,12 @@ def add_parser(sub):
 def run(args) -> int:
     config = load_config(fetch(args.path, want="config"))  # a repo id: config.json alone is fetched
     profile = load_profile(args.profile) if args.profile else auto_profile(config)
-    result = plan(config, profile, hit_rate=args.hit_rate)
+    # a GGUF file on the CPU is computed where it lies: its weights are file pages, and experts that do
+    # not fit are read from it (at the rate measured on the file itself)
+    mapped = is_gguf(args.path) and profile.device == "cpu"
+    result = plan(config, profile, hit_rate=args.hit_rate, mapped=mapped)
+    if mapped and result.bytes_per_token:
+        result = replace(result, disk_rate=measure_file_read(args.path)["bytes_per_second"])
     picked = "" if args.profile else " (picked for this machine)"
     table = Table(title=f"{args.path} under profile {profile.name}{picked}", show_header=False)
     table.add_column("what")
