@@ -443,51 +443,81 @@ __attribute__((always_inline)) static inline void row_legacy(int type, const uin
     for (int t = 0; t < NT; t++) out[t] = hsum8(acc[t]) + corr[t];
 }
 
-/* the 256 codes of a K super-block into u (32-byte aligned) */
-__attribute__((always_inline)) static inline void k_codes(int type, const uint8_t *blk, uint8_t *u) {
+/* A K super-block in registers: its 256 codes as 8 vectors of 32 bytes (input order), the 16
+   sub-block scales S and minimums M as int16 (w = d * S[j] * u - dmin * M[j]), d and dmin. */
+typedef struct {
+    __m256i u[8], S, M;
+    float d, dmin;
+} KBlock;
+
+__attribute__((always_inline)) static inline void k_unpack(int type, const uint8_t *blk, KBlock *k) {
     const __m256i m4 = _mm256_set1_epi8(15), m2 = _mm256_set1_epi8(3);
     switch (type) {
-        case Q2_K:
+        case Q2_K: {  /* scales[16] (low: scale, high: min), qs[64], d, dmin */
+            __m128i sm = _mm_loadu_si128((const __m128i *)blk);
+            k->S = _mm256_cvtepu8_epi16(_mm_and_si128(sm, _mm_set1_epi8(15)));
+            k->M = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sm, 4), _mm_set1_epi8(15)));
+            k->d = f16_at(blk + 80), k->dmin = f16_at(blk + 82);
             for (int h = 0; h < 2; h++) {
                 __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * h));
-                for (int j = 0; j < 4; j++)
-                    _mm256_store_si256((__m256i *)(u + 128 * h + 32 * j), _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m2));
+                for (int j = 0; j < 4; j++) k->u[4 * h + j] = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m2);
             }
             break;
-        case Q3_K: {
+        }
+        case Q3_K: {  /* hmask[32], qs[64], scales[12] (16 x 6 bits), d */
+            uint32_t aux[4];
+            memcpy(aux, blk + 96, 12);
+            const uint32_t tmp = aux[2], k2 = 0x0f0f0f0f, k1 = 0x03030303;
+            aux[2] = ((aux[0] >> 4) & k2) | (((tmp >> 4) & k1) << 4);
+            aux[3] = ((aux[1] >> 4) & k2) | (((tmp >> 6) & k1) << 4);
+            aux[0] = (aux[0] & k2) | (((tmp >> 0) & k1) << 4);
+            aux[1] = (aux[1] & k2) | (((tmp >> 2) & k1) << 4);
+            k->S = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)aux)), _mm256_set1_epi16(32));
+            k->M = _mm256_slli_epi16(k->S, 2);
+            k->d = k->dmin = f16_at(blk + 108);
             __m256i hm = _mm256_loadu_si256((const __m256i *)blk);
             for (int h = 0; h < 2; h++) {
                 __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 32 + 32 * h));
                 for (int j = 0; j < 4; j++) {
                     __m256i bit = _mm256_set1_epi8((char)(1 << (4 * h + j)));
                     __m256i hb = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit), _mm256_set1_epi8(4));
-                    __m256i lo = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m2);
-                    _mm256_store_si256((__m256i *)(u + 128 * h + 32 * j), _mm256_or_si256(lo, hb));
+                    k->u[4 * h + j] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m2), hb);
                 }
             }
             break;
         }
-        case Q4_K:
+        case Q4_K: case Q5_K: {  /* d, dmin, scales[12] (8 pairs of 6 bits), [qh[32]], qs[128] */
+            uint32_t t[4];
+            memcpy(t, blk + 4, 12);
+            const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+            t[3] = ((t[2] >> 4) & k2) | (((t[1] >> 6) & k3) << 4);     /* mins 4..7 */
+            const uint32_t m03 = t[1] & k1;                             /* mins 0..3 */
+            t[1] = (t[2] & k2) | (((t[0] >> 6) & k3) << 4);             /* scales 4..7 */
+            t[2] = m03;
+            t[0] &= k1;                                                 /* scales 0..3 */
+            __m128i v = _mm_loadu_si128((const __m128i *)t);            /* 8 scales, 8 mins */
+            k->S = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(v, v));       /* each twice: per 16 inputs */
+            k->M = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(v, v));
+            k->d = f16_at(blk), k->dmin = f16_at(blk + 2);
+            const uint8_t *qs = blk + (type == Q4_K ? 16 : 48);
+            const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16)), sixteen = _mm256_set1_epi8(16);
             for (int c = 0; c < 4; c++) {
-                __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * c));
-                _mm256_store_si256((__m256i *)(u + 64 * c), _mm256_and_si256(q, m4));
-                _mm256_store_si256((__m256i *)(u + 64 * c + 32), _mm256_and_si256(_mm256_srli_epi16(q, 4), m4));
-            }
-            break;
-        case Q5_K: {
-            __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16)), sixteen = _mm256_set1_epi8(16);
-            for (int c = 0; c < 4; c++) {
-                __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 48 + 32 * c));
-                __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * c))), b1 = _mm256_set1_epi8((char)(2 << (2 * c)));
-                __m256i h0 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), sixteen);
-                __m256i h1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), sixteen);
-                _mm256_store_si256((__m256i *)(u + 64 * c), _mm256_or_si256(_mm256_and_si256(q, m4), h0));
-                _mm256_store_si256((__m256i *)(u + 64 * c + 32),
-                                   _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), h1));
+                __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+                k->u[2 * c] = _mm256_and_si256(q, m4);
+                k->u[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                if (type == Q5_K) {
+                    __m256i b0 = _mm256_set1_epi8((char)(1 << (2 * c))), b1 = _mm256_set1_epi8((char)(2 << (2 * c)));
+                    k->u[2 * c] = _mm256_or_si256(k->u[2 * c], _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), sixteen));
+                    k->u[2 * c + 1] = _mm256_or_si256(k->u[2 * c + 1],
+                                                      _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), sixteen));
+                }
             }
             break;
         }
-        default:  /* Q6_K */
+        default: {  /* Q6_K: ql[128], qh[64], int8 scales[16], d */
+            k->S = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 192)));
+            k->M = _mm256_slli_epi16(k->S, 5);
+            k->d = k->dmin = f16_at(blk + 208);
             for (int h = 0; h < 2; h++) {
                 __m256i l0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
                 __m256i l1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
@@ -497,41 +527,52 @@ __attribute__((always_inline)) static inline void k_codes(int type, const uint8_
                                  _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4)};
                 for (int j = 0; j < 4; j++) {
                     __m256i hb = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * j), m2), 4);
-                    _mm256_store_si256((__m256i *)(u + 128 * h + 32 * j), _mm256_or_si256(lo[j], hb));
+                    k->u[4 * h + j] = _mm256_or_si256(lo[j], hb);
                 }
             }
+        }
     }
+}
+
+/* The int16 scale vector of chunk c (inputs 32c .. 32c + 31): S[2c] for its first 16 inputs (the
+   low 8 lanes of vpmaddubsw's result), S[2c + 1] for the rest. */
+static inline __m256i chunk_scales(__m256i S, int c) {
+#if GPATH == 2
+    const __m256i idx = _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm256_permutexvar_epi16(_mm256_add_epi16(idx, _mm256_set1_epi16((short)(2 * c))), S);
+#else
+    __m128i half = c < 4 ? _mm256_castsi256_si128(S) : _mm256_extracti128_si256(S, 1);
+    const int e = 2 * (c & 3);   /* element of `half` for the low lanes; e + 1 for the high ones */
+    __m256i both = _mm256_broadcastsi128_si256(half);
+    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                          2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    return _mm256_shuffle_epi8(both, _mm256_add_epi8(pick, _mm256_set1_epi8((char)(2 * e))));
+#endif
 }
 
 __attribute__((always_inline)) static inline void row_k(int type, const uint8_t *w, const Act *act, size_t t0, int NT,
                                                         float *out) {
     const size_t nb = act->nb, I = act->in;
-    _Alignas(32) uint8_t u[256];
-    KScales ks;
+    KBlock k;
     __m256 acc[4];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     const size_t bb = block_bytes(type);
     for (size_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + b * bb;
-        k_scales(type, blk, &ks);
-        k_codes(type, blk, u);
+        k_unpack(type, w + b * bb, &k);
         __m256i sc[8];
-        for (int c = 0; c < 8; c++)
-            sc[c] = _mm256_set_m128i(_mm_set1_epi16(ks.sc[2 * c + 1]), _mm_set1_epi16(ks.sc[2 * c]));
-        const __m256i mn = _mm256_loadu_si256((const __m256i *)ks.mn);
+        for (int c = 0; c < 8; c++) sc[c] = chunk_scales(k.S, c);
         for (int t = 0; t < NT; t++) {
             const size_t tt = t0 + t;
             const int8_t *a = act->q + tt * I + 256 * b;
             __m256i isum = _mm256_setzero_si256();
             for (int c = 0; c < 8; c++) {
-                __m256i p = _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(u + 32 * c)),
-                                                 _mm256_loadu_si256((const __m256i *)(a + 32 * c)));
+                __m256i p = _mm256_maddubs_epi16(k.u[c], _mm256_loadu_si256((const __m256i *)(a + 32 * c)));
                 isum = madd_acc(isum, p, sc[c]);
             }
-            __m256i mins = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(act->bsums + tt * (I / 16) + 16 * b)), mn);
+            __m256i mins = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(act->bsums + tt * (I / 16) + 16 * b)), k.M);
             const float da = act->d[tt * nb + b];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(ks.d * da), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(ks.dmin * da), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(k.d * da), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(k.dmin * da), acc[t]);
         }
     }
     for (int t = 0; t < NT; t++) out[t] = hsum8(acc[t]);
