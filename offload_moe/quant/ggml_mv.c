@@ -17,9 +17,10 @@
    Error against float64 math on the dequantized weights: that of the int8 activations (relative
    ~0.5% per 32-input block, ~1% per 256-input block) plus fp32 sums.
 
-   Prefill: rows are taken in groups of ROWS, and each group is computed against the tokens four at
-   a time, so a weight row is read from memory once per call and the activations of four tokens
-   are reused across the group from cache.
+   Prefill: rows are taken in groups of ROWS, and each group is computed against the tokens TT at
+   a time (8 with AVX-512's 32 registers, else 4), so a weight row is read from memory once per
+   call, each block unpacked once per tile, and a tile's activations reused across the group from
+   cache.
 
    Threads: an OpenMP loop over row groups in torch's OpenMP runtime (as qmv.c); every output is
    one thread's sum in a fixed order, so the result does not depend on the thread count.
@@ -51,6 +52,7 @@ enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K 
        Q5_K = 13, Q6_K = 14, BF16 = 30, MXFP4 = 39 };
 
 #define ROWS 8 /* rows per group in a prefill */
+#define TT (GPATH == 2 ? 8 : 4) /* tokens per tile: as many accumulators as the registers hold */
 
 /* family: 0 float, 1 legacy (blocks of 32), 2 K (super-blocks of 256); block weights and bytes */
 static int family(int type) {
@@ -403,8 +405,8 @@ static inline __m256i nibbles(const uint8_t *qs) { /* 16 bytes -> 32 codes: low 
 __attribute__((always_inline)) static inline void row_legacy(int type, const uint8_t *w, const Act *act, size_t t0,
                                                              int NT, float *out) {
     const size_t nb = act->nb, I = act->in;
-    __m256 acc[4];
-    float corr[4];
+    __m256 acc[TT];
+    float corr[TT];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), corr[t] = 0.0f;
     const size_t bb = block_bytes(type);
     const __m128i mx_table = _mm_loadu_si128((const __m128i *)MXFP4_U);
@@ -554,24 +556,25 @@ __attribute__((always_inline)) static inline void row_k(int type, const uint8_t 
                                                         float *out) {
     const size_t nb = act->nb, I = act->in;
     KBlock k;
-    __m256 acc[4];
+    __m256 acc[TT];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     const size_t bb = block_bytes(type);
     for (size_t b = 0; b < nb; b++) {
         k_unpack(type, w + b * bb, &k);
-        __m256i sc[8];
-        for (int c = 0; c < 8; c++) sc[c] = chunk_scales(k.S, c);
+        __m256i isum[TT];
+        for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++) {            /* chunk outer: the tokens' sums are independent chains */
+            const __m256i sc = chunk_scales(k.S, c);
+            for (int t = 0; t < NT; t++) {
+                const int8_t *a = act->q + (t0 + t) * I + 256 * b + 32 * c;
+                isum[t] = madd_acc(isum[t], _mm256_maddubs_epi16(k.u[c], _mm256_loadu_si256((const __m256i *)a)), sc);
+            }
+        }
         for (int t = 0; t < NT; t++) {
             const size_t tt = t0 + t;
-            const int8_t *a = act->q + tt * I + 256 * b;
-            __m256i isum = _mm256_setzero_si256();
-            for (int c = 0; c < 8; c++) {
-                __m256i p = _mm256_maddubs_epi16(k.u[c], _mm256_loadu_si256((const __m256i *)(a + 32 * c)));
-                isum = madd_acc(isum, p, sc[c]);
-            }
             __m256i mins = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(act->bsums + tt * (I / 16) + 16 * b)), k.M);
             const float da = act->d[tt * nb + b];
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(k.d * da), acc[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(k.d * da), acc[t]);
             acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(k.dmin * da), acc[t]);
         }
     }
@@ -599,9 +602,9 @@ __attribute__((always_inline)) static inline void row_float(int type, const uint
                                                             int NT, float *out) {
     const size_t I = act->in;
     size_t i = 0;
-    float tail[4] = {0, 0, 0, 0};
+    float tail[TT] = {0};
 #if GPATH > 0
-    __m256 acc[4];
+    __m256 acc[TT];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (; i + 8 <= I; i += 8) {
         __m256 wv = wload8(type, w, i);
@@ -673,7 +676,11 @@ __attribute__((always_inline)) static inline void row_dot(int type, const uint8_
             case 1: row_dot(T, w, act, t0, 1, out); break;                                         \
             case 2: row_dot(T, w, act, t0, 2, out); break;                                         \
             case 3: row_dot(T, w, act, t0, 3, out); break;                                         \
-            default: row_dot(T, w, act, t0, 4, out); break;                                        \
+            case 4: row_dot(T, w, act, t0, 4, out); break;                                         \
+            case 5: row_dot(T, w, act, t0, 5 < TT ? 5 : TT, out); break;                           \
+            case 6: row_dot(T, w, act, t0, 6 < TT ? 6 : TT, out); break;                           \
+            case 7: row_dot(T, w, act, t0, 7 < TT ? 7 : TT, out); break;                           \
+            default: row_dot(T, w, act, t0, TT, out); break;                                       \
         }                                                                                          \
     }
 ROW_FN(F32) ROW_FN(F16) ROW_FN(BF16) ROW_FN(Q4_0) ROW_FN(Q4_1) ROW_FN(Q5_0) ROW_FN(Q5_1) ROW_FN(Q8_0)
@@ -699,13 +706,13 @@ static inline void put(void *y, int y_dtype, size_t k, float v) {
 }
 
 /* Rows r0 .. r1 - 1 of a matrix (row o's bytes at w + o * rb) against every token of act:
-   y[t * stride + o]. Tokens four at a time, each four against every row of the group. */
+   y[t * stride + o]. Tokens TT at a time, each tile against every row of the group. */
 static inline void rows_group(RowFn fn, const uint8_t *w, size_t rb, const Act *act, size_t r0, size_t r1, void *y,
                               int y_dtype, size_t stride) {
     const size_t N = act->n;
-    float r[4];
-    for (size_t t0 = 0; t0 < N; t0 += 4) {
-        const int nt = N - t0 < 4 ? (int)(N - t0) : 4;
+    float r[TT];
+    for (size_t t0 = 0; t0 < N; t0 += TT) {
+        const int nt = N - t0 < TT ? (int)(N - t0) : TT;
         for (size_t o = r0; o < r1; o++) {
             fn(w + o * rb, act, t0, nt, r);
             for (int t = 0; t < nt; t++) put(y, y_dtype, (t0 + t) * stride + o, r[t]);
