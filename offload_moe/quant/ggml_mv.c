@@ -136,6 +136,7 @@ static inline size_t up64(size_t n) { return (n + 63) & ~(size_t)63; }
 
 static size_t act_bytes(size_t n, size_t in, int fam, int x_dtype) {
     if (fam == 0) return x_dtype == 0 ? 0 : up64(4 * n * in);
+    n = (n + TT - 1) / TT * TT;   /* whole tiles */
     return up64(n * in) + up64(4 * n * (in / 32)) + up64(4 * n * (in / 32)) + up64(2 * n * (in / 16));
 }
 
@@ -186,16 +187,26 @@ static void quantize_run(const void *x, int x_dtype, size_t i0, size_t len, int8
 }
 #endif
 
+/* Where token t's activations lie: tokens are stored in tiles of TT, and within a tile chunk by
+   chunk (32 codes of each of its TT tokens in a row), so a row kernel finds chunk c of every token
+   of its tile at fixed offsets from one pointer. Per-block values (d, s) and the K sums likewise. */
+static inline int8_t *act_chunk(const Act *act, size_t t, size_t c) {   /* 32 codes: inputs 32c .. 32c + 31 */
+    return act->q + ((t / TT) * (act->in / 32) + c) * (TT * 32) + (t % TT) * 32;
+}
+
+static inline size_t act_at(const Act *act, size_t t, size_t b) {       /* block b's d, s; bsums / 16 */
+    return ((t / TT) * act->nb + b) * TT + t % TT;
+}
+
 /* Quantize token t's row (fp32 or bf16 at x) for weights of family `fam`. */
 static void act_row(Act *act, const void *x, int x_dtype, size_t t) {
-    const size_t I = act->in;
-    int8_t *q = act->q + t * I;
-    const size_t bs = act->fam == 1 ? 32 : 256;
-    float *d = act->d + t * (I / bs);
+    const size_t I = act->in, bs = act->fam == 1 ? 32 : 256;
     const void *xt = (const char *)x + t * I * (x_dtype == 0 ? 4 : 2);
     for (size_t b = 0; b < I / bs; b++) {
+        _Alignas(32) int8_t q[256];
+        float d;
 #if GPATH > 0
-        quantize_run(xt, x_dtype, b * bs, bs, q + b * bs, d + b);
+        quantize_run(xt, x_dtype, b * bs, bs, q, &d);
 #else
         float block[256];
         const float *xb = (const float *)xt + b * bs;
@@ -203,22 +214,21 @@ static void act_row(Act *act, const void *x, int x_dtype, size_t t) {
             for (size_t i = 0; i < bs; i++) block[i] = bf16_to_float(((const uint16_t *)xt)[b * bs + i]);
             xb = block;
         }
-        quantize_block(xb, bs, q + b * bs, d + b);
+        quantize_block(xb, bs, q, &d);
 #endif
-    }
-    if (act->fam == 1) {
-        float *s = act->s + t * (I / 32);
-        for (size_t b = 0; b < I / 32; b++) {
+        for (size_t c = 0; c < bs / 32; c++) memcpy(act_chunk(act, t, b * bs / 32 + c), q + 32 * c, 32);
+        const size_t at = act_at(act, t, b);
+        act->d[at] = d;
+        if (act->fam == 1) {
             int sum = 0;
-            for (size_t i = 0; i < 32; i++) sum += q[b * 32 + i];
-            s[b] = d[b] * (float)sum;
-        }
-    } else {
-        int16_t *bsums = act->bsums + t * (I / 16);
-        for (size_t j = 0; j < I / 16; j++) {
-            int sum = 0;
-            for (size_t i = 0; i < 16; i++) sum += q[j * 16 + i];
-            bsums[j] = (int16_t)sum;
+            for (size_t i = 0; i < 32; i++) sum += q[i];
+            act->s[at] = d * (float)sum;
+        } else {
+            for (size_t j = 0; j < 16; j++) {
+                int sum = 0;
+                for (size_t i = 0; i < 16; i++) sum += q[j * 16 + i];
+                act->bsums[at * 16 + j] = (int16_t)sum;
+            }
         }
     }
 }
@@ -238,11 +248,12 @@ static char *act_fill(Act *act, char *p, const void *x, int x_dtype, size_t n, s
         act->x = f;
         return p + up64(4 * n * in);
     }
+    const size_t np = (n + TT - 1) / TT * TT;   /* whole tiles */
     act->nb = in / (fam == 1 ? 32 : 256);
-    act->q = (int8_t *)p;        p += up64(n * in);
-    act->d = (float *)p;         p += up64(4 * n * (in / 32));
-    act->s = (float *)p;         p += up64(4 * n * (in / 32));
-    act->bsums = (int16_t *)p;   p += up64(2 * n * (in / 16));
+    act->q = (int8_t *)p;        p += up64(np * in);
+    act->d = (float *)p;         p += up64(4 * np * (in / 32));
+    act->s = (float *)p;         p += up64(4 * np * (in / 32));
+    act->bsums = (int16_t *)p;   p += up64(2 * np * (in / 16));
     for (size_t t = 0; t < n; t++) act_row(act, x, x_dtype, t);
     return p;
 }
@@ -376,7 +387,7 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 
 /* acc + the int16 pairs p times the int16 scales sc, per int32 lane */
 static inline __m256i madd_acc(__m256i acc, __m256i p, __m256i sc) {
-#if GPATH == 2
+#if GPATH == 2 && defined(USE_DPWSSD)
     return _mm256_dpwssd_epi32(acc, p, sc);
 #else
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));
@@ -404,7 +415,9 @@ static inline __m256i nibbles(const uint8_t *qs) { /* 16 bytes -> 32 codes: low 
 
 __attribute__((always_inline)) static inline void row_legacy(int type, const uint8_t *w, const Act *act, size_t t0,
                                                              int NT, float *out) {
-    const size_t nb = act->nb, I = act->in;
+    const size_t nb = act->nb, tile = act_at(act, t0, 0);   /* t0: a multiple of TT */
+    const int8_t *qt = act_chunk(act, t0, 0);
+    const float *dt = act->d + tile, *st = act->s + tile;
     __m256 acc[TT];
     float corr[TT];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps(), corr[t] = 0.0f;
@@ -434,12 +447,11 @@ __attribute__((always_inline)) static inline void row_legacy(int type, const uin
         }
         __m256i uu = type == Q8_0 ? _mm256_sign_epi8(u, u) : u;
         for (int t = 0; t < NT; t++) {
-            const size_t tt = t0 + t;
-            __m256i a = _mm256_loadu_si256((const __m256i *)(act->q + tt * I + 32 * b));
+            __m256i a = _mm256_load_si256((const __m256i *)(qt + (b * TT + t) * 32));
             if (type == Q8_0) a = _mm256_sign_epi8(a, u);
             __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(uu, a));
-            acc[t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * act->d[tt * nb + b]), acc[t]);
-            if (type != Q8_0) corr[t] += cw * act->s[tt * nb + b];
+            acc[t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * dt[b * TT + t]), acc[t]);
+            if (type != Q8_0) corr[t] += cw * st[b * TT + t];
         }
     }
     for (int t = 0; t < NT; t++) out[t] = hsum8(acc[t]) + corr[t];
@@ -554,7 +566,10 @@ static inline __m256i chunk_scales(__m256i S, int c) {
 
 __attribute__((always_inline)) static inline void row_k(int type, const uint8_t *w, const Act *act, size_t t0, int NT,
                                                         float *out) {
-    const size_t nb = act->nb, I = act->in;
+    const size_t nb = act->nb, tile = act_at(act, t0, 0);   /* t0: a multiple of TT */
+    const int8_t *qt = act_chunk(act, t0, 0);
+    const float *dt = act->d + tile;
+    const int16_t *bt = act->bsums + 16 * tile;
     KBlock k;
     __m256 acc[TT];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
@@ -565,15 +580,13 @@ __attribute__((always_inline)) static inline void row_k(int type, const uint8_t 
         for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++) {            /* chunk outer: the tokens' sums are independent chains */
             const __m256i sc = chunk_scales(k.S, c);
-            for (int t = 0; t < NT; t++) {
-                const int8_t *a = act->q + (t0 + t) * I + 256 * b + 32 * c;
-                isum[t] = madd_acc(isum[t], _mm256_maddubs_epi16(k.u[c], _mm256_loadu_si256((const __m256i *)a)), sc);
-            }
+            const int8_t *a = qt + ((8 * b + c) * TT) * 32;
+            for (int t = 0; t < NT; t++)
+                isum[t] = madd_acc(isum[t], _mm256_maddubs_epi16(k.u[c], _mm256_load_si256((const __m256i *)(a + 32 * t))), sc);
         }
         for (int t = 0; t < NT; t++) {
-            const size_t tt = t0 + t;
-            __m256i mins = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(act->bsums + tt * (I / 16) + 16 * b)), k.M);
-            const float da = act->d[tt * nb + b];
+            __m256i mins = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(bt + (b * TT + t) * 16)), k.M);
+            const float da = dt[b * TT + t];
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(k.d * da), acc[t]);
             acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(k.dmin * da), acc[t]);
         }
@@ -621,7 +634,7 @@ __attribute__((always_inline)) static inline void row_float(int type, const uint
 
 #if GPATH == 0
 static void row_portable(int type, const uint8_t *w, const Act *act, size_t t0, int NT, float *out) {
-    const size_t nb = act->nb, I = act->in, bb = block_bytes(type);
+    const size_t nb = act->nb, bb = block_bytes(type);
     uint8_t u[256];
     for (int t = 0; t < NT; t++) {
         const size_t tt = t0 + t;
@@ -631,24 +644,24 @@ static void row_portable(int type, const uint8_t *w, const Act *act, size_t t0, 
             if (act->fam == 1) {
                 float dw, cw;
                 legacy_scalar(type, blk, u, &dw, &cw);
-                const int8_t *a = act->q + tt * I + 32 * b;
+                const int8_t *a = act_chunk(act, tt, b);
                 int sum = 0;
                 for (int i = 0; i < 32; i++) sum += (type == Q8_0 ? (int)(int8_t)u[i] : (int)u[i]) * a[i];
-                total += dw * act->d[tt * nb + b] * (float)sum + cw * act->s[tt * nb + b];
+                total += dw * act->d[act_at(act, tt, b)] * (float)sum + cw * act->s[act_at(act, tt, b)];
             } else {
                 KScales ks;
                 k_scales(type, blk, &ks);
                 k_codes_scalar(type, blk, u);
-                const int8_t *a = act->q + tt * I + 256 * b;
-                const int16_t *bs = act->bsums + tt * (I / 16) + 16 * b;
+                const int16_t *bs = act->bsums + 16 * act_at(act, tt, b);
                 int isum = 0, msum = 0;
                 for (int j = 0; j < 16; j++) {
+                    const int8_t *a = act_chunk(act, tt, 8 * b + j / 2) + 16 * (j & 1);
                     int s = 0;
-                    for (int i = 0; i < 16; i++) s += u[16 * j + i] * a[16 * j + i];
+                    for (int i = 0; i < 16; i++) s += u[16 * j + i] * a[i];
                     isum += ks.sc[j] * s;
                     msum += ks.mn[j] * bs[j];
                 }
-                const float da = act->d[tt * nb + b];
+                const float da = act->d[act_at(act, tt, b)];
                 total += ks.d * da * (float)isum - ks.dmin * da * (float)msum;
             }
         }
