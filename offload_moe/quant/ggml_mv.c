@@ -52,7 +52,9 @@ enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K 
        Q5_K = 13, Q6_K = 14, BF16 = 30, MXFP4 = 39 };
 
 #define ROWS 8 /* rows per group in a prefill */
+#ifndef TT
 #define TT (GPATH == 2 ? 8 : 4) /* tokens per tile: as many accumulators as the registers hold */
+#endif
 
 /* family: 0 float, 1 legacy (blocks of 32), 2 K (super-blocks of 256); block weights and bytes */
 static int family(int type) {
@@ -387,7 +389,7 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 
 /* acc + the int16 pairs p times the int16 scales sc, per int32 lane */
 static inline __m256i madd_acc(__m256i acc, __m256i p, __m256i sc) {
-#if GPATH == 2 && defined(USE_DPWSSD)
+#if GPATH == 2
     return _mm256_dpwssd_epi32(acc, p, sc);
 #else
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p, sc));
@@ -578,7 +580,9 @@ __attribute__((always_inline)) static inline void row_k(int type, const uint8_t 
         k_unpack(type, w + b * bb, &k);
         __m256i isum[TT];
         for (int t = 0; t < NT; t++) isum[t] = _mm256_setzero_si256();
-        for (int c = 0; c < 8; c++) {            /* chunk outer: the tokens' sums are independent chains */
+#pragma GCC unroll 1
+        for (int c = 0; c < 8; c++) {            /* chunk outer: the tokens' sums are independent chains;
+                                                    not unrolled: unrolled, the compiler spills the sums */
             const __m256i sc = chunk_scales(k.S, c);
             const int8_t *a = qt + ((8 * b + c) * TT) * 32;
             for (int t = 0; t < NT; t++)
