@@ -235,8 +235,9 @@ static void act_row(Act *act, const void *x, int x_dtype, size_t t) {
     }
 }
 
-/* Carve act's buffers from p and fill them from x [N, I] (fp32 or bf16). Returns the end of what it used. */
-static char *act_fill(Act *act, char *p, const void *x, int x_dtype, size_t n, size_t in, int fam) {
+/* Carve act's buffers from p and fill them from x [N, I] (fp32 or bf16), tokens split over `threads`
+   (1 inside a parallel region). Returns the end of what it used. */
+static char *act_fill(Act *act, char *p, const void *x, int x_dtype, size_t n, size_t in, int fam, int threads) {
     act->n = n, act->in = in, act->fam = fam;
     if (fam == 0) {
         act->nb = in;
@@ -256,7 +257,8 @@ static char *act_fill(Act *act, char *p, const void *x, int x_dtype, size_t n, s
     act->d = (float *)p;         p += up64(4 * np * (in / 32));
     act->s = (float *)p;         p += up64(4 * np * (in / 32));
     act->bsums = (int16_t *)p;   p += up64(2 * np * (in / 16));
-    for (size_t t = 0; t < n; t++) act_row(act, x, x_dtype, t);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n > 1)
+    for (int64_t t = 0; t < (int64_t)n; t++) act_row(act, x, x_dtype, (size_t)t);
     return p;
 }
 
@@ -755,7 +757,7 @@ int ggml_mv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, 
     char *p = arena_reserve(&arena, act_bytes(N, I, fam, x_dtype) + 64);
     if (p == NULL) return -1;
     Act act;
-    act_fill(&act, p, x, x_dtype, N, I, fam);
+    act_fill(&act, p, x, x_dtype, N, I, fam, threads);
     RowFn fn = row_fn(type);
     const size_t G = groups_of(O, N), per = N == 1 ? 1 : ROWS;
     const int parallel = threads > 1 && O * I * N >= (1u << 17);
@@ -785,7 +787,7 @@ int ggml_mv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tok
     char *p = arena_reserve(&arena, act_bytes(N, I, fam, x_dtype) + 64);
     if (p == NULL) return -1;
     Act act;
-    act_fill(&act, p, x, x_dtype, N, I, fam);
+    act_fill(&act, p, x, x_dtype, N, I, fam, threads);
     RowFn fn = row_fn(type);
     const size_t esize = y_dtype == 0 ? 4 : 2;
     const int parallel = threads > 1 && total * I * N >= (1u << 17);
@@ -815,7 +817,7 @@ int ggml_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_toke
     float *gate = (float *)p, *up = (float *)(p + hb);
     char *q = p + 2 * hb;
     Act in1, in2;
-    q = act_fill(&in1, q, x, x_dtype, N, H, f13);
+    q = act_fill(&in1, q, x, x_dtype, N, H, f13, threads);
     RowFn fn13 = row_fn(t13), fn2 = row_fn(t2);
     const size_t per = N == 1 ? 1 : ROWS, G1 = groups_of(F, N), G2 = groups_of(H, N);
     const int parallel = threads > 1 && F * H * N >= (1u << 16);
@@ -833,7 +835,7 @@ int ggml_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_toke
                 }
         }
 #pragma omp single
-        act_fill(&in2, q, gate, 0, N, F, f2);
+        act_fill(&in2, q, gate, 0, N, F, f2, 1);
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < (int64_t)G2; g++) {
             size_t r0 = (size_t)g * per, r1 = r0 + per < H ? r0 + per : H;
