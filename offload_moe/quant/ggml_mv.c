@@ -131,6 +131,7 @@ typedef struct {
     int16_t *bsums;   /* [N, I / 16] K: sums of each 16 codes */
     const float *x;   /* [N, I] fp32 activations (float weights) */
     size_t n, in, nb; /* nb: blocks per row */
+    size_t tt;        /* tokens per stored tile: TT, or N when fewer */
     int fam;
 } Act;
 
@@ -191,13 +192,14 @@ static void quantize_run(const void *x, int x_dtype, size_t i0, size_t len, int8
 
 /* Where token t's activations lie: tokens are stored in tiles of TT, and within a tile chunk by
    chunk (32 codes of each of its TT tokens in a row), so a row kernel finds chunk c of every token
-   of its tile at fixed offsets from one pointer. Per-block values (d, s) and the K sums likewise. */
+   of its tile at fixed offsets from one pointer. Per-block values (d, s) and the K sums likewise.
+   Fewer than TT tokens are one tile of N (a decode step's activations stay contiguous). */
 static inline int8_t *act_chunk(const Act *act, size_t t, size_t c) {   /* 32 codes: inputs 32c .. 32c + 31 */
-    return act->q + ((t / TT) * (act->in / 32) + c) * (TT * 32) + (t % TT) * 32;
+    return act->q + ((t / act->tt) * (act->in / 32) + c) * (act->tt * 32) + (t % act->tt) * 32;
 }
 
 static inline size_t act_at(const Act *act, size_t t, size_t b) {       /* block b's d, s; bsums / 16 */
-    return ((t / TT) * act->nb + b) * TT + t % TT;
+    return ((t / act->tt) * act->nb + b) * act->tt + t % act->tt;
 }
 
 /* Quantize token t's row (fp32 or bf16 at x) for weights of family `fam`. */
@@ -251,7 +253,8 @@ static char *act_fill(Act *act, char *p, const void *x, int x_dtype, size_t n, s
         act->x = f;
         return p + up64(4 * n * in);
     }
-    const size_t np = (n + TT - 1) / TT * TT;   /* whole tiles */
+    act->tt = n < TT ? n : TT;                 /* a single token needs no interleaving */
+    const size_t np = (n + act->tt - 1) / act->tt * act->tt;   /* whole tiles */
     act->nb = in / (fam == 1 ? 32 : 256);
     act->q = (int8_t *)p;        p += up64(np * in);
     act->d = (float *)p;         p += up64(4 * np * (in / 32));
@@ -419,7 +422,7 @@ static inline __m256i nibbles(const uint8_t *qs) { /* 16 bytes -> 32 codes: low 
 
 __attribute__((always_inline)) static inline void row_legacy(int type, const uint8_t *w, const Act *act, size_t t0,
                                                              int NT, float *out) {
-    const size_t nb = act->nb, tile = act_at(act, t0, 0);   /* t0: a multiple of TT */
+    const size_t nb = act->nb, tile = act_at(act, t0, 0), tt = act->tt;   /* t0: a multiple of TT */
     const int8_t *qt = act_chunk(act, t0, 0);
     const float *dt = act->d + tile, *st = act->s + tile;
     __m256 acc[TT];
@@ -451,11 +454,11 @@ __attribute__((always_inline)) static inline void row_legacy(int type, const uin
         }
         __m256i uu = type == Q8_0 ? _mm256_sign_epi8(u, u) : u;
         for (int t = 0; t < NT; t++) {
-            __m256i a = _mm256_load_si256((const __m256i *)(qt + (b * TT + t) * 32));
+            __m256i a = _mm256_load_si256((const __m256i *)(qt + (b * tt + t) * 32));
             if (type == Q8_0) a = _mm256_sign_epi8(a, u);
             __m256 dot = _mm256_cvtepi32_ps(dot_u8s8(uu, a));
-            acc[t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * dt[b * TT + t]), acc[t]);
-            if (type != Q8_0) corr[t] += cw * st[b * TT + t];
+            acc[t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(dw * dt[b * tt + t]), acc[t]);
+            if (type != Q8_0) corr[t] += cw * st[b * tt + t];
         }
     }
     for (int t = 0; t < NT; t++) out[t] = hsum8(acc[t]) + corr[t];
@@ -570,7 +573,7 @@ static inline __m256i chunk_scales(__m256i S, int c) {
 
 __attribute__((always_inline)) static inline void row_k(int type, const uint8_t *w, const Act *act, size_t t0, int NT,
                                                         float *out) {
-    const size_t nb = act->nb, tile = act_at(act, t0, 0);   /* t0: a multiple of TT */
+    const size_t nb = act->nb, tile = act_at(act, t0, 0), tt = act->tt;   /* t0: a multiple of TT */
     const int8_t *qt = act_chunk(act, t0, 0);
     const float *dt = act->d + tile;
     const int16_t *bt = act->bsums + 16 * tile;
@@ -586,13 +589,13 @@ __attribute__((always_inline)) static inline void row_k(int type, const uint8_t 
         for (int c = 0; c < 8; c++) {            /* chunk outer: the tokens' sums are independent chains;
                                                     not unrolled: unrolled, the compiler spills the sums */
             const __m256i sc = chunk_scales(k.S, c);
-            const int8_t *a = qt + ((8 * b + c) * TT) * 32;
+            const int8_t *a = qt + ((8 * b + c) * tt) * 32;
             for (int t = 0; t < NT; t++)
                 isum[t] = madd_acc(isum[t], _mm256_maddubs_epi16(k.u[c], _mm256_load_si256((const __m256i *)(a + 32 * t))), sc);
         }
         for (int t = 0; t < NT; t++) {
-            __m256i mins = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(bt + (b * TT + t) * 16)), k.M);
-            const float da = dt[b * TT + t];
+            __m256i mins = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(bt + (b * tt + t) * 16)), k.M);
+            const float da = dt[b * tt + t];
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(k.d * da), acc[t]);
             acc[t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), _mm256_set1_ps(k.dmin * da), acc[t]);
         }
