@@ -51,7 +51,9 @@ int ggml_path(void) { return GPATH; } /* 2: AVX-512 VNNI, 1: AVX2, 0: portable C
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
        Q5_K = 13, Q6_K = 14, BF16 = 30, MXFP4 = 39 };
 
+#ifndef ROWS
 #define ROWS 8 /* rows per group in a prefill */
+#endif
 #ifndef TT
 #define TT (GPATH == 2 ? 8 : 4) /* tokens per tile: as many accumulators as the registers hold */
 #endif
