@@ -2,8 +2,9 @@
 
 Why: the fastest CPU product for packed weights needs instructions torch does not use for them
 (int8 dot products: AVX-512 VNNI, AVX2), so small C files (`qmv.c`; `ggml_mv.c` for GGUF's block
-layouts; `bf16mv.c`, `decode.c`) ship with the package and are built for the CPU they run on (`-march=native`) by the C compiler found as `$CC` or `cc`, the way
-Triton and torch.compile build theirs. The library lands in `$XDG_CACHE_HOME/offload-moe/kernels/`
+layouts; `bf16mv.c`, `decode.c`) ship with the package and are built for the CPU they run on
+(`-march=native`) by the C compiler found as `$CC` or `cc`, the way Triton and torch.compile build
+theirs. The library lands in `$XDG_CACHE_HOME/offload-moe/kernels/`
 (default `~/.cache/...`) under a name that hashes the source, the flags, the compiler's version
 and the CPU's feature flags, so a changed source, compiler or machine (a shared home directory)
 gets its own build; it is written to a private temporary file and renamed into place, so two
