@@ -68,6 +68,7 @@ class Model:
         t = self.last_timing
         return {"experts": self.experts.stats(),
                 "generation": {"prompt_tokens": t.prompt_tokens, "new_tokens": t.new_tokens,
+                               "prefill_tokens": t.prefill_tokens, "reused_tokens": t.reused_tokens,
                                "prefill_seconds": t.prefill_seconds, "decode_seconds": t.decode_seconds,
                                "prefill_tokens_per_second": t.prefill_tokens_per_second,
                                "decode_tokens_per_second": t.decode_tokens_per_second}}
