@@ -259,6 +259,12 @@ class Transformer(nn.Module):
         depth = min(self.experts.prefetch_depth, cfg.num_moe_layers - 1)
         self.ids_to_host = HostIds(max_batch * cfg.top_k * (1 + max(depth, 0)), device)
 
+    def set_slots(self, slots: int) -> None:
+        """Reallocate the KV cache for `slots` sequences at once (continuous batching); what the
+        cache held is forgotten."""
+        if slots != self.kv_caches[0].k.shape[0]:
+            self.setup(self.max_seq_len, self.device, self.kv_caches[0].k.dtype, slots)
+
     def prepare_cpu_decode(self) -> None:
         """On the CPU, a decode step's attention (between its projections), norms and routers run
         as one C call each (`decode_cpu.py`) where the library is available."""

@@ -11,6 +11,8 @@ from ..hub import model_name
 from .common import add_model_arguments, check_model_argument, fetch, load_kwargs, warn_about
 from .console import progress_bar, stderr
 
+DEFAULT_PARALLEL = 4
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -37,6 +39,9 @@ def add_parser(sub):
                         "its own host names; repeatable (default: none)")
     p.add_argument("--max-queue", type=int, default=8, metavar="N",
                    help="requests that may wait behind the one generating; more get HTTP 429 (default: 8)")
+    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
+                   help="requests decoded together, each with its own KV cache of the full context "
+                        f"(continuous batching; default: {DEFAULT_PARALLEL}, as llama-server)")
     p.add_argument("--model-name", metavar="NAME", default=None,
                    help="the model id clients see in /v1/models (default: the checkpoint directory's name)")
     p.set_defaults(func=run)
@@ -87,6 +92,8 @@ def run(args) -> int:
 
     if args.max_queue < 0:
         raise OffloadMoeError(f"--max-queue {args.max_queue}: expected an integer >= 0")
+    if args.parallel < 1:
+        raise OffloadMoeError(f"--parallel {args.parallel}: expected an integer >= 1")
     if args.api_key is not None:
         stderr.print("offload-moe: warning: --api-key is visible to every user of this machine (ps); prefer "
                      "--api-key-file FILE or $OFFLOAD_MOE_API_KEY", highlight=False, markup=False)
@@ -111,7 +118,8 @@ def run(args) -> int:
         name = args.model_name or (model_name(args.model) if args.model else "offload-moe-demo")
         warn_about(model)
         app = create_app(model, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                         allowed_hosts=allowed_hosts_for(args.host), allowed_origins=tuple(args.allowed_origin))
+                         parallel=args.parallel, allowed_hosts=allowed_hosts_for(args.host),
+                         allowed_origins=tuple(args.allowed_origin))
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         stderr.print(f"offload-moe: serving {name!r} (context {model.context_length} tokens; default "

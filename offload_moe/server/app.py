@@ -41,9 +41,9 @@ def require(module: str):
 
 
 class _Server:
-    def __init__(self, model, model_name: str, api_key: str | None, max_queue: int):
+    def __init__(self, model, model_name: str, api_key: str | None, max_queue: int, parallel: int = 1):
         self.model, self.model_name, self.api_key = model, model_name, api_key
-        self.worker = Worker(model, max_queue)
+        self.worker = Worker(model, max_queue, parallel)
         self.created = int(time.time())
         self.started = time.time()
 
@@ -322,11 +322,12 @@ def _endpoint(handler, guard: RequestGuard):
     return endpoint
 
 
-def create_app(model, *, model_name: str, api_key: str | None = None, max_queue: int = 8,
+def create_app(model, *, model_name: str, api_key: str | None = None, max_queue: int = 8, parallel: int = 1,
                allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES, allowed_origins: tuple[str, ...] = ()):
     """The ASGI app serving `model` under `model_name`. While the app runs it owns the model: all
     generation happens on its one worker thread. `api_key`: require `Authorization: Bearer <key>`
-    (except on /health). `max_queue`: requests that may wait behind the running one (then 429).
+    (except on /health). `max_queue`: requests that may wait behind the running ones (then 429).
+    `parallel`: requests decoded together (continuous batching; one KV cache slot each).
     `allowed_hosts`: the Host names requests may carry (None: any; `guard.allowed_hosts_for` gives
     them for a bind address); `allowed_origins`: browser origins allowed besides those hosts."""
     require("starlette")
@@ -340,7 +341,7 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_queue:
         raise OffloadMoeError(f"max_queue = {max_queue!r}, expected an integer >= 0")
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise OffloadMoeError("api_key is empty (expected a non-empty string, or None for no key)")
-    server = _Server(model, model_name, api_key.strip() if api_key else None, max_queue)
+    server = _Server(model, model_name, api_key.strip() if api_key else None, max_queue, parallel)
     guard = RequestGuard(allowed_hosts, tuple(allowed_origins))
 
     @contextlib.asynccontextmanager
