@@ -8,6 +8,13 @@ Whatever the claimed slot held beyond the shared prefix is kept (copied out, hos
 it is overwritten. Kept sequences live under a byte budget, least recently used out first. At
 least one prompt token is always left to prefill: its logits start the generation.
 
+Context shift (llama.cpp's `--context-shift`): when the prompt leaves the slot's tokens after a
+shared prefix and rejoins them further on (a chat that outgrew the context and dropped its oldest
+turns: the system prompt, then the newest turns), the rejoined stretch's keys and values are moved
+down to follow the prefix (`Transformer.shift_kv` rotates the keys to their new positions) and
+only what follows it is prefilled. The moved entries still carry what attention saw of the dropped
+turns, as in llama.cpp: close to a fresh prefill, not equal to it.
+
 The bookkeeping is exact by construction: a slot's `ids` are the tokens whose keys and values
 were written at positions 0..len-1 (`wrote` is called after a forward pass succeeded), so the
 positions reused hold what a fresh prefill would compute there. Each claim gets a lease number;
@@ -27,6 +34,8 @@ from .attention import KVCache
 from .errors import OffloadMoeError
 
 DEFAULT_KEEP_BYTES = 512 * 2 ** 20   # kept (finished, displaced) sequences' keys and values
+MIN_SHIFT_TOKENS = 8                  # a context shift moves at least this many tokens' keys and values
+MAX_SHIFT_CANDIDATES = 64             # where the rest of a prompt may rejoin a slot's tokens (checked)
 
 
 def shared_prefix(a, b) -> int:
@@ -42,8 +51,9 @@ class KVSlots:
     """The slots of the transformer's KV caches (`caches[layer]` of shape (slots, nkv, S, hd)) and
     the kept sequences beyond them."""
 
-    def __init__(self, caches: list[KVCache], keep_bytes: int = DEFAULT_KEEP_BYTES):
+    def __init__(self, caches: list[KVCache], keep_bytes: int = DEFAULT_KEEP_BYTES, shift=None):
         self.caches = caches
+        self.shift = shift        # shift(slot, src, dst, n): the transformer's context shift (`Transformer.shift_kv`)
         n = caches[0].k.shape[0] if caches else 1
         self.ids: list[list[int]] = [[] for _ in range(n)]   # per slot: the tokens its cache holds
         self.lease = [0] * n                                  # per slot: the current owner's number (0: free)
@@ -83,11 +93,32 @@ class KVSlots:
             self._restore(best, entry)
             reused = from_kept
         else:
-            self._keep(best, reused)
+            moved = self._shift(best, prompt, reused) if reuse and reused < limit else 0
+            self._keep(best, reused + moved)
+            reused += moved
         self.ids[best] = self.ids[best][:reused]
         self.lease[best] = self.clock
         self.used[best] = self.clock
         return best, self.clock, reused
+
+    def _shift(self, slot: int, prompt: list[int], at: int) -> int:
+        """Context shift: where the prompt goes on (from `at`, its shared prefix with the slot) with a
+        later stretch of the slot's tokens (a chat whose oldest turns were dropped: the system prompt,
+        then the newest turns), move that stretch's keys and values down to `at`. -> tokens moved."""
+        ids = self.ids[slot]
+        if self.shift is None or at >= len(ids):
+            return 0
+        best_from, best = 0, 0
+        candidates = [b for b in range(at + 1, len(ids)) if ids[b] == prompt[at]][:MAX_SHIFT_CANDIDATES]
+        for b in candidates:
+            n = min(shared_prefix(ids[b:], prompt[at:]), len(prompt) - 1 - at)
+            if n > best:
+                best_from, best = b, n
+        if best < MIN_SHIFT_TOKENS:
+            return 0
+        self.shift(slot, best_from, at, best)
+        self.ids[slot] = ids[:at] + ids[best_from:best_from + best]
+        return best
 
     def check(self, slot: int, lease: int) -> None:
         if self.lease[slot] != lease:
@@ -106,7 +137,7 @@ class KVSlots:
 
     def clear(self) -> None:
         """Forget every slot's contents and every kept sequence (after the caches were reallocated)."""
-        self.__init__(self.caches, self.keep_bytes)
+        self.__init__(self.caches, self.keep_bytes, self.shift)
 
     # -- kept sequences
     def _keep(self, slot: int, reused: int) -> None:

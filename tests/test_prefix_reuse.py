@@ -110,3 +110,42 @@ def test_an_abandoned_generation_cannot_write_into_the_next_ones_cache(demo):
     demo.generate(demo.encode_prompt("HAMLET. To be"), max_new_tokens=3, temperature=0)
     with pytest.raises(offload_moe.OffloadMoeError, match="abandoned"):
         list(abandoned)
+
+
+def test_context_shift_moves_keys_to_their_new_positions(demo):
+    """Drop a stretch from the middle of a cached sequence: layer 0's keys and values (which depend
+    on each token and its position only) equal those of a fresh prefill of the shortened sequence."""
+    model = demo.transformer
+    model.kv_slots.clear()
+    head = demo.encode_prompt("KING. Now is the winter of our discontent")
+    def encode(text):
+        return demo.tokenizer.encode(text, add_special_tokens=False)
+
+    middle = encode(" made glorious summer by this sun of York; and all the clouds")
+    tail = encode(" that loured upon our house in the deep bosom of the ocean buried.")
+    demo.generate(head + middle + tail, max_new_tokens=1, temperature=0)
+    more = encode(" Now")
+    shifted = demo.generate(head + tail + more, max_new_tokens=3, temperature=0)
+    g = shifted.stats["generation"]
+    assert (g["reused_tokens"], g["prefill_tokens"]) == (len(head) + len(tail), len(more))
+    k_shift = model.kv_caches[0].k[0, :, :len(head) + len(tail)].clone()
+    v_shift = model.kv_caches[0].v[0, :, :len(head) + len(tail)].clone()
+    model.kv_slots.clear()
+    demo.generate(head + tail, max_new_tokens=1, temperature=0)
+    torch.testing.assert_close(k_shift, model.kv_caches[0].k[0, :, :len(head) + len(tail)], rtol=0, atol=1e-5)
+    torch.testing.assert_close(v_shift, model.kv_caches[0].v[0, :, :len(head) + len(tail)], rtol=0, atol=1e-6)
+
+
+def test_a_chat_that_outgrows_the_context_keeps_prefilling_only_new_tokens(tmp_path):
+    """A 160-token context: the session drops its oldest turns; the engine shifts the rest."""
+    model = offload_moe.load(dtype=torch.float32, context_length=160)
+    session = ChatSession(model, system="Speak as a king.", temperature=0, max_new_tokens=16)
+    shifted = 0
+    for text in TURNS * 2:
+        turn = session.send(text)
+        "".join(turn)
+        g = turn.result.stats["generation"]
+        if turn.dropped_turns:
+            shifted += 1
+            assert g["prefill_tokens"] < len(turn.prompt_ids) // 3, g
+    assert shifted >= 2
