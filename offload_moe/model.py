@@ -26,8 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import (RMSNorm, rope_tables, apply_rope, apply_rope_interleaved, KVCache, KVRow, Attention,
-                        LatentAttention)
+from .attention import RMSNorm, rope_tables, apply_rope, KVCache, KVRow, Attention, LatentAttention
 from .config import ModelConfig
 from .decode_cpu import RouteStep
 from .experts.interface import ExpertProvider
@@ -255,8 +254,9 @@ class Transformer(nn.Module):
             shape = (cfg.num_kv_heads, max_seq_len, cfg.head_dim, device, dtype)
         self.kv_caches = [KVCache(max_batch, *shape) for _ in range(cfg.num_layers)]
         self.kv_rows = [list(rows) for rows in zip(*(c.rows() for c in self.kv_caches))]
+        # context shift for grouped-query attention (MLA's rotated key part is untested: no shift there)
         self.kv_slots = KVSlots(self.kv_caches, getattr(self.kv_slots, "keep_bytes", DEFAULT_KEEP_BYTES),
-                                shift=self.shift_kv)
+                                shift=None if cfg.mla else self.shift_kv)
         # decode's routing ids and the next layers' guesses come back in one copy per MoE layer
         depth = min(self.experts.prefetch_depth, cfg.num_moe_layers - 1)
         self.ids_to_host = HostIds(max_batch * cfg.top_k * (1 + max(depth, 0)), device)
@@ -264,7 +264,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def shift_kv(self, slot: int, src: int, dst: int, n: int) -> None:
         """Context shift: move the cached positions src..src+n-1 of `slot` down to dst.. (dst < src),
-        dropping what lay between. Values move as they are; keys (MLA: the rotated part) are rotated
+        dropping what lay between (grouped-query attention only). Values move as they are; keys are rotated
         back by src - dst positions, since a rotary position is a rotation: R(p - d) = R(-d) R(p).
         The moved keys and values still carry what attention saw of the dropped positions when they
         were computed (as llama.cpp's context shift): close to, not equal to, a fresh prefill."""
@@ -273,12 +273,8 @@ class Transformer(nn.Module):
         c, s = cos[d] / cos[0], sin[d] / cos[0]     # the pure rotation by d (YaRN scales the tables)
         for cache in self.kv_caches:
             k, v = cache.k[slot, :, src:src + n], cache.v[slot, :, src:src + n]     # (nkv, n, hd), (nkv, n, hd)
-            if self.config.mla:   # latent (1, n, r) unrotated; rotated key part (1, n, d) interleaved
-                v = apply_rope_interleaved(v[None].float(), c, -s)[0].to(v.dtype)
-                k = k.clone()
-            else:
-                k = apply_rope(k.float(), c, -s).to(k.dtype)
-                v = v.clone()
+            k = apply_rope(k.float(), c, -s).to(k.dtype)
+            v = v.clone()
             cache.k[slot, :, dst:dst + n] = k
             cache.v[slot, :, dst:dst + n] = v
 
