@@ -68,9 +68,13 @@ class Model:
     def stats(self) -> dict:
         """Expert engine counters (hits, misses, bytes moved...), the process's memory by kind and the
         last generation's timing."""
-        t = self.last_timing
+        return self.stats_of(self.last_timing)
+
+    def stats_of(self, t: DecodeTiming) -> dict:
+        """`stats` with the timing of a given generation (each of a server's concurrent ones has its own)."""
         return {"experts": self.experts.stats(), "memory": process_memory(),
                 "generation": {"prompt_tokens": t.prompt_tokens, "new_tokens": t.new_tokens,
+                               "prefill_tokens": t.prefill_tokens, "reused_tokens": t.reused_tokens,
                                "prefill_seconds": t.prefill_seconds, "decode_seconds": t.decode_seconds,
                                "prefill_tokens_per_second": t.prefill_tokens_per_second,
                                "decode_tokens_per_second": t.decode_tokens_per_second}}
@@ -210,48 +214,79 @@ class GenerationRun:
             self.constraint = Constraint(model.grammar_tokenizer(), text, model.device)
         self.result: Generation | None = None
         self.token_ids: list[int] = []
+        self.finish_reason: str | None = None   # set as the run ends
+        self.timing = DecodeTiming()
 
     def __iter__(self) -> Iterator[str]:
         m = self.model
-        timing = DecodeTiming()
-        m.last_timing = timing
-        decoder = StreamDecoder(m.tokenizer, self.skip_special_tokens) if m.tokenizer else None
-        out_ids = self.token_ids = []   # generated ids (EOS excluded), visible while iterating
-        text, emitted = "", 0      # text so far; how much of it was yielded
-        finish = "length"
-        for token_id in decode_tokens(m.transformer, self.ids, self.max_new_tokens, self.sampling, timing,
-                                      generator=self.generator, logprobs=self.logprobs, bias=self.bias,
-                                      constraint=self.constraint):
-            if token_id in m.eos_ids and not self.ignore_eos:
-                finish = "stop"
-                break
-            out_ids.append(token_id)
-            if self.should_stop is not None and self.should_stop():
-                finish = "cancelled"
-                break
-            if decoder is None:
-                continue
-            text += decoder.push(token_id)
-            cut = _find_stop(text, self.stops)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-                break
-            safe = len(text) - _held_back(text, self.stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        else:
-            if decoder is not None:
-                text += decoder.flush()
-        if decoder is not None and finish == "length":
-            cut = _find_stop(text, self.stops)
-            text, finish = (text[:cut], "stop") if cut is not None else (text, finish)
-        if len(text) > emitted:
-            yield text[emitted:]
-        stats = m.stats
-        stats["generation"]["context_full"] = len(self.ids) + len(out_ids) >= m.context_length
-        entries = self.logprobs.entries[:len(out_ids)] if self.logprobs is not None else None
-        self.result = Generation(text, out_ids, finish, stats, entries)
+        m.last_timing = self.begin()
+        tokens = decode_tokens(m.transformer, self.ids, self.max_new_tokens, self.sampling, self.timing,
+                               generator=self.generator, logprobs=self.logprobs, bias=self.bias,
+                               constraint=self.constraint)
+        try:
+            for token_id in tokens:
+                piece = self.push(token_id)
+                if piece:
+                    yield piece
+                if self.finish_reason is not None:
+                    break
+        finally:
+            tokens.close()
+        tail = self.end()
+        if tail:
+            yield tail
+
+    # The steps of `__iter__`, for a caller that produces the tokens itself (the server's batch):
+    # `begin`, then `push` each token id until `finish_reason` is set or the tokens run out, then `end`.
+    def begin(self) -> DecodeTiming:
+        """Reset the run's state; returns the `DecodeTiming` its tokens' producer fills in."""
+        m = self.model
+        self.timing = DecodeTiming()
+        self._decoder = StreamDecoder(m.tokenizer, self.skip_special_tokens) if m.tokenizer else None
+        self.token_ids = []        # generated ids (EOS excluded), visible while iterating
+        self._text, self._emitted = "", 0   # text so far; how much of it was handed out
+        self.finish_reason: str | None = None
+        return self.timing
+
+    def push(self, token_id: int) -> str:
+        """Take the next generated token; returns the text that became safe to show ("" if none).
+        Sets `finish_reason` when the generation must stop here (EOS, a stop string, should_stop)."""
+        if token_id in self.model.eos_ids and not self.ignore_eos:
+            self.finish_reason = "stop"
+            return ""
+        self.token_ids.append(token_id)
+        if self.should_stop is not None and self.should_stop():
+            self.finish_reason = "cancelled"
+            return ""
+        if self._decoder is None:
+            return ""
+        self._text += self._decoder.push(token_id)
+        cut = _find_stop(self._text, self.stops)
+        if cut is not None:
+            self._text, self.finish_reason = self._text[:cut], "stop"
+            return ""
+        safe = len(self._text) - _held_back(self._text, self.stops)
+        if safe <= self._emitted:
+            return ""
+        piece, self._emitted = self._text[self._emitted:safe], safe
+        return piece
+
+    def end(self) -> str:
+        """After the last token: the rest of the text (held back for stop strings); fills `result`."""
+        m, text = self.model, self._text
+        if self.finish_reason is None:   # the tokens ran out: max_new_tokens or the context
+            self.finish_reason = "length"
+            if self._decoder is not None:
+                text += self._decoder.flush()
+                cut = _find_stop(text, self.stops)
+                text, self.finish_reason = (text[:cut], "stop") if cut is not None else (text, "length")
+        tail = text[self._emitted:]
+        self._text, self._emitted = text, len(text)
+        stats = m.stats_of(self.timing)
+        stats["generation"]["context_full"] = len(self.ids) + len(self.token_ids) >= m.context_length
+        entries = self.logprobs.entries[:len(self.token_ids)] if self.logprobs is not None else None
+        self.result = Generation(text, self.token_ids, self.finish_reason, stats, entries)
+        return tail
 
 
 def _bias_vector(logit_bias, model: Model) -> torch.Tensor:

@@ -119,6 +119,27 @@ class KVCache(nn.Module):
         self.v[:B, :, start:end] = v
         return self.k[:B, :, :end], self.v[:B, :, :end]
 
+    def rows(self) -> list[KVRow]:
+        """One `KVRow` per batch row ("slot"): the cache of one sequence, made once at setup."""
+        return [KVRow(self.k[b:b + 1], self.v[b:b + 1]) for b in range(self.k.shape[0])]
+
+
+class KVRow:
+    """One sequence's row of a `KVCache`: views (1, nkv, S, hd) with the cache's `update`, so
+    each row of a batched decode step writes and reads its own sequence."""
+
+    __slots__ = ("k", "v")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (1, nkv, T, hd) at positions start.. and return the filled prefix (1, nkv, start+T, hd)."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, **kw) -> torch.Tensor:
     """F.scaled_dot_product_attention, except that a CPU decode step (one query) in bf16/fp16 runs
@@ -170,13 +191,26 @@ class Attention(nn.Module):
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return y.split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H). One sequence: `cache` a `KVCache` (or row), `start` its first
+        position. A batched decode step (T = 1, each row its own sequence): `cache`, `start`, `mask`,
+        `cos` and `sin` are lists with one entry per row; projections run batched, attention per row."""
         B, T, _ = x.shape
         q, k, v = self.project(x)                                      # (B, T, nh*hd), (B, T, nkv*hd) x2
+        if isinstance(start, int):
+            y = self.attend(q, k, v, cos, sin, mask, cache, start)     # (B, T, nh*hd)
+        else:
+            y = torch.cat([self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], cos[b], sin[b], mask[b], cache[b],
+                                       start[b]) for b in range(B)])
+        return self.o_proj(y)
+
+    def attend(self, q, k, v, cos, sin, mask, cache, start: int) -> torch.Tensor:
+        """Projections q (B, T, nh*hd), k, v (B, T, nkv*hd) -> attention output (B, T, nh*hd), before o_proj."""
+        B, T, _ = q.shape
         if self.decode_step is not None and T == 1:
             y = self.decode_step(q, k, v, cos, sin, cache, start, mask is not None)
             if y is not None:
-                return self.o_proj(y)
+                return y
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
@@ -187,7 +221,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.transpose(1, 2)                                          # (B, nh, T, hd)
         k = k.transpose(1, 2)                                          # (B, nkv, T, hd)
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)            # (B, nkv, T, hd)
+        v = v.reshape(B, T, self.nkv, self.hd).transpose(1, 2)         # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)                           # (B, nkv, S, hd)
@@ -195,7 +229,7 @@ class Attention(nn.Module):
             y = attend(q, k, v, mask, enable_gqa=self.nh != self.nkv)
         else:
             y = self._attend_with_sinks(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        return y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
 
     def _attend_with_sinks(self, q, k, v, mask) -> torch.Tensor:
         """Softmax over the keys and one learned logit per head that takes weight but has no value."""
@@ -236,7 +270,11 @@ class LatentAttention(nn.Module):
         if y and y["mscale_all_dim"]:  # YaRN's attention temperature, squared (transformers' yarn_apply_mscale)
             self.scale *= yarn_mscale(y["factor"], y["mscale_all_dim"]) ** 2
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
+        """As `Attention.forward`; a batched decode step (lists per row) runs row by row."""
+        if not isinstance(start, int):
+            return torch.cat([self.forward(x[b:b + 1], cos[b], sin[b], mask[b], cache[b], start[b])
+                              for b in range(x.shape[0])])
         B, T, _ = x.shape
         if self.q_lora:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))

@@ -76,6 +76,8 @@ class DecodeTiming:
     new_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    prefill_tokens: int = 0       # prompt tokens computed; the others' keys and values were reused
+    reused_tokens: int = 0        # prompt tokens whose keys and values came from an earlier sequence
     extra: dict = field(default_factory=dict)
 
     @property
@@ -85,62 +87,92 @@ class DecodeTiming:
 
     @property
     def prefill_tokens_per_second(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+
+class TokenChooser:
+    """One sequence's side of each step: from its logits (V,) to the next token id, with its own
+    sampling settings, penalties, log-probabilities, random generator and timing. The solo loop
+    (`decode_tokens`) and the batched one (`batch.DecodeBatch`) share it."""
+
+    def __init__(self, model: Transformer, prompt: list[int], sampling: Sampling, timing: DecodeTiming,
+                 generator: torch.Generator | None, logprobs: LogprobRecord | None,
+                 bias: torch.Tensor | None = None, constraint=None):
+        self.model, self.prompt, self.sampling, self.timing = model, prompt, sampling, timing
+        self.bias, self.constraint = bias, constraint
+        if generator is None and sampling.seed is not None:
+            generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
+        self.generator, self.logprobs = generator, logprobs
+        self.counts = None
+        self.generated: list[int] = []
+        self.t0 = self.t_decode = time.perf_counter()
+
+    def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """logits (V,) fp32 -> (the token as a 0-d tensor on the device, its id), recorded."""
+        s, i = self.sampling, len(self.generated)
+        if s.penalized and self.counts is None:
+            self.counts = TokenCounts(logits.shape[-1], self.prompt, logits.device)
+        finite = torch.isfinite(logits.sum())                              # () one reduction, no sync
+        if s.temperature > 0:
+            logits = logits.nan_to_num_(0.0, 0.0, 0.0)                      # multinomial must not see NaN
+        if self.bias is not None:
+            logits = logits.add_(self.bias)
+        if self.counts is not None:
+            logits = penalize(logits, self.counts, s.repetition_penalty, s.presence_penalty, s.frequency_penalty)
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)                          # forbidden ids -> -inf
+        token = sample(logits, s, self.generator)
+        if self.counts is not None:
+            self.counts.add(token)
+        if self.logprobs is not None:
+            self.logprobs.add(logits, token)
+        token_id, ok = torch.stack((token, finite.to(token.dtype))).tolist()  # the token must be read
+        if not ok:
+            raise OffloadMoeError(diagnose(self.model, self.prompt + self.generated, i))
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
+        self.generated.append(token_id)
+        now, timing = time.perf_counter(), self.timing
+        if i == 0:
+            timing.prefill_seconds = now - self.t0
+            self.t_decode = now
+        else:
+            timing.decode_seconds = now - self.t_decode
+        timing.new_tokens = i + 1
+        return token, token_id
 
 
 def decode_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sampling: Sampling,
                   timing: DecodeTiming | None = None, *, generator: torch.Generator | None = None,
                   logprobs: LogprobRecord | None = None, bias: torch.Tensor | None = None,
-                  constraint=None) -> Iterator[int]:
+                  constraint=None, reuse: bool = True) -> Iterator[int]:
     """Yield up to max_new_tokens ids; the caller stops early on EOS or a stop string.
 
     generator: the random state to draw from (a chat session passes one for the whole session);
     without one, `sampling.seed` seeds a fresh one. logprobs: filled in step by step when given.
     bias (V,) on the device: added to the logits before penalties and sampling (OpenAI's logit_bias).
     constraint: a `constrain.Constraint`; it masks the logits last, just before sampling, and
-    advances by each token read."""
+    advances by each token read.
+    reuse: start from the keys and values of the longest prefix of `prompt` the KV cache still
+    holds (`kv_slots.KVSlots`), prefilling only the rest; False prefills all of it (benchmarks)."""
     timing = timing if timing is not None else DecodeTiming()
-    device = model.device
-    if generator is None and sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    timing.prompt_tokens = len(prompt)
-    t0 = time.perf_counter()
-    tokens = torch.tensor([prompt], device=device)
-    logits = model(tokens, start=0, last_only=True)[0, -1]                 # (V,)
-    pos = len(prompt)
-    counts = TokenCounts(logits.shape[-1], prompt, device) if sampling.penalized else None
-    generated: list[int] = []
-    for i in range(max_new_tokens):
-        finite = torch.isfinite(logits.sum())                              # () one reduction, no sync
-        if sampling.temperature > 0:
-            logits = logits.nan_to_num_(0.0, 0.0, 0.0)                      # multinomial must not see NaN
-        if bias is not None:
-            logits = logits.add_(bias)
-        if counts is not None:
-            logits = penalize(logits, counts, sampling.repetition_penalty, sampling.presence_penalty,
-                              sampling.frequency_penalty)
-        if constraint is not None:
-            logits = constraint.apply(logits)                               # forbidden ids -> -inf
-        token = sample(logits, sampling, generator)
-        if counts is not None:
-            counts.add(token)
-        if logprobs is not None:
-            logprobs.add(logits, token)
-        token_id, ok = torch.stack((token, finite.to(token.dtype))).tolist()  # the token must be read
-        if not ok:
-            raise OffloadMoeError(diagnose(model, prompt + generated, i))
-        if constraint is not None:
-            constraint.advance(token_id)
-        generated.append(token_id)
-        now = time.perf_counter()
-        if i == 0:
-            timing.prefill_seconds = now - t0
-            t_decode = now
-        else:
-            timing.decode_seconds = now - t_decode
-        timing.new_tokens = i + 1
-        yield token_id
-        if i + 1 == max_new_tokens or pos >= model.max_seq_len:
-            return
-        logits = model(token.view(1, 1), start=pos, last_only=True)[0, -1]
-        pos += 1
+    slots = model.kv_slots
+    slot, lease, pos = slots.claim(prompt, reuse)
+    try:
+        timing.prompt_tokens, timing.reused_tokens, timing.prefill_tokens = len(prompt), pos, len(prompt) - pos
+        chooser = TokenChooser(model, prompt, sampling, timing, generator, logprobs, bias, constraint)
+        tokens = torch.tensor([prompt[pos:]], device=model.device)
+        logits = model(tokens, start=pos, last_only=True, slot=slot)[0, -1]      # (V,)
+        slots.wrote(slot, lease, prompt[pos:])
+        pos = len(prompt)
+        for i in range(max_new_tokens):
+            token, token_id = chooser.choose(logits)
+            yield token_id
+            if i + 1 == max_new_tokens or pos >= model.max_seq_len:
+                return
+            slots.check(slot, lease)
+            logits = model(token.view(1, 1), start=pos, last_only=True, slot=slot)[0, -1]
+            slots.wrote(slot, lease, chooser.generated[-1:])
+            pos += 1
+    finally:
+        slots.release(slot, lease)

@@ -27,10 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import RMSNorm, rope_tables, KVCache, Attention, LatentAttention
+from .attention import RMSNorm, rope_tables, apply_rope, KVCache, KVRow, Attention, LatentAttention
 from .config import ModelConfig
 from .decode_cpu import RouteStep
 from .experts.interface import ExpertProvider
+from .kv_slots import DEFAULT_KEEP_BYTES, KVSlots
 from .quant import native
 from .quant.cpu_bf16 import pack_linears
 from .quant.modules import QEmbedding, QLinear
@@ -236,6 +237,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.norm_scale_fp32)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.kv_caches: list[KVCache] = []
+        self.kv_rows: list[list[KVRow]] = []   # [slot][layer]: one sequence's cache in each layer
+        self.kv_slots = KVSlots([])            # which tokens each slot holds; kept sequences (prefix reuse)
         self.max_seq_len = 0
         self.experts = experts                  # the provider, shared by every MoE block
         self.routing: Routing | None = None     # None: the routers decide (see `set_routing`)
@@ -251,9 +254,36 @@ class Transformer(nn.Module):
         else:
             shape = (cfg.num_kv_heads, max_seq_len, cfg.head_dim, device, dtype)
         self.kv_caches = [KVCache(max_batch, *shape) for _ in range(cfg.num_layers)]
+        self.kv_rows = [list(rows) for rows in zip(*(c.rows() for c in self.kv_caches))]
+        # context shift for grouped-query attention (MLA's rotated key part is untested: no shift there)
+        self.kv_slots = KVSlots(self.kv_caches, getattr(self.kv_slots, "keep_bytes", DEFAULT_KEEP_BYTES),
+                                shift=None if cfg.mla else self.shift_kv)
         # decode's routing ids and the next layers' guesses come back in one copy per MoE layer
         depth = min(self.experts.prefetch_depth, cfg.num_moe_layers - 1)
         self.ids_to_host = HostIds(max_batch * cfg.top_k * (1 + max(depth, 0)), device)
+
+    @torch.no_grad()
+    def shift_kv(self, slot: int, src: int, dst: int, n: int) -> None:
+        """Context shift: move the cached positions src..src+n-1 of `slot` down to dst.. (dst < src),
+        dropping what lay between (grouped-query attention only). Values move as they are; keys are rotated
+        back by src - dst positions, since a rotary position is a rotation: R(p - d) = R(-d) R(p).
+        The moved keys and values still carry what attention saw of the dropped positions when they
+        were computed (as llama.cpp's context shift): close to, not equal to, a fresh prefill."""
+        d = src - dst
+        cos, sin = rope_tables(self.config, d + 1, self.device, torch.float32)      # (d+1, r)
+        c, s = cos[d] / cos[0], sin[d] / cos[0]     # the pure rotation by d (YaRN scales the tables)
+        for cache in self.kv_caches:
+            k, v = cache.k[slot, :, src:src + n], cache.v[slot, :, src:src + n]     # (nkv, n, hd), (nkv, n, hd)
+            k = apply_rope(k.float(), c, -s).to(k.dtype)
+            v = v.clone()
+            cache.k[slot, :, dst:dst + n] = k
+            cache.v[slot, :, dst:dst + n] = v
+
+    def set_slots(self, slots: int) -> None:
+        """Reallocate the KV cache for `slots` sequences at once (continuous batching); what the
+        cache held is forgotten."""
+        if slots != self.kv_caches[0].k.shape[0]:
+            self.setup(self.max_seq_len, self.device, self.kv_caches[0].k.dtype, slots)
 
     def prepare_cpu_decode(self) -> None:
         """On the CPU, a decode step's attention (between its projections), norms and routers run
@@ -286,24 +316,42 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start: int = 0, use_cache: bool = True,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, slot: int | None = None) -> torch.Tensor:
         """tokens (B, T) at positions start..start+T-1 -> logits (B, T or 1, V) in fp32.
 
-        With use_cache the KV cache is read and written (generation); without it the call is
-        stateless and must start at 0 (scoring whole sequences)."""
+        With use_cache the KV cache is read and written (generation): rows 0..B-1, or with `slot`
+        (B = 1) that one row; without it the call is stateless and must start at 0 (scoring whole sequences)."""
         B, T = tokens.shape
         end = start + T
         if end > self.max_seq_len:
             raise ValueError(f"sequence of {end} positions exceeds the context of {self.max_seq_len}")
         cos, sin = self.cos[start:end], self.sin[start:end]
         masks = {w: self.attention_mask(start, T, end if use_cache else T, w) for w in set(self.windows)}
+        caches = (self.kv_caches if slot is None else self.kv_rows[slot]) if use_cache else [None] * len(self.layers)
         x = self.embed_tokens(tokens)                                  # (B, T, H)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[self.windows[i]], self.kv_caches[i] if use_cache else None, start,
-                      self.moe_step)
+            x = layer(x, cos, sin, masks[self.windows[i]], caches[i], start, self.moe_step)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()                      # (B, T, V)
+
+    @torch.no_grad()
+    def decode_rows(self, tokens: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """A batched decode step: row b is the next token (tokens (B,)) of the sequence in KV slot
+        slots[b], at position positions[b] -> logits (B, V) in fp32. Projections, routers and experts
+        run on all rows at once (each expert's weights read once for every row routed to it);
+        attention runs row by row, each over its own sequence."""
+        B = tokens.shape[0]
+        if max(positions) >= self.max_seq_len:
+            raise ValueError(f"position {max(positions)} exceeds the context of {self.max_seq_len}")
+        cos = [self.cos[p:p + 1] for p in positions]                   # B x (1, d)
+        sin = [self.sin[p:p + 1] for p in positions]
+        masks = {w: [self.attention_mask(p, 1, p + 1, w) for p in positions] for w in set(self.windows)}
+        x = self.embed_tokens(tokens.view(B, 1))                       # (B, 1, H)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks[self.windows[i]], [self.kv_rows[s][i] for s in slots], positions,
+                      self.moe_step)
+        return self.lm_head(self.norm(x)).float()[:, 0]               # (B, V)
 
     def moe_step(self, block: MoEBlock, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """One MoE layer: its routing (the routers, or the strategy given) and, in decode, the next

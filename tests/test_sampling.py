@@ -9,6 +9,7 @@ import torch
 
 from offload_moe.generate import Sampling, decode_tokens, logits_to_probs, sample
 from offload_moe.penalties import LogprobRecord, TokenCounts, penalize
+from offload_moe.kv_slots import KVSlots
 
 V = 50
 
@@ -80,9 +81,10 @@ class FixedModel:
 
     def __init__(self, table):
         self.table, self.device, self.max_seq_len = table, torch.device("cpu"), 64
+        self.kv_slots = KVSlots([])
         self.calls = []
 
-    def __call__(self, tokens, start, last_only=True):
+    def __call__(self, tokens, start, last_only=True, slot=None):
         return self.table[tokens[0, -1]][None, None]
 
 

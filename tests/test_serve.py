@@ -468,6 +468,9 @@ def test_busy_port_and_bad_arguments_are_one_line_errors(capsys, checkpoint):
     assert len(err) == 1 and f"cannot listen on 127.0.0.1:{port}" in err[0]
     assert main(["serve", "--model", str(checkpoint), "--max-queue", "-1"]) == 1
     assert "--max-queue" in capsys.readouterr().err
+    assert main(["serve", "--model", str(checkpoint), "--parallel", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--parallel 0: expected an integer >= 1" in err[0]
 
 
 @pytest.mark.parametrize("key_from", ["env", "file"])

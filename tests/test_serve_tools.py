@@ -209,14 +209,16 @@ class Scripted:
     """The real transformer, with its logits replaced by a one-hot on the next scripted token."""
 
     def __init__(self, transformer, script: list[int]):
-        self.inner, self.script, self.step = transformer, script, 0
+        self.inner, self.script, self.step, self.next = transformer, script, 0, 0
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def __call__(self, tokens, start, **kwargs):
         logits = self.inner(tokens, start=start, **kwargs)
-        self.step = 0 if start == 0 else self.step + 1
+        # a prompt (which may start after a reused prefix) restarts the script; a decode step advances it
+        self.step = 0 if tokens.shape[1] > 1 or start != self.next else self.step + 1
+        self.next = start + tokens.shape[1]
         forced = torch.full_like(logits, -1e4)
         forced[..., self.script[min(self.step, len(self.script) - 1)]] = 0.0
         return forced

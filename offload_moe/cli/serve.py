@@ -13,6 +13,7 @@ from .console import progress_bar, stderr
 
 # The defaults, restated here so `serve --help` works without the serve extra installed.
 PREPARE_TIMEOUT, HEADER_TIMEOUT, BODY_TIMEOUT, MAX_CONNECTIONS = 4.0, 10.0, 60.0, 512
+DEFAULT_PARALLEL = 4
 
 
 def add_parser(sub):
@@ -40,6 +41,9 @@ def add_parser(sub):
                         "its own host names; repeatable (default: none)")
     p.add_argument("--max-queue", type=int, default=8, metavar="N",
                    help="requests that may wait behind the one generating; more get HTTP 429 (default: 8)")
+    p.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL, metavar="N",
+                   help="requests decoded together, each with its own KV cache of the full context "
+                        f"(continuous batching; default: {DEFAULT_PARALLEL}, as llama-server)")
     p.add_argument("--prepare-timeout", type=float, default=PREPARE_TIMEOUT, metavar="S",
                    help="seconds a request may wait for its prompt (chat template and tokenizer, run off the "
                         f"event loop) before it gets an error (default: {PREPARE_TIMEOUT:g})")
@@ -107,6 +111,8 @@ def run(args) -> int:
             raise OffloadMoeError(f"{flag} {value}: expected a number of seconds > 0")
     if args.max_connections < 1:
         raise OffloadMoeError(f"--max-connections {args.max_connections}: expected an integer >= 1")
+    if args.parallel < 1:
+        raise OffloadMoeError(f"--parallel {args.parallel}: expected an integer >= 1")
     if args.api_key is not None:
         stderr.print("offload-moe: warning: --api-key is visible to every user of this machine (ps); prefer "
                      "--api-key-file FILE or $OFFLOAD_MOE_API_KEY", highlight=False, markup=False)
@@ -131,7 +137,8 @@ def run(args) -> int:
         name = args.model_name or (model_name(args.model) if args.model else "offload-moe-demo")
         warn_about(model)
         app = create_app(model, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                         allowed_hosts=allowed_hosts_for(args.host), allowed_origins=tuple(args.allowed_origin),
+                         parallel=args.parallel, allowed_hosts=allowed_hosts_for(args.host),
+                         allowed_origins=tuple(args.allowed_origin),
                          prepare_timeout=args.prepare_timeout, body_timeout=args.body_timeout)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

@@ -50,9 +50,9 @@ def require(module: str):
 
 class _Server:
     def __init__(self, model, model_name: str, api_key: str | None, max_queue: int, prepare_timeout: float,
-                 body_timeout: float):
+                 body_timeout: float, parallel: int = 1):
         self.model, self.model_name, self.api_key = model, model_name, api_key
-        self.worker = Worker(model, max_queue)
+        self.worker = Worker(model, max_queue, parallel)
         self.prep = PrepPool(PREP_THREADS, prepare_timeout)
         self.body_timeout = body_timeout
         self.created = int(time.time())
@@ -425,12 +425,13 @@ def _endpoint(handler, guard: RequestGuard):
     return endpoint
 
 
-def create_app(model, *, model_name: str, api_key: str | None = None, max_queue: int = 8,
+def create_app(model, *, model_name: str, api_key: str | None = None, max_queue: int = 8, parallel: int = 1,
                allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES, allowed_origins: tuple[str, ...] = (),
                prepare_timeout: float = PREPARE_TIMEOUT, body_timeout: float = BODY_TIMEOUT):
     """The ASGI app serving `model` under `model_name`. While the app runs it owns the model: all
     generation happens on its one worker thread. `api_key`: require `Authorization: Bearer <key>`
-    (except on /health). `max_queue`: requests that may wait behind the running one (then 429).
+    (except on /health). `max_queue`: requests that may wait behind the running ones (then 429).
+    `parallel`: requests decoded together (continuous batching; one KV cache slot each).
     `allowed_hosts`: the Host names requests may carry (None: any; `guard.allowed_hosts_for` gives
     them for a bind address); `allowed_origins`: browser origins allowed besides those hosts.
     `prepare_timeout`: seconds a request waits for its prompt (chat template, tokenizer; run off the
@@ -450,7 +451,7 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_queue:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
             raise OffloadMoeError(f"{name} = {value!r}, expected a number of seconds > 0")
     server = _Server(model, model_name, api_key.strip() if api_key else None, max_queue, float(prepare_timeout),
-                     float(body_timeout))
+                     float(body_timeout), parallel)
     guard = RequestGuard(allowed_hosts, tuple(allowed_origins))
 
     @contextlib.asynccontextmanager

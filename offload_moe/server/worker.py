@@ -1,6 +1,9 @@
-"""The one thread that runs generations, in arrival order, and the bounded queue in front of it: the
-model is not thread-safe. A request is a `Job`; the worker hands its pieces back to the request's
-coroutine on the event loop and keeps the counters /metrics reports."""
+"""The one thread that runs generations and the bounded queue in front of it: the model is not
+thread-safe. Up to `parallel` requests decode together (`batch.DecodeBatch`): each step prefills one
+chunk of the oldest request still reading its prompt and advances every other running request by
+one token, so a new request's prompt never stalls the streams already flowing. Requests start in
+arrival order. A request is a `Job`; the worker hands its pieces back to the request's coroutine on
+the event loop and keeps the counters /metrics reports."""
 
 from __future__ import annotations
 
@@ -12,11 +15,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..batch import DecodeBatch
 from ..errors import OffloadMoeError
 from .responses import ApiError
 
 log = logging.getLogger("offload_moe.server")
-
 
 @dataclass
 class Job:
@@ -37,16 +40,28 @@ class Job:
             self.cancel()
 
 
+@dataclass(eq=False)
+class _Running:
+    """A job being generated: its run (text, stops, result) and its sequence in the batch."""
+    job: Job
+    run: object
+    seq: object
+    started: float
+    sent: int = 0    # logprob entries already posted
+
+
 class Worker:
     """The single thread that runs generations, and the bounded queue in front of it."""
 
-    def __init__(self, model, max_queue: int):
-        self.model, self.max_queue = model, max_queue
+    def __init__(self, model, max_queue: int, parallel: int = 1):
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+            raise OffloadMoeError(f"parallel = {parallel!r}, expected an integer >= 1")
+        self.model, self.max_queue, self.parallel = model, max_queue, parallel
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.pending = 0          # accepted and not finished: waiting + running
-        self.running: Job | None = None
+        self.running: list[Job] = []
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0}
         self.tokens = {"prompt": 0, "completion": 0}
         self.busy_seconds = 0.0
@@ -64,8 +79,8 @@ class Worker:
     def stop(self, timeout: float = 5.0):
         with self.lock:
             thread = self.thread
-            if self.running is not None:
-                self.running.cancel()
+            for job in self.running:
+                job.cancel()
         self.jobs.put(None)
         if thread is not None:
             thread.join(timeout)
@@ -73,9 +88,10 @@ class Worker:
     def submit(self, job: Job):
         self.start()
         with self.lock:
-            if self.pending >= self.max_queue + 1:
+            if self.pending >= self.max_queue + self.parallel:
                 self.counts["rejected"] += 1
-                retry = max(1, math.ceil(self.request_seconds * (self.pending - self.max_queue)))
+                retry = max(1, math.ceil(self.request_seconds * (self.pending - self.max_queue - self.parallel + 1)
+                                         / self.parallel))
                 raise ApiError(429, f"the server is busy: {self.waiting} requests are waiting "
                                f"(limit {self.max_queue}); retry after {retry} s",
                                type="rate_limit_error", code="rate_limit_exceeded",
@@ -85,68 +101,114 @@ class Worker:
 
     @property
     def waiting(self) -> int:
-        return self.pending - (self.running is not None)
+        return self.pending - len(self.running)
 
     # -- on the worker thread
     def _loop(self):
+        self.model.transformer.set_slots(self.parallel)
+        batch = DecodeBatch(self.model.transformer)
+        active: list[_Running] = []
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            with self.lock:
-                self.running = job
+            while len(active) < self.parallel:       # admit waiting jobs, in arrival order
+                try:
+                    job = self.jobs.get(block=not active)
+                except queue.Empty:
+                    break
+                if job is None:
+                    for r in active:
+                        self._finish(batch, active, r, ("cancelled",))
+                    return
+                self._admit(batch, active, job)
+            if not active:
+                continue
+            for r in [r for r in active if r.job.cancelled.is_set()]:
+                self._finish(batch, active, r, ("cancelled",))
             t0 = time.perf_counter()
             try:
-                event = ("cancelled",) if job.cancelled.is_set() else self._run(job)
-            except BaseException as e:  # never leave a client waiting
+                produced = batch.step() if batch.sequences else []
+            except BaseException:  # never leave a client waiting
                 log.exception("worker: unexpected error")
-                event = ("error", 500, "internal error")  # the body says no more; the log has it
-            seconds = time.perf_counter() - t0
+                for r in list(active):
+                    self._finish(batch, active, r, ("error", 500, "internal error"))
+                continue
+            for seq, token_id in produced:
+                self._advance(batch, active, seq.owner, token_id)
             with self.lock:
-                self.running = None
-                self.pending -= 1
-                kind = event[0]
-                self.counts[{"done": "served", "cancelled": "cancelled"}.get(kind, "failed")] += 1
-                if kind == "done":
-                    self.busy_seconds += seconds
-                    self.request_seconds = 0.7 * self.request_seconds + 0.3 * seconds
-                    self.tokens["prompt"] += len(job.prompt_ids)
-                    self.tokens["completion"] += len(event[1].token_ids)
-            job.post(event)  # after the bookkeeping: a client's next request finds the worker free
+                self.busy_seconds += time.perf_counter() - t0
 
-    def _run(self, job: Job) -> tuple:
-        """Posts ("piece", text, logprob entries or None) per piece; returns the final event."""
-        model = self.model
-        try:
-            run = model.start(job.prompt_ids, should_stop=job.cancelled.is_set, **job.kwargs)
-            pieces = iter(run)
-            sent = 0
-            try:
-                for piece in pieces:
-                    if job.cancelled.is_set():
-                        break
-                    entries = None
-                    if run.logprobs is not None:
-                        n = len(run.token_ids)
-                        entries, sent = run.logprobs.entries[sent:n], n
-                    job.post(("piece", piece, entries))
-            finally:
-                pieces.close()
-        except OffloadMoeError as e:
-            return ("error", 400, str(e))
-        finally:
-            self.model_stats = model.stats
+    def _admit(self, batch: DecodeBatch, active: list, job: Job):
+        with self.lock:
+            self.running.append(job)
+        r = _Running(job, None, None, time.perf_counter())
+        active.append(r)
         if job.cancelled.is_set():
-            return ("cancelled",)
-        result = model.last_result = run.result
+            return self._finish(batch, active, r, ("cancelled",))
+        try:
+            r.run = self.model.start(job.prompt_ids, should_stop=job.cancelled.is_set, **job.kwargs)
+            timing = r.run.begin()
+            r.seq = batch.add(r.run.ids, r.run.max_new_tokens, r.run.sampling, timing, r.run.generator,
+                              r.run.logprobs, owner=r, bias=r.run.bias, constraint=r.run.constraint)
+        except OffloadMoeError as e:
+            self._finish(batch, active, r, ("error", 400, str(e)))
+        except BaseException:
+            log.exception("worker: unexpected error")
+            self._finish(batch, active, r, ("error", 500, "internal error"))
+
+    def _advance(self, batch: DecodeBatch, active: list, r: _Running, token_id: int | None):
+        """Hand one generated token to its run; post its text; finish the job when the run ends."""
+        if r not in active:
+            return
+        if token_id is None:
+            return self._finish(batch, active, r, ("error", 400, r.seq.error))
+        run = r.run
+        piece = run.push(token_id)
+        if r.job.cancelled.is_set():
+            return self._finish(batch, active, r, ("cancelled",))
+        if piece:
+            r.job.post(("piece", piece, self._entries(r)))
+        if run.finish_reason is None and not r.seq.finished:
+            return
+        tail = run.end()
+        if tail:
+            r.job.post(("piece", tail, self._entries(r)))
+        result = run.result
+        self.model.last_result, self.model.last_timing = result, run.timing
         self.last_decode_tps = result.stats.get("generation", {}).get("decode_tokens_per_second", 0.0)
-        return ("done", result, result.logprobs[sent:] if result.logprobs is not None else None)
+        self._finish(batch, active, r, ("done", result, result.logprobs[r.sent:] if result.logprobs is not None
+                                        else None))
+
+    @staticmethod
+    def _entries(r: _Running):
+        if r.run.logprobs is None:
+            return None
+        n = len(r.run.token_ids)
+        entries, r.sent = r.run.logprobs.entries[r.sent:n], n
+        return entries
+
+    def _finish(self, batch: DecodeBatch, active: list, r: _Running, event: tuple):
+        if r.seq is not None:
+            batch.remove(r.seq)
+        active.remove(r)
+        seconds = time.perf_counter() - r.started
+        job = r.job
+        with self.lock:
+            self.running.remove(job)
+            self.pending -= 1
+            kind = event[0]
+            self.counts[{"done": "served", "cancelled": "cancelled"}.get(kind, "failed")] += 1
+            if kind == "done":
+                self.request_seconds = 0.7 * self.request_seconds + 0.3 * seconds
+                self.tokens["prompt"] += len(job.prompt_ids)
+                self.tokens["completion"] += len(event[1].token_ids)
+            self.model_stats = self.model.stats
+        job.post(event)  # after the bookkeeping: a client's next request finds the worker free
 
     def metrics(self) -> dict:
         with self.lock:
-            busy = self.running is not None
+            running = len(self.running)
             return {"requests": dict(self.counts),
-                    "queue": {"waiting": self.pending - busy, "limit": self.max_queue, "busy": busy},
+                    "queue": {"waiting": self.pending - running, "limit": self.max_queue, "busy": running > 0,
+                              "running": running, "parallel": self.parallel},
                     "tokens": dict(self.tokens),
                     "tokens_per_second": {
                         "last_decode": self.last_decode_tps,
