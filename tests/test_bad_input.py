@@ -219,7 +219,7 @@ def cli_rows(root: Path, tiny: Path):
                                                            "--force-context"),
          ["context_length = 100000000", "KV cache"]),
         ("chat template 'x' * 10**9", chat_with("t-huge", "{{ 'x' * 1000000000 }}"),
-         ["tokenizer_config.json", "chat_template output exceeds"]),
+         ["tokenizer_config.json", "stopped by the sandbox"]),
         # ---- point 3: NaN and Inf weights
         ("NaN weight, greedy", gen(PROMPT, "--temperature", "0", model=lambda: poisoned(root, "w-nan", math.nan)),
          ["layer 2", "model.layers.2.self_attn.o_proj.weight"]),
@@ -337,7 +337,7 @@ def test_runaway_chat_templates(tmp_path, template):
 
     d = with_template(tmp_path, "t", template)
     raises_one_line(lambda: Tokenizer(d).render_chat([{"role": "user", "content": "hi"}]),
-                    "tokenizer_config.json", "chat_template output exceeds")
+                    "tokenizer_config.json", "stopped by the sandbox")
 
 
 def test_lone_surrogate_prompt(demo_model):
