@@ -119,10 +119,23 @@ def free_vram() -> int:
     return free
 
 
-def available_ram() -> int:
-    """Host RAM that can be used without swapping: MemAvailable, else free pages, else 0."""
+def available_ram(*, meminfo: str | Path = "/proc/meminfo", self_cgroup: str | Path = "/proc/self/cgroup",
+                  cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
+    """Host RAM this process can still take without swapping or meeting the OOM killer: the
+    machine's MemAvailable (else its free pages), and where a memory cgroup limits the process (v1
+    or v2; its own or an ancestor's, as a container or `systemd-run -p MemoryMax=` sets) at most
+    that limit minus the cgroup's usage. 0 means unknown. The paths are parameters for tests."""
+    ram = _meminfo_available(meminfo)
+    room = cgroup_room(self_cgroup, cgroup_root)
+    if room is None:
+        return ram
+    room = max(room, 1)  # a full cgroup still says "known, and nothing fits" (0 would mean unknown)
+    return min(ram, room) if ram else room
+
+
+def _meminfo_available(meminfo) -> int:
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
@@ -132,3 +145,64 @@ def available_ram() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+# v1 and v2 name the same three facts differently: (limit, usage, reclaimable page cache in memory.stat)
+_CGROUP_FILES = {"v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+                 "v2": ("memory.max", "memory.current", "inactive_file")}
+_NO_LIMIT = 2**62  # v1 writes "no limit" as a page-rounded 2**63 - 1
+
+
+def cgroup_room(self_cgroup: str | Path = "/proc/self/cgroup", cgroup_root: str | Path = "/sys/fs/cgroup") -> int | None:
+    """Bytes left under the tightest memory cgroup limit over this process (None: no limit, or no
+    cgroup files). Usage counts without the inactive page cache the kernel reclaims before it
+    OOM-kills (as `docker stats` does), so a mapped checkpoint's cached pages do not count."""
+    try:
+        lines = Path(self_cgroup).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    rooms = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        if hierarchy == "0" and controllers == "":
+            base, files = Path(cgroup_root), _CGROUP_FILES["v2"]
+        elif "memory" in controllers.split(","):
+            base, files = Path(cgroup_root) / "memory", _CGROUP_FILES["v1"]
+        else:
+            continue
+        for d in _cgroup_dirs(base, path):
+            limit, usage = _read_int(d / files[0]), _read_int(d / files[1])
+            if limit is None or limit >= _NO_LIMIT or usage is None:
+                continue
+            inactive = _stat_value(d / "memory.stat", files[2])
+            rooms.append(limit - max(usage - inactive, 0))
+    return min(rooms) if rooms else None
+
+
+def _cgroup_dirs(base: Path, path: str) -> list[Path]:
+    """The cgroup's directory and its ancestors' under the mount (leaf first); inside a cgroup
+    namespace the mount's root is the process's own cgroup."""
+    rel = Path(path.strip().lstrip("/"))
+    dirs = [base / p for p in (rel, *rel.parents)]
+    return [d for d in dirs if d.is_dir()]
+
+
+def _read_int(file: Path) -> int | None:
+    try:
+        return int(file.read_text().split()[0])
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None  # absent, or "max" (v2: no limit)
+
+
+def _stat_value(file: Path, key: str) -> int:
+    try:
+        for line in file.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    return 0
