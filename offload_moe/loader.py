@@ -211,4 +211,5 @@ def _bytes(key: str, value) -> int | None:
         n = 0
     if n > 0:
         return n
-    raise OffloadMoeError(f"{key} = {value!r}, expected a positive size such as 20GB or 512MiB")
+    shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({len(repr(value))} characters)"
+    raise OffloadMoeError(f"{key} = {shown}, expected a positive size below 2**63 bytes such as 20GB or 512MiB")

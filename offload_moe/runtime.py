@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from fractions import Fraction
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 _SIZE = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*$")
 
 
+MAX_BYTES = 2**63  # sizes at or past this are typos: refused before any float arithmetic overflows
+
+
 class SizeError(ValueError):
     """What a size parser expected; the caller adds the file or key that held the value."""
 
@@ -87,9 +91,11 @@ def size_in_bytes(value: Any) -> int:
         m = _SIZE.match(value) if isinstance(value, str) else None
         if m is None or m.group(2).lower() not in _UNITS:
             raise SizeError("a size such as '12GB', '512MiB' or a byte count")
-        n = round(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        n = round(Fraction(m.group(1)) * _UNITS[m.group(2).lower()])  # exact: 400 nines are no OverflowError
     if n < 0:
         raise SizeError("a size that is not negative")
+    if n >= MAX_BYTES:
+        raise SizeError("a size below 2**63 bytes (9.2 EB)")
     return n
 
 
