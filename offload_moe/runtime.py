@@ -126,17 +126,33 @@ def free_vram() -> int:
 
 
 def available_ram(*, meminfo: str | Path = "/proc/meminfo", self_cgroup: str | Path = "/proc/self/cgroup",
-                  cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
+                  cgroup_root: str | Path = "/sys/fs/cgroup", self_status: str | Path = "/proc/self/status") -> int:
     """Host RAM this process can still take without swapping or meeting the OOM killer: the
     machine's MemAvailable (else its free pages), and where a memory cgroup limits the process (v1
     or v2; its own or an ancestor's, as a container or `systemd-run -p MemoryMax=` sets) at most
-    that limit minus the cgroup's usage. 0 means unknown. The paths are parameters for tests."""
+    that limit minus the cgroup's usage, and under an address-space limit (`ulimit -v`) at most
+    what is left of it. 0 means unknown. The paths are parameters for tests."""
     ram = _meminfo_available(meminfo)
-    room = cgroup_room(self_cgroup, cgroup_root)
-    if room is None:
-        return ram
-    room = max(room, 1)  # a full cgroup still says "known, and nothing fits" (0 would mean unknown)
-    return min(ram, room) if ram else room
+    for room in (cgroup_room(self_cgroup, cgroup_root), address_space_room(self_status)):
+        if room is not None:
+            room = max(room, 1)  # a full limit still says "known, and nothing fits" (0 would mean unknown)
+            ram = min(ram, room) if ram else room
+    return ram
+
+
+def address_space_room(self_status: str | Path = "/proc/self/status") -> int | None:
+    """Bytes of address space left under RLIMIT_AS (`ulimit -v`); None without such a limit."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open(self_status) as f:
+            mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    except (ImportError, OSError, ValueError, StopIteration):
+        return None
+    return soft - mapped
 
 
 def _meminfo_available(meminfo) -> int:

@@ -111,8 +111,9 @@ def _data_start(data: bytes) -> int:
         return int(gguf.GGUFReader(f.name).data_offset)
 
 
-def rewrite_metadata(seed: bytes, key_index: int, value) -> bytes:
-    """The seed with one metadata key's value replaced (written by GGUFWriter: any type, any length)."""
+def rewrite_metadata(seed: bytes, key_index: int | str, value) -> bytes:
+    """The seed with one metadata key's value replaced (written by GGUFWriter: any type, any length);
+    the key by name or by its index among the keys."""
     import gguf
 
     with tempfile.TemporaryDirectory() as d:
@@ -120,7 +121,7 @@ def rewrite_metadata(seed: bytes, key_index: int, value) -> bytes:
         src.write_bytes(seed)
         r = gguf.GGUFReader(src)
         keys = [k for k in r.fields if not k.startswith("GGUF.")]
-        target = keys[key_index % len(keys)]
+        target = key_index if isinstance(key_index, str) else keys[key_index % len(keys)]
         w = gguf.GGUFWriter(str(out), None)
         for key, field in r.fields.items():
             if key.startswith("GGUF."):

@@ -155,6 +155,52 @@ def cli_rows(root: Path, tiny: Path):
         (root / "empty-key").write_text("\n")
         return root / "empty-key"
 
+    def huge_array_gguf():  # issue 28, point 1: 118 bytes that claimed 2**60 items
+        f = root / "h.gguf"
+        if not f.exists():
+            s = lambda b: struct.pack('<Q', len(b)) + b  # noqa: E731 - the reproducer, verbatim
+            f.write_bytes(b'GGUF' + struct.pack('<IQQ', 3, 0, 2) + s(b'general.architecture') + struct.pack('<I', 8)
+                          + s(b'llama') + s(b'tokenizer.ggml.token_type') + struct.pack('<IIQ', 9, 5, 2**60))
+        return f
+
+    def huge(command):
+        def build():
+            f = str(huge_array_gguf())
+            argv = {"info": ["info", f], "plan": ["plan", f, "--profile", "cpu"],
+                    "generate": ["generate", "x", "--model", f, "--device", "cpu"],
+                    "chat": ["chat", "--model", f, "--device", "cpu"],
+                    "serve": ["serve", "--model", f, "--port", "0", "--device", "cpu"]}[command]
+            return argv, "Speak.\n" if command == "chat" else ""
+        return build
+
+    def gguf_with(name, key, value, command="generate"):
+        def build():
+            from fuzz_gguf import rewrite_metadata, tiny_gguf
+
+            f = root / f"{name}.gguf"
+            f.write_bytes(rewrite_metadata(tiny_gguf("gpt2"), key, value))
+            if command == "info":
+                return ["info", str(f)], ""
+            return ["generate", "ab", "--model", str(f), "--device", "cpu", "--max-new-tokens", "1"], ""
+        return build
+
+    def nines_profile():
+        f = root / "nines.toml"
+        f.write_text((ROOT / "profiles" / "cpu.toml").read_text().replace("vram_budget = 0",
+                                                                          f'vram_budget = "{"9" * 400}GB"'))
+        return ["plan", str(DEMO), "--profile", str(f)], ""
+
+    def quantize_with_foreign_link():
+        d = demo_copy(root, "q-link")
+        secret = root / "elsewhere" / "tokenizer.json"
+        secret.parent.mkdir()
+        shutil.copy(DEMO / "tokenizer.json", secret)
+        secret.chmod(0o600)
+        (d / "tokenizer.json").unlink()
+        (d / "tokenizer.json").symlink_to(secret)
+        return ["quantize", str(d), str(root / "q-made" / "deeper" / "q-out"), "--method", "rtn", "--group-size", "32",
+                "--device", "cpu"], ""
+
     deep = b'{"a": ' + b'[' * 100000 + b']' * 100000 + b'}'
     return [
         # ---- point 4: safetensors headers of the wrong shape
@@ -252,6 +298,49 @@ def cli_rows(root: Path, tiny: Path):
          ["empty-key", "empty"]),
         # ---- point 5: overwrites
         ("bench --json onto an existing file", bench_json_exists, ["bench-existing.json", "already exists", "--force"]),
+        # ---- issue 28 (each within 10 s and 1 GB: ISSUE_28 below)
+        # point 1: a GGUF count beyond the file, in every command that opens it
+        *[(f"118-byte GGUF, {c}", huge(c), ["h.gguf", "'tokenizer.ggml.token_type'", "1,152,921,504,606,846,976", "bytes left"])
+          for c in ("info", "plan", "generate", "chat", "serve")],
+        # point 2: metadata of the wrong type or inconsistent length
+        ("GGUF embedding_length a string", gguf_with("g-embd", "llama.embedding_length", "32", "info"),
+         ["g-embd.gguf", "'llama.embedding_length'", "a str ('32')", "expected a non-negative integer"]),
+        ("GGUF token_type shorter than the tokens", gguf_with("g-types", "tokenizer.ggml.token_type", [1, 1, 1]),
+         ["g-types.gguf", "tokenizer.ggml.token_type has 3 entries", "one per token (16"]),
+        ("GGUF token_type a bool", gguf_with("g-typebool", "tokenizer.ggml.token_type", True),
+         ["g-typebool.gguf", "'tokenizer.ggml.token_type'", "a bool", "expected a list of integers"]),
+        ("GGUF merges an int", gguf_with("g-merges", "tokenizer.ggml.merges", 5),
+         ["g-merges.gguf", "'tokenizer.ggml.merges'", "expected a list of strings"]),
+        ("GGUF merge naming an unknown token", gguf_with("g-merge-unk", "tokenizer.ggml.merges", ["a b", "a zz"]),
+         ["g-merge-unk.gguf", "tokenizer.ggml.merges[1] = 'a zz'", "two tokens of the vocabulary"]),
+        ("GGUF pre a list", gguf_with("g-pre", "tokenizer.ggml.pre", ["gpt-2"]),
+         ["g-pre.gguf", "'tokenizer.ggml.pre'", "expected a string"]),
+        ("GGUF chat_template an array", gguf_with("g-tpl", "tokenizer.chat_template", ["{{ x }}"]),
+         ["g-tpl.gguf", "'tokenizer.chat_template'", "expected a string"]),
+        # point 3: templates that spin or fill memory
+        *[(f"template {name}", chat_with(f"t28-{i}", template), ["tokenizer_config.json", "stopped by the sandbox"])
+          for i, (name, template) in enumerate([
+              ("nested range(99999) loops",
+               "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"),
+              ("lipsum(n=1000000)", "{{ lipsum(n=1000000) }}"),
+              ("center(3e9)", "{{ 'a'|center(3e9) }}"),
+              ("center(3e8)", "{{ 'a'|center(300000000) }}"),
+              ("indent(2e9)", "{{ messages[0]['content']|indent(2e9) }}"),
+              ("'%03000000000d'|format(1)", "{{ '%03000000000d'|format(1) }}"),
+              ("wordwrap(1) on 20 MB", "{{ ('ab ' * 7000000)|wordwrap(1) }}"),
+              ("big-integer squaring", "{% set ns = namespace(x=2**64) %}{% for i in range(64) %}"
+                                       "{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x }}"),
+          ])],
+        # point 5: allocation failures under an address-space limit (ulimit -v)
+        ("KV cache under ulimit -v", gen(PROMPT, "--context-length", "2000000", "--force-context"),
+         ["KV cache", "GB"]),
+        # point 6: quantize and a symlink out of the checkpoint
+        ("quantize a tokenizer symlinked elsewhere", quantize_with_foreign_link,
+         ["tokenizer.json", "a symlink to", "outside the checkpoint"]),
+        # point 8: sizes too large for a float
+        ("--ram-budget of 400 nines GB", gen(PROMPT, "--cache-slots", "2", "--ram-budget", "9" * 400 + "GB"),
+         ["ram_budget", "below 2**63 bytes"]),
+        ("profile vram_budget of 400 nines GB", nines_profile, ["nines.toml", "vram_budget", "below 2**63 bytes"]),
     ]
 
 
@@ -260,9 +349,9 @@ def cli_results(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("bad-input")
     rows = cli_rows(root, Path(tiny_checkpoint[0]))
     cases = []
-    for _, build, _ in rows:
+    for case_id, build, _ in rows:
         argv, stdin = build()
-        cases.append({"argv": argv, "stdin": stdin})
+        cases.append({"argv": argv, "stdin": stdin, **CASE_OPTIONS.get(case_id, {})})
     # CPU only: the runner caps its address space, which CUDA's initialisation would exceed
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(root), "NO_COLOR": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "bad_input_runner.py")],
@@ -273,6 +362,10 @@ def cli_results(tmp_path_factory, tiny_checkpoint):
 
 CLI_IDS = [row[0] for row in cli_rows(Path("/nonexistent"), Path("/nonexistent"))]
 NEEDLES = {row[0]: row[2] for row in cli_rows(Path("/nonexistent"), Path("/nonexistent"))}
+# issue 28's reproducers: each must end within 10 s (the case's alarm) and 1 GB more resident memory
+ISSUE_28 = CLI_IDS[CLI_IDS.index("118-byte GGUF, info"):]
+CASE_OPTIONS = {case: {"timeout": 10} for case in ISSUE_28}
+CASE_OPTIONS["KV cache under ulimit -v"]["address_space"] = 2 * 2**30
 
 
 @pytest.mark.parametrize("case", CLI_IDS)
@@ -288,6 +381,8 @@ def test_command_line(cli_results, case):
     assert "Traceback" not in result["stderr"]
     for needle in NEEDLES[case]:
         assert needle in errors[0], f"{needle!r} not in: {errors[0]}"
+    if case in ISSUE_28:  # the alarm above ends a case at 10 s; memory is measured
+        assert result["added_mb"] < 1024, f"{argv}: {result['added_mb']:.0f} MB more resident memory"
 
 
 # ---------------------------------------------------------------- the Python API rows
