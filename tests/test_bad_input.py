@@ -501,6 +501,104 @@ def test_ram_tier_larger_than_available_ram(tiny_checkpoint, monkeypatch):
                     "RAM tier", "only 0.1 MB is available", "--ram-budget")
 
 
+@pytest.mark.parametrize("kwargs", [dict(temperature=1e-300), dict(top_p=1e-45), dict(repetition_penalty=1e-40),
+                                    dict(temperature=1e-300, repetition_penalty=1e-40, top_p=1e-45)],
+                         ids=["temperature 1e-300", "top_p 1e-45", "repetition_penalty 1e-40", "all three"])
+def test_tiny_sampling_values_are_not_a_crash(demo_model, kwargs):
+    """Issue 28, point 4: below 1e-5 a temperature is greedy (documented in `Sampling`); tiny top_p
+    and repetition_penalty stay finite in float32. The tokens equal greedy decoding's where greedy."""
+    out = demo_model.generate(PROMPT, max_new_tokens=6, seed=0, ignore_eos=True, **kwargs)
+    assert len(out.token_ids) == 6
+    if "temperature" in kwargs and "repetition_penalty" not in kwargs:
+        assert out.token_ids == demo_model.generate(PROMPT, max_new_tokens=6, temperature=0, ignore_eos=True).token_ids
+
+
+def test_tiny_temperature_on_the_command_line(capsys):
+    from offload_moe.cli.main import main
+
+    assert main(["generate", PROMPT, "--temperature", "1e-300", "--repetition-penalty", "1e-40", "--top-p", "1e-45",
+                 "--max-new-tokens", "3", "--device", "cpu"]) == 0
+
+
+def test_kv_cache_refused_inside_a_memory_cgroup(tmp_path, monkeypatch):
+    """Issue 28, point 5: in a 700 MB cgroup a 1 GB KV cache is one line, not the OOM killer."""
+    import functools
+
+    import offload_moe.runtime
+
+    (tmp_path / "cgroup").write_text("0::/box\n")
+    box = tmp_path / "fs" / "box"
+    box.mkdir(parents=True)
+    (box / "memory.max").write_text(f"{700 * 10**6}\n")
+    (box / "memory.current").write_text(f"{100 * 10**6}\n")
+    real = offload_moe.runtime.available_ram
+    monkeypatch.setattr(offload_moe.runtime, "available_ram", functools.partial(
+        real, self_cgroup=tmp_path / "cgroup", cgroup_root=tmp_path / "fs"))
+    assert offload_moe.runtime.available_ram() == 600 * 10**6
+    raises_one_line(lambda: offload_moe.load(device="cpu", context_length=400_000, force_context=True),
+                    "context_length = 400000", "KV cache of 1.02 GB", "0.60 GB of available RAM")
+
+
+def test_kv_cache_allocation_failure_is_named(monkeypatch):
+    """What torch's CPU allocator raises when a limit the checks cannot see stops it: one line."""
+    from offload_moe import attention
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 640000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(attention.torch, "zeros", refuse)
+    raises_one_line(lambda: offload_moe.load(device="cpu"), "KV cache", "cannot be allocated", "--context-length")
+
+
+def test_refused_disk_tier_leaves_no_offload_dir_it_made(tiny_checkpoint, tmp_path, monkeypatch):
+    """Issue 28, point 7: the free-space check refuses; the directories it created are gone."""
+    from offload_moe.experts import disk_dir
+
+    monkeypatch.setattr(disk_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(8 * 10**6, 8 * 10**6, 1000))
+    raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="disk",
+                                             offload_dir=tmp_path / "made" / "here"), "needs", "is free")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _quantize(src, dst):
+    from offload_moe.tools import convert
+
+    return convert.quantize(src, dst, experts="int4", attention="bf16", group_size=16, method="rtn", device="cpu")
+
+
+def test_quantize_refuses_a_symlink_out_of_the_checkpoint(tiny_checkpoint, tmp_path):
+    """Issue 28, point 6: the link's target is not the checkpoint's to copy; nothing is written or made."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_checkpoint[0], src)
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    secret.chmod(0o600)
+    (src / "tokenizer_config.json").symlink_to(secret)
+    raises_one_line(lambda: _quantize(src, tmp_path / "made" / "q"), "tokenizer_config.json", "outside the checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.json", "src"]
+
+
+def test_quantize_copies_hf_cache_links_without_widening_modes(tiny_checkpoint, tmp_path):
+    """A snapshot's files are links into the repo's blobs/: copied, with the blob's 0600 kept."""
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(tiny_checkpoint[0], snapshot)
+    (repo / "blobs").mkdir()
+    blob = repo / "blobs" / "0123abcd"
+    blob.write_text('{"bos_token": "<s>"}')
+    blob.chmod(0o600)
+    (snapshot / "tokenizer_config.json").symlink_to(Path("../../blobs/0123abcd"))
+    out = _quantize(snapshot, tmp_path / "q")
+    copied = out / "tokenizer_config.json"
+    assert not copied.is_symlink() and copied.read_text() == blob.read_text()
+    assert stat_mode(copied) == 0o600
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
 def test_quantize_full_disk(tiny_checkpoint, tmp_path, monkeypatch):
     from safetensors import SafetensorError
 

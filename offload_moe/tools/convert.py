@@ -345,23 +345,6 @@ class _Writer:
         self._guard(out, write)
 
 
-def copy_source(file: Path, root: Path) -> Path:
-    """The file `quantize` may copy for `file` of checkpoint directory `root`: a regular file that lives
-    inside the checkpoint, or, for a Hugging Face cache snapshot (`.../snapshots/REV/`), a symlink into
-    that repo's `blobs/`. A symlink pointing anywhere else is refused (its target is not the
-    checkpoint's to copy), as is anything that is not a regular file."""
-    root = root.resolve()
-    target = file.resolve()
-    inside = [root]
-    if root.parent.name == "snapshots":
-        inside.append(root.parent.parent / "blobs")
-    if not any(target.is_relative_to(d) for d in inside):
-        raise OffloadMoeError(f"{file}: a symlink to {target}, outside the checkpoint (expected a file inside "
-                              f"{root} or the Hugging Face cache's blobs); copy the file in or remove the link")
-    if not target.is_file():
-        raise OffloadMoeError(f"{file}: not a regular file (expected a file to copy)")
-    return target
-
     def finish(self) -> None:
         try:
             _fsync(self.tmp)
@@ -383,6 +366,24 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def copy_source(file: Path, root: Path) -> Path:
+    """The file `quantize` may copy for `file` of checkpoint directory `root`: a regular file that lives
+    inside the checkpoint, or, for a Hugging Face cache snapshot (`.../snapshots/REV/`), a symlink into
+    that repo's `blobs/`. A symlink pointing anywhere else is refused (its target is not the
+    checkpoint's to copy), as is anything that is not a regular file."""
+    root = root.resolve()
+    target = file.resolve()
+    inside = [root]
+    if root.parent.name == "snapshots":
+        inside.append(root.parent.parent / "blobs")
+    if not any(target.is_relative_to(d) for d in inside):
+        raise OffloadMoeError(f"{file}: a symlink to {target}, outside the checkpoint (expected a file inside "
+                              f"{root} or the Hugging Face cache's blobs); copy the file in or remove the link")
+    if not target.is_file():
+        raise OffloadMoeError(f"{file}: not a regular file (expected a file to copy)")
+    return target
 
 
 __all__ = ["check_group_size", "output_bytes", "output_shapes", "quantize", "shard_name"]
