@@ -682,6 +682,15 @@ def test_server(servers, server, path, body, headers, status, needles):
 
 
 
+def test_server_tiny_sampling_values_are_not_a_500(servers):
+    """Issue 28, point 4: tiny temperature, top_p and repetition_penalty sample (as greedy where the
+    temperature is below 1e-5) instead of a 500 from torch.multinomial."""
+    body = {**COMPLETION, "temperature": 1e-300, "top_p": 1e-45, "repetition_penalty": 1e-40}
+    status, reply = post(servers["demo"], "/v1/completions", body)
+    assert status == 200, reply
+    assert reply["choices"][0]["text"]
+
+
 def test_server_accepts_its_own_and_allowed_origins(checkpoint_for_origins):
     needs_server_extra()
     from serve_fixtures import running_server
