@@ -37,6 +37,7 @@ PRE_SPLITS = {"gpt-2": [_GPT2], "olmo": [_GPT2], "mpt": [_GPT2], "phi-2": [_GPT2
               "qwen2": [_QWEN2], "deepseek-r1-qwen": [_QWEN2], "deepseek-llm": _DEEPSEEK_LLM,
               "gpt-4o": [_GPT4O], "default": _DEFAULT}
 CONTROL, USER_DEFINED = 3, 4
+MAX_MERGED_PIECE = 256  # longer SentencePiece pieces get no merges (real vocabularies stay under ~50 chars)
 
 
 @dataclass
@@ -125,6 +126,8 @@ def _spm(f: GGUFFile, tokens: list[str], types: list[int]):
     # pieces, ordered by the merged piece's score (higher first).
     merges = []
     for piece in sorted((t for i, t in enumerate(tokens) if types[i] == 1), key=lambda t: -scores[vocab[t]]):
+        if len(piece) > MAX_MERGED_PIECE:  # its splits cost len**2: a corrupt 20 KB token would take seconds
+            continue
         local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
         merges += sorted(local, key=lambda p: (vocab[p[0]], vocab[p[1]]))
     unk = f.typed("tokenizer.ggml.unknown_token_id", "a non-negative integer", 0)

@@ -14,8 +14,8 @@ Output layout (the format itself is quant/format.py):
     ...
     dst/model-000{L}-of-000NN.safetensors           layer L-1
     dst/model-000NN-of-000NN.safetensors            embed_tokens, final norm, lm_head (NN = L + 1)
-    dst/tokenizer.json, tokenizer_config.json, ...  copied when present (see `copy_source`: a file inside
-                                                    the checkpoint or the HF cache's blobs, mode kept or narrowed)
+    dst/tokenizer.json, tokenizer_config.json, ...  copied when present (a symlink's target), never with a
+                                                    wider mode than the source has (`copy_source`)
 
 Experts are always written in the family's per-expert layout (Mixtral:
 `block_sparse_moe.experts.{e}.w1/w3/w2.weight`, router `block_sparse_moe.gate.weight`), whichever
@@ -104,9 +104,6 @@ def quantize(src, dst, *, experts: str = "int3", attention: str = "int4", embedd
                               "the quantized format requires, so this family cannot be quantized yet")
     spec = QuantSpec(settings, group_size, method)
     check_group_size(ckpt, spec)
-    for file in TOKENIZER_FILES if ckpt.path.is_dir() else ():  # refused links, before hours of work
-        if (ckpt.path / file).is_file():
-            copy_source(ckpt.path / file, ckpt.path)
 
     report = progress or (lambda what, done, total: None)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
@@ -369,21 +366,14 @@ def _fsync(path: Path) -> None:
 
 
 def copy_source(file: Path, root: Path) -> Path:
-    """The file `quantize` may copy for `file` of checkpoint directory `root`: a regular file that lives
-    inside the checkpoint, or, for a Hugging Face cache snapshot (`.../snapshots/REV/`), a symlink into
-    that repo's `blobs/`. A symlink pointing anywhere else is refused (its target is not the
-    checkpoint's to copy), as is anything that is not a regular file."""
-    root = root.resolve()
+    """The file `quantize` copies for `file` of checkpoint directory `root`: the file itself or, for a
+    symlink, its target, which must be a regular file (a FIFO would hang the copy, a directory
+    cannot be one). A link into the Hugging Face cache's `blobs/` is the usual case; one pointing
+    anywhere else is copied too (a tokenizer linked in from a base model is common), and either way
+    the copy never gets a wider mode than the target has (`_Writer.copy`): a 0600 file stays 0600."""
     target = file.resolve()
-    inside = [root]
-    if root.parent.name == "snapshots":
-        inside.append(root.parent.parent / "blobs")
-    if not any(target.is_relative_to(d) for d in inside):
-        raise OffloadMoeError(f"{file}: a symlink to {target}, outside the checkpoint (expected a file inside "
-                              f"{root} or the Hugging Face cache's blobs); copy the file in or remove the link")
     if not target.is_file():
         raise OffloadMoeError(f"{file}: not a regular file (expected a file to copy)")
     return target
-
 
 __all__ = ["check_group_size", "output_bytes", "output_shapes", "quantize", "shard_name"]
