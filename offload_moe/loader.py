@@ -103,6 +103,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         raise OffloadMoeError(f"context_length = {context!r}, expected an integer >= 2")
     context_warning = check_context(cfg, context, force_context)
     check_kv_cache(cfg, context, device, dtype)  # before any weight is read
+    tokenizer = open_tokenizer(ckpt)  # a GGUF file carries its own; a bad one is refused before the weights
     report = progress or (lambda what, done, total: None)
     # The first n_cpu MoE layers' experts stay in RAM in CPU form; the engine below numbers the
     # others from 0 (SplitByLayer translates).
@@ -180,7 +181,6 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
             experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act), experts)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
-    tokenizer = open_tokenizer(ckpt)  # a GGUF file carries its own
     generation = GenerationDefaults.load(ckpt.path if ckpt.path.is_dir() else None)
     settings["sampling"] = generation.describe()
     if (device.type == "cpu" or n_cpu or mode == "hybrid") and (
