@@ -11,6 +11,8 @@ sliding and full attention from layer 0).
 
 from __future__ import annotations
 
+import re
+
 from ..arch.reader import LIMITS
 from ..config import ModelConfig
 from ..errors import OffloadMoeError
@@ -19,6 +21,7 @@ from .reader import GGUFFile
 ARCHES = {"llama": "mixtral", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "olmoe": "olmoe",
           "deepseek2": "deepseek_v2", "gpt-oss": "gpt_oss"}
 FLOAT_NAMES = {0: "float32", 1: "float16", 30: "bfloat16"}  # ggml F32, F16, BF16
+BLOCK_TENSOR = re.compile(r"blk\.(\d{1,6})\.")
 
 
 def model_type(f: GGUFFile) -> str:
@@ -71,6 +74,11 @@ def config_json(f: GGUFFile) -> dict:
     if layers > LIMITS["num_hidden_layers"]:  # before any loop over the layers
         raise OffloadMoeError(f"{f.path}: metadata key '{arch}.block_count' = {layers:,}, expected at most "
                               f"{LIMITS['num_hidden_layers']}")
+    present = {int(m[1]) for name in f.tensors if (m := BLOCK_TENSOR.match(name))}
+    missing = next((i for i in range(layers) if i not in present), None)
+    if missing is not None:  # before tables are built per layer (the gguf package's name maps: seconds for 4096)
+        raise OffloadMoeError(f"{f.path}: metadata key '{arch}.block_count' = {layers:,}, but the file holds no "
+                              f"tensor of block {missing} (blk.{missing}.*)")
     eos = f.typed("tokenizer.ggml.eos_token_id", "a non-negative integer")
     raw = {
         "model_type": mt,
