@@ -8,6 +8,8 @@ text with stop handling. Nothing here prints: progress goes through the `progres
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,7 +311,7 @@ def check_penalties(min_p, repetition_penalty, presence_penalty, frequency_penal
         return isinstance(v, (int, float)) and not isinstance(v, bool)
     if not (number(min_p) and 0 <= min_p <= 1):
         raise OffloadMoeError(f"min_p = {min_p!r}, expected a number from 0 to 1")
-    if not (number(repetition_penalty) and repetition_penalty > 0):
+    if not (number(repetition_penalty) and 0 < repetition_penalty < math.inf):
         raise OffloadMoeError(f"repetition_penalty = {repetition_penalty!r}, expected a number > 0 (1.0 is off)")
     for name, v in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
         if not (number(v) and -2 <= v <= 2):

@@ -20,10 +20,20 @@ from .penalties import LogprobRecord, TokenCounts, penalize
 from .nonfinite import diagnose
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this samples as greedy (see Sampling)
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How a token is drawn. These defaults are the library's, the CLI's and the server's."""
-    temperature: float = 0.7   # 0 means greedy
+    """How a token is drawn. These defaults are the library's, the CLI's and the server's.
+
+    A temperature below `GREEDY_BELOW` (1e-5) is greedy, as 0 is: at such a temperature a logit gap
+    of 0.001 already leaves the lower token less than e^-100 of the mass, and tinier ones (1e-300)
+    are 0 in float32, where dividing by them would give inf and NaN. Every value the sampler is
+    given stays finite in float32: logits are shifted so their maximum is 0 before the temperature
+    divides them, penalties saturate at float32's largest value, and the top-p cut always keeps the
+    most likely token (a top_p of 1e-45 is 0 where a GPU flushes denormals)."""
+    temperature: float = 0.7   # 0 (or below GREEDY_BELOW) means greedy
     top_p: float = 0.95
     top_k: int = 0             # 0 means no top-k cut
     seed: int | None = None
@@ -44,7 +54,7 @@ DEFAULT_SAMPLING = Sampling()
 def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     """logits (V,) fp32 -> probabilities after temperature, top-k, top-p (nucleus) and min-p cuts
     (in transformers' order; min-p keeps tokens with p >= min_p * max p)."""
-    logits = logits / s.temperature
+    logits = (logits - logits.max()) / s.temperature                       # (V,) <= 0: no overflow
     if s.top_k > 0:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -53,6 +63,7 @@ def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
         sorted_probs, order = torch.sort(probs, descending=True)
         # drop a token when the mass before it already reaches top_p (the top token always stays)
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= s.top_p
+        drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum()
@@ -64,7 +75,7 @@ def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """logits (V,) -> a 0-d token id tensor on the same device (no host sync)."""
-    if s.temperature == 0:
+    if s.temperature < GREEDY_BELOW:
         return torch.argmax(logits)
     probs = logits_to_probs(logits, s)
     return torch.multinomial(probs, 1, generator=generator)[0]

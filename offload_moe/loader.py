@@ -117,6 +117,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         raise OffloadMoeError(f"context_length = {context!r}, expected an integer >= 2")
     context_warning = check_context(cfg, context, force_context)
     check_kv_cache(cfg, context, device, dtype)  # before any weight is read
+    tokenizer = open_tokenizer(ckpt)  # a GGUF file carries its own; a bad one is refused before the weights
     report = progress or (lambda what, done, total: None)
     # The first n_cpu MoE layers' experts stay in RAM in CPU form; the engine below numbers the
     # others from 0 (SplitByLayer translates).
@@ -218,7 +219,6 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
             experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act, lazy=in_place), experts)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
-    tokenizer = open_tokenizer(ckpt)  # a GGUF file carries its own
     generation = GenerationDefaults.load(ckpt.path if ckpt.path.is_dir() else None)
     settings["sampling"] = generation.describe()
     if (device.type == "cpu" or n_cpu or mode == "hybrid") and (
@@ -249,4 +249,5 @@ def _bytes(key: str, value) -> int | None:
         n = 0
     if n > 0:
         return n
-    raise OffloadMoeError(f"{key} = {value!r}, expected a positive size such as 20GB or 512MiB")
+    shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:20]}... ({len(repr(value))} characters)"
+    raise OffloadMoeError(f"{key} = {shown}, expected a positive size below 2**63 bytes such as 20GB or 512MiB")

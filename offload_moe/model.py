@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .attention import RMSNorm, rope_tables, apply_rope, KVCache, KVRow, Attention, LatentAttention
 from .config import ModelConfig
 from .decode_cpu import RouteStep
+from .errors import OffloadMoeError
 from .experts.interface import ExpertProvider
 from .kv_slots import DEFAULT_KEEP_BYTES, KVSlots
 from .quant import native
@@ -247,13 +248,22 @@ class Transformer(nn.Module):
         """Allocate the KV cache and rotary tables once, on the compute device."""
         cfg = self.config
         self.device, self.max_seq_len = torch.device(device), max_seq_len
-        # DeepSeek rotates in fp32 from fp32 tables; the others cast the tables to the compute dtype
-        self.cos, self.sin = rope_tables(cfg, max_seq_len, device, torch.float32 if cfg.mla else dtype)
-        if cfg.mla:  # the latent and the rotated key part, shared by all heads
-            shape = (1, max_seq_len, cfg.mla.kv_lora_rank, device, dtype, cfg.mla.qk_rope_head_dim)
-        else:
-            shape = (cfg.num_kv_heads, max_seq_len, cfg.head_dim, device, dtype)
-        self.kv_caches = [KVCache(max_batch, *shape) for _ in range(cfg.num_layers)]
+        try:
+            # DeepSeek rotates in fp32 from fp32 tables; the others cast the tables to the compute dtype
+            self.cos, self.sin = rope_tables(cfg, max_seq_len, device, torch.float32 if cfg.mla else dtype)
+            if cfg.mla:  # the latent and the rotated key part, shared by all heads
+                shape = (1, max_seq_len, cfg.mla.kv_lora_rank, device, dtype, cfg.mla.qk_rope_head_dim)
+            else:
+                shape = (cfg.num_kv_heads, max_seq_len, cfg.head_dim, device, dtype)
+            self.kv_caches = [KVCache(max_batch, *shape) for _ in range(cfg.num_layers)]
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            self.kv_caches, self.cos, self.sin = [], None, None
+            if not allocation_failed(e):
+                raise
+            need = max_batch * max_seq_len * cfg.kv_cache_bytes_per_token(torch.finfo(dtype).bits // 8)
+            raise OffloadMoeError(f"context_length = {max_seq_len}: the KV cache ({need / 1e9:.2f} GB) and rotary "
+                                  f"tables cannot be allocated on {device} (out of memory: a memory limit such "
+                                  "as ulimit -v or a cgroup?); lower --context-length") from None
         self.kv_rows = [list(rows) for rows in zip(*(c.rows() for c in self.kv_caches))]
         # context shift for grouped-query attention (MLA's rotated key part is untested: no shift there)
         self.kv_slots = KVSlots(self.kv_caches, getattr(self.kv_slots, "keep_bytes", DEFAULT_KEEP_BYTES),
@@ -375,6 +385,13 @@ class Transformer(nn.Module):
         block = self.layers[self.config.moe_layers[layer]]
         x = block.post_attention_layernorm(residual).reshape(-1, self.config.hidden_size)
         return block.block_sparse_moe.route(x)[1]
+
+
+def allocation_failed(e: BaseException) -> bool:
+    """torch's ways of saying an allocation failed: CUDA's OutOfMemoryError, the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), Python's MemoryError."""
+    return isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or \
+        "can't allocate memory" in str(e) or "out of memory" in str(e).lower()
 
 
 def build_transformer(cfg: ModelConfig, dense: dict, experts, *, device, dtype,

@@ -44,7 +44,8 @@ def penalize(logits: torch.Tensor, counts: TokenCounts, repetition_penalty: floa
         logits = logits - frequency_penalty * counts.generated
     if presence_penalty != 0.0:
         logits = logits - presence_penalty * (counts.generated > 0).to(logits.dtype)
-    return logits
+    big = torch.finfo(logits.dtype).max  # a tiny repetition_penalty (1e-40) divides a logit past it
+    return logits.clamp(-big, big)
 
 
 class LogprobRecord:

@@ -1,17 +1,18 @@
-"""Text in and out: `tokenizer.json` through `tokenizers`, the chat template through sandboxed jinja2,
+"""Text in and out: `tokenizer.json` through `tokenizers`, the chat template through sandboxed jinja2
+with limits (`template_sandbox`),
 and incremental decoding that never emits half a UTF-8 character."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
+from . import template_sandbox
 from .chat_template import find_chat_template, no_template_message
 from .errors import OffloadMoeError
 from .user_files import regular_file
 
-MAX_TEMPLATE_CHARS = 32 * 2**20  # a rendered chat prompt longer than this is a runaway template
+MAX_TEMPLATE_CHARS = template_sandbox.MAX_CHARS  # a rendered chat prompt longer than this is a runaway template
 
 
 def _token_text(value) -> str | None:
@@ -87,112 +88,27 @@ class Tokenizer:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
                     isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls"))):
                 raise OffloadMoeError(f"message {i}: expected {{'role': str, 'content': str}}, got {m!r}")
-        from jinja2 import TemplateError
+        from jinja2 import TemplateSyntaxError
 
-        try:
-            template = _jinja_env().from_string(self.chat_template)
-        except TemplateError as e:
-            raise OffloadMoeError(f"{self.source}: chat_template does not parse ({_one_line(e)})") from None
         extra = {**(template_vars or {}), **({"tools": tools} if tools else {})}
-        pieces, size = [], 0
         try:
-            for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                           bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra):
-                size += len(piece)
-                if size > MAX_TEMPLATE_CHARS:
-                    raise _TemplateTooLong()
-                pieces.append(piece)
-        except _TemplateError as e:
-            raise OffloadMoeError(f"{self.source}: chat template refused the messages: {e}") from None
-        except _TemplateTooLong:
-            raise OffloadMoeError(f"{self.source}: chat_template output exceeds {MAX_TEMPLATE_CHARS:,} "
-                                  "characters (a runaway template)") from None
+            return template_sandbox.render(self.chat_template, messages=messages,
+                                           add_generation_prompt=add_generation_prompt,
+                                           bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+        except TemplateSyntaxError as e:
+            raise OffloadMoeError(f"{self.source}: chat_template does not parse ({_one_line(e)})") from None
+        except template_sandbox.TemplateRaised as e:
+            raise OffloadMoeError(f"{self.source}: chat template refused the messages: {_one_line(e)}") from None
+        except template_sandbox.TemplateLimit as e:
+            raise OffloadMoeError(f"{self.source}: chat_template stopped by the sandbox: {e} "
+                                  "(a runaway template)") from None
         except Exception as e:  # the template is the checkpoint's code: any failure is its fault
             raise OffloadMoeError(f"{self.source}: chat_template failed ({type(e).__name__}: {_one_line(e)})") from None
-        return "".join(pieces)
-
-
-class _TemplateError(Exception):
-    pass
-
-
-class _TemplateTooLong(Exception):
-    pass
 
 
 def _one_line(e: Exception) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= 200 else text[:200] + "..."
-
-
-def _bounded_binop(env, context, operator, left, right):
-    """`*`, `**` and `+` in a template, refusing results beyond MAX_TEMPLATE_CHARS (`'x' * 10**9`)."""
-    def size(v):
-        return len(v) if isinstance(v, (str, list, tuple)) else 0
-    if operator == "*":
-        for seq, n in ((left, right), (right, left)):
-            if size(seq) and isinstance(n, int) and size(seq) * n > MAX_TEMPLATE_CHARS:
-                raise _TemplateTooLong()
-    elif operator == "**":
-        if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 4096:
-            raise _TemplateTooLong()
-    elif operator == "+" and size(left) + size(right) > MAX_TEMPLATE_CHARS:
-        raise _TemplateTooLong()
-    return super(type(env), env).call_binop(context, operator, left, right)
-
-
-def _raise(message: str):
-    raise _TemplateError(message)
-
-
-_PADDING_METHODS = ("ljust", "rjust", "center", "zfill", "expandtabs")
-
-
-def _bounded_call(env, context, obj, *args, **kwargs):
-    """Calls from a template: no padding to a huge width, no result beyond MAX_TEMPLATE_CHARS."""
-    if getattr(obj, "__name__", "") in _PADDING_METHODS and any(
-            isinstance(a, int) and a > MAX_TEMPLATE_CHARS for a in (*args, *kwargs.values())):
-        raise _TemplateTooLong()
-    result = super(type(env), env).call(context, obj, *args, **kwargs)
-    if isinstance(result, (str, list, tuple)) and len(result) > MAX_TEMPLATE_CHARS:
-        raise _TemplateTooLong()
-    return result
-
-
-def _bounded_join(pieces):
-    """`~` in a template (jinja's str_join), refusing results beyond MAX_TEMPLATE_CHARS."""
-    pieces = [str(p) for p in pieces]
-    if sum(map(len, pieces)) > MAX_TEMPLATE_CHARS:
-        raise _TemplateTooLong()
-    return "".join(pieces)
-
-
-def _jinja_env():
-    from jinja2.compiler import CodeGenerator
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class BoundedConcat(CodeGenerator):
-        def visit_Concat(self, node, frame):  # `a ~ b` -> environment.bounded_join((a, b))
-            self.write("environment.bounded_join((")
-            for arg in node.nodes:
-                self.visit(arg, frame)
-                self.write(", ")
-            self.write("))")
-
-    class BoundedEnvironment(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "**", "+"])
-        call_binop = _bounded_binop
-        call = _bounded_call
-        code_generator_class = BoundedConcat
-        bounded_join = staticmethod(_bounded_join)
-
-    env = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                             extensions=["jinja2.ext.loopcontrols"])  # as transformers
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
 
 
 class StreamDecoder:

@@ -1,10 +1,13 @@
 """Run many `offload-moe` command lines in one process (torch imports once), as the console script
 would: `main(argv)` with its own stdin, stdout and stderr. Reads a JSON list of
 {"argv": [...], "stdin": "<latin-1 bytes>"} on stdin; writes one JSON result per case:
-{"rc": int, "stderr": str, "escaped": "<exception type and message>" | null}. An exception that
-escapes `main` is what the console script would print as a traceback; a case that runs past
-`timeout` seconds is reported as escaped "hang"; address space is capped so a memory blow-up is
-an escaped MemoryError rather than a swapping machine."""
+{"rc": int, "stderr": str, "escaped": "<exception type and message>" | null, "seconds": float,
+"added_mb": float}. An exception that escapes `main` is what the console script would print as a
+traceback; a case that runs past `timeout` seconds is reported as escaped "hang"; address space is
+capped so a memory blow-up is an escaped MemoryError rather than a swapping machine. `added_mb` is
+the case's peak resident memory above what the process held before it (VmHWM, reset through
+/proc/self/clear_refs). A case with "address_space": N runs with only N more bytes of address
+space than the process has mapped (as under `ulimit -v`)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import resource
 import signal
 import sys
+import time
 import traceback
 
 TIMEOUT = 120
@@ -36,6 +40,11 @@ def run_case(case: dict) -> dict:
     sys.stdin, sys.stdout, sys.stderr = stdin, out, err
     escaped = None
     signal.signal(signal.SIGALRM, _alarm)
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    if case.get("address_space"):
+        resource.setrlimit(resource.RLIMIT_AS, (_kib("VmSize") * 1024 + case["address_space"], limits[1]))
+    _reset_peak()
+    before, t0 = _kib("VmRSS"), time.monotonic()
     signal.alarm(case.get("timeout", TIMEOUT))
     try:
         rc = main(case["argv"])
@@ -47,8 +56,24 @@ def run_case(case: dict) -> dict:
         rc, escaped = -1, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     finally:
         signal.alarm(0)
+        seconds = time.monotonic() - t0
+        resource.setrlimit(resource.RLIMIT_AS, limits)
         sys.stdin, sys.stdout, sys.stderr = saved
-    return {"rc": rc, "stdout": out.getvalue()[-2000:], "stderr": err.getvalue(), "escaped": escaped}
+    return {"rc": rc, "stdout": out.getvalue()[-2000:], "stderr": err.getvalue(), "escaped": escaped,
+            "seconds": seconds, "added_mb": (_kib("VmHWM") - before) / 1024}
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+    except OSError:
+        pass
 
 
 def main() -> None:

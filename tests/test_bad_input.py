@@ -155,6 +155,41 @@ def cli_rows(root: Path, tiny: Path):
         (root / "empty-key").write_text("\n")
         return root / "empty-key"
 
+    def huge_array_gguf():  # issue 28, point 1: 118 bytes that claimed 2**60 items
+        f = root / "h.gguf"
+        if not f.exists():
+            s = lambda b: struct.pack('<Q', len(b)) + b  # noqa: E731 - the reproducer, verbatim
+            f.write_bytes(b'GGUF' + struct.pack('<IQQ', 3, 0, 2) + s(b'general.architecture') + struct.pack('<I', 8)
+                          + s(b'llama') + s(b'tokenizer.ggml.token_type') + struct.pack('<IIQ', 9, 5, 2**60))
+        return f
+
+    def huge(command):
+        def build():
+            f = str(huge_array_gguf())
+            argv = {"info": ["info", f], "plan": ["plan", f, "--profile", "cpu"],
+                    "generate": ["generate", "x", "--model", f, "--device", "cpu"],
+                    "chat": ["chat", "--model", f, "--device", "cpu"],
+                    "serve": ["serve", "--model", f, "--port", "0", "--device", "cpu"]}[command]
+            return argv, "Speak.\n" if command == "chat" else ""
+        return build
+
+    def gguf_with(name, key, value, command="generate"):
+        def build():
+            from fuzz_gguf import rewrite_metadata, tiny_gguf
+
+            f = root / f"{name}.gguf"
+            f.write_bytes(rewrite_metadata(tiny_gguf("gpt2"), key, value))
+            if command == "info":
+                return ["info", str(f)], ""
+            return ["generate", "ab", "--model", str(f), "--device", "cpu", "--max-new-tokens", "1"], ""
+        return build
+
+    def nines_profile():
+        f = root / "nines.toml"
+        f.write_text((ROOT / "profiles" / "cpu.toml").read_text().replace("vram_budget = 0",
+                                                                          f'vram_budget = "{"9" * 400}GB"'))
+        return ["plan", str(DEMO), "--profile", str(f)], ""
+
     deep = b'{"a": ' + b'[' * 100000 + b']' * 100000 + b'}'
     return [
         # ---- point 4: safetensors headers of the wrong shape
@@ -219,7 +254,7 @@ def cli_rows(root: Path, tiny: Path):
                                                            "--force-context"),
          ["context_length = 100000000", "KV cache"]),
         ("chat template 'x' * 10**9", chat_with("t-huge", "{{ 'x' * 1000000000 }}"),
-         ["tokenizer_config.json", "chat_template output exceeds"]),
+         ["tokenizer_config.json", "stopped by the sandbox"]),
         # ---- point 3: NaN and Inf weights
         ("NaN weight, greedy", gen(PROMPT, "--temperature", "0", model=lambda: poisoned(root, "w-nan", math.nan)),
          ["layer 2", "model.layers.2.self_attn.o_proj.weight"]),
@@ -252,6 +287,46 @@ def cli_rows(root: Path, tiny: Path):
          ["empty-key", "empty"]),
         # ---- point 5: overwrites
         ("bench --json onto an existing file", bench_json_exists, ["bench-existing.json", "already exists", "--force"]),
+        # ---- issue 28 (each within 10 s and 1 GB: ISSUE_28 below)
+        # point 1: a GGUF count beyond the file, in every command that opens it
+        *[(f"118-byte GGUF, {c}", huge(c), ["h.gguf", "'tokenizer.ggml.token_type'", "1,152,921,504,606,846,976", "bytes left"])
+          for c in ("info", "plan", "generate", "chat", "serve")],
+        # point 2: metadata of the wrong type or inconsistent length
+        ("GGUF embedding_length a string", gguf_with("g-embd", "llama.embedding_length", "32", "info"),
+         ["g-embd.gguf", "'llama.embedding_length'", "a str ('32')", "expected a non-negative integer"]),
+        ("GGUF token_type shorter than the tokens", gguf_with("g-types", "tokenizer.ggml.token_type", [1, 1, 1]),
+         ["g-types.gguf", "tokenizer.ggml.token_type has 3 entries", "one per token (16"]),
+        ("GGUF token_type a bool", gguf_with("g-typebool", "tokenizer.ggml.token_type", True),
+         ["g-typebool.gguf", "'tokenizer.ggml.token_type'", "a bool", "expected a list of integers"]),
+        ("GGUF merges an int", gguf_with("g-merges", "tokenizer.ggml.merges", 5),
+         ["g-merges.gguf", "'tokenizer.ggml.merges'", "expected a list of strings"]),
+        ("GGUF merge naming an unknown token", gguf_with("g-merge-unk", "tokenizer.ggml.merges", ["a b", "a zz"]),
+         ["g-merge-unk.gguf", "tokenizer.ggml.merges[1] = 'a zz'", "two tokens of the vocabulary"]),
+        ("GGUF pre a list", gguf_with("g-pre", "tokenizer.ggml.pre", ["gpt-2"]),
+         ["g-pre.gguf", "'tokenizer.ggml.pre'", "expected a string"]),
+        ("GGUF chat_template an array", gguf_with("g-tpl", "tokenizer.chat_template", ["{{ x }}"]),
+         ["g-tpl.gguf", "'tokenizer.chat_template'", "expected a string"]),
+        # point 3: templates that spin or fill memory
+        *[(f"template {name}", chat_with(f"t28-{i}", template), ["tokenizer_config.json", "stopped by the sandbox"])
+          for i, (name, template) in enumerate([
+              ("nested range(99999) loops",
+               "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"),
+              ("lipsum(n=1000000)", "{{ lipsum(n=1000000) }}"),
+              ("center(3e9)", "{{ 'a'|center(3e9) }}"),
+              ("center(3e8)", "{{ 'a'|center(300000000) }}"),
+              ("indent(2e9)", "{{ messages[0]['content']|indent(2e9) }}"),
+              ("'%03000000000d'|format(1)", "{{ '%03000000000d'|format(1) }}"),
+              ("wordwrap(1) on 20 MB", "{{ ('ab ' * 7000000)|wordwrap(1) }}"),
+              ("big-integer squaring", "{% set ns = namespace(x=2**64) %}{% for i in range(64) %}"
+                                       "{% set ns.x = ns.x * ns.x %}{% endfor %}{{ ns.x }}"),
+          ])],
+        # point 5: allocation failures under an address-space limit (ulimit -v)
+        ("KV cache under ulimit -v", gen(PROMPT, "--context-length", "2000000", "--force-context"),
+         ["KV cache", "GB"]),
+        # point 8: sizes too large for a float
+        ("--ram-budget of 400 nines GB", gen(PROMPT, "--cache-slots", "2", "--ram-budget", "9" * 400 + "GB"),
+         ["ram_budget", "below 2**63 bytes"]),
+        ("profile vram_budget of 400 nines GB", nines_profile, ["nines.toml", "vram_budget", "below 2**63 bytes"]),
     ]
 
 
@@ -260,9 +335,9 @@ def cli_results(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("bad-input")
     rows = cli_rows(root, Path(tiny_checkpoint[0]))
     cases = []
-    for _, build, _ in rows:
+    for case_id, build, _ in rows:
         argv, stdin = build()
-        cases.append({"argv": argv, "stdin": stdin})
+        cases.append({"argv": argv, "stdin": stdin, **CASE_OPTIONS.get(case_id, {})})
     # CPU only: the runner caps its address space, which CUDA's initialisation would exceed
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(root), "NO_COLOR": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "bad_input_runner.py")],
@@ -273,6 +348,10 @@ def cli_results(tmp_path_factory, tiny_checkpoint):
 
 CLI_IDS = [row[0] for row in cli_rows(Path("/nonexistent"), Path("/nonexistent"))]
 NEEDLES = {row[0]: row[2] for row in cli_rows(Path("/nonexistent"), Path("/nonexistent"))}
+# issue 28's reproducers: each must end within 10 s (the case's alarm) and 1 GB more resident memory
+ISSUE_28 = CLI_IDS[CLI_IDS.index("118-byte GGUF, info"):]
+CASE_OPTIONS = {case: {"timeout": 10} for case in ISSUE_28}
+CASE_OPTIONS["KV cache under ulimit -v"]["address_space"] = 2 * 2**30
 
 
 @pytest.mark.parametrize("case", CLI_IDS)
@@ -288,6 +367,8 @@ def test_command_line(cli_results, case):
     assert "Traceback" not in result["stderr"]
     for needle in NEEDLES[case]:
         assert needle in errors[0], f"{needle!r} not in: {errors[0]}"
+    if case in ISSUE_28:  # the alarm above ends a case at 10 s; memory is measured
+        assert result["added_mb"] < 1024, f"{argv}: {result['added_mb']:.0f} MB more resident memory"
 
 
 # ---------------------------------------------------------------- the Python API rows
@@ -337,7 +418,7 @@ def test_runaway_chat_templates(tmp_path, template):
 
     d = with_template(tmp_path, "t", template)
     raises_one_line(lambda: Tokenizer(d).render_chat([{"role": "user", "content": "hi"}]),
-                    "tokenizer_config.json", "chat_template output exceeds")
+                    "tokenizer_config.json", "stopped by the sandbox")
 
 
 def test_lone_surrogate_prompt(demo_model):
@@ -404,6 +485,103 @@ def test_ram_tier_larger_than_available_ram(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(offload_moe.runtime, "available_ram", lambda: 100_000)  # above the KV cache, below the RAM tier
     raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="ram"),
                     "RAM tier", "only 0.1 MB is available", "--ram-budget")
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=1e-300), dict(top_p=1e-45), dict(repetition_penalty=1e-40),
+                                    dict(temperature=1e-300, repetition_penalty=1e-40, top_p=1e-45)],
+                         ids=["temperature 1e-300", "top_p 1e-45", "repetition_penalty 1e-40", "all three"])
+def test_tiny_sampling_values_are_not_a_crash(demo_model, kwargs):
+    """Issue 28, point 4: below 1e-5 a temperature is greedy (documented in `Sampling`); tiny top_p
+    and repetition_penalty stay finite in float32. The tokens equal greedy decoding's where greedy."""
+    out = demo_model.generate(PROMPT, max_new_tokens=6, seed=0, ignore_eos=True, **kwargs)
+    assert len(out.token_ids) == 6
+    if "temperature" in kwargs and "repetition_penalty" not in kwargs:
+        assert out.token_ids == demo_model.generate(PROMPT, max_new_tokens=6, temperature=0, ignore_eos=True).token_ids
+
+
+def test_tiny_temperature_on_the_command_line(capsys):
+    from offload_moe.cli.main import main
+
+    assert main(["generate", PROMPT, "--temperature", "1e-300", "--repetition-penalty", "1e-40", "--top-p", "1e-45",
+                 "--max-new-tokens", "3", "--device", "cpu"]) == 0
+
+
+def test_kv_cache_refused_inside_a_memory_cgroup(tmp_path, monkeypatch):
+    """Issue 28, point 5: in a 700 MB cgroup a 1 GB KV cache is one line, not the OOM killer."""
+    import functools
+
+    import offload_moe.runtime
+
+    (tmp_path / "cgroup").write_text("0::/box\n")
+    box = tmp_path / "fs" / "box"
+    box.mkdir(parents=True)
+    (box / "memory.max").write_text(f"{700 * 10**6}\n")
+    (box / "memory.current").write_text(f"{100 * 10**6}\n")
+    real = offload_moe.runtime.available_ram
+    monkeypatch.setattr(offload_moe.runtime, "available_ram", functools.partial(
+        real, self_cgroup=tmp_path / "cgroup", cgroup_root=tmp_path / "fs"))
+    assert offload_moe.runtime.available_ram() == 600 * 10**6
+    raises_one_line(lambda: offload_moe.load(device="cpu", context_length=400_000, force_context=True),
+                    "context_length = 400000", "KV cache of 1.02 GB", "0.60 GB of available RAM")
+
+
+def test_kv_cache_allocation_failure_is_named(monkeypatch):
+    """What torch's CPU allocator raises when a limit the checks cannot see stops it: one line."""
+    from offload_moe import attention
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 640000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(attention.torch, "zeros", refuse)
+    raises_one_line(lambda: offload_moe.load(device="cpu"), "KV cache", "cannot be allocated", "--context-length")
+
+
+def test_refused_disk_tier_leaves_no_offload_dir_it_made(tiny_checkpoint, tmp_path, monkeypatch):
+    """Issue 28, point 7: the free-space check refuses; the directories it created are gone."""
+    from offload_moe.experts import disk_dir
+
+    monkeypatch.setattr(disk_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(8 * 10**6, 8 * 10**6, 1000))
+    raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="disk",
+                                             offload_dir=tmp_path / "made" / "here"), "needs", "is free")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _quantize(src, dst):
+    from offload_moe.tools import convert
+
+    return convert.quantize(src, dst, experts="int4", attention="bf16", group_size=16, method="rtn", device="cpu")
+
+
+@pytest.mark.parametrize("where", ["hf_blobs", "elsewhere"])
+def test_quantize_copies_linked_files_without_widening_modes(tiny_checkpoint, tmp_path, where):
+    """Issue 28, point 6: a 0600 file linked into the checkpoint (from the Hugging Face cache's blobs/,
+    or from anywhere else) is copied as a file, 0600 still, never 0644."""
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    shutil.copytree(tiny_checkpoint[0], snapshot)
+    blob = repo / "blobs" / "0123abcd" if where == "hf_blobs" else tmp_path / "private" / "tokenizer_config.json"
+    blob.parent.mkdir()
+    blob.write_text('{"bos_token": "<s>"}')
+    blob.chmod(0o600)
+    (snapshot / "tokenizer_config.json").symlink_to(Path("../../blobs/0123abcd") if where == "hf_blobs" else blob)
+    out = _quantize(snapshot, tmp_path / "q")
+    copied = out / "tokenizer_config.json"
+    assert not copied.is_symlink() and copied.read_text() == blob.read_text()
+    assert copied.stat().st_mode & 0o777 == 0o600
+
+
+def test_quantize_failure_removes_the_parents_it_made(tiny_checkpoint, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    from offload_moe.tools import convert
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(StorageFull: No space left on device)")
+
+    monkeypatch.setattr(convert, "save_file", full)
+    raises_one_line(lambda: _quantize(tiny_checkpoint[0], tmp_path / "made" / "deeper" / "q"), "no space left")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_quantize_full_disk(tiny_checkpoint, tmp_path, monkeypatch):
@@ -487,6 +665,15 @@ def test_server(servers, server, path, body, headers, status, needles):
     for needle in needles:
         assert needle in message, message
 
+
+
+def test_server_tiny_sampling_values_are_not_a_500(servers):
+    """Issue 28, point 4: tiny temperature, top_p and repetition_penalty sample (as greedy where the
+    temperature is below 1e-5) instead of a 500 from torch.multinomial."""
+    body = {**COMPLETION, "temperature": 1e-300, "top_p": 1e-45, "repetition_penalty": 1e-40}
+    status, reply = post(servers["demo"], "/v1/completions", body)
+    assert status == 200, reply
+    assert reply["choices"][0]["text"]
 
 
 def test_server_accepts_its_own_and_allowed_origins(checkpoint_for_origins):

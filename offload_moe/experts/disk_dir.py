@@ -50,6 +50,15 @@ def sampled_crc(row: np.ndarray) -> int:
     return zlib.crc32(row[max(0, n - SAMPLE):], crc)
 
 
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove directories this process made (deepest first), stopping at one that is not empty."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            break
+
+
 class DiskDir:
     """A private directory of layer files for one process; `needed` bytes will be written."""
 
@@ -57,12 +66,12 @@ class DiskDir:
         given = base is not None
         base = Path(base) if given else Path(tempfile.gettempdir())
         shown = f"offload_dir {str(base)!r}" if given else f"$TMPDIR {str(base)!r}"
-        created_base = False
-        if given and not os.path.lexists(base):
+        made = [d for d in (base, *base.parents) if not os.path.lexists(d)] if given else []  # deepest first
+        if made:
             try:
                 base.mkdir(parents=True)
-                created_base = True
             except OSError as e:
+                _remove_empty(made)
                 raise OffloadMoeError(f"{shown} cannot be created ({e.strerror})") from None
         if not base.is_dir():
             raise OffloadMoeError(f"{shown} is not writable (not a directory)")
@@ -72,16 +81,16 @@ class DiskDir:
         except OSError:
             free = None
         if free is not None and free < needed:
+            _remove_empty(made)  # a refused tier leaves no directory it created
             raise OffloadMoeError(f"{shown}: the disk tier needs {human(needed)} but only {human(free)} "
                                   "is free (free some space, pass --offload-dir elsewhere, or raise --ram-budget)")
         self.path = base / f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             os.mkdir(self.path, 0o700)
         except OSError as e:
-            if created_base:
-                os.rmdir(base)
+            _remove_empty(made)
             raise OffloadMoeError(f"{shown} is not writable ({e.strerror})") from None
-        owned_paths.own(self.path, remove_parent_if_empty=created_base)
+        owned_paths.own(self.path, remove_parent_if_empty=bool(made))
         self.needed, self.shown = needed, shown
         self.fds: dict[str, int] = {}
         self.sizes: dict[str, int] = {}

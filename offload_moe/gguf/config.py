@@ -2,7 +2,8 @@
 
 llama.cpp's converter writes `{arch}.*` keys (`gguf.Keys.LLM`) in place of config.json. We
 rebuild the config.json keys our parsers read from them, so every check and default is shared.
-Architectures, as the converter names them: Mixtral is `llama` with expert tensors; `qwen3moe`,
+Each key is read with the type we expect (`GGUFFile.typed`): a string `embedding_length` or a
+list where a number belongs is one line naming the file and the key. Architectures, as the converter names them: Mixtral is `llama` with expert tensors; `qwen3moe`,
 `qwen2moe`, `olmoe`, `deepseek2`, `gpt-oss`. Where llama.cpp fixes a behaviour in code rather than
 in the file, so do we (e.g. qwen3moe always renormalises its top-k weights; gpt-oss alternates
 sliding and full attention from layer 0).
@@ -10,6 +11,9 @@ sliding and full attention from layer 0).
 
 from __future__ import annotations
 
+import re
+
+from ..arch.reader import LIMITS
 from ..config import ModelConfig
 from ..errors import OffloadMoeError
 from .reader import GGUFFile
@@ -17,14 +21,15 @@ from .reader import GGUFFile
 ARCHES = {"llama": "mixtral", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "olmoe": "olmoe",
           "deepseek2": "deepseek_v2", "gpt-oss": "gpt_oss"}
 FLOAT_NAMES = {0: "float32", 1: "float16", 30: "bfloat16"}  # ggml F32, F16, BF16
+BLOCK_TENSOR = re.compile(r"blk\.(\d{1,6})\.")
 
 
 def model_type(f: GGUFFile) -> str:
-    arch = f.get("general.architecture")
+    arch = f.typed("general.architecture", "a string")
     if arch not in ARCHES:
         raise OffloadMoeError(f"{f.path}: general.architecture = {arch!r} is not supported "
                               f"(supported: {', '.join(sorted(ARCHES))})")
-    if not f.get(f"{arch}.expert_count"):
+    if not f.typed(f"{arch}.expert_count", "a non-negative integer"):
         raise OffloadMoeError(f"{f.path}: {arch}.expert_count is missing or 0: a dense {arch} model, "
                               "not a mixture of experts")
     return ARCHES[arch]
@@ -43,37 +48,51 @@ def config_json(f: GGUFFile) -> dict:
     mt = model_type(f)
     arch = f.get("general.architecture")
 
-    def key(name, default=...):
+    def key(name, default=..., kind="a non-negative integer"):
         full = f"{arch}.{name}"
-        if full not in f.fields:
-            if default is ...:
-                raise OffloadMoeError(f"{f.path}: metadata key {full!r} is missing")
-            return default
-        return f.fields[full]
+        if full not in f.fields and default is ...:
+            raise OffloadMoeError(f"{f.path}: metadata key {full!r} is missing")
+        return f.typed(full, kind, None if default is ... else default)
+
+    def number(name, default=...):
+        return key(name, default, "a number")
 
     embd = f.tensors.get("token_embd.weight")
     if embd is None:
         raise OffloadMoeError(f"{f.path}: tensor 'token_embd.weight' is missing")
-    heads = key("attention.head_count")
+    if len(embd.shape) != 2:
+        raise OffloadMoeError(f"{f.path}: tensor 'token_embd.weight' has shape {list(embd.shape)}, "
+                              "expected [vocabulary, hidden]")
+    per_layer = "a non-negative integer or a list of them"
+    heads = key("attention.head_count", kind=per_layer)
     if isinstance(heads, list):
         heads = heads[0]
-    kv = key("attention.head_count_kv", heads)
+    kv = key("attention.head_count_kv", heads, kind=per_layer)
     kv = kv[0] if isinstance(kv, list) else kv
     hidden = key("embedding_length")
-    eos = f.get("tokenizer.ggml.eos_token_id")
+    layers = key("block_count")
+    if layers > LIMITS["num_hidden_layers"]:  # before any loop over the layers
+        raise OffloadMoeError(f"{f.path}: metadata key '{arch}.block_count' = {layers:,}, expected at most "
+                              f"{LIMITS['num_hidden_layers']}")
+    present = {int(m[1]) for name in f.tensors if (m := BLOCK_TENSOR.match(name))}
+    missing = next((i for i in range(layers) if i not in present), None)
+    if missing is not None:  # before tables are built per layer (the gguf package's name maps: seconds for 4096)
+        raise OffloadMoeError(f"{f.path}: metadata key '{arch}.block_count' = {layers:,}, but the file holds no "
+                              f"tensor of block {missing} (blk.{missing}.*)")
+    eos = f.typed("tokenizer.ggml.eos_token_id", "a non-negative integer")
     raw = {
         "model_type": mt,
         "vocab_size": embd.shape[0],
         "hidden_size": hidden,
-        "num_hidden_layers": key("block_count"),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv,
         "head_dim": key("attention.key_length", hidden // heads if heads else None),
         "max_position_embeddings": key("context_length", 4096),
-        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-5),
-        "rope_theta": key("rope.freq_base", 10000.0),
+        "rms_norm_eps": number("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": number("rope.freq_base", 10000.0),
         "tie_word_embeddings": "output.weight" not in f.tensors,
-        "bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
+        "bos_token_id": f.typed("tokenizer.ggml.bos_token_id", "a non-negative integer"),
         "eos_token_id": eos,
         "torch_dtype": FLOAT_NAMES.get(embd.type, "float16"),
         "num_experts_per_tok": key("expert_used_count"),
@@ -87,7 +106,7 @@ def config_json(f: GGUFFile) -> dict:
                 "head_dim": key("rope.dimension_count", raw["head_dim"])}
     elif mt in ("qwen3_moe", "qwen2_moe"):
         raw |= {"num_experts": experts, "moe_intermediate_size": expert_ff, "intermediate_size": ff or expert_ff,
-                "norm_topk_prob": bool(key("expert_weights_norm", mt == "qwen3_moe")),
+                "norm_topk_prob": bool(key("expert_weights_norm", mt == "qwen3_moe", "a bool or an integer")),
                 "attention_bias": False,
                 "mlp_only_layers": [i for i in range(raw["num_hidden_layers"])  # dense: no router tensor
                                     if f"blk.{i}.ffn_gate_inp.weight" not in f.tensors]}
@@ -98,7 +117,7 @@ def config_json(f: GGUFFile) -> dict:
             raw["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
     elif mt == "olmoe":
         raw |= {"num_experts": experts, "intermediate_size": expert_ff or ff, "norm_topk_prob": False,
-                "attention_bias": "blk.0.attn_q.bias" in f.tensors, "clip_qkv": key("attention.clamp_kqv", None)}
+                "attention_bias": "blk.0.attn_q.bias" in f.tensors, "clip_qkv": number("attention.clamp_kqv", None)}
     elif mt == "gpt_oss":
         layers = raw["num_hidden_layers"]
         raw |= {"num_local_experts": experts, "intermediate_size": expert_ff or ff, "sliding_window": window,
@@ -117,19 +136,20 @@ def config_json(f: GGUFFile) -> dict:
                 "head_dim": None, "num_key_value_heads": heads,
                 "first_k_dense_replace": key("leading_dense_block_count", 0),
                 "n_shared_experts": key("expert_shared_count", 0),
-                "routed_scaling_factor": key("expert_weights_scale", 1.0) or 1.0,
-                "norm_topk_prob": bool(key("expert_weights_norm", False)),
+                "routed_scaling_factor": number("expert_weights_scale", 1.0) or 1.0,
+                "norm_topk_prob": bool(key("expert_weights_norm", False, "a bool or an integer")),
                 "topk_method": "group_limited_greedy" if groups > 1 else "greedy",
                 "n_group": groups, "topk_group": key("expert_group_used_count", 1) or 1}
         if key("expert_gating_func", 1) not in (0, 1):  # 1: softmax (V2); 2: sigmoid (V3)
             raw["scoring_func"] = "sigmoid"
-    scaling = key("rope.scaling.type", None)
+    scaling = key("rope.scaling.type", None, "a string")
     if scaling == "yarn":
-        log_mul = key("rope.scaling.yarn_log_multiplier", 0.0)
+        log_mul = number("rope.scaling.yarn_log_multiplier", 0.0)
         raw["rope_scaling"] = {
-            "rope_type": "yarn", "factor": key("rope.scaling.factor"),
+            "rope_type": "yarn", "factor": number("rope.scaling.factor"),
             "original_max_position_embeddings": key("rope.scaling.original_context_length"),
-            "beta_fast": key("rope.scaling.yarn_beta_fast", 32.0), "beta_slow": key("rope.scaling.yarn_beta_slow", 1.0),
+            "beta_fast": number("rope.scaling.yarn_beta_fast", 32.0),
+            "beta_slow": number("rope.scaling.yarn_beta_slow", 1.0),
             "mscale": log_mul / 0.1 if log_mul else None, "mscale_all_dim": log_mul / 0.1 if log_mul else None}
     elif scaling not in (None, "none"):
         raise OffloadMoeError(f"{f.path}: {arch}.rope.scaling.type = {scaling!r} is not supported "

@@ -7,6 +7,10 @@ rebuilt as a `tokenizers.Tokenizer` that splits text as llama.cpp's `llama-vocab
   the merged piece (what llama.cpp's SPM tokenizer merges first), byte fallback to `<0xXX>`,
   spaces as U+2581 and a leading one unless `tokenizer.ggml.add_space_prefix` is false.
 Control and user-defined tokens (token types 3 and 4) are matched whole, as added tokens.
+
+Every key is read with the type we expect and the arrays are checked against each other (as many
+token types and scores as tokens, each merge two known tokens joined by a space, special token ids
+inside the vocabulary) before anything is built: a bad header is one line naming the key.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ PRE_SPLITS = {"gpt-2": [_GPT2], "olmo": [_GPT2], "mpt": [_GPT2], "phi-2": [_GPT2
               "qwen2": [_QWEN2], "deepseek-r1-qwen": [_QWEN2], "deepseek-llm": _DEEPSEEK_LLM,
               "gpt-4o": [_GPT4O], "default": _DEFAULT}
 CONTROL, USER_DEFINED = 3, 4
+MAX_MERGED_PIECE = 256  # longer SentencePiece pieces get no merges (real vocabularies stay under ~50 chars)
 
 
 @dataclass
@@ -54,11 +59,11 @@ class TokenizerParts:
 
 def tokenizer_parts(f: GGUFFile) -> TokenizerParts:
     """The header's tokenizer (`tokenizer.ggml.*`) and chat template."""
-    tokens = f.get("tokenizer.ggml.tokens")
-    model = f.get("tokenizer.ggml.model")
-    if not isinstance(tokens, list) or not tokens:
+    tokens = f.typed("tokenizer.ggml.tokens", "a list of strings")
+    model = f.typed("tokenizer.ggml.model", "a string")
+    if not tokens:
         raise OffloadMoeError(f"{f.path}: no tokenizer.ggml.tokens, so text cannot be tokenized")
-    types = f.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    types = _per_token(f, "tokenizer.ggml.token_type", "a list of integers", tokens) or [1] * len(tokens)
     if model == "gpt2":
         backend = _bpe(f, tokens)
     elif model == "llama":
@@ -71,31 +76,37 @@ def tokenizer_parts(f: GGUFFile) -> TokenizerParts:
     special = [AddedToken(tokens[i], special=types[i] == CONTROL, normalized=False)
                for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)]
     backend.add_special_tokens(special)
-    bos, eos = f.get("tokenizer.ggml.bos_token_id"), f.get("tokenizer.ggml.eos_token_id")
+    bos, eos = (f.typed(f"tokenizer.ggml.{k}_token_id", "a non-negative integer") for k in ("bos", "eos"))
     bos_token = tokens[bos] if isinstance(bos, int) and bos < len(tokens) else None
     eos_token = tokens[eos] if isinstance(eos, int) and eos < len(tokens) else None
     # BOS / EOS as llama.cpp adds them with `add_special` (tokenizer.ggml.add_bos_token, ...)
     from tokenizers import processors
 
-    add_bos = bool(f.get("tokenizer.ggml.add_bos_token", model == "llama")) and bos_token is not None
-    add_eos = bool(f.get("tokenizer.ggml.add_eos_token", False)) and eos_token is not None
+    add_bos = f.typed("tokenizer.ggml.add_bos_token", "a bool", model == "llama") and bos_token is not None
+    add_eos = f.typed("tokenizer.ggml.add_eos_token", "a bool", False) and eos_token is not None
     if add_bos or add_eos:
         single = " ".join([f"{bos_token}:0"] * add_bos + ["$A:0"] + [f"{eos_token}:0"] * add_eos)
         backend.post_processor = processors.TemplateProcessing(
             single=single, pair=f"{single} $B:1",
             special_tokens=[(bos_token, bos)] * add_bos + [(eos_token, eos)] * add_eos)
-    return TokenizerParts(backend, bos_token, eos_token, f.get("tokenizer.chat_template"),
+    return TokenizerParts(backend, bos_token, eos_token, f.typed("tokenizer.chat_template", "a string"),
                           f"{f.path} (tokenizer.chat_template)")
 
 
 def _bpe(f: GGUFFile, tokens: list[str]):
     from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-    merges = f.get("tokenizer.ggml.merges") or []
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    merges = f.typed("tokenizer.ggml.merges", "a list of strings", [])
     vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = []
+    for i, m in enumerate(merges):
+        pair = tuple(m.split(" ", 1))
+        if len(pair) != 2 or pair[0] not in vocab or pair[1] not in vocab or pair[0] + pair[1] not in vocab:
+            raise OffloadMoeError(f"{f.path}: tokenizer.ggml.merges[{i}] = {m[:40]!r}, expected two tokens of "
+                                  "the vocabulary joined by a space, whose join is a token too")
+        pairs.append(pair)
     tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=False))
-    pre = f.get("tokenizer.ggml.pre") or "default"
+    pre = f.typed("tokenizer.ggml.pre", "a string") or "default"
     if pre not in PRE_SPLITS:
         raise OffloadMoeError(f"{f.path}: tokenizer.ggml.pre = {pre!r} is not known here "
                               f"(known: {', '.join(sorted(PRE_SPLITS))})")
@@ -109,19 +120,24 @@ def _bpe(f: GGUFFile, tokens: list[str]):
 def _spm(f: GGUFFile, tokens: list[str], types: list[int]):
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
 
-    scores = f.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    scores = _per_token(f, "tokenizer.ggml.scores", "a list of numbers", tokens) or [0.0] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     # Merges as transformers' SentencePieceExtractor derives them: every split of a piece into two
     # pieces, ordered by the merged piece's score (higher first).
     merges = []
     for piece in sorted((t for i, t in enumerate(tokens) if types[i] == 1), key=lambda t: -scores[vocab[t]]):
+        if len(piece) > MAX_MERGED_PIECE:  # its splits cost len**2: a corrupt 20 KB token would take seconds
+            continue
         local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
         merges += sorted(local, key=lambda p: (vocab[p[0]], vocab[p[1]]))
-    unk = f.get("tokenizer.ggml.unknown_token_id", 0)
+    unk = f.typed("tokenizer.ggml.unknown_token_id", "a non-negative integer", 0)
+    if unk >= len(tokens):
+        raise OffloadMoeError(f"{f.path}: tokenizer.ggml.unknown_token_id = {unk}, expected an id below the "
+                              f"vocabulary's {len(tokens)} tokens")
     tok = HFTokenizer(models.BPE(vocab, merges, unk_token=tokens[unk] if unk is not None else None,
                                  byte_fallback=True, fuse_unk=True))
     steps = [normalizers.Replace(" ", "\u2581")]
-    prefix = f.get("tokenizer.ggml.add_space_prefix", True)
+    prefix = f.typed("tokenizer.ggml.add_space_prefix", "a bool", True)
     if prefix:
         steps.insert(0, normalizers.Prepend("\u2581"))
     tok.normalizer = normalizers.Sequence(steps)
@@ -130,3 +146,12 @@ def _spm(f: GGUFFile, tokens: list[str], types: list[int]):
         parts.append(decoders.Strip(" ", 1, 0))
     tok.decoder = decoders.Sequence(parts)
     return tok
+
+
+def _per_token(f: GGUFFile, key: str, kind: str, tokens: list[str]) -> list | None:
+    """An array with one entry per token (token_type, scores), or None when the file has none."""
+    values = f.typed(key, kind)
+    if values is not None and len(values) != len(tokens):
+        raise OffloadMoeError(f"{f.path}: {key} has {len(values):,} entries, expected one per token "
+                              f"({len(tokens):,}, tokenizer.ggml.tokens)")
+    return values

@@ -14,7 +14,8 @@ Output layout (the format itself is quant/format.py):
     ...
     dst/model-000{L}-of-000NN.safetensors           layer L-1
     dst/model-000NN-of-000NN.safetensors            embed_tokens, final norm, lm_head (NN = L + 1)
-    dst/tokenizer.json, tokenizer_config.json, ...  copied when present
+    dst/tokenizer.json, tokenizer_config.json, ...  copied when present (a symlink's target), never with a
+                                                    wider mode than the source has (`copy_source`)
 
 Experts are always written in the family's per-expert layout (Mixtral:
 `block_sparse_moe.experts.{e}.w1/w3/w2.weight`, router `block_sparse_moe.gate.weight`), whichever
@@ -25,7 +26,7 @@ dtype. Families whose experts have no per-expert layout (gpt-oss) are refused.
 
 Atomicity: everything is written into `dst.parent/.{dst.name}.partial-<pid>`, every file fsynced,
 and the directory renamed to `dst` as the very last step. Any failure removes the temporary
-directory, so `dst` either does not exist or is complete. An existing `dst` is never overwritten.
+directory (and the parent directories this call made), so `dst` either does not exist or is complete. An existing `dst` is never overwritten.
 SIGTERM and SIGHUP remove the temporary directory too (`owned_paths`); one left by a run killed
 outright (SIGKILL, power loss) is removed by the next quantize to the same `dst` (its PID is dead).
 """
@@ -38,6 +39,7 @@ import math
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,6 +108,7 @@ def quantize(src, dst, *, experts: str = "int3", attention: str = "int4", embedd
     report = progress or (lambda what, done, total: None)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     writer = _Writer(tmp, dst)
+    made = [d for d in (dst.parent, *dst.parent.parents) if not os.path.lexists(d)]  # ours to remove on failure
     try:
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -120,6 +123,11 @@ def quantize(src, dst, *, experts: str = "int3", attention: str = "int4", embedd
         writer.finish()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in made:  # the parents this call created (deepest first), if still empty
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
         raise
     finally:
         owned_paths.release(tmp)  # after the rename there is nothing left at tmp
@@ -246,7 +254,7 @@ def _convert(ckpt: Checkpoint, spec: QuantSpec, writer: _Writer, report: Progres
     writer.text("config.json", json.dumps(raw, indent=2) + "\n")
     for file in TOKENIZER_FILES if ckpt.path.is_dir() else ():
         if (ckpt.path / file).is_file():
-            writer.copy(ckpt.path / file)
+            writer.copy(ckpt.path / file, ckpt.path)
 
 
 def _convert_weight(name: str, w: torch.Tensor, spec: QuantSpec, device: torch.device) -> dict[str, torch.Tensor]:
@@ -320,8 +328,19 @@ class _Writer:
     def text(self, name: str, content: str) -> None:
         self._guard(self.tmp / name, lambda: (self.tmp / name).write_text(content))
 
-    def copy(self, file: Path) -> None:
-        self._guard(self.tmp / file.name, lambda: shutil.copyfile(file, self.tmp / file.name))
+    def copy(self, file: Path, root: Path) -> None:
+        """Copy a file of checkpoint `root` (see `copy_source`), never with a wider mode than it has."""
+        source = copy_source(file, root)
+        mode = stat.S_IMODE(source.stat().st_mode) & self.mode
+        out = self.tmp / file.name
+
+        def write():
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+            with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
+                shutil.copyfileobj(src, dst)
+            os.chmod(out, mode)  # the umask may have narrowed it further: keep the narrower of the two
+        self._guard(out, write)
+
 
     def finish(self) -> None:
         try:
@@ -345,5 +364,16 @@ def _fsync(path: Path) -> None:
     finally:
         os.close(fd)
 
+
+def copy_source(file: Path, root: Path) -> Path:
+    """The file `quantize` copies for `file` of checkpoint directory `root`: the file itself or, for a
+    symlink, its target, which must be a regular file (a FIFO would hang the copy, a directory
+    cannot be one). A link into the Hugging Face cache's `blobs/` is the usual case; one pointing
+    anywhere else is copied too (a tokenizer linked in from a base model is common), and either way
+    the copy never gets a wider mode than the target has (`_Writer.copy`): a 0600 file stays 0600."""
+    target = file.resolve()
+    if not target.is_file():
+        raise OffloadMoeError(f"{file}: not a regular file (expected a file to copy)")
+    return target
 
 __all__ = ["check_group_size", "output_bytes", "output_shapes", "quantize", "shard_name"]
