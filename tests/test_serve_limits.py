@@ -135,21 +135,25 @@ def test_slow_template_and_huge_prompts_end_in_one_error_while_health_answers(sl
     proc, url = start_cli_server(slow_checkpoint, "--prepare-timeout", "1")
     try:
         assert post(url, "/v1/chat/completions", chat("Hi"))[0] == 200
-        cases = [("/v1/chat/completions", chat("x" * 20_000), 408, "took longer than 1 s"),      # template
-                 ("/v1/completions", {"model": NAME, "prompt": "ab " * 2_666_666, "max_tokens": 2}, 400,
-                  "context length"),                                                              # 8 MB prompt
-                 ("/v1/chat/completions", chat("ab " * 2_666_666), 400, "context length")]
+        # the runaway template ends at the server's deadline (408) or, first, at the sandbox's own step
+        # limit (400): either way one error in bounded time
+        cases = [("/v1/chat/completions", chat("x" * 20_000), (408, 400), ("took longer than 1 s", "sandbox")),
+                 ("/v1/completions", {"model": NAME, "prompt": "ab " * 2_666_666, "max_tokens": 2}, (400,),
+                  ("context length",)),                                                              # 8 MB prompt
+                 ("/v1/chat/completions", chat("ab " * 2_666_666), (400,), ("context length",))]
         bodies = [(path, json.dumps(body).encode(), status, words) for path, body, status, words in cases]
         with HealthWatch(url) as idle:   # the same polling with nothing else to do: this machine's baseline
             time.sleep(2)
+        outcomes = []
         with HealthWatch(url) as watch:
             for path, body, status, words in bodies:
                 t0 = time.perf_counter()
                 got, answer = post(url, path, body)
                 elapsed = time.perf_counter() - t0
-                assert (got, words in answer["error"]["message"]) == (status, True), answer
+                assert got in status and any(w in answer["error"]["message"] for w in words), answer
                 assert elapsed < 5, (path, elapsed)
-                print(f"{path} {len(body):,} bytes: {status} after {elapsed:.2f} s")
+                print(f"{path} {len(body):,} bytes: {got} after {elapsed:.2f} s")
+                outcomes.append(f"{got} {path}")
             time.sleep(0.3)
         metrics = json.loads(urllib.request.urlopen(f"{url}/metrics", timeout=10).read())
     finally:
@@ -160,7 +164,7 @@ def test_slow_template_and_huge_prompts_end_in_one_error_while_health_answers(sl
     print(f"/health during the stalls: {len(ms)} answers, median {ms[len(ms) // 2]:.0f} ms, max {ms[-1]:.0f} ms; "
           f"idle server: {len(base)} answers, median {base[len(base) // 2]:.0f} ms, max {base[-1]:.0f} ms")
     assert ms[-1] < 1000   # the event loop was never held (acceptance figure: < 100 ms, BENCHMARKS.md)
-    assert metrics["prepare"]["timeouts"] == 1
+    assert metrics["prepare"]["timeouts"] == sum(w.startswith("408") for w in outcomes)
     assert "Traceback" not in log
 
 

@@ -53,7 +53,7 @@ class _Server:
                  body_timeout: float, parallel: int = 1):
         self.model, self.model_name, self.api_key = model, model_name, api_key
         self.worker = Worker(model, max_queue, parallel)
-        self.prep = PrepPool(PREP_THREADS, prepare_timeout)
+        self.prep = PrepPool(PREP_THREADS, prepare_timeout, backlog=max_queue + parallel)
         self.body_timeout = body_timeout
         self.created = int(time.time())
         self.started = time.time()

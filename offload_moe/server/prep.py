@@ -5,8 +5,10 @@ Why: the event loop answers every connection (health checks included); a chat te
 loops, or tokenizing megabytes of text, would freeze all of them if it ran there. Here a request
 waits at most `timeout` seconds for its prompt and then gets one clear error, whatever the work
 still does in its thread. A thread that is stuck (a template that never ends) keeps its place in
-the pool until it returns, so at most `threads` of them ever run: later requests are told the server
-is busy instead of piling up threads. The threads are daemons: they never hold up the process when
+the pool until it returns, so at most `threads` of them ever run; up to `backlog` more wait for a
+thread (their deadline counts the wait), and later requests are told the server is busy instead of
+piling up. The backlog is what the server admits anyway (its queue plus the requests decoding
+together), so concurrent clients within the server's limits are never refused here. The threads are daemons: they never hold up the process when
 it is told to stop (SIGTERM, Ctrl-C), which a `concurrent.futures` pool would (it joins at exit).
 """
 
@@ -26,8 +28,8 @@ log = logging.getLogger("offload_moe.server")
 class PrepPool:
     """`await pool.run(fn, *args)`: fn(*args) on a pool thread, within `timeout` seconds."""
 
-    def __init__(self, threads: int = 2, timeout: float = 4.0):
-        self.size, self.timeout = threads, timeout
+    def __init__(self, threads: int = 2, timeout: float = 4.0, backlog: int = 0):
+        self.size, self.timeout, self.backlog = threads, timeout, backlog
         self.work: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
         self.busy = 0              # calls accepted and not yet returned (queued or running)
@@ -41,10 +43,10 @@ class PrepPool:
             self.threads.append(thread)
 
     async def run(self, fn: Callable, *args, what: str = "preparing the prompt"):
-        """fn(*args) off the event loop. Raises 503 when every thread is busy, 408 past the deadline
+        """fn(*args) off the event loop. Raises 503 when every thread and the backlog are busy, 408 past the deadline
         (the work goes on in its thread; its result is dropped), or what fn raised."""
         with self.lock:
-            if self.busy >= self.size:
+            if self.busy >= self.size + self.backlog:
                 raise ApiError(503, f"the server is busy preparing {self.busy} other prompts; retry shortly",
                                type="server_error", code="server_busy", headers={"Retry-After": "1"})
             self.busy += 1
