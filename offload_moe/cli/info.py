@@ -22,6 +22,12 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+def weight_rows(by_kind: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
+    """One row per kind of weight, `(label, "bytes (params)")`, as `info` and `plan` both show them."""
+    return [(f"weights: {kind}", f"{human_bytes(nbytes)} ({human_count(params)} params)")
+            for kind, (params, nbytes) in by_kind.items()]
+
+
 def run(args) -> int:
     ckpt = None
     if Path(args.path).is_file() and Path(args.path).suffix.lower() == ".json":
@@ -31,7 +37,7 @@ def run(args) -> int:
         c = ckpt.config
     table = Table(title=str(args.path if ckpt is None or parse_reference(args.path) else ckpt.path), show_header=False)
     table.add_column("field")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     rows = [
         ("architecture", f"{c.model_type} ({c.num_layers} layers, {c.num_experts} experts, top-{c.top_k})"),
         ("hidden / expert intermediate", f"{c.hidden_size} / {c.intermediate_size}"),
@@ -42,8 +48,7 @@ def run(args) -> int:
     ]
     if ckpt is not None:
         rows.append(("expert layout", ckpt.layout.replace("_", " ")))
-        for kind, n in ckpt.bytes_by_kind().items():
-            rows.append((f"bytes: {kind}", human_bytes(n)))
+        rows += weight_rows(ckpt.weights_by_kind())
         rows += [("dtypes", ", ".join(ckpt.dtypes())),
                  ("shards", f"{len(ckpt.shard_files())} ({human_bytes(ckpt.total_bytes())})")]
     else:
