@@ -217,3 +217,16 @@ def test_generate_says_when_the_context_ended_it(tiny, capsys):
     assert "the context of 16 tokens is full" in err and out.strip()
     _, err = generate(capsys, "To be", "--model", tiny, "--device", "cpu", "--max-new-tokens", 3, "--ignore-eos")
     assert "context" not in err
+
+
+def test_seed_minus_one_is_a_random_seed_reported_for_a_rerun(tiny, capsys):
+    """As llama.cpp: --seed -1 draws a seed and says which, and that seed repeats the run."""
+    base = ["To be", "--model", tiny, "--device", "cpu", "--temperature", 1.5, "--max-new-tokens", 12, "--ignore-eos"]
+    runs = [generate(capsys, *base, "--seed", -1) for _ in range(2)]
+    seeds = [int(re.search(r"offload-moe: seed (\d+) \(--seed \1 repeats this run\)", err).group(1)) for _, err in runs]
+    assert seeds[0] != seeds[1] and -1 not in seeds
+    for (out, _), seed in zip(runs, seeds):
+        again, err = generate(capsys, *base, "--seed", seed)
+        assert again == out and "seed" not in err
+    fixed = [generate(capsys, *base, "--seed", 5)[0] for _ in range(2)]
+    assert fixed[0] == fixed[1] != generate(capsys, *base, "--seed", 6)[0]
