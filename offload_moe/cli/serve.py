@@ -10,6 +10,7 @@ from ..errors import OffloadMoeError, read_user_file
 from ..hub import model_name
 from .common import add_model_arguments, check_model_argument, fetch, load_kwargs, warn_about
 from .console import progress_bar, stderr
+from .parser import EXIT_INTERRUPTED
 
 
 def add_parser(sub):
@@ -120,11 +121,12 @@ def run(args) -> int:
             stderr.print(f"offload-moe: warning: listening on {host} without --api-key: anyone who can reach "
                          "this port can use the model", highlight=False, markup=False)
         config = uvicorn.Config(app, log_config=_log_config(), timeout_graceful_shutdown=3)
+        status = 0
         try:
             uvicorn.Server(config).run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C it caught
-            pass
+            status = EXIT_INTERRUPTED  # as every command ends on Ctrl-C (parser.EXIT_CODES)
         stderr.print("offload-moe: server stopped", highlight=False, markup=False)
     finally:
         sock.close()
-    return 0
+    return status
