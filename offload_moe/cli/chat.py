@@ -353,10 +353,17 @@ def describe_model(model, sampling: str | None = None) -> str:
     if settings.get("profile") is not None:
         parts.append(f"profile {settings.pop('profile')}")
     placement = settings.pop("experts", None)
+    cpu_mode, cpu_layers = settings.pop("cpu_experts", None), settings.pop("cpu_layers", None)
     if placement == "resident":
         parts.append("all experts resident")
+    elif placement == "cpu":  # the CPU computes every expert: the CPU tier's own fields say nothing more
+        parts.append("all experts on the CPU")
     elif placement is not None:
         parts.append(f"experts {placement}")
+    if placement != "cpu" and cpu_mode == "layers" and cpu_layers:
+        parts.append(f"experts of {cpu_layers} MoE layer{'s' * (cpu_layers != 1)} on the CPU")
+    elif placement != "cpu" and cpu_mode == "hybrid":
+        parts.append("experts split between CPU and GPU")
     slots = settings.pop("cache_slots", None)
     if slots is not None:
         values = list(slots) if isinstance(slots, (list, tuple)) else [slots]

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..config import ModelConfig
 from ..hub import parse_reference
+from ..runtime import DEMO_DIR
 from ..sources import open_checkpoint
 from .common import fetch
 from .console import human_bytes, human_count, stdout
@@ -17,8 +18,9 @@ from .console import human_bytes, human_count, stdout
 def add_parser(sub):
     p = sub.add_parser("info", help="describe a checkpoint (architecture, parameters, bytes by kind)",
                        description="Describe a checkpoint directory or GGUF file without loading its weights.")
-    p.add_argument("path", metavar="PATH_OR_ID",
-                   help="checkpoint directory, .gguf file, config.json file or Hugging Face repo id (org/name[@rev])")
+    p.add_argument("path", metavar="PATH_OR_ID", nargs="?", default=str(DEMO_DIR),
+                   help="checkpoint directory, .gguf file, config.json file or Hugging Face repo id (org/name[@rev]) "
+                        "(default: the bundled demo model, as every command)")
     p.set_defaults(func=run)
 
 
