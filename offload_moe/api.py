@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .constrain import Constraint, GrammarTokenizer, grammar_from
 from .errors import OffloadMoeError
 from .generate import DecodeTiming, Sampling, decode_tokens
 from .generation_config import GenerationDefaults
@@ -57,6 +58,7 @@ class Model:
         if tokenizer is not None and tokenizer.token_id(tokenizer.eos_token) is not None:
             ids.add(tokenizer.token_id(tokenizer.eos_token))
         self.eos_ids = frozenset(ids)
+        self._grammar_tokenizer: GrammarTokenizer | None = None
 
     @property
     def context_length(self) -> int:
@@ -64,9 +66,10 @@ class Model:
 
     @property
     def stats(self) -> dict:
-        """Expert engine counters (hits, misses, bytes moved...) and the last generation's timing."""
+        """Expert engine counters (hits, misses, bytes moved...), the process's memory by kind and the
+        last generation's timing."""
         t = self.last_timing
-        return {"experts": self.experts.stats(),
+        return {"experts": self.experts.stats(), "memory": process_memory(),
                 "generation": {"prompt_tokens": t.prompt_tokens, "new_tokens": t.new_tokens,
                                "prefill_seconds": t.prefill_seconds, "decode_seconds": t.decode_seconds,
                                "prefill_tokens_per_second": t.prefill_tokens_per_second,
@@ -84,6 +87,15 @@ class Model:
         return self.transformer(input_ids.to(self.device), start=0, use_cache=False).cpu()
 
     # ---- generation ----
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """The tokenizer as the constrained decoder sees it, built on first use (about a second for a
+        150k vocabulary) and kept."""
+        if self._grammar_tokenizer is None:
+            if self.tokenizer is None:
+                raise OffloadMoeError(f"{self.path}: no tokenizer.json, so constrained decoding is not available")
+            self._grammar_tokenizer = GrammarTokenizer(self.tokenizer, self.config.vocab_size, self.eos_ids)
+        return self._grammar_tokenizer
+
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
@@ -129,8 +141,11 @@ class Model:
         frequency_penalty=0.0 (OpenAI's), seed=None, stop=None (a string or list of strings),
         ignore_eos=False, should_stop=None (a callable checked between tokens), logprobs=None (N:
         record each token's log-probability and the N most likely), generator=None (a
-        torch.Generator to draw from instead of seeding one), skip_special_tokens=True.
-        temperature=0 is greedy."""
+        torch.Generator to draw from instead of seeding one), skip_special_tokens=True,
+        logit_bias=None ({token id: bias from -100 to 100} added to the logits, as OpenAI's),
+        json_schema=None (a JSON Schema dict or string, or True for any JSON object), regex=None,
+        grammar=None (a Lark grammar in llguidance's dialect): the output is constrained to match
+        (one of the three; through llguidance). temperature=0 is greedy."""
         run = GenerationRun(self, prompt, **kwargs)
         for _ in run:
             pass
@@ -140,11 +155,20 @@ class Model:
         """Reply to a conversation rendered through the checkpoint's chat template."""
         return self.generate(self.chat_ids(messages), **kwargs)
 
-    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """Prompt ids of a conversation, as transformers' apply_chat_template(messages, tools=tools)."""
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None, **template_vars) -> list[int]:
+        """Prompt ids of a conversation, as transformers' apply_chat_template(messages, tools=tools,
+        **template_vars) (e.g. reasoning_effort="high" for gpt-oss's template)."""
+        return self.encode_chat(self.chat_text(messages, tools, **template_vars))
+
+    def chat_text(self, messages: list[dict], tools: list[dict] | None = None, **template_vars) -> str:
+        """The conversation rendered through the chat template, ending with the assistant's turn opened."""
         if self.tokenizer is None:
             raise OffloadMoeError(f"{self.path}: no tokenizer.json, so chat is not available")
-        text = self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools)
+        return self.tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools,
+                                          template_vars=template_vars)
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Ids of a rendered conversation (the template wrote its special tokens itself)."""
         return self._check_encoded(self.tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -157,7 +181,8 @@ class GenerationRun:
                  should_stop: Callable[[], bool] | None = None, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                  logprobs: int | None = None, generator: torch.Generator | None = None,
-                 skip_special_tokens: bool = True):
+                 skip_special_tokens: bool = True, logit_bias: dict[int, float] | None = None,
+                 json_schema=None, regex: str | None = None, grammar: str | None = None):
         temperature, top_p, top_k = model.generation.sampling(temperature, top_p, top_k)  # None: the model's
         check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
         check_penalties(min_p, repetition_penalty, presence_penalty, frequency_penalty)
@@ -178,6 +203,11 @@ class GenerationRun:
         self.ignore_eos = ignore_eos  # benchmarks and parity tests want a fixed number of tokens
         self.should_stop = should_stop  # checked between tokens: a server cancels a departed client
         self.stops = [stop] if isinstance(stop, str) else list(stop or [])
+        self.bias = _bias_vector(logit_bias, model) if logit_bias else None
+        self.constraint = None
+        if json_schema is not None or regex is not None or grammar is not None:
+            text = grammar_from(json_schema=json_schema, regex=regex, grammar=grammar)
+            self.constraint = Constraint(model.grammar_tokenizer(), text, model.device)
         self.result: Generation | None = None
         self.token_ids: list[int] = []
 
@@ -190,7 +220,8 @@ class GenerationRun:
         text, emitted = "", 0      # text so far; how much of it was yielded
         finish = "length"
         for token_id in decode_tokens(m.transformer, self.ids, self.max_new_tokens, self.sampling, timing,
-                                      generator=self.generator, logprobs=self.logprobs):
+                                      generator=self.generator, logprobs=self.logprobs, bias=self.bias,
+                                      constraint=self.constraint):
             if token_id in m.eos_ids and not self.ignore_eos:
                 finish = "stop"
                 break
@@ -223,6 +254,21 @@ class GenerationRun:
         self.result = Generation(text, out_ids, finish, stats, entries)
 
 
+def _bias_vector(logit_bias, model: Model) -> torch.Tensor:
+    """{token id: bias} -> (V,) fp32 on the model's device, checked as OpenAI does (-100..100)."""
+    if not isinstance(logit_bias, dict):
+        raise OffloadMoeError(f"logit_bias: expected a mapping of token id to bias, got {type(logit_bias).__name__}")
+    bias = torch.zeros(model.config.vocab_size, dtype=torch.float32)
+    for key, value in logit_bias.items():
+        token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
+        if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < model.config.vocab_size:
+            raise OffloadMoeError(f"logit_bias: key {key!r} is not a token id in 0..{model.config.vocab_size - 1}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not -100 <= value <= 100:
+            raise OffloadMoeError(f"logit_bias[{key!r}] = {value!r}, expected a number from -100 to 100")
+        bias[token] = float(value)
+    return bias.to(model.device)
+
+
 def check_penalties(min_p, repetition_penalty, presence_penalty, frequency_penalty) -> None:
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -249,3 +295,20 @@ def _held_back(text: str, stops: list[str]) -> int:
                 best = n
                 break
     return best
+
+
+def process_memory() -> dict:
+    """This process's resident memory by kind (/proc/self/status; {} where there is none): anonymous
+    (KV cache, activations, copies: what the kernel must keep) and file pages (weights mapped from
+    their file: what it may drop and read again)."""
+    keys = {"RssAnon:": "anonymous_bytes", "RssFile:": "file_bytes", "RssShmem:": "shared_bytes"}
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = keys.get(line.split(" ", 1)[0].split("\t", 1)[0])
+                if key:
+                    out[key] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out

@@ -128,7 +128,8 @@ class RouteStep:
         rc = self._lib.route_one(x.data_ptr(), _code(x), *self._static, int(round_logits),
                                  ids.data_ptr(), weights.data_ptr(), _code(weights))
         if rc != 0:
-            raise ValueError(f"router of MoE layer {self.block.layer}: top-{self.k} of {cfg.num_experts} experts")
+            raise ValueError(f"router of MoE layer {self.block.layer}: "
+                             f"top-{self.k} of {self.block.cfg.num_experts} experts")
         return weights, ids
 
 

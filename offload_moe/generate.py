@@ -90,11 +90,15 @@ class DecodeTiming:
 
 def decode_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sampling: Sampling,
                   timing: DecodeTiming | None = None, *, generator: torch.Generator | None = None,
-                  logprobs: LogprobRecord | None = None) -> Iterator[int]:
+                  logprobs: LogprobRecord | None = None, bias: torch.Tensor | None = None,
+                  constraint=None) -> Iterator[int]:
     """Yield up to max_new_tokens ids; the caller stops early on EOS or a stop string.
 
     generator: the random state to draw from (a chat session passes one for the whole session);
-    without one, `sampling.seed` seeds a fresh one. logprobs: filled in step by step when given."""
+    without one, `sampling.seed` seeds a fresh one. logprobs: filled in step by step when given.
+    bias (V,) on the device: added to the logits before penalties and sampling (OpenAI's logit_bias).
+    constraint: a `constrain.Constraint`; it masks the logits last, just before sampling, and
+    advances by each token read."""
     timing = timing if timing is not None else DecodeTiming()
     device = model.device
     if generator is None and sampling.seed is not None:
@@ -110,9 +114,13 @@ def decode_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sa
         finite = torch.isfinite(logits.sum())                              # () one reduction, no sync
         if sampling.temperature > 0:
             logits = logits.nan_to_num_(0.0, 0.0, 0.0)                      # multinomial must not see NaN
+        if bias is not None:
+            logits = logits.add_(bias)
         if counts is not None:
             logits = penalize(logits, counts, sampling.repetition_penalty, sampling.presence_penalty,
                               sampling.frequency_penalty)
+        if constraint is not None:
+            logits = constraint.apply(logits)                               # forbidden ids -> -inf
         token = sample(logits, sampling, generator)
         if counts is not None:
             counts.add(token)
@@ -121,6 +129,8 @@ def decode_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sa
         token_id, ok = torch.stack((token, finite.to(token.dtype))).tolist()  # the token must be read
         if not ok:
             raise OffloadMoeError(diagnose(model, prompt + generated, i))
+        if constraint is not None:
+            constraint.advance(token_id)
         generated.append(token_id)
         now = time.perf_counter()
         if i == 0:

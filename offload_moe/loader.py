@@ -16,6 +16,7 @@ from .budget import check_context, check_host_ram, check_kv_cache
 from .checkpoint import Checkpoint
 from .cpu.kernels import resident_cpu_form
 from .sources import open_checkpoint, open_tokenizer
+from .threads import set_threads
 from .experts.cpu_tier import SplitByLayer, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
 from .experts.cache import ExpertCache
@@ -23,6 +24,7 @@ from .experts.costs import CostModel
 from .experts.layout import ExpertLayout
 from .experts.policy import POLICIES
 from .experts.resident import ResidentExperts
+from .experts.source import SourceStore, source_fields
 from .experts.store import HostStore
 from .experts.interface import Activation, ExpertWeights
 from .generation_config import GenerationDefaults
@@ -53,7 +55,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
          offload_dir: str | Path | None = None, policy: str | None = None, record_trace: bool | None = None,
          cpu_experts: str | int | None = None, cpu_costs: CostModel | None = None,
          nf4_experts: bool | None = None, force_context: bool = False, requantize: str | None = None,
-         progress: Progress | None = None) -> Model:
+         threads: int | str | None = "auto", progress: Progress | None = None) -> Model:
     """Load a checkpoint directory or .gguf file of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`),
     or a Hugging Face repo id ("org/name", "org/name@revision": from the cache, else downloaded; see `hub`);
     None: the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
@@ -69,6 +71,11 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     tier (`offload` "ram" or "disk", `ram_budget` bytes or "20GB", `offload_dir`), prefetching
     `prefetch` layers ahead, evicting by `policy` ("lru"; "none" reuses nothing, a baseline).
 
+    On a CPU device a GGUF file is computed where it lies (every weight a view of its mapping, see
+    gguf/checkpoint.py); there `cache_slots` is a RAM expert cache in front of the file itself, which
+    is the host tier whatever `offload` says (misses are preads of the expert's bytes, prefetched on
+    an I/O thread; nothing is written under `offload_dir`; `settings.offload == "file"`).
+
     cpu_experts: which experts the CPU computes where they sit in host RAM (see `experts/cpu_tier.py`).
     "auto" (default): on a CPU device with resident experts, "all"; elsewhere "none". "none": always
     copy. "hybrid": each miss is either copied or computed on the CPU, whichever the cost model
@@ -83,7 +90,13 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     `settings.warning` then says so); without it that is an error.
 
     requantize: for a GGUF file, the width ("int4", ...) that tensor types with no exact packed form
-    (IQ*, TQ*, ...) are requantized to; None refuses such a file with one line."""
+    (IQ*, TQ*, ...) are requantized to; None refuses such a file with one line.
+
+    threads: torch's CPU threads for this process, as the CLI's --threads: "auto" (default) takes the
+    cores other work leaves free (`threads.default_threads`: on a busy machine more threads than free
+    cores decode several times slower), an int sets them; None leaves torch's setting alone."""
+    if threads is not None:
+        set_threads(threads)
     if path is None:
         path = demo_dir()
     if not hasattr(path, "expert"):  # a directory, a .gguf file, or a Hugging Face repo id (downloaded when not cached)
@@ -92,7 +105,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     cfg = ckpt.config
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
-    opts = (placement if placement is not None else from_profile(profile, cfg, device, dtype)).override(
+    mappable = device.type == "cpu" and getattr(ckpt, "in_place", False) and not nf4_experts
+    opts = (placement if placement is not None else from_profile(profile, cfg, device, dtype, mapped=mappable)).override(
         context_length=context_length, cache_slots=cache_slots, prefetch=prefetch, offload=offload,
         ram_budget=ram_budget, offload_dir=offload_dir, policy=policy, record_trace=record_trace,
         cpu_experts=cpu_experts, nf4_experts=nf4_experts)
@@ -108,8 +122,16 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     # others from 0 (SplitByLayer translates).
     mode, n_cpu = cpu_layers(opts.cpu_experts, len(cfg.moe_layers), device, offloaded=cache_slots not in (None, "all"))
 
+    # A CPU run computes from the file where it lies when the checkpoint can say where (GGUF): every
+    # weight a view of the mapping, the same form in every tier (`GGUFCheckpoint.expert_in_place`).
+    # The offloading engine's slots hold one layout for every layer: a file whose expert types differ
+    # across layers is repacked to one form for it instead.
+    in_place = mappable and (cache_slots in (None, "all") or ckpt.uniform_experts)
     shapes = ckpt.expected_shapes()
-    read = getattr(ckpt, "get_weight", lambda name, shape: ckpt.get(name))
+    if in_place:
+        read = lambda name, shape: ckpt.get_weight(name, shape, in_place=True)  # noqa: E731
+    else:
+        read = getattr(ckpt, "get_weight", lambda name, shape: ckpt.get(name))
     dense = {}
     for i, (name, shape) in enumerate(shapes.items()):
         dense[model_name(name)] = place(read(name, shape), device, dtype)
@@ -126,6 +148,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
                               f"quantized ({how})")
 
     def load_expert(layer: int, e: int, to=device) -> ExpertWeights:
+        if in_place:  # views: nothing read, converted or copied (a float type other than dtype aside)
+            return ExpertWeights(**{k: place(v, to, dtype) for k, v in ckpt.expert_in_place(moe_layers[layer], e).items()})
         w = {k: place(v, to, dtype) for k, v in ckpt.expert(moe_layers[layer], e).items()}
         if nf4_experts:
             w = {k: NF4Weight.quantize(v) if k in ("w1", "w3", "w2") else v for k, v in w.items()}
@@ -141,13 +165,15 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         return resident_cpu_form(load_expert(layer, e, to="cpu"))
 
     settings.update(cpu_experts=mode, cpu_layers=n_cpu)
+    if in_place:
+        settings.update(weights="mapped")
     act = Activation(cfg.swiglu_limit, cfg.swiglu_alpha)  # how every expert computes (gpt-oss clamps)
     if n_cpu == len(moe_layers):
-        experts = ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act)
+        experts = ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act, lazy=in_place)
         settings.update(experts="cpu")
     elif cache_slots is None or cache_slots == "all":
         experts = ResidentExperts(lambda layer, e: on_cpu(layer, e) if layer < n_cpu else load_expert(layer, e),
-                                  len(moe_layers), cfg.num_experts, act)
+                                  len(moe_layers), cfg.num_experts, act, lazy=in_place)
         settings.update(experts="resident")
     else:
         slots = _slots_per_layer(cache_slots, len(moe_layers), cfg.num_experts)[n_cpu:]
@@ -155,15 +181,25 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
             raise OffloadMoeError(f"prefetch = {prefetch!r}, expected a depth >= 0 (layers ahead)")
         offloaded = len(moe_layers) - n_cpu
         layout = ExpertLayout(load_expert(n_cpu, 0, to="cpu"))
-        store = HostStore(layout, offloaded, cfg.num_experts, offload=offload,
-                          ram_budget=_bytes("ram_budget", ram_budget), offload_dir=offload_dir,
-                          pin=device.type == "cuda", check_ram=check_host_ram)
-        for layer in range(offloaded):
-            staging = store.staging(layer)
-            for e in range(cfg.num_experts):
-                layout.write(staging[e], load_expert(n_cpu + layer, e, to="cpu"))
-            store.commit_layer(layer)
-        store.finish()
+        if offload not in ("ram", "disk"):
+            raise OffloadMoeError(f"offload = {offload!r}, expected 'ram' or 'disk'")
+        if in_place and source_fields(layout, ckpt.expert_ranges(moe_layers[n_cpu], 0)):
+            # the file is the tier: each miss a pread of the expert's ranges into a slot (no copy at load);
+            # the slots are the RAM expert cache, anonymous memory
+            check_host_ram(f"the RAM expert cache ({sum(slots)} slots of {layout.nbytes:,} bytes)",
+                           sum(slots) * layout.nbytes)
+            store = SourceStore(layout, lambda layer: ckpt.expert_ranges(moe_layers[n_cpu + layer], 0),
+                                offloaded, cfg.num_experts)
+        else:
+            store = HostStore(layout, offloaded, cfg.num_experts, offload=offload,
+                              ram_budget=_bytes("ram_budget", ram_budget), offload_dir=offload_dir,
+                              pin=device.type == "cuda", check_ram=check_host_ram)
+            for layer in range(offloaded):
+                staging = store.staging(layer)
+                for e in range(cfg.num_experts):
+                    layout.write(staging[e], load_expert(n_cpu + layer, e, to="cpu"))
+                store.commit_layer(layer)
+            store.finish()
         if policy not in POLICIES:
             raise OffloadMoeError(f"policy = {policy!r}, expected one of {', '.join(POLICIES)}")
         tier, costs = None, None
@@ -178,8 +214,10 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
         settings.update(experts="offloaded", cache_slots=slots, prefetch=prefetch, policy=policy,
                         ram_layers=store.ram_layers, disk_layers=offloaded - store.ram_layers,
                         offload_dir=str(store.disk_dir) if store.disk_dir else None)
+        if isinstance(store, SourceStore):
+            settings.update(offload="file", expert_cache_bytes=sum(slots) * layout.nbytes)
         if n_cpu:
-            experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act), experts)
+            experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act, lazy=in_place), experts)
 
     transformer = build_transformer(cfg, dense, experts, device=device, dtype=dtype, max_seq_len=context)
     tokenizer = open_tokenizer(ckpt)  # a GGUF file carries its own

@@ -8,8 +8,9 @@ decoder layer, the whole stack. Routed experts are not part of this module: the 
 injected provider (`experts.interface.ExpertProvider`: `fetch(layer, ids, tokens, guesses)`) for
 the experts its tokens chose and hands over its guesses of the next layers' in the same call, so
 offloading, caching and prefetch live elsewhere and never call back into this file. Routing ids and
-guesses reach the host in one copy per MoE layer (`HostIds`); a benchmark replays a trace by giving
-the model a `Routing` strategy.
+guesses reach the host in one copy per MoE layer (`HostIds`), the only time a decode step's layer
+waits for the device; the routing weights stay there (`tests/test_host_syncs.py` counts, for every
+family). A benchmark replays a trace by giving the model a `Routing` strategy.
 
 Shape letters: B batch, T new tokens, S cached positions, H hidden size, nh / nkv query / key-value
 heads, hd head dim, E experts, k experts per token, N = B*T tokens, V vocab, r latent rank (MLA),
@@ -98,7 +99,8 @@ class Routing(Protocol):
 class HostIds:
     """The one device->host transfer of a MoE layer: its routing ids and the guesses for the next
     layers, gathered on the device into one preallocated buffer and copied back in one go into a
-    preallocated host buffer (pinned on CUDA). Steps larger than the buffers (prefill) copy once too."""
+    preallocated host buffer (pinned on CUDA). Steps larger than the buffers (prefill) copy once too.
+    The routing weights stay on the device: the block weights the experts' outputs there."""
 
     def __init__(self, size: int, device: torch.device):
         self.device = torch.device(device)
@@ -109,18 +111,14 @@ class HostIds:
     def read(self, *parts: torch.Tensor) -> torch.Tensor:
         """The parts (long tensors on the device), flattened one after another, on the host."""
         if self.staged is self.host and len(parts) == 1:
-            return parts[0].flatten()   # already in host memory (a CPU model): nothing to copy
-        sizes = [p.numel() for p in parts]
-        total = sum(sizes)
+            return parts[0].flatten().cpu()   # a CPU model: already in host memory (`.cpu()` copies nothing)
+        total = sum(p.numel() for p in parts)
         if total > self.host.numel():
             return torch.cat([p.flatten() for p in parts]).cpu()
-        at = 0
-        for p, n in zip(parts, sizes):
-            self.staged[at:at + n].copy_(p.flatten())
-            at += n
+        staged = torch.cat([p.flatten() for p in parts], out=self.staged[:total])   # (total,) one gather
         if self.staged is self.host:
-            return self.host[:total]
-        return self.host[:total].copy_(self.staged[:total])            # blocking: the layer's one sync
+            return staged
+        return self.host[:total].copy_(staged)                         # blocking: the layer's one sync
 
 
 class MoEBlock(nn.Module):
@@ -170,17 +168,17 @@ class MoEBlock(nn.Module):
         host = ids_to_host.read(*parts)                               # the one host sync of the layer
         ahead = ([sorted(set(g)) for g in host[N * k:].view(guesses.shape[0], -1).tolist()]
                  if guesses is not None else ())
-        row_weights = weights.flatten()                               # (N*k,)
-        # Each (token, choice) gets its own row, summed over choices in a fixed order afterwards,
-        # so the result does not depend on the order the provider hands experts out.
-        out = h.new_empty(N * k, H) if N == 1 else h.new_zeros(N * k, H)  # (N*k, H)
+        # Each (token, choice) gets its own row, weighted on the device and summed over choices in a
+        # fixed order, so the result does not depend on the order the provider hands experts out.
         if N == 1:  # decode: k distinct experts, one row each; no grouping needed
             choice = {e: j for j, e in enumerate(host[:k].tolist())}
-            scale = row_weights.tolist()                              # the weights' exact values
+            outs: list[torch.Tensor | None] = [None] * k
             for e, expert in self.experts.fetch(self.layer, sorted(choice), N, ahead):
-                j = choice[e]
-                torch.mul(expert(h, None), scale[j], out=out[j:j + 1])   # (1, H)
+                outs[choice[e]] = expert(h, None)                     # (1, H)
+            y = (torch.cat(outs) * weights.view(k, 1)).sum(dim=0, keepdim=True)   # (k, H) -> (1, H)
         else:
+            row_weights = weights.flatten()                           # (N*k,)
+            out = h.new_zeros(N * k, H)                               # (N*k, H)
             order = torch.argsort(flat, stable=True)                  # rows grouped by expert, on the device
             token_of = order // k                                     # (N*k,) the token of each grouped row
             counts = torch.bincount(host[:N * k], minlength=self.num_experts).tolist()
@@ -190,7 +188,7 @@ class MoEBlock(nn.Module):
                 start, end = ends[e] - counts[e], ends[e]
                 rows = order[start:end]                               # flat (token, choice) indices
                 out[rows] = expert(h, token_of[start:end]) * row_weights[rows, None]  # (n_e, H)
-        y = out.view(N, k, H).sum(dim=1)                              # (N, H)
+            y = out.view(N, k, H).sum(dim=1)                          # (N, H)
         if self.shared_expert is not None:
             shared = self.shared_expert(h)
             if self.shared_expert_gate is not None:
@@ -229,7 +227,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, experts: ExpertProvider):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # given its (meta) weight, nn.Embedding skips its random init, whose normal_ on the meta device
+        # imports torch._dynamo: 6-7 s of a fresh process's load on a 2-core machine
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts) for i in range(cfg.num_layers))
         self.windows = [cfg.window(i) for i in range(cfg.num_layers)]  # each layer's sliding window
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.norm_scale_fp32)

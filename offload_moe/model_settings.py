@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-OFFLOADED_FIELDS = ("cache_slots", "prefetch", "policy", "ram_layers", "disk_layers", "offload_dir")
+OFFLOADED_FIELDS = ("cache_slots", "prefetch", "policy", "ram_layers", "disk_layers", "offload_dir", "offload",
+                    "expert_cache_bytes")
 HYBRID_FIELDS = ("hybrid_layers", "cpu_costs", "cpu_extra_bytes")
 
 
@@ -32,6 +33,9 @@ class ModelSettings:
     ram_layers: int | None = None        # offloaded layers held in RAM ...
     disk_layers: int | None = None       # ... and on disk
     offload_dir: str | None = None
+    offload: str | None = None           # "file": the source file is the tier (read by expert range, no copy)
+    expert_cache_bytes: int | None = None  # the slots' bytes, when they are the RAM expert cache of a CPU run
+    weights: str | None = None           # "mapped": a CPU run computes from views of the file (file pages, not anonymous)
     # the hybrid CPU/GPU tier (cpu_experts == "hybrid")
     hybrid_layers: int | None = None
     cpu_costs: str | None = None         # where its cost model came from
@@ -44,4 +48,4 @@ class ModelSettings:
         d = asdict(self)
         skip = (() if self.experts == "offloaded" else OFFLOADED_FIELDS) + \
             (() if self.hybrid_layers is not None else HYBRID_FIELDS)
-        return {k: v for k, v in d.items() if k not in skip and not (k in ("warning", "sampling", "cpu_kernel") and v is None)}
+        return {k: v for k, v in d.items() if k not in skip and not (k in ("warning", "sampling", "cpu_kernel", "offload", "expert_cache_bytes", "weights") and v is None)}

@@ -39,8 +39,10 @@ class Placement:
         return replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
-def from_profile(profile: str | Path | Profile | None, cfg, device: torch.device, dtype: torch.dtype) -> Placement:
-    """The planner's placement for a profile (a name, a .toml path, a `Profile`, "auto" or None)."""
+def from_profile(profile: str | Path | Profile | None, cfg, device: torch.device, dtype: torch.dtype,
+                 mapped: bool = False) -> Placement:
+    """The planner's placement for a profile (a name, a .toml path, a `Profile`, "auto" or None).
+    mapped: the CPU will compute from the file's mapping (`planner.plan`'s mapped plans)."""
     if profile is None:
         return Placement()
     if isinstance(profile, Profile):
@@ -55,9 +57,11 @@ def from_profile(profile: str | Path | Profile | None, cfg, device: torch.device
     if prof.device == "cuda" and device.type != "cuda":
         raise OffloadMoeError(f"profile {prof.name!r} is for a CUDA GPU but the device is {device}; "
                               "use profile='cpu' or device='cuda'")
-    p = make_plan(cfg, prof)
+    p = make_plan(cfg, prof, mapped=mapped)
     slots = None
-    if prof.device == "cuda":
+    if p.mapped:  # every expert mapped, or a RAM expert cache before the file
+        slots = p.slots_per_layer or None
+    elif prof.device == "cuda":
         slots = "all" if p.slots_per_layer >= cfg.num_experts else p.slots_per_layer
     elif prof.cache_slots is not None:  # a profile (e.g. a tuned one) that names its slots gets them
         slots = min(prof.cache_slots, cfg.num_experts)

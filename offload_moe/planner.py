@@ -23,12 +23,22 @@ sliding window, as `attention.KVCache` allocates them.
 Tiers (the rule of `experts/store.py`): with offload = "ram", whole layers of experts are kept in
 host RAM (pinned on a GPU) until ram_budget is spent and the remaining layers go to memory-mapped
 disk files; a budget below one layer's experts is an error. offload = "disk" puts every layer on disk.
+
+Mapped (`mapped=True`: a CPU run of a file computed where it lies, a GGUF file): weights are file
+pages of the mapping, not anonymous memory. The anonymous memory is the KV cache, the reserve
+(activations, per-layer state) and, when the experts do not all fit, the RAM expert cache: slots in
+front of the source file (`experts/source.py`), each miss a read of the expert's bytes from it. "In
+RAM" then means mapped and resident; everything fits when the shared weights and every expert fit
+in ram_budget beside the anonymous memory (offload = "disk" streams anyway). `disk_rate` (bytes/s,
+measured on the file by the caller) turns the bytes each token reads into seconds.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .arch import attention_shapes
 from .config import ModelConfig
@@ -41,6 +51,7 @@ from .profiles import BIT_WIDTHS, Profile, bundled_profiles
 from .runtime import available_ram, fmt_bytes, fmt_count, free_vram
 
 GROUP_SIZE = 64            # quantization group along the input dimension
+GGML_TYPE_NAMES = {t.name: t for t in GGMLQuantizationType}
 AUTO_RAM_FRACTION = 0.9    # ram_budget = "auto": this much of MemAvailable, the rest for the OS
 
 
@@ -100,6 +111,23 @@ class Plan:
     bytes_per_token: int        # expert bytes moved per decoded token at that hit rate
     notes: tuple[str, ...] = ()
     dense_mlp_bytes: int = 0    # dense MLP layers and shared experts: on the device, at attention bits
+    mapped: bool = False        # a CPU run computing from the file's mapping: weights are file pages
+    disk_rate: float | None = None  # measured read rate of the source file, bytes/s (mapped plans)
+
+    @property
+    def anonymous_bytes(self) -> int:
+        """A mapped CPU run's own memory: KV cache, reserve (activations, per-layer state), expert cache."""
+        return self.kv_bytes + self.profile.reserve + self.cache_bytes
+
+    @property
+    def cache_bytes(self) -> int:
+        """The RAM expert cache of a mapped run that streams experts from its file (slots × expert)."""
+        return self.slots_per_layer * self.config.num_moe_layers * self.bytes_per_expert if self.mapped else 0
+
+    @property
+    def file_page_bytes(self) -> int:
+        """A mapped run's weights kept resident as file pages: shared weights and the experts in RAM."""
+        return self.shared_bytes + self.experts_in_ram * self.bytes_per_expert if self.mapped else 0
 
     @property
     def shared_bytes(self) -> int:
@@ -124,12 +152,19 @@ class Plan:
 
     @property
     def ram_bytes(self) -> int:
+        if self.mapped:
+            return self.anonymous_bytes + self.file_page_bytes
         experts = self.experts_in_ram * self.bytes_per_expert
         return experts if self.on_gpu else self.fixed_bytes + experts
 
     @property
     def transfer(self) -> str:
         return "host → GPU" if self.on_gpu else "disk → RAM"
+
+    @property
+    def seconds_per_token(self) -> float | None:
+        """Disk time each token's reads take at the measured rate (mapped plans that read)."""
+        return self.bytes_per_token / self.disk_rate if self.disk_rate and self.bytes_per_token else None
 
     def rows(self) -> list[tuple[str, str]]:
         c, p = self.config, self.profile
@@ -149,6 +184,22 @@ class Plan:
         if self.on_gpu:
             rows += [("slots per layer", f"{self.slots_per_layer} of {c.num_experts} ({fmt_bytes(self.slot_bytes)})"),
                      ("VRAM planned", f"{fmt_bytes(self.vram_bytes)} of {fmt_bytes(p.vram_budget)}")]
+        if self.mapped:
+            read = (f"{fmt_bytes(self.bytes_per_token)} at {fmt_bytes(self.disk_rate)}/s measured: "
+                    f"{self.seconds_per_token:.3f} s" if self.seconds_per_token is not None
+                    else fmt_bytes(self.bytes_per_token))
+            return rows + [
+                ("weights", f"mapped from the file: {fmt_bytes(self.file_page_bytes)} of file pages kept resident "
+                            "(reclaimable, not anonymous)"),
+                ("experts in RAM (mapped)", f"{self.experts_in_ram} of {n_experts}"),
+                ("experts read from the file", f"{self.experts_on_disk} of {n_experts} through a RAM expert cache "
+                                               f"of {self.slots_per_layer} per layer ({fmt_bytes(self.cache_bytes)})"),
+                ("anonymous memory", f"{fmt_bytes(self.anonymous_bytes)}: KV cache, reserve, expert cache"),
+                ("RAM planned", f"{fmt_bytes(self.ram_bytes)} of {fmt_bytes(self.ram_budget)}"),
+                ("hit rate", f"{self.hit_rate:.1%} ({'estimated' if self.hit_rate_estimated else 'given'})"),
+                ("read from disk per token", read),
+                ("prefetch", f"{p.prefetch} layer(s) ahead"),
+            ]
         rows += [
             ("experts in RAM", f"{self.experts_in_ram} of {n_experts} "
                                f"({fmt_bytes(self.experts_in_ram * self.bytes_per_expert)})"),
@@ -184,6 +235,18 @@ class Plan:
                          f"{c.num_moe_layers} MoE layers costs {_gb(layer)}: the rest of the budget holds "
                          f"{self.slots_per_layer} slots per layer of {c.num_experts} experts, "
                          f"{_gb(self.vram_bytes)} of VRAM in all.")
+        if self.mapped:
+            s.append(f"The weights are computed where they lie in the file: {_gb(self.file_page_bytes)} of them stay "
+                     "mapped and resident as file pages the kernel may reclaim, not anonymous memory; the "
+                     f"anonymous memory is the KV cache, the reserve and the expert cache, {_gb(self.anonymous_bytes)}.")
+            if self.experts_on_disk:
+                rate = (f", {self.seconds_per_token:.3f} s at the {_gb(self.disk_rate)}/s measured on the file"
+                        if self.seconds_per_token is not None else " (read rate not measured)")
+                s.append(f"The experts do not all fit, so each layer keeps {self.slots_per_layer} of {c.num_experts} "
+                         f"in a RAM cache and reads the others from the file by expert: at an estimated hit rate of "
+                         f"{self.hit_rate:.1%} a token reads {_gb(self.bytes_per_token)}{rate}.")
+            s.extend(self.notes)
+            return " ".join(s)
         if self.experts_in_ram or self.experts_on_disk:
             layers_in_ram = self.experts_in_ram // c.num_experts
             tiers = ("offload = 'disk' puts every layer in memory-mapped files" if not self.experts_in_ram else
@@ -208,17 +271,23 @@ class Plan:
 
 
 def plan(config: ModelConfig, profile: Profile, *, hit_rate: float | None = None,
-         ram_available: int | None = None) -> Plan:
+         ram_available: int | None = None, mapped: bool = False, disk_rate: float | None = None) -> Plan:
     """The memory plan for `config` under `profile`; OffloadMoeError when the budget cannot work.
 
     `hit_rate` is the share of needed experts already where they are used (default: estimated as
     slots/num_experts on a GPU, the share held in RAM on the CPU). `ram_available` is the host RAM
-    that `ram_budget = "auto"` takes `AUTO_RAM_FRACTION` of (default: MemAvailable now).
+    that `ram_budget = "auto"` takes `AUTO_RAM_FRACTION` of (default: MemAvailable now). `mapped`:
+    a CPU run computing from the file's mapping (see the module docstring), `disk_rate` its file's
+    measured read rate.
     """
     if hit_rate is not None and not (isinstance(hit_rate, (int, float)) and 0 <= hit_rate <= 1):
         raise OffloadMoeError(f"hit rate {hit_rate!r}: expected a number from 0 to 1")
     try:
-        return _plan(config, profile, hit_rate, ram_available)
+        mapped = mapped and profile.device == "cpu"
+        result = _plan(config, profile, hit_rate, ram_available, mapped)
+        if mapped:
+            result = _mapped(result, hit_rate, disk_rate)
+        return result
     except _Impossible as e:
         fixes = _fixes(config, profile, ram_available)
         raise OffloadMoeError(f"{e}; {fixes}") from None
@@ -228,7 +297,8 @@ class _Impossible(Exception):
     """The budget cannot hold the model; `plan` appends what would fit."""
 
 
-def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_available: int | None) -> Plan:
+def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_available: int | None,
+          mapped: bool = False) -> Plan:
     c, p = config, profile
     notes = []
     if c.quantization:
@@ -238,14 +308,25 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
             p.experts_bits, p.attention_bits, p.embeddings_bits, GROUP_SIZE
 
     H, I, L, E = c.hidden_size, c.intermediate_size, c.num_moe_layers, c.num_experts  # L: layers with experts
+    ggml = (c.quantization or {}).get("ggml_types") or {}  # a GGUF file: kinds sized by their block type
+
+    bits_of = {"experts": experts_bits, "attention": attention_bits, "embeddings": embeddings_bits}
+
+    def sized(out: int, in_: int, kind: str) -> int:
+        """One [out, in] weight of a kind: its GGUF block type's own bytes, else the packed formula."""
+        if ggml.get(kind) in GGML_TYPE_NAMES:
+            bs, ts = GGML_QUANT_SIZES[GGML_TYPE_NAMES[ggml[kind]]]
+            return out * -(-in_ // bs) * ts
+        return weight_bytes(out, in_, bits_of[kind], group)
+
     shapes = attention_shapes(c, c.family).values()  # one layer's; vectors (norms, biases, sinks) stay 16-bit
-    attention = c.num_layers * sum(weight_bytes(*s, attention_bits, group) for s in shapes if len(s) == 2)
-    embeddings = (1 if c.tie_word_embeddings else 2) * weight_bytes(c.vocab_size, H, embeddings_bits, group)
+    attention = c.num_layers * sum(sized(*s, "attention") for s in shapes if len(s) == 2)
+    embeddings = (1 if c.tie_word_embeddings else 2) * sized(c.vocab_size, H, "embeddings")
     norm_router = 2 * (c.norm_params + c.num_layers * sum(s[0] for s in shapes if len(s) == 1)
                        + L * c.router_params_per_layer)
     mlp = (len(c.dense_layers) * _mlp_bytes(H, c.dense_intermediate_size, attention_bits, group)
            + L * _mlp_bytes(H, c.shared_expert_size, attention_bits, group) + 2 * L * H * (c.family.shared_expert_gate and c.shared_expert_size > 0))
-    per_expert = (2 * weight_bytes(I, H, experts_bits, group) + weight_bytes(H, I, experts_bits, group)
+    per_expert = (2 * sized(I, H, "experts") + sized(H, I, "experts")
                   + 2 * (2 * I + H) * c.family.expert_bias)  # 16-bit biases (gpt-oss)
 
     kv_tokens = p.context_length
@@ -275,7 +356,7 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
         ram_free = ram_budget - fixed
 
     ram_layers = 0
-    if host_layers and p.offload == "ram":
+    if host_layers and p.offload == "ram" and not mapped:  # mapped: the file is the tier (`_mapped`)
         if ram_free < layer_bytes or (p.device == "cuda" and ram_free < planned_bytes(E, per_expert)):
             raise _Impossible(f"{p.source}: {ram_name} is {_gb(layer_bytes - ram_free)} too small to hold one "
                               f"layer's {E} experts at {experts_bits} ({_gb(layer_bytes)}) with offload = 'ram'"
@@ -297,6 +378,27 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
                 ram_budget=ram_budget, experts_in_ram=ram_layers * E, experts_on_disk=(host_layers - ram_layers) * E,
                 hit_rate=float(hit_rate), hit_rate_estimated=estimated,
                 bytes_per_token=moved, notes=tuple(notes), dense_mlp_bytes=mlp)
+
+
+def _mapped(p: Plan, hit_rate: float | None, disk_rate: float | None) -> Plan:
+    """A CPU plan redone for a run computing from the file's mapping: every expert mapped when the
+    weights fit beside the anonymous memory (and offload is not "disk"), else a RAM expert cache of
+    as many slots per layer as fit (at least top_k; a profile's cache_slots wins) before the file."""
+    c, prof = p.config, p.profile
+    L, E = c.num_moe_layers, c.num_experts
+    anonymous = p.kv_bytes + prof.reserve
+    pages = p.ram_budget - anonymous - p.shared_bytes    # room for experts, as pages or as cache
+    if prof.offload != "disk" and prof.cache_slots is None and pages >= L * E * p.bytes_per_expert:
+        slots, in_ram = 0, L * E
+    else:
+        slots = prof.cache_slots if prof.cache_slots is not None else             max(c.top_k, min(E, pages // max(1, L * p.bytes_per_expert)))
+        slots, in_ram = min(slots, E), 0
+    estimated = hit_rate is None
+    rate = (1.0 if not slots else slots / E) if estimated else hit_rate
+    moved = 0 if not slots else round(L * c.top_k * (1 - rate) * p.bytes_per_expert)
+    return replace(p, mapped=True, disk_rate=disk_rate, slots_per_layer=slots, experts_in_ram=in_ram,
+                   experts_on_disk=L * E - in_ram, hit_rate=float(rate), hit_rate_estimated=estimated,
+                   bytes_per_token=moved)
 
 
 def _mlp_bytes(hidden: int, inner: int, bits: str, group: int) -> int:

@@ -66,7 +66,9 @@ class Tokenizer:
         except UnicodeEncodeError as e:  # a lone surrogate, e.g. from JSON "\ud800"
             raise OffloadMoeError(f"prompt: character {e.start} is {text[e.start]!r}, a lone surrogate "
                                   "(expected valid Unicode text)") from None
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode does not): a server tokenizing a long
+        # prompt on a worker thread keeps its event loop answering.
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -75,9 +77,10 @@ class Tokenizer:
         return None if token is None else self.backend.token_to_id(token)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> str:
+                    tools: list[dict] | None = None, template_vars: dict | None = None) -> str:
         """Render messages (and the tools the model may call) with the checkpoint's chat template, as
-        transformers does. A message's extra keys (tool_calls, tool_call_id, name) reach the template."""
+        transformers does. A message's extra keys (tool_calls, tool_call_id, name) reach the template;
+        template_vars are further variables the template may read (gpt-oss's reasoning_effort)."""
         if not self.chat_template:
             raise OffloadMoeError(no_template_message(self.template))
         for i, m in enumerate(messages):
@@ -90,7 +93,7 @@ class Tokenizer:
             template = _jinja_env().from_string(self.chat_template)
         except TemplateError as e:
             raise OffloadMoeError(f"{self.source}: chat_template does not parse ({_one_line(e)})") from None
-        extra = {"tools": tools} if tools else {}
+        extra = {**(template_vars or {}), **({"tools": tools} if tools else {})}
         pieces, size = [], 0
         try:
             for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,

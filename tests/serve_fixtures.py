@@ -55,15 +55,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(app, timeout: float = 20.0):
-    """Serve `app` with uvicorn on 127.0.0.1:<free port> in a thread; yield the base URL."""
+def running_server(app, timeout: float = 20.0, **limits):
+    """Serve `app` with uvicorn on 127.0.0.1:<free port> in a thread; yield the base URL. `limits`
+    (header_timeout, max_connections...) go to the server's own `uvicorn_config`, as `serve` does."""
     import uvicorn
+
+    from offload_moe.server.http import uvicorn_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=2))
+    config = uvicorn_config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, **limits)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

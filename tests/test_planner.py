@@ -215,3 +215,23 @@ def test_cli_run_picks_a_profile_for_this_machine(capsys, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert run(argparse.Namespace(path=str(MIXTRAL.parent / MIXTRAL.name), profile=None, hit_rate=None)) == 0
     assert "under profile cpu (picked for this machine)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_mapped_cpu_plan_counts_weights_as_file_pages(mixtral):
+    """A CPU run computing from the file (a GGUF): weights are file pages, anonymous memory is the KV
+    cache and reserve; when the experts do not fit beside them, a RAM expert cache of as many slots as
+    fit (at least top-2) stands before the file, and each token reads its misses from it."""
+    cpu = replace(load_profile("cpu"), experts_bits="int4", attention_bits="int4", embeddings_bits="fp16",
+                  ram_budget=None)
+    big = plan(mixtral, cpu, ram_available=RAM, mapped=True)              # 57.6 GB budget: all of it fits
+    assert big.mapped and big.slots_per_layer == 0 and big.experts_in_ram == 256 and big.bytes_per_token == 0
+    assert big.anonymous_bytes == big.kv_bytes + cpu.reserve
+    assert big.file_page_bytes == big.shared_bytes + 256 * big.bytes_per_expert
+    small = plan(mixtral, cpu, ram_available=20 * 10**9, mapped=True, disk_rate=2e9)  # 18 GB budget
+    room = small.ram_budget - small.kv_bytes - cpu.reserve - small.shared_bytes
+    assert small.slots_per_layer == max(2, room // (32 * small.bytes_per_expert)) < 8
+    assert small.experts_in_ram == 0 and small.experts_on_disk == 256
+    assert small.anonymous_bytes == small.kv_bytes + cpu.reserve + small.slots_per_layer * 32 * small.bytes_per_expert
+    assert small.bytes_per_token == round(32 * 2 * (1 - small.slots_per_layer / 8) * small.bytes_per_expert)
+    assert small.seconds_per_token == small.bytes_per_token / 2e9
+    assert "read from disk per token" in dict(small.rows())

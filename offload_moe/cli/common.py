@@ -102,7 +102,8 @@ def load_kwargs(args) -> dict:
     return dict(device=args.device, dtype=args.dtype, profile=args.profile, context_length=args.context_length, cache_slots=slots,
                 prefetch=args.prefetch, offload=args.offload, ram_budget=args.ram_budget,
                 offload_dir=args.offload_dir, nf4_experts=args.nf4_experts,
-                force_context=getattr(args, "force_context", False), requantize=args.requantize)
+                force_context=getattr(args, "force_context", False), requantize=args.requantize,
+                threads=getattr(args, "threads", None))  # main() set them (None: leave torch's setting)
 
 
 def fetch(reference, want: str = "model", refresh: bool = False):

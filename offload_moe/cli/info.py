@@ -51,6 +51,8 @@ def run(args) -> int:
     if ckpt is not None:
         rows.append(("expert layout", ckpt.layout.replace("_", " ")))
         rows += weight_rows(ckpt.weights_by_kind())
+        if getattr(ckpt, "in_place", False):  # a CPU run computes from the mapping: no copy, no repack
+            rows.append(("on the CPU", "weights mapped where they lie (file pages, not anonymous memory)"))
         rows += [("dtypes", ", ".join(ckpt.dtypes())),
                  ("shards", f"{len(ckpt.shard_files())} ({human_bytes(ckpt.total_bytes())})")]
     else:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:
         if hasattr(args, "threads"):  # generate, chat, serve, tune, bench
-            set_threads(args.threads)
+            args.threads = set_threads(args.threads)  # the number, passed on to load()
         return args.func(args) or 0
     except OffloadMoeError as e:
         print(f"offload-moe: error: {e}", file=sys.stderr)

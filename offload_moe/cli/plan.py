@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from rich.table import Table
@@ -9,7 +10,9 @@ from rich.text import Text
 
 from ..planner import auto_profile, plan
 from ..profiles import list_profiles, load_profile
+from ..gguf.reader import is_gguf
 from ..sources import load_config, open_checkpoint
+from ..tune.disk import measure_file_read
 from .common import fetch
 from .console import stdout
 from .info import weight_rows
@@ -34,7 +37,12 @@ def run(args) -> int:
     path = fetch(args.path, want="config")  # a repo id: config.json alone is fetched
     config = load_config(path)
     profile = load_profile(args.profile) if args.profile else auto_profile(config)
-    result = plan(config, profile, hit_rate=args.hit_rate)
+    # a GGUF file on the CPU is computed where it lies: its weights are file pages, and experts that do
+    # not fit are read from it (at the rate measured on the file itself)
+    mapped = is_gguf(args.path) and profile.device == "cpu"
+    result = plan(config, profile, hit_rate=args.hit_rate, mapped=mapped)
+    if mapped and result.bytes_per_token:
+        result = replace(result, disk_rate=measure_file_read(args.path)["bytes_per_second"])
     picked = "" if args.profile else " (picked for this machine)"
     table = Table(title=f"{args.path} under profile {profile.name}{picked}", show_header=False)
     table.add_column("what")
@@ -51,7 +59,5 @@ def run(args) -> int:
 
 def has_weights(path) -> bool:
     """A GGUF file, or a directory with safetensors beside its config.json (headers only are read)."""
-    from ..gguf import is_gguf
-
     p = Path(path)
     return is_gguf(p) or (p.is_dir() and any(p.glob("*.safetensors")))

@@ -12,6 +12,9 @@ from .common import add_model_arguments, check_model_argument, fetch, load_kwarg
 from .console import progress_bar, stderr
 from .parser import EXIT_INTERRUPTED
 
+# The defaults, restated here so `serve --help` works without the serve extra installed.
+PREPARE_TIMEOUT, HEADER_TIMEOUT, BODY_TIMEOUT, MAX_CONNECTIONS = 4.0, 10.0, 60.0, 512
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -38,6 +41,15 @@ def add_parser(sub):
                         "its own host names; repeatable (default: none)")
     p.add_argument("--max-queue", type=int, default=8, metavar="N",
                    help="requests that may wait behind the one generating; more get HTTP 429 (default: 8)")
+    p.add_argument("--prepare-timeout", type=float, default=PREPARE_TIMEOUT, metavar="S",
+                   help="seconds a request may wait for its prompt (chat template and tokenizer, run off the "
+                        f"event loop) before it gets an error (default: {PREPARE_TIMEOUT:g})")
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT, metavar="S",
+                   help=f"seconds a client may take to send a request's headers (default: {HEADER_TIMEOUT:g})")
+    p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT, metavar="S",
+                   help=f"seconds a client may take to send a request's body (default: {BODY_TIMEOUT:g})")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                   help=f"open connections before new requests get HTTP 503 (default: {MAX_CONNECTIONS})")
     p.add_argument("--model-name", metavar="NAME", default=None,
                    help="the model id clients see in /v1/models (default: the checkpoint directory's name)")
     p.set_defaults(func=run)
@@ -83,11 +95,19 @@ def run(args) -> int:
     from ..server.guard import allowed_hosts_for
 
     require("starlette")
-    uvicorn = require("uvicorn")
+    require("uvicorn")
     from .. import load
+
+    from ..server.http import raise_file_limit, uvicorn_config
 
     if args.max_queue < 0:
         raise OffloadMoeError(f"--max-queue {args.max_queue}: expected an integer >= 0")
+    for flag, value in (("--prepare-timeout", args.prepare_timeout), ("--header-timeout", args.header_timeout),
+                        ("--body-timeout", args.body_timeout)):
+        if not value > 0 or value == float("inf"):
+            raise OffloadMoeError(f"{flag} {value}: expected a number of seconds > 0")
+    if args.max_connections < 1:
+        raise OffloadMoeError(f"--max-connections {args.max_connections}: expected an integer >= 1")
     if args.api_key is not None:
         stderr.print("offload-moe: warning: --api-key is visible to every user of this machine (ps); prefer "
                      "--api-key-file FILE or $OFFLOAD_MOE_API_KEY", highlight=False, markup=False)
@@ -112,7 +132,8 @@ def run(args) -> int:
         name = args.model_name or (model_name(args.model) if args.model else "offload-moe-demo")
         warn_about(model)
         app = create_app(model, model_name=name, api_key=args.api_key, max_queue=args.max_queue,
-                         allowed_hosts=allowed_hosts_for(args.host), allowed_origins=tuple(args.allowed_origin))
+                         allowed_hosts=allowed_hosts_for(args.host), allowed_origins=tuple(args.allowed_origin),
+                         prepare_timeout=args.prepare_timeout, body_timeout=args.body_timeout)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         stderr.print(f"offload-moe: serving {name!r} (context {model.context_length} tokens; default "
@@ -120,10 +141,12 @@ def run(args) -> int:
         if args.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
             stderr.print(f"offload-moe: warning: listening on {host} without --api-key: anyone who can reach "
                          "this port can use the model", highlight=False, markup=False)
-        config = uvicorn.Config(app, log_config=_log_config(), timeout_graceful_shutdown=3)
+        raise_file_limit()
+        config = uvicorn_config(app, header_timeout=args.header_timeout, max_connections=args.max_connections,
+                                log_config=_log_config(), timeout_graceful_shutdown=3)
         status = 0
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            require("uvicorn").Server(config).run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C it caught
             status = EXIT_INTERRUPTED  # as every command ends on Ctrl-C (parser.EXIT_CODES)
         stderr.print("offload-moe: server stopped", highlight=False, markup=False)

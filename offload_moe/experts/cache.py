@@ -127,6 +127,8 @@ class ExpertCache:
             if cpu is not None:
                 self.cpu_stream = torch.cuda.Stream(self.device)   # activations to and from the CPU
                 self.inputs_ready = torch.cuda.Event()
+        # A store that reads the source file (`source.SourceStore`, CPU only): each slot's read in flight.
+        self.reads = [[None] * k for k in slots] if hasattr(store, "submit") and not self.cuda else None
         cpu_expert = (lambda w: StreamedCpuExpert(w, activation, self)) if self.cuda else (lambda w: Expert(w, activation))
         self.cpu_experts = ({layer: [cpu_expert(w) for w in weights] for layer, weights in cpu.layers.items()}
                             if cpu is not None else {})
@@ -258,7 +260,7 @@ class ExpertCache:
 
     def _copy_in(self, layer: int, expert: int, slot: int) -> None:
         """Start copying one expert from the host tier into a slot."""
-        source = self.store.expert(layer, expert)
+        source = self.store.expert(layer, expert) if self.reads is None else None
         target = self.buffers[layer][slot]
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
@@ -276,6 +278,8 @@ class ExpertCache:
                 self.copy_events.append((layer, start, end))
                 if len(self.copy_events) > 4096:    # no stats() for a long while: fold in what finished
                     self._fold_timers(self.copy_events, "copy_seconds")
+        elif self.reads is not None:                # the source file: a pread on the I/O thread
+            self.reads[layer][slot] = self.store.submit(layer, expert, target)
         else:
             t0 = time.perf_counter()
             target.copy_(source)                    # synchronous: compute waits for all of it
@@ -309,6 +313,13 @@ class ExpertCache:
                     self._fold_timers(self.stall_events, "stall_seconds")
             else:
                 stream.wait_event(self.ready[layer][slot])  # a prefetch may still be in flight
+        elif self.reads is not None and self.reads[layer][slot] is not None:
+            read, self.reads[layer][slot] = self.reads[layer][slot], None
+            if not read.done():
+                t0 = time.perf_counter()
+                read.result()
+                self.layer_stats[layer].stall_seconds += time.perf_counter() - t0
+            read.result()                           # a failed read raises here, in the caller
         return self.experts[layer][slot]
 
     def _release(self, layer: int, slot: int) -> None:
@@ -359,6 +370,7 @@ class ExpertCache:
         for s in self.layer_stats:
             total.add(s)
         uses = total.hits + total.misses
+        read = getattr(self.store, "bytes_read", None)  # the source file's bytes read, per layer
         return {
             "hits": total.hits, "misses": total.misses,
             "hit_rate": total.hits / uses if uses else 0.0,
@@ -369,7 +381,9 @@ class ExpertCache:
             "cpu_computed": total.cpu_computed, "bytes_not_moved": total.bytes_not_moved,
             "est_seconds_saved": total.est_seconds_saved,
             "slots_per_layer": list(self.slots), "bytes_per_expert": self.layout.nbytes,
-            "per_layer": [vars(s).copy() for s in self.layer_stats],
+            "per_layer": [vars(s).copy() | {"hit_rate": s.hits / (s.hits + s.misses) if s.hits + s.misses else 0.0}
+                          for s in self.layer_stats],
+            **({"bytes_read_per_layer": list(read)} if read is not None else {}),
         }
 
     def reset_stats(self) -> None:
@@ -378,6 +392,8 @@ class ExpertCache:
             self.stall_events.clear()
             self.copy_events.clear()
         self.layer_stats = [LayerStats() for _ in self.slots]
+        if getattr(self.store, "bytes_read", None) is not None:
+            self.store.bytes_read = [0] * len(self.slots)
 
     def close(self) -> None:
         """Wait for every copy still in flight (a prefetch for a wrong guess is waited on by nobody),
@@ -386,6 +402,12 @@ class ExpertCache:
         memory out while a copy into them is queued."""
         if self.cuda:
             self.copy_stream.synchronize()
+        if self.reads is not None:
+            for row in self.reads:
+                for read in row:
+                    if read is not None:
+                        read.exception()            # waits; a wrong guess's failed read is dropped
+            self.store.close()
 
     def __del__(self):
         try:

@@ -8,7 +8,7 @@ Offsets are 64-byte aligned so the views are aligned for vectorised kernels.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -82,6 +82,13 @@ class ExpertLayout:
             if q is None:
                 parts[m] = tensors[m]
             else:
-                parts[m] = q.with_tensors({k.split(".", 1)[1]: t for k, t in tensors.items()
-                                           if k.startswith(m + ".")})
+                parts[m] = _with_tensors(q, {k.split(".", 1)[1]: t for k, t in tensors.items()
+                                             if k.startswith(m + ".")})
         return ExpertWeights(**parts, **{b: tensors[b] for b in BIASES if b in tensors})
+
+
+def _with_tensors(q, tensors: dict[str, torch.Tensor]):
+    """The weight `q` describes, over other tensors of the same shapes (a slot's views): its own
+    `with_tensors`, or for a dataclass form whose fields are its tensors (`GGMLWeight.data`) a replace."""
+    rebuild = getattr(q, "with_tensors", None)
+    return rebuild(tensors) if rebuild is not None else replace(q, **tensors)

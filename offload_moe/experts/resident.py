@@ -14,14 +14,22 @@ class ResidentExperts:
     prefetch_depth = 0  # nothing to prefetch: resident experts need no guess of future routing
 
     def __init__(self, load_expert: Callable[[int, int], ExpertWeights], num_layers: int, num_experts: int,
-                 activation: Activation = Activation()):
-        self.experts = [[Expert(load_expert(layer, e), activation) for e in range(num_experts)]
-                        for layer in range(num_layers)]
+                 activation: Activation = Activation(), lazy: bool = False):
+        """lazy: build each expert when it is first used (its weights are views of a mapped file, so
+        there is nothing to read at load, and nothing per expert is done in Python before it is needed)."""
+        self.load_expert, self.activation = load_expert, activation
+        self.experts: list[list[Expert | None]] = [
+            [None if lazy else Expert(load_expert(layer, e), activation) for e in range(num_experts)]
+            for layer in range(num_layers)]
 
     def fetch(self, layer: int, experts: list[int], tokens: int,
               guesses: Sequence[list[int]] = ()) -> Iterator[tuple[int, Expert]]:
+        row = self.experts[layer]
         for e in experts:
-            yield e, self.experts[layer][e]
+            expert = row[e]
+            if expert is None:  # lazy: first use
+                expert = row[e] = Expert(self.load_expert(layer, e), self.activation)
+            yield e, expert
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Everything is resident already."""

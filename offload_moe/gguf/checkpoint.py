@@ -8,8 +8,15 @@ converter writes with. What the converter changes on the way, we undo:
 - experts are stacked per layer, `blk.{i}.ffn_{gate,up,down}_exps.weight` [E, out, in]: expert e is
   row block e of the map, read alone.
 - deepseek2: `kv_b_proj` is split into `attn_k_b` (transposed) and `attn_v_b`; rejoined (as floats).
-Quantized blocks become packed weights without requantizing (blocks.py). One packed format must
-serve every layer's experts (one flat slot layout), so where a file mixes types across layers
+Two forms of the same bytes:
+- in place (`in_place`, `expert_in_place`, `get_weight(..., in_place=True)`): what a CPU run computes
+  from. A quantized matrix is a `GGMLWeight` viewing the file's one mapping (expert e of a stacked
+  `_exps` tensor is its e-th contiguous byte range), a float one a tensor viewing it; nothing is
+  repacked, copied or expanded, and nothing is done per expert at load but making the view. Only
+  Mixtral's q/k rows are gathered (a row permutation of blocks: a copy of those two matrices).
+- repacked (`expert`, `get_weight`): our packed weights, for the CUDA slot formats, `quantize` and
+  `requantize`. Quantized blocks become packed weights without requantizing (blocks.py). One packed
+  format must serve every layer's experts (one flat slot layout), so where a file mixes types across layers
 (Q4_K_M puts Q6_K in some layers' ffn_down), each matrix takes the widest bits and the smallest
 group any layer uses: codes and scales carry over exactly.
 """
@@ -26,6 +33,7 @@ from .. import arch
 from ..checkpoint import weights_by_kind
 from ..errors import OffloadMoeError
 from ..quant.format import INT_SETTINGS, QuantSpec
+from ..quant.ggml import BLOCK_TYPES, FLOAT_TYPES, GGMLWeight
 from ..quant.groupwise import QuantizedWeight
 from ..quant.pack import pack
 from . import blocks
@@ -125,22 +133,32 @@ class GGUFCheckpoint:
         """A tensor as floats (dequantized if packed), in our [out, in] orientation."""
         return self.get_weight(name, None, packed=False)
 
-    def get_weight(self, name: str, shape, packed: bool = True):
+    def get_weight(self, name: str, shape, packed: bool = True, in_place: bool = False):
         """A dense weight: a float tensor, or a `QuantizedWeight` where the block type maps exactly and
-        the model computes it through a quantized module (no bias; not a router or shared-expert gate)."""
+        the model computes it through a quantized module (no bias; not a router or shared-expert gate).
+        in_place: a `GGMLWeight` view of a quantized matrix instead (any ggml block type), a float
+        tensor viewing the file where the file stores floats."""
         c = self.config
         if name.endswith("kv_b_proj.weight") and self.gguf_name(name) not in self.tensors:
             return self._kv_b(name)
         g = self.gguf_name(name)
         t = self._tensor(g, name)
         want = tuple(shape) if shape is not None else t.shape
-        keep = (packed and len(want) == 2 and t.type in blocks.PACKED and not name.endswith(
+        quantized_module = (packed and len(want) == 2 and not name.endswith(
             ("gate.weight", "router.weight", "shared_expert_gate.weight"))
             and name.removesuffix("weight") + "bias" not in self.expected_shapes())
-        w = blocks.to_quantized(_bytes(t.data), T(t.type), want) if keep else _floats(t).reshape(want)
+        if in_place and (t.type in FLOAT_TYPES or (quantized_module and t.type in BLOCK_TYPES)):
+            w = _view(t, None, want)
+        elif quantized_module and t.type in blocks.PACKED:
+            w = blocks.to_quantized(_bytes(t.data), T(t.type), want)
+        else:
+            w = _floats(t).reshape(want)
         if self._needs_unpermute(name):
             rows = unpermute(torch.arange(want[0]), c.num_heads if ".q_proj." in name else c.num_kv_heads)
-            w = w[rows] if isinstance(w, torch.Tensor) else _take_rows(w, rows)
+            if isinstance(w, GGMLWeight):  # a row gather of whole rows of blocks: exact, a copy of q/k only
+                w = GGMLWeight(w.data[rows], w.ggml_type, w.shape)
+            else:
+                w = w[rows] if isinstance(w, torch.Tensor) else _take_rows(w, rows)
         return w
 
     def _needs_unpermute(self, name: str) -> bool:
@@ -166,6 +184,46 @@ class GGUFCheckpoint:
         if self.config.family.expert_bias:
             for b, stem in EXPERT_BIASES.items():
                 out[b] = _floats(self.tensors[f"blk.{layer}.{stem}.bias"], expert)
+        return out
+
+    @property
+    def in_place(self) -> bool:
+        """Whether every expert matrix (and bias) can be computed where it lies: a ggml block type or
+        a float type (not when `requantize` asked for a conversion)."""
+        if self.requantize is not None:
+            return False
+        return all(self.tensors[f"blk.{i}.{stem}.{kind}"].type in (*BLOCK_TYPES, *FLOAT_TYPES)
+                   for i in self.config.moe_layers for stem in EXPERT_MATRICES.values()
+                   for kind in (("weight", "bias") if self.config.family.expert_bias else ("weight",)))
+
+    @property
+    def uniform_experts(self) -> bool:
+        """Whether each expert matrix has one type in every MoE layer (so one flat slot layout holds
+        every layer's experts in the file's own bytes; Q4_K_M's Q6_K ffn_down layers do not)."""
+        return all(len({self.tensors[f"blk.{i}.{stem}.weight"].type for i in self.config.moe_layers}) == 1
+                   for stem in EXPERT_MATRICES.values())
+
+    def expert_in_place(self, layer: int, expert: int) -> dict:
+        """One expert as views of the mapping: w1, w3 [I, H] and w2 [H, I] as `GGMLWeight` (or float
+        tensors for float types), gpt-oss's biases as float views. No byte is read here."""
+        out = {}
+        for w, stem in EXPERT_MATRICES.items():
+            t = self.tensors[f"blk.{layer}.{stem}.weight"]
+            out[w] = _view(t, expert, t.shape[1:])
+        if self.config.family.expert_bias:
+            for b, stem in EXPERT_BIASES.items():
+                t = self.tensors[f"blk.{layer}.{stem}.bias"]
+                out[b] = _view(t, expert, t.shape[1:])
+        return out
+
+    def expert_ranges(self, layer: int, expert: int) -> dict[str, tuple[Path, int, int]]:
+        """Where each matrix of one expert lies: name -> (file, byte offset, byte count). Expert e of a
+        stacked tensor is its e-th equal slice."""
+        out = {}
+        for w, stem in EXPERT_MATRICES.items():
+            t = self.tensors[f"blk.{layer}.{stem}.weight"]
+            per = t.nbytes // t.shape[0]
+            out[w] = (t.file, t.offset + expert * per, per)
         return out
 
     def _expert_targets(self) -> dict[str, tuple]:
@@ -250,15 +308,17 @@ def header_quantization(f: GGUFFile) -> dict | None:
     """Our description of a file's widths, for the planner and `info`: per kind the setting of its
     widest tensor type (Q6_K -> int8, Q4_K -> int4, ...) and the smallest group; None when all float."""
     kinds = {"experts": "_exps.weight", "attention": ".attn_", "embeddings": "token_embd"}
-    settings, groups = {}, []
+    settings, groups, ggml = {}, [], {}
     for kind, marker in kinds.items():
         types = [t.type for t in f.tensors.values() if marker in t.name and len(t.shape) >= 2]
         settings[kind] = _setting_of(max(types, key=_width_rank)) if types else "bf16"
+        if types:  # the planner sizes a kind by its widest type's own blocks (Q4_0: 18 bytes per 32)
+            ggml[kind] = T(max(types, key=_width_rank)).name
         groups += [blocks.PACKED[T(x)][1] for x in types if x in blocks.PACKED]
     if all(s in ("bf16", "fp16", "fp32") for s in settings.values()):
         return None
     return {"quant_method": "gguf", "group_size": min(groups) if groups else 32, **settings,
-            "file_type": f.get("general.file_type")}
+            "file_type": f.get("general.file_type"), "ggml_types": ggml}
 
 
 def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -308,6 +368,17 @@ def _width_rank(t: int) -> int:
     """Orders types by stored bits per weight, so a kind is described by its widest tensor."""
     bs, ts = GGML_QUANT_SIZES[T(t)]
     return ts * 8 // bs
+
+
+def _view(t: GGUFTensor, index: int | None, shape: tuple[int, ...]):
+    """A tensor (or row block `index`) where it lies in the mapping: a `GGMLWeight` for a block type
+    (2-D), a float tensor of the file's dtype otherwise. No copy."""
+    data = t.data if index is None else t.data[index]
+    if t.type in BLOCK_TYPES:
+        rows = int(np.prod(shape[:-1]))
+        return GGMLWeight(torch.from_numpy(data).view(torch.uint8).reshape(rows, -1), T(t.type), (rows, shape[-1]))
+    raw = torch.from_numpy(data)
+    return (raw.view(torch.bfloat16) if t.type == T.BF16 else raw).reshape(shape)
 
 
 def _bytes(a: np.ndarray) -> torch.Tensor:

@@ -1,9 +1,11 @@
-"""One GGUF file, or a split set (`name-00001-of-00003.gguf`), opened through the gguf package.
+"""One GGUF file, or a split set (`name-00001-of-00003.gguf`), opened where it lies.
 
-`GGUFReader` memory-maps each file and parses its header (metadata and tensor table); tensor bytes
-are numpy views of the map, so nothing is read until a tensor is used. Before handing a file to it
-we check what it does not say in one line: the magic, the version, and that every tensor's bytes
-lie inside the file.
+Each file is mapped once and its header (metadata and tensor table) parsed from the mapping
+(`header.py`: the gguf package's reader takes ~30 s on a real vocabulary); tensor bytes are numpy
+views of that one map, so nothing is read until a tensor is used, and what is read stays file pages
+the kernel may reclaim (no anonymous copy). The map is copy-on-write: writable views for
+`torch.from_numpy`, the file never written. Every fault is one line naming the file: the magic,
+the version, a malformed or truncated header, an unknown type, tensor bytes past the end.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from ..errors import OffloadMoeError
 from .blocks import type_name
+from .header import Header, HeaderError, UnknownType, read_header
 
 SUPPORTED_VERSIONS = (2, 3)
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -35,6 +38,7 @@ class GGUFTensor:
     shape: tuple[int, ...]    # torch order: the last dimension is a row (ggml's ne reversed)
     nbytes: int
     data: np.ndarray          # the mmap'd bytes (uint8, or the float/int dtype of the type)
+    offset: int = 0           # where the bytes start in `file` (a pread of an expert's range)
 
 
 class GGUFFile:
@@ -48,14 +52,13 @@ class GGUFFile:
         self.fields: dict[str, object] = {}
         self.tensors: dict[str, GGUFTensor] = {}
         for i, file in enumerate(self.files):
-            reader = _open(file)
+            header = _open(file)
             if i == 0:
-                self.fields = {k: _value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-            for t in reader.tensors:
+                self.fields = header.fields
+            for t in header.tensors:
                 if t.name in self.tensors:
                     raise OffloadMoeError(f"{file}: tensor {t.name!r} is also in {self.tensors[t.name].file}")
-                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-                self.tensors[t.name] = GGUFTensor(t.name, file, int(t.tensor_type), shape, int(t.n_bytes), t.data)
+                self.tensors[t.name] = GGUFTensor(t.name, file, t.type, t.shape, t.nbytes, t.data, t.offset)
         expected = self.fields.get("split.tensors.count")
         if isinstance(expected, int) and expected != len(self.tensors):
             raise OffloadMoeError(f"{self.path}: split set holds {len(self.tensors)} tensors, its header says "
@@ -82,10 +85,8 @@ def split_files(path: Path) -> list[Path]:
     return files
 
 
-def _open(file: Path):
-    """GGUFReader over one file, with one-line errors for what it would raise on or miss."""
-    from gguf import GGUFReader
-
+def _open(file: Path) -> Header:
+    """The header of one file (`header.read_header`), with one-line errors naming the file."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -98,39 +99,15 @@ def _open(file: Path):
         raise OffloadMoeError(f"{file}: GGUF version {version} is not supported "
                               f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
     try:
-        reader = GGUFReader(file, "r")
-    except ValueError as e:
-        text = str(e)
-        unknown = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", text)
-        if unknown:
-            raise OffloadMoeError(f"{file}: a tensor has ggml type {unknown[1]}, which is not known "
-                                  "(a newer GGUF than the installed gguf package reads?)") from None
-        if "reshape" in text:  # a tensor's bytes run past the end of the map
-            raise OffloadMoeError(f"{file}: truncated: tensor data runs past the end of the file "
-                                  f"({size:,} bytes)") from None
-        raise OffloadMoeError(f"{file}: corrupt or truncated GGUF header ({text})") from None
-    except (IndexError, struct.error, UnicodeDecodeError, OverflowError, KeyError, TypeError) as e:
-        raise OffloadMoeError(f"{file}: corrupt or truncated GGUF header ({type(e).__name__}: {e})") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
+        header = read_header(file)
+    except UnknownType as e:
+        raise OffloadMoeError(f"{file}: a tensor has ggml type {e}, which is not known "
+                              "(a newer GGUF than the installed gguf package reads?)") from None
+    except HeaderError as e:
+        raise OffloadMoeError(f"{file}: corrupt or truncated GGUF header ({e})") from None
+    for t in header.tensors:
+        end = t.offset + t.nbytes
         if end > size:
-            raise OffloadMoeError(f"{file}: truncated: tensor {t.name!r} ({type_name(t.tensor_type)}) needs "
+            raise OffloadMoeError(f"{file}: truncated: tensor {t.name!r} ({type_name(t.type)}) needs "
                                   f"bytes up to {end:,} but the file has {size:,}")
-    return reader
-
-
-def _value(field):
-    """A metadata field as a Python value (str, int, float, bool, or a list of them)."""
-    from gguf import GGUFValueType
-
-    main = field.types[0] if field.types else None
-    if main == GGUFValueType.ARRAY:
-        if field.types[-1] == GGUFValueType.STRING:
-            return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-        return np.concatenate([field.parts[i] for i in field.data]).tolist() if field.data else []
-    if main == GGUFValueType.STRING:
-        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-    value = field.parts[field.data[0]][0]
-    if main == GGUFValueType.FLOAT32:  # the shortest decimal that is this float32 (1e-05, not 9.99e-06)
-        return float(np.format_float_positional(value, unique=True, trim="-"))
-    return bool(value) if main == GGUFValueType.BOOL else value.item()
+    return header

@@ -18,8 +18,9 @@ TOLERANCE = max(cpu_int4.TOLERANCE, cpu_qmv.TOLERANCE)  # relative error vs floa
 
 
 def has_cpu_kernel(qw: QuantizedWeight) -> bool:
-    """Whether a packed kernel (ours or torch's) computes this weight on the CPU."""
-    return qmv_supported(qw) or int4_supported(qw)
+    """Whether a packed kernel (ours or torch's) computes this groupwise weight on the CPU (other
+    forms, e.g. `GGMLWeight`, compute through their own `linear`)."""
+    return isinstance(qw, QuantizedWeight) and (qmv_supported(qw) or int4_supported(qw))
 
 
 def to_cpu_kernel(qw: QuantizedWeight) -> QmvMatrix | Int4Planes:

@@ -7,14 +7,24 @@ a pass over every expert in Python; computing from the blocks in place costs not
 file's mapping), with the usual weight-form methods (`linear`, `dequantize_rows`, `nbytes`, `shape`,
 `tensors`, `to`, `bind_swiglu`), so the model and the expert engine take it like any other form.
 
-`linear` here is the reference: rows dequantized in bounded chunks with the gguf package, then a dense
-product. The C kernels (int8 activations, as llama.cpp's dot products) replace it where they are built.
+Products run in our C kernel (`ggml_mv.c`, `native.load("ggml")`) from the blocks as they lie, with
+int8 activations as llama.cpp's dot products (one scale per 32 inputs for the legacy types and MXFP4,
+per 256 inputs with 16-input sums for the K types), for any number of tokens; F32, F16 and BF16
+matrices take the same kernel for a few tokens and a dense product on rows viewed or converted in
+bounded chunks for longer inputs. Without the library (no compiler, `OFFLOAD_MOE_NATIVE=0`), `linear`
+is the reference: rows dequantized in bounded chunks with the gguf package, then a dense product.
+
+Tolerance against float64 math on `gguf.quants.dequantize` of the same bytes: relative Frobenius
+error below `TOLERANCE` (the int8 activations; measured in tests/test_cpu_ggml.py). Every output
+is one thread's sum in a fixed order, so results do not depend on the thread count, and an expert
+computes the same bits from a mapping, a RAM copy or a cache slot.
 
 Shape letters: N tokens, I in features, O out features, R rows.
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,10 +32,19 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants
 
+from . import native
 from .prefill import chunked_linear
 
 FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
 BLOCK_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4)
+TOLERANCE = 2.5e-2        # relative Frobenius error vs float64 math (int8 activations; measured up to ~1.7%)
+FLOAT_KERNEL_TOKENS = 8   # float weights: our kernel up to this many tokens, a dense product beyond
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def kernel():
+    """The ggml kernel library built for this machine, or None (`native.status("ggml")` says why)."""
+    return native.load("ggml")
 
 
 def row_bytes(ggml_type: int, in_features: int) -> int:
@@ -41,7 +60,7 @@ class GGMLWeight:
     """An [O, I] matrix stored as ggml blocks: `data` uint8 [O, row_bytes(type, I)]."""
 
     data: torch.Tensor          # uint8 [O, I / bs * ts], rows as stored
-    ggml_type: int              # a gguf.GGMLQuantizationType in BLOCK_TYPES
+    ggml_type: int              # a gguf.GGMLQuantizationType in BLOCK_TYPES or FLOAT_TYPES
     shape: tuple[int, int]      # (O, I)
 
     def __post_init__(self) -> None:
@@ -52,6 +71,22 @@ class GGMLWeight:
         if self.data.dtype != torch.uint8 or tuple(self.data.shape) != want:
             raise ValueError(f"{self.ggml_type.name} weight {list(self.shape)}: data is {self.data.dtype} "
                              f"{list(self.data.shape)}, expected torch.uint8 {list(want)}")
+        # the kernel's fixed arguments for this matrix's life (`data` is never replaced)
+        lib = kernel() if self.data.device.type == "cpu" and self.data.is_contiguous() else None
+        self._lib = lib if lib is not None and lib.ggml_supported(int(self.ggml_type), I) else None
+        if self._lib is not None:
+            self._block, self._at = native.arg_block(O, I, self.data.data_ptr(), int(self.ggml_type))
+        self._bound = None   # the last (up, down, bound swiglu) `swiglu` was asked for
+
+    @property
+    def in_kernel(self) -> bool:
+        """Whether products run in our C kernel (else the reference: dequantize, then a dense product)."""
+        return self._lib is not None
+
+    @property
+    def dense_from(self) -> int:
+        """Token count from which `linear` multiplies dequantized rows instead of calling the kernel."""
+        return FLOAT_KERNEL_TOKENS if self.ggml_type in FLOAT_TYPES else 1 << 62
 
     @property
     def bits(self) -> float:
@@ -75,22 +110,135 @@ class GGMLWeight:
             GGMLWeight(self.data.to(device, non_blocking=non_blocking), self.ggml_type, self.shape)
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Rows r0:r1 as floats: [r1 - r0, I] in `dtype` (the gguf package's own dequantization)."""
+        """Rows r0:r1 as floats: [r1 - r0, I] in `dtype` (float types viewed as stored where they can be)."""
+        O, I = self.shape
+        if self.ggml_type in FLOAT_TYPES and self.data.is_contiguous():
+            return self.data[r0:r1].view(FLOAT_TYPES[self.ggml_type]).view(r1 - r0, I).to(dtype)
+        if self._lib is not None and dtype in _DTYPES:
+            return self.rows(torch.arange(r0, r1), dtype)
         rows = self.data[r0:r1].cpu().numpy()                                   # (R, row bytes)
         w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(rows, self.ggml_type), dtype=np.float32))
-        return w.view(r1 - r0, self.shape[1]).to(device=self.data.device, dtype=dtype)
+        return w.view(r1 - r0, I).to(device=self.data.device, dtype=dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.dequantize_rows(0, self.shape[0], dtype)
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `ids` (any shape of int64 row numbers) as floats: [*ids.shape, I] in `dtype`; what a
+        quantized token table does per step (only the rows asked for are read)."""
+        O, I = self.shape
+        flat = ids.reshape(-1).to(torch.int64).contiguous()                      # (R,)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= O):
+            raise IndexError(f"row ids must lie in [0, {O}), got {int(flat.min())} .. {int(flat.max())}")
+        if self._lib is None or dtype not in _DTYPES:
+            rows = self.data[flat.to(self.data.device)].cpu().numpy()
+            w = torch.from_numpy(np.ascontiguousarray(quants.dequantize(rows, self.ggml_type), dtype=np.float32))
+            return w.view(*ids.shape, I).to(device=self.data.device, dtype=dtype)
+        y = torch.empty(flat.numel(), I, dtype=dtype)                            # (R, I)
+        rc = self._lib.ggml_rows(self.data.data_ptr(), int(self.ggml_type), I, flat.data_ptr(), flat.numel(),
+                                 y.data_ptr(), _DTYPES[dtype])
+        if rc != 0:
+            raise ValueError(f"ggml_rows: {self.ggml_type.name} [{O}, {I}]")
+        return y.view(*ids.shape, I)
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., I] -> [..., O] in x's dtype."""
-        return chunked_linear(x, self)
+        """x [..., I] -> [..., O] in x's dtype (fp32 and bf16 computed as they are; others via fp32)."""
+        O, I = self.shape
+        if self._lib is None or x.device.type != "cpu":
+            return chunked_linear(x, self)
+        xs = x.reshape(-1, I) if x.dtype in _DTYPES else x.reshape(-1, I).float()           # (N, I)
+        if xs.shape[0] >= self.dense_from:
+            return chunked_linear(x, self)
+        if not xs.is_contiguous():
+            xs = xs.contiguous()
+        y = self.linear_packed(xs)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.view(*x.shape[:-1], O)
+
+    def linear_packed(self, xs: torch.Tensor) -> torch.Tensor:
+        """(N, I) contiguous fp32 or bf16 -> (N, O) in its dtype, by the kernel at any N."""
+        n = xs.shape[0]
+        y = torch.empty(n, self.shape[0], dtype=xs.dtype)                                    # (N, O)
+        code = _DTYPES[xs.dtype]
+        rc = self._lib.ggml_mv_p(xs.data_ptr(), code, y.data_ptr(), code, n, self._at, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"ggml_mv: no scratch for {n} x {self.shape[1]} activations") if rc == -1 else \
+                ValueError(f"ggml_mv: {self.ggml_type.name} {list(self.shape)}")
+        return y
+
+    def swiglu(self, x: torch.Tensor, up: GGMLWeight, down: GGMLWeight) -> torch.Tensor | None:
+        """silu(x @ self.T) * (x @ up.T) @ down.T in one kernel call, or None where it does not apply."""
+        bound = self._bound
+        if bound is None or bound[0] is not up or bound[1] is not down:
+            self._bound = bound = (up, down, self.bind_swiglu(up, down))
+        return bound[2](x) if bound[2] is not None else None
 
     def bind_swiglu(self, up: GGMLWeight, down: GGMLWeight):
-        """`x -> silu(x @ self.T) * (x @ up.T) @ down.T` in one call, or None where no kernel takes the
-        three (then the expert computes matrix by matrix through `linear`)."""
-        return None
+        """`x -> silu(x @ self.T) * (x @ up.T) @ down.T` in one call (x quantized once for gate and up,
+        the hidden activations fp32 until `down`), or None where no kernel takes the three (then the
+        expert computes matrix by matrix through `linear`). The function returns None for inputs it
+        does not take (another dtype or device, a long input for float weights)."""
+        F_, H = self.shape
+        if (self._lib is None or not isinstance(up, GGMLWeight) or not isinstance(down, GGMLWeight)
+                or up._lib is None or down._lib is None or up.shape != self.shape or down.shape != (H, F_)
+                or up.ggml_type != self.ggml_type):
+            return None
+        limit = min(self.dense_from, down.dense_from)
+        block, at = native.arg_block(H, F_, self.data.data_ptr(), up.data.data_ptr(), int(self.ggml_type),
+                                     down.data.data_ptr(), int(down.ggml_type))
+        call = self._lib.ggml_swiglu_p
+
+        def swiglu(x: torch.Tensor) -> torch.Tensor | None:
+            code = _DTYPES.get(x.dtype)
+            if code is None or x.dim() != 2 or x.shape[1] != H or x.shape[0] >= limit or not x.is_contiguous() \
+                    or x.device.type != "cpu":
+                return None
+            n = x.shape[0]
+            y = torch.empty(n, H, dtype=x.dtype)                                             # (N, H)
+            rc = call(x.data_ptr(), code, y.data_ptr(), code, n, at, torch.get_num_threads())
+            if rc != 0:
+                raise MemoryError(f"ggml_swiglu: no scratch for a {n}-token expert") if rc == -1 else \
+                    ValueError(f"ggml_swiglu: expert {[F_, H]} / {list(down.shape)}")
+            return y
+        swiglu.block = block   # kept alive with the function
+        return swiglu
 
 
-__all__ = ["BLOCK_TYPES", "FLOAT_TYPES", "GGMLWeight", "row_bytes"]
+class GGMLGroup:
+    """Matrices of one input and one type computed in one kernel call (attention's q, k, v: the
+    activations quantized once, one parallel loop): `linear(x)` -> [..., sum of their outputs], or
+    None where the kernel does not take it (then each matrix computes on its own)."""
+
+    def __init__(self, mats: list[GGMLWeight]):
+        first = mats[0]
+        if len(mats) > 16 or any((m.shape[1], m.ggml_type) != (first.shape[1], first.ggml_type) for m in mats):
+            raise ValueError("a GGMLGroup needs up to 16 matrices of one input width and one type")
+        self.mats, self.out = mats, sum(m.shape[0] for m in mats)
+        self._lib = first._lib if all(m._lib is not None for m in mats) else None
+        self.dense_from = min(m.dense_from for m in mats)
+        self._arrays = [(ctypes.c_int64 * len(mats))(*[m.shape[0] for m in mats]),
+                        (ctypes.c_void_p * len(mats))(*[m.data.data_ptr() for m in mats])]
+        self._block, self._at = native.arg_block(first.shape[1], len(mats), *(ctypes.addressof(a) for a in self._arrays),
+                                                 int(first.ggml_type))
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor | None:
+        I = self.mats[0].shape[1]
+        if self._lib is None or x.dtype not in _DTYPES or x.device.type != "cpu":
+            return None
+        xs = x.reshape(-1, I)
+        if xs.shape[0] >= self.dense_from:
+            return None
+        if not xs.is_contiguous():
+            xs = xs.contiguous()
+        y = torch.empty(xs.shape[0], self.out, dtype=xs.dtype)                              # (N, sum O)
+        code = _DTYPES[xs.dtype]
+        rc = self._lib.ggml_mv_many_p(xs.data_ptr(), code, y.data_ptr(), code, xs.shape[0], self._at,
+                                      torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"ggml_mv_many: no scratch for {xs.shape[0]} x {I} activations") if rc == -1 else \
+                ValueError(f"ggml_mv_many: {len(self.mats)} matrices [*, {I}]")
+        return y.view(*x.shape[:-1], self.out)
+
+
+__all__ = ["BLOCK_TYPES", "FLOAT_TYPES", "TOLERANCE", "GGMLGroup", "GGMLWeight", "kernel", "row_bytes"]

@@ -48,4 +48,17 @@ class QEmbedding(nn.Module):
             self.register_buffer(name, t, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qw.rows(ids, self.dtype)  # (B, T) -> (B, T, H)
+        rows = getattr(self.qw, "rows", None)
+        if rows is not None:
+            return rows(ids, self.dtype)  # (B, T) -> (B, T, H)
+        return gathered_rows(self.qw, ids, self.dtype)
+
+
+def gathered_rows(w, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` of a weight that only offers `dequantize_rows` (a quantized token table read row by
+    row, never whole): (B, T) -> (B, T, H)."""
+    flat = ids.reshape(-1).tolist()
+    out = torch.empty(len(flat), w.shape[1], dtype=dtype)                        # (B·T, H)
+    for i, r in enumerate(flat):
+        out[i] = w.dequantize_rows(r, r + 1, dtype)[0]
+    return out.view(*ids.shape, w.shape[1]).to(ids.device)

@@ -1,9 +1,10 @@
 """Our C kernels: compiled once per machine from the bundled source, cached, loaded with ctypes.
 
 Why: the fastest CPU product for packed weights needs instructions torch does not use for them
-(int8 dot products: AVX-512 VNNI, AVX2), so a small C file (`qmv.c`) ships with the package and is
-built for the CPU it runs on (`-march=native`) by the C compiler found as `$CC` or `cc`, the way
-Triton and torch.compile build theirs. The library lands in `$XDG_CACHE_HOME/offload-moe/kernels/`
+(int8 dot products: AVX-512 VNNI, AVX2), so small C files (`qmv.c`; `ggml_mv.c` for GGUF's block
+layouts; `bf16mv.c`, `decode.c`) ship with the package and are built for the CPU they run on
+(`-march=native`) by the C compiler found as `$CC` or `cc`, the way Triton and torch.compile build
+theirs. The library lands in `$XDG_CACHE_HOME/offload-moe/kernels/`
 (default `~/.cache/...`) under a name that hashes the source, the flags, the compiler's version
 and the CPU's feature flags, so a changed source, compiler or machine (a shared home directory)
 gets its own build; it is written to a private temporary file and renamed into place, so two
@@ -32,6 +33,7 @@ import torch
 SOURCE = Path(__file__).with_name("qmv.c")
 INCLUDE = Path(__file__).parent                                # kernel_common.h, shared by the sources
 BF16_SOURCE = Path(__file__).with_name("bf16mv.c")           # bf16 weights (cpu_bf16.py)
+GGML_SOURCE = Path(__file__).with_name("ggml_mv.c")          # ggml block layouts in place (ggml.py)
 DECODE_SOURCE = Path(__file__).parent.parent / "decode.c"   # a decode step's small ops (decode_cpu.py)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 PATHS = {2: "AVX-512 VNNI", 1: "AVX2", 0: "portable C"}
@@ -134,6 +136,17 @@ LIBRARIES = {
         "bmv_swiglu": (I32, [P, P, I32, I64, I64, I64, P, P, P, I32]),
         "bmv_swiglu_p": (I32, [P, P, I32, I64, P, I32]),
     }, "bmv_path"),
+    "ggml": (GGML_SOURCE, {
+        "ggml_path": (I32, []),
+        "ggml_supported": (I32, [I32, I64]),
+        "ggml_mv": (I32, [P, I32, P, I32, I64, I64, I64, P, I32, I32]),
+        "ggml_mv_many": (I32, [P, I32, P, I32, I64, I64, I32, P, P, I32, I32]),
+        "ggml_swiglu": (I32, [P, I32, P, I32, I64, I64, I64, P, P, I32, P, I32, I32]),
+        "ggml_rows": (I32, [P, I32, I64, P, I64, P, I32]),
+        "ggml_mv_p": (I32, [P, I32, P, I32, I64, P, I32]),
+        "ggml_mv_many_p": (I32, [P, I32, P, I32, I64, P, I32]),
+        "ggml_swiglu_p": (I32, [P, I32, P, I32, I64, P, I32]),
+    }, "ggml_path"),
     "decode": (DECODE_SOURCE, {
         "rms_norm_row": (I32, [P, I32, P, I32, I64, F32, I32, P, I32]),
         "attn_decode": (I32, [P, P, P, I32, P, P, I32, P, P, I32, I32, F32, F32, P, I32, P, P, I32, I64, I64, I64,
@@ -156,7 +169,7 @@ def open_library(path: Path, name: str = "qmv") -> ctypes.CDLL:
 
 @functools.cache
 def load(name: str = "qmv") -> ctypes.CDLL | None:
-    """Library `name` ("qmv", "bmv", "decode") built for this machine, or None (see `status`)."""
+    """Library `name` ("qmv", "bmv", "ggml", "decode") built for this machine, or None (see `status`)."""
     if os.environ.get("OFFLOAD_MOE_NATIVE", "1") == "0":
         _status[name] = "off (OFFLOAD_MOE_NATIVE=0)"
         return None
@@ -182,5 +195,5 @@ def status(name: str = "qmv") -> str:
     return _status.get(name, "not loaded")
 
 
-__all__ = ["arg_block", "BF16_PATHS", "BF16_SOURCE", "DECODE_SOURCE", "FLAGS", "LIBRARIES", "PATHS", "SOURCE", "build", "cache_dir",
+__all__ = ["arg_block", "BF16_PATHS", "BF16_SOURCE", "DECODE_SOURCE", "GGML_SOURCE", "FLAGS", "LIBRARIES", "PATHS", "SOURCE", "build", "cache_dir",
            "load", "load_decode", "open_library", "status"]

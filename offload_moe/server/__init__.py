@@ -19,7 +19,10 @@ Starlette is imported lazily (`pip install 'offload-moe[serve]'`) so the core pa
 it. Nothing here prints; unexpected errors are logged to the `offload_moe.server` logger.
 
 The modules: `app` (the routes and endpoints), `validation` (the request bodies), `worker` (the
-generation thread and its queue), `responses` (JSON, errors and server-sent events).
+generation thread and its queue), `responses` (JSON, errors and server-sent events), `prep` (chat
+templates and tokenizing off the event loop, with a deadline), `http` (uvicorn's limits: header
+timeout, connections), `structured` (response_format and forced tool calls as JSON schemas),
+`prometheus` (/metrics as Prometheus text).
 """
 
 from .app import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, INSTALL_HINT, MAX_BODY_BYTES,

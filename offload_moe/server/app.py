@@ -12,13 +12,17 @@ import logging
 import time
 import uuid
 
+from ..constrain import grammar_from
 from ..errors import OffloadMoeError
 from ..generate import DEFAULT_SAMPLING
 from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .guard import LOOPBACK_NAMES, RequestGuard, public_message
-from .responses import JSON, ApiError, EventStream, bad, cancel_on_disconnect, sse
+from .prep import PrepPool, max_token_chars
+from .prometheus import CONTENT_TYPE as PROMETHEUS_TYPE, render as prometheus_text, wants_prometheus
+from .responses import JSON, ApiError, ClientDisconnect, EventStream, Text, bad, cancel_on_disconnect, sse
+from .structured import forced_call, response_format_schema
 from .tools import HARMONY, ToolCallParser, tool_format
-from .validation import CHAT_FIELDS, COMPLETION_FIELDS, chat_messages, check_fields, completion_prompt
+from .validation import CHAT_FIELDS, COMPLETION_FIELDS, IGNORED_FIELDS, chat_messages, check_fields, completion_prompt
 from .worker import Job, Worker
 
 log = logging.getLogger("offload_moe.server")
@@ -28,6 +32,10 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the context left
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = DEFAULT_SAMPLING.temperature, DEFAULT_SAMPLING.top_p  # the library's
 INTERNAL_ERROR = "internal server error (a bug in offload-moe; the server log has the details)"
+PREPARE_TIMEOUT = 4.0   # seconds a request may wait for its prompt (template + tokenizer): one error within 5 s
+BODY_TIMEOUT = 60.0     # seconds from the end of the headers to the end of the body
+PREP_THREADS = 2        # prompts prepared at once (a stuck template holds one until it ends)
+PARSE_IN_THREAD = 64 * 1024  # bodies larger than this are parsed off the event loop
 
 
 def require(module: str):
@@ -41,11 +49,19 @@ def require(module: str):
 
 
 class _Server:
-    def __init__(self, model, model_name: str, api_key: str | None, max_queue: int):
+    def __init__(self, model, model_name: str, api_key: str | None, max_queue: int, prepare_timeout: float,
+                 body_timeout: float):
         self.model, self.model_name, self.api_key = model, model_name, api_key
         self.worker = Worker(model, max_queue)
+        self.prep = PrepPool(PREP_THREADS, prepare_timeout)
+        self.body_timeout = body_timeout
         self.created = int(time.time())
         self.started = time.time()
+        self.ignored_logged: set[str] = set()
+        # No prompt longer than this can fit the context, whatever it says (each token covers at most
+        # max_token_chars characters; x4 for normalizers that merge characters): refused before tokenizing.
+        chars = max_token_chars(model.tokenizer) if model.tokenizer is not None else 0
+        self.max_prompt_chars = 4 * chars * model.context_length if chars else None
 
     # -- plumbing
     def _check_key(self, request):
@@ -60,19 +76,68 @@ class _Server:
             raise ApiError(401, "incorrect API key provided", code="invalid_api_key")
 
     async def _body(self, request):
+        """The request's JSON body: its size checked before it is read (Content-Length) and as it
+        arrives, read within body_timeout seconds, parsed off the event loop when large."""
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body of {size} bytes exceeds the limit of {MAX_BODY_BYTES}")
+            raise ApiError(413, f"request body of {size} bytes exceeds the limit of {MAX_BODY_BYTES}",
+                           headers={"Connection": "close"})
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > MAX_BODY_BYTES:
-                raise ApiError(413, f"request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+
+        async def read():
+            async for chunk in request.stream():
+                data.extend(chunk)
+                if len(data) > MAX_BODY_BYTES:
+                    raise ApiError(413, f"request body exceeds the limit of {MAX_BODY_BYTES} bytes",
+                                   headers={"Connection": "close"})
         try:
-            return json.loads(bytes(data))
+            await asyncio.wait_for(read(), self.body_timeout)
+        except asyncio.TimeoutError:
+            log.info("%s: the request body did not arrive within %g s (%d bytes came): answered 408",
+                     request.url.path, self.body_timeout, len(data))
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s",
+                           code="timeout", headers={"Connection": "close"}) from None
+        try:
+            if len(data) > PARSE_IN_THREAD:  # (json.loads keeps the GIL: ~10 ms per MB here, a pause at most)
+                return await self.prep.run(json.loads, data, what="parsing the request body")
+            return json.loads(data)
         except (ValueError, RecursionError) as e:
             raise ApiError(400, f"could not parse the JSON body of the request ({type(e).__name__}: {e})",
                            code=None) from None
+
+    def _fields(self, body, allowed: dict, required: list[str]) -> dict:
+        """check_fields, logging once per field the accepted-but-ignored ones a request carried."""
+        p = check_fields(body, allowed, required)
+        for name in IGNORED_FIELDS:
+            if name in body and name not in allowed and name not in self.ignored_logged:
+                self.ignored_logged.add(name)
+                log.info("request field %r accepted and ignored (it does not change generation here; "
+                         "logged once)", name)
+        return p
+
+    def _check_logit_bias(self, p: dict):
+        vocab = self.model.config.vocab_size
+        for token in p.get("logit_bias", {}):
+            if token >= vocab:
+                raise bad(f"logit_bias: token id {token} is outside the vocabulary (0..{vocab - 1})", "logit_bias")
+
+    def _check_prompt_chars(self, chars: int, param: str):
+        if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
+            context = self.model.context_length
+            raise ApiError(400, f"this model's maximum context length is {context} tokens, and the {param} has "
+                           f"{chars:,} characters, more than {context} tokens can hold; reduce the length of "
+                           f"the {param}", param=param, code="context_length_exceeded")
+
+    def _chat_ids(self, messages, tools, template_vars: dict, schema) -> list[int]:
+        """On a prep thread: the chat template rendered, its size checked, tokenized; the schema checked."""
+        if schema is not None:
+            grammar_from(json_schema=schema)
+        text = self.model.chat_text(messages, tools, **template_vars)
+        self._check_prompt_chars(len(text), "messages")
+        return self.model.encode_chat(text)
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        return self.model.encode_prompt(prompt)
 
     def _max_tokens(self, prompt_tokens: int, requested: int | None, default: int | None, param: str,
                     prompt_param: str) -> int:
@@ -96,6 +161,7 @@ class _Server:
         return dict(max_new_tokens=max_tokens, temperature=p.get("temperature"),
                     top_p=top_p if top_p is None or top_p > 0 else 1e-9,  # top_p = 0 keeps the most likely token
                     top_k=None if top_k is None else max(top_k, 0), seed=p.get("seed"), stop=p.get("stop"),
+                    logit_bias=p.get("logit_bias"),
                     ignore_eos=p.get("ignore_eos", False), min_p=p.get("min_p", 0.0),
                     repetition_penalty=p.get("repetition_penalty", 1.0),
                     presence_penalty=p.get("presence_penalty", 0.0),
@@ -161,9 +227,15 @@ class _Server:
         return JSON({"status": "ok", "model": self.model_name})
 
     async def metrics(self, request):
+        """JSON, or Prometheus' text format for `?format=prometheus` or an Accept of text/plain or
+        application/openmetrics-text (what Prometheus sends)."""
         self._check_key(request)
-        return JSON({"model": self.model_name, "uptime_seconds": time.time() - self.started,
-                      "context_length": self.model.context_length, **self.worker.metrics()})
+        metrics = {"model": self.model_name, "uptime_seconds": time.time() - self.started,
+                   "context_length": self.model.context_length, **self.worker.metrics(),
+                   "prepare": self.prep.metrics()}
+        if wants_prometheus(request.query_params, request.headers.get("accept", "")):
+            return Text(prometheus_text(metrics, self.model_name), PROMETHEUS_TYPE)
+        return JSON(metrics)
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "offload-moe"}
@@ -182,7 +254,8 @@ class _Server:
 
     async def chat_completions(self, request):
         self._check_key(request)
-        p = check_fields(await self._body(request), CHAT_FIELDS, ["model", "messages"])
+        p = self._fields(await self._body(request), CHAT_FIELDS, ["model", "messages"])
+        self._check_logit_bias(p)
         messages = chat_messages(p["messages"])
         if "max_tokens" in p and "max_completion_tokens" in p and p["max_tokens"] != p["max_completion_tokens"]:
             raise bad("max_tokens and max_completion_tokens disagree; send one of them", "max_tokens")
@@ -193,15 +266,25 @@ class _Server:
         tools = p.get("tools") or None
         if p.get("tool_choice") == "none":
             tools = None
+        forced = forced_call(p.get("tool_choice"), tools)   # a tool call the request forces, as bare JSON
+        schema = forced.schema if forced is not None else response_format_schema(p.get("response_format"))
+        if forced is not None and p.get("response_format", {}).get("type", "text") != "text":
+            raise bad("response_format and a forced tool_choice both constrain the output; send one",
+                      "response_format")
         fmt = tool_format(self.model.tokenizer.chat_template if self.model.tokenizer else None)
-        if tools and fmt is None:
+        if tools and fmt is None and forced is None:
             raise bad("tools: this model's chat template defines no tool-call format this server can parse "
                       "(it knows Qwen's <tool_call>, Mistral's [TOOL_CALLS] and gpt-oss's channels)", "tools",
                       "unsupported_value")
-        parser = ToolCallParser(fmt) if fmt is not None and (tools or fmt == HARMONY) else None
-        ids = self.model.chat_ids(messages, tools=tools)
+        # Constrained output is bare JSON, never in the template's tool-call or channel format: no parser.
+        parser = ToolCallParser(fmt) if fmt is not None and schema is None and (tools or fmt == HARMONY) else None
+        template_vars = {"reasoning_effort": p["reasoning_effort"]} if "reasoning_effort" in p else {}
+        self._check_prompt_chars(sum(len(m["content"]) for m in messages), "messages")
+        ids = await self.prep.run(self._chat_ids, messages, tools, template_vars, schema)
         max_tokens = self._max_tokens(len(ids), requested, None, param, "messages")
         kwargs = self._sampling(p, max_tokens)
+        if schema is not None:
+            kwargs["json_schema"] = schema
         if p.get("logprobs"):
             kwargs["logprobs"] = p.get("top_logprobs", 0)
         if parser is not None:
@@ -228,15 +311,23 @@ class _Server:
                 return [{**head, "choices": [{"index": 0, "delta": d, "logprobs": lp if i == 0 else None,
                                               "finish_reason": None}]} for i, d in enumerate(out)]
 
+            forced_text = []
+
             def chunk(piece, entries):
                 if piece is None:
                     return {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]}
+                if forced is not None:  # the call's JSON: sent whole at the end
+                    forced_text.append(piece)
+                    return None
                 content, calls = parser.feed(piece) if parser is not None else (piece, [])
                 return delta_chunks(content, calls, entries)
 
             def final(result, entries):
                 content, calls = parser.finish() if parser is not None else ("", [])
+                if forced is not None:
+                    call = forced.call("".join(forced_text))
+                    content, calls = ("", [call]) if call is not None else ("".join(forced_text), [])
                 reason = "tool_calls" if calls_sent or calls else result.finish_reason
                 return delta_chunks(content, calls, entries) + [
                     {**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}]}]
@@ -249,6 +340,9 @@ class _Server:
         text, result = await self._finish(request, job)
         message = {"role": "assistant", "content": text}
         reason = result.finish_reason
+        call = forced.call(text) if forced is not None else None
+        if call is not None:
+            message["content"], message["tool_calls"], reason = None, [call], "tool_calls"
         if parser is not None:
             content, calls = parser.feed(text)
             more, later = parser.finish()
@@ -263,8 +357,14 @@ class _Server:
 
     async def completions(self, request):
         self._check_key(request)
-        p = check_fields(await self._body(request), COMPLETION_FIELDS, ["model", "prompt"])
-        ids = completion_prompt(self.model, p["prompt"])
+        p = self._fields(await self._body(request), COMPLETION_FIELDS, ["model", "prompt"])
+        self._check_logit_bias(p)
+        prompt = completion_prompt(self.model, p["prompt"])
+        if isinstance(prompt, str):
+            self._check_prompt_chars(len(prompt), "prompt")
+            ids = await self.prep.run(self._prompt_ids, prompt)
+        else:
+            ids = prompt
         max_tokens = self._max_tokens(len(ids), p.get("max_tokens"), COMPLETIONS_DEFAULT_MAX_TOKENS,
                                       "max_tokens", "prompt")
         kwargs = self._sampling(p, max_tokens)
@@ -311,6 +411,9 @@ def _endpoint(handler, guard: RequestGuard):
         try:
             guard.check(request)
             return await handler(request)
+        except ClientDisconnect:  # gone mid-upload: nobody to answer
+            log.info("%s %s: the client went away while sending the request", request.method, request.url.path)
+            return ApiError(499, "client closed the request", code="cancelled").response()
         except ApiError as e:
             e.message = public_message(e.message)
             return e.response()
@@ -323,12 +426,15 @@ def _endpoint(handler, guard: RequestGuard):
 
 
 def create_app(model, *, model_name: str, api_key: str | None = None, max_queue: int = 8,
-               allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES, allowed_origins: tuple[str, ...] = ()):
+               allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES, allowed_origins: tuple[str, ...] = (),
+               prepare_timeout: float = PREPARE_TIMEOUT, body_timeout: float = BODY_TIMEOUT):
     """The ASGI app serving `model` under `model_name`. While the app runs it owns the model: all
     generation happens on its one worker thread. `api_key`: require `Authorization: Bearer <key>`
     (except on /health). `max_queue`: requests that may wait behind the running one (then 429).
     `allowed_hosts`: the Host names requests may carry (None: any; `guard.allowed_hosts_for` gives
-    them for a bind address); `allowed_origins`: browser origins allowed besides those hosts."""
+    them for a bind address); `allowed_origins`: browser origins allowed besides those hosts.
+    `prepare_timeout`: seconds a request waits for its prompt (chat template, tokenizer; run off the
+    event loop) before it gets an error; `body_timeout`: seconds its body may take to arrive."""
     require("starlette")
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -340,7 +446,11 @@ def create_app(model, *, model_name: str, api_key: str | None = None, max_queue:
         raise OffloadMoeError(f"max_queue = {max_queue!r}, expected an integer >= 0")
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise OffloadMoeError("api_key is empty (expected a non-empty string, or None for no key)")
-    server = _Server(model, model_name, api_key.strip() if api_key else None, max_queue)
+    for name, value in (("prepare_timeout", prepare_timeout), ("body_timeout", body_timeout)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise OffloadMoeError(f"{name} = {value!r}, expected a number of seconds > 0")
+    server = _Server(model, model_name, api_key.strip() if api_key else None, max_queue, float(prepare_timeout),
+                     float(body_timeout))
     guard = RequestGuard(allowed_hosts, tuple(allowed_origins))
 
     @contextlib.asynccontextmanager

@@ -8,6 +8,12 @@ import asyncio
 import json
 import math
 
+try:
+    from starlette.requests import ClientDisconnect   # what request.stream() raises when the client leaves
+except ImportError:  # the core package without the serve extra: no request is ever read
+    class ClientDisconnect(Exception):
+        pass
+
 
 class ApiError(Exception):
     """An error answered as OpenAI does: HTTP status + {"error": {message, type, param, code}}."""
@@ -56,6 +62,19 @@ class JSON:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode())]
         headers += [(k.lower().encode(), str(v).encode()) for k, v in self.headers.items()]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
+class Text:
+    """A plain-text response (Prometheus metrics)."""
+
+    def __init__(self, body: str, content_type: str, status: int = 200):
+        self.body, self.content_type, self.status = body.encode(), content_type, status
+
+    async def __call__(self, scope, receive, send):
+        await send({"type": "http.response.start", "status": self.status,
+                    "headers": [(b"content-type", self.content_type.encode()),
+                                (b"content-length", str(len(self.body)).encode())]})
         await send({"type": "http.response.body", "body": self.body})
 
 

@@ -51,12 +51,15 @@ def check_tools(name, value) -> list[dict]:
 
 
 def check_tool_choice(name, value):
-    if value in ("none", "auto"):
+    """"none", "auto", "required" or {"type": "function", "function": {"name": ...}} (the last two are
+    forced through constrained decoding: `structured.forced_call`)."""
+    if value in ("none", "auto", "required"):
         return value
-    if value == "required" or isinstance(value, dict):
-        raise bad(f"{name} = {json.dumps(value)[:80]}: forcing a tool call needs constrained decoding, which this "
-                  "server does not do; send \"auto\" (the model decides) or \"none\"", name, "unsupported_value")
-    raise bad(f"{name}: expected \"none\" or \"auto\"", name)
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict) \
+            and isinstance(value["function"].get("name"), str) and set(value) == {"type", "function"}:
+        return value
+    raise bad(f"{name} = {json.dumps(value)[:80]}: expected \"none\", \"auto\", \"required\" or "
+              "{\"type\": \"function\", \"function\": {\"name\": ...}}", name)
 
 
 def new_call(name: str, arguments) -> dict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from .responses import ApiError, bad
+from .structured import check_response_format
 from .tools import check_tool_choice, check_tools
 
 
@@ -75,23 +76,35 @@ def _stream_options(name, value):
     if not isinstance(value, dict):
         raise _type_error(name, "an object", value)
     for key, v in value.items():
-        if key != "include_usage":
+        if key not in ("include_usage", "include_obfuscation"):  # obfuscation padding: accepted, not sent
             raise bad(f"{name}.{key}: unrecognized option", f"{name}.{key}", "unknown_parameter")
         _bool(f"{name}.{key}", v)
     return value
 
 
-def _response_format(name, value):
-    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
-        raise _type_error(name, "an object with a 'type'", value)
-    if value["type"] in ("json_object", "json_schema"):
-        raise bad(f"{name}.type = {value['type']!r} is not supported: it needs constrained decoding, which this "
-                  "server does not do, so the reply could be text that is not JSON; ask for JSON in the prompt "
-                  "and parse the reply yourself", f"{name}.type", "unsupported_value")
-    if value["type"] != "text" or len(value) != 1:
-        raise bad(f"{name}: expected {{\"type\": \"text\"}}", name, "unsupported_value")
+def _logit_bias(name, value):
+    """{"token id": bias}, bias from -100 to 100 as OpenAI; ids are checked against the vocabulary later."""
+    if not isinstance(value, dict):
+        raise _type_error(name, "an object mapping token ids to numbers", value)
+    if len(value) > 1024:
+        raise bad(f"{name}: {len(value)} entries, at most 1024 are supported", name)
+    out = {}
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit() and len(key) <= 12):
+            raise bad(f"{name}: key {json.dumps(key)[:40]} is not a token id", name)
+        if not _is_number(bias) or not -100 <= bias <= 100:
+            raise bad(f"{name}[{key}] = {json.dumps(bias)[:40]}: expected a number from -100 to 100", name)
+        out[int(key)] = float(bias)
+    return out
+
+
+def _metadata(name, value):
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise _type_error(name, "an object of string values", value)
     return value
 
+
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 _COMMON_FIELDS = {
     "model": _string,
@@ -104,7 +117,7 @@ _COMMON_FIELDS = {
     "stream": _bool,
     "stream_options": _stream_options,
     "n": lambda n, v: _only({1}, "one choice per request; send the request again")(n, _int(n, v, 1)),
-    "user": _string,
+    "logit_bias": _logit_bias,
     "ignore_eos": _bool,                                    # extension (as vLLM): generate max_tokens tokens
     "presence_penalty": lambda n, v: _number(n, v, -2, 2),      # OpenAI's definition
     "frequency_penalty": lambda n, v: _number(n, v, -2, 2),
@@ -113,8 +126,13 @@ _COMMON_FIELDS = {
 }
 CHAT_FIELDS = {**_COMMON_FIELDS, "messages": None, "max_completion_tokens": lambda n, v: _int(n, v, 1),
                 "logprobs": _bool, "top_logprobs": lambda n, v: _int(n, v, 0, 20),
-                "response_format": _response_format, "tools": check_tools, "tool_choice": check_tool_choice,
-                "parallel_tool_calls": _bool}
+                "response_format": check_response_format, "tools": check_tools, "tool_choice": check_tool_choice,
+                "parallel_tool_calls": _bool,
+                "reasoning_effort": lambda n, v: _only(REASONING_EFFORTS, "one of " + ", ".join(REASONING_EFFORTS))(
+                    n, _string(n, v))}
+# Accepted and ignored (logged once each): they do not change what is generated here.
+IGNORED_FIELDS = {"store": _bool, "metadata": _metadata, "service_tier": _string, "user": _string,
+                  "prompt_cache_key": _string, "safety_identifier": _string}
 COMPLETION_FIELDS = {**_COMMON_FIELDS, "prompt": None, "echo": _only({False}, "no echo"),
                       "logprobs": lambda n, v: _int(n, v, 0, 5), "best_of": _only({1}, "one choice"),
                       "suffix": _only({""}, "no suffix")}
@@ -124,8 +142,11 @@ _MESSAGE_KEYS = {"system": {"name"}, "user": {"name"}, "assistant": {"name", "to
 
 
 def check_fields(body, allowed: dict, required: list[str]) -> dict:
+    """The body's fields checked (`allowed`: name -> check); the ignored ones (IGNORED_FIELDS) are
+    checked and returned under their names too, for the caller to log."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", None, "invalid_type")
+    allowed = {**IGNORED_FIELDS, **allowed}
     for name in body:
         if name not in allowed:
             raise bad(f"unrecognized request argument supplied: {name!r}", name, "unknown_parameter")
@@ -198,8 +219,9 @@ def _tool_calls(name, value) -> list[dict]:
     return value
 
 
-def completion_prompt(model, value) -> list[int]:
-    """A completion prompt: a string, a list of token ids, or a one-element list of either."""
+def completion_prompt(model, value) -> str | list[int]:
+    """A completion prompt: a string, a list of token ids, or a one-element list of either. A string
+    is returned as it is (the caller tokenizes it off the event loop), ids checked against the vocabulary."""
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
         value = value[0]
     elif isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
@@ -208,7 +230,7 @@ def completion_prompt(model, value) -> list[int]:
     if isinstance(value, str):
         if not value:
             raise bad("prompt is empty", "prompt")
-        return model.encode_prompt(value)
+        return value
     if isinstance(value, list) and value and all(_is_int(v) for v in value):
         if not all(0 <= v < model.config.vocab_size for v in value):
             raise bad(f"prompt: token ids must be in 0..{model.config.vocab_size - 1}", "prompt")

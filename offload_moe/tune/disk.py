@@ -95,3 +95,36 @@ def measure_disk_read(nbytes: int = DISK_TEST_BYTES, directory: str | Path | Non
     fs = filesystem_type(directory)
     return {"bytes_per_second": got / seconds, "bytes": got, "cold": cold and fs not in _IN_MEMORY_FS,
             "filesystem": fs, "directory": str(directory)}
+
+
+def measure_file_read(path: str | Path, nbytes: int = 64 * 2**20) -> dict:
+    """Read rate of an existing file (a model's own), `nbytes` from its middle in expert-sized chunks
+    after dropping that range from the page cache where the system allows it; nothing is written.
+    Returns {"bytes_per_second", "bytes", "cold", "filesystem"}."""
+    path = Path(path)
+    size = path.stat().st_size
+    n = min(nbytes, size)
+    start = (size - n) // 2 // 4096 * 4096
+    fd = os.open(path, os.O_RDONLY)
+    cold = hasattr(os, "posix_fadvise")
+    try:
+        if cold:
+            try:
+                os.posix_fadvise(fd, start, n, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                cold = False
+        buf = bytearray(4 * 2**20)
+        view = memoryview(buf)
+        got = 0
+        t0 = time.perf_counter()
+        while got < n:
+            k = os.preadv(fd, [view[:min(len(buf), n - got)]], start + got)
+            if k <= 0:
+                break
+            got += k
+        seconds = max(time.perf_counter() - t0, 1e-9)
+    finally:
+        os.close(fd)
+    fs = filesystem_type(path)
+    return {"bytes_per_second": got / seconds, "bytes": got, "cold": cold and fs not in _IN_MEMORY_FS,
+            "filesystem": fs}
