@@ -15,6 +15,7 @@ first, then up) and `...mlp.experts.down_proj` [E, H, I]; gpt-oss's transposed, 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -38,6 +39,41 @@ FLOAT_DTYPES = {"F32", "F16", "BF16"}
 def dense_shapes(c: ModelConfig, layout: str = "per_expert") -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape of every dense (non-expert) tensor a config implies."""
     return arch.dense_shapes(c, c.family, layout)
+
+
+WEIGHT_KINDS = ("attention", "experts", "routers", "embeddings", "norms", "dense MLPs")
+
+
+def weight_kind(name: str) -> str:
+    """What a tensor of a checkpoint (by our name) is, for `info` and `plan`: the kinds of
+    `ModelConfig.params_by_kind` (q/k norms and MLA's latent norms belong to attention, as there;
+    shared experts and their gates to the dense MLPs). Packed parts (`.qweight`, `.scales`...) go with
+    their matrix."""
+    if ".experts." in name:
+        return "experts"
+    if ".self_attn." in name:
+        return "attention"
+    if "shared_expert" in name or (".mlp." in name and "_proj." in name):  # dense layers, shared experts
+        return "dense MLPs"
+    if name.endswith(("gate.weight", "gate.bias", ".router.weight", ".router.bias", "e_score_correction_bias")):
+        return "routers"
+    if "embed_tokens" in name or name.startswith("lm_head"):
+        return "embeddings"
+    return "norms"
+
+
+def weights_by_kind(*tensors) -> dict[str, tuple[int, int]]:
+    """kind -> (parameters, bytes) summed over iterables of (our name, shape or None, bytes); the
+    dense-MLP kind only where there is one (as `ModelConfig.params_by_kind`)."""
+    params = dict.fromkeys(WEIGHT_KINDS, 0)
+    nbytes = dict.fromkeys(WEIGHT_KINDS, 0)
+    for group in tensors:
+        for name, shape, n in group:
+            kind = weight_kind(name)
+            if shape is not None:
+                params[kind] += math.prod(shape)
+            nbytes[kind] += n
+    return {k: (params[k], nbytes[k]) for k in WEIGHT_KINDS if k != "dense MLPs" or params[k] or nbytes[k]}
 
 
 class Checkpoint:
@@ -183,23 +219,13 @@ class Checkpoint:
         names = arch.expert_names(self.config, self.config.family, layer, expert)
         return {w: self.get_weight(name, shape) for w, (name, shape) in names.items()}
 
-    # ---- facts for `info` ----
-    def bytes_by_kind(self) -> dict[str, int]:
-        kinds = {"attention": 0, "experts": 0, "routers": 0, "embeddings": 0, "norms": 0}
-        for name, info in self.tensors.items():
-            if ".experts." in name:
-                kinds["experts"] += info.nbytes
-            elif "self_attn" in name:
-                kinds["attention"] += info.nbytes
-            elif name.endswith(("gate.weight", ".router.weight", ".router.bias")):
-                kinds["routers"] += info.nbytes
-            elif "embed_tokens" in name or name.startswith("lm_head"):
-                kinds["embeddings"] += info.nbytes
-            elif name.endswith(("_proj.weight", "_proj.bias")):  # dense MLP layers, shared experts
-                kinds["dense MLPs"] = kinds.get("dense MLPs", 0) + info.nbytes
-            else:
-                kinds["norms"] += info.nbytes
-        return kinds
+    # ---- facts for `info` and `plan` ----
+    def weights_by_kind(self) -> dict[str, tuple[int, int]]:
+        """kind -> (parameters, bytes in the files), from the headers: parameters from the shapes the
+        config implies (a packed tensor's logical shape), bytes from what is stored under each name."""
+        return weights_by_kind(((name, shape, 0) for name, shape in
+                                {**self.expected_shapes(), **self.expert_shapes()}.items()),
+                               ((name, None, info.nbytes) for name, info in self.tensors.items()))
 
     def dtypes(self) -> list[str]:
         return sorted({info.dtype for info in self.tensors.values()})

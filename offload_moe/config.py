@@ -145,6 +145,16 @@ class ModelConfig:
     def total_params(self) -> int:
         return self.shared_params + self.expert_params
 
+    def params_by_kind(self) -> dict[str, int]:
+        """The parameter counts above by kind, as `checkpoint.weight_kind` sorts a checkpoint's tensors
+        (`info` and `plan` show both; a dense-MLP row only where there are dense MLPs or shared experts)."""
+        kinds = {"attention": self.num_layers * self.attention_params_per_layer, "experts": self.expert_params,
+                 "routers": self.num_moe_layers * self.router_params_per_layer,
+                 "embeddings": self.embedding_params, "norms": self.norm_params}
+        if self.device_mlp_params:
+            kinds["dense MLPs"] = self.device_mlp_params
+        return kinds
+
     @property
     def active_params(self) -> int:
         return self.shared_params + self.num_moe_layers * self.top_k * self.params_per_expert

@@ -121,7 +121,7 @@ def download(ref: Reference, *, want: str = "model", progress: Progress | None =
     from huggingface_hub.file_download import repo_folder_name
 
     report = progress or (lambda what, done, total: None)
-    with _hub_errors(ref) as errors:
+    with _hub_errors(ref, want) as errors:
         info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
         siblings = {s.rfilename: s for s in info.siblings or []}
         storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
@@ -244,9 +244,17 @@ class _ByteCounter:
 class _hub_errors:
     """Turn huggingface_hub's exceptions into one line that says what to do."""
 
-    def __init__(self, ref: Reference):
-        self.ref = ref
+    def __init__(self, ref: Reference, want: str = "model"):
+        self.ref, self.want = ref, want
         self.downloading = False  # past the listing and the disk check: files are being written
+
+    def in_cache(self) -> str:
+        """What the cache holds of the reference, in the words `offload-moe list` uses."""
+        folder = cached_snapshot(self.ref)
+        missing = _missing(folder, self.want) if folder else ["config.json"]
+        return ("not in the Hugging Face cache" if folder is None else
+                f"incomplete in the Hugging Face cache ({missing[0]} missing)" if missing else
+                "in the Hugging Face cache")
 
     def __enter__(self):
         return self
@@ -270,7 +278,7 @@ class _hub_errors:
         elif isinstance(error, RemoteEntryNotFoundError):
             message = f"{ref}: a file the repo lists is not on the Hub ({first})"
         elif isinstance(error, OfflineModeIsEnabled):
-            message = f"{ref}: not in the Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading"
+            message = f"{ref}: {self.in_cache()} and HF_HUB_OFFLINE=1 forbids downloading"
         elif isinstance(error, HfHubHTTPError) and error.response is not None and error.response.status_code == 401:
             message = f"{ref.repo_id}: the Hub refused access (401); {LOGIN_HINT}"
         elif isinstance(error, (HfHubHTTPError, OSError)) or type(error).__module__.startswith(("httpx", "httpcore")):
@@ -278,7 +286,7 @@ class _hub_errors:
                 message = (f"{ref}: download from {site} failed ({first}); the files already fetched are kept: "
                            "run the same command again to continue")
             else:
-                message = (f"{ref}: not in the Hugging Face cache, and {site} cannot be reached ({first}); "
+                message = (f"{ref}: {self.in_cache()}, and {site} cannot be reached ({first}); "
                            "check the network (HF_ENDPOINT names a mirror)")
         else:
             return False

@@ -143,8 +143,10 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     total = len(moe_layers) * cfg.num_experts
 
     if nf4_experts and cfg.quantization:
+        how = (f"its tensor types are {', '.join(ckpt.dtypes())}; an F32, F16 or BF16 GGUF is a float one"
+               if cfg.quantization.get("quant_method") == "gguf" else "its quantization_config says how")
         raise OffloadMoeError(f"{ckpt.path}: nf4_experts needs a float checkpoint; this one is already "
-                              "quantized (its quantization_config says how)")
+                              f"quantized ({how})")
 
     def load_expert(layer: int, e: int, to=device) -> ExpertWeights:
         if in_place:  # views: nothing read, converted or copied (a float type other than dtype aside)

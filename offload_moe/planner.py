@@ -48,7 +48,7 @@ from .quant.format import QuantSpec
 from .quant.mxfp4 import is_mxfp4
 from .quant.mxfp4 import nbytes_for as mxfp4_bytes
 from .profiles import BIT_WIDTHS, Profile, bundled_profiles
-from .runtime import available_ram, fmt_bytes, free_vram
+from .runtime import available_ram, fmt_bytes, fmt_count, free_vram
 
 GROUP_SIZE = 64            # quantization group along the input dimension
 GGML_TYPE_NAMES = {t.name: t for t in GGMLQuantizationType}
@@ -172,7 +172,7 @@ class Plan:
         bits_from = "from the checkpoint" if self.bits_from_checkpoint else "from the profile"
         rows = [
             ("model", f"{c.model_type}: {c.num_layers} layers × {c.num_experts} experts, top-{c.top_k}"),
-            ("parameters", f"{c.total_params / 1e9:.2f} B total, {c.active_params / 1e9:.2f} B active per token"),
+            ("parameters", f"{fmt_count(c.total_params)} total, {fmt_count(c.active_params)} active per token"),
             ("profile", f"{p.name} ({p.device}, {p.source})"),
             ("bits", f"experts {self.experts_bits}, attention {self.attention_bits}, "
                      f"embeddings {self.embeddings_bits} ({bits_from})"),
@@ -220,7 +220,7 @@ class Plan:
                      f"{self.embeddings_bits}")
         where = f"on the GPU within {_gb(p.vram_budget)}" if self.on_gpu else \
             f"on the CPU within a RAM budget of {_gb(self.ram_budget)}"
-        s = [f"{c.model_type} ({c.total_params / 1e9:.2f} B parameters, {c.active_params / 1e9:.2f} B "
+        s = [f"{c.model_type} ({fmt_count(c.total_params)} parameters, {fmt_count(c.active_params)} "
              f"active per token) under profile {p.name} runs {where}; {bits}.",
              f"The shared weights (attention, embeddings, norms and routers"
              f"{', dense MLPs and shared experts' if self.dense_mlp_bytes else ''}) take {_gb(self.shared_bytes)}, "

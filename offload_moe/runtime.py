@@ -107,6 +107,14 @@ def parse_bytes(value: int | str, what: str = "size") -> int:
         raise OffloadMoeError(f"{what} {value!r}: expected {e}") from None
 
 
+def fmt_count(n: float) -> str:
+    """Parameter counts as `info` and `plan` show them: 6.54M, 46.70B."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
 def fmt_bytes(n: float) -> str:
     """Decimal units, as disks and GPU spec sheets count: 1 GB = 1e9 bytes."""
     for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):

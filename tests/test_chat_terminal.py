@@ -127,3 +127,63 @@ def test_multi_line_messages_in_a_terminal(tiny, tmp_path):
 def test_read_message(lines, message):
     feed = iter(lines)
     assert read_message(lambda prompt: next(feed)) == message
+
+
+# ---------------------------------------------------------------- Ctrl-C, as every command (README)
+
+ENDLESS = ["--max-new-tokens", 100000, "--ignore-eos", "--force-context", "--context-length", 100000]  # minutes of text
+
+
+def ended(child) -> tuple[int, str]:
+    child.expect(pexpect.EOF, timeout=60)
+    child.close()
+    out = child.logfile_read.getvalue()
+    assert "Traceback" not in out, out
+    return child.exitstatus, out
+
+
+def test_ctrl_c_at_the_chat_prompt_exits_130_and_ctrl_d_exits_0():
+    child = spawn()
+    child.expect(">>> ")
+    child.sendintr()
+    assert ended(child)[0] == 130
+    child = spawn()
+    child.expect(">>> ")
+    child.sendeof()
+    assert ended(child)[0] == 0
+
+
+def test_ctrl_c_mid_reply_stops_the_reply_and_a_later_ctrl_d_exits_0():
+    child = spawn(*ENDLESS)
+    child.expect(">>> ")
+    child.sendline("Who is Hamlet?")
+    child.expect("Who is Hamlet\\?\r\n")
+    child.expect(r"\S{6}")                     # the reply is streaming
+    child.sendintr()
+    child.expect("reply interrupted")
+    child.expect(">>> ")                       # the session goes on ...
+    child.sendeof()
+    assert ended(child)[0] == 0                # ... and ends as Ctrl-D ends it
+
+
+def test_ctrl_c_mid_generate_exits_130():
+    child = pexpect.spawn(sys.executable, ["-m", "offload_moe", "generate", "To be", *map(str, ENDLESS)], env=ENV,
+                          encoding="utf-8", timeout=60, dimensions=(50, 200))
+    child.logfile_read = io.StringIO()
+    child.expect(r"\S{6}")                     # text is streaming
+    child.sendintr()
+    status, out = ended(child)
+    assert status == 130 and "offload-moe: interrupted" in out
+
+
+def test_ctrl_c_on_serve_exits_130_after_a_clean_shutdown():
+    from serve_fixtures import free_port
+
+    child = pexpect.spawn(sys.executable, ["-m", "offload_moe", "serve", "--device", "cpu", "--port", str(free_port())],
+                          env=ENV, encoding="utf-8", timeout=60, dimensions=(50, 200))
+    child.logfile_read = io.StringIO()
+    child.expect("serving 'offload-moe-demo'")
+    child.expect("Application startup complete")  # uvicorn's own signal handlers are in place
+    child.sendintr()
+    status, out = ended(child)
+    assert status == 130 and "server stopped" in out

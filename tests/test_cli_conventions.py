@@ -217,3 +217,57 @@ def test_generate_says_when_the_context_ended_it(tiny, capsys):
     assert "the context of 16 tokens is full" in err and out.strip()
     _, err = generate(capsys, "To be", "--model", tiny, "--device", "cpu", "--max-new-tokens", 3, "--ignore-eos")
     assert "context" not in err
+
+
+def test_seed_minus_one_is_a_random_seed_reported_for_a_rerun(tiny, capsys):
+    """As llama.cpp: --seed -1 draws a seed and says which, and that seed repeats the run."""
+    base = ["To be", "--model", tiny, "--device", "cpu", "--temperature", 1.5, "--max-new-tokens", 12, "--ignore-eos"]
+    runs = [generate(capsys, *base, "--seed", -1) for _ in range(2)]
+    seeds = [int(re.search(r"offload-moe: seed (\d+) \(--seed \1 repeats this run\)", err).group(1)) for _, err in runs]
+    assert seeds[0] != seeds[1] and -1 not in seeds
+    for (out, _), seed in zip(runs, seeds):
+        again, err = generate(capsys, *base, "--seed", seed)
+        assert again == out and "seed" not in err
+    fixed = [generate(capsys, *base, "--seed", 5)[0] for _ in range(2)]
+    assert fixed[0] == fixed[1] != generate(capsys, *base, "--seed", 6)[0]
+
+
+# ---------------------------------------------------------------- what a newcomer tripped over (#31)
+
+
+def test_info_without_a_path_describes_the_demo_as_every_command_defaults_to_it(capsys):
+    assert main(["info"]) == 0
+    assert "mixtral (4 layers, 8 experts, top-2)" in capsys.readouterr().out
+
+
+def test_generate_stats_say_where_resident_experts_are(capsys):
+    _, err = generate(capsys, "To be", "--device", "cpu", "--max-new-tokens", 3, "--seed", 0, "--stats")
+    assert re.search(r"│ experts\s+│\s+all in RAM, computed by the CPU: no", err), err
+    _, err = generate(capsys, "To be", "--device", "cpu", "--max-new-tokens", 3, "--seed", 0, "--stats",
+                      "--cache-slots", 2)
+    assert "experts.hits" in err and "no cache" not in err
+
+
+def test_the_context_full_note_names_what_makes_room(tiny, capsys):
+    _, err = generate(capsys, "To be", "--device", "cpu", "--max-new-tokens", 400, "--ignore-eos", "--seed", 0)
+    assert "256 is the model's limit: --context-length N --force-context goes past it" in " ".join(err.split())
+    _, err = generate(capsys, "To be", "--device", "cpu", "--max-new-tokens", 400, "--ignore-eos", "--seed", 0,
+                      "--context-length", 16)
+    assert "--context-length up to 256, the model's limit, makes room for more" in " ".join(err.split())
+
+
+def test_the_chat_banner_speaks_words_not_setting_names():
+    from offload_moe.cli.chat import describe_model
+
+    line = describe_model(load(DEMO, device="cpu"))
+    assert "all experts on the CPU" in line
+    assert "cpu experts" not in line and "cpu layers" not in line and "experts cpu" not in line
+
+
+def test_nf4_experts_on_a_quantized_gguf_names_its_types(tmp_path):
+    from gguf_fixtures import T, write_gguf
+
+    path = write_gguf(DEMO, tmp_path / "demo-q8_0.gguf", experts=T.Q8_0, attention=T.Q8_0)
+    out = cli("generate", "hi", "--model", path, "--nf4-experts", "--max-new-tokens", 2)
+    assert out.returncode == 1 and "quantization_config" not in out.stderr
+    assert "its tensor types are F32, Q8_0; an F32, F16 or BF16 GGUF is a float one" in out.stderr

@@ -267,3 +267,20 @@ def test_bench_runs_the_family_synthetic_models(tmp_path, name):
         if r.get("misses") is not None and r.get("prefetch_issued") is not None:
             moved = r["misses"] - r.get("cpu_computed", 0) + r["prefetch_issued"]
             assert r["bytes_moved"] == moved * r["bytes_per_expert"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_info_sorts_every_familys_weights_as_the_config_counts_them(checkpoint, name, tmp_path):
+    """`info`/`plan`'s weights by kind: the parameters of each kind are what ModelConfig counts, whether the
+    checkpoint comes as safetensors (per expert or fused) or as a GGUF (llama.cpp's names, stacked experts)."""
+    from gguf_fixtures import write_gguf
+    from offload_moe.sources import open_checkpoint
+
+    directory, _, _ = checkpoint(name)
+    sources = [directory, write_gguf(directory, tmp_path / "m.gguf", tokenizer=False)]
+    if name in ("qwen3_moe", "deepseek_v2"):
+        sources.append(checkpoint(name, fused=True)[0])
+    expected = ModelConfig.load(directory).params_by_kind()
+    for source in sources:
+        by_kind = open_checkpoint(source).weights_by_kind()
+        assert {k: p for k, (p, _) in by_kind.items()} == expected, source

@@ -257,6 +257,12 @@ def test_plan_fetches_config_json_alone(hub, tmp_path):
     assert "incomplete (model.safetensors missing)" in line and "offload-moe pull org/tiny@v1" in line
     listing = cli(offline, "list")
     assert "org/tiny@v1" in listing.stdout and "incomplete" in listing.stdout, listing.stdout
+    # piped at 80 columns, the command that finishes it is whole on one line, to be copied
+    listing = cli({**offline, "COLUMNS": "80"}, "list")
+    assert "offload-moe pull org/tiny@v1\n" in listing.stdout, listing.stdout
+    # and `pull` with the Hub out of reach says what `list` says: incomplete, not absent
+    line = one_line_error(cli(hub_env(home, DEAD_ENDPOINT), "pull", "org/tiny@v1"))
+    assert "org/tiny@v1: incomplete in the Hugging Face cache (model.safetensors missing)" in line, line
 
 
 def test_a_short_disk_is_refused_before_anything_is_written(hub, tmp_path):

@@ -23,10 +23,19 @@ PROMPT = "ROMEO. What light through yonder window breaks?"
 DISK_TIER = ["--offload", "disk", "--cache-slots", "2", "--device", "cpu", "--temperature", "0"]
 
 
+def default_signals() -> None:
+    """In the child, before exec: SIGHUP's and SIGINT's default dispositions. Under `nohup` (SIGHUP) or
+    as a background job of a script (SIGINT) the ignored disposition is inherited across exec, and
+    offload-moe rightly leaves an ignored signal ignored, so these tests would measure how the suite
+    was started rather than our cleanup."""
+    for sig in (signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def cli(*args, tmpdir: Path, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmpdir), "NO_COLOR": "1"}
     return subprocess.Popen([sys.executable, "-m", "offload_moe", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals, **kwargs)
 
 
 def ours(directory: Path) -> list[str]:
@@ -90,7 +99,7 @@ def test_disk_tier_removed_when_interrupted_mid_generation(tmp_path, sig, status
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path), "NO_COLOR": "1"}
     proc = subprocess.Popen([sys.executable, "-c", STALLED_GENERATE, str(marker), "generate", PROMPT,
                              "--max-new-tokens", "200", *DISK_TIER], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     wait_until(marker.exists, proc)
     assert layer_files_written(tmp_path)  # the tier is there while it generates
     proc.send_signal(sig)

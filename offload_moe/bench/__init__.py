@@ -16,7 +16,7 @@ the same expert choices, because `TraceRouter` replaces the routers' top-k. The 
 Measured per row: prefill tokens/s, time to first token, decode tokens/s, hits, misses, hit rate,
 prefetch accuracy, bytes moved, the time spent copying, the achieved host→device rate, peak VRAM
 and peak RSS. Once per run: the memcpy peak (one expert-sized buffer copied repeatedly: pinned
-host→device on CUDA, RAM→RAM on the CPU), and the Belady (optimal) hit rate of the recorded
+host→device on CUDA, RAM→RAM on the CPU), and the Belady hit rate (the best on demand, without prefetch) of the recorded
 routing for the same slots, with LRU's hit rate as a fraction of it.
 
 Rows run `repeats` times (default 3) in rounds, interleaved (engine, resident, ..., then again), so a

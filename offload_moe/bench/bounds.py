@@ -1,4 +1,4 @@
-"""What the rows are measured against: the Belady (optimal) hit rate of the recorded routing, and each
+"""What the rows are measured against: the Belady hit rate (the best on demand, without prefetch) of the recorded routing, and each
 row's lower bound of decode time: max(bytes copied while decoding ÷ peak copy rate, compute time),
 the time if every copy overlapped compute perfectly (the engine does overlap them)."""
 

@@ -18,7 +18,7 @@ def plot_bench(result: dict, path: str | Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     curve = result.get("hit_rate_curve")
     if curve:
-        left.plot(curve["slots"], curve["belady"], "o-", label="Belady (optimal)")
+        left.plot(curve["slots"], curve["belady"], "o-", label="Belady (best on demand)")
         left.plot(curve["slots"], curve["lru"], "s--", label="LRU")
         slots = result["belady"]["slots"]
         if isinstance(slots, int):

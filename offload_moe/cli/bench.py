@@ -196,8 +196,10 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"routing: {what} ({r['trace_tokens']} tokens); {guess}")
     if b["belady_hit_rate"] is not None:
         frac = "-" if b["lru_fraction_of_belady"] is None else f"{b['lru_fraction_of_belady']:.3f}"
-        lines.append(f"Belady (optimal) hit rate with {b['slots']} slots: {b['belady_hit_rate']:.3f}; "
-                     f"LRU {b['lru_hit_rate']:.3f} = {frac} of it")
+        lru = "the LRU row's" if b["from_row"] == "lru" else "LRU simulated on the engine's routing:"
+        lines.append(f"Belady hit rate with {b['slots']} slots (the best any eviction policy reaches loading on "
+                     f"demand; prefetch hits can beat it): {b['belady_hit_rate']:.3f}; {lru} "
+                     f"{b['lru_hit_rate']:.3f} = {frac} of it")
     if c["decode_seconds"] is not None:
         lines.append(f"bound = max(decode bytes copied / peak copy rate, compute {c['decode_seconds']:.3f} s = decode "
                      f"steps x the {c['source']}); ratio = measured decode time / bound")

@@ -7,8 +7,9 @@ input is one user message and stdout receives only the reply and a newline.
 Multi-line input: end a line with a backslash to continue it on the next (as llama.cpp), or wrap
 the message in three double quotes (as ollama). Keys typed while a reply streams are neither echoed into it nor
 kept as the next input. Ctrl-C during a reply stops it and keeps the partial reply in the
-conversation (a reply with no text yet is dropped with its question); Ctrl-C or Ctrl-D at the prompt
-ends the session (exit 0).
+conversation (a reply with no text yet is dropped with its question), and the session goes on. At the
+prompt, Ctrl-D (or /exit) ends the session with exit status 0; Ctrl-C ends it with 130, as it ends
+every command.
 Only the reply text goes to stdout; everything else (summary, notices, /help, /stats) goes to stderr.
 """
 
@@ -31,6 +32,7 @@ from ..user_files import read_stdin
 from .common import (add_model_arguments, add_sampling_arguments, check_model_argument, fetch, load_kwargs,
                      sampling_kwargs, warn_about)
 from .console import human_bytes, progress_bar, stderr
+from .parser import EXIT_INTERRUPTED
 from .stats import stats_table
 
 PROMPT = ">>> "
@@ -41,7 +43,7 @@ HELP = """\
 /system TEXT   set the system prompt (/system alone removes it)
 /stats         expert cache and speed statistics
 /save FILE     write the transcript (messages and settings) as JSON (--force: overwrite)
-/exit          leave (also /quit, Ctrl-D, or Ctrl-C at the prompt)
+/exit          leave (also /quit or Ctrl-D; Ctrl-C at the prompt leaves with exit status 130)
 Ctrl-C during a reply stops it; the partial reply stays in the conversation.
 Keys typed while a reply streams are ignored.
 Multi-line: end a line with \\ to continue it, or start and end the message with \"\"\".
@@ -138,10 +140,10 @@ class ChatLoop:
         while True:
             try:
                 line = read_line()
-            except (EOFError, KeyboardInterrupt):
+            except (EOFError, KeyboardInterrupt) as end:  # Ctrl-D ends the session, Ctrl-C interrupts it
                 sys.stdout.write("\n")
                 sys.stdout.flush()
-                return 0
+                return EXIT_INTERRUPTED if isinstance(end, KeyboardInterrupt) else 0
             line = line.strip()
             if not line:
                 continue
@@ -351,10 +353,17 @@ def describe_model(model, sampling: str | None = None) -> str:
     if settings.get("profile") is not None:
         parts.append(f"profile {settings.pop('profile')}")
     placement = settings.pop("experts", None)
+    cpu_mode, cpu_layers = settings.pop("cpu_experts", None), settings.pop("cpu_layers", None)
     if placement == "resident":
         parts.append("all experts resident")
+    elif placement == "cpu":  # the CPU computes every expert: the CPU tier's own fields say nothing more
+        parts.append("all experts on the CPU")
     elif placement is not None:
         parts.append(f"experts {placement}")
+    if placement != "cpu" and cpu_mode == "layers" and cpu_layers:
+        parts.append(f"experts of {cpu_layers} MoE layer{'s' * (cpu_layers != 1)} on the CPU")
+    elif placement != "cpu" and cpu_mode == "hybrid":
+        parts.append("experts split between CPU and GPU")
     slots = settings.pop("cache_slots", None)
     if slots is not None:
         values = list(slots) if isinstance(slots, (list, tuple)) else [slots]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+import secrets
 import sys
 
 from .. import load
@@ -70,13 +71,21 @@ def add_sampling_arguments(p, max_new_tokens_help: str = "tokens to generate at 
     p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="A",
                    help="subtract A x count from the logits of tokens generated so far, as OpenAI (default 0: off)")
     p.add_argument("--seed", type=int, default=None, metavar="S",
-                   help="random seed, for replies that repeat on a rerun (default: a fresh one each run)")
+                   help="random seed, for replies that repeat on a rerun; -1 draws one and prints it on stderr, "
+                        "as llama.cpp does (default: a fresh one each run)")
+
+
+RANDOM_SEED = -1  # llama.cpp's convention: --seed -1 is a random seed (reported, so the run can be repeated)
 
 
 def sampling_kwargs(args) -> dict:
     """The sampling options, checked (so a bad --temperature fails before the model loads)."""
+    seed = args.seed
+    if seed == RANDOM_SEED:
+        seed = secrets.randbelow(2**32)
+        print(f"offload-moe: seed {seed} (--seed {seed} repeats this run)", file=sys.stderr)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, seed=args.seed)
+                  top_k=args.top_k, seed=seed)
     # None: the model's default sampling, checked at load; chat's None max_new_tokens is "a budget from
     # the context", settled later; check the rest now
     defaults = {"temperature": 0, "top_p": 1, "top_k": 0}

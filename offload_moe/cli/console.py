@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..runtime import fmt_bytes
+from ..runtime import fmt_bytes, fmt_count
 
 
 def _console(**kwargs) -> Console:
@@ -48,10 +48,4 @@ def byte_progress_columns():
 
 
 human_bytes = fmt_bytes  # one formatter for the whole package (runtime.fmt_bytes)
-
-
-def human_count(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(int(n))
+human_count = fmt_count  # and one for counts (runtime.fmt_count), so `info` and `plan` agree

@@ -41,7 +41,9 @@ def add_parser(sub):
     p.add_argument("--regex", metavar="RE", default=None, help="constrain the output to match this regex (default: free text)")
     p.add_argument("--grammar", metavar="FILE", default=None,
                    help="constrain the output to this Lark grammar file, llguidance's dialect (default: free text)")
-    p.add_argument("--stats", action="store_true", help="print expert cache statistics to stderr")
+    p.add_argument("--stats", action="store_true",
+                   help="print generation statistics to stderr, and the expert cache's (hits, misses, bytes "
+                        "moved) when experts are offloaded")
     p.set_defaults(func=run)
 
 
@@ -78,7 +80,17 @@ def run(args) -> int:
     result = model.last_result
     if result.context_full:
         stderr.print(Text(f"note: the context of {model.context_length} tokens is full: generation stopped after "
-                          f"{len(result.token_ids)} tokens (raise --context-length for more)"), highlight=False)
+                          f"{len(result.token_ids)} tokens ({context_hint(model)})"), highlight=False)
     if args.stats:
-        stderr.print(stats_table(model.stats))
+        stderr.print(stats_table(model.stats, model.settings))
     return 0
+
+
+def context_hint(model) -> str:
+    """How to get more room, as it works: --context-length up to the model's limit, past it only with
+    --force-context too."""
+    limit = model.config.max_position_embeddings
+    if model.context_length < limit:
+        return f"--context-length up to {limit}, the model's limit, makes room for more"
+    return (f"{limit} is the model's limit: --context-length N --force-context goes past it, "
+            "with text that may degrade")

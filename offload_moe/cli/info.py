@@ -9,6 +9,7 @@ from rich.table import Table
 
 from ..config import ModelConfig
 from ..hub import parse_reference
+from ..runtime import DEMO_DIR
 from ..sources import open_checkpoint
 from .common import fetch
 from .console import human_bytes, human_count, stdout
@@ -17,9 +18,16 @@ from .console import human_bytes, human_count, stdout
 def add_parser(sub):
     p = sub.add_parser("info", help="describe a checkpoint (architecture, parameters, bytes by kind)",
                        description="Describe a checkpoint directory or GGUF file without loading its weights.")
-    p.add_argument("path", metavar="PATH_OR_ID",
-                   help="checkpoint directory, .gguf file, config.json file or Hugging Face repo id (org/name[@rev])")
+    p.add_argument("path", metavar="PATH_OR_ID", nargs="?", default=str(DEMO_DIR),
+                   help="checkpoint directory, .gguf file, config.json file or Hugging Face repo id (org/name[@rev]) "
+                        "(default: the bundled demo model, as every command)")
     p.set_defaults(func=run)
+
+
+def weight_rows(by_kind: dict[str, tuple[int, int]]) -> list[tuple[str, str]]:
+    """One row per kind of weight, `(label, "bytes (params)")`, as `info` and `plan` both show them."""
+    return [(f"weights: {kind}", f"{human_bytes(nbytes)} ({human_count(params)} params)")
+            for kind, (params, nbytes) in by_kind.items()]
 
 
 def run(args) -> int:
@@ -31,7 +39,7 @@ def run(args) -> int:
         c = ckpt.config
     table = Table(title=str(args.path if ckpt is None or parse_reference(args.path) else ckpt.path), show_header=False)
     table.add_column("field")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")
     rows = [
         ("architecture", f"{c.model_type} ({c.num_layers} layers, {c.num_experts} experts, top-{c.top_k})"),
         ("hidden / expert intermediate", f"{c.hidden_size} / {c.intermediate_size}"),
@@ -42,8 +50,7 @@ def run(args) -> int:
     ]
     if ckpt is not None:
         rows.append(("expert layout", ckpt.layout.replace("_", " ")))
-        for kind, n in ckpt.bytes_by_kind().items():
-            rows.append((f"bytes: {kind}", human_bytes(n)))
+        rows += weight_rows(ckpt.weights_by_kind())
         if getattr(ckpt, "in_place", False):  # a CPU run computes from the mapping: no copy, no repack
             rows.append(("on the CPU", "weights mapped where they lie (file pages, not anonymous memory)"))
         rows += [("dtypes", ", ".join(ckpt.dtypes())),

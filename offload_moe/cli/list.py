@@ -28,7 +28,11 @@ def run(args) -> int:
     for column, justify in (("model", "left"), ("type", "left"), ("size", "right"), ("status", "left")):
         table.add_column(column, justify=justify)
     for m in models:
-        status = "ready" if not m.missing else f"incomplete ({m.missing[0]} missing): offload-moe pull {m.reference}"
+        status = "ready" if not m.missing else f"incomplete ({m.missing[0]} missing)"
         table.add_row(Text(m.reference), Text(m.model_type), Text(human_bytes(m.size_on_disk)), Text(status))
     stdout.print(table)
+    for m in models:  # below the table, whole at any width, so the command can be copied
+        if m.missing:
+            stdout.print(f"to finish {m.reference}: offload-moe pull {m.reference}", markup=False, highlight=False,
+                         soft_wrap=True)
     return 0

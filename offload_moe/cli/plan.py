@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
@@ -10,10 +11,11 @@ from rich.text import Text
 from ..planner import auto_profile, plan
 from ..profiles import list_profiles, load_profile
 from ..gguf.reader import is_gguf
-from ..sources import load_config
+from ..sources import load_config, open_checkpoint
 from ..tune.disk import measure_file_read
 from .common import fetch
 from .console import stdout
+from .info import weight_rows
 
 
 def add_parser(sub):
@@ -32,7 +34,8 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    config = load_config(fetch(args.path, want="config"))  # a repo id: config.json alone is fetched
+    path = fetch(args.path, want="config")  # a repo id: config.json alone is fetched
+    config = load_config(path)
     profile = load_profile(args.profile) if args.profile else auto_profile(config)
     # a GGUF file on the CPU is computed where it lies: its weights are file pages, and experts that do
     # not fit are read from it (at the rate measured on the file itself)
@@ -43,9 +46,18 @@ def run(args) -> int:
     picked = "" if args.profile else " (picked for this machine)"
     table = Table(title=f"{args.path} under profile {profile.name}{picked}", show_header=False)
     table.add_column("what")
-    table.add_column("planned")
-    for label, value in result.rows():
+    table.add_column("planned", overflow="fold")  # a profile's path is one long word: wrap it, never cut it
+    rows = result.rows()
+    if has_weights(path):  # what the file holds, as `info` shows it, beside what the plan makes of it
+        rows[2:2] = weight_rows(open_checkpoint(path).weights_by_kind())
+    for label, value in rows:
         table.add_row(Text(label), Text(value))
     stdout.print(table)
     stdout.print(Text(result.explain()))
     return 0
+
+
+def has_weights(path) -> bool:
+    """A GGUF file, or a directory with safetensors beside its config.json (headers only are read)."""
+    p = Path(path)
+    return is_gguf(p) or (p.is_dir() and any(p.glob("*.safetensors")))

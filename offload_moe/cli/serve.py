@@ -10,6 +10,7 @@ from ..errors import OffloadMoeError, read_user_file
 from ..hub import model_name
 from .common import add_model_arguments, check_model_argument, fetch, load_kwargs, warn_about
 from .console import progress_bar, stderr
+from .parser import EXIT_INTERRUPTED
 
 # The defaults, restated here so `serve --help` works without the serve extra installed.
 PREPARE_TIMEOUT, HEADER_TIMEOUT, BODY_TIMEOUT, MAX_CONNECTIONS = 4.0, 10.0, 60.0, 512
@@ -150,11 +151,12 @@ def run(args) -> int:
         raise_file_limit()
         config = uvicorn_config(app, header_timeout=args.header_timeout, max_connections=args.max_connections,
                                 log_config=_log_config(), timeout_graceful_shutdown=3)
+        status = 0
         try:
             require("uvicorn").Server(config).run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C it caught
-            pass
+            status = EXIT_INTERRUPTED  # as every command ends on Ctrl-C (parser.EXIT_CODES)
         stderr.print("offload-moe: server stopped", highlight=False, markup=False)
     finally:
         sock.close()
-    return 0
+    return status

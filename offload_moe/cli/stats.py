@@ -7,10 +7,17 @@ from rich.table import Table
 from .console import human_bytes
 
 
-def stats_table(stats: dict) -> Table:
+PLACEMENT = {"resident": "all resident on the device", "cpu": "all in RAM, computed by the CPU"}
+
+
+def stats_table(stats: dict, settings=None) -> Table:
+    """`settings` (`Model.settings`): with no expert cache to count, say where the experts are instead."""
     table = Table(title="statistics", show_header=True)
     table.add_column("figure")
     table.add_column("value", justify="right")
+    if not stats.get("experts") and settings is not None:
+        where = PLACEMENT.get(settings.experts, settings.experts)
+        table.add_row("experts", f"{where}: no cache, nothing moved")
     for section, values in stats.items():
         for key, value in values.items():
             if isinstance(value, (list, dict)):

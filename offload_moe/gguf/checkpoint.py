@@ -30,6 +30,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, MODEL_ARCH, GGMLQuantizationType as T, get_tensor_name_map
 
 from .. import arch
+from ..checkpoint import weights_by_kind
 from ..errors import OffloadMoeError
 from ..quant.format import INT_SETTINGS, QuantSpec
 from ..quant.ggml import BLOCK_TYPES, FLOAT_TYPES, GGMLWeight
@@ -276,23 +277,22 @@ class GGUFCheckpoint:
 
         return tokenizer_parts(self.file) if self.file.get("tokenizer.ggml.tokens") else None
 
-    # ---- facts for `info` ----
-    def bytes_by_kind(self) -> dict[str, int]:
-        kinds = {"attention": 0, "experts": 0, "routers": 0, "embeddings": 0, "norms": 0}
-        for name, t in self.tensors.items():
-            if "_exps" in name:
-                kinds["experts"] += t.nbytes
-            elif ".attn_" in name and "norm" not in name:
-                kinds["attention"] += t.nbytes
-            elif "ffn_gate_inp" in name:
-                kinds["routers"] += t.nbytes
-            elif name.startswith(("token_embd", "output.")):
-                kinds["embeddings"] += t.nbytes
-            elif name.split(".")[-2].startswith("ffn_"):
-                kinds["dense MLPs"] = kinds.get("dense MLPs", 0) + t.nbytes
-            else:
-                kinds["norms"] += t.nbytes
-        return kinds
+    # ---- facts for `info` and `plan` ----
+    def weights_by_kind(self) -> dict[str, tuple[int, int]]:
+        """kind -> (parameters, bytes in the file), from the tensor metadata alone, each tensor sorted by
+        our name for it (`checkpoint.weight_kind`, as a safetensors checkpoint's are)."""
+        ours = {}
+        for name in self.expected_shapes():
+            try:
+                ours[self.gguf_name(name)] = name
+            except OffloadMoeError:  # a tensor the converter renames or splits (deepseek2's kv_b)
+                pass
+
+        def our_name(gname: str) -> str:  # stacked experts and split attention have no single name of ours
+            return ours.get(gname) or ("model.experts." if "_exps." in gname else
+                                       "model.self_attn." if ".attn_" in gname else gname)
+
+        return weights_by_kind((our_name(t.name), t.shape, t.nbytes) for t in self.tensors.values())
 
     def dtypes(self) -> list[str]:
         return sorted({blocks.type_name(t.type) for t in self.tensors.values()})
