@@ -7,6 +7,20 @@ import torch
 
 torch.set_num_threads(2)
 
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (a minute or more) run only with --slow, so the default run stays fast."""
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 # Configurations the acceptance list names: one KV head, top-1/2/3, 16 experts, a sliding window
 # shorter than the test sequence, tied embeddings.
 TINY_CONFIGS = {
