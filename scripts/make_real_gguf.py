@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -231,12 +232,14 @@ class Noise:
 
     def __init__(self, seed: int):
         self.pool = np.random.default_rng(seed).integers(0, 2**64, size=2 * self.POOL // 8, dtype=np.uint64)
+        self.out = np.empty(self.POOL // 8, np.uint64)  # reused: fresh pages per chunk cost more than the XOR
 
     def bytes(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """n (<= POOL) fresh-looking random bytes, writable."""
+        """n (<= POOL) fresh-looking random bytes, writable, valid until the next call."""
         words = -(-n // 8)
         start = int(rng.integers(0, self.POOL // 8))
-        out = self.pool[start:start + words] ^ rng.integers(0, 2**64, dtype=np.uint64)  # a copy
+        out = self.out[:words]
+        np.bitwise_xor(self.pool[start:start + words], rng.integers(0, 2**64, dtype=np.uint64), out=out)
         return out.view(np.uint8)[:n]
 
 
@@ -251,6 +254,11 @@ class RandomTensor:
         self.row_bytes = shape[-1] // bs * ts
         self.rows = math.prod(shape[:-1])
         self.nbytes = self.rows * self.row_bytes
+        jitter = 0.5 + (np.arange(256) + 0.5) / 256
+        if qtype == T.MXFP4:  # E8M0 exponents: the calibrated one, one below or one above
+            self.tables = (np.uint8(scales.scale) + np.arange(256, dtype=np.uint8) % 3 - np.uint8(1),)
+        elif scales is not None:  # fp16 scale, fp16 min
+            self.tables = tuple((jitter * v).astype(np.float16).view(np.uint16) for v in (scales.scale, scales.minimum))
 
     def fill(self, rng: np.random.Generator, rows: int) -> np.ndarray:
         """`rows` rows of this tensor as bytes."""
@@ -273,15 +281,18 @@ class RandomTensor:
                 h &= 0x80FF
                 h |= 60 << 8
             return bits
+        # each block's scale: the asked one times a jitter in 0.5-1.5 that one of the block's own random
+        # bytes picks from a 256-entry table (a gather, not a float conversion per block)
         blocks = bits.reshape(-1, gguf.GGML_QUANT_SIZES[t][1])
-        jitter = rng.uniform(0.5, 1.5, size=(len(blocks), 1))
         if t == T.MXFP4:
-            blocks[:, 0] = self.scales.scale + rng.integers(-1, 2, size=len(blocks))
+            blocks[:, 0] = self.tables[0][blocks[:, 0]]
         else:
-            s_off, m_off = SCALE_FIELDS[t]
-            blocks[:, s_off:s_off + 2] = (jitter * self.scales.scale).astype(np.float16).view(np.uint8)
+            s_off, m_off = SCALE_FIELDS[t]  # even offsets in even-sized blocks: address them as uint16
+            words = bits.view(np.uint16).reshape(len(blocks), -1)
+            pick = words[:, s_off // 2] & 0xFF
+            words[:, s_off // 2] = self.tables[0][pick]
             if m_off is not None:
-                blocks[:, m_off:m_off + 2] = (jitter * self.scales.minimum).astype(np.float16).view(np.uint8)
+                words[:, m_off // 2] = self.tables[1][pick]
         return bits
 
     def tofile(self, fout) -> None:
@@ -306,8 +317,11 @@ def tensor_type(name: str, shape: tuple[int, ...], converted: T, qtype: T, exper
 
 def write(layout: Layout, out: Path, *, layers: int | None, qtype: T, expert_type: T, tiny: bool,
           seed: int = 0, progress=None) -> dict:
-    """Write the random-weight file; returns {'bytes': file size, 'seconds': time taken, 'tensors': n}."""
+    """Write the random-weight file; returns {'bytes': file size, 'seconds': time taken, 'tensors': n,
+    'rss_before'/'rss_peak': this process's peak RSS before writing and after (bytes; equal when the
+    writing itself needed no more memory than what came before it)}."""
     start = time.perf_counter()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     block_key = f"{layout.arch}.block_count"
     layers = layout.layers if layers is None else layers
     if not 1 <= layers <= layout.layers:
@@ -351,7 +365,8 @@ def write(layout: Layout, out: Path, *, layers: int | None, qtype: T, expert_typ
         if progress:
             progress(tensor.name, done)
     w.close()
-    return {"bytes": out.stat().st_size, "seconds": time.perf_counter() - start, "tensors": len(tensors)}
+    return {"bytes": out.stat().st_size, "seconds": time.perf_counter() - start, "tensors": len(tensors),
+            "rss_before": rss_before, "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def llama_cpp_dir(arg: str | None) -> Path:
@@ -401,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         sys.exit(f"make_real_gguf: {e}")
     print(f"{args.out}: {info['bytes'] / 1e9:.2f} GB, {info['tensors']} tensors, {info['seconds']:.0f} s "
-          f"({info['bytes'] / 1e9 / max(info['seconds'], 1e-9):.2f} GB/s)")
+          f"({info['bytes'] / 1e9 / max(info['seconds'], 1e-9):.2f} GB/s); peak RSS {info['rss_before'] / 2**20:.0f} MiB "
+          f"before writing, {info['rss_peak'] / 2**20:.0f} MiB after")
 
 
 if __name__ == "__main__":
