@@ -54,7 +54,8 @@ loaded, after_load = time.time(), rss()
 model.generate(sys.argv[6], max_new_tokens=1, temperature=0, ignore_eos=True)
 first = time.time()
 out = {"load_s": loaded - start, "import_s": start - spawned, "ttft_s": first - spawned, "after_load": after_load,
-       "settings": model.settings.as_dict() if hasattr(model.settings, "as_dict") else str(model.settings)}
+       "settings": model.settings.as_dict() if hasattr(model.settings, "as_dict") else str(model.settings),
+       "source": os.path.dirname(offload_moe.__file__)}
 ids = list(range(10, 26))
 model.generate(ids, max_new_tokens=decode + 1, temperature=0, ignore_eos=True)
 out["decode"] = model.stats["generation"]["decode_tokens_per_second"]
@@ -153,7 +154,8 @@ class Run:
     error: str | None = None
 
 
-def run_process(cmd: list[str], *, cgroup_limit: int | None, file: str, env=None, timeout: float) -> tuple:
+def run_process(cmd: list[str], *, cgroup_limit: int | None, file: str, env=None, timeout: float,
+                cwd: Path | None = None) -> tuple:
     """(stdout, stderr, returncode, seconds from spawn to exit, Peaks, cgroup peak or None)."""
     cgroup = MemoryCgroup(cgroup_limit) if cgroup_limit else None
     if cgroup:
@@ -161,7 +163,8 @@ def run_process(cmd: list[str], *, cgroup_limit: int | None, file: str, env=None
     peaks, stop = Peaks(), threading.Event()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.time()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, preexec_fn=cgroup.enter if cgroup else None)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd,
+                                preexec_fn=cgroup.enter if cgroup else None)
         sampler = threading.Thread(target=sample_rss, args=(proc.pid, peaks, stop), daemon=True)
         sampler.start()
         try:
@@ -193,12 +196,12 @@ def last_line(text: str) -> str:
 
 
 def ours(args) -> Run:
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, PYTHONPATH=f"{args.ours_src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     spawn = time.time()
     stdout, stderr, rc, seconds, peaks, cpeak, _ = run_process(
         [sys.executable, "-c", OURS, repr(spawn), args.gguf, str(args.threads), str(args.decode_tokens),
          ",".join(map(str, args.prefill)), PROMPT], cgroup_limit=args.cgroup_mem, file=args.gguf, env=env,
-        timeout=args.timeout)
+        timeout=args.timeout, cwd=args.ours_src)  # `python -c` puts its cwd first on sys.path
     run = Run(peaks=peaks, cgroup_peak=cpeak)
     result = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
     if rc or not result:
@@ -208,7 +211,7 @@ def ours(args) -> Run:
     run.values = {"ttft": r["ttft_s"], "load": r["load_s"], "decode": r["decode"],
                   **{f"prefill{n}": r[f"prefill{n}"] for n in args.prefill},
                   "anon_after_load": r["after_load"]["RssAnon"]}
-    run.settings = r["settings"]
+    run.settings = {**r["settings"], "offload_moe": r["source"]} if isinstance(r["settings"], dict) else r["settings"]
     return run
 
 
@@ -326,8 +329,11 @@ def main() -> None:
     p.add_argument("--cgroup-mem", help="run every process in a memory cgroup of this size (e.g. 8G)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one process may run")
     p.add_argument("--json", type=Path, help="also write every run's figures here")
+    p.add_argument("--ours-src", type=Path, default=ROOT,
+                   help="the offload_moe source tree to run (default: this checkout; e.g. an export of main)")
     args = p.parse_args()
     args.prefill = [int(n) for n in args.prefill.split(",") if n]
+    args.gguf = os.path.abspath(args.gguf)
     args.cgroup_mem = parse_bytes(args.cgroup_mem) if args.cgroup_mem else None
     engines = [e.strip() for e in args.engines.split(",")]
     for e in engines:
