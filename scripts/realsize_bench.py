@@ -15,6 +15,8 @@ before each run so they are charged to it: a smaller machine, page cache counted
 
     python scripts/realsize_bench.py FILE.gguf --llama-bin LLAMA_CPP/build/bin --threads 2 --rounds 3
 
+(llama-completion may need building: `cmake --build build --target llama-completion` in llama.cpp.)
+
 One markdown table comes out: medians, (min–max) over rounds, and ratios of medians. A process that
 fails (e.g. killed by the cgroup's OOM killer) counts as a missing value and is reported as such.
 """
