@@ -108,7 +108,7 @@ def _measure_ours(run: Run, row: dict, *, cache_slots, prefetch: int, policy: st
     model = load(run.ckpt, device=run.device, dtype=run.dtype, profile=run.profile, context_length=run.context,
                  cache_slots=cache_slots, prefetch=prefetch, policy=policy,
                  offload=run.offload, ram_budget=run.ram_budget, offload_dir=run.offload_dir,
-                 record_trace=offloaded, progress=run.report, **extra)
+                 record_trace=offloaded, progress=run.report, threads=None, **extra)  # bench's threads, as set
     row["load_seconds"] = time.perf_counter() - t0
     settings["cpu_experts"] = model.settings.cpu_experts
     router = None

@@ -202,7 +202,7 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
             t0 = time.perf_counter()
             try:
                 model = load(ckpt, device=dev, placement=s.placement(base_placement).override(offload_dir=tier_dir),
-                             **extra)
+                             threads=None, **extra)   # the threads tune was told (or torch's), not load's "auto"
             except torch.cuda.OutOfMemoryError:
                 row.error = "out of device memory"
                 return row
