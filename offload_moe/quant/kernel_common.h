@@ -1,12 +1,33 @@
-/* What our C kernels (qmv.c, bf16mv.c, decode.c) share: bf16 <-> fp32 conversions and per-thread
+/* What our C kernels (qmv.c, bf16mv.c, ggml_mv.c, decode.c) share: fp16/bf16 -> fp32 conversions and per-thread
    scratch buffers. Each kernel file is its own library (quant/native.py builds them with this
    folder on the include path and hashes this header into every cache key). */
 #ifndef OFFLOAD_MOE_KERNEL_COMMON_H
 #define OFFLOAD_MOE_KERNEL_COMMON_H
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+static inline float half_to_float_portable(uint16_t h) { /* exact, subnormals included */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal */
+            float f = ldexpf((float)man, -24);
+            memcpy(&bits, &f, 4);
+            bits |= sign;
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
