@@ -104,8 +104,13 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     ckpt = path if hasattr(path, "expert") else open_checkpoint(path, requantize)
     cfg = ckpt.config
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, cfg.torch_dtype)
     mappable = device.type == "cpu" and getattr(ckpt, "in_place", False) and not nf4_experts
+    if dtype is None and mappable and cfg.torch_dtype == "float16":
+        # a GGUF file computed where it lies: its weights keep the file's types whatever the compute
+        # dtype, and our CPU kernels take fp32 or bf16 activations, so float16 (torch's slowest CPU
+        # dtype, converted around every kernel call) would only cost time: fp32, as llama.cpp computes
+        dtype = "float32"
+    dtype = resolve_dtype(dtype, cfg.torch_dtype)
     opts = (placement if placement is not None else from_profile(profile, cfg, device, dtype, mapped=mappable)).override(
         context_length=context_length, cache_slots=cache_slots, prefetch=prefetch, offload=offload,
         ram_budget=ram_budget, offload_dir=offload_dir, policy=policy, record_trace=record_trace,

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .cpu_forms import has_cpu_kernel, to_cpu_kernel
 from .cpu_qmv import QmvGroup, QmvMatrix
+from .ggml import GGMLGroup, GGMLWeight
 from .groupwise import QuantizedWeight
 
 
@@ -28,16 +29,22 @@ class QLinear(nn.Module):
         return self.qw.linear(x)  # a CPU kernel form, or QuantizedWeight's dequantize-then-multiply
 
 
-def fused_linear(modules: list[nn.Module]) -> QmvGroup | None:
+def fused_linear(modules: list[nn.Module]) -> QmvGroup | GGMLGroup | None:
     """One call for several projections of the same input (attention's q, k, v) where all are
-    QLinear on our CPU kernel with one input width, group size and width, and no bias; else None."""
+    QLinear on one of our CPU kernels with no bias: our format's matrices of one input width, group
+    size and width (`QmvGroup`), or a GGUF file's of one input width and block type in the ggml
+    kernel (`GGMLGroup`); else None."""
     mats = [getattr(m, "qw", None) for m in modules]
-    if not all(isinstance(m, QLinear) for m in modules) or not all(isinstance(w, QmvMatrix) for w in mats):
+    if not all(isinstance(m, QLinear) for m in modules):
         return None
     try:
-        return QmvGroup(mats)
+        if all(isinstance(w, QmvMatrix) for w in mats):
+            return QmvGroup(mats)
+        if all(isinstance(w, GGMLWeight) and w.in_kernel for w in mats):
+            return GGMLGroup(mats)
     except ValueError:
         return None
+    return None
 
 
 class QEmbedding(nn.Module):
