@@ -284,3 +284,14 @@ def gguf_tokenizer(path):
 
     p = tokenizer_parts(GGUFFile(path))
     return Tokenizer.from_parts(p.backend, p.bos_token, p.eos_token, p.chat_template, p.source)
+
+
+def tiny_mixtral_gguf(tmp_path_factory, name: str, qtype) -> Path:
+    """A tiny Mixtral (rows of 256: whole blocks of every type) as a GGUF whose experts and attention
+    are `qtype`, its token table Q8_0."""
+    from conftest import tiny_mixtral
+
+    d = tmp_path_factory.mktemp("hf")
+    tiny_mixtral(hidden_size=256, intermediate_size=256).save_pretrained(d)
+    return write_gguf(d, tmp_path_factory.mktemp("gguf") / name, experts=qtype, attention=qtype,
+                      embeddings=gguf.GGMLQuantizationType.Q8_0)

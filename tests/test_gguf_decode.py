@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gguf_fixtures import T, write_gguf
+from gguf_fixtures import T, tiny_mixtral_gguf
 
 import offload_moe
 from offload_moe.attention import Attention
@@ -18,13 +18,8 @@ PROMPT = [1, 17, 42, 5, 66, 23, 9, 31]
 
 @pytest.fixture(scope="module")
 def q4_file(tmp_path_factory):
-    """A tiny Mixtral as a Q4_0 GGUF (rows of 256: whole blocks; q and k rows permuted in the file)."""
-    from conftest import tiny_mixtral
-
-    d = tmp_path_factory.mktemp("hf")
-    tiny_mixtral(hidden_size=256, intermediate_size=256).save_pretrained(d)
-    return write_gguf(d, tmp_path_factory.mktemp("gguf") / "q4.gguf", experts=T.Q4_0, attention=T.Q4_0,
-                      embeddings=T.Q8_0)
+    """A tiny Mixtral as a Q4_0 GGUF (q and k rows permuted in the file)."""
+    return tiny_mixtral_gguf(tmp_path_factory, "q4.gguf", T.Q4_0)
 
 
 def _attentions(model) -> list[Attention]:

@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_fixtures import T, write_gguf
+from gguf_fixtures import T, tiny_mixtral_gguf
 
 import offload_moe
 from offload_moe.gguf import GGUFCheckpoint
@@ -23,13 +23,8 @@ ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
 
 @pytest.fixture(scope="module")
 def q8_file(tmp_path_factory):
-    """A tiny Mixtral as a Q8_0 GGUF (rows of 256: whole blocks)."""
-    from conftest import tiny_mixtral
-
-    d = tmp_path_factory.mktemp("hf")
-    tiny_mixtral(hidden_size=256, intermediate_size=256).save_pretrained(d)
-    return write_gguf(d, tmp_path_factory.mktemp("gguf") / "q8.gguf", experts=T.Q8_0, attention=T.Q8_0,
-                      embeddings=T.Q8_0)
+    """A tiny Mixtral as a Q8_0 GGUF."""
+    return tiny_mixtral_gguf(tmp_path_factory, "q8.gguf", T.Q8_0)
 
 
 def _rss_anon() -> int:

@@ -183,26 +183,27 @@ def test_tokenizing_runs_off_the_event_loop_with_a_deadline(app, url):
         server.max_prompt_chars = bound
 
 
-def test_body_over_the_limit_is_refused_before_it_is_read(url):
+def raw_post(url: str, head_and_body: bytes) -> bytes:
+    """Send a raw request start (headers, maybe part of a body); the server's whole answer, read until it
+    closes the connection."""
     u = urlsplit(url)
     with socket.create_connection((u.hostname, u.port), timeout=10) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 9000000\r\n\r\n{")
+                  + head_and_body)
         answer = b""
-        while chunk := s.recv(65536):   # the server answers, then closes
+        while chunk := s.recv(65536):
             answer += chunk
+    return answer
+
+
+def test_body_over_the_limit_is_refused_before_it_is_read(url):
+    answer = raw_post(url, b"Content-Length: 9000000\r\n\r\n{")
     assert answer.startswith(b"HTTP/1.1 413") and b"exceeds the limit" in answer
 
 
 def test_slow_body_times_out_and_the_connection_closes(url, caplog):
     caplog.set_level(logging.INFO, logger="offload_moe.server")
-    u = urlsplit(url)
-    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 100\r\n\r\n{\"model\"")
-        answer = b""
-        while chunk := s.recv(65536):   # the server answers, then closes
-            answer += chunk
+    answer = raw_post(url, b"Content-Length: 100\r\n\r\n{\"model\"")
     assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer
 
 

@@ -35,7 +35,7 @@ TOLERANCE = 2.5e-2        # relative error vs float64 math (int8 activations)
 DEQUANT_MIN_TOKENS = {4: 224, 8: 144}  # by kernel bits: from here on dequantize-then-multiply wins
                                        # (scripts/prefill_crossover.py; BENCHMARKS.md)
 DEQUANT_CHUNK_ROWS = 256  # output rows dequantized at a time
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_DTYPES = native.DTYPE_CODES
 
 
 def qmv_supported(qw: QuantizedWeight) -> bool:
@@ -93,6 +93,7 @@ class QmvMatrix:
                              self.group_size, self.kernel_bits)
         self._block, self._block_at = native.arg_block(*self._weight_args)   # one argument per call
         self._bound = None   # the last (up, down, bound swiglu) `swiglu` was asked for
+        self._what = f"qmv: {self.kernel_bits}-bit {list(self.shape)} weight with group {self.group_size}"
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., I] -> [..., O] in x's dtype (fp32 or bf16 computed as they are; others via fp32)."""
@@ -107,14 +108,7 @@ class QmvMatrix:
 
     def linear_packed(self, xs: torch.Tensor) -> torch.Tensor:
         """(N, I) contiguous fp32 or bf16 -> (N, O) in its dtype, from the packed codes at any N."""
-        n = xs.shape[0]
-        y = torch.empty(n, self.shape[0], dtype=xs.dtype)                                # (N, O)
-        code = _DTYPES[xs.dtype]
-        rc = self._call(xs.data_ptr(), code, y.data_ptr(), code, n, self._block_at, torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError(f"qmv: no scratch for {n} x {self.shape[1]} activations") if rc == -1 else \
-                ValueError(f"qmv: {self.kernel_bits}-bit {list(self.shape)} weight with group {self.group_size}")
-        return y
+        return native.call_rows(self._call, self._block_at, xs, self.shape[0], self._what)
 
     def swiglu(self, x: torch.Tensor, up: QmvMatrix, down: QmvMatrix) -> torch.Tensor | None:
         """The SwiGLU expert with this matrix as its gate: silu(x @ self.T) * (x @ up.T) @ down.T in
@@ -136,17 +130,12 @@ class QmvMatrix:
                                      self.kernel_bits, *down._weight_args[2:5], down.group_size, down.kernel_bits)
         call = self._swiglu
 
+        what = f"qmv: expert {[F_, H]} / {list(down.shape)}"
+
         def swiglu(x: torch.Tensor) -> torch.Tensor | None:
-            code = _DTYPES.get(x.dtype)
-            if code is None or x.dim() != 2 or x.shape[1] != H or x.shape[0] >= limit or not x.is_contiguous():
+            if x.dtype not in _DTYPES or x.dim() != 2 or x.shape[1] != H or x.shape[0] >= limit or not x.is_contiguous():
                 return None
-            n = x.shape[0]
-            y = torch.empty(n, H, dtype=x.dtype)
-            rc = call(x.data_ptr(), code, y.data_ptr(), code, n, at, torch.get_num_threads())
-            if rc != 0:
-                raise MemoryError(f"qmv: no scratch for a {n}-token expert") if rc == -1 else \
-                    ValueError(f"qmv: expert {[F_, H]} / {list(down.shape)}")
-            return y
+            return native.call_rows(call, at, x, H, what)
         swiglu.block = block   # kept alive with the function
         return swiglu
 
@@ -188,6 +177,7 @@ class QmvGroup:
         self._block, self._at = native.arg_block(first.shape[1], len(mats), *(ctypes.addressof(a) for a in arrays),
                                                  first.group_size, first.kernel_bits)
         self._arrays = arrays                                  # kept alive with the matrices
+        self._what = f"qmv: a group of {len(mats)} matrices [*, {first.shape[1]}]"
 
     def linear(self, x: torch.Tensor) -> torch.Tensor | None:
         I = self.mats[0].shape[1]
@@ -198,12 +188,7 @@ class QmvGroup:
             return None
         if not xs.is_contiguous():
             xs = xs.contiguous()
-        y = torch.empty(xs.shape[0], self.out, dtype=xs.dtype)
-        code = _DTYPES[xs.dtype]
-        rc = self._call(xs.data_ptr(), code, y.data_ptr(), code, xs.shape[0], self._at, torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError(f"qmv: no scratch for {xs.shape[0]} x {I} activations") if rc == -1 else \
-                ValueError(f"qmv: a group of {len(self.mats)} matrices [*, {I}]")
+        y = native.call_rows(self._call, self._at, xs, self.out, self._what)
         return y.view(*x.shape[:-1], self.out)
 
 

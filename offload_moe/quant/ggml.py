@@ -39,7 +39,7 @@ FLOAT_TYPES = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat1
 BLOCK_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4)
 TOLERANCE = 2.5e-2        # relative Frobenius error vs float64 math (int8 activations; measured up to ~1.7%)
 FLOAT_KERNEL_TOKENS = 8   # float weights: our kernel up to this many tokens, a dense product beyond
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+_DTYPES = native.DTYPE_CODES
 
 
 def kernel():
@@ -77,6 +77,7 @@ class GGMLWeight:
         if self._lib is not None:
             self._block, self._at = native.arg_block(O, I, self.data.data_ptr(), int(self.ggml_type))
         self._bound = None   # the last (up, down, bound swiglu) `swiglu` was asked for
+        self._what = f"ggml_mv: {self.ggml_type.name} {list(self.shape)}"   # names it in a kernel error
 
     @property
     def in_kernel(self) -> bool:
@@ -158,14 +159,7 @@ class GGMLWeight:
 
     def linear_packed(self, xs: torch.Tensor) -> torch.Tensor:
         """(N, I) contiguous fp32 or bf16 -> (N, O) in its dtype, by the kernel at any N."""
-        n = xs.shape[0]
-        y = torch.empty(n, self.shape[0], dtype=xs.dtype)                                    # (N, O)
-        code = _DTYPES[xs.dtype]
-        rc = self._lib.ggml_mv_p(xs.data_ptr(), code, y.data_ptr(), code, n, self._at, torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError(f"ggml_mv: no scratch for {n} x {self.shape[1]} activations") if rc == -1 else \
-                ValueError(f"ggml_mv: {self.ggml_type.name} {list(self.shape)}")
-        return y
+        return native.call_rows(self._lib.ggml_mv_p, self._at, xs, self.shape[0], self._what)
 
     def swiglu(self, x: torch.Tensor, up: GGMLWeight, down: GGMLWeight) -> torch.Tensor | None:
         """silu(x @ self.T) * (x @ up.T) @ down.T in one kernel call, or None where it does not apply."""
@@ -189,18 +183,13 @@ class GGMLWeight:
                                      down.data.data_ptr(), int(down.ggml_type))
         call = self._lib.ggml_swiglu_p
 
+        what = f"ggml_swiglu: expert {[F_, H]} / {list(down.shape)}"
+
         def swiglu(x: torch.Tensor) -> torch.Tensor | None:
-            code = _DTYPES.get(x.dtype)
-            if code is None or x.dim() != 2 or x.shape[1] != H or x.shape[0] >= limit or not x.is_contiguous() \
-                    or x.device.type != "cpu":
+            if x.dtype not in _DTYPES or x.dim() != 2 or x.shape[1] != H or x.shape[0] >= limit \
+                    or not x.is_contiguous() or x.device.type != "cpu":
                 return None
-            n = x.shape[0]
-            y = torch.empty(n, H, dtype=x.dtype)                                             # (N, H)
-            rc = call(x.data_ptr(), code, y.data_ptr(), code, n, at, torch.get_num_threads())
-            if rc != 0:
-                raise MemoryError(f"ggml_swiglu: no scratch for a {n}-token expert") if rc == -1 else \
-                    ValueError(f"ggml_swiglu: expert {[F_, H]} / {list(down.shape)}")
-            return y
+            return native.call_rows(call, at, x, H, what)
         swiglu.block = block   # kept alive with the function
         return swiglu
 
@@ -217,6 +206,7 @@ class GGMLGroup:
         self.mats, self.out = mats, sum(m.shape[0] for m in mats)
         self._lib = first._lib if all(m._lib is not None for m in mats) else None
         self.dense_from = min(m.dense_from for m in mats)
+        self._what = f"ggml_mv_many: {len(mats)} matrices [*, {first.shape[1]}]"
         self._arrays = [(ctypes.c_int64 * len(mats))(*[m.shape[0] for m in mats]),
                         (ctypes.c_void_p * len(mats))(*[m.data.data_ptr() for m in mats])]
         self._block, self._at = native.arg_block(first.shape[1], len(mats), *(ctypes.addressof(a) for a in self._arrays),
@@ -231,13 +221,7 @@ class GGMLGroup:
             return None
         if not xs.is_contiguous():
             xs = xs.contiguous()
-        y = torch.empty(xs.shape[0], self.out, dtype=xs.dtype)                              # (N, sum O)
-        code = _DTYPES[xs.dtype]
-        rc = self._lib.ggml_mv_many_p(xs.data_ptr(), code, y.data_ptr(), code, xs.shape[0], self._at,
-                                      torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError(f"ggml_mv_many: no scratch for {xs.shape[0]} x {I} activations") if rc == -1 else \
-                ValueError(f"ggml_mv_many: {len(self.mats)} matrices [*, {I}]")
+        y = native.call_rows(self._lib.ggml_mv_many_p, self._at, xs, self.out, self._what)  # (N, sum O)
         return y.view(*x.shape[:-1], self.out)
 
 

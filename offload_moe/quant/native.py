@@ -157,6 +157,23 @@ LIBRARIES = {
 BF16_PATHS = {2: "AVX-512 BF16", 1: "AVX2", 0: "portable C"}
 
 
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}   # the activation dtypes our kernels take, by code
+
+
+def call_rows(call, at: int, xs: torch.Tensor, out_features: int, what: str) -> torch.Tensor:
+    """(N, I) contiguous fp32 or bf16 -> (N, out_features) in its dtype through a kernel entry point
+    `call(x, x dtype, y, y dtype, N, fixed arguments, threads)` (the `*_p` calls; `at` from
+    `arg_block`). `what` names the call and its weight in the one-line error of a refused call."""
+    n = xs.shape[0]
+    y = torch.empty(n, out_features, dtype=xs.dtype)                                   # (N, out)
+    code = DTYPE_CODES[xs.dtype]
+    rc = call(xs.data_ptr(), code, y.data_ptr(), code, n, at, torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"{what}: no scratch for {n} tokens") if rc == -1 else \
+            ValueError(f"{what}: the kernel refused {n} tokens")
+    return y
+
+
 def open_library(path: Path, name: str = "qmv") -> ctypes.CDLL:
     """Load a built library and declare the signatures of library `name`'s functions."""
     torch.get_num_threads()  # torch (and its OpenMP runtime) is loaded first: the library shares it
@@ -195,5 +212,5 @@ def status(name: str = "qmv") -> str:
     return _status.get(name, "not loaded")
 
 
-__all__ = ["arg_block", "BF16_PATHS", "BF16_SOURCE", "DECODE_SOURCE", "GGML_SOURCE", "FLAGS", "LIBRARIES", "PATHS", "SOURCE", "build", "cache_dir",
+__all__ = ["arg_block", "call_rows", "DTYPE_CODES", "BF16_PATHS", "BF16_SOURCE", "DECODE_SOURCE", "GGML_SOURCE", "FLAGS", "LIBRARIES", "PATHS", "SOURCE", "build", "cache_dir",
            "load", "load_decode", "open_library", "status"]
