@@ -180,14 +180,9 @@ class QmvGroup:
         self._what = f"qmv: a group of {len(mats)} matrices [*, {first.shape[1]}]"
 
     def linear(self, x: torch.Tensor) -> torch.Tensor | None:
-        I = self.mats[0].shape[1]
-        if x.dtype not in _DTYPES:
+        xs = native.kernel_rows(x, self.mats[0].shape[1], self.dense_from)               # (N, I)
+        if xs is None:
             return None
-        xs = x.reshape(-1, I)
-        if xs.shape[0] >= self.dense_from:
-            return None
-        if not xs.is_contiguous():
-            xs = xs.contiguous()
         y = native.call_rows(self._call, self._at, xs, self.out, self._what)
         return y.view(*x.shape[:-1], self.out)
 

@@ -213,14 +213,9 @@ class GGMLGroup:
                                                  int(first.ggml_type))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor | None:
-        I = self.mats[0].shape[1]
-        if self._lib is None or x.dtype not in _DTYPES or x.device.type != "cpu":
+        xs = None if self._lib is None else native.kernel_rows(x, self.mats[0].shape[1], self.dense_from)
+        if xs is None:
             return None
-        xs = x.reshape(-1, I)
-        if xs.shape[0] >= self.dense_from:
-            return None
-        if not xs.is_contiguous():
-            xs = xs.contiguous()
         y = native.call_rows(self._lib.ggml_mv_many_p, self._at, xs, self.out, self._what)  # (N, sum O)
         return y.view(*x.shape[:-1], self.out)
 

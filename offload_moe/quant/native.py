@@ -160,6 +160,17 @@ BF16_PATHS = {2: "AVX-512 BF16", 1: "AVX2", 0: "portable C"}
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}   # the activation dtypes our kernels take, by code
 
 
+def kernel_rows(x: torch.Tensor, in_features: int, dense_from: int) -> torch.Tensor | None:
+    """x [..., I] as the contiguous (N, I) rows a kernel call takes, or None where it does not take
+    them: another dtype or device, or N >= `dense_from` (a dense product on dequantized rows wins)."""
+    if x.dtype not in DTYPE_CODES or x.device.type != "cpu":
+        return None
+    xs = x.reshape(-1, in_features)                                                    # (N, I)
+    if xs.shape[0] >= dense_from:
+        return None
+    return xs if xs.is_contiguous() else xs.contiguous()
+
+
 def call_rows(call, at: int, xs: torch.Tensor, out_features: int, what: str) -> torch.Tensor:
     """(N, I) contiguous fp32 or bf16 -> (N, out_features) in its dtype through a kernel entry point
     `call(x, x dtype, y, y dtype, N, fixed arguments, threads)` (the `*_p` calls; `at` from
@@ -212,5 +223,5 @@ def status(name: str = "qmv") -> str:
     return _status.get(name, "not loaded")
 
 
-__all__ = ["arg_block", "call_rows", "DTYPE_CODES", "BF16_PATHS", "BF16_SOURCE", "DECODE_SOURCE", "GGML_SOURCE", "FLAGS", "LIBRARIES", "PATHS", "SOURCE", "build", "cache_dir",
+__all__ = ["arg_block", "call_rows", "kernel_rows", "DTYPE_CODES", "BF16_PATHS", "BF16_SOURCE", "DECODE_SOURCE", "GGML_SOURCE", "FLAGS", "LIBRARIES", "PATHS", "SOURCE", "build", "cache_dir",
            "load", "load_decode", "open_library", "status"]
