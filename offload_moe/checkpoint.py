@@ -29,6 +29,7 @@ from .hub import resolve as resolve_reference
 from .quant.format import QuantSpec, tensor_kind
 from .quant.groupwise import QuantizedWeight
 from .quant.mxfp4 import is_mxfp4
+from .quant.published_config import PublishedSpec, is_published
 from .quant.pack import packed_cols
 from .safetensors_header import TensorInfo, read_header  # noqa: F401  (re-exported)
 from .sanity import check_layers_present, index_weight_map
@@ -88,7 +89,9 @@ class Checkpoint:
             raise OffloadMoeError(f"{self.path}: no such checkpoint directory")
         self.config = ModelConfig.load(self.path)
         q = self.config.quantization  # gpt-oss's own MXFP4 experts are a layout, not our format
-        self.quant = None if is_mxfp4(q) else QuantSpec.from_config(q, str(self.path / "config.json"))
+        # a publisher's pre-quantized format (FP8 blocks, pack-quantized int, GPTQ), read as stored
+        self.published = PublishedSpec.from_config(q, str(self.path / "config.json")) if is_published(q) else None
+        self.quant = None if is_mxfp4(q) or self.published else QuantSpec.from_config(q, str(self.path / "config.json"))
         self.tensors = self._index()
         check_layers_present(self.config, self.tensors, self.path)  # before sizes from config.json are trusted
         self.layout = self._detect_layout()
@@ -143,6 +146,12 @@ class Checkpoint:
             if self._bits(name) is not None:
                 self._validate_quantized(name, shape)
                 continue
+            if self.published and self.published.quantized(self.tensors, name):
+                if weight_kind(name) in ("routers", "norms"):
+                    raise OffloadMoeError(f"{self.path}: {name!r} is stored {self.published.stored}; a router or "
+                                          "norm is read as the floats it should be stored in")
+                self.published.validate(self.tensors, name, shape, self.path)
+                continue
             info = self.tensors.get(name)
             if info is None:
                 raise OffloadMoeError(f"{self.path}: tensor {name!r} is missing "
@@ -185,6 +194,8 @@ class Checkpoint:
 
     def get_weight(self, name: str, shape: tuple[int, ...]):
         """A weight as stored: a tensor, or a `QuantizedWeight` in a quantized checkpoint."""
+        if self.published and self.published.quantized(self.tensors, name):
+            return self.published.read(self.get, self.tensors, name, shape)
         bits = self._bits(name)
         if bits is None:
             return self.get(name)
@@ -226,6 +237,21 @@ class Checkpoint:
         return weights_by_kind(((name, shape, 0) for name, shape in
                                 {**self.expected_shapes(), **self.expert_shapes()}.items()),
                                ((name, None, info.nbytes) for name, info in self.tensors.items()))
+
+    def stored_types(self) -> dict[str, list[str]]:
+        """kind -> the types its matrices and vectors are stored in ("bf16", "int4", "fp8-block",
+        "int4-pack", "gptq-int4", "mxfp4"...), from the headers, for `info` and `plan`."""
+        names = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "U8": "mxfp4"}
+        out: dict[str, set[str]] = {}
+        for name in {**self.expected_shapes(), **self.expert_shapes()}:
+            if self.published and self.published.quantized(self.tensors, name):
+                stored = self.published.stored
+            elif self._bits(name) is not None:
+                stored = f"int{self._bits(name)}"
+            else:
+                stored = names.get(self.tensors[name].dtype, self.tensors[name].dtype.lower())
+            out.setdefault(weight_kind(name), set()).add(stored)
+        return {k: sorted(v) for k, v in out.items()}
 
     def dtypes(self) -> list[str]:
         return sorted({info.dtype for info in self.tensors.values()})

@@ -34,6 +34,7 @@ SOURCE = Path(__file__).with_name("qmv.c")
 INCLUDE = Path(__file__).parent                                # kernel_common.h, shared by the sources
 BF16_SOURCE = Path(__file__).with_name("bf16mv.c")           # bf16 weights (cpu_bf16.py)
 GGML_SOURCE = Path(__file__).with_name("ggml_mv.c")          # ggml block layouts in place (ggml.py)
+PUBLISHED_SOURCE = Path(__file__).with_name("published_mv.c")  # pre-quantized checkpoints' layouts (published.py)
 DECODE_SOURCE = Path(__file__).parent.parent / "decode.c"   # a decode step's small ops (decode_cpu.py)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 PATHS = {2: "AVX-512 VNNI", 1: "AVX2", 0: "portable C"}
@@ -147,6 +148,12 @@ LIBRARIES = {
         "ggml_mv_many_p": (I32, [P, I32, P, I32, I64, P, I32]),
         "ggml_swiglu_p": (I32, [P, I32, P, I32, I64, P, I32]),
     }, "ggml_path"),
+    "published": (PUBLISHED_SOURCE, {
+        "pq_path": (I32, []),
+        "pq_fp8_p": (I32, [P, I32, P, I32, I64, P, I32]),
+        "pq_int_p": (I32, [P, I32, P, I32, I64, P, I32]),
+        "pq_gptq_p": (I32, [P, I32, P, I32, I64, P, I32]),
+    }, "pq_path"),
     "decode": (DECODE_SOURCE, {
         "rms_norm_row": (I32, [P, I32, P, I32, I64, F32, I32, P, I32]),
         "attn_decode": (I32, [P, P, P, I32, P, P, I32, P, P, I32, I32, F32, F32, P, I32, P, P, I32, I64, I64, I64,
@@ -197,7 +204,7 @@ def open_library(path: Path, name: str = "qmv") -> ctypes.CDLL:
 
 @functools.cache
 def load(name: str = "qmv") -> ctypes.CDLL | None:
-    """Library `name` ("qmv", "bmv", "ggml", "decode") built for this machine, or None (see `status`)."""
+    """Library `name` ("qmv", "bmv", "ggml", "published", "decode") built for this machine, or None (see `status`)."""
     if os.environ.get("OFFLOAD_MOE_NATIVE", "1") == "0":
         _status[name] = "off (OFFLOAD_MOE_NATIVE=0)"
         return None
@@ -223,5 +230,5 @@ def status(name: str = "qmv") -> str:
     return _status.get(name, "not loaded")
 
 
-__all__ = ["arg_block", "call_rows", "kernel_rows", "DTYPE_CODES", "BF16_PATHS", "BF16_SOURCE", "DECODE_SOURCE", "GGML_SOURCE", "FLAGS", "LIBRARIES", "PATHS", "SOURCE", "build", "cache_dir",
+__all__ = ["arg_block", "call_rows", "kernel_rows", "DTYPE_CODES", "BF16_PATHS", "BF16_SOURCE", "DECODE_SOURCE", "GGML_SOURCE", "PUBLISHED_SOURCE", "FLAGS", "LIBRARIES", "PATHS", "SOURCE", "build", "cache_dir",
            "load", "load_decode", "open_library", "status"]

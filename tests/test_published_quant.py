@@ -1,0 +1,232 @@
+"""Pre-quantized checkpoints read as published (FP8 blocks, compressed-tensors pack-quantized, GPTQ).
+
+The kernels against float64 math on the float64 dequantization the test's own quantizer made
+(odd sizes, partial blocks and groups, desc_act's shuffled groups); tiny Mixtral and Qwen3-MoE models
+written in each format against transformers running the same model dequantized in float64; the
+offloading engine against all-resident; `info` and `plan` naming the stored formats; bad files refused
+with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import offload_moe
+from offload_moe import OffloadMoeError
+from offload_moe.checkpoint import Checkpoint
+from offload_moe.quant import native
+from offload_moe.quant.published import TOLERANCE, FP8BlockWeight, GPTQWeight, IntPackWeight
+from offload_moe.quant.published_config import PublishedSpec
+
+from published_fixtures import FORMATS, fp8_block, gptq, pack_quantized, write_published
+
+needs_kernel = pytest.mark.skipif(native.load("published") is None, reason="no C compiler for published_mv.c")
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def form_of(fmt: str, parts: dict, shape, **kw):
+    O, I = shape
+    if fmt == "fp8":
+        return FP8BlockWeight(parts["weight"].view(torch.uint8), parts["weight_scale_inv"], kw.get("block", (128, 128)))
+    if fmt == "pack":
+        return IntPackWeight(parts["weight_packed"], parts["weight_scale"], parts.get("weight_zero_point"),
+                             kw["group"], kw["bits"], I)
+    return GPTQWeight(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"], kw["bits"], kw["zero_offset"])
+
+
+# (format, quantizer, form arguments, [O, I]) at odd sizes, partial blocks and groups
+KERNEL_CASES = {
+    "fp8_128": ("fp8", lambda w: fp8_block(w), {}, (259, 300)),
+    "fp8_small_blocks": ("fp8", lambda w: fp8_block(w, (16, 32)), {"block": (16, 32)}, (37, 75)),
+    "int4_pack_sym": ("pack", lambda w: pack_quantized(w, 4, 32, True), {"bits": 4, "group": 32}, (37, 100)),
+    "int4_pack_asym": ("pack", lambda w: pack_quantized(w, 4, 32, False), {"bits": 4, "group": 32}, (41, 96)),
+    "int8_pack": ("pack", lambda w: pack_quantized(w, 8, 16, True), {"bits": 8, "group": 16}, (19, 52)),
+    "gptq4": ("gptq", lambda w: gptq(w, 4, 32), {"bits": 4, "zero_offset": 1}, (72, 200)),
+    "gptq4_desc_act": ("gptq", lambda w: gptq(w, 4, 24, desc_act=True), {"bits": 4, "zero_offset": 1}, (136, 104)),
+    "gptq8_v2": ("gptq", lambda w: gptq(w, 8, 32, v1=False), {"bits": 8, "zero_offset": 0}, (68, 96)),
+}
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES)
+def test_dequantization_is_the_quantizers_float64_weights(case):
+    fmt, quantize, kw, shape = KERNEL_CASES[case]
+    parts, ref = quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(3)))
+    w = form_of(fmt, parts, shape, **kw)
+    assert w.shape == shape
+    assert torch.equal(w.dequantize(torch.float64), ref)
+    assert torch.equal(w.dequantize_rows(5, 17, torch.float64), ref[5:17])
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", KERNEL_CASES)
+@pytest.mark.parametrize("tokens", [1, 5, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_float64_math(case, tokens, dtype):
+    fmt, quantize, kw, shape = KERNEL_CASES[case]
+    parts, ref = quantize(torch.randn(*shape, generator=torch.Generator().manual_seed(4)))
+    w = form_of(fmt, parts, shape, **kw)
+    assert w.in_kernel
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(5)).to(dtype)
+    y = w.linear(x)
+    assert y.dtype == dtype and y.shape == (tokens, shape[0])
+    bound = TOLERANCE if dtype == torch.float32 else 8e-3   # bf16 output rounding (2^-8 relative)
+    assert rel_err(y, x.double() @ ref.T) < bound
+
+
+@needs_kernel
+def test_kernel_results_do_not_depend_on_the_thread_count():
+    parts, _ = gptq(torch.randn(136, 104, generator=torch.Generator().manual_seed(6)), 4, 24, desc_act=True)
+    w = form_of("gptq", parts, (136, 104), bits=4, zero_offset=1)
+    x = torch.randn(3, 104)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = w.linear(x)
+        torch.set_num_threads(2)
+        assert torch.equal(one, w.linear(x))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_long_inputs_multiply_dequantized_rows():
+    parts, ref = pack_quantized(torch.randn(40, 64), 4, 16, True)
+    w = form_of("pack", parts, (40, 64), bits=4, group=16)
+    x = torch.randn(100, 64)   # past DENSE_FROM: chunked dequantize-then-multiply
+    assert rel_err(w.linear(x), x.double() @ ref.T) < TOLERANCE
+
+
+# ---- whole models ----
+
+BASE = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            num_experts_per_tok=2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+MODELS = {
+    "mixtral": ("Mixtral", dict(num_hidden_layers=2, intermediate_size=48, num_local_experts=6)),
+    # per-head q/k norms, head_dim 16, a dense layer (mlp_only_layers), expert width 24: partial groups
+    "qwen3_moe": ("Qwen3Moe", dict(num_hidden_layers=3, head_dim=16, intermediate_size=40, moe_intermediate_size=24,
+                                   num_experts=6, norm_topk_prob=True, mlp_only_layers=[1])),
+}
+
+
+def tiny(name: str, seed: int = 0):
+    prefix, overrides = MODELS[name]
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides}))
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif pname.endswith("norm.weight"):
+                p.normal_(1, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """(model, format) -> (quantized directory, transformers on its float64 dequantization), built once."""
+    cache = {}
+
+    def get(name: str, fmt: str):
+        if (name, fmt) not in cache:
+            d = tmp_path_factory.mktemp(f"{name}-{fmt}")
+            directory = write_published(tiny(name), d, fmt)
+            reference = getattr(transformers, f"{MODELS[name][0]}ForCausalLM").from_pretrained(
+                d / "reference", dtype=torch.float64, experts_implementation="eager").eval()
+            cache[(name, fmt)] = directory, reference
+        return cache[(name, fmt)]
+    return get
+
+
+IDS = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+
+
+def oracle_logits(reference) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(IDS).logits
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_checkpoint_logits_equal_the_float64_dequantized_model(published, name, fmt):
+    directory, reference = published(name, fmt)
+    expected = oracle_logits(reference)
+    resident = offload_moe.load(directory, device="cpu", dtype="float32")
+    logits = resident.logits(IDS)
+    assert (logits.double() - expected).abs().max().item() <= 1e-4
+    offloaded = offload_moe.load(directory, device="cpu", dtype="float32", cache_slots=2)
+    # the same kernels on slot views; experts finish in another order, so sums may round differently
+    torch.testing.assert_close(offloaded.logits(IDS), logits, rtol=0, atol=1e-5)
+    assert offloaded.stats["experts"]["misses"] > 0
+
+
+def test_weights_stay_in_the_stored_format(published):
+    directory, _ = published("qwen3_moe", "gptq_desc_act")
+    model = offload_moe.load(directory, device="cpu", dtype="float32")
+    expert = model.experts.fetch(0, [0], 1)
+    weights = next(iter(expert))[1].weights
+    assert isinstance(weights.w1, GPTQWeight) and weights.w1.in_kernel
+    ckpt = Checkpoint(directory)
+    assert ckpt.stored_types()["experts"] == ["gptq-int4"] and ckpt.stored_types()["routers"] == ["fp32"]
+
+
+@pytest.mark.parametrize("fmt,stored", [("fp8", "fp8-block"), ("int4_pack", "int4-pack"), ("gptq8_v2", "gptq-int8")])
+def test_info_and_plan_show_the_stored_types(published, fmt, stored, capsys):
+    from offload_moe.cli import main
+
+    directory, _ = published("mixtral", fmt)
+    assert main(["info", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert f"experts {stored}" in " ".join(out.split()) and "routers fp32" in " ".join(out.split())
+    assert main(["plan", str(directory), "--profile", "cpu"]) == 0
+    assert stored in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda q: q.update(weight_block_size=[128]), "weight_block_size [128], expected [rows, columns]"),
+    (lambda q: q.update(quant_method="gptq", bits=3), "bits 3, expected 4 or 8"),
+    (lambda q: q.update(quant_method="compressed-tensors", config_groups={"g": {"format": "float-quantized"}}),
+     "format 'float-quantized', expected 'pack-quantized'"),
+])
+def test_bad_quantization_config_is_one_line(published, tmp_path, edit, expected):
+    import shutil
+
+    directory, _ = published("mixtral", "fp8")
+    bad = tmp_path / "bad"
+    shutil.copytree(directory, bad)
+    config = json.loads((bad / "config.json").read_text())
+    edit(config["quantization_config"])
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OffloadMoeError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        Checkpoint(bad)
+
+
+def test_a_scale_of_the_wrong_shape_is_named(published, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory, _ = published("mixtral", "int4_pack")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((directory / "config.json").read_text())
+    state = load_file(directory / "model.safetensors")
+    name = "model.layers.1.mlp.experts.3.w2.weight_scale"
+    if name not in state:   # transformers' naming of Mixtral's experts
+        name = next(k for k in state if k.endswith("experts.3.down_proj.weight_scale"))
+    state[name] = state[name][:, :1].contiguous()
+    save_file(state, bad / "model.safetensors")
+    with pytest.raises(OffloadMoeError, match=f"tensor '{name}' is BF16 .* expected F32 or BF16 or F16"):
+        Checkpoint(bad)
+
+
+def test_spec_reads_the_published_configs():
+    spec = PublishedSpec.from_config({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": [128, 128]}, "config.json")
+    assert (spec.stored, spec.group, spec.block_rows) == ("fp8-block", 128, 128)
+    spec = PublishedSpec.from_config({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True,
+                                      "sym": True}, "config.json")
+    assert (spec.stored, spec.zero_offset, spec.desc_act) == ("gptq-int4", 1, True)
+    assert PublishedSpec.from_config(FORMATS["int4_pack_asym"][1], "c").symmetric is False
