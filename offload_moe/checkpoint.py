@@ -32,6 +32,7 @@ from .quant.mxfp4 import is_mxfp4
 from .quant.published_config import PublishedSpec, is_published
 from .quant.pack import packed_cols
 from .safetensors_header import TensorInfo, read_header  # noqa: F401  (re-exported)
+from .safetensors_map import FileMaps
 from .sanity import check_layers_present, index_weight_map
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
@@ -96,6 +97,7 @@ class Checkpoint:
         check_layers_present(self.config, self.tensors, self.path)  # before sizes from config.json are trusted
         self.layout = self._detect_layout()
         self._handles: dict[Path, object] = {}
+        self._maps = FileMaps()  # views of the shards, for weights computed where they lie (`in_place`)
         self._validate()
 
     # ---- opening ----
@@ -192,8 +194,13 @@ class Checkpoint:
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file]
 
-    def get_weight(self, name: str, shape: tuple[int, ...]):
-        """A weight as stored: a tensor, or a `QuantizedWeight` in a quantized checkpoint."""
+    def get_weight(self, name: str, shape: tuple[int, ...], in_place: bool = False):
+        """A weight as stored: a tensor, or a `QuantizedWeight` in a quantized checkpoint, or a
+        publisher's form (quant/published.py). in_place: its tensors views of the file's mapping."""
+        if in_place:
+            if self.published and self.published.quantized(self.tensors, name):
+                return self.published.read(self._view, self.tensors, name, shape)
+            return self._view(name)
         if self.published and self.published.quantized(self.tensors, name):
             return self.published.read(self.get, self.tensors, name, shape)
         bits = self._bits(name)
@@ -212,6 +219,25 @@ class Checkpoint:
             return self._handle(info.file).get_tensor(name)
         except SafetensorError as e:  # the file changed since its header was checked
             raise OffloadMoeError(f"{info.file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
+
+    def _view(self, name: str) -> torch.Tensor:
+        """Tensor `name` as a view of its shard's mapping, or a copy where torch cannot view it."""
+        view = self._maps.view(self.tensors[name])
+        return view if view is not None else self.get(name)
+
+    # ---- computed where they lie (a CPU run of a publisher's pre-quantized checkpoint) ----
+    @property
+    def in_place(self) -> bool:
+        """Whether a CPU run computes from views of the files: a publisher's pre-quantized checkpoint in
+        the per-expert layout (each form computes from its stored tensors; see quant/published.py)."""
+        return self.published is not None and self.layout == "per_expert"
+
+    uniform_experts = False   # experts in the offloading engine are copied into its host tier as they are
+
+    def expert_in_place(self, layer: int, expert: int) -> dict:
+        """One expert's w1, w3 [I, H] and w2 [H, I] as views of the mapping: nothing read here."""
+        names = arch.expert_names(self.config, self.config.family, layer, expert)
+        return {w: self.get_weight(name, shape, in_place=True) for w, (name, shape) in names.items()}
 
     def _get_row(self, name: str, index: int) -> torch.Tensor:
         info = self.tensors[name]
