@@ -234,3 +234,38 @@ def test_spec_reads_the_published_configs():
                                       "sym": True}, "config.json")
     assert (spec.stored, spec.zero_offset, spec.desc_act) == ("gptq-int4", 1, True)
     assert PublishedSpec.from_config(FORMATS["int4_pack_asym"][1], "c").symmetric is False
+
+
+def test_quantize_refuses_a_published_checkpoint(published, tmp_path):
+    from offload_moe.tools.convert import quantize
+
+    directory, _ = published("mixtral", "gptq")
+    with pytest.raises(OffloadMoeError, match=r"already quantized \(gptq-int4, read as published\)"):
+        quantize(directory, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("fmt", ["fp8", "int4_pack_asym", "gptq_desc_act"])
+def test_cuda_computes_the_published_formats(published, fmt):
+    """On a GPU each form dequantizes its rows there (chunked), resident and in the engine's slots."""
+    directory, reference = published("qwen3_moe", fmt)
+    expected = oracle_logits(reference)
+    for kw in ({}, {"cache_slots": 2}):
+        model = offload_moe.load(directory, device="cuda", dtype="float32", **kw)
+        assert (model.logits(IDS).double().cpu() - expected).abs().max().item() <= 1e-3
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4_pack_asym", "gptq_desc_act"])
+def test_the_dequantizing_path_a_gpu_takes_matches_too(published, fmt, monkeypatch):
+    """Without the kernel (as on CUDA, or with no C compiler) every form multiplies rows it dequantizes."""
+    import offload_moe.quant.published as forms
+
+    monkeypatch.setattr(forms, "_lib", lambda: None)
+    directory, reference = published("qwen3_moe", fmt)
+    model = offload_moe.load(directory, device="cpu", dtype="float32", cache_slots=2)
+    assert not next(iter(model.experts.fetch(0, [0], 1)))[1].weights.w1.in_kernel
+    assert (model.logits(IDS).double() - oracle_logits(reference)).abs().max().item() <= 1e-4
