@@ -5,7 +5,8 @@ loops over the packing rules, independent of offload_moe's readers) and the floa
 of the same integers and scales, the oracle the kernels and the model are checked against:
 - `fp8_block`: float8 e4m3fn `weight` [O, I] + fp32 `weight_scale_inv` [ceil(O/bn), ceil(I/bk)].
 - `pack_quantized`: compressed-tensors' int32 `weight_packed` [O, ceil(I·b/32)] (values + 2^(b-1), low
-  bits first), bf16 `weight_scale` [O, G], asymmetric `weight_zero_point` packed along the rows.
+  bits first), bf16 `weight_scale` [O, G], asymmetric `weight_zero_point` packed along the rows,
+  `weight_g_idx` [I] under actorder "group".
 - `gptq`: int32 `qweight` [I/(32/b), O], `qzeros` [G, O/(32/b)] (v1: zeros minus one), fp16 `scales`
   [G, O], int32 `g_idx` [I] (a shuffled activation order with desc_act).
 """
@@ -51,18 +52,29 @@ def fp8_block(w: torch.Tensor, block=(128, 128)):
     return {"weight": q, "weight_scale_inv": scale}, ref
 
 
-def pack_quantized(w: torch.Tensor, bits=4, group=16, symmetric=True):
-    """w [O, I] -> ({weight_packed, weight_scale, weight_zero_point?, weight_shape}, float64 dequantization)."""
+def _groups(I: int, group: int, shuffled: bool, seed: int) -> torch.Tensor:
+    """int32 [I]: the group of each input, groups formed in activation order (a shuffle) when `shuffled`."""
+    order = torch.randperm(I, generator=torch.Generator().manual_seed(seed)) if shuffled else torch.arange(I)
+    g_idx = torch.zeros(I, dtype=torch.int32)
+    g_idx[order] = (torch.arange(I) // group).to(torch.int32)
+    return g_idx
+
+
+def pack_quantized(w: torch.Tensor, bits=4, group=16, symmetric=True, actorder=False, seed=0):
+    """w [O, I] -> ({weight_packed, weight_scale, weight_zero_point?, weight_g_idx?, weight_shape},
+    float64 dequantization)."""
     O, I = w.shape
     G = math.ceil(I / group)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    g_idx = _groups(I, group, actorder, seed)
     wd = w.double()
     q = np.zeros((O, I), dtype=np.int64)
     zp = np.zeros((O, G), dtype=np.int64)
     scale = torch.zeros(O, G, dtype=torch.bfloat16)
     ref = torch.zeros(O, I, dtype=torch.float64)
     for g in range(G):
-        blk = wd[:, g * group:(g + 1) * group]
+        ks = (g_idx == g).nonzero().flatten()
+        blk = wd[:, ks]
         if symmetric:
             s = (blk.abs().amax(dim=1) / hi).clamp(min=1e-8)
             scale[:, g] = s.to(torch.bfloat16)
@@ -74,13 +86,15 @@ def pack_quantized(w: torch.Tensor, bits=4, group=16, symmetric=True):
             z = (lo - torch.round(mn / scale[:, g].double())).clamp(lo, hi).long()
         sd = scale[:, g].double()
         qg = (torch.round(blk / sd[:, None]) + z[:, None]).clamp(lo, hi).long()
-        q[:, g * group:(g + 1) * group] = qg.numpy()
+        q[:, ks.numpy()] = qg.numpy()
         zp[:, g] = z.numpy()
-        ref[:, g * group:(g + 1) * group] = (qg - z[:, None]).double() * sd[:, None]
+        ref[:, ks] = (qg - z[:, None]).double() * sd[:, None]
     parts = {"weight_packed": torch.from_numpy(_pack_rows(q - lo, bits)), "weight_scale": scale,
              "weight_shape": torch.tensor([O, I], dtype=torch.int64)}
     if not symmetric:
         parts["weight_zero_point"] = torch.from_numpy(_pack_rows((zp - lo).T.copy(), bits).T.copy())
+    if actorder:
+        parts["weight_g_idx"] = g_idx
     return parts, ref
 
 
@@ -89,9 +103,7 @@ def gptq(w: torch.Tensor, bits=4, group=16, desc_act=False, v1=True, seed=0):
     O, I = w.shape
     G = math.ceil(I / group)
     top = (1 << bits) - 1
-    order = torch.randperm(I, generator=torch.Generator().manual_seed(seed)) if desc_act else torch.arange(I)
-    g_idx = torch.zeros(I, dtype=torch.int32)
-    g_idx[order] = (torch.arange(I) // group).to(torch.int32)   # groups formed in activation order
+    g_idx = _groups(I, group, desc_act, seed)
     wd = w.double()
     q = np.zeros((I, O), dtype=np.int64)
     zeros = np.zeros((G, O), dtype=np.int64)
@@ -122,7 +134,7 @@ FORMATS = {
                    "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "format": "pack-quantized",
                                                  "weights": {"num_bits": 4, "type": "int", "symmetric": True,
                                                              "strategy": "group", "group_size": 16}}}}),
-    "int4_pack_asym": (lambda w: pack_quantized(w, 4, 16, False),
+    "int4_pack_asym": (lambda w: pack_quantized(w, 4, 16, False, actorder=True),
                        {"quant_method": "compressed-tensors", "format": "pack-quantized",
                         "config_groups": {"group_0": {"targets": ["Linear"],
                                                       "weights": {"num_bits": 4, "type": "int", "symmetric": False,

@@ -36,7 +36,7 @@ def form_of(fmt: str, parts: dict, shape, **kw):
         return FP8BlockWeight(parts["weight"].view(torch.uint8), parts["weight_scale_inv"], kw.get("block", (128, 128)))
     if fmt == "pack":
         return IntPackWeight(parts["weight_packed"], parts["weight_scale"], parts.get("weight_zero_point"),
-                             kw["group"], kw["bits"], I)
+                             kw["group"], kw["bits"], I, parts.get("weight_g_idx"))
     return GPTQWeight(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"], kw["bits"], kw["zero_offset"])
 
 
@@ -46,6 +46,8 @@ KERNEL_CASES = {
     "fp8_small_blocks": ("fp8", lambda w: fp8_block(w, (16, 32)), {"block": (16, 32)}, (37, 75)),
     "int4_pack_sym": ("pack", lambda w: pack_quantized(w, 4, 32, True), {"bits": 4, "group": 32}, (37, 100)),
     "int4_pack_asym": ("pack", lambda w: pack_quantized(w, 4, 32, False), {"bits": 4, "group": 32}, (41, 96)),
+    "int4_pack_actorder": ("pack", lambda w: pack_quantized(w, 4, 24, False, actorder=True), {"bits": 4, "group": 24},
+                           (29, 100)),
     "int8_pack": ("pack", lambda w: pack_quantized(w, 8, 16, True), {"bits": 8, "group": 16}, (19, 52)),
     "gptq4": ("gptq", lambda w: gptq(w, 4, 32), {"bits": 4, "zero_offset": 1}, (72, 200)),
     "gptq4_desc_act": ("gptq", lambda w: gptq(w, 4, 24, desc_act=True), {"bits": 4, "zero_offset": 1}, (136, 104)),
@@ -269,3 +271,32 @@ def test_the_dequantizing_path_a_gpu_takes_matches_too(published, fmt, monkeypat
     model = offload_moe.load(directory, device="cpu", dtype="float32", cache_slots=2)
     assert not next(iter(model.experts.fetch(0, [0], 1)))[1].weights.w1.in_kernel
     assert (model.logits(IDS).double() - oracle_logits(reference)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4_pack", "gptq", "gptq8_v2"])
+def test_planned_expert_bytes_are_the_files(published, fmt):
+    """The planner sizes a published format's expert as the file stores it (plan from config.json alone)."""
+    from offload_moe.config import ModelConfig
+    from offload_moe.planner import plan
+    from offload_moe.profiles import load_profile
+
+    directory, _ = published("qwen3_moe", fmt)
+    ckpt = Checkpoint(directory)
+    stored = sum(info.nbytes for name, info in ckpt.tensors.items() if ".layers.0.mlp.experts.0." in name)
+    assert plan(ModelConfig.load(directory), load_profile("cpu")).bytes_per_expert == stored
+
+
+def test_a_group_index_out_of_range_is_one_line(published, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory, _ = published("qwen3_moe", "gptq_desc_act")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((directory / "config.json").read_text())
+    state = load_file(directory / "model.safetensors")
+    name = "model.layers.2.mlp.experts.1.up_proj.g_idx"
+    state[name] = state[name].clone()
+    state[name][3] = 99
+    save_file(state, bad / "model.safetensors")
+    with pytest.raises(OffloadMoeError, match=f"tensor '{name}' holds groups 0 .. 99, expected 0 .. 1"):
+        offload_moe.load(bad, device="cpu", dtype="float32")

@@ -5,7 +5,8 @@ Three forms, each a view of the tensors read from the safetensors file (nothing 
   `scale` fp32 [ceil(O/bn), ceil(I/bk)] (the files' `weight_scale_inv`, which multiplies), block (bn, bk).
 - `IntPackWeight`: compressed-tensors `pack-quantized` (llm-compressor's W4A16 / W8A16). `packed` int32
   [O, ceil(I·b/32)], values little end first, stored + 2^(b-1); `scale` [O, G] fp32/bf16/fp16; `zero`
-  (asymmetric only) int32 [ceil(O/(32/b)), G], packed along the rows the same way.
+  (asymmetric only) int32 [ceil(O/(32/b)), G], packed along the rows the same way; `g_idx` int32 [I]
+  (actorder "group" only: each input's group, else k / group).
 - `GPTQWeight`: AutoGPTQ / GPTQModel / optimum. `qweight` int32 [I/(32/b), O] (K-major), `qzeros` int32
   [G, O/(32/b)], `scales` fp16 [G, O], `g_idx` int32 [I] (the group of each input; any order with
   desc_act), `zero_offset` 1 for v1 checkpoints, whose zeros are stored minus one.
@@ -135,12 +136,14 @@ class IntPackWeight(_Form):
     group: int
     bits: int                  # 4 or 8
     in_features: int
+    g_idx: torch.Tensor | None = None   # int32 [I]: each input's group (actorder "group"), or None: k / group
     entry = "pq_int_p"
 
     def __post_init__(self) -> None:
         O, I = self.shape
         self._bind(O, I, self.packed.data_ptr(), self.scale.data_ptr(), SCALE_DTYPES[self.scale.dtype],
-                   0 if self.zero is None else self.zero.data_ptr(), self.group, self.bits)
+                   0 if self.zero is None else self.zero.data_ptr(), self.group, self.bits,
+                   0 if self.g_idx is None else self.g_idx.data_ptr(), self.scale.shape[1])
 
     @property
     def format(self) -> str:
@@ -156,10 +159,11 @@ class IntPackWeight(_Form):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         t = {"packed": self.packed, "scale": self.scale}
-        return t if self.zero is None else {**t, "zero": self.zero}
+        return {**t, **{k: v for k, v in (("zero", self.zero), ("g_idx", self.g_idx)) if v is not None}}
 
     def with_tensors(self, t: dict[str, torch.Tensor]) -> IntPackWeight:
-        return IntPackWeight(t["packed"], t["scale"], t.get("zero"), self.group, self.bits, self.in_features)
+        return IntPackWeight(t["packed"], t["scale"], t.get("zero"), self.group, self.bits, self.in_features,
+                             t.get("g_idx"))
 
     def to(self, device, non_blocking: bool = False) -> IntPackWeight:
         return self.with_tensors({k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()})
@@ -168,14 +172,16 @@ class IntPackWeight(_Form):
         I, b = self.in_features, self.bits
         work = torch.float64 if dtype == torch.float64 else torch.float32
         q = _unpack(self.packed[r0:r1], b)[:, :I].to(work)                              # (R, I)
+        groups = (torch.arange(I, device=self.device) // self.group if self.g_idx is None
+                  else self.g_idx.long())                                                  # (I,) group of each input
         if self.zero is None:
             z = torch.full((r1 - r0, 1), float(1 << (b - 1)), dtype=work, device=self.device)
         else:
             per = 32 // b
             rows = torch.arange(r0, r1, device=self.device)
             z = ((self.zero[rows // per] >> ((rows % per) * b).to(torch.int32).unsqueeze(1)) & ((1 << b) - 1))
-            z = z.to(work).repeat_interleave(self.group, dim=1)[:, :I]                    # (R, I)
-        s = self.scale[r0:r1].to(work).repeat_interleave(self.group, dim=1)[:, :I]      # (R, I)
+            z = z.to(work)[:, groups]                                                      # (R, I)
+        s = self.scale[r0:r1].to(work)[:, groups]                                          # (R, I)
         return ((q - z) * s).to(dtype)
 
 

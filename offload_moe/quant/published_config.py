@@ -6,7 +6,8 @@ Three publishers' formats are read as they are stored (the forms in `published.p
 - `"quant_method": "compressed-tensors"`, format `pack-quantized` (llm-compressor's W4A16/W8A16): one
   int weights scheme in `config_groups` (num_bits 4 or 8, strategy group or channel, symmetric or
   not): `X.weight_packed` I32 [O, ceil(I·b/32)], `X.weight_scale` [O, G], `X.weight_zero_point`
-  I32 [ceil(O/(32/b)), G] when asymmetric, `X.weight_shape` [2] (checked when present).
+  I32 [ceil(O/(32/b)), G] when asymmetric, `X.weight_shape` [2] (checked when present), `X.weight_g_idx`
+  I32 [I] under actorder "group" (each input's group).
 - `"quant_method": "gptq"` (bits 4 or 8; AutoGPTQ, GPTQModel, optimum): `X.qweight` I32 [I/(32/b), O],
   `X.qzeros` I32 [G, O/(32/b)], `X.scales` F16 [G, O], `X.g_idx` I32 [I] (needed with desc_act; else
   k / group when absent). `checkpoint_format` "gptq_v2" stores the zeros as they are; every other
@@ -39,6 +40,20 @@ def is_published(quantization_config) -> bool:
 
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def G_of(in_features: int, group: int) -> int:
+    """Groups of a row: one per `group` inputs (-1: the whole row)."""
+    return 1 if group == -1 else _ceil(in_features, group)
+
+
+def _checked(get, name: str, groups: int) -> torch.Tensor:
+    """A g_idx tensor whose every entry names one of the `groups` groups (the kernels index scales by it)."""
+    g_idx = get(name)
+    if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        raise OffloadMoeError(f"tensor '{name}' holds groups {int(g_idx.min())} .. {int(g_idx.max())}, "
+                              f"expected 0 .. {groups - 1}")
+    return g_idx
 
 
 @functools.cache
@@ -135,7 +150,7 @@ class PublishedSpec:
         """suffix -> (allowed dtypes, shape) of the tensors a quantized [O, I] matrix is stored as."""
         O, I = shape
         per = 32 // self.bits
-        G = 1 if self.group == -1 else _ceil(I, self.group)
+        G = G_of(I, self.group)
         if self.method == "fp8":
             return {"weight": (("F8_E4M3",), (O, I)),
                     "weight_scale_inv": (SCALE_TYPES, (_ceil(O, self.block_rows), _ceil(I, self.group)))}
@@ -164,6 +179,8 @@ class PublishedSpec:
             parts["g_idx"] = (("I32",), (I,))
         if self.method == "compressed-tensors" and f"{prefix}.weight_shape" in tensors:
             parts["weight_shape"] = (("I64", "I32"), (2,))
+        if self.method == "compressed-tensors" and f"{prefix}.weight_g_idx" in tensors:
+            parts["weight_g_idx"] = (("I32",), (I,))
         for suffix, (dtypes, want) in parts.items():
             info = tensors.get(f"{prefix}.{suffix}")
             if info is None:
@@ -189,8 +206,11 @@ class PublishedSpec:
                 if stored != [O, I]:
                     raise OffloadMoeError(f"tensor '{prefix}.weight_shape' is {stored}, expected {[O, I]} from config.json")
             zero = get(f"{prefix}.weight_zero_point") if not self.symmetric else None
-            return IntPackWeight(get(f"{prefix}.weight_packed"), get(f"{prefix}.weight_scale"), zero, group, self.bits, I)
-        g_idx = get(f"{prefix}.g_idx") if f"{prefix}.g_idx" in names else _default_g_idx(I, group)
+            g_idx = _checked(get, f"{prefix}.weight_g_idx", G_of(I, self.group)) if f"{prefix}.weight_g_idx" in names else None
+            return IntPackWeight(get(f"{prefix}.weight_packed"), get(f"{prefix}.weight_scale"), zero, group, self.bits, I,
+                                 g_idx)
+        g_idx = _checked(get, f"{prefix}.g_idx", G_of(I, self.group)) if f"{prefix}.g_idx" in names \
+            else _default_g_idx(I, group)
         return GPTQWeight(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"), g_idx,
                           self.bits, self.zero_offset)
 
@@ -198,13 +218,14 @@ class PublishedSpec:
 def stored_bytes(stored: str, out: int, in_: int, group: int) -> int | None:
     """Bytes of one [out, in] matrix in a published format (`PublishedSpec.stored`), for the planner; None
     for another name. fp8-block: `group` x `group` blocks (128 x 128 as published); the int formats:
-    16-bit scales per `group` inputs (-1: per row), symmetric (no zero points) for pack-quantized."""
+    16-bit scales per `group` inputs (-1: per row); pack-quantized symmetric (no zero points, no
+    g_idx) with its `weight_shape`; GPTQ with its g_idx."""
     G = 1 if group <= 0 else _ceil(in_, group)
     if stored == "fp8-block":
         return out * in_ + 4 * _ceil(out, group) * G
     for bits in (4, 8):
         if stored == f"int{bits}-pack":
-            return 4 * out * _ceil(in_ * bits, 32) + 2 * out * G
+            return 4 * out * _ceil(in_ * bits, 32) + 2 * out * G + 16   # + weight_shape, int64 [2]
         if stored == f"gptq-int{bits}":
             per = 32 // bits
             return 4 * _ceil(in_, per) * out + 4 * G * _ceil(out, per) + 2 * G * out + 4 * in_

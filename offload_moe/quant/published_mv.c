@@ -6,7 +6,8 @@
    - int pack (compressed-tensors `pack-quantized`, llm-compressor's W4A16/W8A16): w [N, ceil(K*b/32)]
      int32 words, value k of a row at bits (k % (32/b))*b of word k / (32/b), stored + 2^(b-1);
      scale [N, ceil(K/group)] fp32/bf16/fp16; optional zero points packed the same way along N:
-     zp [ceil(N/(32/b)), G] (then w = (q - zp) * s, else (q - 2^(b-1)) * s).
+     zp [ceil(N/(32/b)), G] (then w = (q - zp) * s, else (q - 2^(b-1)) * s); with llm-compressor's
+     actorder "group" a `weight_g_idx` [K] names each input's group (else k / group).
    - GPTQ (AutoGPTQ / GPTQModel / optimum): qweight [K/(32/b), N] int32 (K-major: value k of column n
      at bits (k % (32/b))*b of word [k / (32/b), n]), qzeros [G, N/(32/b)] packed along N, scales
      [G, N] fp16, g_idx [K] int32 (the group of input k: k / group, or any order with desc_act);
@@ -102,15 +103,21 @@ int pq_fp8_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens,
 }
 
 /* args: N, K, packed (int32 [N, ceil(K*bits/32)]), scale ([N, G]), scale dtype, zero points (int32
-   [ceil(N/(32/bits)), G] or 0: symmetric), group, bits */
+   [ceil(N/(32/bits)), G] or 0: symmetric), group, bits, g_idx (int32 [K], the group of each input
+   under llm-compressor's actorder "group", or 0: k / group), G */
 int pq_int_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *a, int threads) {
-    const size_t N = a[0], K = a[1], group = a[6], T = n_tokens;
+    const size_t N = a[0], K = a[1], group = a[6], T = n_tokens, G = a[9];
     const uint32_t *q = (const uint32_t *)a[2];
     const void *scale = (const void *)a[3];
     const int s_dtype = (int)a[4], bits = (int)a[7];
     const uint32_t *zp = (const uint32_t *)a[5];
+    const int32_t *g_idx = (const int32_t *)a[8];
     if ((bits != 4 && bits != 8) || group <= 0 || x_dtype < 0 || x_dtype > 1) return -2;
-    const size_t per = 32 / bits, words = (K * bits + 31) / 32, G = (K + group - 1) / group;
+    if (!g_idx && G != (K + group - 1) / group) return -2;
+    if (g_idx)
+        for (size_t k = 0; k < K; k++)
+            if (g_idx[k] < 0 || (size_t)g_idx[k] >= G) return -2;
+    const size_t per = 32 / bits, words = (K * bits + 31) / 32;
     const uint32_t mask = (1u << bits) - 1, mid = 1u << (bits - 1);
     const float *xf = activations(x, x_dtype, T, K);
     if (!xf) return -1;
@@ -120,7 +127,13 @@ int pq_int_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens,
         float *row = (float *)arena_reserve(&row_arena, 4 * K);
         if (!row) { failed = 1; continue; }
         const uint32_t *qr = q + n * words;
-        for (size_t g = 0; g < G; g++) {
+        if (g_idx) { /* groups in activation order: each input's own scale and zero */
+            for (size_t k = 0; k < K; k++) {
+                const size_t g = (size_t)g_idx[k];
+                const float z = zp ? (float)((zp[(n / per) * G + g] >> ((n % per) * bits)) & mask) : (float)mid;
+                row[k] = ((float)((qr[k / per] >> ((k % per) * bits)) & mask) - z) * load_scale(scale, s_dtype, n * G + g);
+            }
+        } else for (size_t g = 0; g < G; g++) {
             const float s = load_scale(scale, s_dtype, n * G + g);
             const float z = zp ? (float)((zp[(n / per) * G + g] >> ((n % per) * bits)) & mask) : (float)mid;
             const size_t k1 = (g + 1) * group < K ? (g + 1) * group : K;
@@ -157,16 +170,21 @@ int pq_gptq_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens
         for (size_t t0 = 0; t0 < T; t0 += TOKS) {
             const size_t tc = t0 + TOKS < T ? TOKS : T - t0;
             float acc[TOKS][COLS] = {{0}};
-            float wk[COLS];
+            float wk[COLS], zs[COLS], ss[COLS];
+            size_t last = (size_t)-1;
             for (size_t k = 0; k < K; k++) {
                 const size_t g = (size_t)g_idx[k];
+                if (g != last) { /* the tile's zeros and scales of group g (every k under desc_act) */
+                    for (size_t j = 0; j < nc; j++) {
+                        const size_t n = n0 + j;
+                        zs[j] = (float)(((qz[g * NZ + n / per] >> ((n % per) * bits)) & mask) + zero_offset);
+                        ss[j] = load_scale(scales, s_dtype, g * N + n);
+                    }
+                    last = g;
+                }
                 const uint32_t *qrow = qw + (k / per) * N + n0;
                 const int shift = (int)((k % per) * bits);
-                for (size_t j = 0; j < nc; j++) {
-                    const size_t n = n0 + j;
-                    const float z = (float)(((qz[g * NZ + n / per] >> ((n % per) * bits)) & mask) + zero_offset);
-                    wk[j] = ((float)((qrow[j] >> shift) & mask) - z) * load_scale(scales, s_dtype, g * N + n);
-                }
+                for (size_t j = 0; j < nc; j++) wk[j] = ((float)((qrow[j] >> shift) & mask) - zs[j]) * ss[j];
                 for (size_t t = 0; t < tc; t++) {
                     const float xv = xf[(t0 + t) * K + k];
 #pragma omp simd
