@@ -298,5 +298,9 @@ def test_a_group_index_out_of_range_is_one_line(published, tmp_path):
     state[name] = state[name].clone()
     state[name][3] = 99
     save_file(state, bad / "model.safetensors")
-    with pytest.raises(OffloadMoeError, match=f"tensor '{name}' holds groups 0 .. 99, expected 0 .. 1"):
-        offload_moe.load(bad, device="cpu", dtype="float32")
+    message = f"tensor '{name}' holds groups 0 .. 99, expected 0 .. 1"
+    with pytest.raises(OffloadMoeError, match=message):   # the engine's host tier reads every expert at load
+        offload_moe.load(bad, device="cpu", dtype="float32", cache_slots=2)
+    model = offload_moe.load(bad, device="cpu", dtype="float32")   # resident views: read when first used
+    with pytest.raises(OffloadMoeError, match=message):
+        list(model.experts.fetch(1, [1], 1))
