@@ -9,6 +9,7 @@ with one line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,3 +305,30 @@ def test_a_group_index_out_of_range_is_one_line(published, tmp_path):
     model = offload_moe.load(bad, device="cpu", dtype="float32")   # resident views: read when first used
     with pytest.raises(OffloadMoeError, match=message):
         list(model.experts.fetch(1, [1], 1))
+
+
+QWEN3_FP8 = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+QWEN3_W4A16 = {"quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head", "re:.*mlp.gate$"],
+               "config_groups": {"group_0": {"targets": ["Linear"], "format": "pack-quantized",
+                                             "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                         "strategy": "group", "group_size": 128}}}}
+
+
+@pytest.mark.parametrize("qconfig,stored,expert_bytes", [
+    # gate/up [768, 2048], down [2048, 768]: 1 byte per weight + fp32 scales of 6 x 16 blocks
+    (QWEN3_FP8, "fp8-block", 3 * (768 * 2048 + 4 * 6 * 16)),
+    # 8 nibbles per int32, bf16 scales per 128 inputs, weight_shape int64 [2]
+    (QWEN3_W4A16, "int4-pack", 2 * (768 * 2048 // 2 + 2 * 768 * 16 + 16) + (2048 * 768 // 2 + 2 * 2048 * 6 + 16)),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False},
+     "gptq-int4", 2 * (2048 * 768 // 2 + 16 * 768 // 2 + 2 * 16 * 768 + 4 * 2048) + (768 * 2048 // 2 + 6 * 2048 // 2 + 2 * 6 * 2048 + 4 * 768)),
+])
+def test_plan_on_qwen3_30b_a3b_as_published_quantized(tmp_path, qconfig, stored, expert_bytes):
+    from offload_moe.config import ModelConfig
+    from offload_moe.planner import plan
+    from offload_moe.profiles import load_profile
+
+    config = json.loads((Path(__file__).parent / "data" / "qwen3-30b-a3b-config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": qconfig}))
+    p = plan(ModelConfig.load(tmp_path), load_profile("12gb"), ram_available=64 * 10**9)
+    assert (p.experts_bits, p.attention_bits, p.embeddings_bits) == (stored, stored, "bf16")
+    assert p.bytes_per_expert == expert_bytes
