@@ -36,6 +36,7 @@ from .safetensors_map import FileMaps
 from .sanity import check_layers_present, index_weight_map
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
+ROUTER_LIKE = ("gate.weight", "router.weight")   # routers and shared-expert gates: read as floats (`.weight`)
 
 
 def dense_shapes(c: ModelConfig, layout: str = "per_expert") -> dict[str, tuple[int, ...]]:
@@ -98,6 +99,7 @@ class Checkpoint:
         self.layout = self._detect_layout()
         self._handles: dict[Path, object] = {}
         self._maps = FileMaps()  # views of the shards, for weights computed where they lie (`in_place`)
+        self._biased = {n.removesuffix("bias") + "weight" for n in self.expected_shapes() if n.endswith(".bias")}
         self._validate()
 
     # ---- opening ----
@@ -149,7 +151,7 @@ class Checkpoint:
                 self._validate_quantized(name, shape)
                 continue
             if self.published and self.published.quantized(self.tensors, name):
-                if weight_kind(name) in ("routers", "norms"):
+                if weight_kind(name) in ("routers", "norms") or name.endswith(ROUTER_LIKE):
                     raise OffloadMoeError(f"{self.path}: {name!r} is stored {self.published.stored}; a router or "
                                           "norm is read as the floats it should be stored in")
                 self.published.validate(self.tensors, name, shape, self.path)
@@ -197,12 +199,12 @@ class Checkpoint:
     def get_weight(self, name: str, shape: tuple[int, ...], in_place: bool = False):
         """A weight as stored: a tensor, or a `QuantizedWeight` in a quantized checkpoint, or a
         publisher's form (quant/published.py). in_place: its tensors views of the file's mapping."""
-        if in_place:
-            if self.published and self.published.quantized(self.tensors, name):
-                return self.published.read(self._view, self.tensors, name, shape)
-            return self._view(name)
         if self.published and self.published.quantized(self.tensors, name):
-            return self.published.read(self.get, self.tensors, name, shape)
+            w = self.published.read(self._view if in_place else self.get, self.tensors, name, shape)
+            # a projection with a bias (Qwen2-MoE's q/k/v) is an nn.Linear: its floats, dequantized once at load
+            return w.dequantize(torch.float32) if name in self._biased else w
+        if in_place:
+            return self._view(name)
         bits = self._bits(name)
         if bits is None:
             return self.get(name)

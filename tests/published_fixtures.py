@@ -151,9 +151,10 @@ FORMATS = {
 
 
 def quantizes(name: str, t: torch.Tensor) -> bool:
-    """What the publishers quantize: every Linear of the decoder layers, not the routers, norms, embeddings, lm_head."""
+    """What the publishers quantize: every Linear of the decoder layers, not the routers (nor shared-expert
+    gates), norms, embeddings, lm_head; for GPTQ only matrices whose sizes pack by 8."""
     return (t.dim() == 2 and name.startswith("model.layers.") and name.endswith(".weight")
-            and not name.endswith((".gate.weight", "norm.weight")))
+            and not name.endswith(("gate.weight", "router.weight", "norm.weight")))
 
 
 def write_published(model, directory: Path, fmt: str) -> Path:
@@ -167,7 +168,7 @@ def write_published(model, directory: Path, fmt: str) -> Path:
         state.update(load_file(f))
     quantized, reference = {}, {}
     for name, t in state.items():
-        if quantizes(name, t):
+        if quantizes(name, t) and not (fmt.startswith("gptq") and (t.shape[0] % 8 or t.shape[1] % 8)):
             parts, ref = quantize(t)
             prefix = name.removesuffix(".weight")
             quantized.update({f"{prefix}.{k}": v.contiguous() for k, v in parts.items()})

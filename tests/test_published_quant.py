@@ -332,3 +332,38 @@ def test_plan_on_qwen3_30b_a3b_as_published_quantized(tmp_path, qconfig, stored,
     p = plan(ModelConfig.load(tmp_path), load_profile("12gb"), ram_available=64 * 10**9)
     assert (p.experts_bits, p.attention_bits, p.embeddings_bits) == (stored, stored, "bf16")
     assert p.bytes_per_expert == expert_bytes
+
+
+# the other families, one format each: MLA's projections (DeepSeek-V2), q/k/v biases read as dequantized
+# floats and a shared expert (Qwen2-MoE), full-width q/k norms (OLMoE), gpt-oss's float stacked experts
+OTHER_FAMILIES = [("olmoe", "int4_pack_asym"), ("qwen2_moe", "fp8"), ("qwen2_moe", "gptq_desc_act"),
+                  ("deepseek_v2_group", "gptq8_v2"), ("deepseek_v2", "int4_pack"), ("gpt_oss", "fp8")]
+
+
+@pytest.mark.parametrize("name,fmt", OTHER_FAMILIES)
+def test_other_families_in_published_formats(tmp_path, name, fmt):
+    from test_families import FAMILIES, tiny_model
+
+    directory = write_published(tiny_model(name), tmp_path, fmt)
+    reference = getattr(transformers, f"{FAMILIES[name][0]}ForCausalLM").from_pretrained(
+        tmp_path / "reference", dtype=torch.float64, experts_implementation="eager").eval()
+    expected = oracle_logits(reference)
+    for kw in ({}, {"cache_slots": 2}):
+        model = offload_moe.load(directory, device="cpu", dtype="float32", **kw)
+        assert (model.logits(IDS).double() - expected).abs().max().item() <= 1e-4
+
+
+def test_a_quantized_router_is_one_line(published, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory, _ = published("mixtral", "fp8")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((directory / "config.json").read_text())
+    state = load_file(directory / "model.safetensors")
+    name = "model.layers.0.block_sparse_moe.gate.weight"
+    state[name] = state[name].to(torch.float8_e4m3fn)
+    state[name.removesuffix("weight") + "weight_scale_inv"] = torch.ones(1, 1)
+    save_file(state, bad / "model.safetensors")
+    with pytest.raises(OffloadMoeError, match=f"'{name}' is stored fp8-block; a router or norm is read as the floats"):
+        Checkpoint(bad)
