@@ -38,7 +38,8 @@ def form_of(fmt: str, parts: dict, shape, **kw):
     if fmt == "pack":
         return IntPackWeight(parts["weight_packed"], parts["weight_scale"], parts.get("weight_zero_point"),
                              kw["group"], kw["bits"], I, parts.get("weight_g_idx"))
-    return GPTQWeight(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"], kw["bits"], kw["zero_offset"])
+    order = GPTQWeight.sorted_order(parts["g_idx"]) if kw.get("desc_act") else None
+    return GPTQWeight(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"], kw["bits"], kw["zero_offset"], order)
 
 
 # (format, quantizer, form arguments, [O, I]) at odd sizes, partial blocks and groups
@@ -51,7 +52,9 @@ KERNEL_CASES = {
                            (29, 100)),
     "int8_pack": ("pack", lambda w: pack_quantized(w, 8, 16, True), {"bits": 8, "group": 16}, (19, 52)),
     "gptq4": ("gptq", lambda w: gptq(w, 4, 32), {"bits": 4, "zero_offset": 1}, (72, 200)),
-    "gptq4_desc_act": ("gptq", lambda w: gptq(w, 4, 24, desc_act=True), {"bits": 4, "zero_offset": 1}, (136, 104)),
+    "gptq4_desc_act": ("gptq", lambda w: gptq(w, 4, 24, desc_act=True), {"bits": 4, "zero_offset": 1, "desc_act": True},
+                       (136, 104)),
+    "gptq4_shuffled_in_order": ("gptq", lambda w: gptq(w, 4, 24, desc_act=True), {"bits": 4, "zero_offset": 1}, (40, 64)),
     "gptq8_v2": ("gptq", lambda w: gptq(w, 8, 32, v1=False), {"bits": 8, "zero_offset": 0}, (68, 96)),
 }
 
@@ -85,7 +88,7 @@ def test_kernel_matches_float64_math(case, tokens, dtype):
 @needs_kernel
 def test_kernel_results_do_not_depend_on_the_thread_count():
     parts, _ = gptq(torch.randn(136, 104, generator=torch.Generator().manual_seed(6)), 4, 24, desc_act=True)
-    w = form_of("gptq", parts, (136, 104), bits=4, zero_offset=1)
+    w = form_of("gptq", parts, (136, 104), bits=4, zero_offset=1, desc_act=True)
     x = torch.randn(3, 104)
     before = torch.get_num_threads()
     try:

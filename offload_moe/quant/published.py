@@ -9,7 +9,8 @@ Three forms, each a view of the tensors read from the safetensors file (nothing 
   (actorder "group" only: each input's group, else k / group).
 - `GPTQWeight`: AutoGPTQ / GPTQModel / optimum. `qweight` int32 [I/(32/b), O] (K-major), `qzeros` int32
   [G, O/(32/b)], `scales` fp16 [G, O], `g_idx` int32 [I] (the group of each input; any order with
-  desc_act), `zero_offset` 1 for v1 checkpoints, whose zeros are stored minus one.
+  desc_act), `zero_offset` 1 for v1 checkpoints, whose zeros are stored minus one; with desc_act an
+  `order` made at load (the inputs sorted by group, so the kernel changes scales G times, not I).
 
 Each has the weight-form methods the model and the expert engine use (`linear`, `dequantize_rows`,
 `nbytes`, `shape`, `device`, `tensors`, `with_tensors`, `to`). On the CPU `linear` runs our C kernel
@@ -193,13 +194,14 @@ class GPTQWeight(_Form):
     g_idx: torch.Tensor        # int32 [I]
     bits: int                  # 4 or 8
     zero_offset: int           # 1: v1 checkpoints (zeros stored minus one), 0: v2
+    order: torch.Tensor | None = None   # int32 [I]: inputs sorted by group (desc_act), or None: in order
     entry = "pq_gptq_p"
 
     def __post_init__(self) -> None:
         O, I = self.shape
         self._bind(O, I, self.qweight.data_ptr(), self.qzeros.data_ptr(), self.scales.data_ptr(),
                    SCALE_DTYPES[self.scales.dtype], self.g_idx.data_ptr(), self.scales.shape[0], self.bits,
-                   self.zero_offset)
+                   self.zero_offset, 0 if self.order is None else self.order.data_ptr())
 
     @property
     def format(self) -> str:
@@ -213,11 +215,17 @@ class GPTQWeight(_Form):
     def device(self) -> torch.device:
         return self.qweight.device
 
+    @staticmethod
+    def sorted_order(g_idx: torch.Tensor) -> torch.Tensor:
+        """The inputs sorted by group (stable), what desc_act's kernel call walks: int32 [I]."""
+        return torch.argsort(g_idx, stable=True).to(torch.int32)
+
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+        t = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+        return t if self.order is None else {**t, "order": self.order}
 
     def with_tensors(self, t: dict[str, torch.Tensor]) -> GPTQWeight:
-        return GPTQWeight(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], self.bits, self.zero_offset)
+        return GPTQWeight(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], self.bits, self.zero_offset, t.get("order"))
 
     def to(self, device, non_blocking: bool = False) -> GPTQWeight:
         return self.with_tensors({k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()})

@@ -211,8 +211,9 @@ class PublishedSpec:
                                  g_idx)
         g_idx = _checked(get, f"{prefix}.g_idx", G_of(I, self.group)) if f"{prefix}.g_idx" in names \
             else _default_g_idx(I, group)
+        order = GPTQWeight.sorted_order(g_idx) if self.desc_act else None   # walked in group order
         return GPTQWeight(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"), g_idx,
-                          self.bits, self.zero_offset)
+                          self.bits, self.zero_offset, order)
 
 
 def stored_bytes(stored: str, out: int, in_: int, group: int) -> int | None:

@@ -208,16 +208,17 @@ int pq_int_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens,
 #define TOKS 8
 
 /* args: N, K, qweight (int32 [K/(32/bits), N]), qzeros (int32 [G, N/(32/bits)]), scales ([G, N]),
-   scale dtype, g_idx (int32 [K]), G, bits, zero offset */
+   scale dtype, g_idx (int32 [K]), G, bits, zero offset, order (int32 [K]: the inputs sorted by group,
+   made once at load for desc_act, so a tile's scales and zeros change G times, not K; or 0: 0..K-1) */
 int pq_gptq_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *a, int threads) {
     const size_t N = a[0], K = a[1], G = a[7], T = n_tokens;
     const uint32_t *qw = (const uint32_t *)a[2], *qz = (const uint32_t *)a[3];
     const void *scales = (const void *)a[4];
     const int s_dtype = (int)a[5], bits = (int)a[8], zero_offset = (int)a[9];
-    const int32_t *g_idx = (const int32_t *)a[6];
+    const int32_t *g_idx = (const int32_t *)a[6], *order = (const int32_t *)a[10];
     if ((bits != 4 && bits != 8) || K % (32 / bits) || N % (32 / bits) || x_dtype < 0 || x_dtype > 1) return -2;
     for (size_t k = 0; k < K; k++)
-        if (g_idx[k] < 0 || (size_t)g_idx[k] >= G) return -2;
+        if (g_idx[k] < 0 || (size_t)g_idx[k] >= G || (order && (order[k] < 0 || (size_t)order[k] >= K))) return -2;
     const size_t per = 32 / bits, NZ = N / per;
     const uint32_t mask = (1u << bits) - 1;
     const float *xf = activations(x, x_dtype, T, K);
@@ -231,8 +232,8 @@ int pq_gptq_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens
             float acc[TOKS][COLS] = {{0}};
             float wk[COLS], zs[COLS], ss[COLS];
             size_t last = (size_t)-1;
-            for (size_t k = 0; k < K; k++) {
-                const size_t g = (size_t)g_idx[k];
+            for (size_t i = 0; i < K; i++) {
+                const size_t k = order ? (size_t)order[i] : i, g = (size_t)g_idx[k];
                 if (g != last) { /* the tile's zeros and scales of group g (every k under desc_act) */
                     for (size_t j = 0; j < nc; j++) {
                         const size_t n = n0 + j;
