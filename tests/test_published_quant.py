@@ -370,3 +370,18 @@ def test_a_quantized_router_is_one_line(published, tmp_path):
     save_file(state, bad / "model.safetensors")
     with pytest.raises(OffloadMoeError, match=f"'{name}' is stored fp8-block; a router or norm is read as the floats"):
         Checkpoint(bad)
+
+
+def test_a_weight_shape_that_disagrees_with_the_config_is_one_line(published, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory, _ = published("mixtral", "int4_pack")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((directory / "config.json").read_text())
+    state = load_file(directory / "model.safetensors")
+    name = "model.layers.1.block_sparse_moe.experts.2.w3.weight_shape"
+    state[name] = torch.tensor([48, 40])
+    save_file(state, bad / "model.safetensors")
+    with pytest.raises(OffloadMoeError, match=rf"model.safetensors: tensor '{name}' is \[48, 40\], expected \[48, 32\]"):
+        offload_moe.load(bad, device="cpu", dtype="float32", cache_slots=2)

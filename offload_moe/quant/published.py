@@ -225,7 +225,8 @@ class GPTQWeight(_Form):
         return t if self.order is None else {**t, "order": self.order}
 
     def with_tensors(self, t: dict[str, torch.Tensor]) -> GPTQWeight:
-        return GPTQWeight(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], self.bits, self.zero_offset, t.get("order"))
+        return GPTQWeight(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], self.bits, self.zero_offset,
+                          t.get("order"))
 
     def to(self, device, non_blocking: bool = False) -> GPTQWeight:
         return self.with_tensors({k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()})

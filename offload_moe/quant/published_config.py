@@ -47,12 +47,12 @@ def G_of(in_features: int, group: int) -> int:
     return 1 if group == -1 else _ceil(in_features, group)
 
 
-def _checked(get, name: str, groups: int) -> torch.Tensor:
+def _checked(get, names: dict, name: str, groups: int) -> torch.Tensor:
     """A g_idx tensor whose every entry names one of the `groups` groups (the kernels index scales by it)."""
     g_idx = get(name)
     if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
-        raise OffloadMoeError(f"tensor '{name}' holds groups {int(g_idx.min())} .. {int(g_idx.max())}, "
-                              f"expected 0 .. {groups - 1}")
+        raise OffloadMoeError(f"{names[name].file}: tensor '{name}' holds groups {int(g_idx.min())} .. "
+                              f"{int(g_idx.max())}, expected 0 .. {groups - 1}")
     return g_idx
 
 
@@ -75,7 +75,8 @@ class PublishedSpec:
     @property
     def stored(self) -> str:
         """The format's name as `info` and `plan` show it."""
-        return {"fp8": "fp8-block", "compressed-tensors": f"int{self.bits}-pack", "gptq": f"gptq-int{self.bits}"}[self.method]
+        names = {"fp8": "fp8-block", "compressed-tensors": f"int{self.bits}-pack", "gptq": f"gptq-int{self.bits}"}
+        return names[self.method]
 
     @property
     def marker(self) -> str:
@@ -105,7 +106,8 @@ class PublishedSpec:
             fmt = raw.get("checkpoint_format", "gptq")
             if fmt not in ("gptq", "gptq_v2"):
                 raise OffloadMoeError(f"{where}.checkpoint_format {fmt!r}, expected 'gptq' or 'gptq_v2'")
-            return cls("gptq", bits, group, zero_offset=0 if fmt == "gptq_v2" else 1, desc_act=bool(raw.get("desc_act")))
+            return cls("gptq", bits, group, zero_offset=0 if fmt == "gptq_v2" else 1,
+                       desc_act=bool(raw.get("desc_act")))
         return cls._compressed(raw, where)
 
     @classmethod
@@ -118,7 +120,8 @@ class PublishedSpec:
             fmt = g.get("format") or raw.get("format")
             if fmt != "pack-quantized":
                 raise OffloadMoeError(f"{where}.config_groups.{name}: format {fmt!r}, expected 'pack-quantized' "
-                                      "(int4/int8 weights packed in int32; other compressed-tensors formats are not read)")
+                                      "(int4/int8 weights packed in int32; other compressed-tensors formats "
+                                      "are not read)")
             w = g.get("weights")
             if not isinstance(w, dict) or w.get("type", "int") != "int" or w.get("num_bits") not in (4, 8):
                 raise OffloadMoeError(f"{where}.config_groups.{name}.weights {w!r}, expected int weights of "
@@ -204,12 +207,14 @@ class PublishedSpec:
             if f"{prefix}.weight_shape" in names:
                 stored = [int(v) for v in get(f"{prefix}.weight_shape").tolist()]
                 if stored != [O, I]:
-                    raise OffloadMoeError(f"tensor '{prefix}.weight_shape' is {stored}, expected {[O, I]} from config.json")
+                    raise OffloadMoeError(f"{names[f'{prefix}.weight_shape'].file}: tensor '{prefix}.weight_shape' "
+                                          f"is {stored}, expected {[O, I]} from config.json")
             zero = get(f"{prefix}.weight_zero_point") if not self.symmetric else None
-            g_idx = _checked(get, f"{prefix}.weight_g_idx", G_of(I, self.group)) if f"{prefix}.weight_g_idx" in names else None
-            return IntPackWeight(get(f"{prefix}.weight_packed"), get(f"{prefix}.weight_scale"), zero, group, self.bits, I,
-                                 g_idx)
-        g_idx = _checked(get, f"{prefix}.g_idx", G_of(I, self.group)) if f"{prefix}.g_idx" in names \
+            g_name = f"{prefix}.weight_g_idx"
+            g_idx = _checked(get, names, g_name, G_of(I, self.group)) if g_name in names else None
+            return IntPackWeight(get(f"{prefix}.weight_packed"), get(f"{prefix}.weight_scale"), zero, group,
+                                 self.bits, I, g_idx)
+        g_idx = _checked(get, names, f"{prefix}.g_idx", G_of(I, self.group)) if f"{prefix}.g_idx" in names \
             else _default_g_idx(I, group)
         order = GPTQWeight.sorted_order(g_idx) if self.desc_act else None   # walked in group order
         return GPTQWeight(get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales"), g_idx,
