@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from offload_moe import Placement
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -277,7 +278,8 @@ def step_syncs(args) -> dict:
     layers = 2 if args.tiny else 4
     ckpt = SyntheticCheckpoint("mixtral-8x7b", layers=layers, scale=0.05 if args.tiny else 0.25, bits=4)
     device = "cuda" if CUDA else "cpu"
-    model = offload_moe.load(ckpt, device=device, profile=None, cache_slots=2, prefetch=1, cpu_experts="none")
+    model = offload_moe.load(ckpt, Placement(cache_slots=2, prefetch=1, cpu_experts="none"), device=device,
+                             profile=None)
     prompt = list(range(3, 11))
     out = {"model": str(ckpt.path), "moe_layers": len(ckpt.config.moe_layers), "cache_slots": 2, "prefetch": 1}
     model.generate(prompt, max_new_tokens=4, temperature=0, ignore_eos=True)  # warm-up

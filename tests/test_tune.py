@@ -74,7 +74,7 @@ def test_cli_tune_writes_a_profile_that_loads(tiny_checkpoint, tmp_path, monkeyp
 
     costs = saved_costs(torch.device("cpu"), ("int4", "int4"))  # the hybrid engine's cost model
     assert costs is not None and costs.link_bytes_per_second > 0 and set(costs.cpu) >= {"bf16", "int2", "fp32"}
-    model = offload_moe.load(directory, device="cpu", profile="tuned", offload_dir=tmp_path / "tier")
+    model = offload_moe.load(directory, Placement(offload_dir=tmp_path / "tier"), device="cpu", profile="tuned")
     assert model.settings.profile == "tuned"
     assert len(model.generate([1, 5, 9], max_new_tokens=4, temperature=0, ignore_eos=True).token_ids) == 4
 

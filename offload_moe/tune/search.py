@@ -187,7 +187,6 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
 
     # on CUDA the hybrid engine (`load(cpu_experts="auto")`) takes its cost model from these figures
     costs = cost_model(measurements, source="offload-moe tune (measuring)")
-    extra = {"cpu_costs": costs} if costs is not None else {}
     total = len(stages[0]) + (2 + 1 if settings is None else 0)
     rows: list[Row] = []
     deadline_all = started + time_budget  # measurements included
@@ -201,8 +200,9 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
         try:
             t0 = time.perf_counter()
             try:
-                model = load(ckpt, device=dev, placement=s.placement(base_placement).override(offload_dir=tier_dir),
-                             threads=None, **extra)   # the threads tune was told (or torch's), not load's "auto"
+                placed = s.placement(base_placement).override(offload_dir=tier_dir, cpu_costs=costs)
+                # profile=None: the placement is the whole plan; threads: the ones tune was told, not "auto"
+                model = load(ckpt, placed, device=dev, profile=None, threads=None)
             except torch.cuda.OutOfMemoryError:
                 row.error = "out of device memory"
                 return row
