@@ -3,6 +3,8 @@ prompt under each, and keep the fastest (the search is described in the package 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gc
 import shutil
 import statistics
@@ -24,7 +26,7 @@ from ..options import Placement
 from ..planner import checkpoint_float_bits, plan
 from ..profiles import Profile
 from .disk import DISK_TEST_BYTES
-from .machine import EXPERT_BITS, cost_model, measure_machine, pick_group_size
+from .machine import EXPERT_BITS, ExpertSpec, cost_model, measure_machine, pick_group_size
 from .settings import TIERS, Row, Setting, TuneResult, pick_best
 
 PROMPT_TEXT = ("The history of the printing press begins in the fifteenth century, when a goldsmith in "
@@ -99,23 +101,37 @@ def _delta(after: dict, before: dict, key: str):
     return after.get(key, 0) - before.get(key, 0)
 
 
-def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: int | None = None,
-         settings: Iterable[Setting | tuple] | None = None, progress: Progress | None = None,
-         offload_dir: str | Path | None = None, disk_bytes: int = DISK_TEST_BYTES,
-         setting_seconds: float | None = None, time_budget: float | None = None,
-         measure: bool = True, placement: Placement | None = None) -> TuneResult:
-    """Measure the machine, then decode `tokens` tokens (default 32 on the CPU, 64 on CUDA) under
-    each setting (default: the coordinate search in the package docstring) and pick the best.
+@dataclass(frozen=True)
+class TuneOptions:
+    """What a tune run tries.
 
-    settings: (slots, prefetch, tier) tuples or `Setting`s, run in order. setting_seconds: the
-    deadline of one setting's decode (default 8 s on the CPU, 20 s on CUDA). time_budget: seconds
-    for the whole run, measurements included (default 100 on the CPU, 300 on CUDA); settings left
-    when it is spent are skipped (the first always runs). offload_dir: where the disk tier and the
-    disk test write (default: the temp dir); everything written there is removed afterwards.
-    measure=False skips `measure_machine` (the profile header then says so).
+    tokens: decoded per setting (default 32 on the CPU, 64 on CUDA). settings: (slots, prefetch, tier)
+    tuples or `Setting`s, run in order (default: the coordinate search in the package docstring).
+    setting_seconds: the deadline of one setting's decode (default 8 s on the CPU, 20 s on CUDA).
+    time_budget: seconds for the whole run, measurements included (default 100 on the CPU, 300 on
+    CUDA); settings left when it is spent are skipped (the first always runs). offload_dir: where the
+    disk tier and the disk test write (default: the temp dir); everything written there is removed
+    afterwards. measure=False skips `measure_machine` (the profile header then says so)."""
+    tokens: int | None = None
+    settings: tuple | list | None = None
+    offload_dir: str | Path | None = None
+    disk_bytes: int = DISK_TEST_BYTES
+    setting_seconds: float | None = None
+    time_budget: float | None = None
+    measure: bool = True
+
+
+def tune(model_path: str | Path | None = None, options: TuneOptions | None = None,
+         placement: Placement | None = None, *, device: str = "auto",
+         progress: Progress | None = None) -> TuneResult:
+    """Measure the machine, then decode a few tokens under each setting `options` names and pick the
+    best (see `TuneOptions`).
 
     placement: what every setting loads with besides its slots, prefetch and tier (each setting is
     `Setting.placement(placement)`, its context always the prompt plus `tokens`; default: nothing else)."""
+    opts = options or TuneOptions()
+    tokens, settings, offload_dir, disk_bytes = opts.tokens, opts.settings, opts.offload_dir, opts.disk_bytes
+    setting_seconds, time_budget, measure = opts.setting_seconds, opts.time_budget, opts.measure
     started = time.perf_counter()
     report = progress or (lambda what, done, total: None)
     if model_path is None:
@@ -181,9 +197,8 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
         group = ckpt.quant.group_size if ckpt.quant is not None else 64
         group = pick_group_size(cfg.hidden_size, cfg.intermediate_size, group)
         widths = EXPERT_BITS + ((bits["experts"],) if bits["experts"] not in EXPERT_BITS else ())
-        measurements = measure_machine(dev, (cfg.hidden_size, cfg.intermediate_size), expert_bytes=layout.nbytes,
-                                       bits=widths, dtype=DTYPES[cfg.torch_dtype], group_size=group,
-                                       disk_bytes=disk_bytes, disk_dir=base, progress=report)
+        spec = ExpertSpec(cfg.hidden_size, cfg.intermediate_size, DTYPES[cfg.torch_dtype], group, layout.nbytes)
+        measurements = measure_machine(dev, spec, bits=widths, disk_bytes=disk_bytes, disk_dir=base, progress=report)
 
     # on CUDA the hybrid engine (`load(cpu_experts="auto")`) takes its cost model from these figures
     costs = cost_model(measurements, source="offload-moe tune (measuring)")
