@@ -52,14 +52,14 @@ class Model:
     """A loaded model: the transformer on its device, its experts provider, its tokenizer."""
 
     def __init__(self, transformer: Transformer, experts, tokenizer: Tokenizer | None, path: Path,
-                 device: torch.device, dtype: torch.dtype, settings: ModelSettings, placement=None,
-                 generation: GenerationDefaults | None = None):
+                 settings: ModelSettings, placement=None, generation: GenerationDefaults | None = None):
+        """The device and dtype are the transformer's (`Transformer.setup`)."""
         self.transformer = transformer
         self.generation = generation or GenerationDefaults()  # generation_config.json: stop ids, sampling
         self.experts = experts
         self.tokenizer = tokenizer
         self.config = transformer.config
-        self.path, self.device, self.dtype = path, device, dtype
+        self.path, self.device, self.dtype = path, transformer.device, transformer.dtype
         self.settings = settings    # what load() resolved (`ModelSettings`; `.as_dict()` for JSON)
         self.placement = placement  # the `options.Placement` load() used (None when built by hand)
         self.last_timing = DecodeTiming()

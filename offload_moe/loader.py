@@ -19,7 +19,7 @@ from .sources import open_checkpoint, open_tokenizer
 from .threads import set_threads
 from .experts.cpu_tier import SplitByLayer, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
-from .experts.cache import ExpertCache
+from .experts.cache import ExpertCache, Hybrid
 from .experts.costs import CostModel
 from .experts.layout import ExpertLayout
 from .experts.policy import POLICIES
@@ -213,7 +213,8 @@ def load(path: "str | Path | Checkpoint | None" = None, placement: Placement | N
                             cpu_costs=costs.source if costs else None,
                             cpu_extra_bytes=tier.extra_bytes if tier else 0)
         experts = ExpertCache(store, device=device, slots=slots, prefetch=prefetch, record_trace=record_trace,
-                              policy=lambda layer: POLICIES[policy](), cpu=tier, costs=costs, activation=act)
+                              policy=lambda layer: POLICIES[policy](), activation=act,
+                              hybrid=Hybrid(tier, costs) if tier is not None or costs is not None else None)
         settings.update(experts="offloaded", cache_slots=slots, prefetch=prefetch, policy=policy,
                         ram_layers=store.ram_layers, disk_layers=offloaded - store.ram_layers,
                         offload_dir=str(store.disk_dir) if store.disk_dir else None)
@@ -230,7 +231,7 @@ def load(path: "str | Path | Checkpoint | None" = None, placement: Placement | N
         settings["cpu_kernel"] = kernel_name()
     elif device.type == "cpu" and dtype == torch.bfloat16:
         settings["cpu_kernel"] = bf16_kernel_name()
-    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, ModelSettings(**settings),
+    return Model(transformer, experts, tokenizer, ckpt.path, ModelSettings(**settings),
                  placement=opts, generation=generation)
 
 

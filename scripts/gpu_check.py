@@ -186,7 +186,7 @@ def _measure_kernel(kt, ws, shape, bits: int, batch: int, device: str, hbm) -> d
     """One (bits, matrix, batch): error against float64, and on CUDA GB/s, config and launch cost."""
     one = ws[0]
     x = torch.randn(batch, shape[1], device=device, dtype=torch.bfloat16 if CUDA else torch.float32)
-    y = kt.dequant_matmul(x, one.packed, one.scales, one.zeros, bits, 64, shape[0])
+    y = kt.dequant_matmul(x, one)
     ref = x.double() @ one.dequantize(torch.float64).T
     row = {"kernel": "gemv" if batch <= kt.GEMV_MAX_BATCH else "gemm",
            "max_rel_error": float((y.double() - ref).abs().max() / ref.abs().max())}
@@ -196,7 +196,7 @@ def _measure_kernel(kt, ws, shape, bits: int, batch: int, device: str, hbm) -> d
     # config: the step's time goes to measuring)
     config = None if batch == 1 else (kt.DEFAULT_GEMV if batch <= kt.GEMV_MAX_BATCH else kt.DEFAULT_GEMM)
     row["config"] = "autotuned" if config is None else str(config)
-    calls = [lambda w=w: kt.dequant_matmul(x, w.packed, w.scales, w.zeros, bits, 64, shape[0], config=config)
+    calls = [lambda w=w: kt.dequant_matmul(x, w, config=config)
              for w in ws]
     sec = _graph_time(calls)
     gbps = one.nbytes / sec / 1e9

@@ -385,13 +385,14 @@ def test_accelerate_offload_replays_the_same_routes(tiny_checkpoint):
     tokens offload_moe generates with the same trace, and the bytes it moves are counted per forward."""
     pytest.importorskip("accelerate")
     from offload_moe.bench import hf_offload_generate
+    from offload_moe.bench.hf_offload import Workload
     from offload_moe.generate import Sampling, decode_tokens
 
     path = tiny_checkpoint[0]
     trace = synthesize(3, 8, 2, 40, 0.5, seed=1)
     prompt = [5, 9, 11, 40, 7, 3]
-    out = hf_offload_generate(path, dtype=torch.float32, max_memory={"cpu": 30_000}, prompt=prompt, tokens=8,
-                              trace=trace, seed=0, input_device=torch.device("cpu"), report=lambda *a: None)
+    out = hf_offload_generate(path, Workload(prompt, 8, trace, seed=0), dtype=torch.float32,
+                              max_memory={"cpu": 30_000}, input_device=torch.device("cpu"), report=lambda *a: None)
     ours = offload_moe.load(path, device="cpu", profile=None)
     TraceRouter(trace, 3).install(ours)
     assert out["token_ids"] == list(decode_tokens(ours.transformer, prompt, 8, Sampling(temperature=0.0)))

@@ -19,7 +19,7 @@ from offload_moe.cpu.kernels import cpu_form
 from offload_moe.experts.cpu_tier import CpuTier, cpu_layers
 from offload_moe.cpu.kernels import (CPU_FORMS, TOLERANCE, Int4Planes, QmvMatrix, has_cpu_kernel, reference_linear,
                                      to_int4_planes)
-from offload_moe.experts.cache import ExpertCache
+from offload_moe.experts.cache import ExpertCache, Hybrid
 from offload_moe.experts.cost_file import save_costs, saved_costs
 from offload_moe.experts.cost_timing import measure_expert_costs, measure_throughput
 from offload_moe.experts.costs import CostModel, Throughput
@@ -116,8 +116,8 @@ def tiny_engine(cost_model, *, slots=1, recent=2, experts=4):
         layout.write(store.staging(0)[e], w)
     store.commit_layer(0)
     tier = CpuTier.build([0], experts, lambda layer, e: layout.view(store.ram[layer][e]))
-    cache = ExpertCache(store, device=torch.device("cpu"), slots=[slots], prefetch=0, cpu=tier, costs=cost_model,
-                        recent=recent)
+    cache = ExpertCache(store, device=torch.device("cpu"), slots=[slots], prefetch=0,
+                        hybrid=Hybrid(tier, cost_model, recent))
     return cache, tier
 
 
@@ -171,7 +171,7 @@ def test_many_tokens_make_copies_win():
 def test_tier_and_costs_go_together():
     cache, tier = tiny_engine(costs())
     with pytest.raises(ValueError, match="go together"):
-        ExpertCache(cache.store, device=torch.device("cpu"), slots=[1], cpu=tier)
+        ExpertCache(cache.store, device=torch.device("cpu"), slots=[1], hybrid=Hybrid(tier, None))
 
 
 # ---------------------------------------------------------------- through the model (fp32: bitwise)
@@ -300,7 +300,7 @@ def test_quantized_cpu_modes_equal_resident_within_tolerance(quantizable_checkpo
     checkpoint = QuantizedExperts(quantizable_checkpoint, bits)
     expected = fixed_routes(offload_moe.load(checkpoint, device="cpu")).logits(ids)
     for kw in (dict(cpu_experts="all"), dict(cpu_experts="hybrid", cache_slots=2, cpu_costs=costs(f"int{bits}"))):
-        model = fixed_routes(offload_moe.load(checkpoint, device="cpu", **kw))
+        model = fixed_routes(offload_moe.load(checkpoint, Placement(**kw), device="cpu"))
         assert rel_error(model.logits(ids), expected) < TOLERANCE
     assert model.stats["experts"]["cpu_computed"] > 0
     # our kernel computes 4/8-bit experts from the host tier's own bytes; torch's needs a copy
@@ -377,5 +377,5 @@ def test_cuda_static_modes_equal_resident_within_tolerance(tiny_checkpoint):
     ids = torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(3))
     resident = offload_moe.load(tiny_checkpoint[0], device="cuda").logits(ids)
     for kw in (dict(cpu_experts="all"), dict(cpu_experts=1, cache_slots=2)):
-        model = offload_moe.load(tiny_checkpoint[0], device="cuda", **kw)
+        model = offload_moe.load(tiny_checkpoint[0], Placement(**kw), device="cuda")
         assert rel_error(model.logits(ids), resident) < 1e-4

@@ -97,7 +97,7 @@ def greedy_tokens(model) -> list[int]:
 
 
 def load(directory, mode):
-    return offload_moe.load(directory, device="cpu", **({"cache_slots": 2} if mode == "offloaded" else {}))
+    return offload_moe.load(directory, Placement(cache_slots=2) if mode == "offloaded" else None, device="cpu")
 
 
 def max_diff(model, reference) -> float:

@@ -67,7 +67,7 @@ def decode_path(request, monkeypatch):
 @pytest.mark.parametrize("name", ["mixtral", *FAMILIES])
 def test_one_sync_per_moe_layer_and_token(name, mode, decode_path, family_checkpoint, tiny_checkpoint):
     directory = tiny_checkpoint[0] if name == "mixtral" else family_checkpoint(name)
-    model = offload_moe.load(directory, device="cpu", **MODES[mode])
+    model = offload_moe.load(directory, Placement(**MODES[mode]), device="cpu")
     assert (model.transformer.moe_blocks[0].decode_route is None) == (decode_path == "torch_step")
     assert_one_per_moe_layer_and_token(model)
     if mode == "offloaded" and model.config.num_moe_layers > 1:
@@ -78,7 +78,7 @@ def test_one_sync_per_moe_layer_and_token(name, mode, decode_path, family_checkp
 def test_one_sync_per_moe_layer_and_token_quantized(bits, decode_path):
     """Packed experts and dense weights (the kernels read them where they are, no sync either)."""
     ckpt = SyntheticCheckpoint("mixtral-8x7b", layers=2, scale=0.02, bits=bits)
-    assert_one_per_moe_layer_and_token(offload_moe.load(ckpt, device="cpu", profile=None, **MODES["offloaded"]))
+    assert_one_per_moe_layer_and_token(offload_moe.load(ckpt, Placement(**MODES["offloaded"]), device="cpu", profile=None))
 
 
 def fake_costs() -> CostModel:
