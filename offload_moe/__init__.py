@@ -9,6 +9,8 @@ from .api import Generation, Model
 from .config import ModelConfig
 from .errors import OffloadMoeError
 from .loader import load
+from .generation_options import GenerationOptions
+from .options import Placement
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,4 @@ def quantize(src, dst, **kwargs):
     return convert(src, dst, **kwargs)
 
 
-__all__ = ["load", "quantize", "Model", "Generation", "ModelConfig", "OffloadMoeError", "__version__"]
+__all__ = ["load", "quantize", "Placement", "GenerationOptions", "Model", "Generation", "ModelConfig", "OffloadMoeError", "__version__"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,17 @@ from .constrain import Constraint, GrammarTokenizer, grammar_from
 from .errors import OffloadMoeError
 from .generate import DecodeTiming, Sampling, decode_tokens
 from .generation_config import GenerationDefaults
+from .generation_options import GenerationOptions
 from .model import Transformer
 from .model_settings import ModelSettings
 from .penalties import LogprobRecord
 from .text import StreamDecoder, Tokenizer
 from .validate import check_sampling
+
+if TYPE_CHECKING:  # keyword arguments typed by the options value's fields (PEP 692)
+    from typing_extensions import Unpack
+
+    from .generation_options import GenerationFields
 
 @dataclass
 class Generation:
@@ -45,14 +52,14 @@ class Model:
     """A loaded model: the transformer on its device, its experts provider, its tokenizer."""
 
     def __init__(self, transformer: Transformer, experts, tokenizer: Tokenizer | None, path: Path,
-                 device: torch.device, dtype: torch.dtype, settings: ModelSettings, placement=None,
-                 generation: GenerationDefaults | None = None):
+                 settings: ModelSettings, placement=None, generation: GenerationDefaults | None = None):
+        """The device and dtype are the transformer's (`Transformer.setup`)."""
         self.transformer = transformer
         self.generation = generation or GenerationDefaults()  # generation_config.json: stop ids, sampling
         self.experts = experts
         self.tokenizer = tokenizer
         self.config = transformer.config
-        self.path, self.device, self.dtype = path, device, dtype
+        self.path, self.device, self.dtype = path, transformer.device, transformer.dtype
         self.settings = settings    # what load() resolved (`ModelSettings`; `.as_dict()` for JSON)
         self.placement = placement  # the `options.Placement` load() used (None when built by hand)
         self.last_timing = DecodeTiming()
@@ -129,19 +136,24 @@ class Model:
         if bad:
             raise OffloadMoeError(f"token id {bad[0]!r} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
-    def start(self, prompt: str | list[int], **kwargs) -> GenerationRun:
-        """A generation, checked but not yet run (the keyword arguments of `generate`): iterate it for
+    def start(self, prompt: str | list[int], options: GenerationOptions | None = None,
+              **given: Unpack[GenerationFields]) -> GenerationRun:
+        """A generation, checked but not yet run (the options of `generate`): iterate it for
         text pieces; its `.result`, `.token_ids` and `.logprobs` fill in as it goes."""
-        return GenerationRun(self, prompt, **kwargs)
+        return GenerationRun(self, prompt, options, **given)
 
-    def stream(self, prompt: str | list[int], **kwargs) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], options: GenerationOptions | None = None,
+               **given: Unpack[GenerationFields]) -> Iterator[str]:
         """Yield the generated text piece by piece (each piece valid UTF-8)."""
-        run = self.start(prompt, **kwargs)
+        run = self.start(prompt, options, **given)
         yield from run
         self.last_result = run.result
 
-    def generate(self, prompt: str | list[int], **kwargs) -> Generation:
-        """Generate a completion. Keyword arguments: max_new_tokens=256, temperature, top_p, top_k
+    def generate(self, prompt: str | list[int], options: GenerationOptions | None = None,
+                 **given: Unpack[GenerationFields]) -> Generation:
+        """Generate a completion, as `options` (a `GenerationOptions`) with the fields given as keywords
+        replaced (`model.generate(prompt, max_new_tokens=40, temperature=0)`). The fields:
+        max_new_tokens=256, temperature, top_p, top_k
         (default: the checkpoint's generation_config.json, else 0.7, 0.95, 0), min_p=0.0,
         repetition_penalty=1.0 (transformers' definition), presence_penalty=0.0,
         frequency_penalty=0.0 (OpenAI's), seed=None, stop=None (a string or list of strings),
@@ -152,7 +164,7 @@ class Model:
         json_schema=None (a JSON Schema dict or string, or True for any JSON object), regex=None,
         grammar=None (a Lark grammar in llguidance's dialect): the output is constrained to match
         (one of the three; through llguidance). temperature=0 is greedy."""
-        run = GenerationRun(self, prompt, **kwargs)
+        run = GenerationRun(self, prompt, options, **given)
         for _ in run:
             pass
         return run.result
@@ -181,15 +193,15 @@ class Model:
 class GenerationRun:
     """One generation: iterate for text pieces; `.result` holds the `Generation` when done."""
 
-    def __init__(self, model: Model, prompt, *, max_new_tokens: int = 256, temperature: float | None = None,
-                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
-                 stop: str | list[str] | None = None, ignore_eos: bool = False,
-                 should_stop: Callable[[], bool] | None = None, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                 logprobs: int | None = None, generator: torch.Generator | None = None,
-                 skip_special_tokens: bool = True, logit_bias: dict[int, float] | None = None,
-                 json_schema=None, regex: str | None = None, grammar: str | None = None):
-        temperature, top_p, top_k = model.generation.sampling(temperature, top_p, top_k)  # None: the model's
+    def __init__(self, model: Model, prompt, options: GenerationOptions | None = None, **given):
+        o = GenerationOptions.of(options, **given)
+        max_new_tokens, stop, logprobs, min_p, seed = o.max_new_tokens, o.stop, o.logprobs, o.min_p, o.seed
+        repetition_penalty, presence_penalty, frequency_penalty = (o.repetition_penalty, o.presence_penalty,
+                                                                   o.frequency_penalty)
+        logit_bias, json_schema, regex, grammar = o.logit_bias, o.json_schema, o.regex, o.grammar
+        generator, should_stop, ignore_eos, skip_special_tokens = (o.generator, o.should_stop, o.ignore_eos,
+                                                                   o.skip_special_tokens)
+        temperature, top_p, top_k = model.generation.sampling(o.temperature, o.top_p, o.top_k)  # None: the model's
         check_sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
         check_penalties(min_p, repetition_penalty, presence_penalty, frequency_penalty)
         if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)

@@ -19,7 +19,7 @@ from .sources import open_checkpoint, open_tokenizer
 from .threads import set_threads
 from .experts.cpu_tier import SplitByLayer, cpu_layers, hybrid_tier
 from .errors import OffloadMoeError
-from .experts.cache import ExpertCache
+from .experts.cache import ExpertCache, Hybrid
 from .experts.costs import CostModel
 from .experts.layout import ExpertLayout
 from .experts.policy import POLICIES
@@ -49,24 +49,21 @@ def model_name(checkpoint_name: str) -> str:
     return arch.param_name(checkpoint_name)
 
 
-def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto", dtype=None,
-         profile: "str | Path | Profile | None" = "auto", placement: Placement | None = None,
-         context_length: int | None = None, cache_slots: int | list[int] | str | None = None,
-         prefetch: int | None = None, offload: str | None = None, ram_budget: int | str | None = None,
-         offload_dir: str | Path | None = None, policy: str | None = None, record_trace: bool | None = None,
-         cpu_experts: str | int | None = None, cpu_costs: CostModel | None = None,
-         nf4_experts: bool | None = None, force_context: bool = False, requantize: str | None = None,
-         threads: int | str | None = "auto", progress: Progress | None = None) -> Model:
+def load(path: "str | Path | Checkpoint | None" = None, placement: Placement | None = None, *,
+         device: str = "auto", dtype=None, profile: "str | Path | Profile | None" = "auto",
+         requantize: str | None = None, threads: int | str | None = "auto",
+         progress: Progress | None = None) -> Model:
     """Load a checkpoint directory or .gguf file of a supported MoE family (`config.SUPPORTED_MODEL_TYPES`),
     or a Hugging Face repo id ("org/name", "org/name@revision": from the cache, else downloaded; see `hub`);
     None: the bundled demo model; an already opened `Checkpoint` or `SyntheticCheckpoint` is used as it is).
 
     profile: a VRAM profile name ("12gb"), a .toml path, a `Profile`, "auto" (measure free VRAM and
     RAM and pick) or None. The planner turns it into a `Placement` (slots per layer, prefetch depth,
-    host tier, RAM budget, context length); `placement=` gives one directly instead, and the
-    keyword arguments below override its single fields (`Placement.override`).
+    host tier, RAM budget, context length); the fields `placement` sets (not None) replace the plan's,
+    and with profile=None they are the whole placement (the defaults for the rest: `options.DEFAULTS`).
     The checkpoint's own bits are used; quantize first (`offload-moe quantize`) to use fewer.
 
+    The `Placement` fields:
     cache_slots: "all" keeps every expert resident on the device; an int (or one int per MoE layer)
     runs the offloading engine with that many device slots per layer, the other experts in the host
     tier (`offload` "ram" or "disk", `ram_budget` bytes or "20GB", `offload_dir`), prefetching
@@ -96,6 +93,9 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     threads: torch's CPU threads for this process, as the CLI's --threads: "auto" (default) takes the
     cores other work leaves free (`threads.default_threads`: on a busy machine more threads than free
     cores decode several times slower), an int sets them; None leaves torch's setting alone."""
+    if placement is not None and not isinstance(placement, Placement):
+        raise TypeError(f"placement = {placement!r}, expected an offload_moe.Placement")
+    given = placement or Placement()
     if threads is not None:
         set_threads(threads)
     if path is None:
@@ -105,23 +105,20 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     ckpt = path if hasattr(path, "expert") else open_checkpoint(path, requantize)
     cfg = ckpt.config
     device = resolve_device(device)
-    mappable = device.type == "cpu" and getattr(ckpt, "in_place", False) and not nf4_experts
+    mappable = device.type == "cpu" and getattr(ckpt, "in_place", False) and not given.nf4_experts
     if dtype is None and mappable and cfg.torch_dtype == "float16":
         # a GGUF file computed where it lies: its weights keep the file's types whatever the compute
         # dtype, and our CPU kernels take fp32 or bf16 activations, so float16 (torch's slowest CPU
         # dtype, converted around every kernel call) would only cost time: fp32, as llama.cpp computes
         dtype = "float32"
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
-    opts = (placement if placement is not None else from_profile(profile, cfg, device, dtype, mapped=mappable)).override(
-        context_length=context_length, cache_slots=cache_slots, prefetch=prefetch, offload=offload,
-        ram_budget=ram_budget, offload_dir=offload_dir, policy=policy, record_trace=record_trace,
-        cpu_experts=cpu_experts, nf4_experts=nf4_experts)
+    opts = from_profile(profile, cfg, device, dtype, mapped=mappable).override(**given.given()).filled()
     cache_slots, prefetch, offload, ram_budget = opts.cache_slots, opts.prefetch, opts.offload, opts.ram_budget
     offload_dir, policy, record_trace, nf4_experts = opts.offload_dir, opts.policy, opts.record_trace, opts.nf4_experts
     context = opts.context_length or min(cfg.max_position_embeddings, DEFAULT_CONTEXT)
     if not isinstance(context, int) or context < 2:
         raise OffloadMoeError(f"context_length = {context!r}, expected an integer >= 2")
-    context_warning = check_context(cfg, context, force_context)
+    context_warning = check_context(cfg, context, opts.force_context)
     check_kv_cache(cfg, context, device, dtype)  # before any weight is read
     tokenizer = open_tokenizer(ckpt)  # a GGUF file carries its own; a bad one is refused before the weights
     report = progress or (lambda what, done, total: None)
@@ -211,13 +208,14 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
             raise OffloadMoeError(f"policy = {policy!r}, expected one of {', '.join(POLICIES)}")
         tier, costs = None, None
         if mode == "hybrid":
-            tier, costs = hybrid_tier(store, device=device, dtype=dtype, hidden=cfg.hidden_size, costs=cpu_costs,
+            tier, costs = hybrid_tier(store, device=device, dtype=dtype, hidden=cfg.hidden_size, costs=opts.cpu_costs,
                                       max_extra_bytes=available_ram() - 4 * 2**30)
             settings.update(hybrid_layers=len(tier.layers) if tier else 0,
                             cpu_costs=costs.source if costs else None,
                             cpu_extra_bytes=tier.extra_bytes if tier else 0)
         experts = ExpertCache(store, device=device, slots=slots, prefetch=prefetch, record_trace=record_trace,
-                              policy=lambda layer: POLICIES[policy](), cpu=tier, costs=costs, activation=act)
+                              policy=lambda layer: POLICIES[policy](), activation=act,
+                              hybrid=Hybrid(tier, costs) if tier is not None or costs is not None else None)
         settings.update(experts="offloaded", cache_slots=slots, prefetch=prefetch, policy=policy,
                         ram_layers=store.ram_layers, disk_layers=offloaded - store.ram_layers,
                         offload_dir=str(store.disk_dir) if store.disk_dir else None)
@@ -236,7 +234,7 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
                                   else kernel_name())
     elif device.type == "cpu" and dtype == torch.bfloat16:
         settings["cpu_kernel"] = bf16_kernel_name()
-    return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, ModelSettings(**settings),
+    return Model(transformer, experts, tokenizer, ckpt.path, ModelSettings(**settings),
                  placement=opts, generation=generation)
 
 

@@ -247,7 +247,7 @@ class Transformer(nn.Module):
     def setup(self, max_seq_len: int, device, dtype, max_batch: int = 1):
         """Allocate the KV cache and rotary tables once, on the compute device."""
         cfg = self.config
-        self.device, self.max_seq_len = torch.device(device), max_seq_len
+        self.device, self.dtype, self.max_seq_len = torch.device(device), dtype, max_seq_len
         try:
             # DeepSeek rotates in fp32 from fp32 tables; the others cast the tables to the compute dtype
             self.cos, self.sin = rope_tables(cfg, max_seq_len, device, torch.float32 if cfg.mla else dtype)

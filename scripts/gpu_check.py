@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from offload_moe import Placement
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -185,7 +186,7 @@ def _measure_kernel(kt, ws, shape, bits: int, batch: int, device: str, hbm) -> d
     """One (bits, matrix, batch): error against float64, and on CUDA GB/s, config and launch cost."""
     one = ws[0]
     x = torch.randn(batch, shape[1], device=device, dtype=torch.bfloat16 if CUDA else torch.float32)
-    y = kt.dequant_matmul(x, one.packed, one.scales, one.zeros, bits, 64, shape[0])
+    y = kt.dequant_matmul(x, one)
     ref = x.double() @ one.dequantize(torch.float64).T
     row = {"kernel": "gemv" if batch <= kt.GEMV_MAX_BATCH else "gemm",
            "max_rel_error": float((y.double() - ref).abs().max() / ref.abs().max())}
@@ -195,7 +196,7 @@ def _measure_kernel(kt, ws, shape, bits: int, batch: int, device: str, hbm) -> d
     # config: the step's time goes to measuring)
     config = None if batch == 1 else (kt.DEFAULT_GEMV if batch <= kt.GEMV_MAX_BATCH else kt.DEFAULT_GEMM)
     row["config"] = "autotuned" if config is None else str(config)
-    calls = [lambda w=w: kt.dequant_matmul(x, w.packed, w.scales, w.zeros, bits, 64, shape[0], config=config)
+    calls = [lambda w=w: kt.dequant_matmul(x, w, config=config)
              for w in ws]
     sec = _graph_time(calls)
     gbps = one.nbytes / sec / 1e9
@@ -277,7 +278,8 @@ def step_syncs(args) -> dict:
     layers = 2 if args.tiny else 4
     ckpt = SyntheticCheckpoint("mixtral-8x7b", layers=layers, scale=0.05 if args.tiny else 0.25, bits=4)
     device = "cuda" if CUDA else "cpu"
-    model = offload_moe.load(ckpt, device=device, profile=None, cache_slots=2, prefetch=1, cpu_experts="none")
+    model = offload_moe.load(ckpt, Placement(cache_slots=2, prefetch=1, cpu_experts="none"), device=device,
+                             profile=None)
     prompt = list(range(3, 11))
     out = {"model": str(ckpt.path), "moe_layers": len(ckpt.config.moe_layers), "cache_slots": 2, "prefetch": 1}
     model.generate(prompt, max_new_tokens=4, temperature=0, ignore_eos=True)  # warm-up

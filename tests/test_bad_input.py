@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 import offload_moe
 from offload_moe import OffloadMoeError
+from offload_moe import Placement
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "offload_moe" / "demo"
@@ -439,7 +440,8 @@ def test_save_refuses_to_overwrite(demo_model, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "truncate_and_regrow_same_mtime"])
 def test_disk_tier_file_damaged_while_running(tiny_checkpoint, tmp_path, damage):
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="disk", offload_dir=tmp_path)
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=1, offload="disk", offload_dir=tmp_path),
+                             device="cpu")
     victim = Path(model.settings.offload_dir) / "layer-002.experts"
     st = victim.stat()
     with open(victim, "r+b") as f:
@@ -463,8 +465,9 @@ def test_disk_tier_full_disk(tiny_checkpoint, tmp_path, monkeypatch):
         return real_write(fd, data)
 
     monkeypatch.setattr(disk_dir.os, "write", write)
-    message = raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1,
-                                                       offload="disk", offload_dir=tmp_path),
+    message = raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0],
+                                                       Placement(cache_slots=1, offload="disk", offload_dir=tmp_path),
+                                                       device="cpu"),
                               "disk full", "needs")
     assert "MB" in message or "GB" in message
     assert list(tmp_path.iterdir()) == []  # nothing of ours left, partial or whole
@@ -474,8 +477,9 @@ def test_disk_tier_not_enough_free_space(tiny_checkpoint, tmp_path, monkeypatch)
     from offload_moe.experts import disk_dir
 
     monkeypatch.setattr(disk_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-    raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="disk",
-                                             offload_dir=tmp_path), "needs", "only 0.00 MB is free")
+    raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0],
+                                             Placement(cache_slots=1, offload="disk", offload_dir=tmp_path),
+                                             device="cpu"), "needs", "only 0.00 MB is free")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -483,7 +487,8 @@ def test_ram_tier_larger_than_available_ram(tiny_checkpoint, monkeypatch):
     import offload_moe.runtime
 
     monkeypatch.setattr(offload_moe.runtime, "available_ram", lambda: 100_000)  # above the KV cache, below the RAM tier
-    raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="ram"),
+    raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=1, offload="ram"),
+                                             device="cpu"),
                     "RAM tier", "only 0.1 MB is available", "--ram-budget")
 
 
@@ -521,7 +526,8 @@ def test_kv_cache_refused_inside_a_memory_cgroup(tmp_path, monkeypatch):
     monkeypatch.setattr(offload_moe.runtime, "available_ram", functools.partial(
         real, self_cgroup=tmp_path / "cgroup", cgroup_root=tmp_path / "fs"))
     assert offload_moe.runtime.available_ram() == 600 * 10**6
-    raises_one_line(lambda: offload_moe.load(device="cpu", context_length=400_000, force_context=True),
+    raises_one_line(lambda: offload_moe.load(placement=Placement(context_length=400_000, force_context=True),
+                                             device="cpu"),
                     "context_length = 400000", "KV cache of 1.02 GB", "0.60 GB of available RAM")
 
 
@@ -542,8 +548,9 @@ def test_refused_disk_tier_leaves_no_offload_dir_it_made(tiny_checkpoint, tmp_pa
     from offload_moe.experts import disk_dir
 
     monkeypatch.setattr(disk_dir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(8 * 10**6, 8 * 10**6, 1000))
-    raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="disk",
-                                             offload_dir=tmp_path / "made" / "here"), "needs", "is free")
+    raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0],
+                                             Placement(cache_slots=1, offload="disk", offload_dir=tmp_path / "made" / "here"),
+                                             device="cpu"), "needs", "is free")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -721,5 +728,5 @@ def test_force_context_warns_and_runs(capsys):
                  "--temperature", "0", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "offload-moe: warning: context_length = 300 exceeds the model's max_position_embeddings = 256" in err
-    model = offload_moe.load(device="cpu", context_length=300, force_context=True)
+    model = offload_moe.load(placement=Placement(context_length=300, force_context=True), device="cpu")
     assert model.context_length == 300 and "--force-context" in model.settings.warning

@@ -15,10 +15,12 @@ import torch
 
 import offload_moe
 from offload_moe import OffloadMoeError
-from offload_moe.bench import ROW_FIELDS, run_bench
+from offload_moe import Placement
+from offload_moe.bench import ROW_FIELDS, BenchOptions, run_bench
 from offload_moe.cli.main import main
 from offload_moe.synthetic import SyntheticCheckpoint
 from offload_moe.tools.trace import FORMAT, TraceRouter, load_trace, reuse_rate, save_trace, synthesize
+from offload_moe import Placement
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "offload_moe" / "demo"
@@ -207,8 +209,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_replayed_synthetic_trace_with_perfect_guesses():
     """In-process: a synthetic trace with reuse, prefetch guesses emulated at accuracy 1, engine only."""
-    result = run_bench(tiny(), device="cpu", tokens=6, prompt_tokens=4, trace_reuse=0.5, guess_accuracy=1.0,
-                       cache_slots=3, prefetch=1, vram_limit="12GB", baselines=False)
+    result = run_bench(tiny(), BenchOptions(tokens=6, prompt_tokens=4, trace_reuse=0.5, guess_accuracy=1.0,
+                                            vram_limit="12GB", baselines=False),
+                       Placement(cache_slots=3, prefetch=1), device="cpu")
     assert [r["name"] for r in result["rows"]] == ["engine"]
     engine = result["rows"][0]
     assert result["routing"]["kind"] == "synthetic" and result["routing"]["guess"] == "emulated"
@@ -231,7 +234,7 @@ def test_replayed_synthetic_trace_with_perfect_guesses():
 def test_trace_of_other_shape_is_refused():
     wrong = synthesize(2, 4, 2, 10, 0.5)
     with pytest.raises(OffloadMoeError, match="4 experts, top-2; the model has 8 experts"):
-        run_bench(tiny(), device="cpu", tokens=2, trace=wrong, baselines=False)
+        run_bench(tiny(), BenchOptions(tokens=2, trace=wrong, baselines=False), device="cpu")
 
 
 # ---- trace files ----
@@ -319,7 +322,7 @@ def test_trace_router_replays_exactly_what_the_engine_records():
     """Model layer l replays trace layer l % 3; the prefill takes the prompt's rows at once, then one
     row per decode step. The engine records, per call, the sorted experts the layer used."""
     trace = synthesize(3, 8, 2, 40, 0.4, seed=3)
-    model = offload_moe.load(tiny(layers=4), device="cpu", cache_slots=3, prefetch=0, record_trace=True)
+    model = offload_moe.load(tiny(layers=4), Placement(cache_slots=3, prefetch=0, record_trace=True), device="cpu")
     router = TraceRouter(trace, 4)
     router.install(model)
     prompt, new = [5, 9, 11, 40, 7, 3], 10
@@ -363,11 +366,11 @@ def test_guess_emulation_drives_the_prefetch():
     """A perfect emulated guess, given to the model as its routing strategy, makes every prefetch right;
     without the emulation (the routers guess under a replayed trace) they are not all right."""
     trace = synthesize(2, 8, 2, 30, 0.6, seed=0)
-    plain = offload_moe.load(tiny(), device="cpu", cache_slots=3, prefetch=1)
+    plain = offload_moe.load(tiny(), Placement(cache_slots=3, prefetch=1), device="cpu")
     TraceRouter(trace, 2).install(plain)
     plain.generate([4, 5, 6], max_new_tokens=12, temperature=0, ignore_eos=True)
     assert plain.stats["experts"]["prefetch_accuracy"] < 1.0
-    model = offload_moe.load(tiny(), device="cpu", cache_slots=3, prefetch=1)
+    model = offload_moe.load(tiny(), Placement(cache_slots=3, prefetch=1), device="cpu")
     router = TraceRouter(trace, 2, guess_accuracy=1.0)
     router.install(model)
     assert model.transformer.routing is router
@@ -382,13 +385,14 @@ def test_accelerate_offload_replays_the_same_routes(tiny_checkpoint):
     tokens offload_moe generates with the same trace, and the bytes it moves are counted per forward."""
     pytest.importorskip("accelerate")
     from offload_moe.bench import hf_offload_generate
+    from offload_moe.bench.hf_offload import Workload
     from offload_moe.generate import Sampling, decode_tokens
 
     path = tiny_checkpoint[0]
     trace = synthesize(3, 8, 2, 40, 0.5, seed=1)
     prompt = [5, 9, 11, 40, 7, 3]
-    out = hf_offload_generate(path, dtype=torch.float32, max_memory={"cpu": 30_000}, prompt=prompt, tokens=8,
-                              trace=trace, seed=0, input_device=torch.device("cpu"), report=lambda *a: None)
+    out = hf_offload_generate(path, Workload(prompt, 8, trace, seed=0), dtype=torch.float32,
+                              max_memory={"cpu": 30_000}, input_device=torch.device("cpu"), report=lambda *a: None)
     ours = offload_moe.load(path, device="cpu", profile=None)
     TraceRouter(trace, 3).install(ours)
     assert out["token_ids"] == list(decode_tokens(ours.transformer, prompt, 8, Sampling(temperature=0.0)))
@@ -402,8 +406,8 @@ def test_plot_draws_the_hit_rate_curve_and_the_bounds(tmp_path):
     pytest.importorskip("matplotlib", reason="the optional 'plot' extra (matplotlib) is not installed")
     from offload_moe.bench.plot import plot_bench
 
-    result = run_bench(tiny(), device="cpu", tokens=6, prompt_tokens=4, trace_reuse=0.5, cache_slots=3,
-                       prefetch=1, repeats=2)
+    result = run_bench(tiny(), BenchOptions(tokens=6, prompt_tokens=4, trace_reuse=0.5, repeats=2),
+                       Placement(cache_slots=3, prefetch=1), device="cpu")
     curve = result["hit_rate_curve"]
     assert curve["slots"][0] == 2 and curve["slots"][-1] == 8
     assert all(b >= lru - 1e-12 for b, lru in zip(curve["belady"], curve["lru"]))   # Belady is optimal

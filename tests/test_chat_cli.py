@@ -17,6 +17,7 @@ from offload_moe import OffloadMoeError, load
 from offload_moe.chat_session import ChatSession
 from offload_moe.cli import chat as chat_cli
 from offload_moe.cli.main import main
+from offload_moe import Placement
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -141,7 +142,7 @@ def test_long_history_is_trimmed_and_the_chat_goes_on(tiny, tmp_path):
     assert out.count("dropped the oldest turn") == 3
 
     # The same conversation through the library: the same replies, the same trimming.
-    model = load(tiny, device="cpu", context_length=64)
+    model = load(tiny, Placement(context_length=64), device="cpu")
     session = ChatSession(model, max_new_tokens=8, temperature=0.0)
     for message in TRIM_MESSAGES:
         for _ in session.send(message):
@@ -154,7 +155,7 @@ def test_long_history_is_trimmed_and_the_chat_goes_on(tiny, tmp_path):
 
 
 def test_session_trimming_keeps_the_system_prompt(tiny):
-    model = load(tiny, device="cpu", context_length=100)
+    model = load(tiny, Placement(context_length=100), device="cpu")
     session = ChatSession(model, system="You are a helpful assistant.", max_new_tokens=4, temperature=0.0)
     context = model.context_length
     session.history = [{"role": "user", "content": "To be, or not to be"},
@@ -173,7 +174,7 @@ def test_session_trimming_keeps_the_system_prompt(tiny):
 
 
 def test_session_caps_the_reply_or_refuses_a_message_that_does_not_fit(tiny):
-    model = load(tiny, device="cpu", context_length=40)
+    model = load(tiny, Placement(context_length=40), device="cpu")
     session = ChatSession(model, max_new_tokens=30, temperature=0.0)
     turn = session.send("Shall I compare thee to a summer day?")   # about 20 tokens: 30 new ones do not fit
     assert turn.capped and turn.max_new_tokens == 40 - len(turn.prompt_ids)

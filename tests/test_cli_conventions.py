@@ -120,12 +120,12 @@ def test_tables_fit_80_and_120_columns(width):
 
 @pytest.mark.parametrize("width", [80, 120])
 def test_bench_tables_fit_and_keep_row_names_whole(width):
-    from offload_moe.bench import run_bench
+    from offload_moe.bench import BenchOptions, run_bench
     from offload_moe.cli.bench import results_tables
     from offload_moe.synthetic import SyntheticCheckpoint
 
-    result = run_bench(SyntheticCheckpoint("mixtral-8x7b", layers=1, scale=0.05), device="cpu", tokens=3,
-                       prompt_tokens=2, repeats=1)
+    result = run_bench(SyntheticCheckpoint("mixtral-8x7b", layers=1, scale=0.05),
+                       BenchOptions(tokens=3, prompt_tokens=2, repeats=1), device="cpu")
     console = Console(width=width, record=True, color_system=None)
     for table in results_tables(result):
         console.print(table)

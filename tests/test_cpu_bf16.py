@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import offload_moe
 from conftest import save, tiny_mixtral
 from offload_moe.quant.cpu_bf16 import BF16Linear, PackedBF16, PackedLinear, bmv_available, packing_available
+from offload_moe import Placement
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="oneDNN prepacking is not F.linear's bits here")
 
@@ -36,7 +37,8 @@ def test_bf16_model_packs_and_offloaded_equals_resident(tmp_path):
     ids = torch.tensor([[1, 17, 42, 5, 66, 23, 9]])
     want = resident.logits(ids)
     for slots in (1, 3):
-        offloaded = offload_moe.load(src, device="cpu", dtype=torch.bfloat16, cache_slots=slots, prefetch=1)
+        offloaded = offload_moe.load(src, Placement(cache_slots=slots, prefetch=1), device="cpu",
+                                     dtype=torch.bfloat16)
         assert torch.equal(offloaded.logits(ids), want)
         a = resident.generate(ids[0].tolist(), max_new_tokens=6, temperature=0).token_ids
         assert offloaded.generate(ids[0].tolist(), max_new_tokens=6, temperature=0).token_ids == a

@@ -19,7 +19,7 @@ from offload_moe.cpu.kernels import cpu_form
 from offload_moe.experts.cpu_tier import CpuTier, cpu_layers
 from offload_moe.cpu.kernels import (CPU_FORMS, TOLERANCE, Int4Planes, QmvMatrix, has_cpu_kernel, reference_linear,
                                      to_int4_planes)
-from offload_moe.experts.cache import ExpertCache
+from offload_moe.experts.cache import ExpertCache, Hybrid
 from offload_moe.experts.cost_file import save_costs, saved_costs
 from offload_moe.experts.cost_timing import measure_expert_costs, measure_throughput
 from offload_moe.experts.costs import CostModel, Throughput
@@ -27,6 +27,7 @@ from offload_moe.experts.layout import ExpertLayout
 from offload_moe.experts.store import HostStore
 from offload_moe.experts.interface import ExpertWeights, expert_forward
 from offload_moe.quant import quantize
+from offload_moe import Placement
 
 PROMPT = [1, 17, 42, 5, 66, 23, 9]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
@@ -115,8 +116,8 @@ def tiny_engine(cost_model, *, slots=1, recent=2, experts=4):
         layout.write(store.staging(0)[e], w)
     store.commit_layer(0)
     tier = CpuTier.build([0], experts, lambda layer, e: layout.view(store.ram[layer][e]))
-    cache = ExpertCache(store, device=torch.device("cpu"), slots=[slots], prefetch=0, cpu=tier, costs=cost_model,
-                        recent=recent)
+    cache = ExpertCache(store, device=torch.device("cpu"), slots=[slots], prefetch=0,
+                        hybrid=Hybrid(tier, cost_model, recent))
     return cache, tier
 
 
@@ -170,7 +171,7 @@ def test_many_tokens_make_copies_win():
 def test_tier_and_costs_go_together():
     cache, tier = tiny_engine(costs())
     with pytest.raises(ValueError, match="go together"):
-        ExpertCache(cache.store, device=torch.device("cpu"), slots=[1], cpu=tier)
+        ExpertCache(cache.store, device=torch.device("cpu"), slots=[1], hybrid=Hybrid(tier, None))
 
 
 # ---------------------------------------------------------------- through the model (fp32: bitwise)
@@ -192,7 +193,8 @@ def equals_reference(model, reference) -> bool:
 
 @pytest.mark.parametrize("cpu_experts,cache_slots", [("all", None), (1, None), (2, 2), (3, 3)])
 def test_static_modes_equal_resident_bitwise(tiny_checkpoint, reference, cpu_experts, cache_slots):
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cpu_experts=cpu_experts, cache_slots=cache_slots)
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cpu_experts=cpu_experts, cache_slots=cache_slots),
+                             device="cpu")
     assert model.settings.cpu_layers == (3 if cpu_experts == "all" else cpu_experts)
     assert equals_reference(model, reference)
     if cache_slots == 2:  # layer 2 offloaded: the engine's layer 0, with its own counters
@@ -201,9 +203,11 @@ def test_static_modes_equal_resident_bitwise(tiny_checkpoint, reference, cpu_exp
 
 
 def test_hybrid_computes_cold_misses_on_cpu_bitwise(tiny_checkpoint, reference):
-    copying = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=2, prefetch=0, cpu_experts="none")
-    hybrid = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=2, prefetch=0, cpu_experts="hybrid",
-                              cpu_costs=costs())
+    copying = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, prefetch=0, cpu_experts="none"),
+                               device="cpu")
+    hybrid = offload_moe.load(tiny_checkpoint[0],
+                              Placement(cache_slots=2, prefetch=0, cpu_experts="hybrid", cpu_costs=costs()),
+                              device="cpu")
     assert equals_reference(copying, reference) and equals_reference(hybrid, reference)
     h, c = hybrid.stats["experts"], copying.stats["experts"]
     assert h["cpu_computed"] > 0 and c["cpu_computed"] == 0
@@ -214,8 +218,9 @@ def test_hybrid_computes_cold_misses_on_cpu_bitwise(tiny_checkpoint, reference):
 
 
 def test_prefill_copies_and_decode_uses_the_cpu(tiny_checkpoint):
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=2, prefetch=0, cpu_experts="hybrid",
-                             cpu_costs=costs(cpu=2e7, cpu_token_factor=1.0, link=1e7))
+    model = offload_moe.load(tiny_checkpoint[0],
+                             Placement(cache_slots=2, prefetch=0, cpu_experts="hybrid", cpu_costs=costs(cpu=2e7, cpu_token_factor=1.0, link=1e7)),
+                             device="cpu")
     model.generate(PROMPT, max_new_tokens=1, temperature=0)          # the prompt's 7 tokens: copies
     assert model.stats["experts"]["cpu_computed"] == 0
     model.experts.reset_stats()
@@ -224,7 +229,7 @@ def test_prefill_copies_and_decode_uses_the_cpu(tiny_checkpoint):
 
 
 def test_auto_on_a_cpu_machine_changes_nothing(tiny_checkpoint):
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=2, cpu_experts="auto")
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, cpu_experts="auto"), device="cpu")
     assert model.settings.cpu_experts == "none"
     model.generate(PROMPT, max_new_tokens=4, temperature=0)
     assert model.stats["experts"]["cpu_computed"] == 0
@@ -232,7 +237,7 @@ def test_auto_on_a_cpu_machine_changes_nothing(tiny_checkpoint):
 
 def test_hybrid_measures_its_costs_at_load_without_a_saved_model(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=2, cpu_experts="hybrid")
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, cpu_experts="hybrid"), device="cpu")
     assert model.settings.cpu_costs == "measured at load"
     m = model.experts.costs
     assert m.link_bytes_per_second > 0 and m.cpu["fp32"].bytes_per_second > 0 and "fp32" in m.device
@@ -241,7 +246,7 @@ def test_hybrid_measures_its_costs_at_load_without_a_saved_model(tiny_checkpoint
 @pytest.mark.parametrize("value", ["some", -1, 4, True, 2.5, "hybrid"])
 def test_bad_cpu_experts(tiny_checkpoint, value):
     with pytest.raises(OffloadMoeError, match="cpu_experts"):
-        offload_moe.load(tiny_checkpoint[0], device="cpu", cpu_experts=value)  # "hybrid" needs slots
+        offload_moe.load(tiny_checkpoint[0], Placement(cpu_experts=value), device="cpu")  # "hybrid" needs slots
 
 
 # ---------------------------------------------------------------- quantized experts through the model
@@ -295,7 +300,7 @@ def test_quantized_cpu_modes_equal_resident_within_tolerance(quantizable_checkpo
     checkpoint = QuantizedExperts(quantizable_checkpoint, bits)
     expected = fixed_routes(offload_moe.load(checkpoint, device="cpu")).logits(ids)
     for kw in (dict(cpu_experts="all"), dict(cpu_experts="hybrid", cache_slots=2, cpu_costs=costs(f"int{bits}"))):
-        model = fixed_routes(offload_moe.load(checkpoint, device="cpu", **kw))
+        model = fixed_routes(offload_moe.load(checkpoint, Placement(**kw), device="cpu"))
         assert rel_error(model.logits(ids), expected) < TOLERANCE
     assert model.stats["experts"]["cpu_computed"] > 0
     # our kernel computes 4/8-bit experts from the host tier's own bytes; torch's needs a copy
@@ -356,10 +361,11 @@ def test_cuda_hybrid_equals_resident_within_tolerance(tiny_checkpoint):
     CPU and GPU in rounding only."""
     ids = torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(3))
     resident = offload_moe.load(tiny_checkpoint[0], device="cuda").logits(ids)
-    auto = offload_moe.load(tiny_checkpoint[0], device="cuda", cache_slots=2, cpu_experts="auto")
+    auto = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, cpu_experts="auto"), device="cuda")
     assert auto.settings.cpu_experts == "none"   # "auto" copies on CUDA until the hybrid is measured there
-    model = offload_moe.load(tiny_checkpoint[0], device="cuda", cache_slots=2, prefetch=1, cpu_experts="hybrid",
-                             cpu_costs=costs())
+    model = offload_moe.load(tiny_checkpoint[0],
+                             Placement(cache_slots=2, prefetch=1, cpu_experts="hybrid", cpu_costs=costs()),
+                             device="cuda")
     assert model.settings.cpu_experts == "hybrid"
     assert rel_error(model.logits(ids), resident) < 1e-4
     model.generate(PROMPT, max_new_tokens=16, temperature=0, ignore_eos=True)
@@ -371,5 +377,5 @@ def test_cuda_static_modes_equal_resident_within_tolerance(tiny_checkpoint):
     ids = torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(3))
     resident = offload_moe.load(tiny_checkpoint[0], device="cuda").logits(ids)
     for kw in (dict(cpu_experts="all"), dict(cpu_experts=1, cache_slots=2)):
-        model = offload_moe.load(tiny_checkpoint[0], device="cuda", **kw)
+        model = offload_moe.load(tiny_checkpoint[0], Placement(**kw), device="cuda")
         assert rel_error(model.logits(ids), resident) < 1e-4

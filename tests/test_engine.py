@@ -11,6 +11,7 @@ import torch
 import offload_moe
 from offload_moe import OffloadMoeError
 from offload_moe.experts.policy import LRU, Belady, simulate
+from offload_moe import Placement
 
 PROMPT = [1, 17, 42, 5, 66, 23, 9]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
@@ -29,8 +30,9 @@ def reference(tiny_checkpoint):
 @pytest.mark.parametrize("slots", range(1, 9))
 def test_offloaded_equals_resident_bitwise(tiny_checkpoint, reference, tmp_path, slots, prefetch, offload):
     ids, logits, tokens = reference
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=slots, prefetch=prefetch,
-                             offload=offload, offload_dir=tmp_path)
+    model = offload_moe.load(tiny_checkpoint[0],
+                             Placement(cache_slots=slots, prefetch=prefetch, offload=offload, offload_dir=tmp_path),
+                             device="cpu")
     assert torch.equal(model.logits(ids), logits)
     out = model.generate(PROMPT, max_new_tokens=64, temperature=0, ignore_eos=True)
     assert out.token_ids == tokens
@@ -40,8 +42,9 @@ def test_offloaded_equals_resident_bitwise(tiny_checkpoint, reference, tmp_path,
 def test_mixed_tiers_and_per_layer_slots_equal_resident(tiny_checkpoint, reference, tmp_path):
     ids, logits, tokens = reference
     layer_bytes = 8 * 3 * 32 * 48 * 4  # 8 experts, three fp32 [48, 32] matrices, 64-byte aligned already
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=[1, 3, 2], ram_budget=layer_bytes,
-                             offload_dir=tmp_path)
+    model = offload_moe.load(tiny_checkpoint[0],
+                             Placement(cache_slots=[1, 3, 2], ram_budget=layer_bytes, offload_dir=tmp_path),
+                             device="cpu")
     assert model.settings.ram_layers == 1 and model.settings.disk_layers == 2
     assert model.generate(PROMPT, max_new_tokens=64, temperature=0, ignore_eos=True).token_ids == tokens
     assert torch.equal(model.logits(ids), logits)
@@ -72,7 +75,8 @@ def reference_lru(trace, slots):
 
 @pytest.mark.parametrize("slots", [1, 2, 3, 5])
 def test_hits_and_misses_equal_reference_lru(tiny_checkpoint, slots):
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=slots, prefetch=0, record_trace=True)
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=slots, prefetch=0, record_trace=True),
+                             device="cpu")
     model.generate(PROMPT, max_new_tokens=48, temperature=0.9, seed=4, ignore_eos=True)
     per_layer = model.stats["experts"]["per_layer"]
     for layer, trace in enumerate(model.experts.trace):
@@ -92,7 +96,7 @@ def test_belady_is_optimal_on_a_known_trace():
 
 
 def test_prefetch_is_counted_and_used(tiny_checkpoint):
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=2, prefetch=1)
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, prefetch=1), device="cpu")
     model.generate(PROMPT, max_new_tokens=32, temperature=0, ignore_eos=True)
     s = model.stats["experts"]
     assert 0 < s["prefetch_used"] <= s["prefetch_issued"]
@@ -101,7 +105,7 @@ def test_prefetch_is_counted_and_used(tiny_checkpoint):
 
 def test_ram_budget_smaller_than_one_layer(tiny_checkpoint):
     with pytest.raises(OffloadMoeError, match="smaller than one layer's experts"):
-        offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=2, ram_budget="10KB")
+        offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, ram_budget="10KB"), device="cpu")
 
 
 def test_unwritable_offload_dir(tiny_checkpoint, tmp_path):
@@ -111,19 +115,22 @@ def test_unwritable_offload_dir(tiny_checkpoint, tmp_path):
     if os.access(locked, os.W_OK):
         pytest.skip("running as a user who can write anywhere (root): permissions cannot be tested")
     with pytest.raises(OffloadMoeError, match="not writable"):
-        offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=2, offload="disk", offload_dir=locked)
+        offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, offload="disk", offload_dir=locked),
+                         device="cpu")
 
 
 def test_offload_dir_that_is_a_file(tiny_checkpoint, tmp_path):
     file = tmp_path / "file"
     file.write_text("x")
     with pytest.raises(OffloadMoeError, match="not writable"):
-        offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=2, offload="disk", offload_dir=file)
+        offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, offload="disk", offload_dir=file),
+                         device="cpu")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "rewrite", "truncate_and_regrow"])
 def test_disk_tier_file_changed_after_writing(tiny_checkpoint, tmp_path, damage):
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=1, offload="disk", offload_dir=tmp_path)
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=1, offload="disk", offload_dir=tmp_path),
+                             device="cpu")
     victim = Path(model.settings.offload_dir) / "layer-001.experts"
     assert victim.parent.parent == tmp_path  # a private subdirectory of the offload_dir
     data, st = victim.read_bytes(), victim.stat()
@@ -144,7 +151,7 @@ def test_disk_tier_file_changed_after_writing(tiny_checkpoint, tmp_path, damage)
 @pytest.mark.parametrize("value", [0, 9, "some", [1, 2], True])
 def test_bad_cache_slots(tiny_checkpoint, value):
     with pytest.raises(OffloadMoeError, match="cache_slots"):
-        offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=value)
+        offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=value), device="cpu")
 
 
 @needs_cuda
@@ -153,8 +160,9 @@ def test_bad_cache_slots(tiny_checkpoint, value):
 @pytest.mark.parametrize("slots", [1, 2, 8])
 def test_cuda_offloaded_equals_resident(tiny_checkpoint, tmp_path, slots, prefetch, offload):
     resident = offload_moe.load(tiny_checkpoint[0], device="cuda")
-    model = offload_moe.load(tiny_checkpoint[0], device="cuda", cache_slots=slots, prefetch=prefetch,
-                             offload=offload, offload_dir=tmp_path)
+    model = offload_moe.load(tiny_checkpoint[0],
+                             Placement(cache_slots=slots, prefetch=prefetch, offload=offload, offload_dir=tmp_path),
+                             device="cuda")
     ids = torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(3))
     assert torch.equal(model.logits(ids), resident.logits(ids))
     expected = resident.generate(PROMPT, max_new_tokens=64, temperature=0, ignore_eos=True).token_ids
@@ -163,7 +171,7 @@ def test_cuda_offloaded_equals_resident(tiny_checkpoint, tmp_path, slots, prefet
 
 @needs_cuda
 def test_cuda_decode_allocates_no_new_memory(tiny_checkpoint):
-    model = offload_moe.load(tiny_checkpoint[0], device="cuda", cache_slots=2, prefetch=1)
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, prefetch=1), device="cuda")
     model.generate(PROMPT, max_new_tokens=8, temperature=0, ignore_eos=True)  # warm the caching allocator
     torch.cuda.synchronize()
     before = torch.cuda.memory_stats()
@@ -176,7 +184,7 @@ def test_cuda_decode_allocates_no_new_memory(tiny_checkpoint):
 
 def test_no_reuse_policy_misses_every_use(tiny_checkpoint, reference):
     _, _, tokens = reference
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=8, prefetch=0, policy="none")
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=8, prefetch=0, policy="none"), device="cpu")
     assert model.generate(PROMPT, max_new_tokens=64, temperature=0, ignore_eos=True).token_ids == tokens
     s = model.stats["experts"]
     assert s["hits"] == 0 and s["misses"] > 0

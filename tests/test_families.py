@@ -14,6 +14,7 @@ from offload_moe import OffloadMoeError
 from offload_moe.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from offload_moe.planner import plan
 from offload_moe.profiles import load_profile
+from offload_moe import Placement
 
 DATA = Path(__file__).parent / "data"
 PROMPT = [1, 17, 42, 5, 66, 23]
@@ -96,7 +97,7 @@ def greedy_tokens(model) -> list[int]:
 
 
 def load(directory, mode):
-    return offload_moe.load(directory, device="cpu", **({"cache_slots": 2} if mode == "offloaded" else {}))
+    return offload_moe.load(directory, Placement(cache_slots=2) if mode == "offloaded" else None, device="cpu")
 
 
 def max_diff(model, reference) -> float:
@@ -192,8 +193,8 @@ def test_synthetic_checkpoint_reads_like_a_real_one(name):
     ckpt = SyntheticCheckpoint(known, layers=2, scale=0.05)
     c = ckpt.config
     assert c.model_type == json.loads((DATA / f"{name}-config.json").read_text())["model_type"]
-    model = offload_moe.load(ckpt, device="cpu", dtype=torch.float32, cache_slots=2, profile=None,
-                             context_length=64)
+    model = offload_moe.load(ckpt, Placement(cache_slots=2, context_length=64), device="cpu", dtype=torch.float32,
+                             profile=None)
     assert len(model.generate([1, 2, 3], max_new_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
     assert synthetic_config(known).total_params == ModelConfig.load(DATA / f"{name}-config.json").total_params
 

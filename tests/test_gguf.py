@@ -25,6 +25,7 @@ from offload_moe.quant import modules as quant_modules
 from offload_moe.runtime import DEMO_DIR
 from offload_moe.sources import open_tokenizer
 from offload_moe.text import Tokenizer
+from offload_moe import Placement
 
 EXACT = [T.Q8_0, T.Q4_0, T.Q5_0]                          # one fp16 scale and an integer zero
 ROUNDED = [T.Q4_1, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]  # fp16 rounding of a · sc, -b / a
@@ -113,7 +114,7 @@ def families(tmp_path_factory):
 
 
 def _logits(model_or_path, ids, **kw):
-    m = offload_moe.load(model_or_path, device="cpu", dtype="float32", cpu_experts="none", **kw) \
+    m = offload_moe.load(model_or_path, Placement(cpu_experts="none"), device="cpu", dtype="float32", **kw) \
         if isinstance(model_or_path, Path) \
         else model_or_path
     return m.logits(ids)
@@ -213,8 +214,8 @@ def test_cpu_kernels_on_gguf_types(qtype, kernel):
 def test_offloaded_equals_resident_bitwise(families, name, tmp_path):
     d, _ = families[name]
     path = write_gguf(d, tmp_path / "q.gguf", experts=T.Q4_K if name == "mixtral" else T.Q8_0, attention=T.Q8_0)
-    resident = offload_moe.load(path, device="cpu", dtype="float32", cpu_experts="none")
-    offloaded = offload_moe.load(path, device="cpu", dtype="float32", cache_slots=2, cpu_experts="none")
+    resident = offload_moe.load(path, Placement(cpu_experts="none"), device="cpu", dtype="float32")
+    offloaded = offload_moe.load(path, Placement(cache_slots=2, cpu_experts="none"), device="cpu", dtype="float32")
     assert torch.equal(resident.logits(IDS), offloaded.logits(IDS))
     a = resident.generate(IDS[0].tolist(), max_new_tokens=4, temperature=0, ignore_eos=True).token_ids
     b = offloaded.generate(IDS[0].tolist(), max_new_tokens=4, temperature=0, ignore_eos=True).token_ids
@@ -246,7 +247,7 @@ def test_mixed_types_across_layers_share_one_packed_form(families, tmp_path):
         w2 = ckpt.expert(layer, 3)["w2"]
         assert (w2.bits, w2.group_size) == (8, 16)
         assert np.abs(w2.dequantize().numpy() - reference).max() <= 2.0**-10 * np.abs(reference).max()
-    m = offload_moe.load(tmp_path / "mixed.gguf", device="cpu", cache_slots=2)
+    m = offload_moe.load(tmp_path / "mixed.gguf", Placement(cache_slots=2), device="cpu")
     assert torch.isfinite(m.logits(IDS)).all()
 
 

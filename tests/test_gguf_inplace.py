@@ -16,6 +16,7 @@ from gguf_fixtures import T, tiny_mixtral_gguf
 import offload_moe
 from offload_moe.gguf import GGUFCheckpoint
 from offload_moe.quant.ggml import GGMLWeight
+from offload_moe import Placement
 
 IDS = [1, 17, 42, 5, 66, 23, 9, 31]
 ALIGN = gguf.GGUF_DEFAULT_ALIGNMENT
@@ -106,7 +107,7 @@ def test_opening_a_multi_gb_file_grows_anonymous_memory_by_little(q8_file, tmp_p
     size = big.stat().st_size
     assert size > 2e9
     before = _rss_anon()
-    model = offload_moe.load(big, device="cpu", dtype="float32", context_length=64)
+    model = offload_moe.load(big, Placement(context_length=64), device="cpu", dtype="float32")
     grown = _rss_anon() - before
     assert grown < 96 * 2**20, f"RssAnon grew by {grown / 2**20:.0f} MiB opening a {size / 1e9:.1f} GB file"
     assert torch.isfinite(model.logits(torch.tensor([IDS[:2]]))).all()
@@ -119,8 +120,9 @@ def test_the_source_file_is_the_disk_tier(q8_file, tmp_path, offload, prefetch):
     resident = offload_moe.load(q8_file, device="cpu", dtype="float32")
     offload_dir = tmp_path / "offload"
     offload_dir.mkdir()
-    cached = offload_moe.load(q8_file, device="cpu", dtype="float32", cache_slots=2, prefetch=prefetch,
-                              offload=offload, offload_dir=offload_dir)
+    cached = offload_moe.load(q8_file,
+                              Placement(cache_slots=2, prefetch=prefetch, offload=offload, offload_dir=offload_dir),
+                              device="cpu", dtype="float32")
     assert cached.settings.offload == "file" and list(offload_dir.iterdir()) == []
     ids = torch.tensor([IDS])
     assert torch.equal(resident.logits(ids), cached.logits(ids))
@@ -189,7 +191,7 @@ def test_a_file_truncated_after_loading_is_one_clear_error(q8_file, tmp_path):
 
     copy = tmp_path / "q8.gguf"
     copy.write_bytes(q8_file.read_bytes())
-    model = offload_moe.load(copy, device="cpu", dtype="float32", cache_slots=1, prefetch=0)
+    model = offload_moe.load(copy, Placement(cache_slots=1, prefetch=0), device="cpu", dtype="float32")
     ckpt = GGUFCheckpoint(copy)
     first = min(r[1] for r in ckpt.expert_ranges(0, 0).values())
     with open(copy, "r+b") as f:

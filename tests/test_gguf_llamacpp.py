@@ -16,6 +16,7 @@ import offload_moe
 from offload_moe.gguf import GGUFCheckpoint
 from offload_moe.runtime import DEMO_DIR
 from offload_moe.sources import open_tokenizer
+from offload_moe import Placement
 
 pytestmark = pytest.mark.skipif(
     llamacpp_dir() is None or not all(llamacpp_bin(b) for b in ("llama-quantize", "llama-simple", "llama-tokenize")),
@@ -48,7 +49,7 @@ def test_greedy_text_equals_llama_cpp(demo_files, fmt):
     # The dequantize-and-multiply path in fp32: on the CPU, cpu_experts="auto" computes packed
     # experts with torch's int4 kernel in bf16, which flips a near-tie (margin 0.015) at token 25
     # of Q4_K_M (BENCHMARKS.md, "GGUF in").
-    model = offload_moe.load(demo_files[fmt], device="cpu", dtype="float32", cpu_experts="none")
+    model = offload_moe.load(demo_files[fmt], Placement(cpu_experts="none"), device="cpu", dtype="float32")
     ours = model.generate(PROMPT, max_new_tokens=32, temperature=0).text
     theirs = llama_greedy(demo_files[fmt], 32)
     assert ours == theirs[:len(ours)] and len(ours) > 20, (ours, theirs)
@@ -128,8 +129,8 @@ def test_gpt_oss_mxfp4_from_llama_quantize_stays_packed_and_exact(tmp_path):
     assert np.array_equal(w1.dequantize().numpy(), gguf.quants.dequantize(np.array(t.data), t.type)[4])
     ids = torch.tensor([[1, 17, 42, 5, 66, 23, 9, 31]])
     twin = _dequantized_twin(q, tmp_path / "twin.gguf")
-    a = offload_moe.load(q, device="cpu", dtype="float32", cpu_experts="none").logits(ids)
-    b = offload_moe.load(twin, device="cpu", dtype="float32", cpu_experts="none").logits(ids)
+    a = offload_moe.load(q, Placement(cpu_experts="none"), device="cpu", dtype="float32").logits(ids)
+    b = offload_moe.load(twin, Placement(cpu_experts="none"), device="cpu", dtype="float32").logits(ids)
     assert (a - b).abs().max().item() < 1e-4
 
 

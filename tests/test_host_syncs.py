@@ -19,6 +19,7 @@ from offload_moe.quant import native
 from offload_moe.synthetic import SyntheticCheckpoint
 from sync_counter import SyncCounter
 from test_families import FAMILIES, PROMPT, tiny_model
+from offload_moe import Placement
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 STEPS = 5
@@ -66,7 +67,7 @@ def decode_path(request, monkeypatch):
 @pytest.mark.parametrize("name", ["mixtral", *FAMILIES])
 def test_one_sync_per_moe_layer_and_token(name, mode, decode_path, family_checkpoint, tiny_checkpoint):
     directory = tiny_checkpoint[0] if name == "mixtral" else family_checkpoint(name)
-    model = offload_moe.load(directory, device="cpu", **MODES[mode])
+    model = offload_moe.load(directory, Placement(**MODES[mode]), device="cpu")
     assert (model.transformer.moe_blocks[0].decode_route is None) == (decode_path == "torch_step")
     assert_one_per_moe_layer_and_token(model)
     if mode == "offloaded" and model.config.num_moe_layers > 1:
@@ -77,7 +78,7 @@ def test_one_sync_per_moe_layer_and_token(name, mode, decode_path, family_checkp
 def test_one_sync_per_moe_layer_and_token_quantized(bits, decode_path):
     """Packed experts and dense weights (the kernels read them where they are, no sync either)."""
     ckpt = SyntheticCheckpoint("mixtral-8x7b", layers=2, scale=0.02, bits=bits)
-    assert_one_per_moe_layer_and_token(offload_moe.load(ckpt, device="cpu", profile=None, **MODES["offloaded"]))
+    assert_one_per_moe_layer_and_token(offload_moe.load(ckpt, Placement(**MODES["offloaded"]), device="cpu", profile=None))
 
 
 def fake_costs() -> CostModel:
@@ -88,7 +89,7 @@ def fake_costs() -> CostModel:
 @pytest.mark.parametrize("kw", [dict(cpu_experts="hybrid", cpu_costs=fake_costs()), dict(cpu_experts=1)],
                          ids=["hybrid", "first_layer_on_cpu"])
 def test_one_sync_per_moe_layer_and_token_with_the_cpu_tier(tiny_checkpoint, kw):
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", cache_slots=2, prefetch=1, **kw)
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, prefetch=1), device="cpu", **kw)
     assert_one_per_moe_layer_and_token(model)
     if kw["cpu_experts"] == "hybrid":
         assert model.stats["experts"]["cpu_computed"] > 0
@@ -150,7 +151,7 @@ def test_counter_leaves_device_work_and_host_reads_alone(op):
 
 @needs_cuda
 def test_cuda_decode_step_syncs_once_per_moe_layer(tiny_checkpoint):
-    model = offload_moe.load(tiny_checkpoint[0], device="cuda", cache_slots=2, prefetch=1)
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, prefetch=1), device="cuda")
     model.generate([3, 5, 7], max_new_tokens=4, temperature=0)   # warm-up: allocations, lazy init
     torch.cuda.synchronize()
     steps = iter(decode_tokens(model.transformer, [3, 5, 7], 3, Sampling(temperature=0)))

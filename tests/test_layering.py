@@ -24,7 +24,7 @@ LAYERS = [
     ("planning", ["offload_moe.profiles", "offload_moe.planner", "offload_moe.options"]),
     ("generation", ["offload_moe.generate", "offload_moe.batch", "offload_moe.generation_config", "offload_moe.penalties",
                     "offload_moe.text", "offload_moe.chat_template", "offload_moe.template_sandbox", "offload_moe.nonfinite",
-                    "offload_moe.constrain"]),
+                    "offload_moe.constrain", "offload_moe.generation_options"]),
     ("api", ["offload_moe.api", "offload_moe.model_settings", "offload_moe.loader", "offload_moe.chat_session", "offload_moe.sources"]),
     ("tools", ["offload_moe.bench", "offload_moe.tune", "offload_moe.tools", "offload_moe.synthetic",
                "offload_moe.server", "offload_moe"]),

@@ -5,6 +5,7 @@ import torch
 
 import offload_moe
 from offload_moe import OffloadMoeError
+from offload_moe import Placement
 
 PROMPT = [1, 17, 42, 5, 66, 23, 9]
 
@@ -27,8 +28,8 @@ def test_user_profile_file_places_experts_on_disk(tiny_checkpoint, tmp_path):
         'device = "cpu"\nreserve = "1MB"\ncontext_length = 64\ncache_slots = "auto"\nprefetch = 0\n'
         'offload = "disk"\nram_budget = "1GB"\n[bits]\nexperts = "int4"\nattention = "int8"\nembeddings = "bf16"\n')
     resident = offload_moe.load(tiny_checkpoint[0], device="cpu", profile=None)
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", profile=tmp_path / "mine.toml",
-                             offload_dir=tmp_path / "tier")
+    model = offload_moe.load(tiny_checkpoint[0], Placement(offload_dir=tmp_path / "tier"), device="cpu",
+                             profile=tmp_path / "mine.toml")
     assert model.settings.profile == "mine"
     assert model.settings.disk_layers == 3 and model.context_length == 64
     expected = resident.generate(PROMPT, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids
@@ -36,8 +37,8 @@ def test_user_profile_file_places_experts_on_disk(tiny_checkpoint, tmp_path):
 
 
 def test_keyword_arguments_override_the_profile(tiny_checkpoint):
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", profile="cpu", cache_slots=3, prefetch=2,
-                             context_length=50)
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=3, prefetch=2, context_length=50),
+                             device="cpu", profile="cpu")
     assert model.settings.cache_slots == [3, 3, 3] and model.settings.prefetch == 2
     assert model.context_length == 50
 

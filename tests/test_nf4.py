@@ -6,6 +6,7 @@ import torch
 import offload_moe
 from offload_moe import OffloadMoeError
 from offload_moe.quant.nf4 import BLOCK, NF4_LEVELS, NF4Weight
+from offload_moe import Placement
 
 PROMPT = [1, 17, 42, 5, 66, 23, 9]
 
@@ -30,8 +31,9 @@ def test_nf4_packing_is_high_nibble_first_like_bitsandbytes():
 
 @pytest.mark.parametrize("slots", [None, 2])
 def test_nf4_experts_offloaded_equal_resident(tiny_checkpoint, slots):
-    resident = offload_moe.load(tiny_checkpoint[0], device="cpu", nf4_experts=True, cpu_experts="none")
-    model = offload_moe.load(tiny_checkpoint[0], device="cpu", nf4_experts=True, cache_slots=slots or "all")
+    resident = offload_moe.load(tiny_checkpoint[0], Placement(nf4_experts=True, cpu_experts="none"), device="cpu")
+    model = offload_moe.load(tiny_checkpoint[0], Placement(nf4_experts=True, cache_slots=slots or "all"),
+                             device="cpu")
     expected = resident.generate(PROMPT, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids
     assert model.generate(PROMPT, max_new_tokens=32, temperature=0, ignore_eos=True).token_ids == expected
     full = offload_moe.load(tiny_checkpoint[0], device="cpu")
@@ -44,7 +46,7 @@ def test_nf4_on_a_quantized_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_pat
     dst = offload_moe.quantize(tiny_checkpoint[0], tmp_path / "q", experts="int8", attention="fp32",
                                embeddings="fp32", group_size=16, method="rtn")
     with pytest.raises(OffloadMoeError, match="already quantized"):
-        offload_moe.load(dst, device="cpu", nf4_experts=True)
+        offload_moe.load(dst, Placement(nf4_experts=True), device="cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with bitsandbytes")

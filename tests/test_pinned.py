@@ -108,16 +108,16 @@ def test_host_store_budget_counts_what_is_really_pinned(strategy, tmp_path):
         (lambda: Pow2Chunks(rec.alloc))
     layout, E, L = _layout(), 8, 6
     cost3 = make().cost(3 * E, layout.nbytes)
-    store = HostStore(layout, L, E, ram_budget=cost3, pin=True, pinning=make(), offload_dir=tmp_path)
+    store = HostStore(layout, L, E, ram_budget=cost3, pin=make(), offload_dir=tmp_path)
     assert store.ram_layers == 3 and store.pinned_bytes == cost3
     assert store.pinned_bytes == sum(rec.registered.values()) + sum(rec.allocated)
     assert len(store.ram) == 3 and all(len(layer) == E for layer in store.ram)
     assert store.expert(2, 7).numel() == layout.nbytes
     store.close()
-    smaller = HostStore(layout, L, E, ram_budget=cost3 - 1, pin=True, pinning=make(), offload_dir=tmp_path)
+    smaller = HostStore(layout, L, E, ram_budget=cost3 - 1, pin=make(), offload_dir=tmp_path)
     assert smaller.ram_layers == 2
     with pytest.raises(OffloadMoeError, match="smaller than one layer's experts"):
-        HostStore(layout, L, E, ram_budget=make().cost(E, layout.nbytes) - 1, pin=True, pinning=make(),
+        HostStore(layout, L, E, ram_budget=make().cost(E, layout.nbytes) - 1, pin=make(),
                   offload_dir=tmp_path)
 
 

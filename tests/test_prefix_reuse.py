@@ -10,6 +10,7 @@ import torch
 import offload_moe
 from offload_moe.chat_session import ChatSession
 from offload_moe.kv_slots import KVSlots, shared_prefix
+from offload_moe import Placement
 
 TURNS = ["Speak, what news?", "Who comes here?", "What say you, my lord?", "Is the king dead?",
          "Then let us go."]
@@ -138,7 +139,7 @@ def test_context_shift_moves_keys_to_their_new_positions(demo):
 
 def test_a_chat_that_outgrows_the_context_keeps_prefilling_only_new_tokens(tmp_path):
     """A 160-token context: the session drops its oldest turns; the engine shifts the rest."""
-    model = offload_moe.load(dtype=torch.float32, context_length=160)
+    model = offload_moe.load(placement=Placement(context_length=160), dtype=torch.float32)
     session = ChatSession(model, system="Speak as a king.", temperature=0, max_new_tokens=16)
     shifted = 0
     for text in TURNS * 2:

@@ -45,6 +45,7 @@ from offload_moe.tools import convert
 from offload_moe.quant.format import QuantSpec, tensor_kind
 from offload_moe.quant.groupwise import QuantizedWeight, nbytes_for
 from offload_moe.quant.pack import packed_cols
+from offload_moe import Placement
 
 GROUP = 16  # divides hidden 32 and intermediate 48 of the tiny model
 IDS = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -321,7 +322,8 @@ def test_experts_within_step_bound(tiny_checkpoints, tmp_path, layout, method, e
 @pytest.mark.parametrize("offload", ["ram", "disk"])
 def test_offloaded_equals_resident_bitwise(tiny_checkpoint, cache, tmp_path, offload):
     dst = cache.dst(tiny_checkpoint[0], **DEFAULT_MIX)
-    offloaded = offload_moe.load(dst, device="cpu", cache_slots=2, offload=offload, offload_dir=tmp_path / "tier")
+    offloaded = offload_moe.load(dst, Placement(cache_slots=2, offload=offload, offload_dir=tmp_path / "tier"),
+                                 device="cpu")
     assert offloaded.settings.experts == "offloaded"
     assert torch.equal(offloaded.logits(IDS), cache.logits(dst))
     assert greedy(offloaded) == cache.tokens(dst)

@@ -13,6 +13,7 @@ from offload_moe.planner import plan
 from offload_moe.profiles import load_profile
 from offload_moe.quant import QuantizedWeight
 from offload_moe.synthetic import SyntheticCheckpoint, synthetic_config
+from offload_moe import Placement
 
 PROMPT = [3, 17, 42, 5, 66, 23, 9]
 
@@ -51,8 +52,8 @@ def test_full_size_mixtral_int4_builds_fast_and_plans_12gb_without_pinning_137gb
 
 def test_packed_synthetic_offloaded_equals_resident():
     ckpt = SyntheticCheckpoint("mixtral-8x7b", layers=2, scale=0.05, bits=4)
-    resident = offload_moe.load(ckpt, device="cpu", profile=None, cpu_experts="none")
-    offloaded = offload_moe.load(ckpt, device="cpu", profile=None, cache_slots=2, cpu_experts="none")
+    resident = offload_moe.load(ckpt, Placement(cpu_experts="none"), device="cpu", profile=None)
+    offloaded = offload_moe.load(ckpt, Placement(cache_slots=2, cpu_experts="none"), device="cpu", profile=None)
     expect = resident.generate(PROMPT, max_new_tokens=6, temperature=0, ignore_eos=True).token_ids
     assert offloaded.generate(PROMPT, max_new_tokens=6, temperature=0, ignore_eos=True).token_ids == expect
 
@@ -81,6 +82,6 @@ def test_every_known_family_loads_packed(name):
     from offload_moe.synthetic import KNOWN_MODELS
     assert name in KNOWN_MODELS
     ckpt = SyntheticCheckpoint(name, layers=2, scale=0.05, bits=4)
-    model = offload_moe.load(ckpt, device="cpu", profile=None, cache_slots=2)
+    model = offload_moe.load(ckpt, Placement(cache_slots=2), device="cpu", profile=None)
     ids = model.generate(PROMPT, max_new_tokens=2, temperature=0, ignore_eos=True).token_ids
     assert len(ids) == 2 and all(0 <= i < ckpt.config.vocab_size for i in ids)

@@ -42,7 +42,7 @@ def test_kernel_launches_on_the_tensors_device():
     qw = quantize(torch.randn(64, 256) * 0.05, 4, 64).to(dev)
     x = torch.randn(1, 256, device=dev)
     with torch.cuda.device(0):
-        y = kernels_triton.dequant_matmul(x, qw.packed, qw.scales, qw.zeros, 4, 64, 64)
+        y = kernels_triton.dequant_matmul(x, qw)
     torch.testing.assert_close(y, x @ qw.dequantize().T, rtol=1e-4, atol=1e-4)
 
 

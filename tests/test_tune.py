@@ -17,9 +17,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 import offload_moe
-from offload_moe import OffloadMoeError
+from offload_moe import OffloadMoeError, Placement
 from offload_moe.profiles import load_profile
-from offload_moe.tune import (EXPERT_BITS, Row, Setting, TuneResult, cost_model, measure_disk_read, measure_expert_compute,
+from offload_moe.tune import (EXPERT_BITS, ExpertSpec, Row, Setting, TuneOptions, TuneResult, cost_model, measure_disk_read, measure_expert_compute,
                               measure_link_bandwidth, measure_machine, parse_settings, pick_best, tune,
                               write_profile)
 
@@ -74,7 +74,7 @@ def test_cli_tune_writes_a_profile_that_loads(tiny_checkpoint, tmp_path, monkeyp
 
     costs = saved_costs(torch.device("cpu"), ("int4", "int4"))  # the hybrid engine's cost model
     assert costs is not None and costs.link_bytes_per_second > 0 and set(costs.cpu) >= {"bf16", "int2", "fp32"}
-    model = offload_moe.load(directory, device="cpu", profile="tuned", offload_dir=tmp_path / "tier")
+    model = offload_moe.load(directory, Placement(offload_dir=tmp_path / "tier"), device="cpu", profile="tuned")
     assert model.settings.profile == "tuned"
     assert len(model.generate([1, 5, 9], max_new_tokens=4, temperature=0, ignore_eos=True).token_ids) == 4
 
@@ -142,8 +142,8 @@ def test_measurement_functions_return_positive_finite_numbers(tmp_path):
     assert _positive(disk["bytes_per_second"]) and disk["bytes"] == 4 * 2**20
     assert list(tmp_path.iterdir()) == []  # the test file is removed
     for bits in EXPERT_BITS:
-        assert _positive(measure_expert_compute("cpu", 32, 48, bits, repeats=1))
-    m = measure_machine("cpu", (64, 128), disk_bytes=2**20, disk_dir=tmp_path, repeats=1)
+        assert _positive(measure_expert_compute("cpu", ExpertSpec(32, 48), bits, repeats=1))
+    m = measure_machine("cpu", ExpertSpec(64, 128), disk_bytes=2**20, disk_dir=tmp_path, repeats=1)
     numbers = [m["link_bytes_per_second"], m["disk_read_bytes_per_second"], *m["expert_seconds"].values(),
                *m["cpu_expert_seconds"].values(),
                *(t[k] for d in ("device_throughput", "cpu_throughput") for t in m[d].values()
@@ -166,7 +166,7 @@ def _result(measurements: dict) -> TuneResult:
 
 
 def test_written_profile_is_valid_toml_with_the_measurements(tmp_path):
-    m = measure_machine("cpu", (32, 48), disk_bytes=2**20, disk_dir=tmp_path, repeats=1, cpu_forms=False)
+    m = measure_machine("cpu", ExpertSpec(32, 48), disk_bytes=2**20, disk_dir=tmp_path, repeats=1, cpu_forms=False)
     result = _result(m)
     path = write_profile(result, "mine", tmp_path / "profiles")
     text = path.read_text()
@@ -201,9 +201,10 @@ def test_pick_best_prefers_fewer_slots_on_a_tie_and_skips_failures():
 
 def test_tune_library_runs_given_settings_with_progress(tiny_checkpoint, tmp_path):
     seen = []
-    result = tune(tiny_checkpoint[0], device="cpu", tokens=6, settings=[(2, 0, "ram"), Setting(3, 2, "disk")],
-                  progress=lambda what, done, total: seen.append((what, done, total)), offload_dir=tmp_path,
-                  disk_bytes=2**20, measure=False)
+    options = TuneOptions(tokens=6, settings=[(2, 0, "ram"), Setting(3, 2, "disk")], offload_dir=tmp_path,
+                          disk_bytes=2**20, measure=False)
+    result = tune(tiny_checkpoint[0], options, device="cpu",
+                  progress=lambda what, done, total: seen.append((what, done, total)))
     assert [(r.slots, r.prefetch, r.tier) for r in result.rows] == [(2, 0, "ram"), (3, 2, "disk")]
     assert result.best in result.rows and all(r.tokens == 5 and r.error is None for r in result.rows)
     assert all(0 <= r.hit_rate <= 1 and r.decode_tokens_per_second > 0 for r in result.rows)
@@ -211,7 +212,7 @@ def test_tune_library_runs_given_settings_with_progress(tiny_checkpoint, tmp_pat
     assert ("settings", 2, 2) in seen and ("decode", 6, 6) in seen
     assert list(tmp_path.iterdir()) == []  # the disk tier's files are removed
     with pytest.raises(OffloadMoeError, match="tokens"):
-        tune(tiny_checkpoint[0], device="cpu", tokens=1, measure=False)
+        tune(tiny_checkpoint[0], TuneOptions(tokens=1, measure=False), device="cpu")
 
 
 def test_tune_loads_every_setting_from_the_placement_it_is_given(tiny_checkpoint):
@@ -220,7 +221,7 @@ def test_tune_loads_every_setting_from_the_placement_it_is_given(tiny_checkpoint
 
     base = Placement(policy="none", cache_slots=1, prefetch=5)
     assert Setting(2, 0, "disk").placement(base) == Placement(policy="none", cache_slots=2, prefetch=0, offload="disk")
-    result = tune(tiny_checkpoint[0], device="cpu", tokens=6, settings=[(2, 0, "ram")], measure=False, placement=base)
+    result = tune(tiny_checkpoint[0], TuneOptions(tokens=6, settings=[(2, 0, "ram")], measure=False), base, device="cpu")
     assert result.rows[0].error is None and result.rows[0].slots == 2
     assert result.rows[0].hit_rate == 0  # policy "none" reuses no slot: every expert a layer uses is copied
 

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from offload_moe.quant import kernels_triton as kt
-from offload_moe.quant import quantize
+from offload_moe.quant import QuantizedWeight, quantize
 
 TOL = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-7}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -33,7 +33,8 @@ def check(dev: str, bits: int, n: int, k: int, gs: int, batch: int, dtype, seed:
             return "fast_path accepts a packed tensor that is not 4-byte aligned"
     w64 = qw.dequantize(torch.float64)  # [n, k] the oracle's weights
     x = torch.randn(batch, k, generator=g).to(dtype)
-    y = kt.dequant_matmul(x.to(dev), packed.to(dev), qw.scales.to(dev), qw.zeros.to(dev), bits, gs, n, **kw)
+    moved = QuantizedWeight(packed.to(dev), qw.scales.to(dev), qw.zeros.to(dev), bits, gs, (n, k))
+    y = kt.dequant_matmul(x.to(dev), moved, **kw)
     ref = x.double() @ w64.T  # [batch, n]
     bound = x.double().abs() @ w64.abs().T
     if y.dtype != dtype or tuple(y.shape) != (batch, n):

@@ -53,6 +53,6 @@ progress goes through the `progress(what, done, total)` callback.
 from .hf_offload import hf_offload_generate
 from .measure import measure_memcpy
 from .rows import ROW_FIELDS
-from .run import FORMAT, run_bench
+from .run import FORMAT, BenchOptions, run_bench
 
-__all__ = ["run_bench", "measure_memcpy", "ROW_FIELDS", "FORMAT", "hf_offload_generate"]
+__all__ = ["run_bench", "BenchOptions", "measure_memcpy", "ROW_FIELDS", "FORMAT", "hf_offload_generate"]

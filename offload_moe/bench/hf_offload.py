@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import gc
 import importlib.util
 import shutil
@@ -41,8 +43,8 @@ def run_accelerate(run: Run, name: str, label: str, gpu_budget: int | None) -> d
         max_memory[index] = int(gpu_budget)
     settings["max_memory"] = {str(k): v for k, v in max_memory.items()}
     try:
-        measured = hf_offload_generate(run.ckpt.path, dtype=run.dtype, max_memory=max_memory or None,
-                                       prompt=run.prompt, tokens=run.tokens, trace=run.trace, seed=run.seed,
+        measured = hf_offload_generate(run.ckpt.path, Workload(run.prompt, run.tokens, run.trace, run.seed),
+                                       dtype=run.dtype, max_memory=max_memory or None,
                                        input_device=torch.device("cuda", index), report=run.report)
     except torch.cuda.OutOfMemoryError as e:
         return skipped_row(name, label, f"out of memory on {run.device}: {str(e).splitlines()[0]}", settings)
@@ -58,12 +60,23 @@ def run_accelerate(run: Run, name: str, label: str, gpu_budget: int | None) -> d
     return row
 
 
-def hf_offload_generate(path, *, dtype, max_memory, prompt: list[int], tokens: int, trace: Trace | None,
-                        seed: int, input_device: torch.device, report: Progress) -> dict:
+@dataclass(frozen=True)
+class Workload:
+    """What a baseline generates: greedy `tokens` tokens after `prompt`, routes forced to `trace` (seeded
+    guesses) when given."""
+    prompt: list[int]
+    tokens: int
+    trace: Trace | None = None
+    seed: int = 0
+
+
+def hf_offload_generate(path, work: Workload, *, dtype, max_memory, input_device: torch.device,
+                        report: Progress) -> dict:
     """Greedy generation with transformers' MixtralForCausalLM dispatched by accelerate
     (`device_map="auto"` under `max_memory`, the rest offloaded to CPU RAM or a temporary disk folder),
-    routes forced to `trace` when given. Returns the row's timing and transfer fields plus
+    routes forced to `work.trace` when given. Returns the row's timing and transfer fields plus
     `device_map`, `offloaded_bytes_per_forward` and `wrapped`."""
+    prompt, tokens, trace, seed = work.prompt, work.tokens, work.trace, work.seed
     from transformers import MixtralForCausalLM
     from transformers.utils import logging as hf_logging
 

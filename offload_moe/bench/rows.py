@@ -11,6 +11,7 @@ import torch
 from ..generate import DecodeTiming, Sampling, decode_tokens
 from ..loader import load
 from ..profiles import Profile
+from ..options import Placement
 from ..runtime import Progress, available_ram
 from ..tools.trace import Trace, TraceRouter
 from .bounds import belady_rates, hit_rate_curve
@@ -98,17 +99,15 @@ def run_ours(run: Run, name: str, label: str, *, cache_slots, prefetch: int, pol
 def _measure_ours(run: Run, row: dict, *, cache_slots, prefetch: int, policy: str, guess: bool,
                   engine: bool) -> dict:
     offloaded, settings = cache_slots != "all", row["settings"]
-    extra = {}
-    # baselines copy every miss; the engine row is load's default unless told
+    # baselines copy every miss; the engine row is load's default unless told (None)
     cpu = (run.cpu_experts if engine else "none") if offloaded else None
-    if cpu is not None:
-        extra["cpu_experts"] = cpu
+    placement = Placement(context_length=run.context, cache_slots=cache_slots, prefetch=prefetch, policy=policy,
+                          offload=run.offload, ram_budget=run.ram_budget, offload_dir=run.offload_dir,
+                          record_trace=offloaded, cpu_experts=cpu)
     rss_reset = reset_peaks(run.device)
     t0 = time.perf_counter()
-    model = load(run.ckpt, device=run.device, dtype=run.dtype, profile=run.profile, context_length=run.context,
-                 cache_slots=cache_slots, prefetch=prefetch, policy=policy,
-                 offload=run.offload, ram_budget=run.ram_budget, offload_dir=run.offload_dir,
-                 record_trace=offloaded, progress=run.report, threads=None, **extra)  # bench's threads, as set
+    model = load(run.ckpt, placement, device=run.device, dtype=run.dtype, profile=run.profile, progress=run.report,
+                 threads=None)  # bench's threads, as set
     row["load_seconds"] = time.perf_counter() - t0
     settings["cpu_experts"] = model.settings.cpu_experts
     router = None

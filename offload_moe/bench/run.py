@@ -7,7 +7,7 @@ import datetime
 import shutil
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from .. import __version__
 from ..runtime import Progress, place, resolve_device, resolve_dtype
 from ..sources import open_checkpoint
 from ..errors import OffloadMoeError
+from ..options import Placement
 from ..experts.layout import ExpertLayout
 from ..experts.interface import ExpertWeights
 from ..tools.trace import Trace, load_trace, synthesize
@@ -30,56 +31,73 @@ from .settings import apply_vram_limit, resolve_settings, show_slots
 FORMAT = "offload-moe-bench/1"
 
 
-def run_bench(source, *, device: str = "auto", dtype=None, tokens: int = 32, prompt_tokens: int = 16,
-              trace: Trace | str | Path | None = None, trace_reuse: float | None = None,
-              guess_accuracy: float | None = 0.8, vram_limit: int | str | None = None,
-              cache_slots: int | str | None = None, prefetch: int | None = None, profile: str | None = None,
-              offload: str | None = None, ram_budget=None, offload_dir=None, cpu_experts=None, seed: int = 0,
-              baselines: bool = True, repeats: int = 3, progress: Progress | None = None) -> dict:
-    """Benchmark `source` (a checkpoint directory, or an opened `Checkpoint` / `SyntheticCheckpoint`)
-    and return the results as a JSON-ready dict (schema: docs/trace-format.md).
+@dataclass(frozen=True)
+class BenchOptions:
+    """What a bench run measures (the engine row's placement is a `Placement` beside it).
 
     tokens: tokens generated per row (greedy, EOS ignored); prompt_tokens: prompt length (seeded
     random ids). trace: a `Trace` or trace file to replay; trace_reuse: synthesize one with that
     reuse probability instead; neither: the model's own routers decide. guess_accuracy: under replay,
-    the accuracy of the emulated prefetch guess (None: the model's routers guess). cache_slots /
-    prefetch: the engine row's settings (default: from `profile` when given, else
-    max(top_k, num_experts // 2) slots and prefetch 1). vram_limit: bytes or "12GB", applied with
-    `torch.cuda.set_per_process_memory_fraction` on CUDA (recorded as not applicable on the CPU).
-    cpu_experts: the engine row's `load(cpu_experts=...)` (None: load's default; the baselines always
-    copy, "none"). baselines=False runs the engine row only. repeats: rounds of every row, interleaved
-    (each row reports its median run and the spread; see repeat.py).
+    the accuracy of the emulated prefetch guess (None: the model's routers guess). vram_limit: bytes
+    or "12GB", applied with `torch.cuda.set_per_process_memory_fraction` on CUDA (recorded as not
+    applicable on the CPU). baselines=False runs the engine row only. repeats: rounds of every row,
+    interleaved (each row reports its median run and the spread; see repeat.py)."""
+    tokens: int = 32
+    prompt_tokens: int = 16
+    trace: Trace | str | Path | None = None
+    trace_reuse: float | None = None
+    guess_accuracy: float | None = 0.8
+    vram_limit: int | str | None = None
+    seed: int = 0
+    baselines: bool = True
+    repeats: int = 3
+
+    def check(self) -> None:
+        for name in ("tokens", "prompt_tokens", "repeats"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise OffloadMoeError(f"{name} = {v!r}, expected an integer >= 1")
+        if self.trace is not None and self.trace_reuse is not None:
+            raise OffloadMoeError("give a trace file or a reuse probability to synthesize one, not both")
+        g = self.guess_accuracy
+        if g is not None and not (isinstance(g, (int, float)) and 0 <= g <= 1):
+            raise OffloadMoeError(f"guess accuracy = {g!r}, expected a probability from 0 to 1")
+
+
+def run_bench(source, options: BenchOptions | None = None, placement: Placement | None = None, *,
+              device: str = "auto", dtype=None, profile: str | None = None,
+              progress: Progress | None = None) -> dict:
+    """Benchmark `source` (a checkpoint directory, or an opened `Checkpoint` / `SyntheticCheckpoint`)
+    as `options` says and return the results as a JSON-ready dict (schema: docs/trace-format.md).
+
+    placement: the engine row's `cache_slots` and `prefetch` (default: from `profile` when given, else
+    max(top_k, num_experts // 2) slots and prefetch 1), `offload`, `ram_budget`, `offload_dir` and
+    `cpu_experts` (None: load's default; the baselines always copy, "none"); other fields are ignored.
     """
+    opts = options or BenchOptions()
+    placement = placement or Placement()
     report = progress or (lambda what, done, total: None)
     notes: list[str] = []
-    for name, v in (("tokens", tokens), ("prompt_tokens", prompt_tokens), ("repeats", repeats)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise OffloadMoeError(f"{name} = {v!r}, expected an integer >= 1")
-    if trace is not None and trace_reuse is not None:
-        raise OffloadMoeError("give a trace file or a reuse probability to synthesize one, not both")
-    if guess_accuracy is not None and not (isinstance(guess_accuracy, (int, float)) and 0 <= guess_accuracy <= 1):
-        raise OffloadMoeError(f"guess accuracy = {guess_accuracy!r}, expected a probability from 0 to 1")
+    opts.check()
 
     ckpt = source if hasattr(source, "expert") else open_checkpoint(source)
     cfg = ckpt.config
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, cfg.torch_dtype)
-    context = prompt_tokens + tokens
+    context = opts.prompt_tokens + opts.tokens
     if context > cfg.max_position_embeddings:
         raise OffloadMoeError(f"prompt_tokens + tokens = {context} exceed the model's "
                               f"{cfg.max_position_embeddings} positions")
-    slots, prefetch, limit = resolve_settings(cfg, device, dtype, cache_slots, prefetch, profile, vram_limit, notes)
+    slots, prefetch, limit = resolve_settings(cfg, device, dtype, placement.cache_slots, placement.prefetch, profile,
+                                              opts.vram_limit, notes)
     before = torch.cuda.get_per_process_memory_fraction(device) if device.type == "cuda" else None
     vram = apply_vram_limit(limit, device, notes)
-    scratch = None
-    if offload_dir is None:  # one folder for every row's disk tier (if any), removed at the end
+    scratch = offload_dir = None
+    if placement.offload_dir is None:  # one folder for every row's disk tier (if any), removed at the end
         offload_dir = scratch = tempfile.mkdtemp(prefix="offload-moe-bench-")
+    engine = replace(placement, cache_slots=slots, prefetch=prefetch, offload_dir=placement.offload_dir or offload_dir)
     try:
-        return _bench(ckpt, cfg, device, dtype, tokens=tokens, prompt_tokens=prompt_tokens, trace=trace,
-                      trace_reuse=trace_reuse, guess_accuracy=guess_accuracy, slots=slots, prefetch=prefetch,
-                      profile=profile, limit=limit, vram=vram, offload=offload, ram_budget=ram_budget,
-                      offload_dir=offload_dir, cpu_experts=cpu_experts, seed=seed, baselines=baselines,
-                      repeats=repeats, report=report, notes=notes)
+        return _bench(ckpt, device, dtype, opts, engine, Limits(profile, limit, vram), report, notes)
     finally:
         if before is not None:
             torch.cuda.set_per_process_memory_fraction(before, device)
@@ -87,21 +105,28 @@ def run_bench(source, *, device: str = "auto", dtype=None, tokens: int = 32, pro
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _bench(ckpt, cfg, device, dtype, *, tokens, prompt_tokens, trace, trace_reuse, guess_accuracy, slots, prefetch,
-           profile, limit, vram, offload, ram_budget, offload_dir, cpu_experts, seed, baselines, repeats, report,
-           notes) -> dict:
+@dataclass(frozen=True)
+class Limits:
+    profile: object          # the profile the engine row's settings came from (a name, a Profile, None)
+    limit: int | None        # the VRAM limit asked for, bytes
+    vram: dict               # what apply_vram_limit did
+
+
+def _bench(ckpt, device, dtype, opts: BenchOptions, engine: Placement, limits: Limits, report, notes) -> dict:
+    cfg = ckpt.config
+    tokens, prompt_tokens, seed, repeats = opts.tokens, opts.prompt_tokens, opts.seed, opts.repeats
+    slots, prefetch, profile, limit = engine.cache_slots, engine.prefetch, limits.profile, limits.limit
     synthetic = not Path(ckpt.path).exists()
     context = prompt_tokens + tokens
     moe_layers = list(cfg.moe_layers)   # the engine numbers these 0, 1, ...
-    trace, routing = _routing(cfg, len(moe_layers), context, trace, trace_reuse, guess_accuracy, seed, synthetic,
-                              notes)
+    trace, routing = _routing(cfg, len(moe_layers), context, opts, synthetic, notes)
 
     g = torch.Generator().manual_seed(seed)
     low = min(3, cfg.vocab_size - 1)
     prompt = torch.randint(low, cfg.vocab_size, (prompt_tokens,), generator=g).tolist()
     run = Run(ckpt, synthetic, cfg, len(moe_layers), device, dtype, prompt, tokens, context, trace,
-              guess_accuracy if trace is not None else None, seed, offload, ram_budget, offload_dir,
-              profile, limit if device.type == "cuda" else None, cpu_experts, report)
+              opts.guess_accuracy if trace is not None else None, seed, engine.offload, engine.ram_budget,
+              engine.offload_dir, profile, limit if device.type == "cuda" else None, engine.cpu_experts, report)
 
     first = ckpt.expert(moe_layers[0], 0)
     bytes_per_expert = ExpertLayout(ExpertWeights(**{k: place(v, "cpu", dtype) for k, v in first.items()})).nbytes
@@ -113,7 +138,7 @@ def _bench(ckpt, cfg, device, dtype, *, tokens, prompt_tokens, trace, trace_reus
              cache_slots=slots, prefetch=prefetch, policy="lru", guess=True, engine=True)
     warmup_seconds = time.perf_counter() - t0
 
-    plan = ["engine"] + (["resident", "on_demand", "lru", "accelerate"] if baselines else [])
+    plan = ["engine"] + (["resident", "on_demand", "lru", "accelerate"] if opts.baselines else [])
     runs: dict[str, list[dict]] = {name: [] for name in plan}
     memcpy_rounds = []
     dense_bytes, wrapped, fits, curve = None, False, None, None
@@ -178,10 +203,10 @@ def _bench(ckpt, cfg, device, dtype, *, tokens, prompt_tokens, trace, trace_reus
                   "moe_layers": len(moe_layers),
                   "expert_bytes_total": bytes_per_expert * len(moe_layers) * cfg.num_experts},
         "device": device_info(device),
-        "vram_limit": vram,
+        "vram_limit": limits.vram,
         "settings": {"tokens": tokens, "prompt_tokens": prompt_tokens, "cache_slots": slots, "prefetch": prefetch,
-                     "profile": getattr(profile, "name", profile), "offload": offload, "seed": seed,
-                     "baselines": baselines, "repeats": repeats},
+                     "profile": getattr(profile, "name", profile), "offload": engine.offload, "seed": seed,
+                     "baselines": opts.baselines, "repeats": repeats},
         "routing": routing | {"wrapped": routing["wrapped"] or wrapped},
         "memcpy": memcpy,
         "warmup_seconds": warmup_seconds,
@@ -194,10 +219,11 @@ def _bench(ckpt, cfg, device, dtype, *, tokens, prompt_tokens, trace, trace_reus
     }
 
 
-def _routing(cfg, moe_layers: int, context: int, trace, trace_reuse, guess_accuracy, seed: int, synthetic: bool,
+def _routing(cfg, moe_layers: int, context: int, opts: BenchOptions, synthetic: bool,
              notes: list[str]) -> tuple[Trace | None, dict]:
     """The routing every row shares: the trace to replay (loaded, synthesized, or None: the model's
     routers decide) and its description for the result."""
+    trace, trace_reuse, guess_accuracy, seed = opts.trace, opts.trace_reuse, opts.guess_accuracy, opts.seed
     routing: dict = {"kind": "router", "file": None, "source": None, "trace_model": None, "trace_layers": None,
                      "trace_tokens": None, "reuse": None, "guess": "router", "guess_accuracy": None, "wrapped": False}
     if isinstance(trace, (str, Path)):

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..bench import run_bench
+from ..bench import BenchOptions, run_bench
+from ..options import Placement
 from ..errors import OffloadMoeError
 from ..runtime import DEMO_DIR
 from ..synthetic import KNOWN_MODELS, SyntheticCheckpoint
@@ -111,11 +112,11 @@ def run(args) -> int:
     if args.plot:
         check_plot_target(args.plot)
     with progress_bar() as report:
-        result = run_bench(source, device=args.device, dtype=args.dtype, tokens=args.tokens,
-                           prompt_tokens=args.prompt_tokens, trace=args.trace, trace_reuse=args.trace_reuse,
-                           guess_accuracy=guess, vram_limit=args.vram_limit, cache_slots=slots,
-                           prefetch=args.prefetch, profile=args.profile, seed=args.seed,
-                           baselines=not args.no_baselines, repeats=args.repeats, progress=report)
+        options = BenchOptions(tokens=args.tokens, prompt_tokens=args.prompt_tokens, trace=args.trace,
+                               trace_reuse=args.trace_reuse, guess_accuracy=guess, vram_limit=args.vram_limit,
+                               seed=args.seed, baselines=not args.no_baselines, repeats=args.repeats)
+        result = run_bench(source, options, Placement(cache_slots=slots, prefetch=args.prefetch),
+                           device=args.device, dtype=args.dtype, profile=args.profile, progress=report)
     # the tables fit 80 columns; a pipe or file gets them at 120 (rich would otherwise assume 80)
     out = stdout if stdout.is_terminal else Console(soft_wrap=True, width=120, color_system=None)
     for table in results_tables(result):

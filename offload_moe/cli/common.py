@@ -6,7 +6,7 @@ from pathlib import Path
 import secrets
 import sys
 
-from .. import load
+from .. import Placement, load
 from ..errors import OffloadMoeError
 from ..hub import parse_reference, resolve
 from ..generate import DEFAULT_SAMPLING
@@ -99,10 +99,11 @@ def load_kwargs(args) -> dict:
     slots = args.cache_slots
     if slots is not None and slots != "all":
         slots = int(slots) if slots.isdigit() else slots
-    return dict(device=args.device, dtype=args.dtype, profile=args.profile, context_length=args.context_length, cache_slots=slots,
-                prefetch=args.prefetch, offload=args.offload, ram_budget=args.ram_budget,
-                offload_dir=args.offload_dir, nf4_experts=args.nf4_experts,
-                force_context=getattr(args, "force_context", False), requantize=args.requantize,
+    placement = Placement(context_length=args.context_length, cache_slots=slots, prefetch=args.prefetch,
+                          offload=args.offload, ram_budget=args.ram_budget, offload_dir=args.offload_dir,
+                          nf4_experts=args.nf4_experts, force_context=getattr(args, "force_context", False))
+    return dict(placement=placement, device=args.device, dtype=args.dtype, profile=args.profile,
+                requantize=args.requantize,
                 threads=getattr(args, "threads", None))  # main() set them (None: leave torch's setting)
 
 

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from ..runtime import fmt_bytes, parse_bytes
 from ..errors import OffloadMoeError
-from ..tune import (DISK_TEST_BYTES, cost_model, measurement_lines, parse_settings, profile_path, tune,
+from ..tune import (DISK_TEST_BYTES, TuneOptions, cost_model, measurement_lines, parse_settings, profile_path, tune,
                     write_profile)
 from .common import MODEL_HELP, add_threads_argument, check_model_argument, fetch
 from .console import progress_bar, stderr, stdout
@@ -58,8 +58,9 @@ def run(args) -> int:
     disk_bytes = parse_bytes(args.disk_test) if args.disk_test else DISK_TEST_BYTES
     model = fetch(args.model)  # a Hugging Face repo id: from the cache, else downloaded
     with progress_bar() as report:
-        result = tune(model, device=args.device, tokens=args.tokens, settings=settings, progress=report,
-                      offload_dir=args.offload_dir, disk_bytes=disk_bytes, setting_seconds=args.seconds_per_setting)
+        options = TuneOptions(tokens=args.tokens, settings=settings, offload_dir=args.offload_dir,
+                              disk_bytes=disk_bytes, setting_seconds=args.seconds_per_setting)
+        result = tune(model, options, device=args.device, progress=report)
     path = write_profile(result, args.name, args.output, force=args.force)
     costs = cost_model(result.measurements, source=f"offload-moe tune, {result.date}")
     costs_file = None

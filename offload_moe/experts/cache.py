@@ -84,11 +84,20 @@ class StreamedCpuExpert(Expert):
         return y
 
 
+@dataclass(frozen=True)
+class Hybrid:
+    """The hybrid engine's CPU side: the `CpuTier` the CPU computes from, the cost model that says
+    whether a miss is copied or computed there, and how many of a layer's last steps count as recent
+    (a miss used in them is copied: it is likely to be used again)."""
+    tier: object
+    costs: CostModel
+    recent: int = 2
+
+
 class ExpertCache:
     def __init__(self, store: HostStore, *, device: torch.device, slots: list[int], prefetch: int = 1,
                  policy: Callable[[int], object] = lambda layer: LRU(), record_trace: bool = False,
-                 cpu=None, costs: CostModel | None = None, recent: int = 2,
-                 activation: Activation = Activation()):
+                 hybrid: Hybrid | None = None, activation: Activation = Activation()):
         L, E = store.num_layers, store.num_experts
         if len(slots) != L or any(not 1 <= k <= E for k in slots):
             raise ValueError(f"slots per layer must be {L} values in 1..{E}, got {slots}")
@@ -107,8 +116,9 @@ class ExpertCache:
         self.trace: list[list[list[int]]] | None = [[] for _ in range(L)] if record_trace else None
         self.cuda = self.device.type == "cuda"
         # The hybrid: a `CpuTier` the CPU computes from, the cost model, each layer's last steps.
+        cpu, costs, recent = (hybrid.tier, hybrid.costs, hybrid.recent) if hybrid else (None, None, 2)
         if (cpu is None) != (costs is None):
-            raise ValueError("the CPU tier and the cost model go together: pass both cpu= and costs= or neither")
+            raise ValueError("the CPU tier and the cost model go together: a Hybrid needs both")
         self.cpu, self.costs = cpu, costs
         self.device_format = expert_format(self.views[0][0]) if costs else None
         self.recent: list[deque[frozenset[int]]] = [deque(maxlen=recent) for _ in range(L)]

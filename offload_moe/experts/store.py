@@ -30,11 +30,11 @@ def human(n: int) -> str:
 
 class HostStore:
     def __init__(self, layout: ExpertLayout, num_layers: int, num_experts: int, *, offload: str = "ram",
-                 ram_budget: int | None = None, offload_dir: str | Path | None = None, pin: bool = False,
-                 pinning=None, check_ram=None):
-        """pinning: how pinned memory is made (pinned.Registered / pinned.Pow2Chunks; default: the
-        first that works here); only used when pin is true. check_ram(what, bytes): raises if the
-        RAM tier would not fit in the RAM available (called before it is allocated)."""
+                 ram_budget: int | None = None, offload_dir: str | Path | None = None, pin=False, check_ram=None):
+        """pin: False, True (pinned, made the first way that works here) or how pinned memory is made
+        (a `pinned.Registered` / `pinned.Pow2Chunks`). check_ram(what, bytes): raises if the RAM tier
+        would not fit in the RAM available (called before it is allocated)."""
+        pin, pinning = (pin, None) if isinstance(pin, bool) else (True, pin)
         if offload not in ("ram", "disk"):
             raise OffloadMoeError(f"offload = {offload!r}, expected 'ram' or 'disk'")
         self.layout, self.num_layers, self.num_experts = layout, num_layers, num_experts

@@ -205,8 +205,7 @@ def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = No
 
         small = x.numel() // x.shape[-1] <= kernels_triton.MAX_BATCH
         if kernels_triton.supports(x, qw.bits) and (use_triton or small):
-            y = kernels_triton.dequant_matmul(x.reshape(-1, x.shape[-1]), qw.packed, qw.scales, qw.zeros,
-                                              qw.bits, qw.group_size, qw.shape[0])  # [B, out]
+            y = kernels_triton.dequant_matmul(x.reshape(-1, x.shape[-1]), qw)  # [B, out]
             y = y.view(*x.shape[:-1], qw.shape[0])
             return y + bias if bias is not None else y
     if x.is_cuda:  # long inputs: dequantize a bounded chunk of rows at a time

@@ -306,10 +306,9 @@ def _block_b(batch: int, dot: bool) -> int:
     return 16 if dot else triton.next_power_of_2(batch)
 
 
-def dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   bits: int, group_size: int, out_features: int, *, config: dict | None = None,
-                   kernel: str | None = None) -> torch.Tensor:
-    """x [B, in] @ dequantized([out, in]).T -> [B, out] in x's dtype, via a fused kernel.
+def dequant_matmul(x: torch.Tensor, qw, *, config: dict | None = None, kernel: str | None = None) -> torch.Tensor:
+    """x [B, in] @ dequantized(qw [out, in]).T -> [B, out] in x's dtype, via a fused kernel; `qw` a
+    `groupwise.QuantizedWeight` (its packed codes, fp16 scales and zeros, bits, group size, shape).
 
     kernel: None picks ("gemv" up to GEMV_MAX_BATCH rows, "gemm" above, "generic" where the word
     kernels do not apply); config: one entry of GEMV_CONFIGS / GEMM_CONFIGS instead of autotuning
@@ -317,7 +316,8 @@ def dequant_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed: use groupwise.qlinear, which falls back to torch")
     x = x.contiguous()
-    packed, scales, zeros = packed.contiguous(), scales.contiguous(), zeros.contiguous()
+    packed, scales, zeros = qw.packed.contiguous(), qw.scales.contiguous(), qw.zeros.contiguous()
+    bits, group_size, out_features = qw.bits, qw.group_size, qw.shape[0]
     batch, in_features = x.shape
     y = torch.empty(batch, out_features, dtype=x.dtype, device=x.device)
     if batch == 0 or out_features == 0:

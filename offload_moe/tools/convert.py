@@ -33,6 +33,8 @@ outright (SIGKILL, power loss) is removed by the next quantize to the same `dst`
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
+
 import errno
 import json
 import math
@@ -69,20 +71,35 @@ def shard_name(index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
-def quantize(src, dst, *, experts: str = "int3", attention: str = "int4", embeddings: str = "bf16",
-             group_size: int = 64, method: str = "hqq", progress: Progress | None = None,
-             device: str = "auto") -> Path:
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """experts / attention / embeddings: "int2", "int3", "int4", "int8" (groupwise, packed) or "bf16",
+    "fp16", "fp32" (stored as floats of that dtype). group_size: input weights per fp16 scale/zero
+    (must divide every quantized input width). method: "hqq" (default) or "rtn"."""
+    experts: str = "int3"
+    attention: str = "int4"
+    embeddings: str = "bf16"
+    group_size: int = 64
+    method: str = "hqq"
+
+
+def quantize(src, dst, options: QuantizeOptions | None = None, *, progress: Progress | None = None,
+             device: str = "auto", **given) -> Path:
     """Write a quantized copy of checkpoint directory `src` to the new directory `dst`; returns dst.
 
-    experts / attention / embeddings: "int2", "int3", "int4", "int8" (groupwise, packed) or "bf16",
-    "fp16", "fp32" (stored as floats of that dtype). group_size: input weights per fp16 scale/zero
-    (must divide every quantized input width). method: "hqq" (default) or "rtn".
+    options: the widths, group size and method (`QuantizeOptions`), its fields replaced by those given
+    as keywords (`quantize(src, dst, experts="int4")`; an unknown one is a TypeError).
     progress(what, done_bytes, total_bytes) is called as source bytes are converted.
     device: where the quantization arithmetic runs ("auto": CUDA when available; HQQ on a CPU does
     roughly 1-3 M weights/s, hours for Mixtral-8x7B). Only one matrix at a time is moved there; on
     another device the codes may differ in rare rounding ties.
     Raises OffloadMoeError (one line) for bad arguments, an existing dst, a source that is not a
     checkpoint or is already quantized, and a full disk; dst is then left as it was."""
+    unknown = sorted(set(given) - {f.name for f in fields(QuantizeOptions)})
+    if unknown:
+        raise TypeError(f"quantize() got an unexpected keyword argument {unknown[0]!r}")
+    o = replace(options or QuantizeOptions(), **given)
+    experts, attention, embeddings, group_size, method = o.experts, o.attention, o.embeddings, o.group_size, o.method
     settings = {"experts": experts, "attention": attention, "embeddings": embeddings}
     for kind, value in settings.items():
         check_setting(kind, value, "quantize")

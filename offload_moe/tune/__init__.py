@@ -32,13 +32,13 @@ The modules: `machine` (link and expert compute, the cost model), `disk` (the di
 
 from ..runtime import Progress
 from .disk import DISK_TEST_BYTES, filesystem_type, measure_disk_read
-from .machine import (EXPERT_BITS, FLOAT_WIDTHS, cost_model, measure_expert_compute, measure_expert_throughput,
+from .machine import (EXPERT_BITS, FLOAT_WIDTHS, ExpertSpec, cost_model, measure_expert_compute, measure_expert_throughput,
                       measure_link_bandwidth, measure_machine, pick_group_size, random_expert)
 from .profile_file import check_name, measurement_lines, profile_path, profile_text, write_profile
-from .search import PROMPT_TEXT, prompt_ids, tune
+from .search import PROMPT_TEXT, TuneOptions, prompt_ids, tune
 from .settings import TIERS, Row, Setting, TuneResult, parse_settings, pick_best
 
-__all__ = ["measure_machine", "measure_link_bandwidth", "measure_disk_read", "measure_expert_compute",
+__all__ = ["ExpertSpec", "TuneOptions", "measure_machine", "measure_link_bandwidth", "measure_disk_read", "measure_expert_compute",
            "measure_expert_throughput", "cost_model", "tune", "write_profile", "profile_text", "pick_best", "parse_settings",
            "Setting", "Row", "TuneResult", "EXPERT_BITS",
            # also public: what the CLI and the other modules use

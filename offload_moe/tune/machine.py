@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,22 @@ from .disk import DISK_TEST_BYTES, measure_disk_read
 
 EXPERT_BITS = ("bf16", "int8", "int4", "int3", "int2")
 FLOAT_WIDTHS = ("bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """The expert a measurement times: its shape, the activations' dtype (float widths compute in their
+    own), the group size of packed widths (None: `pick_group_size`) and the bytes one miss copies
+    (None: the expert at bf16)."""
+    hidden: int
+    intermediate: int
+    dtype: torch.dtype = torch.bfloat16
+    group_size: int | None = None
+    nbytes: int | None = None
+
+    @property
+    def group(self) -> int:
+        return self.group_size or pick_group_size(self.hidden, self.intermediate)
 
 
 def measure_link_bandwidth(device: torch.device | str, nbytes: int, *, repeats: int = 5) -> float:
@@ -73,66 +90,57 @@ def random_expert(hidden: int, intermediate: int, bits: str, device: torch.devic
                             for name, shape in shapes.items()})
 
 
-def measure_expert_throughput(device: torch.device | str, hidden: int, intermediate: int, bits: str, *,
-                              dtype: torch.dtype = torch.bfloat16, group_size: int | None = None,
-                              cpu_form: bool = False, tokens: int = 8, repeats: int = 3):
-    """`experts.costs.Throughput` of one expert of this shape and width: `expert_forward` at 1 and
-    `tokens` tokens of `dtype` activations (float widths: their own dtype), timed by
+def measure_expert_throughput(device: torch.device | str, expert: ExpertSpec, bits: str, *, cpu_form: bool = False,
+                              tokens: int = 8, repeats: int = 3):
+    """`experts.costs.Throughput` of one `expert` at width `bits`: `expert_forward` at 1 and `tokens`
+    tokens of the spec's activations (float widths: their own dtype), timed by
     `experts.cost_timing.measure_throughput`.
 
     cpu_form=False: the weights on `device` as an expert slot holds them, so ints go through
     `qlinear` (the fused kernel on CUDA where available, dequantize + F.linear elsewhere).
     cpu_form=True: on the CPU in the form the hybrid's CPU tier computes from (`cpu.kernels`:
     torch's int4 CPU kernel where the shape allows it)."""
-    return _throughput(device, hidden, intermediate, bits, dtype=dtype, group_size=group_size, cpu_form=cpu_form,
-                       tokens=tokens, repeats=repeats)[0]
+    return _throughput(device, expert, bits, cpu_form=cpu_form, tokens=tokens, repeats=repeats)[0]
 
 
-def _throughput(device, hidden, intermediate, bits, *, dtype, group_size, cpu_form, tokens, repeats):
+def _throughput(device, expert: ExpertSpec, bits, *, cpu_form, tokens, repeats):
     """(Throughput, weight bytes one forward reads)."""
+    hidden, intermediate, dtype = expert.hidden, expert.intermediate, expert.dtype
     if bits in FLOAT_SETTINGS:  # float weights compute in their own dtype, as the model does
         dtype = getattr(torch, FLOAT_SETTINGS[bits])
-    group = group_size or pick_group_size(hidden, intermediate)
     if cpu_form:
-        w = to_cpu_form(random_expert(hidden, intermediate, bits, "cpu", dtype=dtype, group_size=group))
+        w = to_cpu_form(random_expert(hidden, intermediate, bits, "cpu", dtype=dtype, group_size=expert.group))
     else:
-        w = random_expert(hidden, intermediate, bits, device, dtype=dtype, group_size=group)
+        w = random_expert(hidden, intermediate, bits, device, dtype=dtype, group_size=expert.group)
     throughput = measure_throughput(w, hidden, tokens=tokens, repeats=repeats, dtype=dtype)
     nbytes = weight_nbytes(w)
     del w
     return throughput, nbytes
 
 
-def measure_expert_compute(device: torch.device | str, hidden: int, intermediate: int, bits: str, *,
-                           dtype: torch.dtype = torch.bfloat16, group_size: int | None = None,
-                           repeats: int = 3) -> float:
+def measure_expert_compute(device: torch.device | str, expert: ExpertSpec, bits: str, *, repeats: int = 3) -> float:
     """Seconds for one expert's SwiGLU on one token at `bits` on `device`, weights as a slot holds
     them (see `measure_expert_throughput`)."""
-    t, nbytes = _throughput(device, hidden, intermediate, bits, dtype=dtype, group_size=group_size,
-                            cpu_form=False, tokens=1, repeats=repeats)
+    t, nbytes = _throughput(device, expert, bits, cpu_form=False, tokens=1, repeats=repeats)
     return t.seconds(nbytes, 1)
 
 
-def measure_machine(device: torch.device | str, expert_shape: tuple[int, int], *, expert_bytes: int | None = None,
-                    bits: Iterable[str] = EXPERT_BITS, dtype: torch.dtype = torch.bfloat16,
-                    group_size: int | None = None, disk_bytes: int = DISK_TEST_BYTES,
-                    disk_dir: str | Path | None = None, repeats: int = 3, cpu_forms: bool = True,
-                    progress: Progress | None = None) -> dict:
-    """Link bandwidth, disk read bandwidth and per-width expert compute for an expert of
-    `expert_shape` = (hidden, intermediate). `expert_bytes` is the size one miss copies (default:
-    the expert at bf16). Every figure is a positive finite number.
+def measure_machine(device: torch.device | str, expert: ExpertSpec, *, bits: Iterable[str] = EXPERT_BITS,
+                    disk_bytes: int = DISK_TEST_BYTES, disk_dir: str | Path | None = None, repeats: int = 3,
+                    cpu_forms: bool = True, progress: Progress | None = None) -> dict:
+    """Link bandwidth, disk read bandwidth and per-width expert compute for `expert` (one miss copies
+    `expert.nbytes`). Every figure is a positive finite number.
 
     Keys: link_bytes_per_second, disk_read_bytes_per_second (+ disk_cold: whether the page cache
     was dropped), expert_seconds {width: seconds for one token on the device}, and for the cost
     model of the hybrid engine `device_throughput` and (cpu_forms) `cpu_throughput`
     {width: {"bytes_per_second", "token_factor"}} (`experts.costs.Throughput` fields)."""
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    hidden, intermediate = (int(d) for d in expert_shape)
+    hidden, intermediate, dtype, group = expert.hidden, expert.intermediate, expert.dtype, expert.group
     bits = list(bits)
     report = progress or (lambda what, done, total: None)
     total, done = 2 + len(bits) * (2 if cpu_forms else 1), 0
-    group = group_size or pick_group_size(hidden, intermediate)
-    nbytes = expert_bytes or 3 * hidden * intermediate * 2
+    nbytes = expert.nbytes or 3 * hidden * intermediate * 2
 
     def step():
         nonlocal done
@@ -147,8 +155,7 @@ def measure_machine(device: torch.device | str, expert_shape: tuple[int, int], *
     step()
     compute, cpu_compute, on_device, on_cpu = {}, {}, {}, {}
     for b in bits:
-        t, wbytes = _throughput(device, hidden, intermediate, b, dtype=dtype, group_size=group, cpu_form=False,
-                                tokens=8, repeats=repeats)
+        t, wbytes = _throughput(device, expert, b, cpu_form=False, tokens=8, repeats=repeats)
         on_device[b] = {"bytes_per_second": t.bytes_per_second, "token_factor": t.token_factor}
         compute[b] = t.seconds(wbytes, 1)
         step()
@@ -156,8 +163,7 @@ def measure_machine(device: torch.device | str, expert_shape: tuple[int, int], *
             if device.type != "cuda" and b in FLOAT_WIDTHS:  # the CPU form is the slot form: same figure
                 on_cpu[b], cpu_compute[b] = on_device[b], compute[b]
             else:
-                t, wbytes = _throughput(device, hidden, intermediate, b, dtype=dtype, group_size=group,
-                                        cpu_form=True, tokens=8, repeats=repeats)
+                t, wbytes = _throughput(device, expert, b, cpu_form=True, tokens=8, repeats=repeats)
                 on_cpu[b] = {"bytes_per_second": t.bytes_per_second, "token_factor": t.token_factor}
                 cpu_compute[b] = t.seconds(wbytes, 1)
             step()

@@ -3,12 +3,10 @@ prompt under each, and keep the fastest (the search is described in the package 
 
 from __future__ import annotations
 
-import gc
-import shutil
+from dataclasses import dataclass, replace
+
 import statistics
-import tempfile
 import time
-from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -19,13 +17,13 @@ from ..sources import open_checkpoint, open_tokenizer
 from ..errors import OffloadMoeError
 from ..experts.layout import ExpertLayout
 from ..experts.interface import ExpertWeights
-from ..loader import load
 from ..options import Placement
 from ..planner import checkpoint_float_bits, plan
 from ..profiles import Profile
 from .disk import DISK_TEST_BYTES
-from .machine import EXPERT_BITS, cost_model, measure_machine, pick_group_size
+from .machine import EXPERT_BITS, ExpertSpec, cost_model, measure_machine, pick_group_size
 from .settings import TIERS, Row, Setting, TuneResult, pick_best
+from .trial import Trial, run_stages
 
 PROMPT_TEXT = ("The history of the printing press begins in the fifteenth century, when a goldsmith in "
                "Mainz combined movable metal type, oil-based ink and a screw press")
@@ -95,24 +93,46 @@ def confirm_against_default(rows: list[Row], best: Row, default: Setting | None,
     return best
 
 
-def _delta(after: dict, before: dict, key: str):
-    return after.get(key, 0) - before.get(key, 0)
+@dataclass(frozen=True)
+class TuneOptions:
+    """What a tune run tries.
+
+    tokens: decoded per setting (default 32 on the CPU, 64 on CUDA). settings: (slots, prefetch, tier)
+    tuples or `Setting`s, run in order (default: the coordinate search in the package docstring).
+    setting_seconds: the deadline of one setting's decode (default 8 s on the CPU, 20 s on CUDA).
+    time_budget: seconds for the whole run, measurements included (default 100 on the CPU, 300 on
+    CUDA); settings left when it is spent are skipped (the first always runs). offload_dir: where the
+    disk tier and the disk test write (default: the temp dir); everything written there is removed
+    afterwards. measure=False skips `measure_machine` (the profile header then says so)."""
+    tokens: int | None = None
+    settings: tuple | list | None = None
+    offload_dir: str | Path | None = None
+    disk_bytes: int = DISK_TEST_BYTES
+    setting_seconds: float | None = None
+    time_budget: float | None = None
+    measure: bool = True
+
+    def resolved(self, on_cuda: bool) -> TuneOptions:
+        """Checked, the device's defaults filled in (32 tokens, 8 s a setting, 100 s in all on the CPU;
+        64, 20 s and 300 s on CUDA)."""
+        tokens = self.tokens if self.tokens is not None else (64 if on_cuda else 32)
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+            raise OffloadMoeError(f"tokens = {tokens!r}, expected an integer >= 2 (one prefill token, then decode)")
+        if self.setting_seconds is not None and not self.setting_seconds > 0:
+            raise OffloadMoeError(f"seconds per setting = {self.setting_seconds!r}, expected a positive number")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise OffloadMoeError(f"time budget = {self.time_budget!r}, expected a positive number of seconds")
+        if self.measure and self.disk_bytes < 2**20:
+            raise OffloadMoeError(f"disk test size {self.disk_bytes:,} bytes: expected at least 1MiB")
+        return replace(self, tokens=tokens, setting_seconds=self.setting_seconds or (20.0 if on_cuda else 8.0),
+                       time_budget=self.time_budget or (300.0 if on_cuda else 100.0))
 
 
-def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: int | None = None,
-         settings: Iterable[Setting | tuple] | None = None, progress: Progress | None = None,
-         offload_dir: str | Path | None = None, disk_bytes: int = DISK_TEST_BYTES,
-         setting_seconds: float | None = None, time_budget: float | None = None,
-         measure: bool = True, placement: Placement | None = None) -> TuneResult:
-    """Measure the machine, then decode `tokens` tokens (default 32 on the CPU, 64 on CUDA) under
-    each setting (default: the coordinate search in the package docstring) and pick the best.
-
-    settings: (slots, prefetch, tier) tuples or `Setting`s, run in order. setting_seconds: the
-    deadline of one setting's decode (default 8 s on the CPU, 20 s on CUDA). time_budget: seconds
-    for the whole run, measurements included (default 100 on the CPU, 300 on CUDA); settings left
-    when it is spent are skipped (the first always runs). offload_dir: where the disk tier and the
-    disk test write (default: the temp dir); everything written there is removed afterwards.
-    measure=False skips `measure_machine` (the profile header then says so).
+def tune(model_path: str | Path | None = None, options: TuneOptions | None = None,
+         placement: Placement | None = None, *, device: str = "auto",
+         progress: Progress | None = None) -> TuneResult:
+    """Measure the machine, then decode a few tokens under each setting `options` names and pick the
+    best (see `TuneOptions`).
 
     placement: what every setting loads with besides its slots, prefetch and tier (each setting is
     `Setting.placement(placement)`, its context always the prompt plus `tokens`; default: nothing else)."""
@@ -122,18 +142,9 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
         model_path = demo_dir()
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
-    if tokens is None:
-        tokens = 64 if on_cuda else 32
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
-        raise OffloadMoeError(f"tokens = {tokens!r}, expected an integer >= 2 (one prefill token, then decode)")
-    if setting_seconds is not None and not setting_seconds > 0:
-        raise OffloadMoeError(f"seconds per setting = {setting_seconds!r}, expected a positive number")
-    if time_budget is not None and not time_budget > 0:
-        raise OffloadMoeError(f"time budget = {time_budget!r}, expected a positive number of seconds")
-    if measure and disk_bytes < 2**20:
-        raise OffloadMoeError(f"disk test size {disk_bytes:,} bytes: expected at least 1MiB")
-    setting_seconds = setting_seconds or (20.0 if on_cuda else 8.0)
-    time_budget = time_budget or (300.0 if on_cuda else 100.0)
+    opts = (options or TuneOptions()).resolved(on_cuda)
+    tokens, settings, offload_dir, disk_bytes = opts.tokens, opts.settings, opts.offload_dir, opts.disk_bytes
+    setting_seconds, time_budget, measure = opts.setting_seconds, opts.time_budget, opts.measure
     ckpt = open_checkpoint(model_path)
     cfg = ckpt.config
     bits = _checkpoint_bits(ckpt)
@@ -181,106 +192,21 @@ def tune(model_path: str | Path | None = None, *, device: str = "auto", tokens: 
         group = ckpt.quant.group_size if ckpt.quant is not None else 64
         group = pick_group_size(cfg.hidden_size, cfg.intermediate_size, group)
         widths = EXPERT_BITS + ((bits["experts"],) if bits["experts"] not in EXPERT_BITS else ())
-        measurements = measure_machine(dev, (cfg.hidden_size, cfg.intermediate_size), expert_bytes=layout.nbytes,
-                                       bits=widths, dtype=DTYPES[cfg.torch_dtype], group_size=group,
-                                       disk_bytes=disk_bytes, disk_dir=base, progress=report)
+        spec = ExpertSpec(cfg.hidden_size, cfg.intermediate_size, DTYPES[cfg.torch_dtype], group, layout.nbytes)
+        measurements = measure_machine(dev, spec, bits=widths, disk_bytes=disk_bytes, disk_dir=base, progress=report)
 
     # on CUDA the hybrid engine (`load(cpu_experts="auto")`) takes its cost model from these figures
     costs = cost_model(measurements, source="offload-moe tune (measuring)")
-    extra = {"cpu_costs": costs} if costs is not None else {}
     total = len(stages[0]) + (2 + 1 if settings is None else 0)
-    rows: list[Row] = []
     deadline_all = started + time_budget  # measurements included
-    skipped = 0
+    trial = Trial(ckpt, dev, prompt, tokens, base_placement, costs, setting_seconds, deadline_all, base, report)
     report("settings", 0, total)
-
-    def run_one(s: Setting) -> Row:
-        row = Row(s.slots, s.prefetch, s.tier)
-        tier_dir = Path(tempfile.mkdtemp(prefix="offload-moe-tune-", dir=base)) if s.tier == "disk" else None
-        model = None
-        try:
-            t0 = time.perf_counter()
-            try:
-                model = load(ckpt, device=dev, placement=s.placement(base_placement).override(offload_dir=tier_dir),
-                             threads=None, **extra)   # the threads tune was told (or torch's), not load's "auto"
-            except torch.cuda.OutOfMemoryError:
-                row.error = "out of device memory"
-                return row
-            row.load_seconds = time.perf_counter() - t0
-            # warm-up: first-call allocations and a cache that has seen a prompt
-            model.generate(prompt, max_new_tokens=2, temperature=0, ignore_eos=True)
-            model.experts.reset_stats()
-            marks: dict = {}
-            stop_at = min(time.perf_counter() + setting_seconds, deadline_all)
-
-            def should_stop() -> bool:  # called after each token
-                if not marks:  # the first call: the prompt is done, decode starts now
-                    marks["before"] = model.experts.stats()
-                marks["tokens"] = n = marks.get("tokens", 0) + 1
-                report("decode", n, tokens)
-                if n >= 3 and time.perf_counter() > stop_at:
-                    row.timed_out = True
-                    return True
-                return False
-
-            try:
-                model.generate(prompt, max_new_tokens=tokens, temperature=0, ignore_eos=True,
-                               should_stop=should_stop)
-            except torch.cuda.OutOfMemoryError:
-                row.error = "out of device memory"
-                return row
-            after = model.experts.stats()
-            before = marks.get("before", {})
-            timing = model.last_timing
-            hits, misses = _delta(after, before, "hits"), _delta(after, before, "misses")
-            issued, used = _delta(after, before, "prefetch_issued"), _delta(after, before, "prefetch_used")
-            row.tokens = max(timing.new_tokens - 1, 0)
-            row.decode_seconds = timing.decode_seconds
-            row.decode_tokens_per_second = timing.decode_tokens_per_second
-            row.hit_rate = hits / (hits + misses) if hits + misses else 0.0
-            row.bytes_moved = _delta(after, before, "bytes_moved")
-            row.stall_seconds = _delta(after, before, "stall_seconds")
-            row.prefetch_accuracy = used / issued if issued else 0.0
-            row.runs = [row.decode_tokens_per_second]
-            return row
-        finally:
-            model = None  # noqa: F841 (drop the engine's buffers before the next load)
-            gc.collect()
-            if on_cuda:
-                torch.cuda.empty_cache()
-            if tier_dir is not None:
-                shutil.rmtree(tier_dir, ignore_errors=True)
-
-    def run_stage(stage: list[Setting]):
-        nonlocal skipped
-        for s in stage:
-            if any(r.setting == s for r in rows):
-                continue
-            if rows and time.perf_counter() > deadline_all:  # the first setting always runs
-                skipped += 1
-                continue
-            rows.append(run_one(s))
-            report("settings", len(rows) + skipped, total)
-
-    def explore_from() -> Row:
-        """The best row so far; if it holds every expert in a slot (nothing is copied while decoding,
-        so prefetch and tier cannot matter), the best with fewer slots, where they do."""
-        b = pick_best(rows)
-        fewer = [r for r in rows if r.slots < cfg.num_experts and r.error is None and r.tokens > 0]
-        return pick_best(fewer) if b.slots == cfg.num_experts and fewer else b
-
-    for stage in stages:
-        if stage == "prefetch":
-            b = explore_from()
-            stage = [Setting(b.slots, d, "ram") for d in (0, 1, 2) if d != stages[0][0].prefetch]
-        elif stage == "tier":
-            b = explore_from()
-            stage = [Setting(b.slots, b.prefetch, "disk")]
-        run_stage(stage)
+    rows, skipped = run_stages(stages, trial.run, cfg.num_experts, deadline_all,
+                               lambda done: report("settings", done, total))
     report("settings", total, total)
     best = pick_best(rows)
     default = Setting(fit, stages[0][0].prefetch, "ram") if settings is None else None
-    best = confirm_against_default(rows, best, default, run_one, rounds=2,
+    best = confirm_against_default(rows, best, default, trial.run, rounds=2,
                                    deadline=deadline_all + setting_seconds * 4, notes=notes)
     summary = (f"{cfg.model_type}, {cfg.num_layers} layers × {cfg.num_experts} experts, top-{cfg.top_k}, "
                f"experts {bits['experts']} ({fmt_bytes(layout.nbytes)} each)")
