@@ -23,6 +23,7 @@ from offload_moe.quant.published import TOLERANCE, FP8BlockWeight, GPTQWeight, I
 from offload_moe.quant.published_config import PublishedSpec
 
 from published_fixtures import FORMATS, fp8_block, gptq, pack_quantized, write_published
+from offload_moe import Placement
 
 needs_kernel = pytest.mark.skipif(native.load("published") is None, reason="no C compiler for published_mv.c")
 
@@ -164,7 +165,7 @@ def test_checkpoint_logits_equal_the_float64_dequantized_model(published, name, 
     resident = offload_moe.load(directory, device="cpu", dtype="float32")
     logits = resident.logits(IDS)
     assert (logits.double() - expected).abs().max().item() <= 1e-4
-    offloaded = offload_moe.load(directory, device="cpu", dtype="float32", cache_slots=2)
+    offloaded = offload_moe.load(directory, Placement(cache_slots=2), device="cpu", dtype="float32")
     # the same kernels on slot views; experts finish in another order, so sums may round differently
     torch.testing.assert_close(offloaded.logits(IDS), logits, rtol=0, atol=1e-5)
     assert offloaded.stats["experts"]["misses"] > 0
@@ -261,7 +262,7 @@ def test_cuda_computes_the_published_formats(published, fmt):
     directory, reference = published("qwen3_moe", fmt)
     expected = oracle_logits(reference)
     for kw in ({}, {"cache_slots": 2}):
-        model = offload_moe.load(directory, device="cuda", dtype="float32", **kw)
+        model = offload_moe.load(directory, Placement(**kw), device="cuda", dtype="float32")
         assert (model.logits(IDS).double().cpu() - expected).abs().max().item() <= 1e-3
 
 
@@ -272,7 +273,7 @@ def test_the_dequantizing_path_a_gpu_takes_matches_too(published, fmt, monkeypat
 
     monkeypatch.setattr(forms, "_lib", lambda: None)
     directory, reference = published("qwen3_moe", fmt)
-    model = offload_moe.load(directory, device="cpu", dtype="float32", cache_slots=2)
+    model = offload_moe.load(directory, Placement(cache_slots=2), device="cpu", dtype="float32")
     assert not next(iter(model.experts.fetch(0, [0], 1)))[1].weights.w1.in_kernel
     assert (model.logits(IDS).double() - oracle_logits(reference)).abs().max().item() <= 1e-4
 
@@ -304,7 +305,7 @@ def test_a_group_index_out_of_range_is_one_line(published, tmp_path):
     save_file(state, bad / "model.safetensors")
     message = f"tensor '{name}' holds groups 0 .. 99, expected 0 .. 1"
     with pytest.raises(OffloadMoeError, match=message):   # the engine's host tier reads every expert at load
-        offload_moe.load(bad, device="cpu", dtype="float32", cache_slots=2)
+        offload_moe.load(bad, Placement(cache_slots=2), device="cpu", dtype="float32")
     model = offload_moe.load(bad, device="cpu", dtype="float32")   # resident views: read when first used
     with pytest.raises(OffloadMoeError, match=message):
         list(model.experts.fetch(1, [1], 1))
@@ -352,7 +353,7 @@ def test_other_families_in_published_formats(tmp_path, name, fmt):
         tmp_path / "reference", dtype=torch.float64, experts_implementation="eager").eval()
     expected = oracle_logits(reference)
     for kw in ({}, {"cache_slots": 2}):
-        model = offload_moe.load(directory, device="cpu", dtype="float32", **kw)
+        model = offload_moe.load(directory, Placement(**kw), device="cpu", dtype="float32")
         assert (model.logits(IDS).double() - expected).abs().max().item() <= 1e-4
 
 
@@ -384,4 +385,4 @@ def test_a_weight_shape_that_disagrees_with_the_config_is_one_line(published, tm
     state[name] = torch.tensor([48, 40])
     save_file(state, bad / "model.safetensors")
     with pytest.raises(OffloadMoeError, match=rf"model.safetensors: tensor '{name}' is \[48, 40\], expected \[48, 32\]"):
-        offload_moe.load(bad, device="cpu", dtype="float32", cache_slots=2)
+        offload_moe.load(bad, Placement(cache_slots=2), device="cpu", dtype="float32")
