@@ -313,6 +313,23 @@ int moe_expert_rows(const void *x, int x_dtype, int64_t x_stride, int64_t nrows,
     return 0;
 }
 
+/* Several experts' shares at once (`moe_expert_rows` for experts[j] with calls[j], args[j]), the
+ * experts spread over the threads, each computed by one thread: one parallel region for the layer
+ * instead of one (with its barriers) per expert, which is what a few rows per expert need. Every
+ * output is still one thread's sum in a fixed order: the same bits as one call per expert.
+ * Returns 0, or the first failing expert's code. */
+int moe_experts_rows(const void *x, int x_dtype, int64_t x_stride, int64_t nrows, int64_t H, int k, const int64_t *ids,
+                     int64_t count, const int64_t *experts, void *const *calls, const int64_t *const *args,
+                     void *per_choice, int threads) {
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && count > 1) reduction(min : failed)
+    for (int64_t j = 0; j < count; j++) {
+        int rc = moe_expert_rows(x, x_dtype, x_stride, nrows, H, k, ids, experts[j], calls[j], args[j], per_choice, 1);
+        if (rc < failed) failed = rc;
+    }
+    return failed;
+}
+
 /* out[r] = sum over c of per_choice[r * k + c] * weights[r, c], the choices summed in order (as the
  * one-token path's (k, H) product summed over k): per_choice [nrows * k, H] and out [nrows, H] in
  * dtype, weights [nrows, k] in w_dtype; each product rounded to dtype, the sum kept in fp32. */

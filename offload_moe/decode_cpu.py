@@ -205,19 +205,26 @@ class ExpertRows:
     (`Expert.entry`) compute through torch into the same places. Why: the grouped torch path costs
     an index, a product, a multiply and a scatter per expert, and a sort and a count per layer."""
 
-    def __init__(self, k: int, hidden: int):
+    def __init__(self, k: int, hidden: int, num_experts: int):
         self.k, self.H = k, hidden
         self._lib = native.load_decode()
         self._scratch = torch.empty(0)   # (N*k, H): each (token, choice)'s expert output, grown when needed
+        # a layer's experts for one call that spreads them over the threads (`moe_experts_rows`)
+        self._ids = (ctypes.c_int64 * num_experts)()
+        self._calls = (ctypes.c_void_p * num_experts)()
+        self._args = (ctypes.c_void_p * num_experts)()
 
     def takes(self, h: torch.Tensor) -> bool:
         """Whether h (N, H) goes this way."""
         return (self._lib is not None and h.shape[0] <= MAX_ROWS and h.device.type == "cpu"
                 and h.dtype in _DTYPES and h.is_contiguous())
 
-    def __call__(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fetched) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fetched,
+                 stable: bool = False) -> torch.Tensor:
         """h (N, H); weights (N, k) in h's dtype; ids (N, k) int64 on the CPU; `fetched` the provider's
-        (expert id, Expert) pairs for every distinct id -> (N, H)."""
+        (expert id, Expert) pairs for every distinct id -> (N, H). `stable`: what the provider hands
+        out stays valid for the whole layer (resident experts; not a slot cache, which reuses a slot
+        as soon as its expert is done), so the experts can be gathered and computed in one call."""
         N, k, H = h.shape[0], self.k, self.H
         if self._scratch.dtype != h.dtype or self._scratch.numel() < N * k * H:
             self._scratch = torch.empty(max(N * k * H, self._scratch.numel()), dtype=h.dtype)
@@ -225,21 +232,38 @@ class ExpertRows:
         ids = ids.contiguous()
         weights = weights.contiguous()
         code, threads = _DTYPES[h.dtype], torch.get_num_threads()
+        args = (h.data_ptr(), code, H, N, H, k, ids.data_ptr())
+        held = 0
         for e, expert in fetched:
             entry = expert.entry
             if entry is not None and N < entry[2] and expert.device.type == "cpu":
-                rc = self._lib.moe_expert_rows(h.data_ptr(), code, H, N, H, k, ids.data_ptr(), e, entry[0], entry[1],
-                                               per_choice.data_ptr(), threads)
-                if rc != 0:
-                    raise MemoryError(f"expert {e}: no scratch for its {N} rows") if rc == -1 else \
-                        ValueError(f"expert {e}: the kernel refused its rows")
+                if stable:
+                    self._ids[held], self._calls[held], self._args[held] = e, entry[0], entry[1]
+                    held += 1
+                    continue
+                self._check(e, self._lib.moe_expert_rows(*args, e, entry[0], entry[1], per_choice.data_ptr(), threads))
             else:
                 places = (ids.view(-1) == e).nonzero().view(-1)                          # (n,) flat (token, choice)
                 per_choice[places] = expert(h, places // k)                             # (n, H)
+        if held >= 2 * threads:   # enough experts to keep every thread busy: one parallel region for them all
+            self._check(None, self._lib.moe_experts_rows(*args, held, ctypes.addressof(self._ids),
+                                                         ctypes.addressof(self._calls), ctypes.addressof(self._args),
+                                                         per_choice.data_ptr(), threads))
+        else:                     # a few: each with every thread
+            for j in range(held):
+                self._check(self._ids[j], self._lib.moe_expert_rows(*args, self._ids[j], self._calls[j], self._args[j],
+                                                                    per_choice.data_ptr(), threads))
         out = torch.empty_like(h)
         self._lib.moe_combine(per_choice.data_ptr(), code, weights.data_ptr(), _DTYPES[weights.dtype], N, k, H,
                               out.data_ptr())
         return out
+
+    @staticmethod
+    def _check(e: int | None, rc: int) -> None:
+        if rc != 0:
+            which = "an expert" if e is None else f"expert {e}"
+            raise MemoryError(f"{which}: no scratch for its rows") if rc == -1 else \
+                ValueError(f"{which}: the kernel refused its rows")
 
 
 __all__ = ["AttentionStep", "DecodeRows", "ExpertRows", "MAX_ROWS", "RouteStep", "rms_norm_row", "supported"]

@@ -175,7 +175,8 @@ class MoEBlock(nn.Module):
         # fixed order, so the result does not depend on the order the provider hands experts out.
         if self.decode_experts is not None and self.decode_experts.takes(h):   # decode on the CPU: C calls
             used = sorted(set(host[:N * k].tolist()))
-            y = self.decode_experts(h, weights, ids, self.experts.fetch(self.layer, used, N, ahead))
+            y = self.decode_experts(h, weights, ids, self.experts.fetch(self.layer, used, N, ahead),
+                                    stable=getattr(self.experts, "stable", False))
         elif N == 1:  # decode: k distinct experts, one row each; no grouping needed
             choice = {e: j for j, e in enumerate(host[:k].tolist())}
             outs: list[torch.Tensor | None] = [None] * k
@@ -309,7 +310,7 @@ class Transformer(nn.Module):
             if not layer.dense:
                 block = layer.block_sparse_moe
                 block.decode_route = RouteStep(block)
-                block.decode_experts = ExpertRows(block.top_k, self.config.hidden_size)
+                block.decode_experts = ExpertRows(block.top_k, self.config.hidden_size, block.num_experts)
 
     def set_routing(self, routing: Routing | None) -> None:
         """Route by `routing` (e.g. a recorded trace) instead of the routers; None: the routers again."""

@@ -221,3 +221,48 @@ def test_without_the_libraries_a_bf16_model_decodes_through_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0 and done.stdout.split()[0] == "False", done.stderr   # and with them: C steps
+
+
+def q8_expert(g, H, I):
+    """A SwiGLU expert of Q8_0 matrices (the ggml kernel's whole-expert entry point)."""
+    import gguf
+    from offload_moe.experts.interface import Expert, ExpertWeights
+    from offload_moe.quant.ggml import GGMLWeight
+
+    def q8(o, i):
+        w = (torch.randn(o, i, generator=g) * 0.2).numpy()
+        data = torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0).copy())
+        return GGMLWeight(data, gguf.GGMLQuantizationType.Q8_0, (o, i))
+    return Expert(ExpertWeights(q8(I, H), q8(I, H), q8(H, I)))
+
+
+def test_expert_rows_gather_each_experts_tokens_and_sum_choices_in_order():
+    """Five tokens, two choices each, eight experts: every expert computes its tokens' rows in one C
+    call (held one by one, as from a slot cache, or all at once over the threads, as resident experts),
+    the same bits both ways, and each token gets sum_c weight * its expert's output on it alone."""
+    from offload_moe.quant.ggml import kernel
+
+    if kernel() is None:
+        pytest.skip("no ggml kernel")
+    g = torch.Generator().manual_seed(4)
+    H, I, E, k = 64, 96, 8, 2
+    experts = [q8_expert(g, H, I) for _ in range(E)]
+    assert all(e.entry is not None for e in experts)
+    h = torch.randn(5, H, generator=g)
+    ids = torch.tensor([[3, 0], [1, 2], [5, 3], [7, 6], [4, 0]])
+    weights = torch.rand(5, k, generator=g)
+    step = decode_cpu.ExpertRows(k, H, E)
+    used = sorted(set(ids.flatten().tolist()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one_by_one = step(h, weights, ids, ((e, experts[e]) for e in used), stable=False)
+        all_at_once = step(h, weights, ids, ((e, experts[e]) for e in used), stable=True)   # 8 experts >= 2 x 2 threads
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_by_one, all_at_once)
+    expected = torch.zeros(5, H)
+    for b in range(5):
+        for c in range(k):
+            expected[b] += experts[int(ids[b, c])](h, torch.tensor([b]))[0] * weights[b, c]
+    torch.testing.assert_close(all_at_once, expected, rtol=1e-6, atol=1e-6)

@@ -117,6 +117,8 @@ class ExpertProvider(Protocol):
     """Where the model gets its routed experts (the all-resident reference, the offloading cache)."""
 
     prefetch_depth: int   # how many MoE layers ahead it wants guesses for (0: none); decode only
+    # optional `stable = True`: an Expert handed out stays valid while later ones are (no slot reuse
+    # within a layer), so the model may hold them all and compute them in one call
 
     def fetch(self, layer: int, experts: list[int], tokens: int,
               guesses: Sequence[list[int]] = ()) -> Iterator[tuple[int, Expert]]:

@@ -153,6 +153,7 @@ LIBRARIES = {
                                    I64, I64, P, P, I64, I64, I64, I64, I64, F32, P, I32, I32]),
         "route_rows": (I32, [P, I32, I64, P, I32, P, I32, I64, I64, I32, I32, I32, F32, I32, I64, P, P, I32]),
         "moe_expert_rows": (I32, [P, I32, I64, I64, I64, I32, P, I64, P, P, P, I32]),
+        "moe_experts_rows": (I32, [P, I32, I64, I64, I64, I32, P, I64, P, P, P, P, I32]),
         "moe_combine": (I32, [P, I32, P, I32, I64, I32, I64, P]),
     }, None),
 }
