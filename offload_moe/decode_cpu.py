@@ -221,7 +221,8 @@ class ExpertRows:
 
     def __call__(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, fetched,
                  stable: bool = False) -> torch.Tensor:
-        """h (N, H); weights (N, k) in h's dtype; ids (N, k) int64 on the CPU; `fetched` the provider's
+        """h (N, H); weights (N, k) in h's dtype; ids (N*k,) int64, the routing ids as read to the host
+        (`HostIds`; on the CPU the same memory); `fetched` the provider's
         (expert id, Expert) pairs for every distinct id -> (N, H). `stable`: what the provider hands
         out stays valid for the whole layer (resident experts; not a slot cache, which reuses a slot
         as soon as its expert is done), so the experts can be gathered and computed in one call."""
@@ -229,7 +230,7 @@ class ExpertRows:
         if self._scratch.dtype != h.dtype or self._scratch.numel() < N * k * H:
             self._scratch = torch.empty(max(N * k * H, self._scratch.numel()), dtype=h.dtype)
         per_choice = self._scratch[:N * k * H].view(N * k, H)                          # (N*k, H)
-        ids = ids.contiguous()
+        ids = ids.contiguous()                                                          # (N*k,)
         weights = weights.contiguous()
         code, threads = _DTYPES[h.dtype], torch.get_num_threads()
         args = (h.data_ptr(), code, H, N, H, k, ids.data_ptr())
@@ -243,7 +244,7 @@ class ExpertRows:
                     continue
                 self._check(e, self._lib.moe_expert_rows(*args, e, entry[0], entry[1], per_choice.data_ptr(), threads))
             else:
-                places = (ids.view(-1) == e).nonzero().view(-1)                          # (n,) flat (token, choice)
+                places = (ids == e).nonzero().view(-1)                                   # (n,) flat (token, choice)
                 per_choice[places] = expert(h, places // k)                             # (n, H)
         if held >= 2 * threads:   # enough experts to keep every thread busy: one parallel region for them all
             self._check(None, self._lib.moe_experts_rows(*args, held, ctypes.addressof(self._ids),

@@ -175,7 +175,7 @@ class MoEBlock(nn.Module):
         # fixed order, so the result does not depend on the order the provider hands experts out.
         if self.decode_experts is not None and self.decode_experts.takes(h):   # decode on the CPU: C calls
             used = sorted(set(host[:N * k].tolist()))
-            y = self.decode_experts(h, weights, ids, self.experts.fetch(self.layer, used, N, ahead),
+            y = self.decode_experts(h, weights, host[:N * k], self.experts.fetch(self.layer, used, N, ahead),
                                     stable=getattr(self.experts, "stable", False))
         elif N == 1:  # decode: k distinct experts, one row each; no grouping needed
             choice = {e: j for j, e in enumerate(host[:k].tolist())}

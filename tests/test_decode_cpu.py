@@ -256,8 +256,8 @@ def test_expert_rows_gather_each_experts_tokens_and_sum_choices_in_order():
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        one_by_one = step(h, weights, ids, ((e, experts[e]) for e in used), stable=False)
-        all_at_once = step(h, weights, ids, ((e, experts[e]) for e in used), stable=True)   # 8 experts >= 2 x 2 threads
+        one_by_one = step(h, weights, ids.flatten(), ((e, experts[e]) for e in used), stable=False)
+        all_at_once = step(h, weights, ids.flatten(), ((e, experts[e]) for e in used), stable=True)   # 8 experts >= 2 x 2 threads
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one_by_one, all_at_once)
