@@ -19,7 +19,7 @@ import torch
 
 from .constrain import Constraint, GrammarTokenizer, grammar_from
 from .errors import OffloadMoeError
-from .generate import DecodeTiming, Sampling, decode_tokens
+from .generate import DecodeTiming, Sampling, decode_tokens, draw_seed
 from .generation_config import GenerationDefaults
 from .generation_options import GenerationOptions
 from .model import Transformer
@@ -156,7 +156,7 @@ class Model:
         max_new_tokens=256, temperature, top_p, top_k
         (default: the checkpoint's generation_config.json, else 0.7, 0.95, 0), min_p=0.0,
         repetition_penalty=1.0 (transformers' definition), presence_penalty=0.0,
-        frequency_penalty=0.0 (OpenAI's), seed=None, stop=None (a string or list of strings),
+        frequency_penalty=0.0 (OpenAI's), seed=None (-1: a random one, as llama.cpp's), stop=None (a string or list of strings),
         ignore_eos=False, should_stop=None (a callable checked between tokens), logprobs=None (N:
         record each token's log-probability and the N most likely), generator=None (a
         torch.Generator to draw from instead of seeding one), skip_special_tokens=True,
@@ -213,7 +213,7 @@ class GenerationRun:
             raise OffloadMoeError(f"prompt: {len(self.ids)} tokens leave no room in the context of "
                                   f"{model.context_length} tokens")
         self.max_new_tokens = max_new_tokens
-        self.sampling = Sampling(temperature, top_p, top_k, seed, min_p, repetition_penalty, presence_penalty,
+        self.sampling = Sampling(temperature, top_p, top_k, draw_seed(seed), min_p, repetition_penalty, presence_penalty,
                                  frequency_penalty)
         self.generator = generator
         self.logprobs = LogprobRecord(logprobs) if logprobs is not None else None

@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.numel() == x.shape[-1]:  # one row (decode): one C call
+        if x.device.type == "cpu":  # a few rows (decode): one C call
             y = rms_norm_row(x, self.weight, self.eps, self.scale_fp32)
             if y is not None:
                 return y
@@ -111,6 +111,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(*shape, head_dim, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(*shape, v_dim or head_dim, device=device, dtype=dtype),
                              persistent=False)
+        self.slot_rows = self.rows()   # each slot's views, made once
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, nkv, T, hd) at positions start.. and return the filled prefix (B, nkv, start+T, hd)."""
@@ -193,22 +194,25 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H). One sequence: `cache` a `KVCache` (or row), `start` its first
-        position. A batched decode step (T = 1, each row its own sequence): `cache`, `start`, `mask`,
-        `cos` and `sin` are lists with one entry per row; projections run batched, attention per row."""
+        position. A batched decode step (T = 1, each row its own sequence): `start` a `DecodeRows`,
+        `cache` the layer's `KVCache` of every slot, `cos` and `sin` the whole rotary tables (`mask`
+        unused); projections run batched, attention in one C call or row by row."""
         B, T, _ = x.shape
         q, k, v = self.project(x)                                      # (B, T, nh*hd), (B, T, nkv*hd) x2
         if isinstance(start, int):
             y = self.attend(q, k, v, cos, sin, mask, cache, start)     # (B, T, nh*hd)
         else:
-            y = torch.cat([self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], cos[b], sin[b], mask[b], cache[b],
-                                       start[b]) for b in range(B)])
+            y = self.decode_step.rows(q, k, v, cos, sin, cache, start) if self.decode_step is not None else None
+            if y is None:
+                y = torch.cat([self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], *start.row(b, cos, sin, cache, self.window))
+                               for b in range(B)])
         return self.o_proj(y)
 
     def attend(self, q, k, v, cos, sin, mask, cache, start: int) -> torch.Tensor:
         """Projections q (B, T, nh*hd), k, v (B, T, nkv*hd) -> attention output (B, T, nh*hd), before o_proj."""
         B, T, _ = q.shape
         if self.decode_step is not None and T == 1:
-            y = self.decode_step(q, k, v, cos, sin, cache, start, mask is not None)
+            y = self.decode_step(q, k, v, cos, sin, cache, start)
             if y is not None:
                 return y
         if self.qk_norm == "full":
@@ -271,10 +275,9 @@ class LatentAttention(nn.Module):
             self.scale *= yarn_mscale(y["factor"], y["mscale_all_dim"]) ** 2
 
     def forward(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
-        """As `Attention.forward`; a batched decode step (lists per row) runs row by row."""
+        """As `Attention.forward`; a batched decode step (`DecodeRows`) runs row by row."""
         if not isinstance(start, int):
-            return torch.cat([self.forward(x[b:b + 1], cos[b], sin[b], mask[b], cache[b], start[b])
-                              for b in range(x.shape[0])])
+            return torch.cat([self.forward(x[b:b + 1], *start.row(b, cos, sin, cache, None)) for b in range(x.shape[0])])
         B, T, _ = x.shape
         if self.q_lora:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))

@@ -8,6 +8,7 @@ and only when it is down is the sequence re-run to name the layer that produced 
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,12 @@ class Sampling:
 
 
 DEFAULT_SAMPLING = Sampling()
+RANDOM_SEED = -1  # llama.cpp's convention: seed -1 asks for a random seed (torch would take it as a fixed one)
+
+
+def draw_seed(seed: int | None) -> int | None:
+    """`seed` as given, except RANDOM_SEED: a fresh random one (so its run can still be repeated)."""
+    return secrets.randbelow(2**32) if seed == RANDOM_SEED else seed
 
 
 def logits_to_probs(logits: torch.Tensor, s: Sampling) -> torch.Tensor:

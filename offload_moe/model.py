@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .attention import RMSNorm, rope_tables, apply_rope, KVCache, KVRow, Attention, LatentAttention
 from .config import ModelConfig
-from .decode_cpu import RouteStep
+from .decode_cpu import DecodeRows, ExpertRows, RouteStep
 from .errors import OffloadMoeError
 from .experts.interface import ExpertProvider
 from .kv_slots import DEFAULT_KEEP_BYTES, KVSlots
@@ -137,11 +137,12 @@ class MoEBlock(nn.Module):
         self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
                                    if cfg.shared_expert_size and fam.shared_expert_gate else None)
         self.experts = experts  # the provider (`experts.interface`): not a submodule, owns no parameters here
-        self.decode_route: RouteStep | None = None  # one token on the CPU in one C call (`prepare_cpu_decode`)
+        self.decode_route: RouteStep | None = None  # a decode step's tokens on the CPU in one C call
+        self.decode_experts: ExpertRows | None = None   # and its experts in one C call each (`prepare_cpu_decode`)
 
     def route(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> weights (N, k) in x's dtype, expert ids (N, k); `forced` ids replace top-k."""
-        if self.decode_route is not None and forced is None and x.shape[0] == 1:
+        if self.decode_route is not None and forced is None:
             routed = self.decode_route(x)
             if routed is not None:
                 return routed
@@ -172,7 +173,11 @@ class MoEBlock(nn.Module):
                  if guesses is not None else ())
         # Each (token, choice) gets its own row, weighted on the device and summed over choices in a
         # fixed order, so the result does not depend on the order the provider hands experts out.
-        if N == 1:  # decode: k distinct experts, one row each; no grouping needed
+        if self.decode_experts is not None and self.decode_experts.takes(h):   # decode on the CPU: C calls
+            used = sorted(set(host[:N * k].tolist()))
+            y = self.decode_experts(h, weights, host[:N * k], self.experts.fetch(self.layer, used, N, ahead),
+                                    stable=getattr(self.experts, "stable", False))
+        elif N == 1:  # decode: k distinct experts, one row each; no grouping needed
             choice = {e: j for j, e in enumerate(host[:k].tolist())}
             outs: list[torch.Tensor | None] = [None] * k
             for e, expert in self.experts.fetch(self.layer, sorted(choice), N, ahead):
@@ -264,7 +269,8 @@ class Transformer(nn.Module):
             raise OffloadMoeError(f"context_length = {max_seq_len}: the KV cache ({need / 1e9:.2f} GB) and rotary "
                                   f"tables cannot be allocated on {device} (out of memory: a memory limit such "
                                   "as ulimit -v or a cgroup?); lower --context-length") from None
-        self.kv_rows = [list(rows) for rows in zip(*(c.rows() for c in self.kv_caches))]
+        self.kv_rows = [list(rows) for rows in zip(*(c.slot_rows for c in self.kv_caches))]
+        self.decode_rows_of = DecodeRows(max_batch)   # a batched step's slots and positions, refilled each step
         # context shift for grouped-query attention (MLA's rotated key part is untested: no shift there)
         self.kv_slots = KVSlots(self.kv_caches, getattr(self.kv_slots, "keep_bytes", DEFAULT_KEEP_BYTES),
                                 shift=None if cfg.mla else self.shift_kv)
@@ -302,7 +308,9 @@ class Transformer(nn.Module):
             if isinstance(layer.self_attn, Attention):
                 layer.self_attn.prepare_cpu_decode()
             if not layer.dense:
-                layer.block_sparse_moe.decode_route = RouteStep(layer.block_sparse_moe)
+                block = layer.block_sparse_moe
+                block.decode_route = RouteStep(block)
+                block.decode_experts = ExpertRows(block.top_k, self.config.hidden_size, block.num_experts)
 
     def set_routing(self, routing: Routing | None) -> None:
         """Route by `routing` (e.g. a recorded trace) instead of the routers; None: the routers again."""
@@ -350,17 +358,14 @@ class Transformer(nn.Module):
         """A batched decode step: row b is the next token (tokens (B,)) of the sequence in KV slot
         slots[b], at position positions[b] -> logits (B, V) in fp32. Projections, routers and experts
         run on all rows at once (each expert's weights read once for every row routed to it);
-        attention runs row by row, each over its own sequence."""
+        attention runs each row over its own sequence (on the CPU all rows in one C call)."""
         B = tokens.shape[0]
         if max(positions) >= self.max_seq_len:
             raise ValueError(f"position {max(positions)} exceeds the context of {self.max_seq_len}")
-        cos = [self.cos[p:p + 1] for p in positions]                   # B x (1, d)
-        sin = [self.sin[p:p + 1] for p in positions]
-        masks = {w: [self.attention_mask(p, 1, p + 1, w) for p in positions] for w in set(self.windows)}
+        rows = self.decode_rows_of.set(slots, positions)
         x = self.embed_tokens(tokens.view(B, 1))                       # (B, 1, H)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[self.windows[i]], [self.kv_rows[s][i] for s in slots], positions,
-                      self.moe_step)
+            x = layer(x, self.cos, self.sin, None, self.kv_caches[i], rows, self.moe_step)
         return self.lm_head(self.norm(x)).float()[:, 0]               # (B, V)
 
     def moe_step(self, block: MoEBlock, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

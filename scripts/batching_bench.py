@@ -7,6 +7,10 @@
     python scripts/batching_bench.py chat [--model PATH] [--repeats 7] [--no-reuse]
         a five-turn chat: each turn's prompt, prefilled and reused tokens; each turn's time to first
         token (medians over the repeats); --no-reuse forgets the KV cache before every turn
+    python scripts/batching_bench.py steps [--model PATH] [--streams 4] [--tokens 32] [--repeats 3]
+        in process, no server: `DecodeBatch` decoding STREAMS sequences against one, tok/s of the
+        decode steps after the prompts (greedy), medians over the repeats, interleaved (run it under
+        two checkouts' PYTHONPATH, interleaved, to compare before/after)
     python scripts/batching_bench.py streams URL --streams 4 [--tokens 64] [--repeats 3]
         STREAMS concurrent /v1/completions requests (greedy, ignore_eos) against a running
         OpenAI-compatible server (ours or llama-server): aggregate completion tok/s over the wall
@@ -72,13 +76,49 @@ def chat(args):
                       "ratio": round(statistics.median(ttft[4]) / statistics.median(ttft[0]), 3)}))
 
 
+def steps(args):
+    import offload_moe
+    import torch
+    from offload_moe.batch import DecodeBatch
+    from offload_moe.generate import DecodeTiming, Sampling
+    model = offload_moe.load(args.model, threads=args.threads)
+    model.transformer.set_slots(args.streams)
+
+    def run(n):
+        batch = DecodeBatch(model.transformer, prefill_chunk=512)
+        for i in range(n):
+            batch.add(model.encode_prompt(PROMPTS[i % len(PROMPTS)]), args.tokens, Sampling(temperature=0),
+                      DecodeTiming(), owner=i)
+        while any(s.prefilling for s in batch.sequences):
+            batch.step()
+        t0, done = time.perf_counter(), 0
+        while batch.sequences:
+            for seq, _ in batch.step():
+                done += 1
+                if seq.finished:
+                    batch.remove(seq)
+        return done / (time.perf_counter() - t0)
+
+    run(1), run(args.streams)   # warm-up
+    rates = {1: [], args.streams: []}
+    for _ in range(args.repeats):
+        for n in rates:
+            rates[n].append(run(n))
+    one, many = statistics.median(rates[1]), statistics.median(rates[args.streams])
+    print(json.dumps({"what": "in-process decode tok/s", "tree": offload_moe.__file__, "threads": torch.get_num_threads(),
+                      "one": round(one, 2), f"{args.streams} streams": round(many, 2), "ratio": round(many / one, 2),
+                      "runs": {n: [round(r, 2) for r in v] for n, v in rates.items()}}))
+
+
 def streams(args):
     import httpx
+
+    clients = [httpx.Client(timeout=600) for _ in range(args.streams)]   # made once: 80-160 ms each here
 
     def one(i, out):
         body = {"model": "any", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.tokens, "temperature": 0,
                 "ignore_eos": True, "stream": False}
-        r = httpx.post(f"{args.url}/v1/completions", json=body, timeout=600)
+        r = clients[i].post(f"{args.url}/v1/completions", json=body)
         r.raise_for_status()
         out[i] = (time.perf_counter(), r.json()["usage"]["completion_tokens"])
 
@@ -102,7 +142,7 @@ def streams(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=["solo", "chat", "streams"])
+    p.add_argument("mode", choices=["solo", "chat", "steps", "streams"])
     p.add_argument("url", nargs="?")
     p.add_argument("--model", default=None)
     p.add_argument("--tokens", type=int, default=None)
@@ -111,8 +151,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-reuse", action="store_true", help="chat: forget the KV cache before every turn")
     args = p.parse_args()
-    args.tokens = args.tokens or {"solo": 128, "chat": 24, "streams": 64}[args.mode]
-    {"solo": solo, "chat": chat, "streams": streams}[args.mode](args)
+    args.tokens = args.tokens or {"solo": 128, "chat": 24, "steps": 32, "streams": 64}[args.mode]
+    {"solo": solo, "chat": chat, "steps": steps, "streams": streams}[args.mode](args)
 
 
 if __name__ == "__main__":

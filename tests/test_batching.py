@@ -142,3 +142,42 @@ def test_a_stop_string_and_a_cancelled_request_leave_the_others_running(demo, so
         assert cancelled.result.token_ids == solo[2][:3]
     finally:
         model.set_slots(1)
+
+
+@pytest.fixture(scope="module")
+def demo_q8(tmp_path_factory):
+    """The demo as a GGUF whose experts and attention are Q8_0: its experts have a C kernel entry, so a
+    decode step's experts run through `decode_cpu.ExpertRows`' gather-and-compute calls."""
+    from gguf import GGMLQuantizationType as T
+    from gguf_fixtures import write_gguf
+
+    path = write_gguf(offload_moe.__path__[0] + "/demo", tmp_path_factory.mktemp("q8") / "demo-q8.gguf",
+                      experts=T.Q8_0, attention=T.Q8_0, embeddings=T.Q8_0)
+    return offload_moe.load(str(path))
+
+
+def test_gguf_batch_equals_solo_runs_through_the_c_expert_calls(demo_q8):
+    """Four sequences in four slots, one batched C step per token (norms, attention, routers and
+    each expert's rows in C): each gets its solo greedy tokens, and a step's logits are its rows'
+    one-sequence logits up to the experts' summation order."""
+    model = demo_q8.transformer
+    solo = []
+    for prompt, n in zip(PROMPTS[:4], LENGTHS[:4]):
+        model.kv_slots.clear()
+        solo.append(demo_q8.generate(prompt, max_new_tokens=n, temperature=0, ignore_eos=True).token_ids)
+    model.set_slots(4)
+    try:
+        batch = DecodeBatch(model, prefill_chunk=64)
+        for i in range(4):
+            batch.add(demo_q8.encode_prompt(PROMPTS[i]), LENGTHS[i], Sampling(temperature=0), DecodeTiming(), owner=i)
+        got = {i: [] for i in range(4)}
+        while batch.sequences:
+            for seq, token in batch.step():
+                got[seq.owner].append(token)
+                if seq.finished:
+                    batch.remove(seq)
+        assert [got[i] for i in range(4)] == solo
+        used = [e for block in model.moe_blocks for e in block.experts.experts[block.layer] if e is not None]
+        assert used and all(e.entry is not None for e in used)   # the experts ran through their C entry
+    finally:
+        model.set_slots(1)

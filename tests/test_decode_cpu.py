@@ -1,7 +1,9 @@
 """The CPU decode step's C calls (`decode_cpu.py`, `decode.c`) against the torch path they replace:
 one token's attention (every family option: q/k norms per head and over the projection, clamp,
-sinks, sliding window, grouped and plain heads), one-row RMSNorm, the routers' top-k. fp32 agrees
-to float rounding; bf16 is at least as close to float64 math as the torch path (it rounds once)."""
+sinks, sliding window, grouped and plain heads), few-row RMSNorm, the routers' top-k. fp32 agrees
+to float rounding; bf16 is at least as close to float64 math as the torch path (it rounds once).
+A batched step's calls (several sequences, each in its own KV slot) give each row the bits its
+one-sequence call gives."""
 
 from types import SimpleNamespace
 
@@ -87,6 +89,39 @@ def test_one_token_attention_matches_the_torch_path(case, dtype):
             assert torch.equal(cache.v[:, :, pos], twin.v[:, :, pos])
 
 
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_attention_rows_equal_their_one_sequence_calls(case, dtype):
+    """Three sequences of different lengths in slots 2, 0, 3 of a four-slot cache, one step in one call
+    (q/k/v views of one fused projection): each row's output and cached key/value are the bits its
+    own one-sequence call writes; slot 1 is untouched."""
+    g = torch.Generator().manual_seed(3)
+    case = dict(case)
+    window = case.pop("window", None)
+    cfg = attention_config(**case)
+    attn = Attention(cfg, window)
+    randomise(attn, g)
+    attn = attn.to(dtype)
+    attn.prepare_cpu_decode()
+    S, slots, positions = 24, [2, 0, 3], [9, 3, 14]
+    cos, sin = rotary(S, cfg.head_dim, dtype)
+    cache = KVCache(4, cfg.num_kv_heads, S, cfg.head_dim, "cpu", dtype)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g)), cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    alone = KVCache(4, cfg.num_kv_heads, S, cfg.head_dim, "cpu", dtype)
+    alone.k.copy_(cache.k), alone.v.copy_(cache.v)
+    nq, nkv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    qkv = torch.randn(3, 1, nq + 2 * nkv, generator=g).to(dtype)
+    q, k, v = qkv.split((nq, nkv, nkv), dim=-1)
+    rows = decode_cpu.DecodeRows(4).set(slots, positions)
+    ours = attn.decode_step.rows(q, k, v, cos, sin, cache, rows)
+    assert ours is not None and ours.shape == (3, 1, nq)
+    for b, (s, p) in enumerate(zip(slots, positions)):
+        one = attn.decode_step(q[b:b + 1].contiguous(), k[b:b + 1].contiguous(), v[b:b + 1].contiguous(),
+                               cos[p:p + 1], sin[p:p + 1], alone.slot_rows[s], p)
+        assert torch.equal(ours[b:b + 1], one)
+    assert torch.equal(cache.k, alone.k) and torch.equal(cache.v, alone.v)
+
+
 def reference(attn, x, cos, sin, cache, pos, window):
     """The new token's attention output in float64 from the cached keys/values before `pos` (which
     both paths wrote alike up to rounding) and its own, through the torch path's ops."""
@@ -109,13 +144,15 @@ def test_one_row_rmsnorm_matches_the_torch_path(dtype, scale_fp32):
         norm.weight.data = (torch.randn(hidden, generator=g) + 1).to(dtype)
         x = (torch.randn(1, 1, hidden, generator=g) * 3).to(dtype)
         ours = decode_cpu.rms_norm_row(x, norm.weight, norm.eps, scale_fp32)
-        torchs = norm(x.expand(2, 1, hidden).contiguous())[:1]      # two rows: the torch path
+        torchs = norm(x.expand(decode_cpu.MAX_ROWS + 1, 1, hidden).contiguous())[:1]   # too many rows: torch
         assert ours is not None and ours.dtype == torchs.dtype and ours.shape == x.shape
         if dtype == torch.float32:
             torch.testing.assert_close(ours, torchs, rtol=1e-6, atol=1e-6)
         else:
             assert (ours.float() - torchs.float()).abs().max() <= BF16_ULP * torchs.float().abs().max()
         assert torch.equal(norm(x), ours)   # the module takes the C call for one row
+        rows = torch.cat([(torch.randn(2, 1, hidden, generator=g) * 3).to(dtype), x])     # (3, 1, hidden)
+        assert torch.equal(norm(rows)[2:], ours)   # and for a few: each row as alone
 
 
 def router_config(rule, E, k, norm, scaling=1.0, bias=False, fp32=False):
@@ -136,8 +173,8 @@ def test_one_token_routing_matches_the_torch_path(router, dtype):
     randomise(block, g)
     block = block.to(dtype)
     step = decode_cpu.RouteStep(block)
-    for _ in range(20):
-        x = torch.randn(1, 64, generator=g).to(dtype)
+    for n in [1] * 20 + [5, 7]:
+        x = torch.randn(n, 64, generator=g).to(dtype)
         with torch.no_grad():
             weights, ids = step(x)
             torch_weights, torch_ids = block.route(x)
@@ -145,15 +182,18 @@ def test_one_token_routing_matches_the_torch_path(router, dtype):
         assert torch.equal(ids, torch_ids)
         tol = 1e-6 if dtype == torch.float32 else BF16_ULP
         torch.testing.assert_close(weights.float(), torch_weights.float(), rtol=tol, atol=tol)
+        if n > 1:   # each row as alone
+            assert torch.equal(step(x[-1:])[1], ids[-1:]) and torch.equal(step(x[-1:])[0], weights[-1:])
 
 
 def test_other_devices_dtypes_and_shapes_take_the_torch_path():
     x16 = torch.randn(1, 1, 32).half()
     assert decode_cpu.rms_norm_row(x16, torch.ones(32).half(), 1e-6, False) is None
-    assert decode_cpu.rms_norm_row(torch.randn(2, 32), torch.ones(32), 1e-6, False) is None   # two rows
+    many = decode_cpu.MAX_ROWS + 1                                                             # prefill
+    assert decode_cpu.rms_norm_row(torch.randn(many, 32), torch.ones(32), 1e-6, False) is None
     assert decode_cpu.rms_norm_row(torch.randn(1, 32), torch.ones(32).bfloat16(), 1e-6, False) is None
     block = MoEBlock(router_config("softmax_topk", 8, 2, True), 0, experts=None)
-    assert decode_cpu.RouteStep(block)(torch.randn(2, 64)) is None                             # prefill
+    assert decode_cpu.RouteStep(block)(torch.randn(many, 64)) is None
     grouped = router_config("softmax_topk", 8, 2, True)
     grouped.n_group = 4
     assert decode_cpu.RouteStep(MoEBlock(grouped, 0, experts=None))(torch.randn(1, 64)) is None
@@ -181,3 +221,48 @@ def test_without_the_libraries_a_bf16_model_decodes_through_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0 and done.stdout.split()[0] == "False", done.stderr   # and with them: C steps
+
+
+def q8_expert(g, H, I):
+    """A SwiGLU expert of Q8_0 matrices (the ggml kernel's whole-expert entry point)."""
+    import gguf
+    from offload_moe.experts.interface import Expert, ExpertWeights
+    from offload_moe.quant.ggml import GGMLWeight
+
+    def q8(o, i):
+        w = (torch.randn(o, i, generator=g) * 0.2).numpy()
+        data = torch.from_numpy(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0).copy())
+        return GGMLWeight(data, gguf.GGMLQuantizationType.Q8_0, (o, i))
+    return Expert(ExpertWeights(q8(I, H), q8(I, H), q8(H, I)))
+
+
+def test_expert_rows_gather_each_experts_tokens_and_sum_choices_in_order():
+    """Five tokens, two choices each, eight experts: every expert computes its tokens' rows in one C
+    call (held one by one, as from a slot cache, or all at once over the threads, as resident experts),
+    the same bits both ways, and each token gets sum_c weight * its expert's output on it alone."""
+    from offload_moe.quant.ggml import kernel
+
+    if kernel() is None:
+        pytest.skip("no ggml kernel")
+    g = torch.Generator().manual_seed(4)
+    H, I, E, k = 64, 96, 8, 2
+    experts = [q8_expert(g, H, I) for _ in range(E)]
+    assert all(e.entry is not None for e in experts)
+    h = torch.randn(5, H, generator=g)
+    ids = torch.tensor([[3, 0], [1, 2], [5, 3], [7, 6], [4, 0]])
+    weights = torch.rand(5, k, generator=g)
+    step = decode_cpu.ExpertRows(k, H, E)
+    used = sorted(set(ids.flatten().tolist()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        one_by_one = step(h, weights, ids.flatten(), ((e, experts[e]) for e in used), stable=False)
+        all_at_once = step(h, weights, ids.flatten(), ((e, experts[e]) for e in used), stable=True)   # 8 experts >= 2 x 2 threads
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_by_one, all_at_once)
+    expected = torch.zeros(5, H)
+    for b in range(5):
+        for c in range(k):
+            expected[b] += experts[int(ids[b, c])](h, torch.tensor([b]))[0] * weights[b, c]
+    torch.testing.assert_close(all_at_once, expected, rtol=1e-6, atol=1e-6)

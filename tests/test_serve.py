@@ -201,6 +201,14 @@ def test_stop_strings_and_seed(client, reference):
         assert reply.choices[0].text == sampled
 
 
+def test_seed_minus_one_is_random(client):
+    """seed -1 draws a fresh seed per request, as llama.cpp's server and our CLI's --seed -1 do
+    (torch would take -1 as one fixed seed: the same text every time)."""
+    texts = {client.completions.create(model=NAME, prompt="Mixture of experts", max_tokens=12, temperature=1.2,
+                                       seed=-1).choices[0].text for _ in range(3)}
+    assert len(texts) > 1
+
+
 def test_raw_stream_is_server_sent_events(url, reference):
     s = OpenStream(url, "/v1/chat/completions", {"model": NAME, "messages": MESSAGES, "max_tokens": 5,
                                                   "temperature": 0, "stream": True})

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-import secrets
 import sys
 
 from .. import Placement, load
 from ..errors import OffloadMoeError
 from ..hub import parse_reference, resolve
-from ..generate import DEFAULT_SAMPLING
+from ..generate import DEFAULT_SAMPLING, RANDOM_SEED, draw_seed
 from ..validate import check_sampling
 from .console import human_bytes, progress_bar, stderr
 
@@ -75,14 +74,10 @@ def add_sampling_arguments(p, max_new_tokens_help: str = "tokens to generate at 
                         "as llama.cpp does (default: a fresh one each run)")
 
 
-RANDOM_SEED = -1  # llama.cpp's convention: --seed -1 is a random seed (reported, so the run can be repeated)
-
-
 def sampling_kwargs(args) -> dict:
     """The sampling options, checked (so a bad --temperature fails before the model loads)."""
-    seed = args.seed
-    if seed == RANDOM_SEED:
-        seed = secrets.randbelow(2**32)
+    seed = draw_seed(args.seed)
+    if args.seed == RANDOM_SEED:   # reported, so the run can be repeated
         print(f"offload-moe: seed {seed} (--seed {seed} repeats this run)", file=sys.stderr)
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   top_k=args.top_k, seed=seed)

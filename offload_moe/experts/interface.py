@@ -95,12 +95,15 @@ class Expert:
     or resident expert, never per token. Weights on another device (the CPU tier with a CUDA model)
     get the tokens moved there and the result moved back."""
 
-    __slots__ = ("weights", "activation", "device", "fused")
+    __slots__ = ("weights", "activation", "device", "fused", "entry")
 
     def __init__(self, weights: ExpertWeights, activation: Activation = Activation()):
         self.weights, self.activation, self.device = weights, activation, weights.device
         # the one-call CPU kernel `expert_forward` would pick, bound once (None: expert_forward decides)
         self.fused = bind_expert(weights) if activation == Activation() and weights.b1 is None else None
+        # that kernel as C calls it (function address, fixed-argument block address, token limit), for a
+        # decode step that gathers the expert's rows in C (`decode_cpu.ExpertRows`); None: no such entry
+        self.entry = getattr(self.fused, "entry", None)
 
     def __call__(self, h: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         x = h if tokens is None else h[tokens]                         # (n, H); None: every row
@@ -114,6 +117,8 @@ class ExpertProvider(Protocol):
     """Where the model gets its routed experts (the all-resident reference, the offloading cache)."""
 
     prefetch_depth: int   # how many MoE layers ahead it wants guesses for (0: none); decode only
+    # optional `stable = True`: an Expert handed out stays valid while later ones are (no slot reuse
+    # within a layer), so the model may hold them all and compute them in one call
 
     def fetch(self, layer: int, experts: list[int], tokens: int,
               guesses: Sequence[list[int]] = ()) -> Iterator[tuple[int, Expert]]:

@@ -191,6 +191,8 @@ class GGMLWeight:
                 return None
             return native.call_rows(call, at, x, H, what)
         swiglu.block = block   # kept alive with the function
+        # the same call for C callers (`decode_cpu.ExpertRows`): entry point, its fixed arguments, token limit
+        swiglu.entry = (ctypes.cast(call, ctypes.c_void_p).value, at, limit)
         return swiglu
 
 

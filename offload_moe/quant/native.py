@@ -155,10 +155,13 @@ LIBRARIES = {
         "pq_gptq_p": (I32, [P, I32, P, I32, I64, P, I32]),
     }, "pq_path"),
     "decode": (DECODE_SOURCE, {
-        "rms_norm_row": (I32, [P, I32, P, I32, I64, F32, I32, P, I32]),
-        "attn_decode": (I32, [P, P, P, I32, P, P, I32, P, P, I32, I32, F32, F32, P, I32, P, P, I32, I64, I64, I64,
-                              I64, I64, I64, F32, P, I32, I32]),
-        "route_one": (I32, [P, I32, P, I32, P, I32, I64, I64, I32, I32, I32, F32, I32, P, P, I32]),
+        "rms_norm_rows": (I32, [P, I32, I64, P, I32, I64, I64, F32, I32, P, I32]),
+        "attn_decode_rows": (I32, [P, P, P, I32, I64, I64, P, P, I32, I64, P, P, I32, I32, F32, F32, P, I32, P, P, I32,
+                                   I64, I64, P, P, I64, I64, I64, I64, I64, F32, P, I32, I32]),
+        "route_rows": (I32, [P, I32, I64, P, I32, P, I32, I64, I64, I32, I32, I32, F32, I32, I64, P, P, I32]),
+        "moe_expert_rows": (I32, [P, I32, I64, I64, I64, I32, P, I64, P, P, P, I32]),
+        "moe_experts_rows": (I32, [P, I32, I64, I64, I64, I32, P, I64, P, P, P, P, I32]),
+        "moe_combine": (I32, [P, I32, P, I32, I64, I32, I64, P]),
     }, None),
 }
 BF16_PATHS = {2: "AVX-512 BF16", 1: "AVX2", 0: "portable C"}

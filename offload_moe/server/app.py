@@ -171,14 +171,13 @@ class _Server:
         """Wait for a non-streamed job (cancelling it if the client leaves); return its text and result
         (whose `.logprobs` has the entries of every generated token when they were asked for)."""
         watcher = asyncio.ensure_future(cancel_on_disconnect(request.receive, job))
-        pieces = []
         try:
             while True:
                 event = await job.events.get()
-                if event[0] == "piece":
-                    pieces.append(event[1])
+                if event[0] == "piece":   # (a job made with pieces=False gets none)
+                    continue
                 elif event[0] == "done":
-                    return "".join(pieces), event[1]
+                    return event[1].text, event[1]
                 elif event[0] == "error":
                     raise _failed(event)
                 else:  # cancelled: the client is gone; answer anyway (nobody reads it)
@@ -217,8 +216,8 @@ class _Server:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion}
 
-    def _job(self, ids: list[int], kwargs: dict) -> Job:
-        job = Job(ids, kwargs, asyncio.get_running_loop())
+    def _job(self, ids: list[int], kwargs: dict, stream: bool) -> Job:
+        job = Job(ids, kwargs, asyncio.get_running_loop(), pieces=stream)
         self.worker.submit(job)
         return job
 
@@ -289,7 +288,7 @@ class _Server:
             kwargs["logprobs"] = p.get("top_logprobs", 0)
         if parser is not None:
             kwargs["skip_special_tokens"] = False   # the markers are special tokens in some families
-        job = self._job(ids, kwargs)
+        job = self._job(ids, kwargs, bool(p.get("stream")))
         text_of = TokenText(self.model.tokenizer)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
@@ -370,7 +369,7 @@ class _Server:
         kwargs = self._sampling(p, max_tokens)
         if "logprobs" in p:
             kwargs["logprobs"] = p["logprobs"]
-        job = self._job(ids, kwargs)
+        job = self._job(ids, kwargs, bool(p.get("stream")))
         text_of = TokenText(self.model.tokenizer)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
