@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ import torch
 
 from .constrain import Constraint, GrammarTokenizer, grammar_from
 from .errors import OffloadMoeError
-from .generate import DecodeTiming, Sampling, decode_tokens, draw_seed
+from .generate import DecodeTiming, Sampling, Steering, decode_tokens, draw_seed
 from .generation_config import GenerationDefaults
 from .generation_options import GenerationOptions
 from .model import Transformer
@@ -231,12 +231,16 @@ class GenerationRun:
         self.finish_reason: str | None = None   # set as the run ends
         self.timing = DecodeTiming()
 
+    @property
+    def steering(self) -> Steering:
+        """This run's generator, log-probability record, logit bias and constraint, for the decode loop."""
+        return Steering(self.generator, self.logprobs, self.bias, self.constraint)
+
     def __iter__(self) -> Iterator[str]:
         m = self.model
         m.last_timing = self.begin()
         tokens = decode_tokens(m.transformer, self.ids, self.max_new_tokens, self.sampling, self.timing,
-                               generator=self.generator, logprobs=self.logprobs, bias=self.bias,
-                               constraint=self.constraint)
+                               steer=self.steering)
         try:
             for token_id in tokens:
                 piece = self.push(token_id)

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import OffloadMoeError
-from .generate import DecodeTiming, Sampling, TokenChooser
+from .generate import NO_STEERING, DecodeTiming, Sampling, Steering, TokenChooser
 from .model import Transformer
-from .penalties import LogprobRecord
 
 DEFAULT_PREFILL_CHUNK = 128   # prompt tokens per step while other sequences decode
 
@@ -62,15 +61,14 @@ class DecodeBatch:
         return len(self.sequences) >= self.model.kv_slots.count
 
     def add(self, prompt: list[int], max_new_tokens: int, sampling: Sampling, timing: DecodeTiming,
-            generator: torch.Generator | None = None, logprobs: LogprobRecord | None = None,
-            owner=None, bias: torch.Tensor | None = None, constraint=None) -> BatchSequence:
+            steer: Steering = NO_STEERING, owner=None) -> BatchSequence:
         """Claim a free slot for `prompt` (the batch must not be full); nothing runs until `step`."""
         if self.full:
             raise RuntimeError("the batch is full")
         slots = self.model.kv_slots
         slot, lease, reused = slots.claim(prompt)
         timing.prompt_tokens, timing.reused_tokens, timing.prefill_tokens = len(prompt), reused, len(prompt) - reused
-        chooser = TokenChooser(self.model, prompt, sampling, timing, generator, logprobs, bias, constraint)
+        chooser = TokenChooser(self.model, prompt, sampling, timing, steer)
         seq = BatchSequence(prompt, max_new_tokens, chooser, slot, lease, reused, owner=owner)
         self.sequences.append(seq)
         return seq

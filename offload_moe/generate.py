@@ -108,16 +108,33 @@ class DecodeTiming:
         return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Steering:
+    """What steers each token's choice besides the sampling settings (nothing, by default).
+
+    generator: the random state to draw from (a chat session passes one for the whole session);
+    without one, `sampling.seed` seeds a fresh one. logprobs: filled in step by step when given.
+    bias (V,) on the device: added to the logits before penalties and sampling (OpenAI's logit_bias).
+    constraint: a `constrain.Constraint`; it masks the logits last, just before sampling."""
+    generator: torch.Generator | None = None
+    logprobs: LogprobRecord | None = None
+    bias: torch.Tensor | None = None
+    constraint: object = None
+
+
+NO_STEERING = Steering()
+
+
 class TokenChooser:
     """One sequence's side of each step: from its logits (V,) to the next token id, with its own
     sampling settings, penalties, log-probabilities, random generator and timing. The solo loop
     (`decode_tokens`) and the batched one (`batch.DecodeBatch`) share it."""
 
     def __init__(self, model: Transformer, prompt: list[int], sampling: Sampling, timing: DecodeTiming,
-                 generator: torch.Generator | None, logprobs: LogprobRecord | None,
-                 bias: torch.Tensor | None = None, constraint=None):
+                 steer: Steering = NO_STEERING):
         self.model, self.prompt, self.sampling, self.timing = model, prompt, sampling, timing
-        self.bias, self.constraint = bias, constraint
+        self.bias, self.constraint = steer.bias, steer.constraint
+        generator, logprobs = steer.generator, steer.logprobs
         if generator is None and sampling.seed is not None:
             generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
         self.generator, self.logprobs = generator, logprobs
@@ -161,16 +178,12 @@ class TokenChooser:
 
 
 def decode_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sampling: Sampling,
-                  timing: DecodeTiming | None = None, *, generator: torch.Generator | None = None,
-                  logprobs: LogprobRecord | None = None, bias: torch.Tensor | None = None,
-                  constraint=None, reuse: bool = True) -> Iterator[int]:
+                  timing: DecodeTiming | None = None, *, steer: Steering = NO_STEERING,
+                  reuse: bool = True) -> Iterator[int]:
     """Yield up to max_new_tokens ids; the caller stops early on EOS or a stop string.
 
-    generator: the random state to draw from (a chat session passes one for the whole session);
-    without one, `sampling.seed` seeds a fresh one. logprobs: filled in step by step when given.
-    bias (V,) on the device: added to the logits before penalties and sampling (OpenAI's logit_bias).
-    constraint: a `constrain.Constraint`; it masks the logits last, just before sampling, and
-    advances by each token read.
+    steer: the random generator, log-probability record, logit bias and grammar constraint
+    (`Steering`; the constraint advances by each token read).
     reuse: start from the keys and values of the longest prefix of `prompt` the KV cache still
     holds (`kv_slots.KVSlots`), prefilling only the rest; False prefills all of it (benchmarks)."""
     timing = timing if timing is not None else DecodeTiming()
@@ -178,7 +191,7 @@ def decode_tokens(model: Transformer, prompt: list[int], max_new_tokens: int, sa
     slot, lease, pos = slots.claim(prompt, reuse)
     try:
         timing.prompt_tokens, timing.reused_tokens, timing.prefill_tokens = len(prompt), pos, len(prompt) - pos
-        chooser = TokenChooser(model, prompt, sampling, timing, generator, logprobs, bias, constraint)
+        chooser = TokenChooser(model, prompt, sampling, timing, steer)
         tokens = torch.tensor([prompt[pos:]], device=model.device)
         logits = model(tokens, start=pos, last_only=True, slot=slot)[0, -1]      # (V,)
         slots.wrote(slot, lease, prompt[pos:])

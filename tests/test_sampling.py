@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload_moe.generate import Sampling, decode_tokens, logits_to_probs, sample
+from offload_moe.generate import Sampling, Steering, decode_tokens, logits_to_probs, sample
 from offload_moe.penalties import LogprobRecord, TokenCounts, penalize
 from offload_moe.kv_slots import KVSlots
 
@@ -111,7 +111,7 @@ def test_logprob_record_is_log_softmax_of_the_sampled_logits():
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(5))
     model = FixedModel(table)
     record = LogprobRecord(top=3)
-    ids = list(decode_tokens(model, [1], 5, Sampling(temperature=1.0, seed=0), logprobs=record))
+    ids = list(decode_tokens(model, [1], 5, Sampling(temperature=1.0, seed=0), steer=Steering(logprobs=record)))
     prev = 1
     for token, entry in zip(ids, record.entries):
         expected = torch.log_softmax(table[prev].double(), -1)

@@ -26,8 +26,8 @@ timeout, connections), `structured` (response_format and forced tool calls as JS
 """
 
 from .app import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, INSTALL_HINT, MAX_BODY_BYTES,
-                  create_app, log, require)
+                  ServerOptions, create_app, log, require)
 from .responses import ApiError
 
-__all__ = ["create_app", "require", "ApiError", "INSTALL_HINT", "MAX_BODY_BYTES", "COMPLETIONS_DEFAULT_MAX_TOKENS",
+__all__ = ["create_app", "ServerOptions", "require", "ApiError", "INSTALL_HINT", "MAX_BODY_BYTES", "COMPLETIONS_DEFAULT_MAX_TOKENS",
            "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "log"]

@@ -3,6 +3,8 @@ the request, queue a job on the worker and answer it as JSON or as a stream of s
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
+
 import asyncio
 import contextlib
 import hmac
@@ -424,17 +426,37 @@ def _endpoint(handler, guard: RequestGuard):
     return endpoint
 
 
-def create_app(model, *, model_name: str, api_key: str | None = None, max_queue: int = 8, parallel: int = 1,
-               allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES, allowed_origins: tuple[str, ...] = (),
-               prepare_timeout: float = PREPARE_TIMEOUT, body_timeout: float = BODY_TIMEOUT):
-    """The ASGI app serving `model` under `model_name`. While the app runs it owns the model: all
-    generation happens on its one worker thread. `api_key`: require `Authorization: Bearer <key>`
-    (except on /health). `max_queue`: requests that may wait behind the running ones (then 429).
-    `parallel`: requests decoded together (continuous batching; one KV cache slot each).
-    `allowed_hosts`: the Host names requests may carry (None: any; `guard.allowed_hosts_for` gives
-    them for a bind address); `allowed_origins`: browser origins allowed besides those hosts.
-    `prepare_timeout`: seconds a request waits for its prompt (chat template, tokenizer; run off the
-    event loop) before it gets an error; `body_timeout`: seconds its body may take to arrive."""
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the server admits and runs requests.
+
+    `api_key`: require `Authorization: Bearer <key>` (except on /health). `max_queue`: requests that
+    may wait behind the running ones (then 429). `parallel`: requests decoded together (continuous
+    batching; one KV cache slot each). `allowed_hosts`: the Host names requests may carry (None: any;
+    `guard.allowed_hosts_for` gives them for a bind address); `allowed_origins`: browser origins
+    allowed besides those hosts. `prepare_timeout`: seconds a request waits for its prompt (chat
+    template, tokenizer; run off the event loop) before it gets an error; `body_timeout`: seconds its
+    body may take to arrive."""
+    api_key: str | None = None
+    max_queue: int = 8
+    parallel: int = 1
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES
+    allowed_origins: tuple[str, ...] = ()
+    prepare_timeout: float = PREPARE_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+
+
+def create_app(model, options: ServerOptions | None = None, *, model_name: str, **given):
+    """The ASGI app serving `model` under `model_name`, as `options` (a `ServerOptions`) with the fields
+    given as keywords replaced (`create_app(model, model_name="m", parallel=4)`). While the app runs
+    it owns the model: all generation happens on its one worker thread."""
+    unknown = sorted(set(given) - {f.name for f in fields(ServerOptions)})
+    if unknown:
+        raise TypeError(f"create_app() got an unexpected keyword argument {unknown[0]!r}")
+    o = replace(options or ServerOptions(), **given)
+    api_key, max_queue, parallel = o.api_key, o.max_queue, o.parallel
+    allowed_hosts, allowed_origins = o.allowed_hosts, o.allowed_origins
+    prepare_timeout, body_timeout = o.prepare_timeout, o.body_timeout
     require("starlette")
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException

@@ -177,8 +177,7 @@ class Worker:
         try:
             r.run = self.model.start(job.prompt_ids, should_stop=job.cancelled.is_set, **job.kwargs)
             timing = r.run.begin()
-            r.seq = batch.add(r.run.ids, r.run.max_new_tokens, r.run.sampling, timing, r.run.generator,
-                              r.run.logprobs, owner=r, bias=r.run.bias, constraint=r.run.constraint)
+            r.seq = batch.add(r.run.ids, r.run.max_new_tokens, r.run.sampling, timing, r.run.steering, owner=r)
         except OffloadMoeError as e:
             self._finish(batch, active, r, ("error", 400, str(e)))
         except BaseException:
