@@ -88,6 +88,15 @@ static void rotate(float *x, const float *c, const float *s, size_t d) {
     }
 }
 
+/* the same rotation on rows in llama.cpp's order: pairs (2i, 2i + 1), angle i */
+static void rotate_adjacent(float *x, const float *c, const float *s, size_t d) {
+    for (size_t i = 0; i < d / 2; i++) {
+        float a = x[2 * i], b = x[2 * i + 1];
+        x[2 * i] = a * c[i] - b * s[i];
+        x[2 * i + 1] = b * c[i] + a * s[i];
+    }
+}
+
 /* Buffers per thread (kernel_common.h): a call's rows, and one head's scores (a separate one: the
  * calling thread is one of the heads' threads too). */
 static __thread Arena rows, scores;
@@ -119,7 +128,7 @@ int rms_norm_row(const void *x, int x_dtype, const void *w, int w_dtype, int64_t
 
 /* The attention of one new token at position `pos` (batch row 0).
  * q [nh*hd], k, v [nkv*hd] in in_dtype (the projections, biases added); cos, sin [hd] the rotary
- * tables' row for pos; norm_mode 0 none, 1 per head (weights [hd]), 2 over the whole projection
+ * tables' row for pos, rope_pairs 0 rotating the pairs (i, i + d/2), 1 the pairs (2i, 2i + 1); norm_mode 0 none, 1 per head (weights [hd]), 2 over the whole projection
  * (weights [nh*hd] and [nkv*hd]) -- applied where the torch path does: whole-projection norm, then
  * the clamp (clip > 0), then per-head norm, then the rotation. The rotated key and the value are
  * written to the caches kc, vc [nkv, max_seq, hd] at pos; head h attends with key/value head
@@ -127,7 +136,7 @@ int rms_norm_row(const void *x, int x_dtype, const void *w, int w_dtype, int64_t
  * extra logit per head when sinks [nh] is given. out [nh*hd] in out_dtype.
  * Returns 0, or -1 without memory for the scores. */
 int attn_decode(const void *q, const void *k, const void *v, int in_dtype, const void *cos, const void *sin,
-                int rope_dtype, const void *q_norm, const void *k_norm, int norm_dtype, int norm_mode, float norm_eps,
+                int rope_dtype, int rope_pairs, const void *q_norm, const void *k_norm, int norm_dtype, int norm_mode, float norm_eps,
                 float clip, const void *sinks, int sinks_dtype, void *kc, void *vc, int cache_dtype, int64_t max_seq,
                 int64_t pos, int64_t window, int64_t nh, int64_t nkv, int64_t hd, float scale, void *out,
                 int out_dtype, int threads) {
@@ -150,11 +159,11 @@ int attn_decode(const void *q, const void *k, const void *v, int in_dtype, const
         for (size_t i = 0; i < qn + 2 * kn; i++) qf[i] = qf[i] > clip ? clip : (qf[i] < -clip ? -clip : qf[i]);
     for (int64_t h = 0; h < nh; h++) {
         if (norm_mode == 1) normalize(qf + h * hd, (size_t)hd, q_norm, norm_dtype, norm_eps);
-        rotate(qf + h * hd, c, s, (size_t)hd);
+        (rope_pairs ? rotate_adjacent : rotate)(qf + h * hd, c, s, (size_t)hd);
     }
     for (int64_t h = 0; h < nkv; h++) {
         if (norm_mode == 1) normalize(kf + h * hd, (size_t)hd, k_norm, norm_dtype, norm_eps);
-        rotate(kf + h * hd, c, s, (size_t)hd);
+        (rope_pairs ? rotate_adjacent : rotate)(kf + h * hd, c, s, (size_t)hd);
         size_t at = (size_t)(h * max_seq + pos) * (size_t)hd;
         for (int64_t i = 0; i < hd; i++) {
             store(kc, cache_dtype, at + i, kf[h * hd + i]);

@@ -54,6 +54,7 @@ class AttentionStep:
         self.norm_mode = {None: 0, "head": 1, "full": 2}[attn.qk_norm]
         self.clip = float(attn.clip) if attn.clip is not None else 0.0
         self.scale = attn.hd ** -0.5
+        self.rope_pairs = {"half": 0, "adjacent": 1}[attn.rope_pairs]
         self._lib = native.load_decode()
         self._static = None   # the module's own tensors' arguments, checked on the first call
 
@@ -87,6 +88,7 @@ class AttentionStep:
         out = torch.empty_like(q)
         rc = self._lib.attn_decode(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), _code(q), cos.data_ptr(), sin.data_ptr(), _code(cos),
+            self.rope_pairs,
             *self._static, cache.k.data_ptr(), cache.v.data_ptr(), _code(cache.k),
             cache.k.shape[2], start, self.window if windowed else 0, a.nh, a.nkv, a.hd, self.scale,
             out.data_ptr(), _code(out), torch.get_num_threads())

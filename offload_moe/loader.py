@@ -6,6 +6,7 @@ compute device → give the experts to a provider → build the transformer arou
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -133,6 +134,8 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     # The offloading engine's slots hold one layout for every layer: a file whose expert types differ
     # across layers is repacked to one form for it instead.
     in_place = mappable and (cache_slots in (None, "all") or ckpt.uniform_experts)
+    if in_place:  # q/k rows in the file's order: the model rotates the pairs that order makes
+        cfg = replace(cfg, rope_pairs=getattr(ckpt, "rope_pairs", "half"))
     shapes = ckpt.expected_shapes()
     if in_place:
         read = lambda name, shape: ckpt.get_weight(name, shape, in_place=True)  # noqa: E731

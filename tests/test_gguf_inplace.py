@@ -196,3 +196,49 @@ def test_a_file_truncated_after_loading_is_one_clear_error(q8_file, tmp_path):
         f.truncate(first)  # every expert gone; the small tensors before them stay mapped
     with pytest.raises(OffloadMoeError, match="past the end of the file"):
         model.generate(IDS, max_new_tokens=2, temperature=0, ignore_eos=True)
+
+
+def test_rotating_neighbours_of_permuted_rows_is_the_rotation_of_halves():
+    """`apply_rope_adjacent` on q/k rows in llama.cpp's order (each head (2, d/2) -> (d/2, 2), as its
+    converter writes a Mixtral) is `apply_rope` on the original rows, permuted the same way, bit for bit."""
+    from gguf_fixtures import llama_permute
+
+    from offload_moe.attention import apply_rope, apply_rope_adjacent
+
+    heads, T_, d = 3, 5, 16
+    x = torch.randn(1, heads, T_, d, generator=torch.Generator().manual_seed(0))        # (B, heads, T, d)
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    freqs = torch.arange(T_).float()[:, None] * inv[None]
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()  # (T, d)
+
+    def permuted(t):  # the head dims of (B, heads, T, d) in llama.cpp's order
+        return torch.from_numpy(llama_permute(t.permute(0, 1, 3, 2).reshape(heads * d, -1).numpy(), heads)) \
+            .reshape(1, heads, d, T_).permute(0, 1, 3, 2)
+
+    assert torch.equal(apply_rope_adjacent(permuted(x), cos, sin), permuted(apply_rope(x, cos, sin)))
+
+
+def test_a_mixtral_gguf_computes_q_and_k_in_the_files_order(tmp_path):
+    """Mixtral's q/k rows are used where they lie (views of the mapping, no un-permuted copy) and
+    rotated as llama.cpp rotates them; prefill logits and greedy decode (the C decode step) match
+    transformers on the same weights."""
+    from conftest import tiny_mixtral
+    from gguf_fixtures import write_gguf
+
+    hf = tiny_mixtral(hidden_size=64, intermediate_size=64)
+    hf.save_pretrained(tmp_path / "hf")
+    path = write_gguf(tmp_path / "hf", tmp_path / "m.gguf")                       # F32, q/k permuted
+    ckpt = GGUFCheckpoint(path)
+    q = ckpt.get_weight("model.layers.1.self_attn.q_proj.weight", None, in_place=True)
+    assert q.data_ptr() == ckpt.tensors["blk.1.attn_q.weight"].data.ctypes.data     # the file's bytes
+    model = offload_moe.load(path, device="cpu", dtype="float32")
+    assert model.settings.weights == "mapped" and model.transformer.config.rope_pairs == "adjacent"
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        expected = hf(ids).logits
+        seq = list(IDS)
+        for _ in range(8):                                                        # greedy, past end of text
+            seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+        theirs = seq[len(IDS):]
+    assert (model.logits(ids) - expected).abs().max().item() < 1e-4
+    assert model.generate(IDS, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids == theirs

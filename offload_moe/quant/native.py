@@ -149,7 +149,7 @@ LIBRARIES = {
     }, "ggml_path"),
     "decode": (DECODE_SOURCE, {
         "rms_norm_row": (I32, [P, I32, P, I32, I64, F32, I32, P, I32]),
-        "attn_decode": (I32, [P, P, P, I32, P, P, I32, P, P, I32, I32, F32, F32, P, I32, P, P, I32, I64, I64, I64,
+        "attn_decode": (I32, [P, P, P, I32, P, P, I32, I32, P, P, I32, I32, F32, F32, P, I32, P, P, I32, I64, I64, I64,
                               I64, I64, I64, F32, P, I32, I32]),
         "route_one": (I32, [P, I32, P, I32, P, I32, I64, I64, I32, I32, I32, F32, I32, P, P, I32]),
     }, None),
