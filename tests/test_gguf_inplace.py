@@ -242,3 +242,20 @@ def test_a_mixtral_gguf_computes_q_and_k_in_the_files_order(tmp_path):
         theirs = seq[len(IDS):]
     assert (model.logits(ids) - expected).abs().max().item() < 1e-4
     assert model.generate(IDS, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids == theirs
+
+
+def test_a_file_bigger_than_ram_maps(q8_file, tmp_path):
+    """A GGUF larger than RAM + swap opens: the mapping reserves no commit charge (a private writable
+    mapping is refused with ENOMEM by the kernel's default overcommit heuristic), and an expert at its
+    far end reads from it (a sparse file: written in milliseconds, no disk taken)."""
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    ram = (int(meminfo["MemTotal"].split()[0]) + int(meminfo["SwapTotal"].split()[0])) * 1024
+    per_layer = 1.3 * ram / 3                                   # 3 layers of gate, up, down (Q8_0: 34 bytes / 32)
+    ffn = int(per_layer / (3 * 64 * 256 * 34 / 32)) // 32 * 32
+    big = grown_sparse(q8_file, tmp_path / "big.gguf", experts=64, ffn=ffn)
+    assert big.stat().st_size > ram
+    ckpt = GGUFCheckpoint(big)
+    w2 = ckpt.expert_in_place(ckpt.config.num_layers - 1, 63)["w2"]
+    assert w2.data.data_ptr() + w2.data.numel() <= ckpt.tensors["blk.2.ffn_down_exps.weight"].data.ctypes.data \
+        + ckpt.tensors["blk.2.ffn_down_exps.weight"].nbytes
+    assert int(w2.data[-1].sum()) == 0                          # a hole reads as zeros
