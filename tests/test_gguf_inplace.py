@@ -259,3 +259,51 @@ def test_a_file_bigger_than_ram_maps(q8_file, tmp_path):
     assert w2.data.data_ptr() + w2.data.numel() <= ckpt.tensors["blk.2.ffn_down_exps.weight"].data.ctypes.data \
         + ckpt.tensors["blk.2.ffn_down_exps.weight"].nbytes
     assert int(w2.data[-1].sum()) == 0                          # a hole reads as zeros
+
+
+@pytest.fixture(scope="module")
+def f16_file(tmp_path_factory):
+    """A tiny Mixtral whose experts are F16 in the file (the rest F32)."""
+    from conftest import tiny_mixtral
+    from gguf_fixtures import write_gguf
+
+    d = tmp_path_factory.mktemp("hf16")
+    tiny_mixtral(hidden_size=64, intermediate_size=64).save_pretrained(d)
+    return write_gguf(d, tmp_path_factory.mktemp("gguf16") / "f16.gguf", experts=T.F16)
+
+
+def test_experts_stored_in_the_compute_dtype_are_read_as_the_files_bytes(f16_file, q8_file):
+    """Where a file stores the experts in the compute dtype, their bytes are the form a device
+    computes (a CUDA run fills its host tier and slots from the mapping, and the file is its disk
+    tier): an expert is one range per matrix, and a read of it is the mapped bytes."""
+    from offload_moe.experts.interface import ExpertWeights
+    from offload_moe.experts.layout import ExpertLayout
+    from offload_moe.experts.source import SourceStore, source_fields
+
+    ckpt = GGUFCheckpoint(f16_file)
+    assert ckpt.experts_stored_as(torch.float16) and not ckpt.experts_stored_as(torch.bfloat16)
+    assert not GGUFCheckpoint(q8_file).experts_stored_as(torch.float32)      # blocks: converted for a GPU
+    layout = ExpertLayout(ExpertWeights(**ckpt.expert_in_place(0, 0)))
+    assert source_fields(layout, ckpt.expert_ranges(0, 0))
+    store = SourceStore(layout, lambda layer: ckpt.expert_ranges(layer, 0), ckpt.config.num_layers,
+                        ckpt.config.num_experts)
+    slot = torch.empty(layout.nbytes, dtype=torch.uint8)
+    store.read_into(2, 5, slot)
+    store.close()
+    read, mapped = layout.view(slot), ckpt.expert_in_place(2, 5)
+    assert all(torch.equal(getattr(read, m), mapped[m]) for m in ("w1", "w3", "w2"))
+    assert mapped["w1"].dtype == torch.float16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the slots fill through pinned staging)")
+def test_a_cuda_run_streams_float_experts_from_the_file(f16_file, tmp_path):
+    """offload='disk' on CUDA with F16 experts in float16: the file is the disk tier (nothing under
+    offload_dir) and logits equal the all-resident run's bit for bit."""
+    resident = offload_moe.load(f16_file, device="cuda", dtype="float16", cache_slots="all")
+    offload_dir = tmp_path / "offload"
+    offload_dir.mkdir()
+    streamed = offload_moe.load(f16_file, device="cuda", dtype="float16", cache_slots=2, offload="disk",
+                                offload_dir=offload_dir, cpu_experts="none")
+    assert streamed.settings.offload == "file" and list(offload_dir.iterdir()) == []
+    ids = torch.tensor([IDS])
+    assert torch.equal(resident.logits(ids), streamed.logits(ids))

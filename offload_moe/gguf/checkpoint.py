@@ -208,6 +208,15 @@ class GGUFCheckpoint:
         return all(len({self.tensors[f"blk.{i}.{stem}.weight"].type for i in self.config.moe_layers}) == 1
                    for stem in EXPERT_MATRICES.values())
 
+    def experts_stored_as(self, dtype: torch.dtype) -> bool:
+        """Whether every expert matrix is stored as floats of `dtype` (F32, F16, BF16): then the file's
+        bytes are the very form a device computes them in, and a CUDA run fills its host tier and
+        slots from the mapping instead of converting (no `requantize`)."""
+        want = {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}.get(dtype)
+        return self.requantize is None and want is not None and all(
+            self.tensors[f"blk.{i}.{stem}.weight"].type == want
+            for i in self.config.moe_layers for stem in EXPERT_MATRICES.values())
+
     def expert_in_place(self, layer: int, expert: int) -> dict:
         """One expert as views of the mapping: w1, w3 [I, H] and w2 [H, I] as `GGMLWeight` (or float
         tensors for float types), gpt-oss's biases as float views. No byte is read here."""
