@@ -307,3 +307,20 @@ def test_a_cuda_run_streams_float_experts_from_the_file(f16_file, tmp_path):
     assert streamed.settings.offload == "file" and list(offload_dir.iterdir()) == []
     ids = torch.tensor([IDS])
     assert torch.equal(resident.logits(ids), streamed.logits(ids))
+
+
+def test_a_plan_that_streams_experts_from_the_file_reads_ahead(q8_file):
+    """When the experts do not fit and stream from the file, the plan reads the guessed experts of
+    the next FILE_PREFETCH layers ahead on the I/O thread (the cpu profile's prefetch 0 is for RAM
+    tiers, whose copies would share the cores); when every expert is mapped, nothing changes."""
+    from dataclasses import replace
+
+    from offload_moe.planner import FILE_PREFETCH, plan
+    from offload_moe.profiles import load_profile
+
+    cfg, cpu = GGUFCheckpoint(q8_file).config, load_profile("cpu")
+    assert cpu.prefetch == 0
+    small = plan(cfg, replace(cpu, ram_budget=2_400_000, reserve=1_000_000, context_length=64), mapped=True)
+    roomy = plan(cfg, cpu, mapped=True, ram_available=2**34)
+    assert small.slots_per_layer and small.profile.prefetch == FILE_PREFETCH >= 1
+    assert not roomy.slots_per_layer and roomy.profile.prefetch == 0
