@@ -162,6 +162,8 @@ class ExpertCache:
                 st.prefetch_used += 1
                 self.prefetched[layer].discard(e)
         st.misses += len(misses)
+        if self.reads is not None and len(misses) > 1:  # the source file: every miss read ahead by the kernel
+            self.store.will_need(layer, misses)
         waiting = list(misses)                      # misses not yet given a slot
         copying: list[tuple[int, int]] = []         # (expert, slot) being copied on demand
 

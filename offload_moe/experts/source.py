@@ -105,10 +105,17 @@ class SourceStore:
         the page cache), so the disk works on every queued read together while the thread copies them
         out one by one: a burst of misses (a prompt, several guessed layers) is read at the device's
         queue depth instead of one expert at a time."""
-        if WILLNEED is not None:
-            for fd, first, _, n in self._reads[layer]:
-                os.posix_fadvise(fd, first + expert * n, n, WILLNEED)
+        self.will_need(layer, (expert,))
         return self.io.submit(self.read_into, layer, expert, target)
+
+    def will_need(self, layer: int, experts) -> None:
+        """Ask the kernel to start reading these experts' ranges into the page cache now (no slot is
+        needed for that): a layer whose misses outnumber its free slots reads them one slot at a time,
+        and each then comes from memory while the disk has already moved on to the next."""
+        if WILLNEED is not None:
+            for expert in experts:
+                for fd, first, _, n in self._reads[layer]:
+                    os.posix_fadvise(fd, first + expert * n, n, WILLNEED)
 
     def close(self) -> None:
         self.io.close()
