@@ -92,6 +92,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def apply_rope_adjacent(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, d); cos, sin: (T, d). Rotates the pairs (2i, 2i + 1) by pair i's angle in x's
+    dtype: `apply_rope`'s rotation on q/k rows in llama.cpp's order (`ModelConfig.rope_pairs`), the same
+    products and sums element for element, so q and k come out as a permutation of its result, bit for bit."""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]                            # (T, d/2)
+    even, odd = x[..., 0::2], x[..., 1::2]                             # (B, heads, T, d/2)
+    return torch.stack((even * c - odd * s, odd * c + even * s), dim=-1).flatten(-2)
+
+
+ROPE = {"half": apply_rope, "adjacent": apply_rope_adjacent}   # by `ModelConfig.rope_pairs`
+
+
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, heads, T, d); cos, sin: (T, d). Rotates the pairs (2i, 2i + 1) in fp32 (DeepSeek)."""
     half = x.shape[-1] // 2
@@ -160,6 +173,8 @@ class Attention(nn.Module):
         fam = cfg.family
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = window  # the layer's sliding window (None: all earlier positions)
+        self.rope_pairs = cfg.rope_pairs
+        self.rope = ROPE[cfg.rope_pairs]
         self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
@@ -226,7 +241,7 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)                                          # (B, nh, T, hd)
         k = k.transpose(1, 2)                                          # (B, nkv, T, hd)
         v = v.reshape(B, T, self.nkv, self.hd).transpose(1, 2)         # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)                           # (B, nkv, S, hd)
         if self.sinks is None:

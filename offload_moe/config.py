@@ -57,6 +57,10 @@ class ModelConfig:
     swiglu_alpha: float = 1.702
     mla: MLA | None = None
     rope_scaling: dict[str, Any] | None = field(default=None, compare=False)  # YaRN parameters
+    # which q/k dims RoPE rotates together: "half" (i, i + d/2) as transformers; "adjacent" (2i, 2i + 1)
+    # where the q/k rows are in llama.cpp's order (a Mixtral GGUF computed where it lies: each head's
+    # rows permuted (2, d/2) -> (d/2, 2) by its converter, so the same rotation pairs neighbours)
+    rope_pairs: str = "half"
 
     # ---- layers ----
     @property

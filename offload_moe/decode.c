@@ -88,6 +88,15 @@ static void rotate(float *x, const float *c, const float *s, size_t d) {
     }
 }
 
+/* the same rotation on rows in llama.cpp's order: pairs (2i, 2i + 1), angle i */
+static void rotate_adjacent(float *x, const float *c, const float *s, size_t d) {
+    for (size_t i = 0; i < d / 2; i++) {
+        float a = x[2 * i], b = x[2 * i + 1];
+        x[2 * i] = a * c[i] - b * s[i];
+        x[2 * i + 1] = b * c[i] + a * s[i];
+    }
+}
+
 /* Buffers per thread (kernel_common.h): a call's rows, and one head's scores (a separate one: the
  * calling thread is one of the heads' threads too). */
 static __thread Arena rows, scores;
@@ -127,7 +136,8 @@ int rms_norm_rows(const void *x, int x_dtype, int64_t x_stride, const void *w, i
  * KV slot slots[r] (a batched decode step; one sequence: nrows 1).
  * q [nrows, nh*hd] (row r at q + r * q_stride), k, v [nrows, nkv*hd] (row stride kv_stride) in
  * in_dtype (the projections, biases added); cos, sin: the rotary tables [*, hd], row pos[r] -
- * rope_first for row r; norm_mode 0 none, 1 per head (weights [hd]), 2 over the whole projection
+ * rope_first for row r, rope_pairs 0 rotating the pairs (i, i + d/2), 1 the pairs (2i, 2i + 1) (llama.cpp's
+ * row order); norm_mode 0 none, 1 per head (weights [hd]), 2 over the whole projection
  * (weights [nh*hd] and [nkv*hd]) -- applied where the torch path does: whole-projection norm, then
  * the clamp (clip > 0), then per-head norm, then the rotation. The rotated key and the value are
  * written to the caches kc, vc [slots, nkv, max_seq, hd] (slot s at kc + s * slot_stride) at pos[r];
@@ -135,7 +145,8 @@ int rms_norm_rows(const void *x, int x_dtype, int64_t x_stride, const void *w, i
  * (window <= 0: all), softmax with one extra logit per head when sinks [nh] is given.
  * out [nrows, nh*hd] in out_dtype. Returns 0, or -1 without memory for the scores. */
 int attn_decode_rows(const void *q, const void *k, const void *v, int in_dtype, int64_t q_stride, int64_t kv_stride,
-                     const void *cos, const void *sin, int rope_dtype, int64_t rope_first, const void *q_norm,
+                     const void *cos, const void *sin, int rope_dtype, int64_t rope_first, int rope_pairs,
+                     const void *q_norm,
                      const void *k_norm, int norm_dtype, int norm_mode, float norm_eps, float clip, const void *sinks,
                      int sinks_dtype, void *kc, void *vc, int cache_dtype, int64_t slot_stride, int64_t max_seq,
                      const int64_t *slots, const int64_t *pos, int64_t nrows, int64_t window, int64_t nh, int64_t nkv,
@@ -165,11 +176,11 @@ int attn_decode_rows(const void *q, const void *k, const void *v, int in_dtype, 
         }
         for (int64_t h = 0; h < nh; h++) {
             if (norm_mode == 1) normalize(qf + h * hd, (size_t)hd, q_norm, norm_dtype, norm_eps);
-            rotate(qf + h * hd, c, s, (size_t)hd);
+            (rope_pairs ? rotate_adjacent : rotate)(qf + h * hd, c, s, (size_t)hd);
         }
         for (int64_t h = 0; h < nkv; h++) {
             if (norm_mode == 1) normalize(kf + h * hd, (size_t)hd, k_norm, norm_dtype, norm_eps);
-            rotate(kf + h * hd, c, s, (size_t)hd);
+            (rope_pairs ? rotate_adjacent : rotate)(kf + h * hd, c, s, (size_t)hd);
             size_t at = (size_t)(slots[r] * slot_stride) + (size_t)(h * max_seq + pos[r]) * (size_t)hd;
             for (int64_t i = 0; i < hd; i++) {
                 store(kc, cache_dtype, at + i, kf[h * hd + i]);

@@ -92,6 +92,7 @@ class AttentionStep:
         self.norm_mode = {None: 0, "head": 1, "full": 2}[attn.qk_norm]
         self.clip = float(attn.clip) if attn.clip is not None else 0.0
         self.scale = attn.hd ** -0.5
+        self.rope_pairs = {"half": 0, "adjacent": 1}[attn.rope_pairs]
         self._lib = native.load_decode()
         self._static = None   # the module's own tensors' arguments, checked on the first call
         self._one = (ctypes.c_int64 * 2)()   # a one-sequence call's slot and position
@@ -149,7 +150,7 @@ class AttentionStep:
         out = q.new_empty(B, 1, a.nh * a.hd)
         rc = self._lib.attn_decode_rows(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), _code(q), q_stride, kv_stride, cos.data_ptr(), sin.data_ptr(),
-            _code(cos), rope_first, *self._static, kc.data_ptr(), vc.data_ptr(), _code(kc), slot_stride, kc.shape[-2],
+            _code(cos), rope_first, self.rope_pairs, *self._static, kc.data_ptr(), vc.data_ptr(), _code(kc), slot_stride, kc.shape[-2],
             slots, positions, B, self.window, a.nh, a.nkv, a.hd, self.scale, out.data_ptr(), _code(out),
             torch.get_num_threads())
         if rc != 0:

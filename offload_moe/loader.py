@@ -6,6 +6,7 @@ compute device → give the experts to a provider → build the transformer arou
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -131,6 +132,13 @@ def load(path: "str | Path | Checkpoint | None" = None, placement: Placement | N
     # The offloading engine's slots hold one layout for every layer: a file whose expert types differ
     # across layers is repacked to one form for it instead.
     in_place = mappable and (cache_slots in (None, "all") or ckpt.uniform_experts)
+    if in_place:  # q/k rows in the file's order: the model rotates the pairs that order makes
+        cfg = replace(cfg, rope_pairs=getattr(ckpt, "rope_pairs", "half"))
+    # Experts as views of the mapping: a CPU run computing where the file lies, or a CUDA run whose
+    # file stores the experts in the compute dtype (its host tier and slots are filled from the mapped
+    # bytes; quantized files are converted to the packed forms the device kernels take).
+    expert_views = in_place or (device.type == "cuda" and not nf4_experts
+                                and getattr(ckpt, "experts_stored_as", lambda d: False)(dtype))
     shapes = ckpt.expected_shapes()
     if in_place:
         read = lambda name, shape: ckpt.get_weight(name, shape, in_place=True)  # noqa: E731
@@ -152,7 +160,7 @@ def load(path: "str | Path | Checkpoint | None" = None, placement: Placement | N
                               f"quantized ({how})")
 
     def load_expert(layer: int, e: int, to=device) -> ExpertWeights:
-        if in_place:  # views: nothing read, converted or copied (a float type other than dtype aside)
+        if expert_views:  # views: nothing read, converted or copied (a float type other than dtype aside)
             return ExpertWeights(**{k: place(v, to, dtype) for k, v in ckpt.expert_in_place(moe_layers[layer], e).items()})
         w = {k: place(v, to, dtype) for k, v in ckpt.expert(moe_layers[layer], e).items()}
         if nf4_experts:
@@ -187,11 +195,14 @@ def load(path: "str | Path | Checkpoint | None" = None, placement: Placement | N
         layout = ExpertLayout(load_expert(n_cpu, 0, to="cpu"))
         if offload not in ("ram", "disk"):
             raise OffloadMoeError(f"offload = {offload!r}, expected 'ram' or 'disk'")
-        if in_place and source_fields(layout, ckpt.expert_ranges(moe_layers[n_cpu], 0)):
-            # the file is the tier: each miss a pread of the expert's ranges into a slot (no copy at load);
-            # the slots are the RAM expert cache, anonymous memory
-            check_host_ram(f"the RAM expert cache ({sum(slots)} slots of {layout.nbytes:,} bytes)",
-                           sum(slots) * layout.nbytes)
+        if (in_place or expert_views and offload == "disk") and \
+                source_fields(layout, ckpt.expert_ranges(moe_layers[n_cpu], 0)):
+            # the file is the tier: each miss a pread of the expert's ranges into a slot (CPU: the slots
+            # are the RAM expert cache, anonymous memory) or into a pinned staging buffer on its way to
+            # a device slot (CUDA); no copy at load, nothing under offload_dir
+            if device.type == "cpu":
+                check_host_ram(f"the RAM expert cache ({sum(slots)} slots of {layout.nbytes:,} bytes)",
+                               sum(slots) * layout.nbytes)
             store = SourceStore(layout, lambda layer: ckpt.expert_ranges(moe_layers[n_cpu + layer], 0),
                                 offloaded, cfg.num_experts)
         else:
@@ -220,7 +231,9 @@ def load(path: "str | Path | Checkpoint | None" = None, placement: Placement | N
                         ram_layers=store.ram_layers, disk_layers=offloaded - store.ram_layers,
                         offload_dir=str(store.disk_dir) if store.disk_dir else None)
         if isinstance(store, SourceStore):
-            settings.update(offload="file", expert_cache_bytes=sum(slots) * layout.nbytes)
+            settings.update(offload="file")
+            if device.type == "cpu":  # the slots are the RAM expert cache (on CUDA: device memory)
+                settings.update(expert_cache_bytes=sum(slots) * layout.nbytes)
         if n_cpu:
             experts = SplitByLayer(n_cpu, ResidentExperts(on_cpu, n_cpu, cfg.num_experts, act, lazy=in_place), experts)
 

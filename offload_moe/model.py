@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import RMSNorm, rope_tables, apply_rope, KVCache, KVRow, Attention, LatentAttention
+from .attention import ROPE, RMSNorm, rope_tables, KVCache, KVRow, Attention, LatentAttention
 from .config import ModelConfig
 from .decode_cpu import DecodeRows, ExpertRows, RouteStep
 from .errors import OffloadMoeError
@@ -290,7 +290,7 @@ class Transformer(nn.Module):
         c, s = cos[d] / cos[0], sin[d] / cos[0]     # the pure rotation by d (YaRN scales the tables)
         for cache in self.kv_caches:
             k, v = cache.k[slot, :, src:src + n], cache.v[slot, :, src:src + n]     # (nkv, n, hd), (nkv, n, hd)
-            k = apply_rope(k.float(), c, -s).to(k.dtype)
+            k = ROPE[self.config.rope_pairs](k.float(), c, -s).to(k.dtype)
             v = v.clone()
             cache.k[slot, :, dst:dst + n] = k
             cache.v[slot, :, dst:dst + n] = v

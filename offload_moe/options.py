@@ -86,5 +86,5 @@ def from_profile(profile: str | Path | Profile | None, cfg, device: torch.device
         slots = min(prof.cache_slots, cfg.num_experts)
     elif p.experts_on_disk:  # the CPU computes from RAM; layers that do not fit stream from disk
         slots = min(cfg.num_experts, 2 * cfg.top_k)
-    return Placement(context_length=p.kv_tokens, cache_slots=slots, prefetch=prof.prefetch, offload=prof.offload,
+    return Placement(context_length=p.kv_tokens, cache_slots=slots, prefetch=p.profile.prefetch, offload=prof.offload,
                      ram_budget=p.ram_budget, profile=prof.name).filled()

@@ -387,6 +387,11 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
                 bytes_per_token=moved, notes=tuple(notes), dense_mlp_bytes=mlp)
 
 
+# Layers ahead whose guessed experts a run streaming them from its file reads on the I/O thread
+# (BENCHMARKS.md, "read-ahead of the file tier": 2 halved the stall per token against 0, every read used).
+FILE_PREFETCH = 2
+
+
 def _mapped(p: Plan, hit_rate: float | None, disk_rate: float | None) -> Plan:
     """A CPU plan redone for a run computing from the file's mapping: every expert mapped when the
     weights fit beside the anonymous memory (and offload is not "disk"), else a RAM expert cache of
@@ -403,7 +408,9 @@ def _mapped(p: Plan, hit_rate: float | None, disk_rate: float | None) -> Plan:
     estimated = hit_rate is None
     rate = (1.0 if not slots else slots / E) if estimated else hit_rate
     moved = 0 if not slots else round(L * c.top_k * (1 - rate) * p.bytes_per_expert)
-    return replace(p, mapped=True, disk_rate=disk_rate, slots_per_layer=slots, experts_in_ram=in_ram,
+    if slots:  # reads of the file wait on the disk on the I/O thread, not on the cores compute runs on
+        prof = replace(prof, prefetch=max(prof.prefetch, FILE_PREFETCH))
+    return replace(p, profile=prof, mapped=True, disk_rate=disk_rate, slots_per_layer=slots, experts_in_ram=in_ram,
                    experts_on_disk=L * E - in_ram, hit_rate=float(rate), hit_rate_estimated=estimated,
                    bytes_per_token=moved)
 

@@ -59,8 +59,16 @@ out = {"load_s": loaded - start, "import_s": start - spawned, "ttft_s": first - 
        "settings": model.settings.as_dict() if hasattr(model.settings, "as_dict") else str(model.settings),
        "source": os.path.dirname(offload_moe.__file__)}
 ids = list(range(10, 26))
+model.generate(ids, max_new_tokens=1, temperature=0, ignore_eos=True)   # the prompt, so the decode below reuses it
+if hasattr(model.experts, "reset_stats"):
+    model.experts.reset_stats()
 model.generate(ids, max_new_tokens=decode + 1, temperature=0, ignore_eos=True)
 out["decode"] = model.stats["generation"]["decode_tokens_per_second"]
+e = model.stats["experts"]
+if "hit_rate" in e:  # the expert cache over the decode: hits, file reads, what read-ahead did
+    out["experts"] = {k: e.get(k) for k in ("hit_rate", "hits", "misses", "prefetch_issued", "prefetch_used",
+                                            "stall_seconds", "bytes_moved", "slots_per_layer", "bytes_per_expert")}
+    out["experts"]["tokens"] = model.stats["generation"]["new_tokens"]
 for n in map(int, prefills.split(",")):
     model.generate(list(range(10, 10 + n)), max_new_tokens=1, temperature=0, ignore_eos=True)
     out[f"prefill{n}"] = model.stats["generation"]["prefill_tokens_per_second"]
@@ -214,6 +222,7 @@ def ours(args) -> Run:
                   **{f"prefill{n}": r[f"prefill{n}"] for n in args.prefill},
                   "anon_after_load": r["after_load"]["RssAnon"]}
     run.settings = {**r["settings"], "offload_moe": r["source"]} if isinstance(r["settings"], dict) else r["settings"]
+    run.experts = r.get("experts")
     return run
 
 
@@ -307,7 +316,8 @@ def table(results: dict[str, list[Run]], prefill: list[int]) -> str:
 
 def write_json(path: Path, results: dict[str, list[Run]]) -> None:
     path.write_text(json.dumps({e: [{"values": r.values, "peak_anon": r.peaks.anon, "peak_file": r.peaks.file,
-                                     "cgroup_peak": r.cgroup_peak, "error": r.error} for r in runs]
+                                     "cgroup_peak": r.cgroup_peak, "error": r.error,
+                                     **({"experts": r.experts} if getattr(r, "experts", None) else {})} for r in runs]
                                 for e, runs in results.items()}, indent=1))
 
 
@@ -365,6 +375,11 @@ def main() -> None:
             shown = ", ".join(f"{k} {v / GiB if 'anon' in k else v:.2f}" for k, v in run.values.items())
             print(f"round {r + 1} {e:21s} {shown}; peak anon {run.peaks.anon / GiB:.2f} GiB, "
                   f"file {run.peaks.file / GiB:.2f} GiB" + (f"; FAILED {run.error}" if run.error else ""), flush=True)
+            if getattr(run, "experts", None):
+                x = run.experts
+                print(f"    expert cache over the decode: hit rate {x['hit_rate']:.1%}, {x['misses']} misses "
+                      f"({x['bytes_moved'] / 1e9:.2f} GB read), read ahead {x['prefetch_used']}/{x['prefetch_issued']} "
+                      f"used, stall {x['stall_seconds'] / max(1, x['tokens']) * 1e3:.0f} ms/token", flush=True)
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
     settings = next((getattr(r, "settings", None) for r in results.get("offload_moe", []) if hasattr(r, "settings")), None)
     if settings:

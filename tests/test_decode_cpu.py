@@ -1,9 +1,9 @@
 """The CPU decode step's C calls (`decode_cpu.py`, `decode.c`) against the torch path they replace:
 one token's attention (every family option: q/k norms per head and over the projection, clamp,
-sinks, sliding window, grouped and plain heads), few-row RMSNorm, the routers' top-k. fp32 agrees
-to float rounding; bf16 is at least as close to float64 math as the torch path (it rounds once).
-A batched step's calls (several sequences, each in its own KV slot) give each row the bits its
-one-sequence call gives."""
+sinks, sliding window, grouped and plain heads, rotations of (i, i + d/2) and of (2i, 2i + 1) pairs), few-row
+RMSNorm, the routers' top-k. fp32 agrees to float rounding; bf16 is at least as close to float64 math as the
+torch path (it rounds once). A batched step's calls (several sequences, each in its own KV slot) give each row
+the bits its one-sequence call gives."""
 
 from types import SimpleNamespace
 
@@ -19,10 +19,10 @@ pytestmark = pytest.mark.skipif(decode_cpu.native.load_decode() is None, reason=
 BF16_ULP = 2 ** -7   # one bf16 step at magnitude 1
 
 
-def attention_config(nh, nkv, hd, qk_norm=None, clip=None, sinks=False):
+def attention_config(nh, nkv, hd, qk_norm=None, clip=None, sinks=False, rope_pairs="half"):
     family = SimpleNamespace(qk_norm=qk_norm, attention_sinks=sinks)
     return SimpleNamespace(family=family, num_heads=nh, num_kv_heads=nkv, head_dim=hd, hidden_size=48,
-                           qkv_bias=False, o_bias=False, clip_qkv=clip, rms_norm_eps=1e-5)
+                           qkv_bias=False, o_bias=False, clip_qkv=clip, rms_norm_eps=1e-5, rope_pairs=rope_pairs)
 
 
 def rotary(positions: int, hd: int, dtype):
@@ -44,6 +44,7 @@ ATTENTION_CASES = [
     dict(nh=4, nkv=2, hd=8, qk_norm="full", clip=0.7),
     dict(nh=4, nkv=2, hd=40, sinks=True, window=5),
     dict(nh=6, nkv=3, hd=32, window=64),   # a window longer than the sequence: every key
+    dict(nh=8, nkv=2, hd=64, rope_pairs="adjacent"),   # q/k rows in llama.cpp's order (a Mixtral GGUF)
 ]
 
 

@@ -198,3 +198,131 @@ def test_a_file_truncated_after_loading_is_one_clear_error(q8_file, tmp_path):
         f.truncate(first)  # every expert gone; the small tensors before them stay mapped
     with pytest.raises(OffloadMoeError, match="past the end of the file"):
         model.generate(IDS, max_new_tokens=2, temperature=0, ignore_eos=True)
+
+
+def test_rotating_neighbours_of_permuted_rows_is_the_rotation_of_halves():
+    """`apply_rope_adjacent` on q/k rows in llama.cpp's order (each head (2, d/2) -> (d/2, 2), as its
+    converter writes a Mixtral) is `apply_rope` on the original rows, permuted the same way, bit for bit."""
+    from gguf_fixtures import llama_permute
+
+    from offload_moe.attention import apply_rope, apply_rope_adjacent
+
+    heads, T_, d = 3, 5, 16
+    x = torch.randn(1, heads, T_, d, generator=torch.Generator().manual_seed(0))        # (B, heads, T, d)
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d)
+    freqs = torch.arange(T_).float()[:, None] * inv[None]
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()  # (T, d)
+
+    def permuted(t):  # the head dims of (B, heads, T, d) in llama.cpp's order
+        return torch.from_numpy(llama_permute(t.permute(0, 1, 3, 2).reshape(heads * d, -1).numpy(), heads)) \
+            .reshape(1, heads, d, T_).permute(0, 1, 3, 2)
+
+    assert torch.equal(apply_rope_adjacent(permuted(x), cos, sin), permuted(apply_rope(x, cos, sin)))
+
+
+def test_a_mixtral_gguf_computes_q_and_k_in_the_files_order(tmp_path):
+    """Mixtral's q/k rows are used where they lie (views of the mapping, no un-permuted copy) and
+    rotated as llama.cpp rotates them; prefill logits and greedy decode (the C decode step) match
+    transformers on the same weights."""
+    from conftest import tiny_mixtral
+    from gguf_fixtures import write_gguf
+
+    hf = tiny_mixtral(hidden_size=64, intermediate_size=64)
+    hf.save_pretrained(tmp_path / "hf")
+    path = write_gguf(tmp_path / "hf", tmp_path / "m.gguf")                       # F32, q/k permuted
+    ckpt = GGUFCheckpoint(path)
+    q = ckpt.get_weight("model.layers.1.self_attn.q_proj.weight", None, in_place=True)
+    assert q.data_ptr() == ckpt.tensors["blk.1.attn_q.weight"].data.ctypes.data     # the file's bytes
+    model = offload_moe.load(path, device="cpu", dtype="float32")
+    assert model.settings.weights == "mapped" and model.transformer.config.rope_pairs == "adjacent"
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        expected = hf(ids).logits
+        seq = list(IDS)
+        for _ in range(8):                                                        # greedy, past end of text
+            seq.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+        theirs = seq[len(IDS):]
+    assert (model.logits(ids) - expected).abs().max().item() < 1e-4
+    assert model.generate(IDS, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids == theirs
+
+
+def test_a_file_bigger_than_ram_maps(q8_file, tmp_path):
+    """A GGUF larger than RAM + swap opens: the mapping reserves no commit charge (a private writable
+    mapping is refused with ENOMEM by the kernel's default overcommit heuristic), and an expert at its
+    far end reads from it (a sparse file: written in milliseconds, no disk taken)."""
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    ram = (int(meminfo["MemTotal"].split()[0]) + int(meminfo["SwapTotal"].split()[0])) * 1024
+    per_layer = 1.3 * ram / 3                                   # 3 layers of gate, up, down (Q8_0: 34 bytes / 32)
+    ffn = int(per_layer / (3 * 64 * 256 * 34 / 32)) // 32 * 32
+    big = grown_sparse(q8_file, tmp_path / "big.gguf", experts=64, ffn=ffn)
+    assert big.stat().st_size > ram
+    ckpt = GGUFCheckpoint(big)
+    w2 = ckpt.expert_in_place(ckpt.config.num_layers - 1, 63)["w2"]
+    assert w2.data.data_ptr() + w2.data.numel() <= ckpt.tensors["blk.2.ffn_down_exps.weight"].data.ctypes.data \
+        + ckpt.tensors["blk.2.ffn_down_exps.weight"].nbytes
+    assert int(w2.data[-1].sum()) == 0                          # a hole reads as zeros
+
+
+@pytest.fixture(scope="module")
+def f16_file(tmp_path_factory):
+    """A tiny Mixtral whose experts are F16 in the file (the rest F32)."""
+    from conftest import tiny_mixtral
+    from gguf_fixtures import write_gguf
+
+    d = tmp_path_factory.mktemp("hf16")
+    tiny_mixtral(hidden_size=64, intermediate_size=64).save_pretrained(d)
+    return write_gguf(d, tmp_path_factory.mktemp("gguf16") / "f16.gguf", experts=T.F16)
+
+
+def test_experts_stored_in_the_compute_dtype_are_read_as_the_files_bytes(f16_file, q8_file):
+    """Where a file stores the experts in the compute dtype, their bytes are the form a device
+    computes (a CUDA run fills its host tier and slots from the mapping, and the file is its disk
+    tier): an expert is one range per matrix, and a read of it is the mapped bytes."""
+    from offload_moe.experts.interface import ExpertWeights
+    from offload_moe.experts.layout import ExpertLayout
+    from offload_moe.experts.source import SourceStore, source_fields
+
+    ckpt = GGUFCheckpoint(f16_file)
+    assert ckpt.experts_stored_as(torch.float16) and not ckpt.experts_stored_as(torch.bfloat16)
+    assert not GGUFCheckpoint(q8_file).experts_stored_as(torch.float32)      # blocks: converted for a GPU
+    layout = ExpertLayout(ExpertWeights(**ckpt.expert_in_place(0, 0)))
+    assert source_fields(layout, ckpt.expert_ranges(0, 0))
+    store = SourceStore(layout, lambda layer: ckpt.expert_ranges(layer, 0), ckpt.config.num_layers,
+                        ckpt.config.num_experts)
+    slot = torch.empty(layout.nbytes, dtype=torch.uint8)
+    store.read_into(2, 5, slot)
+    store.close()
+    read, mapped = layout.view(slot), ckpt.expert_in_place(2, 5)
+    assert all(torch.equal(getattr(read, m), mapped[m]) for m in ("w1", "w3", "w2"))
+    assert mapped["w1"].dtype == torch.float16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the slots fill through pinned staging)")
+def test_a_cuda_run_streams_float_experts_from_the_file(f16_file, tmp_path):
+    """offload='disk' on CUDA with F16 experts in float16: the file is the disk tier (nothing under
+    offload_dir) and logits equal the all-resident run's bit for bit."""
+    resident = offload_moe.load(f16_file, device="cuda", dtype="float16", cache_slots="all")
+    offload_dir = tmp_path / "offload"
+    offload_dir.mkdir()
+    streamed = offload_moe.load(f16_file, device="cuda", dtype="float16", cache_slots=2, offload="disk",
+                                offload_dir=offload_dir, cpu_experts="none")
+    assert streamed.settings.offload == "file" and list(offload_dir.iterdir()) == []
+    ids = torch.tensor([IDS])
+    assert torch.equal(resident.logits(ids), streamed.logits(ids))
+
+
+def test_a_plan_that_streams_experts_from_the_file_reads_ahead(q8_file):
+    """When the experts do not fit and stream from the file, the plan reads the guessed experts of
+    the next FILE_PREFETCH layers ahead on the I/O thread (the cpu profile's prefetch 0 is for RAM
+    tiers, whose copies would share the cores); when every expert is mapped, nothing changes."""
+    from dataclasses import replace
+
+    from offload_moe.planner import FILE_PREFETCH, plan
+    from offload_moe.profiles import load_profile
+
+    cfg, cpu = GGUFCheckpoint(q8_file).config, load_profile("cpu")
+    assert cpu.prefetch == 0
+    small = plan(cfg, replace(cpu, ram_budget=2_400_000, reserve=1_000_000, context_length=64), mapped=True)
+    roomy = plan(cfg, cpu, mapped=True, ram_available=2**34)
+    assert small.slots_per_layer and small.profile.prefetch == FILE_PREFETCH >= 1
+    assert not roomy.slots_per_layer and roomy.profile.prefetch == 0

@@ -172,6 +172,8 @@ class ExpertCache:
                 st.prefetch_used += 1
                 self.prefetched[layer].discard(e)
         st.misses += len(misses)
+        if self.reads is not None and len(misses) > 1:  # the source file: every miss read ahead by the kernel
+            self.store.will_need(layer, misses)
         waiting = list(misses)                      # misses not yet given a slot
         copying: list[tuple[int, int]] = []         # (expert, slot) being copied on demand
 
@@ -270,7 +272,6 @@ class ExpertCache:
 
     def _copy_in(self, layer: int, expert: int, slot: int) -> None:
         """Start copying one expert from the host tier into a slot."""
-        source = self.store.expert(layer, expert) if self.reads is None else None
         target = self.buffers[layer][slot]
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
@@ -278,11 +279,11 @@ class ExpertCache:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record(self.copy_stream)      # a disk read into staging counts as copy time
                 if not (self.store.pinned and self.store.tier(layer) == "ram"):
-                    source, staged = self._stage(source)
+                    source, staged = self._stage(layer, expert)
                     target.copy_(source, non_blocking=True)
                     staged.record(self.copy_stream)  # after the copy out of the staging buffer
                 else:
-                    target.copy_(source, non_blocking=True)
+                    target.copy_(self.store.expert(layer, expert), non_blocking=True)
                 end.record(self.copy_stream)
                 self.ready[layer][slot].record(self.copy_stream)
                 self.copy_events.append((layer, start, end))
@@ -292,7 +293,7 @@ class ExpertCache:
             self.reads[layer][slot] = self.store.submit(layer, expert, target)
         else:
             t0 = time.perf_counter()
-            target.copy_(source)                    # synchronous: compute waits for all of it
+            target.copy_(self.store.expert(layer, expert))  # synchronous: compute waits for all of it
             seconds = time.perf_counter() - t0
             self.layer_stats[layer].stall_seconds += seconds
             self.layer_stats[layer].copy_seconds += seconds
@@ -300,13 +301,17 @@ class ExpertCache:
         self.holder[layer][slot] = expert
         self.layer_stats[layer].bytes_moved += self.layout.nbytes
 
-    def _stage(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Copy pageable bytes (the mmap'd disk tier) into a pinned buffer; the caller records the
-        returned event after queueing the copy out of it, so the buffer is reused only then."""
+    def _stage(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """An expert's pageable bytes (the mmap'd disk tier, or the source file itself: a pread of
+        its ranges, `SourceStore.read_into`) in a pinned buffer; the caller records the returned
+        event after queueing the copy out of it, so the buffer is reused only then."""
         i = self.next_staging
         self.next_staging ^= 1
         self.staging_done[i].synchronize()          # the previous copy out of this buffer finished
-        self.staging[i].copy_(source)               # reads the mmap'd file on the host
+        if hasattr(self.store, "read_into"):
+            self.store.read_into(layer, expert, self.staging[i])
+        else:
+            self.staging[i].copy_(self.store.expert(layer, expert))  # reads the mmap'd file on the host
         return self.staging[i], self.staging_done[i]
 
     def _use(self, layer: int, slot: int, demand: bool) -> Expert:

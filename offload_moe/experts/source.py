@@ -27,6 +27,8 @@ import torch
 from ..errors import OffloadMoeError
 from .layout import ExpertLayout
 
+WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)   # None where the platform has no posix_fadvise
+
 # An expert's ranges: layout field name -> (file, byte offset, byte count).
 Ranges = dict[str, tuple[Path, int, int]]
 
@@ -98,8 +100,22 @@ class SourceStore:
         self.bytes_read[layer] += self.layout.nbytes
 
     def submit(self, layer: int, expert: int, target: torch.Tensor) -> Future:
-        """`read_into` on the I/O thread, after every read submitted before it."""
+        """`read_into` on the I/O thread, after every read submitted before it. The kernel is told at
+        once that the expert's ranges will be needed (POSIX_FADV_WILLNEED: asynchronous readahead into
+        the page cache), so the disk works on every queued read together while the thread copies them
+        out one by one: a burst of misses (a prompt, several guessed layers) is read at the device's
+        queue depth instead of one expert at a time."""
+        self.will_need(layer, (expert,))
         return self.io.submit(self.read_into, layer, expert, target)
+
+    def will_need(self, layer: int, experts) -> None:
+        """Ask the kernel to start reading these experts' ranges into the page cache now (no slot is
+        needed for that): a layer whose misses outnumber its free slots reads them one slot at a time,
+        and each then comes from memory while the disk has already moved on to the next."""
+        if WILLNEED is not None:
+            for expert in experts:
+                for fd, first, _, n in self._reads[layer]:
+                    os.posix_fadvise(fd, first + expert * n, n, WILLNEED)
 
     def close(self) -> None:
         self.io.close()

@@ -4,7 +4,9 @@
 shows, with our checkpoint names (`model.layers.{i}.self_attn.q_proj.weight`, ...). A name maps to
 llama.cpp's (`blk.{i}.attn_q.weight`) through the gguf package's own `TensorNameMap`, the table its
 converter writes with. What the converter changes on the way, we undo:
-- llama (Mixtral): q and k rows are permuted so RoPE's (even, odd) pairs become halves; inverted.
+- llama (Mixtral): q and k rows are permuted so RoPE's rotate-half pairs become (even, odd) neighbours;
+  inverted for the repacked form; the in-place form keeps the file's order and rotates neighbours
+  (`rope_pairs`).
 - experts are stacked per layer, `blk.{i}.ffn_{gate,up,down}_exps.weight` [E, out, in]: expert e is
   row block e of the map, read alone.
 - deepseek2: `kv_b_proj` is split into `attn_k_b` (transposed) and `attn_v_b`; rejoined (as floats).
@@ -12,8 +14,8 @@ Two forms of the same bytes:
 - in place (`in_place`, `expert_in_place`, `get_weight(..., in_place=True)`): what a CPU run computes
   from. A quantized matrix is a `GGMLWeight` viewing the file's one mapping (expert e of a stacked
   `_exps` tensor is its e-th contiguous byte range), a float one a tensor viewing it; nothing is
-  repacked, copied or expanded, and nothing is done per expert at load but making the view. Only
-  Mixtral's q/k rows are gathered (a row permutation of blocks: a copy of those two matrices).
+  repacked, copied or expanded, and nothing is done per expert at load but making the view; Mixtral's
+  q/k rows stay in llama.cpp's order too (the model then rotates (2i, 2i + 1) pairs, as llama.cpp does).
 - repacked (`expert`, `get_weight`): our packed weights, for the CUDA slot formats, `quantize` and
   `requantize`. Quantized blocks become packed weights without requantizing (blocks.py). One packed
   format must serve every layer's experts (one flat slot layout), so where a file mixes types across layers
@@ -153,13 +155,16 @@ class GGUFCheckpoint:
             w = blocks.to_quantized(_bytes(t.data), T(t.type), want)
         else:
             w = _floats(t).reshape(want)
-        if self._needs_unpermute(name):
+        if self._needs_unpermute(name) and not in_place:
             rows = unpermute(torch.arange(want[0]), c.num_heads if ".q_proj." in name else c.num_kv_heads)
-            if isinstance(w, GGMLWeight):  # a row gather of whole rows of blocks: exact, a copy of q/k only
-                w = GGMLWeight(w.data[rows], w.ggml_type, w.shape)
-            else:
-                w = w[rows] if isinstance(w, torch.Tensor) else _take_rows(w, rows)
+            w = w[rows] if isinstance(w, torch.Tensor) else _take_rows(w, rows)
         return w
+
+    @property
+    def rope_pairs(self) -> str:
+        """How RoPE pairs the q/k dims of the in-place weights (`ModelConfig.rope_pairs`): llama.cpp's
+        converter permutes a llama-architecture file's q/k rows so its rotation pairs neighbours."""
+        return "adjacent" if self.config.model_type == "mixtral" else "half"
 
     def _needs_unpermute(self, name: str) -> bool:
         return self.config.model_type == "mixtral" and name.endswith(("q_proj.weight", "k_proj.weight",
@@ -202,6 +207,15 @@ class GGUFCheckpoint:
         every layer's experts in the file's own bytes; Q4_K_M's Q6_K ffn_down layers do not)."""
         return all(len({self.tensors[f"blk.{i}.{stem}.weight"].type for i in self.config.moe_layers}) == 1
                    for stem in EXPERT_MATRICES.values())
+
+    def experts_stored_as(self, dtype: torch.dtype) -> bool:
+        """Whether every expert matrix is stored as floats of `dtype` (F32, F16, BF16): then the file's
+        bytes are the very form a device computes them in, and a CUDA run fills its host tier and
+        slots from the mapping instead of converting (no `requantize`)."""
+        want = {torch.float32: T.F32, torch.float16: T.F16, torch.bfloat16: T.BF16}.get(dtype)
+        return self.requantize is None and want is not None and all(
+            self.tensors[f"blk.{i}.{stem}.weight"].type == want
+            for i in self.config.moe_layers for stem in EXPERT_MATRICES.values())
 
     def expert_in_place(self, layer: int, expert: int) -> dict:
         """One expert as views of the mapping: w1, w3 [I, H] and w2 [H, I] as `GGMLWeight` (or float

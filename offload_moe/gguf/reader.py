@@ -4,8 +4,8 @@ The header (metadata, then the tensor table) is walked once with every count and
 against the bytes left in the file *before* anything is allocated or looped over, so a 118-byte
 file claiming an array of 2**60 items is one line, not a hang that eats the machine (the gguf
 package's `GGUFReader` trusts those counts). Tensors are numpy views of one copy-on-write memory map (writable views for
-`torch.from_numpy`; the file is never written),
-laid out as `GGUFReader` lays them out (float and integer types typed and shaped, quantized types
+`torch.from_numpy`; the file is never written) that reserves no commit charge (`map_file`: a file bigger
+than RAM maps), laid out as `GGUFReader` lays them out (float and integer types typed and shaped, quantized types
 as uint8 rows of blocks), so nothing is read until a tensor is used. Limits follow llama.cpp's
 `gguf.cpp`: at most 4 dimensions, a row a whole number of blocks, tensor offsets aligned to
 `general.alignment` (a power of two, 32 by default), no arrays of arrays, no duplicate keys or
@@ -18,10 +18,12 @@ them); `typed()` reads one with the type we expect (config.py, tokenizer.py).
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import re
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import numpy as np
 from ..errors import OffloadMoeError, regular_file
 from .blocks import type_name
 
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
 SUPPORTED_VERSIONS = (2, 3)
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_DIMS = 4                # GGML_MAX_DIMS
@@ -178,6 +181,23 @@ class _Cursor:
             raise OffloadMoeError(f"{self.file}: {what} at offset {start:,} is not UTF-8") from None
 
 
+def map_file(f) -> mmap.mmap:
+    """The whole open file, private (copy-on-write: numpy and torch take it as writable memory; nothing
+    writes to it) and without reserving commit charge (MAP_NORESERVE). Why: a private writable mapping is
+    otherwise charged as if every page could be written, and the kernel's default overcommit heuristic
+    refuses one larger than RAM + swap with ENOMEM (a 26 GB Mixtral on a 24 GB machine), though its
+    pages are the file's, read on demand and reclaimable. Where reservation is enforced anyway
+    (vm.overcommit_memory = 2), a read-only mapping (torch then warns once that the arrays are not writable)."""
+    if MAP_NORESERVE:
+        try:
+            return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | MAP_NORESERVE,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            if e.errno != errno.ENOMEM:
+                raise
+    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
 def read_file(file: Path) -> tuple[dict[str, object], list[GGUFTensor]]:
     """Metadata and tensors of one file, every count and length checked before it is used."""
     regular_file(file, "GGUF file")
@@ -190,7 +210,7 @@ def read_file(file: Path) -> tuple[dict[str, object], list[GGUFTensor]]:
                 if len(head) < 4 or head[:4] != b"GGUF":
                     raise OffloadMoeError(f"{file}: not a GGUF file (starts with {head[:4]!r}, expected b'GGUF')")
                 raise OffloadMoeError(f"{file}: truncated GGUF header ({size} bytes)")
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            buf = map_file(f)
     except OSError as e:
         raise OffloadMoeError(f"{file}: cannot read the GGUF file ({e.strerror or e})") from None
     if buf[:4] != b"GGUF":

@@ -156,7 +156,7 @@ LIBRARIES = {
     }, "pq_path"),
     "decode": (DECODE_SOURCE, {
         "rms_norm_rows": (I32, [P, I32, I64, P, I32, I64, I64, F32, I32, P, I32]),
-        "attn_decode_rows": (I32, [P, P, P, I32, I64, I64, P, P, I32, I64, P, P, I32, I32, F32, F32, P, I32, P, P, I32,
+        "attn_decode_rows": (I32, [P, P, P, I32, I64, I64, P, P, I32, I64, I32, P, P, I32, I32, F32, F32, P, I32, P, P, I32,
                                    I64, I64, P, P, I64, I64, I64, I64, I64, F32, P, I32, I32]),
         "route_rows": (I32, [P, I32, I64, P, I32, P, I32, I64, I64, I32, I32, I32, F32, I32, I64, P, P, I32]),
         "moe_expert_rows": (I32, [P, I32, I64, I64, I64, I32, P, I64, P, P, P, I32]),
