@@ -75,7 +75,7 @@ class GGMLWeight:
         lib = kernel() if self.data.device.type == "cpu" and self.data.is_contiguous() else None
         self._lib = lib if lib is not None and lib.ggml_supported(int(self.ggml_type), I) else None
         if self._lib is not None:
-            self._block, self._at = native.arg_block(O, I, self.data.data_ptr(), int(self.ggml_type))
+            self._at = native.GgmlArgs(O, I, self.data.data_ptr(), int(self.ggml_type))   # one argument per call
         self._bound = None   # the last (up, down, bound swiglu) `swiglu` was asked for
         self._what = f"ggml_mv: {self.ggml_type.name} {list(self.shape)}"   # names it in a kernel error
 
@@ -179,8 +179,8 @@ class GGMLWeight:
                 or up.ggml_type != self.ggml_type):
             return None
         limit = min(self.dense_from, down.dense_from)
-        block, at = native.arg_block(H, F_, self.data.data_ptr(), up.data.data_ptr(), int(self.ggml_type),
-                                     down.data.data_ptr(), int(down.ggml_type))
+        at = native.GgmlSwigluArgs(H, F_, self.data.data_ptr(), up.data.data_ptr(), int(self.ggml_type),
+                                   down.data.data_ptr(), int(down.ggml_type))
         call = self._lib.ggml_swiglu_p
 
         what = f"ggml_swiglu: expert {[F_, H]} / {list(down.shape)}"
@@ -190,7 +190,7 @@ class GGMLWeight:
                     or not x.is_contiguous() or x.device.type != "cpu":
                 return None
             return native.call_rows(call, at, x, H, what)
-        swiglu.block = block   # kept alive with the function
+        swiglu.args = at   # kept alive with the function
         return swiglu
 
 
@@ -209,8 +209,8 @@ class GGMLGroup:
         self._what = f"ggml_mv_many: {len(mats)} matrices [*, {first.shape[1]}]"
         self._arrays = [(ctypes.c_int64 * len(mats))(*[m.shape[0] for m in mats]),
                         (ctypes.c_void_p * len(mats))(*[m.data.data_ptr() for m in mats])]
-        self._block, self._at = native.arg_block(first.shape[1], len(mats), *(ctypes.addressof(a) for a in self._arrays),
-                                                 int(first.ggml_type))
+        self._at = native.GgmlManyArgs(first.shape[1], len(mats), *(ctypes.addressof(a) for a in self._arrays),
+                                       int(first.ggml_type))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor | None:
         xs = None if self._lib is None else native.kernel_rows(x, self.mats[0].shape[1], self.dense_from)

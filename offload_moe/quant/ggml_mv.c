@@ -29,12 +29,17 @@
 
    Shape letters: N tokens, I in features, O out features. */
 
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h> /* only x86 has it; the SIMD paths below are chosen by the compiler's -m flags */
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernel_args.h"
 #include "kernel_common.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
@@ -867,21 +872,21 @@ int ggml_rows(const uint8_t *w, int type, int64_t in_features, const int64_t *id
     return 0;
 }
 
-/* ------------------------------------------------------------------ fixed arguments in one block */
+/* ------------------------------------------------------------------ fixed arguments in one struct */
 
-int ggml_mv_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: out_features, in_features, data, type */
-    return ggml_mv(x, x_dtype, y, y_dtype, n_tokens, w[0], w[1], (const uint8_t *)(intptr_t)w[2], (int)w[3], threads);
+/* (kernel_args.h; ctypes mirrors the structs in native.py) */
+int ggml_mv_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const GgmlArgs *w, int threads) {
+    return ggml_mv(x, x_dtype, y, y_dtype, n_tokens, w->out_features, w->in_features, w->data, w->type, threads);
 }
 
-int ggml_mv_many_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: in_features, count, outs (pointer to count int64), datas (pointer to count pointers), type */
-    return ggml_mv_many(x, x_dtype, y, y_dtype, n_tokens, w[0], (int)w[1], (const int64_t *)(intptr_t)w[2],
-                        (const uint8_t *const *)(intptr_t)w[3], (int)w[4], threads);
+int ggml_mv_many_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const GgmlManyArgs *w,
+                   int threads) {
+    return ggml_mv_many(x, x_dtype, y, y_dtype, n_tokens, w->in_features, w->count, w->outs, w->datas, w->type,
+                        threads);
 }
 
-int ggml_swiglu_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: hidden, inter, w1, w3, t13, w2, t2 */
-    return ggml_swiglu(x, x_dtype, y, y_dtype, n_tokens, w[0], w[1], (const uint8_t *)(intptr_t)w[2],
-                       (const uint8_t *)(intptr_t)w[3], (int)w[4], (const uint8_t *)(intptr_t)w[5], (int)w[6], threads);
+int ggml_swiglu_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const GgmlSwigluArgs *w,
+                  int threads) {
+    return ggml_swiglu(x, x_dtype, y, y_dtype, n_tokens, w->hidden, w->inter, w->w1, w->w3, w->t13, w->w2, w->t2,
+                       threads);
 }

@@ -26,12 +26,17 @@
    Scratch for the quantized activations is one buffer per calling thread, grown, never freed
    per call. `qmv_swiglu` computes a whole SwiGLU expert in one call and one parallel region. */
 
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h> /* only x86 has it; the SIMD paths below are chosen by the compiler's -m flags */
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernel_args.h"
 #include "kernel_common.h"
 
 #define QB 64 /* activation block: one scale per 64 inputs (a trailing block may hold 32) */
@@ -572,30 +577,23 @@ int qmv_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_token
     return 0;
 }
 
-/* ------------------------------------------------------------------ fixed arguments in one block */
+/* ------------------------------------------------------------------ fixed arguments in one struct */
 
-/* The entry points above with a weight's fixed arguments read from one int64 block the caller
-   builds once (pointers as integers): a foreign-function call costs ~0.2 us an argument, as much
-   as a short expert's rows. */
-int qmv_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: out_features, in_features, codes, scales, zeros, group, bits */
-    return qmv(x, x_dtype, y, y_dtype, n_tokens, w[0], w[1], (const uint8_t *)(intptr_t)w[2],
-               (const uint16_t *)(intptr_t)w[3], (const uint16_t *)(intptr_t)w[4], w[5], (int)w[6], threads);
+/* The entry points above with a weight's fixed arguments in one struct the caller fills once
+   (kernel_args.h; ctypes mirrors it in native.py): a foreign-function call costs ~0.2 us an
+   argument, as much as a short expert's rows. */
+int qmv_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const QmvArgs *w, int threads) {
+    return qmv(x, x_dtype, y, y_dtype, n_tokens, w->out_features, w->in_features, w->codes, w->scales, w->zeros,
+               w->group, w->bits, threads);
 }
 
-int qmv_many_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: in_features, count, outs, codes, scales, zeros (pointers to arrays of count), group, bits */
-    return qmv_many(x, x_dtype, y, y_dtype, n_tokens, w[0], (int)w[1], (const int64_t *)(intptr_t)w[2],
-                    (const uint8_t *const *)(intptr_t)w[3], (const uint16_t *const *)(intptr_t)w[4],
-                    (const uint16_t *const *)(intptr_t)w[5], w[6], (int)w[7], threads);
+int qmv_many_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const QmvManyArgs *w, int threads) {
+    return qmv_many(x, x_dtype, y, y_dtype, n_tokens, w->in_features, w->count, w->outs, w->codes, w->scales,
+                    w->zeros, w->group, w->bits, threads);
 }
 
-int qmv_swiglu_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: hidden, inter, c1, s1, z1, c3, s3, z3, group13, bits13, c2, s2, z2, group2, bits2 */
-#define U8(i) ((const uint8_t *)(intptr_t)w[i])
-#define U16(i) ((const uint16_t *)(intptr_t)w[i])
-    return qmv_swiglu(x, x_dtype, y, y_dtype, n_tokens, w[0], w[1], U8(2), U16(3), U16(4), U8(5), U16(6), U16(7), w[8],
-                      (int)w[9], U8(10), U16(11), U16(12), w[13], (int)w[14], threads);
-#undef U8
-#undef U16
+int qmv_swiglu_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const QmvSwigluArgs *w,
+                 int threads) {
+    return qmv_swiglu(x, x_dtype, y, y_dtype, n_tokens, w->hidden, w->inter, w->c1, w->s1, w->z1, w->c3, w->s3, w->z3,
+                      w->group13, w->bits13, w->c2, w->s2, w->z2, w->group2, w->bits2, threads);
 }
