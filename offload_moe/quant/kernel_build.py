@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def compile_library(out: Path, flags: tuple[str, ...], variant: str, cc: str | N
     includes = tuple(f"-I{d}" for d in SOURCE_DIRS)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out.parent)
     with tempfile.TemporaryDirectory(prefix=".kernels-", dir=out.parent) as tmp:
         objects = [Path(tmp) / f"{i}-{src.stem}.o" for i, src in enumerate(files)]
 
@@ -120,6 +122,16 @@ def compile_library(out: Path, flags: tuple[str, ...], variant: str, cc: str | N
         os.chmod(partial, 0o755)
         os.replace(partial, out)   # atomic: another process sees no library or a whole one
     return out
+
+
+def _remove_stale_partials(directory: Path, age_s: float = 900.0) -> None:
+    """Folders of builds killed outright (older than any build takes)."""
+    for partial in directory.glob(".kernels-*"):
+        try:
+            if time.time() - partial.stat().st_mtime > age_s:
+                shutil.rmtree(partial, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _run(command: list[str], what: str, cc: str) -> None:
