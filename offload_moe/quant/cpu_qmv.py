@@ -7,7 +7,7 @@ quantizes the activations to int8 (one scale per 64 inputs) and multiplies the c
 checkpoint's own layout (pack.py): an expert in the host tier is computed from its host bytes,
 with no second copy. 2- and 3-bit codes are repacked to 4 bits at load.
 
-Where the library is not available (no C compiler, another instruction set, OFFLOAD_MOE_NATIVE=0;
+Where the library is not available (none loads, its variant has no SIMD path, OFFLOAD_MOE_NATIVE=0;
 `native.status()` says which), `cpu_matrix` falls back to torch's kernel.
 
 Tolerance against float64 math (`x @ ((code - zero) * scale).T`): relative error (Frobenius)

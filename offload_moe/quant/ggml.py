@@ -11,7 +11,7 @@ Products run in our C kernel (`ggml_mv.c`, `native.load("ggml")`) from the block
 int8 activations as llama.cpp's dot products (one scale per 32 inputs for the legacy types and MXFP4,
 per 256 inputs with 16-input sums for the K types), for any number of tokens; F32, F16 and BF16
 matrices take the same kernel for a few tokens and a dense product on rows viewed or converted in
-bounded chunks for longer inputs. Without the library (no compiler, `OFFLOAD_MOE_NATIVE=0`), `linear`
+bounded chunks for longer inputs. Without the library (none loads, `OFFLOAD_MOE_NATIVE=0`), `linear`
 is the reference: rows dequantized in bounded chunks with the gguf package, then a dense product.
 
 Tolerance against float64 math on `gguf.quants.dequantize` of the same bytes: relative Frobenius

@@ -4,7 +4,8 @@
    int4 CPU kernel widens every weight to fp32 and multiplies in fp32, so it is bound by
    instructions per weight, not by bandwidth. Here, as in llama.cpp's Q4_0 x Q8_0 products, the
    activations are quantized to int8 (one scale per 64 inputs) and the weights' codes are
-   multiplied as bytes (AVX-512 VNNI `vpdpbusd`: 64 products per instruction; AVX2 `vpmaddubsw`).
+   multiplied as bytes (AVX-512 VNNI `vpdpbusd`: 64 products per instruction; AVX2 `vpmaddubsw`;
+   NEON `sdot`: 16).
 
    Weight (one [O, I] matrix, groups of G inputs along a row: see qmv_supported):
      w[o, i] = (code[o, i] - zero[o, g]) * scale[o, g],   g = i / G,  scale/zero fp16 [O, I/G]
@@ -22,7 +23,7 @@
    Error against float64 math: that of x^ against x (relative ~0.5%), plus fp32 sums.
 
    Threads: an OpenMP loop over output rows in the OpenMP runtime torch already loaded (the
-   library is linked against libgomp.so.1, which resolves to torch's), `threads` from the caller.
+   library is linked without one and native.py makes torch's global first), `threads` from the caller.
    Scratch for the quantized activations is one buffer per calling thread, grown, never freed
    per call. `qmv_swiglu` computes a whole SwiGLU expert in one call and one parallel region. */
 
