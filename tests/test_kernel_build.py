@@ -127,3 +127,31 @@ def test_a_new_source_file_is_picked_up_by_the_build(tmp_path, monkeypatch):
     lib = ctypes.CDLL(str(out))
     assert lib.one() == 1 and lib.two() == ctypes.sizeof(native.QmvArgs)
     assert sorted(p.name for p in out.parent.iterdir()) == ["kernels_portable.so"]   # no objects left behind
+
+
+def test_a_variant_that_does_not_load_falls_to_the_next_and_says_so(monkeypatch):
+    names = kernel_build.variants_for(kernel_build.machine())
+    names = names[names.index(native.best_variant()[0]):]                  # the ones this CPU runs
+    if len(names) < 2:
+        pytest.skip("this CPU runs only the portable variant")
+    monkeypatch.setattr(native, "_chosen", lambda: (names[0], ""))
+    monkeypatch.setattr(native, "_warned", set())
+    real = native.open_variant
+
+    def broken_first(variant):
+        if variant == names[0]:
+            raise OSError(f"kernels_{variant}.so: cannot open shared object file")
+        return real(variant)
+
+    monkeypatch.setattr(native, "open_variant", broken_first)
+    native.library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lib, what = native.library()
+        assert what == names[1] and lib.kernels_variant().decode() == names[1]
+        assert [str(w.message) for w in caught] == [
+            f"offload_moe: using the {names[1]} kernels ({names[0]}: kernels_{names[0]}.so: cannot open shared "
+            "object file)"]
+    finally:
+        native.library.cache_clear()

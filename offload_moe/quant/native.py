@@ -362,12 +362,20 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     if variant is None:
         _say_once(f"offload_moe: no C kernels: {why}; torch's kernels run instead")
         return None, f"unavailable: {why}"
-    try:
-        lib = open_variant(variant)
-    except (RuntimeError, OSError) as e:
-        _say_once(f"offload_moe: no C kernels ({variant}: {e}); torch's kernels run instead")
-        return None, f"unavailable: {e}"
-    return lib, variant
+    names = kernel_build.variants_for(kernel_build.machine())
+    lower = names[names.index(variant) + 1:] if variant in names else []
+    failed = []
+    for candidate in [variant, *lower]:      # a variant that does not load: the next one down, said once
+        try:
+            lib = open_variant(candidate)
+        except (RuntimeError, OSError) as e:
+            failed.append(f"{candidate}: {e}")
+            continue
+        if failed:
+            _say_once(f"offload_moe: using the {candidate} kernels ({'; '.join(failed)})")
+        return lib, candidate
+    _say_once(f"offload_moe: no C kernels ({'; '.join(failed)}); torch's kernels run instead")
+    return None, f"unavailable: {failed[0].split(': ', 1)[1]}"
 
 
 @functools.cache
