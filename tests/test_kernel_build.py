@@ -155,3 +155,18 @@ def test_a_variant_that_does_not_load_falls_to_the_next_and_says_so(monkeypatch)
             "object file)"]
     finally:
         native.library.cache_clear()
+
+
+@needs_cc
+def test_a_compiler_without_openmp_still_builds_the_kernels(tmp_path, monkeypatch):
+    """Apple's clang rejects -fopenmp: the kernels are built without it (single-threaded) rather than not at all."""
+    cc = tmp_path / "cc-no-openmp"
+    cc.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "unsupported option -fopenmp" >&2; '
+                  f'exit 1; }}; done\nexec {kernel_build.compiler()} "$@"\n')
+    cc.chmod(0o755)
+    assert not kernel_build.openmp(str(cc)) and kernel_build.openmp(kernel_build.compiler())
+    out = kernel_build.compile_library(tmp_path / "kernels_portable.so", kernel_build.VARIANTS["portable"][1]
+                                       if kernel_build.machine() == "x86_64" else (), "portable", cc=str(cc),
+                                       files=[kernel_build.HERE / "kernels_info.c", native.SOURCE])
+    lib = native.open_library(out, "qmv")
+    assert lib.kernels_team(4) == 1 and lib.qmv_path() == 0     # no OpenMP: one thread, and it computes

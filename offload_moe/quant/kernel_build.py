@@ -18,6 +18,7 @@ globally first): one runtime, one thread pool, torch's thread count.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -86,6 +87,20 @@ def compiler(cc: str | None = None) -> str | None:
     return shutil.which(cc or os.environ.get("CC") or "cc")
 
 
+@functools.cache
+def openmp(cc: str) -> bool:
+    """Whether `cc` compiles OpenMP (`-fopenmp`). Apple's clang does not: there the kernels are built
+    without it and run on the calling thread (their pragmas ignored)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe.c"
+        probe.write_text("#include <omp.h>\nint f(void) { return omp_get_max_threads(); }\n")
+        try:
+            return subprocess.run([cc, "-fopenmp", "-c", str(probe), "-o", str(Path(tmp) / "probe.o")],
+                                  capture_output=True, timeout=60).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            return False
+
+
 def compile_library(out: Path, flags: tuple[str, ...], variant: str, cc: str | None = None,
                     files: list[Path] | None = None, jobs: int | None = None, link: bool = True) -> Path:
     """Compile `files` (default: every source) with `flags` and link them into `out`, written
@@ -96,6 +111,7 @@ def compile_library(out: Path, flags: tuple[str, ...], variant: str, cc: str | N
     if path is None:
         raise RuntimeError(f"no C compiler ({cc or os.environ.get('CC') or 'cc'!r} not found)")
     files = sources() if files is None else files
+    common = COMMON_FLAGS if openmp(path) else tuple(f for f in COMMON_FLAGS if f != "-fopenmp")
     digest = source_hash(files + headers())
     defines = (f'-DKERNELS_VARIANT="{variant}"', f'-DKERNELS_SOURCE_HASH="{digest}"')
     includes = tuple(f"-I{d}" for d in SOURCE_DIRS)
@@ -107,7 +123,7 @@ def compile_library(out: Path, flags: tuple[str, ...], variant: str, cc: str | N
 
         def one(pair: tuple[Path, Path]) -> None:
             src, obj = pair
-            _run([path, *COMMON_FLAGS, *flags, *defines, *includes, "-c", str(src), "-o", str(obj)], src.name, path)
+            _run([path, *common, *flags, *defines, *includes, "-c", str(src), "-o", str(obj)], src.name, path)
 
         with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
             list(pool.map(one, zip(files, objects)))
