@@ -29,11 +29,14 @@ from .hub import resolve as resolve_reference
 from .quant.format import QuantSpec, tensor_kind
 from .quant.groupwise import QuantizedWeight
 from .quant.mxfp4 import is_mxfp4
+from .quant.published_config import PublishedSpec, is_published
 from .quant.pack import packed_cols
 from .safetensors_header import TensorInfo, read_header  # noqa: F401  (re-exported)
+from .safetensors_map import FileMaps
 from .sanity import check_layers_present, index_weight_map
 
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
+ROUTER_LIKE = ("gate.weight", "router.weight")   # routers and shared-expert gates: read as floats (`.weight`)
 
 
 def dense_shapes(c: ModelConfig, layout: str = "per_expert") -> dict[str, tuple[int, ...]]:
@@ -88,11 +91,15 @@ class Checkpoint:
             raise OffloadMoeError(f"{self.path}: no such checkpoint directory")
         self.config = ModelConfig.load(self.path)
         q = self.config.quantization  # gpt-oss's own MXFP4 experts are a layout, not our format
-        self.quant = None if is_mxfp4(q) else QuantSpec.from_config(q, str(self.path / "config.json"))
+        # a publisher's pre-quantized format (FP8 blocks, pack-quantized int, GPTQ), read as stored
+        self.published = PublishedSpec.from_config(q, str(self.path / "config.json")) if is_published(q) else None
+        self.quant = None if is_mxfp4(q) or self.published else QuantSpec.from_config(q, str(self.path / "config.json"))
         self.tensors = self._index()
         check_layers_present(self.config, self.tensors, self.path)  # before sizes from config.json are trusted
         self.layout = self._detect_layout()
         self._handles: dict[Path, object] = {}
+        self._maps = FileMaps()  # views of the shards, for weights computed where they lie (`in_place`)
+        self._biased = {n.removesuffix("bias") + "weight" for n in self.expected_shapes() if n.endswith(".bias")}
         self._validate()
 
     # ---- opening ----
@@ -143,6 +150,12 @@ class Checkpoint:
             if self._bits(name) is not None:
                 self._validate_quantized(name, shape)
                 continue
+            if self.published and self.published.quantized(self.tensors, name):
+                if weight_kind(name) in ("routers", "norms") or name.endswith(ROUTER_LIKE):
+                    raise OffloadMoeError(f"{self.path}: {name!r} is stored {self.published.stored}; a router or "
+                                          "norm is read as the floats it should be stored in")
+                self.published.validate(self.tensors, name, shape, self.path)
+                continue
             info = self.tensors.get(name)
             if info is None:
                 raise OffloadMoeError(f"{self.path}: tensor {name!r} is missing "
@@ -183,8 +196,15 @@ class Checkpoint:
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file]
 
-    def get_weight(self, name: str, shape: tuple[int, ...]):
-        """A weight as stored: a tensor, or a `QuantizedWeight` in a quantized checkpoint."""
+    def get_weight(self, name: str, shape: tuple[int, ...], in_place: bool = False):
+        """A weight as stored: a tensor, or a `QuantizedWeight` in a quantized checkpoint, or a
+        publisher's form (quant/published.py). in_place: its tensors views of the file's mapping."""
+        if self.published and self.published.quantized(self.tensors, name):
+            w = self.published.read(self._view if in_place else self.get, self.tensors, name, shape)
+            # a projection with a bias (Qwen2-MoE's q/k/v) is an nn.Linear: its floats, dequantized once at load
+            return w.dequantize(torch.float32) if name in self._biased else w
+        if in_place:
+            return self._view(name)
         bits = self._bits(name)
         if bits is None:
             return self.get(name)
@@ -201,6 +221,25 @@ class Checkpoint:
             return self._handle(info.file).get_tensor(name)
         except SafetensorError as e:  # the file changed since its header was checked
             raise OffloadMoeError(f"{info.file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
+
+    def _view(self, name: str) -> torch.Tensor:
+        """Tensor `name` as a view of its shard's mapping, or a copy where torch cannot view it."""
+        view = self._maps.view(self.tensors[name])
+        return view if view is not None else self.get(name)
+
+    # ---- computed where they lie (a CPU run of a publisher's pre-quantized checkpoint) ----
+    @property
+    def in_place(self) -> bool:
+        """Whether a CPU run computes from views of the files: a publisher's pre-quantized checkpoint in
+        the per-expert layout (each form computes from its stored tensors; see quant/published.py)."""
+        return self.published is not None and self.layout == "per_expert"
+
+    uniform_experts = False   # experts in the offloading engine are copied into its host tier as they are
+
+    def expert_in_place(self, layer: int, expert: int) -> dict:
+        """One expert's w1, w3 [I, H] and w2 [H, I] as views of the mapping: nothing read here."""
+        names = arch.expert_names(self.config, self.config.family, layer, expert)
+        return {w: self.get_weight(name, shape, in_place=True) for w, (name, shape) in names.items()}
 
     def _get_row(self, name: str, index: int) -> torch.Tensor:
         info = self.tensors[name]
@@ -226,6 +265,21 @@ class Checkpoint:
         return weights_by_kind(((name, shape, 0) for name, shape in
                                 {**self.expected_shapes(), **self.expert_shapes()}.items()),
                                ((name, None, info.nbytes) for name, info in self.tensors.items()))
+
+    def stored_types(self) -> dict[str, list[str]]:
+        """kind -> the types its matrices and vectors are stored in ("bf16", "int4", "fp8-block",
+        "int4-pack", "gptq-int4", "mxfp4"...), from the headers, for `info` and `plan`."""
+        names = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "U8": "mxfp4"}
+        out: dict[str, set[str]] = {}
+        for name in {**self.expected_shapes(), **self.expert_shapes()}:
+            if self.published and self.published.quantized(self.tensors, name):
+                stored = self.published.stored
+            elif self._bits(name) is not None:
+                stored = f"int{self._bits(name)}"
+            else:
+                stored = names.get(self.tensors[name].dtype, self.tensors[name].dtype.lower())
+            out.setdefault(weight_kind(name), set()).add(stored)
+        return {k: sorted(v) for k, v in out.items()}
 
     def dtypes(self) -> list[str]:
         return sorted({info.dtype for info in self.tensors.values()})

@@ -36,6 +36,7 @@ from .profiles import Profile
 from .runtime import (Progress, SizeError, available_ram, demo_dir, place, resolve_device, resolve_dtype,
                       size_in_bytes)
 from .quant.cpu_bf16 import kernel_name as bf16_kernel_name
+from .quant import native
 from .quant.cpu_forms import kernel_name
 from .quant.groupwise import QuantizedWeight
 from .quant.nf4 import NF4Weight
@@ -230,7 +231,9 @@ def load(path: "str | Path | Checkpoint | None" = None, *, device: str = "auto",
     settings["sampling"] = generation.describe()
     if (device.type == "cpu" or n_cpu or mode == "hybrid") and (
             cfg.quantization or any(isinstance(v, QuantizedWeight) for v in dense.values())):
-        settings["cpu_kernel"] = kernel_name()
+        # a publisher's format computes in its own kernel (quant/published_mv.c), ours in qmv
+        settings["cpu_kernel"] = (f"published ({native.status('published')})" if getattr(ckpt, "published", None)
+                                  else kernel_name())
     elif device.type == "cpu" and dtype == torch.bfloat16:
         settings["cpu_kernel"] = bf16_kernel_name()
     return Model(transformer, experts, tokenizer, ckpt.path, device, dtype, ModelSettings(**settings),

@@ -47,6 +47,7 @@ from .errors import OffloadMoeError
 from .quant.format import QuantSpec
 from .quant.mxfp4 import is_mxfp4
 from .quant.mxfp4 import nbytes_for as mxfp4_bytes
+from .quant.published_config import is_published, planner_settings, stored_bytes
 from .profiles import BIT_WIDTHS, Profile, bundled_profiles
 from .runtime import available_ram, fmt_bytes, fmt_count, free_vram
 
@@ -59,6 +60,9 @@ def weight_bytes(out: int, in_: int, bits: str, group_size: int = GROUP_SIZE) ->
     """Bytes of one [out, in] weight at a profile bit width ('bf16', 'int4', ...)."""
     if bits == "mxfp4":  # gpt-oss's published experts: 16 code bytes + 1 exponent byte per 32 weights
         return mxfp4_bytes(out, in_)
+    published = stored_bytes(bits, out, in_, group_size)  # a publisher's format: "fp8-block", "int4-pack", "gptq-int4"
+    if published is not None:
+        return published
     b = BIT_WIDTHS[bits]
     if b >= 16:  # stored as floats
         return b // 8 * out * in_
@@ -72,6 +76,9 @@ def _checkpoint_bits(config: ModelConfig) -> tuple[str, str, str, int]:
         floats = checkpoint_float_bits(config)
         return "mxfp4", floats, floats, 32
     q = config.quantization
+    if is_published(q):  # attention and experts in the publisher's format; embeddings as stored floats
+        stored, group = planner_settings(q, "config.json")
+        return stored, stored, checkpoint_float_bits(config), group
     if q.get("quant_method") == "gguf":  # a GGUF file's widths, as its header says (gguf/checkpoint.py)
         return q["experts"], q["attention"], q["embeddings"], q["group_size"]
     spec = QuantSpec.from_config(q, "config.json")

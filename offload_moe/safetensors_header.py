@@ -30,6 +30,7 @@ class TensorInfo:
     dtype: str          # safetensors dtype code, e.g. "BF16"
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0     # where its bytes begin in the file (after the 8-byte length and the header)
 
 
 def _is_int(v) -> bool:
@@ -94,7 +95,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             raise OffloadMoeError(f"{file}: truncated: tensor {name!r} needs bytes up to {8 + n + end:,} "
                                   f"but the file has {size:,}")
         position = end
-        tensors[name] = TensorInfo(file, dtype, shape, end - begin)
+        tensors[name] = TensorInfo(file, dtype, shape, end - begin, 8 + n + begin)
     if position != data_size:
         raise bad(f"{data_size - position:,} bytes after the last tensor's data")
     return tensors

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "offload_moe"
 # Bottom to top. A module may import its own layer or any layer below it, never one above.
 LAYERS = [
     ("base", ["offload_moe.errors", "offload_moe.runtime", "offload_moe.threads", "offload_moe.timing", "offload_moe.quant", "offload_moe.owned_paths",
-              "offload_moe.user_files", "offload_moe.validate", "offload_moe.safetensors_header"]),
+              "offload_moe.user_files", "offload_moe.validate", "offload_moe.safetensors_header",
+              "offload_moe.safetensors_map"]),
     ("family", ["offload_moe.arch", "offload_moe.config", "offload_moe.checkpoint", "offload_moe.sanity",
                 "offload_moe.budget", "offload_moe.gguf", "offload_moe.hub"]),
     ("model", ["offload_moe.experts.interface", "offload_moe.decode_cpu", "offload_moe.attention", "offload_moe.kv_slots",

@@ -51,6 +51,9 @@ def run(args) -> int:
     if ckpt is not None:
         rows.append(("expert layout", ckpt.layout.replace("_", " ")))
         rows += weight_rows(ckpt.weights_by_kind())
+        if hasattr(ckpt, "stored_types"):  # a pre-quantized checkpoint's formats beside the floats it keeps
+            rows.append(("stored types", "; ".join(f"{kind} {', '.join(types)}"
+                                                   for kind, types in ckpt.stored_types().items())))
         if getattr(ckpt, "in_place", False):  # a CPU run computes from the mapping: no copy, no repack
             rows.append(("on the CPU", "weights mapped where they lie (file pages, not anonymous memory)"))
         rows += [("dtypes", ", ".join(ckpt.dtypes())),

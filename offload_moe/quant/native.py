@@ -49,6 +49,7 @@ SOURCE = HERE / "qmv.c"
 INCLUDE = HERE                                               # kernel_common.h, kernel_args.h
 BF16_SOURCE = HERE / "bf16mv.c"                              # bf16 weights (cpu_bf16.py)
 GGML_SOURCE = HERE / "ggml_mv.c"                             # ggml block layouts in place (ggml.py)
+PUBLISHED_SOURCE = HERE / "published_mv.c"                   # pre-quantized checkpoints' layouts (published.py)
 DECODE_SOURCE = HERE.parent / "decode.c"                     # a decode step's small ops (decode_cpu.py)
 FLAGS = kernel_build.NATIVE                                  # the opt-in -march=native build
 PATHS = {3: "NEON dotprod", 2: "AVX-512 VNNI", 1: "AVX2", 0: "portable C"}
@@ -232,6 +233,12 @@ LIBRARIES = {
         "ggml_mv_many_p": (I32, _p(GgmlManyArgs)),
         "ggml_swiglu_p": (I32, _p(GgmlSwigluArgs)),
     }, "ggml_path"),
+    "published": (PUBLISHED_SOURCE, {
+        "pq_path": (I32, []),
+        "pq_fp8_p": (I32, [P, I32, P, I32, I64, P, I32]),
+        "pq_int_p": (I32, [P, I32, P, I32, I64, P, I32]),
+        "pq_gptq_p": (I32, [P, I32, P, I32, I64, P, I32]),
+    }, "pq_path"),
     "decode": (DECODE_SOURCE, {
         "rms_norm_row": (I32, [P, I32, P, I32, I64, F32, I32, P, I32]),
         "attn_decode": (I32, [P, P, P, I32, P, P, I32, P, P, I32, I32, F32, F32, P, I32, P, P, I32, I64, I64, I64,
@@ -380,7 +387,7 @@ def library() -> tuple[ctypes.CDLL | None, str]:
 
 @functools.cache
 def load(name: str = "qmv") -> ctypes.CDLL | None:
-    """Library `name` ("qmv", "bmv", "ggml", "decode"): the kernel library of this process with
+    """Library `name` ("qmv", "bmv", "ggml", "published", "decode"): the kernel library of this process with
     `name`'s functions, or None (see `status`)."""
     lib, what = library()
     if lib is None:
@@ -404,7 +411,7 @@ def status(name: str = "qmv") -> str:
 
 
 __all__ = ["ARG_STRUCTS", "BF16_PATHS", "BF16_SOURCE", "BmvSwigluArgs", "DECODE_SOURCE", "DTYPE_CODES", "FLAGS",
-           "GGML_SOURCE", "GgmlArgs", "GgmlManyArgs", "GgmlSwigluArgs", "KernelWarning", "LIBRARIES", "PATHS",
+           "GGML_SOURCE", "PUBLISHED_SOURCE", "GgmlArgs", "GgmlManyArgs", "GgmlSwigluArgs", "KernelWarning", "LIBRARIES", "PATHS",
            "QmvArgs", "QmvManyArgs", "QmvSwigluArgs", "SOURCE", "arg_block", "best_variant", "build", "cache_dir",
            "call_rows", "cpu_features", "kernel_rows", "library", "load", "load_decode", "open_library",
            "open_variant", "packaged", "status"]

@@ -98,6 +98,9 @@ def quantize(src, dst, *, experts: str = "int3", attention: str = "int4", embedd
         q = ckpt.quant.settings
         raise OffloadMoeError(f"{ckpt.path}: already quantized (experts={q['experts']}, attention={q['attention']}, "
                               f"embeddings={q['embeddings']}); quantize the original checkpoint instead")
+    if getattr(ckpt, "published", None) is not None:  # FP8 blocks, pack-quantized, GPTQ: computed as stored
+        raise OffloadMoeError(f"{ckpt.path}: already quantized ({ckpt.published.stored}, read as published); "
+                              "quantize the original checkpoint instead")
     fam = ckpt.config.family
     if "per_expert" not in fam.layouts or fam.expert_bias:
         raise OffloadMoeError(f"{ckpt.path}: {ckpt.config.model_type} experts have no per-expert layout, which "
