@@ -70,4 +70,32 @@ typedef struct {               /* ggml_swiglu_p: w1, w3 [F, H] of type t13, w2 [
     int32_t t2;
 } GgmlSwigluArgs;
 
+typedef struct {               /* pq_fp8_p: FP8 E4M3 [N, K] with fp32 scales per bn x bk block */
+    int64_t n, k;
+    const uint8_t *w;
+    const float *scale;
+    int64_t bn, bk;
+} PqFp8Args;
+
+typedef struct {               /* pq_int_p: compressed-tensors pack-quantized int4/int8 [N, K] */
+    int64_t n, k;
+    const uint32_t *q;
+    const void *scale;
+    int64_t s_dtype;
+    const uint32_t *zp;        /* NULL: symmetric */
+    int64_t group, bits;
+    const int32_t *g_idx;      /* NULL: groups in order */
+    int64_t groups;
+} PqIntArgs;
+
+typedef struct {               /* pq_gptq_p: GPTQ 4/8-bit [N, K] */
+    int64_t n, k;
+    const uint32_t *qw, *qz;
+    const void *scales;
+    int64_t s_dtype;
+    const int32_t *g_idx;
+    int64_t groups, bits, zero_offset;
+    const int32_t *order;      /* NULL: inputs in order */
+} PqGptqArgs;
+
 #endif

@@ -186,8 +186,22 @@ class GgmlSwigluArgs(ctypes.Structure):
                 ("t2", ctypes.c_int32)]
 
 
+class PqFp8Args(ctypes.Structure):
+    _fields_ = [("n", I64), ("k", I64), ("w", P), ("scale", P), ("bn", I64), ("bk", I64)]
+
+
+class PqIntArgs(ctypes.Structure):
+    _fields_ = [("n", I64), ("k", I64), ("q", P), ("scale", P), ("s_dtype", I64), ("zp", P), ("group", I64),
+                ("bits", I64), ("g_idx", P), ("groups", I64)]
+
+
+class PqGptqArgs(ctypes.Structure):
+    _fields_ = [("n", I64), ("k", I64), ("qw", P), ("qz", P), ("scales", P), ("s_dtype", I64), ("g_idx", P),
+                ("groups", I64), ("bits", I64), ("zero_offset", I64), ("order", P)]
+
+
 ARG_STRUCTS = {s.__name__: s for s in (QmvArgs, QmvManyArgs, QmvSwigluArgs, BmvSwigluArgs, GgmlArgs, GgmlManyArgs,
-                                       GgmlSwigluArgs)}
+                                       GgmlSwigluArgs, PqFp8Args, PqIntArgs, PqGptqArgs)}
 
 
 def _p(args: type[ctypes.Structure]) -> list:
@@ -235,9 +249,9 @@ LIBRARIES = {
     }, "ggml_path"),
     "published": (PUBLISHED_SOURCE, {
         "pq_path": (I32, []),
-        "pq_fp8_p": (I32, [P, I32, P, I32, I64, P, I32]),
-        "pq_int_p": (I32, [P, I32, P, I32, I64, P, I32]),
-        "pq_gptq_p": (I32, [P, I32, P, I32, I64, P, I32]),
+        "pq_fp8_p": (I32, _p(PqFp8Args)),
+        "pq_int_p": (I32, _p(PqIntArgs)),
+        "pq_gptq_p": (I32, _p(PqGptqArgs)),
     }, "pq_path"),
     "decode": (DECODE_SOURCE, {
         "rms_norm_row": (I32, [P, I32, P, I32, I64, F32, I32, P, I32]),
@@ -411,7 +425,7 @@ def status(name: str = "qmv") -> str:
 
 
 __all__ = ["ARG_STRUCTS", "BF16_PATHS", "BF16_SOURCE", "BmvSwigluArgs", "DECODE_SOURCE", "DTYPE_CODES", "FLAGS",
-           "GGML_SOURCE", "PUBLISHED_SOURCE", "GgmlArgs", "GgmlManyArgs", "GgmlSwigluArgs", "KernelWarning", "LIBRARIES", "PATHS",
-           "QmvArgs", "QmvManyArgs", "QmvSwigluArgs", "SOURCE", "arg_block", "best_variant", "build", "cache_dir",
-           "call_rows", "cpu_features", "kernel_rows", "library", "load", "load_decode", "open_library",
-           "open_variant", "packaged", "status"]
+           "GGML_SOURCE", "GgmlArgs", "GgmlManyArgs", "GgmlSwigluArgs", "KernelWarning", "LIBRARIES", "PATHS",
+           "PUBLISHED_SOURCE", "PqFp8Args", "PqGptqArgs", "PqIntArgs", "QmvArgs", "QmvManyArgs", "QmvSwigluArgs",
+           "SOURCE", "arg_block", "best_variant", "build", "cache_dir", "call_rows", "cpu_features", "kernel_rows",
+           "library", "load", "load_decode", "open_library", "open_variant", "packaged", "status"]
