@@ -9,7 +9,7 @@ Why: at batch 1 these are dozens of tiny torch ops per layer whose dispatch cost
 arithmetic (BENCHMARKS.md, "CPU decode step"). Each helper here is built once per module, holds the
 arguments that never change, and answers None where it does not apply (another device, dtype or
 shape, a prefill step), so the caller keeps its torch path: the same math, which the tests compare
-against (`tests/test_decode_cpu.py`). `OFFLOAD_MOE_NATIVE=0` or no C compiler: always None.
+against (`tests/test_decode_cpu.py`). `OFFLOAD_MOE_NATIVE=0` or no kernel library (native.status says why): always None.
 
 The C side computes in fp32 and rounds once, where the torch path rounds after every op in bf16:
 results differ from it by bf16 rounding, never more (the tests bound it); offloaded and resident

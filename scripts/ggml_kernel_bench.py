@@ -41,7 +41,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     harness = build_harness(args.llama, Path("/tmp") / "ggml_kernel_bench")
-    ours = native.build(native.GGML_SOURCE)
+    lib, variant = native.library()   # the variant this package runs here (kernels_<variant>.so, or its rebuild)
+    if lib is None:
+        raise SystemExit(f"no kernel library: {variant}")
+    ours = lib._name
     bytes_per_weight = {"q4_0": 18 / 32, "q8_0": 34 / 32, "q4_K": 144 / 256, "q6_K": 210 / 256, "q5_K": 176 / 256,
                         "q2_K": 84 / 256, "q3_K": 110 / 256, "q4_1": 20 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32,
                         "mxfp4": 17 / 32}

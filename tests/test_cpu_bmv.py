@@ -13,26 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from offload_moe.quant import cpu_bf16, native
+from kernel_variants import VARIANTS, open_variant
 
 if native.load("bmv") is None:
     pytest.skip(f"the bf16 kernel is not built here: {native.status('bmv')}", allow_module_level=True)
 
-BASE_FLAGS = tuple(f for f in native.FLAGS if f != "-march=native")
-PATH_FLAGS = {"avx512-bf16": ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mfma"), "avx2": ("-mavx2", "-mfma"),
-              "portable": ()}
-NEEDS = {"avx512-bf16": {"avx512f", "avx512bw", "avx512_bf16"}, "avx2": {"avx2", "fma"}, "portable": set()}
 SHAPES = [(64, 32), (96, 1000), (1024, 2816), (37, 100)]   # tails of 8, 16 and 4 inputs included
 
 
-@pytest.fixture(scope="module", params=list(PATH_FLAGS))
-def lib(request, tmp_path_factory):
-    missing = NEEDS[request.param] - set(native._cpu_flags().split(":", 1)[-1].split())
-    if missing:
-        pytest.skip(f"this CPU lacks {sorted(missing)}")
-    built = native.open_library(native.build(native.BF16_SOURCE, flags=BASE_FLAGS + PATH_FLAGS[request.param],
-                                             directory=tmp_path_factory.mktemp("kernels")), "bmv")
-    assert built.bmv_path() == {"avx512-bf16": 2, "avx2": 1, "portable": 0}[request.param]
-    return built
+@pytest.fixture(scope="module", params=VARIANTS)
+def lib(request):
+    """The package's library of one instruction-set variant (skipped where this CPU cannot run it)."""
+    return open_variant(request.param, "bmv")
 
 
 def bmv(lib, x, w, out_dtype=torch.float32, threads=2):

@@ -25,14 +25,11 @@ from gguf import quants
 
 from offload_moe.quant import ggml, native
 from offload_moe.quant.ggml import GGMLGroup, GGMLWeight
+from kernel_variants import VARIANTS, open_variant
 
 pytestmark = pytest.mark.skipif(native.load("ggml") is None, reason=f"the ggml kernel is not built here: "
                                                                     f"{native.status('ggml')}")
 
-BASE_FLAGS = tuple(f for f in native.FLAGS if f != "-march=native")
-PATH_FLAGS = {"avx512-vnni": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"),
-              "avx2": ("-mavx2", "-mfma", "-mf16c"), "portable": ()}
-NEEDS = {"avx512-vnni": {"avx512f", "avx512bw", "avx512_vnni"}, "avx2": {"avx2", "fma", "f16c"}, "portable": set()}
 TYPES = list(ggml.BLOCK_TYPES) + list(ggml.FLOAT_TYPES)
 QUANTIZABLE = {T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.MXFP4, T.F32, T.F16, T.BF16}
 # where a K block keeps its fp16 scales: (byte offset, low, high); small so values stay finite
@@ -68,20 +65,10 @@ def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
-def cpu_flags() -> set[str]:
-    return set(native._cpu_flags().split(":", 1)[-1].split())
-
-
-@pytest.fixture(scope="module", params=list(PATH_FLAGS))
-def lib(request, tmp_path_factory):
-    """The library built for one instruction path (skipped where this CPU cannot run it)."""
-    missing = NEEDS[request.param] - cpu_flags()
-    if missing:
-        pytest.skip(f"this CPU lacks {sorted(missing)}")
-    built = native.open_library(native.build(native.GGML_SOURCE, BASE_FLAGS + PATH_FLAGS[request.param],
-                                             tmp_path_factory.mktemp("kernels")), "ggml")
-    assert built.ggml_path() == {"avx512-vnni": 2, "avx2": 1, "portable": 0}[request.param]
-    return built
+@pytest.fixture(scope="module", params=VARIANTS)
+def lib(request):
+    """The package's library of one instruction-set variant (skipped where this CPU cannot run it)."""
+    return open_variant(request.param, "ggml")
 
 
 def call(lib, w: GGMLWeight, x: torch.Tensor, threads: int = 2) -> torch.Tensor:

@@ -9,6 +9,7 @@ the kernel computes from int8 activations (one scale per 64 inputs), so they agr
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,31 +20,15 @@ import torch
 
 from offload_moe.quant import cpu_qmv, native, quantize
 from offload_moe.quant.cpu_qmv import QmvMatrix, to_qmv
+from kernel_variants import VARIANTS, open_variant
 
 if native.load() is None:
     pytest.skip(f"the qmv kernel is not built here: {native.status()}", allow_module_level=True)
 
-BASE_FLAGS = tuple(f for f in native.FLAGS if f != "-march=native")
-PATH_FLAGS = {"avx512-vnni": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma", "-mf16c"),
-              "avx2": ("-mavx2", "-mfma", "-mf16c"), "portable": ()}
-NEEDS = {"avx512-vnni": {"avx512f", "avx512bw", "avx512_vnni"}, "avx2": {"avx2", "fma", "f16c"}, "portable": set()}
-
-
-def cpu_flags() -> set[str]:
-    line = native._cpu_flags()
-    return set(line.split(":", 1)[-1].split())
-
-
-@pytest.fixture(scope="module", params=list(PATH_FLAGS))
-def lib(request, tmp_path_factory):
-    """The library built for one instruction path (skipped where this CPU cannot run it)."""
-    missing = NEEDS[request.param] - cpu_flags()
-    if missing:
-        pytest.skip(f"this CPU lacks {sorted(missing)}")
-    built = native.open_library(native.build(flags=BASE_FLAGS + PATH_FLAGS[request.param],
-                                             directory=tmp_path_factory.mktemp("kernels")))
-    assert built.qmv_path() == {"avx512-vnni": 2, "avx2": 1, "portable": 0}[request.param]
-    return built
+@pytest.fixture(scope="module", params=VARIANTS)
+def lib(request):
+    """The package's library of one instruction-set variant (skipped where this CPU cannot run it)."""
+    return open_variant(request.param, "qmv")
 
 
 def float64_linear(x: torch.Tensor, qw) -> torch.Tensor:
@@ -129,35 +114,39 @@ def test_long_prefill_dequantizes_in_row_chunks(bits, monkeypatch):
     assert rows == []                                                             # decode: from the packed bytes
 
 
-def test_the_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
-    first = native.build(directory=tmp_path)
+def test_the_jit_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    """The builder behind OFFLOAD_MOE_ISA=native and a stale editable install."""
+    first = native.build(native.SOURCE, directory=tmp_path)
     mtime = first.stat().st_mtime_ns
-    assert native.build(directory=tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert native.build(native.SOURCE, directory=tmp_path) == first and first.stat().st_mtime_ns == mtime
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name]
     bad = tmp_path / "bad.c"
     bad.write_text("int qmv_path(void) { return syntax error; }\n")
     with pytest.raises(RuntimeError, match="could not build bad.c"):
         native.build(source=bad, directory=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, "bad.c"])
-    stale = tmp_path / ".qmv-killed.so"                                   # a build killed outright
-    stale.write_bytes(b"half")
+    stale = tmp_path / ".kernels-killed"                                # a build killed outright
+    stale.mkdir()
     os.utime(stale, (1, 1))
-    (tmp_path / first.name).unlink()
-    assert native.build(directory=tmp_path) == first and not stale.exists()
+    first.unlink()
+    assert native.build(native.SOURCE, directory=tmp_path) == first and not stale.exists()
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(RuntimeError, match="no C compiler"):
-        native.build(directory=tmp_path / "other")
+        native.build(native.SOURCE, directory=tmp_path / "other")
 
 
 def test_a_changed_shared_header_is_a_new_build(tmp_path, monkeypatch):
+    from offload_moe.quant import kernel_build
+
     include = tmp_path / "include"
     include.mkdir()
+    for name in ("qmv.c", "kernel_common.h", "kernel_args.h"):
+        (include / name).write_text((native.INCLUDE / name).read_text())
+    monkeypatch.setattr(kernel_build, "SOURCE_DIRS", (include,))
+    first = native.build(include / "qmv.c", directory=tmp_path / "out")
     header = include / "kernel_common.h"
-    header.write_text((native.INCLUDE / "kernel_common.h").read_text())
-    monkeypatch.setattr(native, "INCLUDE", include)
-    first = native.build(directory=tmp_path / "out")
     header.write_text(header.read_text() + "\n/* changed */\n")
-    second = native.build(directory=tmp_path / "out")
+    second = native.build(include / "qmv.c", directory=tmp_path / "out")
     assert second != first and first.exists() and second.exists()
 
 
@@ -168,19 +157,36 @@ def run_python(code: str, **env) -> str:
     return done.stdout.strip()
 
 
-def test_off_when_asked_or_without_a_compiler_falls_back_to_torch(tmp_path):
+def test_off_when_asked_or_without_a_library_falls_back_to_torch_and_no_compiler_is_needed(tmp_path):
     probe = ("import torch; from offload_moe.quant import quantize, native; from offload_moe.quant.cpu_forms import "
              "to_cpu_kernel; print(type(to_cpu_kernel(quantize(torch.randn(64, 128), 4, 64))).__name__, native.status())")
     assert run_python(probe, OFFLOAD_MOE_NATIVE="0").startswith("Int4Planes off")
-    out = run_python(probe, CC="/nonexistent/cc", XDG_CACHE_HOME=str(tmp_path))
+    # the package's libraries need no compiler ...
+    assert run_python(probe, CC="/nonexistent/cc").startswith("QmvMatrix ")
+    # ... a -march=native build does: without one, torch's kernel, and the reason
+    out = run_python(probe, OFFLOAD_MOE_ISA="native", CC="/nonexistent/cc", XDG_CACHE_HOME=str(tmp_path))
     assert out.startswith("Int4Planes unavailable: no C compiler")
     assert not any(tmp_path.rglob("*.so"))
 
 
-def test_one_openmp_runtime_in_the_process():
-    maps = run_python("import torch; from offload_moe.quant import native; native.load(); "
-                      "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l}))")
-    assert len(eval(maps)) == 1, maps   # the library's libgomp.so.1 is torch's
+def test_one_openmp_runtime_in_the_process_and_its_thread_count_is_ours():
+    """Our libraries carry no OpenMP runtime: their parallel regions run in torch's, so the process
+    maps one, and torch.set_num_threads sizes our teams as it sizes torch's."""
+    out = run_python("""
+import json, re, torch
+from offload_moe.quant import native
+lib = native.load()
+teams = []
+for n in (1, 3):
+    torch.set_num_threads(n)
+    teams.append(lib.kernels_team(0))        # the runtime's default team: torch's setting
+teams.append(lib.kernels_team(2))            # what our kernels ask for (threads=torch.get_num_threads())
+maps = sorted({l.split()[-1] for l in open('/proc/self/maps') if re.search(r'/lib(gomp|iomp5|omp)[-.][^/]*$', l)})
+print(json.dumps([teams, maps]))
+""")
+    teams, runtimes = json.loads(out)
+    assert len(runtimes) == 1 and "torch" in runtimes[0], runtimes
+    assert teams == [1, 3, 2]
 
 
 @pytest.mark.parametrize("bits", [4, 8])

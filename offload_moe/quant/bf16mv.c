@@ -16,12 +16,17 @@
    computes a whole SwiGLU expert in one call: gate and up rows, silu(gate) * up rounded to bf16
    (where the torch path rounds its hidden activations), then the down rows. */
 
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h> /* only x86 has it; the SIMD paths below are chosen by the compiler's -m flags */
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernel_args.h"
 #include "kernel_common.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
@@ -162,9 +167,8 @@ int bmv_swiglu(const uint16_t *x, void *y, int y_dtype, int64_t n_tokens, int64_
     return 0;
 }
 
-/* `bmv_swiglu` with the expert's fixed arguments in one int64 block built once (hidden, inter, w1,
-   w3, w2 as integers): a foreign-function call costs ~0.2 us an argument. */
-int bmv_swiglu_p(const uint16_t *x, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    return bmv_swiglu(x, y, y_dtype, n_tokens, w[0], w[1], (const uint16_t *)(intptr_t)w[2],
-                      (const uint16_t *)(intptr_t)w[3], (const uint16_t *)(intptr_t)w[4], threads);
+/* `bmv_swiglu` with the expert's fixed arguments in one struct filled once (kernel_args.h): a
+   foreign-function call costs ~0.2 us an argument. */
+int bmv_swiglu_p(const uint16_t *x, void *y, int y_dtype, int64_t n_tokens, const BmvSwigluArgs *w, int threads) {
+    return bmv_swiglu(x, y, y_dtype, n_tokens, w->hidden, w->inter, w->w1, w->w3, w->w2, threads);
 }

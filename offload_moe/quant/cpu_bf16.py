@@ -75,7 +75,7 @@ class BF16Swiglu:
 
     def __init__(self, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
         self.hidden = w1.shape[1]
-        self._block, self._at = native.arg_block(w1.shape[1], w1.shape[0], w1.data_ptr(), w3.data_ptr(), w2.data_ptr())
+        self._at = native.BmvSwigluArgs(w1.shape[1], w1.shape[0], w1.data_ptr(), w3.data_ptr(), w2.data_ptr())
         self.weights = (w1, w3, w2)   # kept alive with the pointers
         self._call = _bmv().bmv_swiglu_p
 

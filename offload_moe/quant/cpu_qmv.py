@@ -7,7 +7,7 @@ quantizes the activations to int8 (one scale per 64 inputs) and multiplies the c
 checkpoint's own layout (pack.py): an expert in the host tier is computed from its host bytes,
 with no second copy. 2- and 3-bit codes are repacked to 4 bits at load.
 
-Where the library is not available (no C compiler, another instruction set, OFFLOAD_MOE_NATIVE=0;
+Where the library is not available (none loads, its variant has no SIMD path, OFFLOAD_MOE_NATIVE=0;
 `native.status()` says which), `cpu_matrix` falls back to torch's kernel.
 
 Tolerance against float64 math (`x @ ((code - zero) * scale).T`): relative error (Frobenius)
@@ -89,9 +89,8 @@ class QmvMatrix:
         O, I = self.shape
         lib = native.load()
         self._call, self._swiglu = lib.qmv_p, lib.qmv_swiglu_p
-        self._weight_args = (O, I, self.codes.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
-                             self.group_size, self.kernel_bits)
-        self._block, self._block_at = native.arg_block(*self._weight_args)   # one argument per call
+        self._args = native.QmvArgs(O, I, self.codes.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
+                                    self.group_size, self.kernel_bits)   # one argument per call
         self._bound = None   # the last (up, down, bound swiglu) `swiglu` was asked for
         self._what = f"qmv: {self.kernel_bits}-bit {list(self.shape)} weight with group {self.group_size}"
 
@@ -108,7 +107,7 @@ class QmvMatrix:
 
     def linear_packed(self, xs: torch.Tensor) -> torch.Tensor:
         """(N, I) contiguous fp32 or bf16 -> (N, O) in its dtype, from the packed codes at any N."""
-        return native.call_rows(self._call, self._block_at, xs, self.shape[0], self._what)
+        return native.call_rows(self._call, self._args, xs, self.shape[0], self._what)
 
     def swiglu(self, x: torch.Tensor, up: QmvMatrix, down: QmvMatrix) -> torch.Tensor | None:
         """The SwiGLU expert with this matrix as its gate: silu(x @ self.T) * (x @ up.T) @ down.T in
@@ -126,8 +125,9 @@ class QmvMatrix:
                 or down.shape != (H, F_) or up.kernel_bits != self.kernel_bits or up.group_size != self.group_size):
             return None
         limit = min(self.dense_from, down.dense_from)
-        block, at = native.arg_block(H, F_, *self._weight_args[2:5], *up._weight_args[2:5], self.group_size,
-                                     self.kernel_bits, *down._weight_args[2:5], down.group_size, down.kernel_bits)
+        g, u, d = self._args, up._args, down._args
+        at = native.QmvSwigluArgs(H, F_, g.codes, g.scales, g.zeros, u.codes, u.scales, u.zeros, self.group_size,
+                                  self.kernel_bits, d.codes, d.scales, d.zeros, down.group_size, down.kernel_bits)
         call = self._swiglu
 
         what = f"qmv: expert {[F_, H]} / {list(down.shape)}"
@@ -136,7 +136,7 @@ class QmvMatrix:
             if x.dtype not in _DTYPES or x.dim() != 2 or x.shape[1] != H or x.shape[0] >= limit or not x.is_contiguous():
                 return None
             return native.call_rows(call, at, x, H, what)
-        swiglu.block = block   # kept alive with the function
+        swiglu.args = at   # kept alive with the function (the matrices are kept by their owner)
         return swiglu
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -171,11 +171,11 @@ class QmvGroup:
         self.mats, self.out = mats, sum(m.shape[0] for m in mats)
         self.dense_from = min(m.dense_from for m in mats)
         arrays = [(ctypes.c_int64 * len(mats))(*[m.shape[0] for m in mats])]
-        for k in (2, 3, 4):                                    # codes, scales, zeros pointers
-            arrays.append((ctypes.c_void_p * len(mats))(*[m._weight_args[k] for m in mats]))
+        for k in ("codes", "scales", "zeros"):                 # pointers, one per matrix
+            arrays.append((ctypes.c_void_p * len(mats))(*[getattr(m._args, k) for m in mats]))
         self._call = native.load().qmv_many_p
-        self._block, self._at = native.arg_block(first.shape[1], len(mats), *(ctypes.addressof(a) for a in arrays),
-                                                 first.group_size, first.kernel_bits)
+        self._at = native.QmvManyArgs(first.shape[1], len(mats), *(ctypes.addressof(a) for a in arrays),
+                                      first.group_size, first.kernel_bits)
         self._arrays = arrays                                  # kept alive with the matrices
         self._what = f"qmv: a group of {len(mats)} matrices [*, {first.shape[1]}]"
 

@@ -11,7 +11,7 @@ Products run in our C kernel (`ggml_mv.c`, `native.load("ggml")`) from the block
 int8 activations as llama.cpp's dot products (one scale per 32 inputs for the legacy types and MXFP4,
 per 256 inputs with 16-input sums for the K types), for any number of tokens; F32, F16 and BF16
 matrices take the same kernel for a few tokens and a dense product on rows viewed or converted in
-bounded chunks for longer inputs. Without the library (no compiler, `OFFLOAD_MOE_NATIVE=0`), `linear`
+bounded chunks for longer inputs. Without the library (none loads, `OFFLOAD_MOE_NATIVE=0`), `linear`
 is the reference: rows dequantized in bounded chunks with the gguf package, then a dense product.
 
 Tolerance against float64 math on `gguf.quants.dequantize` of the same bytes: relative Frobenius
@@ -75,7 +75,7 @@ class GGMLWeight:
         lib = kernel() if self.data.device.type == "cpu" and self.data.is_contiguous() else None
         self._lib = lib if lib is not None and lib.ggml_supported(int(self.ggml_type), I) else None
         if self._lib is not None:
-            self._block, self._at = native.arg_block(O, I, self.data.data_ptr(), int(self.ggml_type))
+            self._at = native.GgmlArgs(O, I, self.data.data_ptr(), int(self.ggml_type))   # one argument per call
         self._bound = None   # the last (up, down, bound swiglu) `swiglu` was asked for
         self._what = f"ggml_mv: {self.ggml_type.name} {list(self.shape)}"   # names it in a kernel error
 
@@ -179,8 +179,8 @@ class GGMLWeight:
                 or up.ggml_type != self.ggml_type):
             return None
         limit = min(self.dense_from, down.dense_from)
-        block, at = native.arg_block(H, F_, self.data.data_ptr(), up.data.data_ptr(), int(self.ggml_type),
-                                     down.data.data_ptr(), int(down.ggml_type))
+        at = native.GgmlSwigluArgs(H, F_, self.data.data_ptr(), up.data.data_ptr(), int(self.ggml_type),
+                                   down.data.data_ptr(), int(down.ggml_type))
         call = self._lib.ggml_swiglu_p
 
         what = f"ggml_swiglu: expert {[F_, H]} / {list(down.shape)}"
@@ -190,9 +190,9 @@ class GGMLWeight:
                     or not x.is_contiguous() or x.device.type != "cpu":
                 return None
             return native.call_rows(call, at, x, H, what)
-        swiglu.block = block   # kept alive with the function
-        # the same call for C callers (`decode_cpu.ExpertRows`): entry point, its fixed arguments, token limit
-        swiglu.entry = (ctypes.cast(call, ctypes.c_void_p).value, at, limit)
+        swiglu.args = at   # kept alive with the function
+        # the same call for C callers (`decode_cpu.ExpertRows`): entry point, its fixed arguments' address, token limit
+        swiglu.entry = (ctypes.cast(call, ctypes.c_void_p).value, ctypes.addressof(at), limit)
         return swiglu
 
 
@@ -211,8 +211,8 @@ class GGMLGroup:
         self._what = f"ggml_mv_many: {len(mats)} matrices [*, {first.shape[1]}]"
         self._arrays = [(ctypes.c_int64 * len(mats))(*[m.shape[0] for m in mats]),
                         (ctypes.c_void_p * len(mats))(*[m.data.data_ptr() for m in mats])]
-        self._block, self._at = native.arg_block(first.shape[1], len(mats), *(ctypes.addressof(a) for a in self._arrays),
-                                                 int(first.ggml_type))
+        self._at = native.GgmlManyArgs(first.shape[1], len(mats), *(ctypes.addressof(a) for a in self._arrays),
+                                       int(first.ggml_type))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor | None:
         xs = None if self._lib is None else native.kernel_rows(x, self.mats[0].shape[1], self.dense_from)

@@ -29,23 +29,31 @@
 
    Shape letters: N tokens, I in features, O out features. */
 
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h> /* only x86 has it; the SIMD paths below are chosen by the compiler's -m flags */
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernel_args.h"
 #include "kernel_common.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && defined(__F16C__)
 #define GPATH 2
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define GPATH 1
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#define GPATH 3
 #else
 #define GPATH 0
 #endif
+#define GX86 (GPATH == 1 || GPATH == 2) /* the AVX2/AVX-512 code below; NEON (3) shares the portable activations */
 
-int ggml_path(void) { return GPATH; } /* 2: AVX-512 VNNI, 1: AVX2, 0: portable C */
+int ggml_path(void) { return GPATH; } /* 3: NEON dotprod, 2: AVX-512 VNNI, 1: AVX2, 0: portable C */
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12,
@@ -88,7 +96,7 @@ int ggml_supported(int type, int64_t in_features) {
 /* ------------------------------------------------------------------ scalars */
 
 static inline float half_to_float(uint16_t h) {
-#if GPATH > 0
+#if GX86
     return _cvtsh_ss(h);
 #else
     return half_to_float_portable(h);
@@ -129,7 +137,7 @@ static size_t act_bytes(size_t n, size_t in, int fam, int x_dtype) {
     return up64(n * in) + up64(4 * n * (in / 32)) + up64(4 * n * (in / 32)) + up64(2 * n * (in / 16));
 }
 
-#if GPATH == 0
+#if !GX86
 static void quantize_block(const float *x, size_t len, int8_t *q, float *d) {
     float amax = 0.0f;
     for (size_t i = 0; i < len; i++) amax = fmaxf(amax, fabsf(x[i]));
@@ -143,7 +151,7 @@ static void quantize_block(const float *x, size_t len, int8_t *q, float *d) {
 
 #endif
 
-#if GPATH > 0
+#if GX86
 /* 32 activations (fp32 or bf16) at x + i as fp32, in four vectors */
 static inline __m256 load8(const void *x, int x_dtype, size_t i) {
     if (x_dtype == 0) return _mm256_loadu_ps((const float *)x + i);
@@ -195,7 +203,7 @@ static void act_row(Act *act, const void *x, int x_dtype, size_t t) {
     for (size_t b = 0; b < I / bs; b++) {
         _Alignas(32) int8_t q[256];
         float d;
-#if GPATH > 0
+#if GX86
         quantize_run(xt, x_dtype, b * bs, bs, q, &d);
 #else
         float block[256];
@@ -360,7 +368,7 @@ static void legacy_scalar(int type, const uint8_t *blk, uint8_t *u, float *dw, f
 
 /* ------------------------------------------------------------------ one row against NT tokens */
 
-#if GPATH > 0
+#if GX86
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -597,7 +605,7 @@ static inline __m256 wload8(int type, const uint8_t *w, size_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-#endif /* GPATH > 0 */
+#endif /* GX86 */
 
 static inline float wscalar(int type, const uint8_t *w, size_t i) {
     if (type == F32) { float f; memcpy(&f, w + 4 * i, 4); return f; }
@@ -611,7 +619,7 @@ __attribute__((always_inline)) static inline void row_float(int type, const uint
     const size_t I = act->in;
     size_t i = 0;
     float tail[TT] = {0};
-#if GPATH > 0
+#if GX86
     __m256 acc[TT];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     for (; i + 8 <= I; i += 8) {
@@ -665,13 +673,93 @@ static void row_portable(int type, const uint8_t *w, const Act *act, size_t t0, 
 }
 #endif
 
+#if GPATH == 3
+/* NEON with the dot-product extension: each block's codes unpacked once (Q4_0, Q8_0 and Q4_K with
+   NEON, the rest by the portable unpackers) and multiplied with every token of the tile by `sdot`
+   (16 int8 products an instruction); every code fits int8 (legacy 0..31 or Q8_0's signed bytes, K
+   0..63). The same integer sums as row_portable, so the same result up to fp32 sum order. */
+static inline int dot16(const uint8_t *u, const int8_t *a) {
+    return vaddvq_s32(vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(vld1q_u8(u)), vld1q_s8(a)));
+}
+
+static inline int dot32(const uint8_t *u, const int8_t *a) {
+    int32x4_t acc = vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(vld1q_u8(u)), vld1q_s8(a));
+    return vaddvq_s32(vdotq_s32(acc, vreinterpretq_s8_u8(vld1q_u8(u + 16)), vld1q_s8(a + 16)));
+}
+
+static inline void legacy_codes(int type, const uint8_t *blk, uint8_t *u, float *dw, float *cw) {
+    if (type == Q4_0) {                               /* low nibbles: inputs 0..15, high: 16..31 */
+        const uint8x16_t q = vld1q_u8(blk + 2), m = vdupq_n_u8(15);
+        vst1q_u8(u, vandq_u8(q, m));
+        vst1q_u8(u + 16, vshrq_n_u8(q, 4));
+        *dw = f16_at(blk), *cw = -8.0f * *dw;
+    } else if (type == Q8_0) {
+        memcpy(u, blk + 2, 32);
+        *dw = f16_at(blk), *cw = 0.0f;
+    } else {
+        legacy_scalar(type, blk, u, dw, cw);
+    }
+}
+
+static inline void k_codes(int type, const uint8_t *blk, uint8_t *u) {
+    if (type == Q4_K) {                               /* 4 chunks of 32 bytes: 32 low nibbles, then 32 high */
+        const uint8x16_t m = vdupq_n_u8(15);
+        for (int c = 0; c < 4; c++) {
+            const uint8x16_t q0 = vld1q_u8(blk + 16 + 32 * c), q1 = vld1q_u8(blk + 32 + 32 * c);
+            vst1q_u8(u + 64 * c, vandq_u8(q0, m));
+            vst1q_u8(u + 64 * c + 16, vandq_u8(q1, m));
+            vst1q_u8(u + 64 * c + 32, vshrq_n_u8(q0, 4));
+            vst1q_u8(u + 64 * c + 48, vshrq_n_u8(q1, 4));
+        }
+    } else {
+        k_codes_scalar(type, blk, u);
+    }
+}
+
+static void row_neon(int type, const uint8_t *w, const Act *act, size_t t0, int NT, float *out) {
+    const size_t nb = act->nb, bb = block_bytes(type);
+    _Alignas(16) uint8_t u[256];
+    float total[TT] = {0};
+    for (size_t b = 0; b < nb; b++) {
+        const uint8_t *blk = w + b * bb;
+        if (act->fam == 1) {
+            float dw, cw;
+            legacy_codes(type, blk, u, &dw, &cw);
+            for (int t = 0; t < NT; t++) {
+                const size_t at = act_at(act, t0 + t, b);
+                const int sum = dot32(u, act_chunk(act, t0 + t, b));   /* Q8_0: u holds the signed bytes */
+                total[t] += dw * act->d[at] * (float)sum + cw * act->s[at];
+            }
+        } else {
+            KScales ks;
+            k_scales(type, blk, &ks);
+            k_codes(type, blk, u);
+            for (int t = 0; t < NT; t++) {
+                const size_t at = act_at(act, t0 + t, b);
+                const int16_t *bs = act->bsums + 16 * at;
+                int isum = 0, msum = 0;
+                for (int j = 0; j < 16; j++) {
+                    isum += ks.sc[j] * dot16(u + 16 * j, act_chunk(act, t0 + t, 8 * b + j / 2) + 16 * (j & 1));
+                    msum += ks.mn[j] * bs[j];
+                }
+                const float da = act->d[at];
+                total[t] += ks.d * da * (float)isum - ks.dmin * da * (float)msum;
+            }
+        }
+    }
+    for (int t = 0; t < NT; t++) out[t] = total[t];
+}
+#endif
+
 /* Row o of a `type` weight (its bytes at w) against tokens t0 .. t0 + NT - 1: out[t]. */
 __attribute__((always_inline)) static inline void row_dot(int type, const uint8_t *w, const Act *act, size_t t0,
                                                           int NT, float *out) {
     if (act->fam == 0) { row_float(type, w, act, t0, NT, out); return; }
-#if GPATH > 0
+#if GX86
     if (act->fam == 1) row_legacy(type, w, act, t0, NT, out);
     else row_k(type, w, act, t0, NT, out);
+#elif GPATH == 3
+    row_neon(type, w, act, t0, NT, out);
 #else
     row_portable(type, w, act, t0, NT, out);
 #endif
@@ -867,21 +955,21 @@ int ggml_rows(const uint8_t *w, int type, int64_t in_features, const int64_t *id
     return 0;
 }
 
-/* ------------------------------------------------------------------ fixed arguments in one block */
+/* ------------------------------------------------------------------ fixed arguments in one struct */
 
-int ggml_mv_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: out_features, in_features, data, type */
-    return ggml_mv(x, x_dtype, y, y_dtype, n_tokens, w[0], w[1], (const uint8_t *)(intptr_t)w[2], (int)w[3], threads);
+/* (kernel_args.h; ctypes mirrors the structs in native.py) */
+int ggml_mv_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const GgmlArgs *w, int threads) {
+    return ggml_mv(x, x_dtype, y, y_dtype, n_tokens, w->out_features, w->in_features, w->data, w->type, threads);
 }
 
-int ggml_mv_many_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: in_features, count, outs (pointer to count int64), datas (pointer to count pointers), type */
-    return ggml_mv_many(x, x_dtype, y, y_dtype, n_tokens, w[0], (int)w[1], (const int64_t *)(intptr_t)w[2],
-                        (const uint8_t *const *)(intptr_t)w[3], (int)w[4], threads);
+int ggml_mv_many_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const GgmlManyArgs *w,
+                   int threads) {
+    return ggml_mv_many(x, x_dtype, y, y_dtype, n_tokens, w->in_features, w->count, w->outs, w->datas, w->type,
+                        threads);
 }
 
-int ggml_swiglu_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: hidden, inter, w1, w3, t13, w2, t2 */
-    return ggml_swiglu(x, x_dtype, y, y_dtype, n_tokens, w[0], w[1], (const uint8_t *)(intptr_t)w[2],
-                       (const uint8_t *)(intptr_t)w[3], (int)w[4], (const uint8_t *)(intptr_t)w[5], (int)w[6], threads);
+int ggml_swiglu_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const GgmlSwigluArgs *w,
+                  int threads) {
+    return ggml_swiglu(x, x_dtype, y, y_dtype, n_tokens, w->hidden, w->inter, w->w1, w->w3, w->t13, w->w2, w->t2,
+                       threads);
 }

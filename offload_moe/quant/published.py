@@ -56,13 +56,14 @@ class _Form:
     """What the three forms share: the kernel call on the CPU, chunked dequantization elsewhere."""
 
     entry: str   # the kernel's entry point in published_mv.c
+    args: type   # its fixed arguments' struct (native.py, mirroring kernel_args.h)
 
     def _bind(self, *args: int) -> None:
         """The kernel's fixed arguments, kept for the weight's life (its tensors are never replaced)."""
         lib = _lib() if self.device.type == "cpu" and all(t.is_contiguous() for t in self.tensors().values()) else None
         self._call = getattr(lib, self.entry) if lib is not None else None
         if self._call is not None:
-            self._block, self._at = native.arg_block(*args)
+            self._at = self.args(*args)   # in the struct's field order
         self._what = f"{self.entry}: {self.format} {list(self.shape)}"
 
     @property
@@ -94,6 +95,7 @@ class FP8BlockWeight(_Form):
     scale: torch.Tensor        # fp32 [ceil(O/bn), ceil(I/bk)]
     block: tuple[int, int]     # (bn, bk), 128 x 128 as published
     entry = "pq_fp8_p"
+    args = native.PqFp8Args
     format = "fp8-block"
     bits = 8
 
@@ -139,6 +141,7 @@ class IntPackWeight(_Form):
     in_features: int
     g_idx: torch.Tensor | None = None   # int32 [I]: each input's group (actorder "group"), or None: k / group
     entry = "pq_int_p"
+    args = native.PqIntArgs
 
     def __post_init__(self) -> None:
         O, I = self.shape
@@ -196,6 +199,7 @@ class GPTQWeight(_Form):
     zero_offset: int           # 1: v1 checkpoints (zeros stored minus one), 0: v2
     order: torch.Tensor | None = None   # int32 [I]: inputs sorted by group (desc_act), or None: in order
     entry = "pq_gptq_p"
+    args = native.PqGptqArgs
 
     def __post_init__(self) -> None:
         O, I = self.shape

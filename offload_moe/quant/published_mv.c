@@ -23,6 +23,7 @@
    Entry points take (x, x dtype, y, y dtype, tokens, fixed arguments, threads) as the other kernels'
    `*_p` calls (native.call_rows): dtype 0 fp32, 1 bf16. Returns 0, -1 when scratch cannot be had,
    -2 for arguments it does not take. */
+#include "kernel_args.h"
 #include "kernel_common.h"
 
 #include <omp.h>
@@ -76,10 +77,10 @@ static inline float dot(const float *a, const float *b, size_t n) {
 }
 
 /* args: N, K, w (uint8 [N, K]), scale (fp32 [ceil(N/bn), ceil(K/bk)]), bn, bk */
-int pq_fp8_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *a, int threads) {
-    const size_t N = a[0], K = a[1], bn = a[4], bk = a[5], T = n_tokens;
-    const uint8_t *w = (const uint8_t *)a[2];
-    const float *scale = (const float *)a[3];
+int pq_fp8_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const PqFp8Args *a, int threads) {
+    const size_t N = a->n, K = a->k, bn = a->bn, bk = a->bk, T = n_tokens;
+    const uint8_t *w = a->w;
+    const float *scale = a->scale;
     if (bn <= 0 || bk <= 0 || x_dtype < 0 || x_dtype > 1) return -2;
     const float *xf = activations(x, x_dtype, T, K);
     if (!xf) return -1;
@@ -157,13 +158,13 @@ static int int_decode(const float *xf, void *y, int y_dtype, size_t N, size_t K,
 /* args: N, K, packed (int32 [N, ceil(K*bits/32)]), scale ([N, G]), scale dtype, zero points (int32
    [ceil(N/(32/bits)), G] or 0: symmetric), group, bits, g_idx (int32 [K], the group of each input
    under llm-compressor's actorder "group", or 0: k / group), G */
-int pq_int_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *a, int threads) {
-    const size_t N = a[0], K = a[1], group = a[6], T = n_tokens, G = a[9];
-    const uint32_t *q = (const uint32_t *)a[2];
-    const void *scale = (const void *)a[3];
-    const int s_dtype = (int)a[4], bits = (int)a[7];
-    const uint32_t *zp = (const uint32_t *)a[5];
-    const int32_t *g_idx = (const int32_t *)a[8];
+int pq_int_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const PqIntArgs *a, int threads) {
+    const size_t N = a->n, K = a->k, group = a->group, T = n_tokens, G = a->groups;
+    const uint32_t *q = a->q;
+    const void *scale = a->scale;
+    const int s_dtype = (int)a->s_dtype, bits = (int)a->bits;
+    const uint32_t *zp = a->zp;
+    const int32_t *g_idx = a->g_idx;
     if ((bits != 4 && bits != 8) || group <= 0 || x_dtype < 0 || x_dtype > 1) return -2;
     if (!g_idx && G != (K + group - 1) / group) return -2;
     if (g_idx)
@@ -210,12 +211,12 @@ int pq_int_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens,
 /* args: N, K, qweight (int32 [K/(32/bits), N]), qzeros (int32 [G, N/(32/bits)]), scales ([G, N]),
    scale dtype, g_idx (int32 [K]), G, bits, zero offset, order (int32 [K]: the inputs sorted by group,
    made once at load for desc_act, so a tile's scales and zeros change G times, not K; or 0: 0..K-1) */
-int pq_gptq_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *a, int threads) {
-    const size_t N = a[0], K = a[1], G = a[7], T = n_tokens;
-    const uint32_t *qw = (const uint32_t *)a[2], *qz = (const uint32_t *)a[3];
-    const void *scales = (const void *)a[4];
-    const int s_dtype = (int)a[5], bits = (int)a[8], zero_offset = (int)a[9];
-    const int32_t *g_idx = (const int32_t *)a[6], *order = (const int32_t *)a[10];
+int pq_gptq_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const PqGptqArgs *a, int threads) {
+    const size_t N = a->n, K = a->k, G = a->groups, T = n_tokens;
+    const uint32_t *qw = a->qw, *qz = a->qz;
+    const void *scales = a->scales;
+    const int s_dtype = (int)a->s_dtype, bits = (int)a->bits, zero_offset = (int)a->zero_offset;
+    const int32_t *g_idx = a->g_idx, *order = a->order;
     if ((bits != 4 && bits != 8) || K % (32 / bits) || N % (32 / bits) || x_dtype < 0 || x_dtype > 1) return -2;
     for (size_t k = 0; k < K; k++)
         if (g_idx[k] < 0 || (size_t)g_idx[k] >= G || (order && (order[k] < 0 || (size_t)order[k] >= K))) return -2;

@@ -4,7 +4,8 @@
    int4 CPU kernel widens every weight to fp32 and multiplies in fp32, so it is bound by
    instructions per weight, not by bandwidth. Here, as in llama.cpp's Q4_0 x Q8_0 products, the
    activations are quantized to int8 (one scale per 64 inputs) and the weights' codes are
-   multiplied as bytes (AVX-512 VNNI `vpdpbusd`: 64 products per instruction; AVX2 `vpmaddubsw`).
+   multiplied as bytes (AVX-512 VNNI `vpdpbusd`: 64 products per instruction; AVX2 `vpmaddubsw`;
+   NEON `sdot`: 16).
 
    Weight (one [O, I] matrix, groups of G inputs along a row: see qmv_supported):
      w[o, i] = (code[o, i] - zero[o, g]) * scale[o, g],   g = i / G,  scale/zero fp16 [O, I/G]
@@ -22,16 +23,21 @@
    Error against float64 math: that of x^ against x (relative ~0.5%), plus fp32 sums.
 
    Threads: an OpenMP loop over output rows in the OpenMP runtime torch already loaded (the
-   library is linked against libgomp.so.1, which resolves to torch's), `threads` from the caller.
+   library is linked without one and native.py makes torch's global first), `threads` from the caller.
    Scratch for the quantized activations is one buffer per calling thread, grown, never freed
    per call. `qmv_swiglu` computes a whole SwiGLU expert in one call and one parallel region. */
 
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h> /* only x86 has it; the SIMD paths below are chosen by the compiler's -m flags */
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernel_args.h"
 #include "kernel_common.h"
 
 #define QB 64 /* activation block: one scale per 64 inputs (a trailing block may hold 32) */
@@ -41,11 +47,13 @@
 #define QMV_PATH 2
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QMV_PATH 1
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#define QMV_PATH 3
 #else
 #define QMV_PATH 0
 #endif
 
-int qmv_path(void) { return QMV_PATH; } /* 2: AVX-512 VNNI, 1: AVX2, 0: portable C */
+int qmv_path(void) { return QMV_PATH; } /* 3: NEON dotprod, 2: AVX-512 VNNI, 1: AVX2, 0: portable C */
 
 /* ------------------------------------------------------------------ fp16 / bf16 conversions */
 
@@ -98,7 +106,7 @@ static char *act_carve(Act *act, char *p, size_t n, size_t in, size_t group, int
 static inline size_t slot(size_t i, size_t in, int bits) {
 #if QMV_PATH == 2
     size_t run = (i & ~(size_t)127) + 128 <= in ? 128 : (i & ~(size_t)63) + 64 <= in ? 64 : 32;
-#elif QMV_PATH == 1
+#elif QMV_PATH == 1 || QMV_PATH == 3
     size_t run = 32;
 #else
     size_t run = 0;
@@ -379,6 +387,50 @@ __attribute__((always_inline)) static inline void row_tokens(
     }
 }
 
+#elif QMV_PATH == 3
+
+/* The dot product of 32 codes with their 32 activations (in slot order: for 4-bit codes the 16
+   even inputs, then the 16 odd ones, as AVX2), as 4 int32 lanes: NEON `sdot`, 16 products an
+   instruction. Codes are 0..15 (4 bits) or split into nibbles (8 bits: 16 * dot(high) + dot(low),
+   as unsigned bytes do not fit the signed product). `k`: the first input (a multiple of 32). */
+static inline int32x4_t dot32(const uint8_t *w, size_t k, int bits, const int8_t *a) {
+    const uint8x16_t m = vdupq_n_u8(0x0f);
+    const int8x16_t a0 = vld1q_s8(a), a1 = vld1q_s8(a + 16);
+    if (bits == 8) {
+        const uint8x16_t b0 = vld1q_u8(w + k), b1 = vld1q_u8(w + k + 16);
+        int32x4_t lo = vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(vandq_u8(b0, m)), a0);
+        lo = vdotq_s32(lo, vreinterpretq_s8_u8(vandq_u8(b1, m)), a1);
+        int32x4_t hi = vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(vshrq_n_u8(b0, 4)), a0);
+        hi = vdotq_s32(hi, vreinterpretq_s8_u8(vshrq_n_u8(b1, 4)), a1);
+        return vaddq_s32(vshlq_n_s32(hi, 4), lo);
+    }
+    const uint8x16_t b = vld1q_u8(w + k / 2);                                   /* even, odd inputs */
+    int32x4_t acc = vdotq_s32(vdupq_n_s32(0), vreinterpretq_s8_u8(vandq_u8(b, m)), a0);
+    return vdotq_s32(acc, vreinterpretq_s8_u8(vshrq_n_u8(b, 4)), a1);
+}
+
+__attribute__((always_inline)) static inline void row_tokens(
+    const Act *geo, const uint8_t *w, const uint16_t *scale, const uint16_t *zero, size_t in, size_t group, int bits,
+    const int8_t *a, const float *d, const float *dexp, const float *xsum, size_t blocks, size_t groups,
+    int NT, float *out) {
+    (void)geo, (void)dexp;
+    float32x4_t acc[4];
+    for (int t = 0; t < NT; t++) acc[t] = vdupq_n_f32(0.0f);
+    for (size_t k = 0; k < in; k += 32) {
+        float s = half_to_float(scale[k / group]);
+        for (int t = 0; t < NT; t++) {
+            int32x4_t dot = dot32(w, k, bits, a + t * in + k);
+            acc[t] = vmlaq_n_f32(acc[t], vcvtq_f32_s32(dot), d[t * blocks + k / QB] * s);
+        }
+    }
+    for (int t = 0; t < NT; t++) {
+        const float *xs = xsum + t * groups;
+        float zs = 0.0f;
+        for (size_t g = 0; g < groups; g++) zs += half_to_float(scale[g]) * half_to_float(zero[g]) * xs[g];
+        out[t] = vaddvq_f32(acc[t]) - zs;
+    }
+}
+
 #else
 
 __attribute__((always_inline)) static inline void row_tokens(
@@ -572,30 +624,23 @@ int qmv_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_token
     return 0;
 }
 
-/* ------------------------------------------------------------------ fixed arguments in one block */
+/* ------------------------------------------------------------------ fixed arguments in one struct */
 
-/* The entry points above with a weight's fixed arguments read from one int64 block the caller
-   builds once (pointers as integers): a foreign-function call costs ~0.2 us an argument, as much
-   as a short expert's rows. */
-int qmv_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: out_features, in_features, codes, scales, zeros, group, bits */
-    return qmv(x, x_dtype, y, y_dtype, n_tokens, w[0], w[1], (const uint8_t *)(intptr_t)w[2],
-               (const uint16_t *)(intptr_t)w[3], (const uint16_t *)(intptr_t)w[4], w[5], (int)w[6], threads);
+/* The entry points above with a weight's fixed arguments in one struct the caller fills once
+   (kernel_args.h; ctypes mirrors it in native.py): a foreign-function call costs ~0.2 us an
+   argument, as much as a short expert's rows. */
+int qmv_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const QmvArgs *w, int threads) {
+    return qmv(x, x_dtype, y, y_dtype, n_tokens, w->out_features, w->in_features, w->codes, w->scales, w->zeros,
+               w->group, w->bits, threads);
 }
 
-int qmv_many_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: in_features, count, outs, codes, scales, zeros (pointers to arrays of count), group, bits */
-    return qmv_many(x, x_dtype, y, y_dtype, n_tokens, w[0], (int)w[1], (const int64_t *)(intptr_t)w[2],
-                    (const uint8_t *const *)(intptr_t)w[3], (const uint16_t *const *)(intptr_t)w[4],
-                    (const uint16_t *const *)(intptr_t)w[5], w[6], (int)w[7], threads);
+int qmv_many_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const QmvManyArgs *w, int threads) {
+    return qmv_many(x, x_dtype, y, y_dtype, n_tokens, w->in_features, w->count, w->outs, w->codes, w->scales,
+                    w->zeros, w->group, w->bits, threads);
 }
 
-int qmv_swiglu_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const int64_t *w, int threads) {
-    /* w: hidden, inter, c1, s1, z1, c3, s3, z3, group13, bits13, c2, s2, z2, group2, bits2 */
-#define U8(i) ((const uint8_t *)(intptr_t)w[i])
-#define U16(i) ((const uint16_t *)(intptr_t)w[i])
-    return qmv_swiglu(x, x_dtype, y, y_dtype, n_tokens, w[0], w[1], U8(2), U16(3), U16(4), U8(5), U16(6), U16(7), w[8],
-                      (int)w[9], U8(10), U16(11), U16(12), w[13], (int)w[14], threads);
-#undef U8
-#undef U16
+int qmv_swiglu_p(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, const QmvSwigluArgs *w,
+                 int threads) {
+    return qmv_swiglu(x, x_dtype, y, y_dtype, n_tokens, w->hidden, w->inter, w->c1, w->s1, w->z1, w->c3, w->s3, w->z3,
+                      w->group13, w->bits13, w->c2, w->s2, w->z2, w->group2, w->bits2, threads);
 }
