@@ -259,7 +259,7 @@ def test_profile_reaches_the_loader_and_its_refusal_is_clear(tiny, monkeypatch, 
     monkeypatch.setattr(chat_cli, "load", refuse)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
     assert main(["chat", "--model", str(tiny), "--profile", "rtx3060-12gb", "--context-length", "128"]) == 1
-    assert seen["profile"] == "rtx3060-12gb" and seen["context_length"] == 128 and seen["path"] == str(tiny)
+    assert seen["profile"] == "rtx3060-12gb" and seen["placement"].context_length == 128 and seen["path"] == str(tiny)
     out, err = capsys.readouterr()
     assert out == ""
     assert err == "offload-moe: error: profile 'rtx3060-12gb': needs 9.20 GB of VRAM, the budget is 4.00 GB\n"

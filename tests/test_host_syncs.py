@@ -89,7 +89,7 @@ def fake_costs() -> CostModel:
 @pytest.mark.parametrize("kw", [dict(cpu_experts="hybrid", cpu_costs=fake_costs()), dict(cpu_experts=1)],
                          ids=["hybrid", "first_layer_on_cpu"])
 def test_one_sync_per_moe_layer_and_token_with_the_cpu_tier(tiny_checkpoint, kw):
-    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, prefetch=1), device="cpu", **kw)
+    model = offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=2, prefetch=1, **kw), device="cpu")
     assert_one_per_moe_layer_and_token(model)
     if kw["cpu_experts"] == "hybrid":
         assert model.stats["experts"]["cpu_computed"] > 0
