@@ -54,6 +54,12 @@ enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K 
 #ifndef ROWS
 #define ROWS 8 /* rows per group in a prefill */
 #endif
+#ifndef PF_GROUPS
+#define PF_GROUPS 1 /* eight-row kernels: prefetch the group this many ahead */
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
 #ifndef TT
 #define TT (GPATH == 2 ? 8 : 4) /* tokens per tile: as many accumulators as the registers hold */
 #endif
@@ -114,6 +120,7 @@ typedef struct {
     int8_t *q;        /* [N, I] int8 codes */
     float *d;         /* [N, I / bs] block scales (bs 32 or 256) */
     float *s;         /* [N, I / 32] legacy: d * sum of the block's codes */
+    int32_t *qsum;    /* [N, I / 32] legacy: sum of the block's codes (the eight-row kernels' offsets) */
     int16_t *bsums;   /* [N, I / 16] K: sums of each 16 codes */
     const float *x;   /* [N, I] fp32 activations (float weights) */
     size_t n, in, nb; /* nb: blocks per row */
@@ -126,7 +133,7 @@ static inline size_t up64(size_t n) { return (n + 63) & ~(size_t)63; }
 static size_t act_bytes(size_t n, size_t in, int fam, int x_dtype) {
     if (fam == 0) return x_dtype == 0 ? 0 : up64(4 * n * in);
     n = (n + TT - 1) / TT * TT;   /* whole tiles */
-    return up64(n * in) + up64(4 * n * (in / 32)) + up64(4 * n * (in / 32)) + up64(2 * n * (in / 16));
+    return up64(n * in) + 3 * up64(4 * n * (in / 32)) + up64(2 * n * (in / 16));
 }
 
 #if GPATH == 0
@@ -213,6 +220,7 @@ static void act_row(Act *act, const void *x, int x_dtype, size_t t) {
             int sum = 0;
             for (size_t i = 0; i < 32; i++) sum += q[i];
             act->s[at] = d * (float)sum;
+            act->qsum[at] = sum;
         } else {
             for (size_t j = 0; j < 16; j++) {
                 int sum = 0;
@@ -245,6 +253,7 @@ static char *act_fill(Act *act, char *p, const void *x, int x_dtype, size_t n, s
     act->q = (int8_t *)p;        p += up64(np * in);
     act->d = (float *)p;         p += up64(4 * np * (in / 32));
     act->s = (float *)p;         p += up64(4 * np * (in / 32));
+    act->qsum = (int32_t *)p;    p += up64(4 * np * (in / 32));
     act->bsums = (int16_t *)p;   p += up64(2 * np * (in / 16));
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n > 1)
     for (int64_t t = 0; t < (int64_t)n; t++) act_row(act, x, x_dtype, (size_t)t);
@@ -378,6 +387,15 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+/* acc + sums of 4 unsigned x signed byte products per int32 lane */
+static inline __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
+#if GPATH == 2
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
 /* acc + the int16 pairs p times the int16 scales sc, per int32 lane */
 static inline __m256i madd_acc(__m256i acc, __m256i p, __m256i sc) {
 #if GPATH == 2
@@ -448,6 +466,83 @@ __attribute__((always_inline)) static inline void row_legacy(int type, const uin
         }
     }
     for (int t = 0; t < NT; t++) out[t] = hsum8(acc[t]) + corr[t];
+}
+
+/* Eight rows of 4-bit codes at once (Q4_0): each row's block is loaded as it lies and the eight
+   rows' 16 code bytes transposed in registers (4-byte groups), so one 32-bit lane holds one row's
+   four codes; a product with the activations' four bytes broadcast then fills eight rows' lanes at
+   once, as llama.cpp's repacked 8x8 layout does, without its repack. Per block and token a lane
+   ends with the row's exact integer dot product (the code offset taken out as an integer: -8 times
+   the activations' code sum), which one fused multiply-add scales by dw * da into the row's fp32
+   sum. One formula for any number of tokens: a row computes the same bits in a decode step and in
+   a prefill. pr: the eight rows' first bytes (repeated rows where fewer than eight remain), and
+   pr[8] the next group's (its 8 rows' bytes, contiguous), prefetched as these are read: eight rows
+   read side by side are eight streams, which the hardware prefetcher does not keep ahead of. */
+static inline __m256i load2x16(const uint8_t *lo, const uint8_t *hi) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)lo)),
+                                   _mm_loadu_si128((const __m128i *)hi), 1);
+}
+
+static inline uint16_t u16_at(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline int32_t i32_at(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* the fp16 at byte o of each of the eight rows, as fp32 [8] */
+static inline __m256 f16x8(const uint8_t *const *pr, size_t o) {
+    __m128i h = _mm_cvtsi32_si128(u16_at(pr[0] + o));
+    h = _mm_insert_epi16(h, u16_at(pr[1] + o), 1);
+    h = _mm_insert_epi16(h, u16_at(pr[2] + o), 2);
+    h = _mm_insert_epi16(h, u16_at(pr[3] + o), 3);
+    h = _mm_insert_epi16(h, u16_at(pr[4] + o), 4);
+    h = _mm_insert_epi16(h, u16_at(pr[5] + o), 5);
+    h = _mm_insert_epi16(h, u16_at(pr[6] + o), 6);
+    h = _mm_insert_epi16(h, u16_at(pr[7] + o), 7);
+    return _mm256_cvtph_ps(h);
+}
+
+__attribute__((always_inline)) static inline void rows8_q4(int type, const uint8_t *const *pr, const Act *act,
+                                                           size_t t0, int NT, float *out) {
+    const size_t nb = act->nb, tile = act_at(act, t0, 0), tt = act->tt;   /* t0: a multiple of TT */
+    const int8_t *qt = act_chunk(act, t0, 0);
+    const float *dt = act->d + tile;
+    const int32_t *zt = act->qsum + tile;
+    const size_t bb = block_bytes(type), qo = 2;   /* Q4_0: d, qs[16] */
+    const __m256i m4 = _mm256_set1_epi8(15);
+    __m256 acc[TT];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    const uint8_t *next = pr[8];
+    for (size_t b = 0; b < nb; b++) {
+        const size_t o = b * bb;
+        if (next != NULL) {   /* the next group: 8 * bb bytes per block here, in three lines */
+            _mm_prefetch((const char *)next + 8 * o, PF_HINT);
+            _mm_prefetch((const char *)next + 8 * o + 64, PF_HINT);
+            _mm_prefetch((const char *)next + 8 * o + 128, PF_HINT);
+        }
+        /* rows (0, 4), (1, 5), (2, 6), (3, 7) in the two halves; then a 4x4 transpose of 4-byte groups
+           in each half: c[j] lane r (r = 0..7) = row r's code bytes 4j .. 4j + 3 */
+        const __m256i p0 = load2x16(pr[0] + o + qo, pr[4] + o + qo), p1 = load2x16(pr[1] + o + qo, pr[5] + o + qo);
+        const __m256i p2 = load2x16(pr[2] + o + qo, pr[6] + o + qo), p3 = load2x16(pr[3] + o + qo, pr[7] + o + qo);
+        const __m256i a01 = _mm256_unpacklo_epi32(p0, p1), b01 = _mm256_unpackhi_epi32(p0, p1);
+        const __m256i a23 = _mm256_unpacklo_epi32(p2, p3), b23 = _mm256_unpackhi_epi32(p2, p3);
+        const __m256i c[4] = {_mm256_unpacklo_epi64(a01, a23), _mm256_unpackhi_epi64(a01, a23),
+                              _mm256_unpacklo_epi64(b01, b23), _mm256_unpackhi_epi64(b01, b23)};
+        __m256i lo[4], hi[4];   /* codes of inputs 4j .. 4j + 3 and 16 + 4j .. 16 + 4j + 3 */
+        for (int j = 0; j < 4; j++) {
+            lo[j] = _mm256_and_si256(c[j], m4);
+            hi[j] = _mm256_and_si256(_mm256_srli_epi16(c[j], 4), m4);
+        }
+        const __m256 dw = f16x8(pr, o);
+        for (int t = 0; t < NT; t++) {
+            const int8_t *a = qt + (b * tt + t) * 32;
+            __m256i s = _mm256_setzero_si256();
+            for (int j = 0; j < 4; j++) {
+                s = dot_acc(s, lo[j], _mm256_set1_epi32(i32_at(a + 4 * j)));
+                s = dot_acc(s, hi[j], _mm256_set1_epi32(i32_at(a + 16 + 4 * j)));
+            }
+            s = _mm256_sub_epi32(s, _mm256_set1_epi32(8 * zt[b * tt + t]));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(dt[b * tt + t])), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) _mm256_storeu_ps(out + 8 * t, acc[t]);
 }
 
 /* A K super-block in registers: its 256 codes as 8 vectors of 32 bytes (input order), the 16
@@ -706,6 +801,40 @@ static RowFn row_fn(int type) {
     }
 }
 
+/* One type's eight-row kernel for 1..TT tokens (out [nt][8]), or NULL where it has none. */
+typedef void (*Rows8Fn)(const uint8_t *const *, const Act *, size_t, int, float *);
+
+#if GPATH > 0
+#define ROWS8_FN(T, KERNEL)                                                                        \
+    static void rows8_##T(const uint8_t *const *pr, const Act *act, size_t t0, int nt, float *out) { \
+        switch (nt) {                                                                              \
+            case 1: KERNEL(T, pr, act, t0, 1, out); break;                                         \
+            case 2: KERNEL(T, pr, act, t0, 2, out); break;                                         \
+            case 3: KERNEL(T, pr, act, t0, 3, out); break;                                         \
+            case 4: KERNEL(T, pr, act, t0, 4, out); break;                                         \
+            case 5: KERNEL(T, pr, act, t0, 5 < TT ? 5 : TT, out); break;                           \
+            case 6: KERNEL(T, pr, act, t0, 6 < TT ? 6 : TT, out); break;                           \
+            case 7: KERNEL(T, pr, act, t0, 7 < TT ? 7 : TT, out); break;                           \
+            default: KERNEL(T, pr, act, t0, TT, out); break;                                       \
+        }                                                                                          \
+    }
+ROWS8_FN(Q4_0, rows8_q4)
+#endif
+
+static Rows8Fn rows8_fn(int type) {
+#if GPATH > 0
+    if (type == Q4_0) return rows8_Q4_0;
+#endif
+    (void)type;
+    return NULL;
+}
+
+/* Rows per parallel work item: eight-row groups where the type has that kernel or tokens share a
+   row's reads, single rows for one token otherwise (finer balance). */
+static size_t rows_per(int type, size_t N) { return rows8_fn(type) != NULL || N > 1 ? ROWS : 1; }
+
+static size_t groups_of(size_t O, size_t per) { return (O + per - 1) / per; }
+
 /* ------------------------------------------------------------------ row groups */
 
 static inline void put(void *y, int y_dtype, size_t k, float v) {
@@ -713,12 +842,25 @@ static inline void put(void *y, int y_dtype, size_t k, float v) {
     else ((uint16_t *)y)[k] = float_to_bf16(v);
 }
 
-/* Rows r0 .. r1 - 1 of a matrix (row o's bytes at w + o * rb) against every token of act:
-   y[t * stride + o]. Tokens TT at a time, each tile against every row of the group. */
-static inline void rows_group(RowFn fn, const uint8_t *w, size_t rb, const Act *act, size_t r0, size_t r1, void *y,
-                              int y_dtype, size_t stride) {
+/* Rows r0 .. r1 - 1 of a matrix of `rows` rows (row o's bytes at w + o * rb) against every token of act:
+   y[t * stride + o]. Tokens TT at a time, each tile against every row of the group; eight rows
+   at once where the type has an eight-row kernel (f8; r0 a multiple of 8, r1 - r0 <= 8). */
+static inline void rows_group(RowFn fn, Rows8Fn f8, const uint8_t *w, size_t rb, size_t rows, const Act *act,
+                              size_t r0, size_t r1, void *y, int y_dtype, size_t stride) {
     const size_t N = act->n;
-    float r[TT];
+    float r[TT * 8];
+    if (f8 != NULL) {
+        const uint8_t *pr[9];
+        for (size_t k = 0; k < 8; k++) pr[k] = w + (r0 + k < r1 ? r0 + k : r1 - 1) * rb;   /* a short group repeats its last row */
+        pr[8] = r1 - r0 == 8 && r1 + 8 * PF_GROUPS <= rows ? w + (r1 + 8 * (PF_GROUPS - 1)) * rb : NULL;
+        for (size_t t0 = 0; t0 < N; t0 += TT) {
+            const int nt = N - t0 < TT ? (int)(N - t0) : TT;
+            f8(pr, act, t0, nt, r);
+            for (int t = 0; t < nt; t++)
+                for (size_t o = r0; o < r1; o++) put(y, y_dtype, (t0 + t) * stride + o, r[8 * t + (o - r0)]);
+        }
+        return;
+    }
     for (size_t t0 = 0; t0 < N; t0 += TT) {
         const int nt = N - t0 < TT ? (int)(N - t0) : TT;
         for (size_t o = r0; o < r1; o++) {
@@ -732,7 +874,6 @@ static inline void rows_group(RowFn fn, const uint8_t *w, size_t rb, const Act *
 
 static __thread Arena arena; /* kernel_common.h */
 
-static size_t groups_of(size_t O, size_t N) { return N == 1 ? O : (O + ROWS - 1) / ROWS; }
 
 /* y[N, O] = x[N, I] @ W.T, W [O, I] of ggml `type` (rows of `row_bytes` at w). x_dtype / y_dtype:
    0 float32, 1 bfloat16. Returns 0, -1 when the scratch cannot be allocated, -2 for a type or
@@ -748,12 +889,13 @@ int ggml_mv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, 
     Act act;
     act_fill(&act, p, x, x_dtype, N, I, fam, threads);
     RowFn fn = row_fn(type);
-    const size_t G = groups_of(O, N), per = N == 1 ? 1 : ROWS;
+    Rows8Fn f8 = rows8_fn(type);
+    const size_t per = rows_per(type, N), G = groups_of(O, per);
     const int parallel = threads > 1 && O * I * N >= (1u << 17);
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
     for (int64_t g = 0; g < (int64_t)G; g++) {
         size_t r0 = (size_t)g * per, r1 = r0 + per < O ? r0 + per : O;
-        rows_group(fn, w, rb, &act, r0, r1, y, y_dtype, O);
+        rows_group(fn, f8, w, rb, O, &act, r0, r1, y, y_dtype, O);
     }
     return 0;
 }
@@ -766,11 +908,11 @@ int ggml_mv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tok
     if (!ggml_supported(type, in_features) || count < 1 || count > 16) return -2;
     if (N == 0) return 0;
     const int fam = family(type);
-    const size_t rb = I / block_size(type) * block_bytes(type), per = N == 1 ? 1 : ROWS;
+    const size_t rb = I / block_size(type) * block_bytes(type), per = rows_per(type, N);
     size_t gfirst[17], first[17], total = 0, G = 0;
     for (int m = 0; m < count; m++) {
         first[m] = total, gfirst[m] = G;
-        total += (size_t)outs[m], G += groups_of((size_t)outs[m], N);
+        total += (size_t)outs[m], G += groups_of((size_t)outs[m], per);
     }
     gfirst[count] = G, first[count] = total;
     char *p = arena_reserve(&arena, act_bytes(N, I, fam, x_dtype) + 64);
@@ -778,6 +920,7 @@ int ggml_mv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tok
     Act act;
     act_fill(&act, p, x, x_dtype, N, I, fam, threads);
     RowFn fn = row_fn(type);
+    Rows8Fn f8 = rows8_fn(type);
     const size_t esize = y_dtype == 0 ? 4 : 2;
     const int parallel = threads > 1 && total * I * N >= (1u << 17);
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
@@ -785,7 +928,7 @@ int ggml_mv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tok
         int m = 0;
         while ((size_t)g >= gfirst[m + 1]) m++;
         size_t O = (size_t)outs[m], r0 = ((size_t)g - gfirst[m]) * per, r1 = r0 + per < O ? r0 + per : O;
-        rows_group(fn, ws[m], rb, &act, r0, r1, (char *)y + first[m] * esize, y_dtype, total);
+        rows_group(fn, f8, ws[m], rb, O, &act, r0, r1, (char *)y + first[m] * esize, y_dtype, total);
     }
     return 0;
 }
@@ -808,15 +951,16 @@ int ggml_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_toke
     Act in1, in2;
     q = act_fill(&in1, q, x, x_dtype, N, H, f13, threads);
     RowFn fn13 = row_fn(t13), fn2 = row_fn(t2);
-    const size_t per = N == 1 ? 1 : ROWS, G1 = groups_of(F, N), G2 = groups_of(H, N);
+    Rows8Fn k13 = rows8_fn(t13), k2 = rows8_fn(t2);
+    const size_t per13 = rows_per(t13, N), per2 = rows_per(t2, N), G1 = groups_of(F, per13), G2 = groups_of(H, per2);
     const int parallel = threads > 1 && F * H * N >= (1u << 16);
 #pragma omp parallel num_threads(threads) if (parallel)
     {
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < (int64_t)G1; g++) {
-            size_t r0 = (size_t)g * per, r1 = r0 + per < F ? r0 + per : F;
-            rows_group(fn13, w1, rb13, &in1, r0, r1, gate, 0, F);
-            rows_group(fn13, w3, rb13, &in1, r0, r1, up, 0, F);
+            size_t r0 = (size_t)g * per13, r1 = r0 + per13 < F ? r0 + per13 : F;
+            rows_group(fn13, k13, w1, rb13, F, &in1, r0, r1, gate, 0, F);
+            rows_group(fn13, k13, w3, rb13, F, &in1, r0, r1, up, 0, F);
             for (size_t t = 0; t < N; t++)
                 for (size_t o = r0; o < r1; o++) {    /* silu(gate) * up, by the rows' thread */
                     float gv = gate[t * F + o];
@@ -827,8 +971,8 @@ int ggml_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_toke
         act_fill(&in2, q, gate, 0, N, F, f2, 1);
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < (int64_t)G2; g++) {
-            size_t r0 = (size_t)g * per, r1 = r0 + per < H ? r0 + per : H;
-            rows_group(fn2, w2, rb2, &in2, r0, r1, y, y_dtype, H);
+            size_t r0 = (size_t)g * per2, r1 = r0 + per2 < H ? r0 + per2 : H;
+            rows_group(fn2, k2, w2, rb2, H, &in2, r0, r1, y, y_dtype, H);
         }
     }
     return 0;
