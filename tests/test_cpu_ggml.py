@@ -107,6 +107,17 @@ def test_every_type_and_path_matches_float64(lib, ggml_type):
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_a_token_gets_the_same_bits_alone_and_in_a_prefill(lib, ggml_type):
+    """One formula for any number of tokens (the eight-row kernels too, short last group included):
+    a decode step computes what a prefill computes for that token, bit for bit."""
+    w = weight(ggml_type, 37, 512, seed=3)
+    x = torch.randn(11, 512, generator=torch.Generator().manual_seed(4))        # a tile of 8 and a rest
+    together = call(lib, w, x)
+    for t in range(11):
+        assert torch.equal(call(lib, w, x[t:t + 1]), together[t:t + 1]), t
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_threads_change_nothing_and_paths_agree(lib, ggml_type):
     """Each output is one thread's sum in a fixed order: 1 and 2 threads give the same bits; the
     paths round alike up to fp32 sum order."""
