@@ -236,3 +236,20 @@ for t in (T.Q4_0, T.Q6_K, T.F16):
 print(native.status("ggml"))
 """
     assert run_python(probe, OFFLOAD_MOE_NATIVE="0") == "off (OFFLOAD_MOE_NATIVE=0)"
+
+
+@pytest.mark.parametrize("gate_type, down_type", [(T.Q4_0, T.Q4_0), (T.Q4_K, T.Q6_K)], ids=lambda t: t.name)
+def test_a_decode_steps_experts_in_one_call_equal_each_experts_call(gate_type, down_type):
+    mats = [(weight(gate_type, 512, 256, seed=10 + j), weight(gate_type, 512, 256, seed=20 + j),
+             weight(down_type, 256, 512, seed=30 + j)) for j in range(5)]                  # kept alive here
+    experts = [gate.bind_swiglu(up, down) for gate, up, down in mats]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 256, generator=torch.Generator().manual_seed(11)).to(dtype)
+        y = ggml.experts_one_token(x, experts)
+        assert y.shape == (5, 256) and y.dtype == dtype
+        assert torch.equal(y, torch.cat([f(x) for f in experts]))
+    square = [weight(gate_type, 256, 256, seed=1), weight(gate_type, 256, 256, seed=2), weight(down_type, 256, 256, seed=3)]
+    other = square[0].bind_swiglu(*square[1:])
+    assert ggml.experts_one_token(x, experts + [other]) is None                # experts of another shape
+    assert ggml.experts_one_token(x, experts + [None]) is None                 # one without the kernel
+    assert ggml.experts_one_token(torch.randn(2, 256), experts) is None        # a prefill

@@ -12,6 +12,7 @@ class ResidentExperts:
     elsewhere than the compute device (the CPU computing some layers) run there (`Expert`)."""
 
     prefetch_depth = 0  # nothing to prefetch: resident experts need no guess of future routing
+    stable_experts = True  # what `fetch` hands out stays valid after it ends (a decode step may run them in one call)
 
     def __init__(self, load_expert: Callable[[int, int], ExpertWeights], num_layers: int, num_experts: int,
                  activation: Activation = Activation(), lazy: bool = False):

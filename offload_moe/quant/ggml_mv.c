@@ -978,6 +978,63 @@ int ggml_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_toke
     return 0;
 }
 
+/* A decode step's chosen experts in one call: y[j, H] = expert j's SwiGLU of the one token x [1, H],
+   expert j's matrices given by its `ggml_swiglu_p` argument block experts[j] (hidden, inter, w1, w3,
+   t13, w2, t2; one shape and type pair for all). Each expert computes exactly as `ggml_swiglu` does
+   (the same kernels, rows and order), so its row equals that call's result bit for bit; what the
+   one call saves is a parallel region, two barriers and an activation quantization per expert,
+   and the Python around each. Returns as ggml_swiglu. */
+int ggml_experts(const void *x, int x_dtype, void *y, int y_dtype, int count, const int64_t *const *experts,
+                 int threads) {
+    if (count < 1 || count > 64) return -2;
+    const int64_t *e0 = experts[0];
+    const size_t H = (size_t)e0[0], F = (size_t)e0[1];
+    const int t13 = (int)e0[4], t2 = (int)e0[6];
+    for (int j = 1; j < count; j++)
+        if (experts[j][0] != e0[0] || experts[j][1] != e0[1] || experts[j][4] != t13 || experts[j][6] != t2) return -2;
+    if (!ggml_supported(t13, (int64_t)H) || !ggml_supported(t2, (int64_t)F)) return -2;
+    const int f13 = family(t13), f2 = family(t2);
+    const size_t rb13 = H / block_size(t13) * block_bytes(t13), rb2 = F / block_size(t2) * block_bytes(t2);
+    const size_t hb = up64(4 * F), ab2 = act_bytes(1, F, f2, 0) + 64;
+    char *p = arena_reserve(&arena, act_bytes(1, H, f13, x_dtype) + 64 + (size_t)count * (2 * hb + ab2 + sizeof(Act)));
+    if (p == NULL) return -1;
+    float *gate = (float *)p, *up = (float *)(p + (size_t)count * hb);      /* [count, F] each */
+    char *q = p + (size_t)count * 2 * hb;
+    Act *in2 = (Act *)q;
+    q += up64((size_t)count * sizeof(Act));
+    char *q2 = q;                                                          /* experts' hidden activations */
+    q += (size_t)count * ab2;
+    Act in1;
+    act_fill(&in1, q, x, x_dtype, 1, H, f13, 1);
+    RowFn fn13 = row_fn(t13), fn2 = row_fn(t2);
+    Rows8Fn k13 = rows8_fn(t13), k2 = rows8_fn(t2);
+    const size_t per13 = rows_per(t13, 1), per2 = rows_per(t2, 1), G1 = groups_of(F, per13), G2 = groups_of(H, per2);
+    const size_t esize = y_dtype == 0 ? 4 : 2;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < (int64_t)(G1 * count); g++) {
+            const int j = (int)((size_t)g / G1);
+            const int64_t *e = experts[j];
+            size_t r0 = ((size_t)g % G1) * per13, r1 = r0 + per13 < F ? r0 + per13 : F;
+            float *gj = gate + j * (hb / 4), *uj = up + j * (hb / 4);
+            rows_group(fn13, k13, (const uint8_t *)(intptr_t)e[2], rb13, F, &in1, r0, r1, gj, 0, F);
+            rows_group(fn13, k13, (const uint8_t *)(intptr_t)e[3], rb13, F, &in1, r0, r1, uj, 0, F);
+            for (size_t o = r0; o < r1; o++) gj[o] = gj[o] / (1.0f + expf(-gj[o])) * uj[o];
+        }
+#pragma omp for schedule(static)
+        for (int j = 0; j < count; j++) act_fill(&in2[j], q2 + (size_t)j * ab2, gate + j * (hb / 4), 0, 1, F, f2, 1);
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < (int64_t)(G2 * count); g++) {
+            const int j = (int)((size_t)g / G2);
+            size_t r0 = ((size_t)g % G2) * per2, r1 = r0 + per2 < H ? r0 + per2 : H;
+            rows_group(fn2, k2, (const uint8_t *)(intptr_t)experts[j][5], rb2, H, &in2[j], r0, r1,
+                       (char *)y + (size_t)j * H * esize, y_dtype, H);
+        }
+    }
+    return 0;
+}
+
 /* Rows ids[0 .. n) of a [*, I] `type` matrix dequantized into y [n, I] (fp32 or bf16): a token table. */
 int ggml_rows(const uint8_t *w, int type, int64_t in_features, const int64_t *ids, int64_t n, void *y, int y_dtype) {
     const size_t I = (size_t)in_features;

@@ -146,6 +146,7 @@ LIBRARIES = {
         "ggml_mv_p": (I32, [P, I32, P, I32, I64, P, I32]),
         "ggml_mv_many_p": (I32, [P, I32, P, I32, I64, P, I32]),
         "ggml_swiglu_p": (I32, [P, I32, P, I32, I64, P, I32]),
+        "ggml_experts": (I32, [P, I32, P, I32, I32, P, I32]),
     }, "ggml_path"),
     "decode": (DECODE_SOURCE, {
         "rms_norm_row": (I32, [P, I32, P, I32, I64, F32, I32, P, I32]),
