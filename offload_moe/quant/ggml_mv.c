@@ -533,10 +533,23 @@ __attribute__((always_inline)) static inline void rows8_q4(int type, const uint8
         const __m256 dw = f16x8(pr, o);
         for (int t = 0; t < NT; t++) {
             const int8_t *a = qt + (b * tt + t) * 32;
-            __m256i s = _mm256_setzero_si256();
-            for (int j = 0; j < 4; j++) {
-                s = dot_acc(s, lo[j], _mm256_set1_epi32(i32_at(a + 4 * j)));
-                s = dot_acc(s, hi[j], _mm256_set1_epi32(i32_at(a + 16 + 4 * j)));
+            __m256i s;
+            if (NT <= 2) {   /* few tokens: four independent chains (integer sums: any order, the same bits) */
+                __m256i s0 = dot_acc(_mm256_setzero_si256(), lo[0], _mm256_set1_epi32(i32_at(a)));
+                __m256i s1 = dot_acc(_mm256_setzero_si256(), lo[1], _mm256_set1_epi32(i32_at(a + 4)));
+                __m256i s2 = dot_acc(_mm256_setzero_si256(), hi[0], _mm256_set1_epi32(i32_at(a + 16)));
+                __m256i s3 = dot_acc(_mm256_setzero_si256(), hi[1], _mm256_set1_epi32(i32_at(a + 20)));
+                s0 = dot_acc(s0, lo[2], _mm256_set1_epi32(i32_at(a + 8)));
+                s1 = dot_acc(s1, lo[3], _mm256_set1_epi32(i32_at(a + 12)));
+                s2 = dot_acc(s2, hi[2], _mm256_set1_epi32(i32_at(a + 24)));
+                s3 = dot_acc(s3, hi[3], _mm256_set1_epi32(i32_at(a + 28)));
+                s = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+            } else {         /* the tokens' sums are the independent chains */
+                s = _mm256_setzero_si256();
+                for (int j = 0; j < 4; j++) {
+                    s = dot_acc(s, lo[j], _mm256_set1_epi32(i32_at(a + 4 * j)));
+                    s = dot_acc(s, hi[j], _mm256_set1_epi32(i32_at(a + 16 + 4 * j)));
+                }
             }
             s = _mm256_sub_epi32(s, _mm256_set1_epi32(8 * zt[b * tt + t]));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(dt[b * tt + t])), acc[t]);
