@@ -468,13 +468,13 @@ __attribute__((always_inline)) static inline void row_legacy(int type, const uin
     for (int t = 0; t < NT; t++) out[t] = hsum8(acc[t]) + corr[t];
 }
 
-/* Eight rows of 4-bit codes at once (Q4_0): each row's block is loaded as it lies and the eight
-   rows' 16 code bytes transposed in registers (4-byte groups), so one 32-bit lane holds one row's
-   four codes; a product with the activations' four bytes broadcast then fills eight rows' lanes at
-   once, as llama.cpp's repacked 8x8 layout does, without its repack. Per block and token a lane
-   ends with the row's exact integer dot product (the code offset taken out as an integer: -8 times
-   the activations' code sum), which one fused multiply-add scales by dw * da into the row's fp32
-   sum. One formula for any number of tokens: a row computes the same bits in a decode step and in
+/* Eight rows of 4-bit codes at once (Q4_0, Q4_1, MXFP4): each row's block is loaded as it lies and
+   the eight rows' 16 code bytes transposed in registers (4-byte groups), so one 32-bit lane holds
+   one row's four codes; a product with the activations' four bytes broadcast then fills eight
+   rows' lanes at once, as llama.cpp's repacked 8x8 layout does, without its repack. Per block and
+   token a lane ends with the row's exact integer dot product (the code offset taken out as an
+   integer: Q4_0 -8, MXFP4 -12 times the activations' code sum), which one fused multiply-add
+   scales by dw * da into the row's fp32 sum (Q4_1 adds m * da * sum(a) with a second). One formula for any number of tokens: a row computes the same bits in a decode step and in
    a prefill. pr: the eight rows' first bytes (repeated rows where fewer than eight remain), and
    pr[8] the next group's (its 8 rows' bytes, contiguous), prefetched as these are read: eight rows
    read side by side are eight streams, which the hardware prefetcher does not keep ahead of. */
@@ -505,8 +505,13 @@ __attribute__((always_inline)) static inline void rows8_q4(int type, const uint8
     const int8_t *qt = act_chunk(act, t0, 0);
     const float *dt = act->d + tile;
     const int32_t *zt = act->qsum + tile;
-    const size_t bb = block_bytes(type), qo = 2;   /* Q4_0: d, qs[16] */
+    const float *st = act->s + tile;
+    /* Q4_0: d, qs[16]; Q4_1: d, m, qs[16]; MXFP4: e, qs[16] (codes through MXFP4_U) */
+    const size_t bb = block_bytes(type), qo = type == Q4_0 ? 2 : type == Q4_1 ? 4 : 1;
+    const int32_t offset = type == Q4_0 ? 8 : type == MXFP4 ? 12 : 0;   /* w = dw * (u - offset) [+ m] */
     const __m256i m4 = _mm256_set1_epi8(15);
+    const __m128i mx = _mm_loadu_si128((const __m128i *)MXFP4_U);
+    const __m256i mx_table = _mm256_set_m128i(mx, mx);
     __m256 acc[TT];
     for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
     const uint8_t *next = pr[8];
@@ -529,8 +534,13 @@ __attribute__((always_inline)) static inline void rows8_q4(int type, const uint8
         for (int j = 0; j < 4; j++) {
             lo[j] = _mm256_and_si256(c[j], m4);
             hi[j] = _mm256_and_si256(_mm256_srli_epi16(c[j], 4), m4);
+            if (type == MXFP4) lo[j] = _mm256_shuffle_epi8(mx_table, lo[j]), hi[j] = _mm256_shuffle_epi8(mx_table, hi[j]);
         }
-        const __m256 dw = f16x8(pr, o);
+        const __m256 dw = type == MXFP4 ? _mm256_setr_ps(e8m0_half(pr[0][o]), e8m0_half(pr[1][o]), e8m0_half(pr[2][o]),
+                                                         e8m0_half(pr[3][o]), e8m0_half(pr[4][o]), e8m0_half(pr[5][o]),
+                                                         e8m0_half(pr[6][o]), e8m0_half(pr[7][o]))
+                                        : f16x8(pr, o);
+        const __m256 mins = type == Q4_1 ? f16x8(pr, o + 2) : _mm256_setzero_ps();
         for (int t = 0; t < NT; t++) {
             const int8_t *a = qt + (b * tt + t) * 32;
             __m256i s;
@@ -551,8 +561,9 @@ __attribute__((always_inline)) static inline void rows8_q4(int type, const uint8
                     s = dot_acc(s, hi[j], _mm256_set1_epi32(i32_at(a + 16 + 4 * j)));
                 }
             }
-            s = _mm256_sub_epi32(s, _mm256_set1_epi32(8 * zt[b * tt + t]));
+            if (offset) s = _mm256_sub_epi32(s, _mm256_set1_epi32(offset * zt[b * tt + t]));
             acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(dt[b * tt + t])), acc[t]);
+            if (type == Q4_1) acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(st[b * tt + t]), acc[t]);   /* m * da * sum(a) */
         }
     }
     for (int t = 0; t < NT; t++) _mm256_storeu_ps(out + 8 * t, acc[t]);
@@ -831,12 +842,14 @@ typedef void (*Rows8Fn)(const uint8_t *const *, const Act *, size_t, int, float 
             default: KERNEL(T, pr, act, t0, TT, out); break;                                       \
         }                                                                                          \
     }
-ROWS8_FN(Q4_0, rows8_q4)
+ROWS8_FN(Q4_0, rows8_q4) ROWS8_FN(Q4_1, rows8_q4) ROWS8_FN(MXFP4, rows8_q4)
 #endif
 
 static Rows8Fn rows8_fn(int type) {
 #if GPATH > 0
     if (type == Q4_0) return rows8_Q4_0;
+    if (type == Q4_1) return rows8_Q4_1;
+    if (type == MXFP4) return rows8_MXFP4;
 #endif
     (void)type;
     return NULL;
