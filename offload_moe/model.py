@@ -35,6 +35,7 @@ from .experts.interface import ExpertProvider
 from .kv_slots import DEFAULT_KEEP_BYTES, KVSlots
 from .quant import native
 from .quant.cpu_bf16 import pack_linears
+from .quant.ggml import experts_one_token
 from .quant.modules import QEmbedding, QLinear
 
 
@@ -179,10 +180,20 @@ class MoEBlock(nn.Module):
                                     stable=getattr(self.experts, "stable", False))
         elif N == 1:  # decode: k distinct experts, one row each; no grouping needed
             choice = {e: j for j, e in enumerate(host[:k].tolist())}
-            outs: list[torch.Tensor | None] = [None] * k
-            for e, expert in self.experts.fetch(self.layer, sorted(choice), N, ahead):
-                outs[choice[e]] = expert(h, None)                     # (1, H)
-            y = (torch.cat(outs) * weights.view(k, 1)).sum(dim=0, keepdim=True)   # (k, H) -> (1, H)
+            fetched = self.experts.fetch(self.layer, sorted(choice), N, ahead)
+            stacked = None
+            if getattr(self.experts, "stable_experts", False):   # experts stay valid after the fetch
+                fetched = list(fetched)
+                fused = [None] * k
+                for e, expert in fetched:
+                    fused[choice[e]] = expert.fused
+                stacked = experts_one_token(h, fused)                 # (k, H) in one kernel call, or None
+            if stacked is None:
+                outs: list[torch.Tensor | None] = [None] * k
+                for e, expert in fetched:
+                    outs[choice[e]] = expert(h, None)                 # (1, H)
+                stacked = torch.cat(outs)                             # (k, H)
+            y = (stacked * weights.view(k, 1)).sum(dim=0, keepdim=True)   # (k, H) -> (1, H)
         else:
             row_weights = weights.flatten()                           # (N*k,)
             out = h.new_zeros(N * k, H)                               # (N*k, H)

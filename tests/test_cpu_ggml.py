@@ -94,6 +94,17 @@ def test_every_type_and_path_matches_float64(lib, ggml_type):
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_a_token_gets_the_same_bits_alone_and_in_a_prefill(lib, ggml_type):
+    """One formula for any number of tokens (the eight-row kernels too, short last group included):
+    a decode step computes what a prefill computes for that token, bit for bit."""
+    w = weight(ggml_type, 37, 512, seed=3)
+    x = torch.randn(11, 512, generator=torch.Generator().manual_seed(4))        # a tile of 8 and a rest
+    together = call(lib, w, x)
+    for t in range(11):
+        assert torch.equal(call(lib, w, x[t:t + 1]), together[t:t + 1]), t
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_threads_change_nothing_and_paths_agree(lib, ggml_type):
     """Each output is one thread's sum in a fixed order: 1 and 2 threads give the same bits; the
     paths round alike up to fp32 sum order."""
@@ -212,3 +223,20 @@ for t in (T.Q4_0, T.Q6_K, T.F16):
 print(native.status("ggml"))
 """
     assert run_python(probe, OFFLOAD_MOE_NATIVE="0") == "off (OFFLOAD_MOE_NATIVE=0)"
+
+
+@pytest.mark.parametrize("gate_type, down_type", [(T.Q4_0, T.Q4_0), (T.Q4_K, T.Q6_K)], ids=lambda t: t.name)
+def test_a_decode_steps_experts_in_one_call_equal_each_experts_call(gate_type, down_type):
+    mats = [(weight(gate_type, 512, 256, seed=10 + j), weight(gate_type, 512, 256, seed=20 + j),
+             weight(down_type, 256, 512, seed=30 + j)) for j in range(5)]                  # kept alive here
+    experts = [gate.bind_swiglu(up, down) for gate, up, down in mats]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 256, generator=torch.Generator().manual_seed(11)).to(dtype)
+        y = ggml.experts_one_token(x, experts)
+        assert y.shape == (5, 256) and y.dtype == dtype
+        assert torch.equal(y, torch.cat([f(x) for f in experts]))
+    square = [weight(gate_type, 256, 256, seed=1), weight(gate_type, 256, 256, seed=2), weight(down_type, 256, 256, seed=3)]
+    other = square[0].bind_swiglu(*square[1:])
+    assert ggml.experts_one_token(x, experts + [other]) is None                # experts of another shape
+    assert ggml.experts_one_token(x, experts + [None]) is None                 # one without the kernel
+    assert ggml.experts_one_token(torch.randn(2, 256), experts) is None        # a prefill

@@ -13,6 +13,7 @@ class ResidentExperts:
 
     prefetch_depth = 0  # nothing to prefetch: resident experts need no guess of future routing
     stable = True       # what `fetch` hands out stays valid after the next expert is handed out
+    stable_experts = True  # ... and after `fetch` ends (a decode step may run them in one call: `ggml.experts_one_token`)
 
     def __init__(self, load_expert: Callable[[int, int], ExpertWeights], num_layers: int, num_experts: int,
                  activation: Activation = Activation(), lazy: bool = False):

@@ -196,6 +196,25 @@ class GGMLWeight:
         return swiglu
 
 
+def experts_one_token(x: torch.Tensor, fused: list) -> torch.Tensor | None:
+    """A decode step's experts in one kernel call: x (1, H) -> (k, H), row j expert j's output, where
+    fused[j] is that expert's bound `bind_swiglu` function; None where the call does not apply
+    (an expert without one, another dtype or device, experts of different shapes or types). Each row
+    equals what `fused[j](x)` returns, bit for bit (the same kernels in the same order); the one call
+    saves a parallel region, its barriers and the Python around each expert."""
+    lib = kernel()
+    if lib is None or x.dtype not in _DTYPES or x.dim() != 2 or x.shape[0] != 1 or x.device.type != "cpu" \
+            or not x.is_contiguous() or any(getattr(f, "args", None) is None for f in fused):
+        return None
+    y = torch.empty(len(fused), x.shape[1], dtype=x.dtype)                              # (k, H)
+    code = _DTYPES[x.dtype]
+    rc = lib.ggml_experts(x.data_ptr(), code, y.data_ptr(), code, len(fused),
+                          (ctypes.c_void_p * len(fused))(*[ctypes.addressof(f.args) for f in fused]), torch.get_num_threads())
+    if rc == -1:
+        raise MemoryError(f"ggml_experts: no scratch for {len(fused)} experts")
+    return y if rc == 0 else None
+
+
 class GGMLGroup:
     """Matrices of one input and one type computed in one kernel call (attention's q, k, v: the
     activations quantized once, one parallel loop): `linear(x)` -> [..., sum of their outputs], or
@@ -222,4 +241,4 @@ class GGMLGroup:
         return y.view(*x.shape[:-1], self.out)
 
 
-__all__ = ["BLOCK_TYPES", "FLOAT_TYPES", "TOLERANCE", "GGMLGroup", "GGMLWeight", "kernel", "row_bytes"]
+__all__ = ["BLOCK_TYPES", "FLOAT_TYPES", "TOLERANCE", "GGMLGroup", "GGMLWeight", "experts_one_token", "kernel", "row_bytes"]

@@ -62,6 +62,12 @@ enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K 
 #ifndef ROWS
 #define ROWS 8 /* rows per group in a prefill */
 #endif
+#ifndef PF_GROUPS
+#define PF_GROUPS 1 /* eight-row kernels: prefetch the group this many ahead */
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
 #ifndef TT
 #define TT (GPATH == 2 ? 8 : 4) /* tokens per tile: as many accumulators as the registers hold */
 #endif
@@ -122,6 +128,7 @@ typedef struct {
     int8_t *q;        /* [N, I] int8 codes */
     float *d;         /* [N, I / bs] block scales (bs 32 or 256) */
     float *s;         /* [N, I / 32] legacy: d * sum of the block's codes */
+    int32_t *qsum;    /* [N, I / 32] legacy: sum of the block's codes (the eight-row kernels' offsets) */
     int16_t *bsums;   /* [N, I / 16] K: sums of each 16 codes */
     const float *x;   /* [N, I] fp32 activations (float weights) */
     size_t n, in, nb; /* nb: blocks per row */
@@ -134,7 +141,7 @@ static inline size_t up64(size_t n) { return (n + 63) & ~(size_t)63; }
 static size_t act_bytes(size_t n, size_t in, int fam, int x_dtype) {
     if (fam == 0) return x_dtype == 0 ? 0 : up64(4 * n * in);
     n = (n + TT - 1) / TT * TT;   /* whole tiles */
-    return up64(n * in) + up64(4 * n * (in / 32)) + up64(4 * n * (in / 32)) + up64(2 * n * (in / 16));
+    return up64(n * in) + 3 * up64(4 * n * (in / 32)) + up64(2 * n * (in / 16));
 }
 
 #if !GX86
@@ -221,6 +228,7 @@ static void act_row(Act *act, const void *x, int x_dtype, size_t t) {
             int sum = 0;
             for (size_t i = 0; i < 32; i++) sum += q[i];
             act->s[at] = d * (float)sum;
+            act->qsum[at] = sum;
         } else {
             for (size_t j = 0; j < 16; j++) {
                 int sum = 0;
@@ -253,6 +261,7 @@ static char *act_fill(Act *act, char *p, const void *x, int x_dtype, size_t n, s
     act->q = (int8_t *)p;        p += up64(np * in);
     act->d = (float *)p;         p += up64(4 * np * (in / 32));
     act->s = (float *)p;         p += up64(4 * np * (in / 32));
+    act->qsum = (int32_t *)p;    p += up64(4 * np * (in / 32));
     act->bsums = (int16_t *)p;   p += up64(2 * np * (in / 16));
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && n > 1)
     for (int64_t t = 0; t < (int64_t)n; t++) act_row(act, x, x_dtype, (size_t)t);
@@ -386,6 +395,15 @@ static inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+/* acc + sums of 4 unsigned x signed byte products per int32 lane */
+static inline __m256i dot_acc(__m256i acc, __m256i u, __m256i s) {
+#if GPATH == 2
+    return _mm256_dpbusd_epi32(acc, u, s);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
 /* acc + the int16 pairs p times the int16 scales sc, per int32 lane */
 static inline __m256i madd_acc(__m256i acc, __m256i p, __m256i sc) {
 #if GPATH == 2
@@ -456,6 +474,107 @@ __attribute__((always_inline)) static inline void row_legacy(int type, const uin
         }
     }
     for (int t = 0; t < NT; t++) out[t] = hsum8(acc[t]) + corr[t];
+}
+
+/* Eight rows of 4-bit codes at once (Q4_0, Q4_1, MXFP4): each row's block is loaded as it lies and
+   the eight rows' 16 code bytes transposed in registers (4-byte groups), so one 32-bit lane holds
+   one row's four codes; a product with the activations' four bytes broadcast then fills eight
+   rows' lanes at once, as llama.cpp's repacked 8x8 layout does, without its repack. Per block and
+   token a lane ends with the row's exact integer dot product (the code offset taken out as an
+   integer: Q4_0 -8, MXFP4 -12 times the activations' code sum), which one fused multiply-add
+   scales by dw * da into the row's fp32 sum (Q4_1 adds m * da * sum(a) with a second). One formula for any number of tokens: a row computes the same bits in a decode step and in
+   a prefill. pr: the eight rows' first bytes (repeated rows where fewer than eight remain), and
+   pr[8] the next group's (its 8 rows' bytes, contiguous), prefetched as these are read: eight rows
+   read side by side are eight streams, which the hardware prefetcher does not keep ahead of. */
+static inline __m256i load2x16(const uint8_t *lo, const uint8_t *hi) {
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)lo)),
+                                   _mm_loadu_si128((const __m128i *)hi), 1);
+}
+
+static inline uint16_t u16_at(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline int32_t i32_at(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* the fp16 at byte o of each of the eight rows, as fp32 [8] */
+static inline __m256 f16x8(const uint8_t *const *pr, size_t o) {
+    __m128i h = _mm_cvtsi32_si128(u16_at(pr[0] + o));
+    h = _mm_insert_epi16(h, u16_at(pr[1] + o), 1);
+    h = _mm_insert_epi16(h, u16_at(pr[2] + o), 2);
+    h = _mm_insert_epi16(h, u16_at(pr[3] + o), 3);
+    h = _mm_insert_epi16(h, u16_at(pr[4] + o), 4);
+    h = _mm_insert_epi16(h, u16_at(pr[5] + o), 5);
+    h = _mm_insert_epi16(h, u16_at(pr[6] + o), 6);
+    h = _mm_insert_epi16(h, u16_at(pr[7] + o), 7);
+    return _mm256_cvtph_ps(h);
+}
+
+__attribute__((always_inline)) static inline void rows8_q4(int type, const uint8_t *const *pr, const Act *act,
+                                                           size_t t0, int NT, float *out) {
+    const size_t nb = act->nb, tile = act_at(act, t0, 0), tt = act->tt;   /* t0: a multiple of TT */
+    const int8_t *qt = act_chunk(act, t0, 0);
+    const float *dt = act->d + tile;
+    const int32_t *zt = act->qsum + tile;
+    const float *st = act->s + tile;
+    /* Q4_0: d, qs[16]; Q4_1: d, m, qs[16]; MXFP4: e, qs[16] (codes through MXFP4_U) */
+    const size_t bb = block_bytes(type), qo = type == Q4_0 ? 2 : type == Q4_1 ? 4 : 1;
+    const int32_t offset = type == Q4_0 ? 8 : type == MXFP4 ? 12 : 0;   /* w = dw * (u - offset) [+ m] */
+    const __m256i m4 = _mm256_set1_epi8(15);
+    const __m128i mx = _mm_loadu_si128((const __m128i *)MXFP4_U);
+    const __m256i mx_table = _mm256_set_m128i(mx, mx);
+    __m256 acc[TT];
+    for (int t = 0; t < NT; t++) acc[t] = _mm256_setzero_ps();
+    const uint8_t *next = pr[8];
+    for (size_t b = 0; b < nb; b++) {
+        const size_t o = b * bb;
+        if (next != NULL) {   /* the next group: 8 * bb bytes per block here, in three lines */
+            _mm_prefetch((const char *)next + 8 * o, PF_HINT);
+            _mm_prefetch((const char *)next + 8 * o + 64, PF_HINT);
+            _mm_prefetch((const char *)next + 8 * o + 128, PF_HINT);
+        }
+        /* rows (0, 4), (1, 5), (2, 6), (3, 7) in the two halves; then a 4x4 transpose of 4-byte groups
+           in each half: c[j] lane r (r = 0..7) = row r's code bytes 4j .. 4j + 3 */
+        const __m256i p0 = load2x16(pr[0] + o + qo, pr[4] + o + qo), p1 = load2x16(pr[1] + o + qo, pr[5] + o + qo);
+        const __m256i p2 = load2x16(pr[2] + o + qo, pr[6] + o + qo), p3 = load2x16(pr[3] + o + qo, pr[7] + o + qo);
+        const __m256i a01 = _mm256_unpacklo_epi32(p0, p1), b01 = _mm256_unpackhi_epi32(p0, p1);
+        const __m256i a23 = _mm256_unpacklo_epi32(p2, p3), b23 = _mm256_unpackhi_epi32(p2, p3);
+        const __m256i c[4] = {_mm256_unpacklo_epi64(a01, a23), _mm256_unpackhi_epi64(a01, a23),
+                              _mm256_unpacklo_epi64(b01, b23), _mm256_unpackhi_epi64(b01, b23)};
+        __m256i lo[4], hi[4];   /* codes of inputs 4j .. 4j + 3 and 16 + 4j .. 16 + 4j + 3 */
+        for (int j = 0; j < 4; j++) {
+            lo[j] = _mm256_and_si256(c[j], m4);
+            hi[j] = _mm256_and_si256(_mm256_srli_epi16(c[j], 4), m4);
+            if (type == MXFP4) lo[j] = _mm256_shuffle_epi8(mx_table, lo[j]), hi[j] = _mm256_shuffle_epi8(mx_table, hi[j]);
+        }
+        const __m256 dw = type == MXFP4 ? _mm256_setr_ps(e8m0_half(pr[0][o]), e8m0_half(pr[1][o]), e8m0_half(pr[2][o]),
+                                                         e8m0_half(pr[3][o]), e8m0_half(pr[4][o]), e8m0_half(pr[5][o]),
+                                                         e8m0_half(pr[6][o]), e8m0_half(pr[7][o]))
+                                        : f16x8(pr, o);
+        const __m256 mins = type == Q4_1 ? f16x8(pr, o + 2) : _mm256_setzero_ps();
+        for (int t = 0; t < NT; t++) {
+            const int8_t *a = qt + (b * tt + t) * 32;
+            __m256i s;
+            if (NT <= 2) {   /* few tokens: four independent chains (integer sums: any order, the same bits) */
+                __m256i s0 = dot_acc(_mm256_setzero_si256(), lo[0], _mm256_set1_epi32(i32_at(a)));
+                __m256i s1 = dot_acc(_mm256_setzero_si256(), lo[1], _mm256_set1_epi32(i32_at(a + 4)));
+                __m256i s2 = dot_acc(_mm256_setzero_si256(), hi[0], _mm256_set1_epi32(i32_at(a + 16)));
+                __m256i s3 = dot_acc(_mm256_setzero_si256(), hi[1], _mm256_set1_epi32(i32_at(a + 20)));
+                s0 = dot_acc(s0, lo[2], _mm256_set1_epi32(i32_at(a + 8)));
+                s1 = dot_acc(s1, lo[3], _mm256_set1_epi32(i32_at(a + 12)));
+                s2 = dot_acc(s2, hi[2], _mm256_set1_epi32(i32_at(a + 24)));
+                s3 = dot_acc(s3, hi[3], _mm256_set1_epi32(i32_at(a + 28)));
+                s = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+            } else {         /* the tokens' sums are the independent chains */
+                s = _mm256_setzero_si256();
+                for (int j = 0; j < 4; j++) {
+                    s = dot_acc(s, lo[j], _mm256_set1_epi32(i32_at(a + 4 * j)));
+                    s = dot_acc(s, hi[j], _mm256_set1_epi32(i32_at(a + 16 + 4 * j)));
+                }
+            }
+            if (offset) s = _mm256_sub_epi32(s, _mm256_set1_epi32(offset * zt[b * tt + t]));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(dt[b * tt + t])), acc[t]);
+            if (type == Q4_1) acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(st[b * tt + t]), acc[t]);   /* m * da * sum(a) */
+        }
+    }
+    for (int t = 0; t < NT; t++) _mm256_storeu_ps(out + 8 * t, acc[t]);
 }
 
 /* A K super-block in registers: its 256 codes as 8 vectors of 32 bytes (input order), the 16
@@ -794,6 +913,42 @@ static RowFn row_fn(int type) {
     }
 }
 
+/* One type's eight-row kernel for 1..TT tokens (out [nt][8]), or NULL where it has none. */
+typedef void (*Rows8Fn)(const uint8_t *const *, const Act *, size_t, int, float *);
+
+#if GPATH > 0
+#define ROWS8_FN(T, KERNEL)                                                                        \
+    static void rows8_##T(const uint8_t *const *pr, const Act *act, size_t t0, int nt, float *out) { \
+        switch (nt) {                                                                              \
+            case 1: KERNEL(T, pr, act, t0, 1, out); break;                                         \
+            case 2: KERNEL(T, pr, act, t0, 2, out); break;                                         \
+            case 3: KERNEL(T, pr, act, t0, 3, out); break;                                         \
+            case 4: KERNEL(T, pr, act, t0, 4, out); break;                                         \
+            case 5: KERNEL(T, pr, act, t0, 5 < TT ? 5 : TT, out); break;                           \
+            case 6: KERNEL(T, pr, act, t0, 6 < TT ? 6 : TT, out); break;                           \
+            case 7: KERNEL(T, pr, act, t0, 7 < TT ? 7 : TT, out); break;                           \
+            default: KERNEL(T, pr, act, t0, TT, out); break;                                       \
+        }                                                                                          \
+    }
+ROWS8_FN(Q4_0, rows8_q4) ROWS8_FN(Q4_1, rows8_q4) ROWS8_FN(MXFP4, rows8_q4)
+#endif
+
+static Rows8Fn rows8_fn(int type) {
+#if GPATH > 0
+    if (type == Q4_0) return rows8_Q4_0;
+    if (type == Q4_1) return rows8_Q4_1;
+    if (type == MXFP4) return rows8_MXFP4;
+#endif
+    (void)type;
+    return NULL;
+}
+
+/* Rows per parallel work item: eight-row groups where the type has that kernel or tokens share a
+   row's reads, single rows for one token otherwise (finer balance). */
+static size_t rows_per(int type, size_t N) { return rows8_fn(type) != NULL || N > 1 ? ROWS : 1; }
+
+static size_t groups_of(size_t O, size_t per) { return (O + per - 1) / per; }
+
 /* ------------------------------------------------------------------ row groups */
 
 static inline void put(void *y, int y_dtype, size_t k, float v) {
@@ -801,12 +956,25 @@ static inline void put(void *y, int y_dtype, size_t k, float v) {
     else ((uint16_t *)y)[k] = float_to_bf16(v);
 }
 
-/* Rows r0 .. r1 - 1 of a matrix (row o's bytes at w + o * rb) against every token of act:
-   y[t * stride + o]. Tokens TT at a time, each tile against every row of the group. */
-static inline void rows_group(RowFn fn, const uint8_t *w, size_t rb, const Act *act, size_t r0, size_t r1, void *y,
-                              int y_dtype, size_t stride) {
+/* Rows r0 .. r1 - 1 of a matrix of `rows` rows (row o's bytes at w + o * rb) against every token of act:
+   y[t * stride + o]. Tokens TT at a time, each tile against every row of the group; eight rows
+   at once where the type has an eight-row kernel (f8; r0 a multiple of 8, r1 - r0 <= 8). */
+static inline void rows_group(RowFn fn, Rows8Fn f8, const uint8_t *w, size_t rb, size_t rows, const Act *act,
+                              size_t r0, size_t r1, void *y, int y_dtype, size_t stride) {
     const size_t N = act->n;
-    float r[TT];
+    float r[TT * 8];
+    if (f8 != NULL) {
+        const uint8_t *pr[9];
+        for (size_t k = 0; k < 8; k++) pr[k] = w + (r0 + k < r1 ? r0 + k : r1 - 1) * rb;   /* a short group repeats its last row */
+        pr[8] = r1 - r0 == 8 && r1 + 8 * PF_GROUPS <= rows ? w + (r1 + 8 * (PF_GROUPS - 1)) * rb : NULL;
+        for (size_t t0 = 0; t0 < N; t0 += TT) {
+            const int nt = N - t0 < TT ? (int)(N - t0) : TT;
+            f8(pr, act, t0, nt, r);
+            for (int t = 0; t < nt; t++)
+                for (size_t o = r0; o < r1; o++) put(y, y_dtype, (t0 + t) * stride + o, r[8 * t + (o - r0)]);
+        }
+        return;
+    }
     for (size_t t0 = 0; t0 < N; t0 += TT) {
         const int nt = N - t0 < TT ? (int)(N - t0) : TT;
         for (size_t o = r0; o < r1; o++) {
@@ -820,7 +988,6 @@ static inline void rows_group(RowFn fn, const uint8_t *w, size_t rb, const Act *
 
 static __thread Arena arena; /* kernel_common.h */
 
-static size_t groups_of(size_t O, size_t N) { return N == 1 ? O : (O + ROWS - 1) / ROWS; }
 
 /* y[N, O] = x[N, I] @ W.T, W [O, I] of ggml `type` (rows of `row_bytes` at w). x_dtype / y_dtype:
    0 float32, 1 bfloat16. Returns 0, -1 when the scratch cannot be allocated, -2 for a type or
@@ -836,12 +1003,13 @@ int ggml_mv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, 
     Act act;
     act_fill(&act, p, x, x_dtype, N, I, fam, threads);
     RowFn fn = row_fn(type);
-    const size_t G = groups_of(O, N), per = N == 1 ? 1 : ROWS;
+    Rows8Fn f8 = rows8_fn(type);
+    const size_t per = rows_per(type, N), G = groups_of(O, per);
     const int parallel = threads > 1 && O * I * N >= (1u << 17);
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
     for (int64_t g = 0; g < (int64_t)G; g++) {
         size_t r0 = (size_t)g * per, r1 = r0 + per < O ? r0 + per : O;
-        rows_group(fn, w, rb, &act, r0, r1, y, y_dtype, O);
+        rows_group(fn, f8, w, rb, O, &act, r0, r1, y, y_dtype, O);
     }
     return 0;
 }
@@ -854,11 +1022,11 @@ int ggml_mv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tok
     if (!ggml_supported(type, in_features) || count < 1 || count > 16) return -2;
     if (N == 0) return 0;
     const int fam = family(type);
-    const size_t rb = I / block_size(type) * block_bytes(type), per = N == 1 ? 1 : ROWS;
+    const size_t rb = I / block_size(type) * block_bytes(type), per = rows_per(type, N);
     size_t gfirst[17], first[17], total = 0, G = 0;
     for (int m = 0; m < count; m++) {
         first[m] = total, gfirst[m] = G;
-        total += (size_t)outs[m], G += groups_of((size_t)outs[m], N);
+        total += (size_t)outs[m], G += groups_of((size_t)outs[m], per);
     }
     gfirst[count] = G, first[count] = total;
     char *p = arena_reserve(&arena, act_bytes(N, I, fam, x_dtype) + 64);
@@ -866,6 +1034,7 @@ int ggml_mv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tok
     Act act;
     act_fill(&act, p, x, x_dtype, N, I, fam, threads);
     RowFn fn = row_fn(type);
+    Rows8Fn f8 = rows8_fn(type);
     const size_t esize = y_dtype == 0 ? 4 : 2;
     const int parallel = threads > 1 && total * I * N >= (1u << 17);
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
@@ -873,7 +1042,7 @@ int ggml_mv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tok
         int m = 0;
         while ((size_t)g >= gfirst[m + 1]) m++;
         size_t O = (size_t)outs[m], r0 = ((size_t)g - gfirst[m]) * per, r1 = r0 + per < O ? r0 + per : O;
-        rows_group(fn, ws[m], rb, &act, r0, r1, (char *)y + first[m] * esize, y_dtype, total);
+        rows_group(fn, f8, ws[m], rb, O, &act, r0, r1, (char *)y + first[m] * esize, y_dtype, total);
     }
     return 0;
 }
@@ -896,15 +1065,16 @@ int ggml_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_toke
     Act in1, in2;
     q = act_fill(&in1, q, x, x_dtype, N, H, f13, threads);
     RowFn fn13 = row_fn(t13), fn2 = row_fn(t2);
-    const size_t per = N == 1 ? 1 : ROWS, G1 = groups_of(F, N), G2 = groups_of(H, N);
+    Rows8Fn k13 = rows8_fn(t13), k2 = rows8_fn(t2);
+    const size_t per13 = rows_per(t13, N), per2 = rows_per(t2, N), G1 = groups_of(F, per13), G2 = groups_of(H, per2);
     const int parallel = threads > 1 && F * H * N >= (1u << 16);
 #pragma omp parallel num_threads(threads) if (parallel)
     {
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < (int64_t)G1; g++) {
-            size_t r0 = (size_t)g * per, r1 = r0 + per < F ? r0 + per : F;
-            rows_group(fn13, w1, rb13, &in1, r0, r1, gate, 0, F);
-            rows_group(fn13, w3, rb13, &in1, r0, r1, up, 0, F);
+            size_t r0 = (size_t)g * per13, r1 = r0 + per13 < F ? r0 + per13 : F;
+            rows_group(fn13, k13, w1, rb13, F, &in1, r0, r1, gate, 0, F);
+            rows_group(fn13, k13, w3, rb13, F, &in1, r0, r1, up, 0, F);
             for (size_t t = 0; t < N; t++)
                 for (size_t o = r0; o < r1; o++) {    /* silu(gate) * up, by the rows' thread */
                     float gv = gate[t * F + o];
@@ -915,8 +1085,66 @@ int ggml_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_toke
         act_fill(&in2, q, gate, 0, N, F, f2, 1);
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < (int64_t)G2; g++) {
-            size_t r0 = (size_t)g * per, r1 = r0 + per < H ? r0 + per : H;
-            rows_group(fn2, w2, rb2, &in2, r0, r1, y, y_dtype, H);
+            size_t r0 = (size_t)g * per2, r1 = r0 + per2 < H ? r0 + per2 : H;
+            rows_group(fn2, k2, w2, rb2, H, &in2, r0, r1, y, y_dtype, H);
+        }
+    }
+    return 0;
+}
+
+/* A decode step's chosen experts in one call: y[j, H] = expert j's SwiGLU of the one token x [1, H],
+   expert j's matrices given by its `ggml_swiglu_p` arguments experts[j] (`GgmlSwigluArgs`; one shape
+   and type pair for all). Each expert computes exactly as `ggml_swiglu` does
+   (the same kernels, rows and order), so its row equals that call's result bit for bit; what the
+   one call saves is a parallel region, two barriers and an activation quantization per expert,
+   and the Python around each. Returns as ggml_swiglu. */
+int ggml_experts(const void *x, int x_dtype, void *y, int y_dtype, int count, const GgmlSwigluArgs *const *experts,
+                 int threads) {
+    if (count < 1 || count > 64) return -2;
+    const GgmlSwigluArgs *e0 = experts[0];
+    const size_t H = (size_t)e0->hidden, F = (size_t)e0->inter;
+    const int t13 = (int)e0->t13, t2 = (int)e0->t2;
+    for (int j = 1; j < count; j++)
+        if (experts[j]->hidden != e0->hidden || experts[j]->inter != e0->inter || experts[j]->t13 != t13
+            || experts[j]->t2 != t2) return -2;
+    if (!ggml_supported(t13, (int64_t)H) || !ggml_supported(t2, (int64_t)F)) return -2;
+    const int f13 = family(t13), f2 = family(t2);
+    const size_t rb13 = H / block_size(t13) * block_bytes(t13), rb2 = F / block_size(t2) * block_bytes(t2);
+    const size_t hb = up64(4 * F), ab2 = act_bytes(1, F, f2, 0) + 64;
+    char *p = arena_reserve(&arena, act_bytes(1, H, f13, x_dtype) + 64 + (size_t)count * (2 * hb + ab2 + sizeof(Act)));
+    if (p == NULL) return -1;
+    float *gate = (float *)p, *up = (float *)(p + (size_t)count * hb);      /* [count, F] each */
+    char *q = p + (size_t)count * 2 * hb;
+    Act *in2 = (Act *)q;
+    q += up64((size_t)count * sizeof(Act));
+    char *q2 = q;                                                          /* experts' hidden activations */
+    q += (size_t)count * ab2;
+    Act in1;
+    act_fill(&in1, q, x, x_dtype, 1, H, f13, 1);
+    RowFn fn13 = row_fn(t13), fn2 = row_fn(t2);
+    Rows8Fn k13 = rows8_fn(t13), k2 = rows8_fn(t2);
+    const size_t per13 = rows_per(t13, 1), per2 = rows_per(t2, 1), G1 = groups_of(F, per13), G2 = groups_of(H, per2);
+    const size_t esize = y_dtype == 0 ? 4 : 2;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < (int64_t)(G1 * count); g++) {
+            const int j = (int)((size_t)g / G1);
+            const GgmlSwigluArgs *e = experts[j];
+            size_t r0 = ((size_t)g % G1) * per13, r1 = r0 + per13 < F ? r0 + per13 : F;
+            float *gj = gate + j * (hb / 4), *uj = up + j * (hb / 4);
+            rows_group(fn13, k13, e->w1, rb13, F, &in1, r0, r1, gj, 0, F);
+            rows_group(fn13, k13, e->w3, rb13, F, &in1, r0, r1, uj, 0, F);
+            for (size_t o = r0; o < r1; o++) gj[o] = gj[o] / (1.0f + expf(-gj[o])) * uj[o];
+        }
+#pragma omp for schedule(static)
+        for (int j = 0; j < count; j++) act_fill(&in2[j], q2 + (size_t)j * ab2, gate + j * (hb / 4), 0, 1, F, f2, 1);
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < (int64_t)(G2 * count); g++) {
+            const int j = (int)((size_t)g / G2);
+            size_t r0 = ((size_t)g % G2) * per2, r1 = r0 + per2 < H ? r0 + per2 : H;
+            rows_group(fn2, k2, experts[j]->w2, rb2, H, &in2[j], r0, r1,
+                       (char *)y + (size_t)j * H * esize, y_dtype, H);
         }
     }
     return 0;

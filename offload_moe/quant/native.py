@@ -246,6 +246,7 @@ LIBRARIES = {
         "ggml_mv_p": (I32, _p(GgmlArgs)),
         "ggml_mv_many_p": (I32, _p(GgmlManyArgs)),
         "ggml_swiglu_p": (I32, _p(GgmlSwigluArgs)),
+        "ggml_experts": (I32, [P, I32, P, I32, I32, P, I32]),   # k pointers to GgmlSwigluArgs
     }, "ggml_path"),
     "published": (PUBLISHED_SOURCE, {
         "pq_path": (I32, []),
