@@ -916,7 +916,7 @@ static RowFn row_fn(int type) {
 /* One type's eight-row kernel for 1..TT tokens (out [nt][8]), or NULL where it has none. */
 typedef void (*Rows8Fn)(const uint8_t *const *, const Act *, size_t, int, float *);
 
-#if GPATH > 0
+#if GX86 /* the eight-row kernel is x86's (NEON keeps the row kernels) */
 #define ROWS8_FN(T, KERNEL)                                                                        \
     static void rows8_##T(const uint8_t *const *pr, const Act *act, size_t t0, int nt, float *out) { \
         switch (nt) {                                                                              \
@@ -934,7 +934,7 @@ ROWS8_FN(Q4_0, rows8_q4) ROWS8_FN(Q4_1, rows8_q4) ROWS8_FN(MXFP4, rows8_q4)
 #endif
 
 static Rows8Fn rows8_fn(int type) {
-#if GPATH > 0
+#if GX86
     if (type == Q4_0) return rows8_Q4_0;
     if (type == Q4_1) return rows8_Q4_1;
     if (type == MXFP4) return rows8_MXFP4;
