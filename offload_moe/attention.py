@@ -92,6 +92,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def apply_rope_partial(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` on the first d = cos.shape[-1] dims of each head, the rest passed through
+    (GLM-4.5's and MiniMax-M2's partial rotary); x: (B, heads, T, hd) with hd >= d."""
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return apply_rope(x, cos, sin)
+    return torch.cat((apply_rope(x[..., :d], cos, sin), x[..., d:]), dim=-1)
+
+
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, heads, T, d); cos, sin: (T, d). Rotates the pairs (2i, 2i + 1) in fp32 (DeepSeek)."""
     half = x.shape[-1] // 2
@@ -163,9 +172,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        self.qk_norm, self.clip = fam.qk_norm, cfg.clip_qkv
-        if fam.qk_norm:
-            head = fam.qk_norm == "head"
+        self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
+        if self.qk_norm:
+            head = self.qk_norm == "head"
             self.q_norm = RMSNorm(self.hd if head else self.nh * self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd if head else self.nkv * self.hd, cfg.rms_norm_eps)
         self.sinks = nn.Parameter(torch.zeros(self.nh)) if fam.attention_sinks else None
@@ -222,7 +231,7 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)                                          # (B, nh, T, hd)
         k = k.transpose(1, 2)                                          # (B, nkv, T, hd)
         v = v.reshape(B, T, self.nkv, self.hd).transpose(1, 2)         # (B, nkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope_partial(q, cos, sin), apply_rope_partial(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start, k, v)                           # (B, nkv, S, hd)
         if self.sinks is None:
@@ -244,7 +253,7 @@ class Attention(nn.Module):
 
 
 class LatentAttention(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2). Keys and values come from a rank-r latent shared by
+    """Multi-head latent attention (DeepSeek-V2, V3, Kimi-K2, GLM-4.7-Flash). Keys and values come from a rank-r latent shared by
     all heads, which is what the cache holds (with the rotated d-dim key part, also shared); they
     are decompressed for every head at each step. RoPE rotates (even, odd) pairs here."""
 
@@ -266,6 +275,8 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.rank, self.nh * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.nh * self.v_dim, H, bias=False)
         self.scale = qk ** -0.5
+        # DeepSeek's checkpoints lay the rope dims out in (even, odd) pairs; `rope_interleave: false` halves
+        self.rotate = apply_rope_interleaved if cfg.rope_interleave else apply_rope
         y = cfg.rope_scaling
         if y and y["mscale_all_dim"]:  # YaRN's attention temperature, squared (transformers' yarn_apply_mscale)
             self.scale *= yarn_mscale(y["factor"], y["mscale_all_dim"]) ** 2
@@ -285,7 +296,7 @@ class LatentAttention(nn.Module):
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)  # (B, T, r), (B, T, d)
         latent = self.kv_a_layernorm(latent).view(B, 1, T, self.rank)          # (B, 1, T, r)
         k_rot = k_rot.view(B, 1, T, self.rope)
-        q_rot, k_rot = apply_rope_interleaved(q_rot, cos, sin), apply_rope_interleaved(k_rot, cos, sin)
+        q_rot, k_rot = self.rotate(q_rot, cos, sin), self.rotate(k_rot, cos, sin)
         if cache is not None:
             latent, k_rot = cache.update(start, latent, k_rot)                 # (B, 1, S, r), (B, 1, S, d)
         S = latent.shape[2]

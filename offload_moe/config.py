@@ -56,6 +56,9 @@ class ModelConfig:
     swiglu_limit: float | None = None   # clamped SwiGLU of gpt-oss: the clamp, and the sigmoid's alpha
     swiglu_alpha: float = 1.702
     mla: MLA | None = None
+    rope_interleave: bool = True        # MLA: rotate (even, odd) pairs (DeepSeek's layout); else halves
+    use_qk_norm: bool = True            # the family's q/k norm is there (GLM-4.5 has it, GLM-4.5-Air not)
+    rotary_dim: int = 0                 # rotate only the first rotary_dim dims of each head (GLM, MiniMax); 0: all
     rope_scaling: dict[str, Any] | None = field(default=None, compare=False)  # YaRN parameters
 
     # ---- layers ----
@@ -77,7 +80,12 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """How many dimensions of each query/key head are rotated."""
-        return self.mla.qk_rope_head_dim if self.mla else self.head_dim
+        return self.mla.qk_rope_head_dim if self.mla else (self.rotary_dim or self.head_dim)
+
+    @property
+    def qk_norm(self) -> str | None:
+        """The attention's q/k RMSNorm: "head", "full" (see `arch.Family.qk_norm`) or None."""
+        return self.family.qk_norm if self.use_qk_norm else None
 
     @property
     def family(self):
@@ -99,8 +107,8 @@ class ModelConfig:
 
     @property
     def router_params_per_layer(self) -> int:
-        """Per MoE layer."""
-        return self.num_experts * (self.hidden_size + self.family.router_bias)
+        """Per MoE layer: the router's weight, its bias, the selection bias of sigmoid routing."""
+        return self.num_experts * (self.hidden_size + self.family.router_bias + bool(self.family.score_bias))
 
     @property
     def shared_expert_params_per_layer(self) -> int:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import RMSNorm, rope_tables, apply_rope, KVCache, KVRow, Attention, LatentAttention
+from .attention import RMSNorm, rope_tables, apply_rope_partial, KVCache, KVRow, Attention, LatentAttention
 from .config import ModelConfig
 from .decode_cpu import RouteStep
 from .errors import OffloadMoeError
@@ -39,7 +39,8 @@ from .quant.modules import QEmbedding, QLinear
 
 
 # ---- router rules: gate logits (N, E) -> weights (N, k) fp32, expert ids (N, k) ----
-def softmax_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None):
+# `bias` (E,): the selection bias of the sigmoid rule (`e_score_correction_bias`); None for the others.
+def softmax_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
     """Softmax over all experts, top-k (within the best topk_group of n_group groups), then
     renormalise (norm_topk_prob) or scale by routed_scaling_factor. Mixtral, Qwen, OLMoE, DeepSeek."""
     probs = F.softmax(logits.float(), dim=-1)                         # (N, E)
@@ -59,7 +60,7 @@ def softmax_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | 
     return weights * cfg.routed_scaling_factor, ids
 
 
-def topk_softmax(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None):
+def topk_softmax(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
     """Top-k of the logits, then a softmax over those k (gpt-oss)."""
     if forced is not None:
         ids = forced.to(logits.device)
@@ -69,7 +70,29 @@ def topk_softmax(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | 
     return F.softmax(top.float(), dim=-1), ids
 
 
-ROUTER_RULES = {"softmax_topk": softmax_topk, "topk_softmax": topk_softmax}
+def sigmoid_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
+    """DeepSeek-V3's "noaux_tc" (GLM-4.5, Kimi-K2, MiniMax-M2 alike): sigmoid scores; the bias is added
+    for the choice only; with n_group > 1 only the topk_group groups with the best sums of their two
+    best biased scores are eligible; the chosen unbiased scores are renormalised (norm_topk_prob),
+    then scaled by routed_scaling_factor."""
+    scores = torch.sigmoid(logits.float())                            # (N, E)
+    if forced is not None:
+        ids = forced.to(scores.device)
+    else:
+        choice = scores + bias.float() if bias is not None else scores
+        if cfg.n_group > 1:
+            groups = choice.view(choice.shape[0], cfg.n_group, -1)    # (N, groups, E/groups)
+            best = groups.topk(2, dim=-1).values.sum(dim=-1).topk(cfg.topk_group, dim=-1).indices
+            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = groups.masked_fill(~keep[..., None], float("-inf")).view_as(scores)
+        ids = torch.topk(choice, cfg.top_k, dim=-1).indices           # (N, k)
+    weights = scores.gather(-1, ids)                                  # (N, k)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, ids
+
+
+ROUTER_RULES = {"softmax_topk": softmax_topk, "topk_softmax": topk_softmax, "sigmoid_topk": sigmoid_topk}
 
 
 class MLP(nn.Module):
@@ -133,6 +156,7 @@ class MoEBlock(nn.Module):
         self.cfg, self.layer, self.top_k, self.num_experts = cfg, layer, cfg.top_k, cfg.num_experts
         self.rule, self.router_fp32 = ROUTER_RULES[fam.router_rule], fam.router_fp32
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=fam.router_bias)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts)) if fam.score_bias else None  # (E,)
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size) if cfg.shared_expert_size else None
         self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
                                    if cfg.shared_expert_size and fam.shared_expert_gate else None)
@@ -154,7 +178,7 @@ class MoEBlock(nn.Module):
                 logits = logits.to(x.dtype)
         else:
             logits = self.gate(x)
-        weights, ids = self.rule(logits, self.cfg, forced)
+        weights, ids = self.rule(logits, self.cfg, forced, self.e_score_correction_bias)
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor, ids_to_host: HostIds, forced: torch.Tensor | None = None,
@@ -284,7 +308,7 @@ class Transformer(nn.Module):
         c, s = cos[d] / cos[0], sin[d] / cos[0]     # the pure rotation by d (YaRN scales the tables)
         for cache in self.kv_caches:
             k, v = cache.k[slot, :, src:src + n], cache.v[slot, :, src:src + n]     # (nkv, n, hd), (nkv, n, hd)
-            k = apply_rope(k.float(), c, -s).to(k.dtype)
+            k = apply_rope_partial(k.float(), c, -s).to(k.dtype)   # partial rotary: the rotated dims only
             v = v.clone()
             cache.k[slot, :, dst:dst + n] = k
             cache.v[slot, :, dst:dst + n] = v

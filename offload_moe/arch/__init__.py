@@ -8,7 +8,7 @@ line in `FAMILIES` (docs/architecture.md).
 
 from __future__ import annotations
 
-from . import deepseek_v2, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek_v2, deepseek_v3, glm4_moe, glm4_moe_lite, gpt_oss, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .family import (
     Family,
     attention_shapes,
@@ -21,6 +21,9 @@ from .family import (
 
 FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY
                                for m in (mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v2, gpt_oss)}
+# the sigmoid-routed families (issue 27); Kimi-K2's config.json names DeepSeek-V3's code `kimi_k2`
+FAMILIES |= {f.model_type: f for f in (deepseek_v3.FAMILY, deepseek_v3.KIMI_K2, glm4_moe.FAMILY,
+                                       glm4_moe_lite.FAMILY, minimax_m2.FAMILY)}
 
 
 def family_of(model_type: str) -> Family:

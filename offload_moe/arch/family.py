@@ -63,6 +63,7 @@ class Family:
     qk_norm: str | None = None      # "head": RMSNorm over each head's hd (Qwen3); "full": over all of q, k (OLMoE)
     router_rule: str = "softmax_topk"   # see `model.ROUTER_RULES`
     router_bias: bool = False
+    score_bias: str | None = None       # sigmoid routing's selection bias [E] (`e_score_correction_bias`), its name
     router_fp32: bool = False           # router logits computed in fp32 whatever the compute dtype (DeepSeek)
     shared_expert_gate: bool = False    # the shared expert's output is scaled by sigmoid(x · gate) (Qwen2-MoE)
     attention_sinks: bool = False       # a learned per-head logit that takes part in the softmax (gpt-oss)
@@ -77,6 +78,15 @@ def layer_prefix(layer: int) -> str:
 def router_name(c: ConfigLike, fam: Family, layout: str, layer: int) -> str:
     """The router's weight: Mixtral's per-expert checkpoints call it block_sparse_moe.gate."""
     return layer_prefix(layer) + ("mlp.gate" if layout == "fused" else fam.router) + ".weight"
+
+
+def score_bias_name(c: ConfigLike, fam: Family, layout: str, layer: int) -> str:
+    """The selection bias of sigmoid routing: MiniMax-M2's per-expert checkpoints keep it beside the
+    router (`block_sparse_moe.e_score_correction_bias`), its fused ones under `mlp.`."""
+    name = fam.score_bias
+    if layout == "fused" and name.startswith("block_sparse_moe."):
+        name = "mlp." + name.removeprefix("block_sparse_moe.")
+    return layer_prefix(layer) + name
 
 
 def attention_shapes(c: ConfigLike, fam: Family) -> dict[str, tuple[int, ...]]:
@@ -100,9 +110,9 @@ def attention_shapes(c: ConfigLike, fam: Family) -> dict[str, tuple[int, ...]]:
         s |= {"q_proj.bias": (nh * hd,), "k_proj.bias": (nkv * hd,), "v_proj.bias": (nkv * hd,)}
     if c.o_bias:
         s["o_proj.bias"] = (H,)
-    if fam.qk_norm == "head":
+    if c.qk_norm == "head":
         s |= {"q_norm.weight": (hd,), "k_norm.weight": (hd,)}
-    elif fam.qk_norm == "full":
+    elif c.qk_norm == "full":
         s |= {"q_norm.weight": (nh * hd,), "k_norm.weight": (nkv * hd,)}
     if fam.attention_sinks:
         s["sinks"] = (nh,)
@@ -132,6 +142,8 @@ def dense_shapes(c: ConfigLike, fam: Family, layout: str) -> dict[str, tuple[int
         shapes[router] = (E, H)
         if fam.router_bias:
             shapes[router.removesuffix("weight") + "bias"] = (E,)
+        if fam.score_bias:
+            shapes[score_bias_name(c, fam, layout, i)] = (E,)
         if c.shared_expert_size:
             shapes |= mlp_shapes(p + fam.shared_expert, H, c.shared_expert_size)
             if fam.shared_expert_gate:
@@ -160,8 +172,11 @@ def expert_shapes(c: ConfigLike, fam: Family, layout: str) -> dict[str, tuple[in
 
 
 # Checkpoint -> model parameter names, beyond dropping the leading `model.`: the model calls its
-# MoE block `block_sparse_moe` (router `gate`, `shared_expert`, `shared_expert_gate`) in every family.
-PARAM_RENAMES = ((".mlp.gate.", ".block_sparse_moe.gate."), (".mlp.router.", ".block_sparse_moe.gate."),
+# MoE block `block_sparse_moe` (router `gate`, `shared_expert`, `shared_expert_gate`,
+# `e_score_correction_bias`) in every family.
+PARAM_RENAMES = ((".mlp.gate.e_score_correction_bias", ".block_sparse_moe.e_score_correction_bias"),
+                 (".mlp.e_score_correction_bias", ".block_sparse_moe.e_score_correction_bias"),
+                 (".mlp.gate.", ".block_sparse_moe.gate."), (".mlp.router.", ".block_sparse_moe.gate."),
                  (".mlp.shared_experts.", ".block_sparse_moe.shared_expert."),
                  (".mlp.shared_expert.", ".block_sparse_moe.shared_expert."),
                  (".mlp.shared_expert_gate.", ".block_sparse_moe.shared_expert_gate."))
