@@ -73,6 +73,15 @@ def test_one_sync_per_moe_layer_and_token(name, mode, decode_path, family_checkp
         assert model.stats["experts"]["prefetch_issued"] > 0   # the guesses came back in those reads
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "minimax_m2"])
+def test_one_sync_per_moe_layer_and_token_sigmoid_routing(name, mode, decode_path, tmp_path):
+    """The sigmoid-routed families (issue 27): routing, groups and the selection bias stay on the device."""
+    from test_families_sigmoid import tiny_sigmoid_model
+    tiny_sigmoid_model(name).save_pretrained(tmp_path)
+    assert_one_per_moe_layer_and_token(offload_moe.load(tmp_path, device="cpu", **MODES[mode]))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_one_sync_per_moe_layer_and_token_quantized(bits, decode_path):
     """Packed experts and dense weights (the kernels read them where they are, no sync either)."""
