@@ -58,11 +58,11 @@ SIGMOID_FAMILIES = {
 SEEDS = (0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow))
 
 
-def tiny_sigmoid_model(name: str, seed: int = 0):
-    """A random fp32 model of the family, weights scaled up so routing is decisive and the selection
-    biases large enough to change the choice."""
+def tiny_sigmoid_model(name: str, seed: int = 0, **changes):
+    """A random fp32 model of the family (config `changes` on top), weights scaled up so routing is
+    decisive and the selection biases large enough to change the choice."""
     prefix, overrides = SIGMOID_FAMILIES[name]
-    config = getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides})
+    config = getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides, **changes})
     torch.manual_seed(seed)
     model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
     with torch.no_grad():

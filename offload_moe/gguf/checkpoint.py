@@ -43,7 +43,8 @@ from .reader import GGUFFile, GGUFTensor
 EXPERT_MATRICES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
 EXPERT_BIASES = {"b1": "ffn_gate_exps", "b3": "ffn_up_exps", "b2": "ffn_down_exps"}
 GGUF_ARCH = {"mixtral": "LLAMA", "qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "olmoe": "OLMOE",
-             "deepseek_v2": "DEEPSEEK2", "gpt_oss": "GPT_OSS"}
+             "deepseek_v2": "DEEPSEEK2", "gpt_oss": "GPT_OSS", "deepseek_v3": "DEEPSEEK2", "glm4_moe": "GLM4_MOE",
+             "minimax_m2": "MINIMAXM2"}
 
 
 class GGUFCheckpoint:
@@ -74,7 +75,9 @@ class GGUFCheckpoint:
     def gguf_name(self, name: str) -> str:
         """Our checkpoint name -> the GGUF tensor name."""
         base, _, suffix = name.rpartition(".")
-        if suffix not in ("weight", "bias"):
+        if suffix.endswith("e_score_correction_bias"):  # the converter reads `_bias` as the suffix
+            base, suffix = name.removesuffix("_bias"), "bias"
+        elif suffix not in ("weight", "bias"):
             base, suffix = name, "weight"  # gpt-oss `self_attn.sinks`
         found = self._map.get_name(base) or self._generic.get_name(base)
         if found is None:

@@ -19,7 +19,8 @@ from ..errors import OffloadMoeError
 from .reader import GGUFFile
 
 ARCHES = {"llama": "mixtral", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "olmoe": "olmoe",
-          "deepseek2": "deepseek_v2", "gpt-oss": "gpt_oss"}
+          "deepseek2": "deepseek_v2", "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2"}
+SIGMOID = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 FLOAT_NAMES = {0: "float32", 1: "float16", 30: "bfloat16"}  # ggml F32, F16, BF16
 BLOCK_TENSOR = re.compile(r"blk\.(\d{1,6})\.")
 
@@ -32,7 +33,16 @@ def model_type(f: GGUFFile) -> str:
     if not f.typed(f"{arch}.expert_count", "a non-negative integer"):
         raise OffloadMoeError(f"{f.path}: {arch}.expert_count is missing or 0: a dense {arch} model, "
                               "not a mixture of experts")
+    if arch == "deepseek2" and sigmoid_routed(f, arch):
+        return "deepseek_v3"  # DeepSeek-V3/R1, Kimi-K2 and GLM-4.7-Flash are all deepseek2 with sigmoid routing
     return ARCHES[arch]
+
+
+def sigmoid_routed(f: GGUFFile, arch: str) -> bool:
+    """Sigmoid routing: the gating function says so, or (the converter writes it only from config.json's
+    `scoring_func`) a selection bias `exp_probs_b`, which only sigmoid routing has."""
+    return (f.typed(f"{arch}.expert_gating_func", "a non-negative integer", 0) == SIGMOID
+            or any(name.endswith("exp_probs_b.bias") for name in f.tensors))
 
 
 def config_from_gguf(f: GGUFFile, quantization: dict | None = None) -> ModelConfig:
@@ -70,7 +80,8 @@ def config_json(f: GGUFFile) -> dict:
     kv = key("attention.head_count_kv", heads, kind=per_layer)
     kv = kv[0] if isinstance(kv, list) else kv
     hidden = key("embedding_length")
-    layers = key("block_count")
+    # GLM-4.5's and GLM-4.7-Flash's converters count their multi-token-prediction layers as blocks after the model's
+    layers = key("block_count") - key("nextn_predict_layers", 0)
     if layers > LIMITS["num_hidden_layers"]:  # before any loop over the layers
         raise OffloadMoeError(f"{f.path}: metadata key '{arch}.block_count' = {layers:,}, expected at most "
                               f"{LIMITS['num_hidden_layers']}")
@@ -123,7 +134,19 @@ def config_json(f: GGUFFile) -> dict:
         raw |= {"num_local_experts": experts, "intermediate_size": expert_ff or ff, "sliding_window": window,
                 "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
                 "attention_bias": "blk.0.attn_q.bias" in f.tensors}
-    elif mt == "deepseek_v2":
+    elif mt == "glm4_moe":
+        raw |= {"n_routed_experts": experts, "moe_intermediate_size": expert_ff, "intermediate_size": ff or expert_ff,
+                "partial_rotary_factor": key("rope.dimension_count") / raw["head_dim"],
+                "attention_bias": "blk.0.attn_q.bias" in f.tensors, "use_qk_norm": "blk.0.attn_q_norm.weight" in f.tensors,
+                "first_k_dense_replace": key("leading_dense_block_count", 0),
+                "n_shared_experts": key("expert_shared_count", 0),
+                "routed_scaling_factor": number("expert_weights_scale", 1.0) or 1.0,
+                "norm_topk_prob": bool(key("expert_weights_norm", False, "a bool or an integer")),
+                "n_group": key("expert_group_count", 1) or 1, "topk_group": key("expert_group_used_count", 1) or 1}
+    elif mt == "minimax_m2":
+        raw |= {"num_local_experts": experts, "intermediate_size": expert_ff or ff,
+                "rotary_dim": key("rope.dimension_count")}
+    elif mt in ("deepseek_v2", "deepseek_v3"):
         rope = key("rope.dimension_count")
         kv_rank = key("attention.kv_lora_rank")
         k_mla, v_mla = key("attention.key_length_mla", None), key("attention.value_length_mla", None)
@@ -140,7 +163,10 @@ def config_json(f: GGUFFile) -> dict:
                 "norm_topk_prob": bool(key("expert_weights_norm", False, "a bool or an integer")),
                 "topk_method": "group_limited_greedy" if groups > 1 else "greedy",
                 "n_group": groups, "topk_group": key("expert_group_used_count", 1) or 1}
-        if key("expert_gating_func", 1) not in (0, 1):  # 1: softmax (V2); 2: sigmoid (V3)
+        if mt == "deepseek_v3":  # GLM-4.7-Flash's converter writes no leading_dense_block_count: count them
+            raw |= {"topk_method": "noaux_tc", "scoring_func": "sigmoid", "first_k_dense_replace": next(
+                (i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in f.tensors), layers)}
+        elif key("expert_gating_func", 1) not in (0, 1):  # 1: softmax (V2); 2: sigmoid (V3)
             raw["scoring_func"] = "sigmoid"
     scaling = key("rope.scaling.type", None, "a string")
     if scaling == "yarn":
