@@ -27,6 +27,7 @@ from .errors import OffloadMoeError
 from .quant.format import QuantSpec, tensor_kind
 from .quant.groupwise import QuantizedWeight
 from .quant.pack import SUPPORTED_BITS, packed_cols
+from .synthetic_sigmoid import SIGMOID_MODELS
 
 # Published config.json values (the fields our ModelConfig reads).
 KNOWN_MODELS = {
@@ -67,8 +68,9 @@ KNOWN_MODELS = {
                                           beta_fast=32.0, beta_slow=1.0, truncate=False),
                         max_position_embeddings=131072, eos_token_id=200002, torch_dtype="bfloat16"),
 }
+KNOWN_MODELS |= SIGMOID_MODELS  # DeepSeek-V3, Kimi-K2, GLM-4.5/-Air, GLM-4.7-Flash, MiniMax-M2 (synthetic_sigmoid.py)
 # Widths that `scale` shrinks, and the multiple each is rounded to.
-_SCALED = {"intermediate_size": 64, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
+_SCALED = {"rotary_dim": 8, "intermediate_size": 64, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
            "kv_lora_rank": 8, "q_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}
 
 

@@ -96,3 +96,22 @@ def test_plan_shows_the_counts(name, tmp_path, capsys):
     assert rows["parameters"] == (f"{fmt_count(config.total_params)} total, "
                                   f"{fmt_count(config.active_params)} active per token")
     assert rows["model"].startswith(raw["model_type"])
+
+
+SYNTHETIC = {"deepseek-v3": "deepseek-v3", "kimi-k2": "kimi-k2-instruct", "glm-4.5": "glm-4.5",
+             "glm-4.5-air": "glm-4.5-air", "glm-4.7-flash": "glm-4.7-flash", "minimax-m2": "minimax-m2"}
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_synthetic_shapes_are_the_published_ones_and_run(name):
+    """`synthetic` has each family's real sizes (the published file's counts), and a scaled-down one decodes."""
+    import torch
+
+    import offload_moe
+    from offload_moe.synthetic import SyntheticCheckpoint, synthetic_config
+    published = ModelConfig.load(DATA / f"{SYNTHETIC[name]}-config.json")
+    assert synthetic_config(name).total_params == published.total_params
+    config = synthetic_config(name)
+    ckpt = SyntheticCheckpoint(name, layers=len(config.dense_layers) + 1, scale=0.02)  # one MoE layer
+    model = offload_moe.load(ckpt, device="cpu", dtype=torch.float32, cache_slots=2, profile=None, context_length=64)
+    assert len(model.generate([1, 2, 3], max_new_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
