@@ -150,3 +150,15 @@ def test_the_selection_bias_changes_the_choice(sigmoid_checkpoint):
     for block in model.transformer.moe_blocks:
         block.e_score_correction_bias.data.zero_()
     assert max_diff(model, reference) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "minimax_m2"])
+def test_info_sorts_the_weights_as_the_config_counts_them(sigmoid_checkpoint, name):
+    """`info`/`plan`'s weights by kind (the selection bias with the routers), per expert and fused."""
+    from offload_moe.sources import open_checkpoint
+
+    directory, _, _ = sigmoid_checkpoint(name)
+    expected = ModelConfig.load(directory).params_by_kind()
+    for source in (directory, sigmoid_checkpoint(name, fused=True)[0]):
+        by_kind = open_checkpoint(source).weights_by_kind()
+        assert {k: p for k, (p, _) in by_kind.items()} == expected, source

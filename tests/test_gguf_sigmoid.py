@@ -56,6 +56,9 @@ def test_converter_output_agrees_with_the_safetensors_source(name, tmp_path):
     assert (got - from_safetensors.logits(ids)).abs().max().item() < 1e-4
     with torch.no_grad():
         assert (got - reference(ids).logits).abs().max().item() < 1e-4
+    from offload_moe.sources import open_checkpoint
+    by_kind = open_checkpoint(path).weights_by_kind()   # `info`: the file's weights sorted as the config counts them
+    assert {k: p for k, (p, _) in by_kind.items()} == from_gguf.config.params_by_kind()
     prompt = ids[0, :6].tolist()
     assert (from_gguf.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids
             == from_safetensors.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True).token_ids)
