@@ -162,3 +162,35 @@ def test_info_sorts_the_weights_as_the_config_counts_them(sigmoid_checkpoint, na
     for source in (directory, sigmoid_checkpoint(name, fused=True)[0]):
         by_kind = open_checkpoint(source).weights_by_kind()
         assert {k: p for k, (p, _) in by_kind.items()} == expected, source
+
+
+BAD_CONFIGS = [  # (family case, key, bad value, what the message names)
+    ("deepseek_v3", "scoring_func", "softmax", "'scoring_func'"),
+    ("deepseek_v3", "topk_method", "greedy", "'topk_method'"),
+    ("deepseek_v3", "n_group", 5, "'n_group'"),
+    ("glm4_moe", "partial_rotary_factor", 0.3, "'partial_rotary_factor'"),
+    ("glm4_moe_lite", "mlp_layer_types", ["dense", "moe", "sparse"], "'mlp_layer_types'"),
+    ("minimax_m2", "rotary_dim", 7, "'rotary_dim'"),
+]
+
+
+@pytest.mark.parametrize("name,key,value,named", BAD_CONFIGS, ids=[f"{c[0]}-{c[1]}" for c in BAD_CONFIGS])
+def test_bad_config_values_are_one_line_naming_the_key(sigmoid_checkpoint, name, key, value, named):
+    import json
+
+    from offload_moe import OffloadMoeError
+    directory, _, _ = sigmoid_checkpoint(name)
+    raw = json.loads((directory / "config.json").read_text()) | {key: value}
+    raw.pop("rope_parameters", None) if key == "partial_rotary_factor" else None
+    with pytest.raises(OffloadMoeError) as e:
+        ModelConfig.from_dict(raw, "config.json")
+    assert "\n" not in str(e.value) and named in str(e.value)
+
+
+def test_the_selection_bias_stays_fp32_in_a_bf16_model(sigmoid_checkpoint):
+    """transformers keeps it fp32; rounded to bf16 it would change which experts win near a tie."""
+    directory, _, _ = sigmoid_checkpoint("glm4_moe")
+    model = offload_moe.load(directory, device="cpu", dtype="bfloat16")
+    assert {b.e_score_correction_bias.dtype for b in model.transformer.moe_blocks} == {torch.float32}
+    assert model.transformer.moe_blocks[0].gate.weight.dtype == torch.bfloat16
+    assert len(model.generate(PROMPT, max_new_tokens=4, temperature=0, ignore_eos=True).token_ids) == 4
