@@ -51,7 +51,7 @@ def weight_kind(name: str) -> str:
     their matrix."""
     if ".experts." in name:
         return "experts"
-    if ".self_attn." in name:
+    if ".self_attn." in name or ".linear_attn." in name:
         return "attention"
     if "shared_expert" in name or (".mlp." in name and "_proj." in name):  # dense layers, shared experts
         return "dense MLPs"

@@ -8,19 +8,22 @@ line in `FAMILIES` (docs/architecture.md).
 
 from __future__ import annotations
 
-from . import deepseek_v2, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek_v2, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe, qwen3_next
 from .family import (
     Family,
     attention_shapes,
     dense_shapes,
     expert_names,
     expert_shapes,
+    mixer_shapes,
     param_name,
     router_name,
 )
 
 FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY
-                               for m in (mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v2, gpt_oss)}
+                               for m in (mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v2, gpt_oss, qwen3_next,
+                                         qwen3_5_moe)}
+FAMILIES[qwen3_5_moe.TEXT_FAMILY.model_type] = qwen3_5_moe.TEXT_FAMILY
 
 
 def family_of(model_type: str) -> Family:
@@ -35,6 +38,7 @@ __all__ = [
     "expert_names",
     "expert_shapes",
     "family_of",
+    "mixer_shapes",
     "param_name",
     "router_name",
 ]

@@ -23,7 +23,9 @@ LIMITS = {"num_hidden_layers": 4096, "vocab_size": 2**24, "hidden_size": 2**20, 
           "qk_nope_head_dim": 2**14, "qk_rope_head_dim": 2**14, "v_head_dim": 2**14, "n_shared_experts": 2**10,
           "first_k_dense_replace": 4096, "moe_layer_freq": 4096, "decoder_sparse_step": 4096,
           "max_window_layers": 4096, "n_group": 2**16, "topk_group": 2**16,
-          "original_max_position_embeddings": 2**31}
+          "original_max_position_embeddings": 2**31, "linear_num_key_heads": 2**14, "linear_num_value_heads": 2**14,
+          "linear_key_head_dim": 2**14, "linear_value_head_dim": 2**14, "linear_conv_kernel_dim": 64,
+          "full_attention_interval": 4096}
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,35 @@ class MLA:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+
+
+@dataclass(frozen=True)
+class LinearAttention:
+    """Gated DeltaNet token mixing (Qwen3-Next, Qwen3.5): a causal depthwise convolution over the
+    projected q, k, v and a gated delta-rule recurrence whose state is one (dk, dv) matrix per value
+    head: a fixed size per sequence, whatever its length."""
+    num_key_heads: int            # nk: query/key heads; each serves nv / nk value heads
+    num_value_heads: int          # nv
+    key_head_dim: int             # dk
+    value_head_dim: int           # dv
+    conv_kernel: int              # K: the convolution's width; it keeps the last K - 1 inputs
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the convolution: q, k and v side by side."""
+        return 2 * self.key_dim + self.value_dim
+
+    def state_elements(self) -> tuple[int, int]:
+        """(convolution state, recurrent state) elements of one sequence in one layer."""
+        return self.conv_dim * (self.conv_kernel - 1), self.num_value_heads * self.key_head_dim * self.value_head_dim
 
 
 class ConfigReader:
@@ -119,6 +150,16 @@ class ConfigReader:
             y.fail("factor", "a positive number")
         return theta, yarn
 
+    def partial_rotary(self, default: float = 1.0) -> float:
+        """The fraction of each head's dims that RoPE rotates (transformers >= 5 nests it in `rope_parameters`)."""
+        params = self.raw.get("rope_parameters")
+        reader = ConfigReader(params, self.source) if isinstance(params, dict) and "partial_rotary_factor" in params \
+            else self
+        v = reader.float("partial_rotary_factor", default)
+        if v > 1:
+            reader.fail("partial_rotary_factor", "a number in (0, 1]")
+        return v
+
     def sliding(self) -> int | None:
         """Qwen configs carry a sliding_window that only applies with use_sliding_window."""
         return self.int("sliding_window", None) if self.bool("use_sliding_window", False) else None
@@ -182,8 +223,8 @@ def qwen_dense_layers(r: ConfigReader, num_layers: int) -> tuple[int, ...]:
     return dense_layers(r, num_layers, [i for i in range(num_layers) if i in only or (i + 1) % step])
 
 
-def layer_types(r: ConfigReader, types, num_layers: int) -> tuple[str, ...]:
-    kinds = ("sliding_attention", "full_attention")
+def layer_types(r: ConfigReader, types, num_layers: int,
+                kinds: tuple[str, ...] = ("sliding_attention", "full_attention")) -> tuple[str, ...]:
     if types and (not isinstance(types, (list, tuple)) or len(types) != num_layers or
                   any(t not in kinds for t in types)):
         r.fail("layer_types", f"a list of {num_layers} entries, each one of {', '.join(kinds)}")
