@@ -24,7 +24,8 @@ after another one started) is refused rather than allowed to write into another 
 Models with recurrent layers (Gated DeltaNet, `recurrent`): a slot's recurrent state is that of
 its whole sequence and cannot be cut back to a shorter prefix, so a prompt reuses a slot only when
 it extends everything the slot holds; nothing is kept beyond the slots (their states would have to
-be kept too) and there is no context shift. The layers start from a zero state at position 0.
+be kept too) and there is no context shift. The layers start from a zero state at position 0. A
+forward pass that raised may have left a slot's state part-way (`stale`): that slot is not reused.
 
 Shape letters: L layers, nkv key-value heads, S positions, hd head dim.
 """
@@ -60,6 +61,7 @@ class KVSlots:
                  recurrent: bool = False):
         self.caches = caches
         self.recurrent = recurrent  # some layers hold a recurrent state: whole-slot reuse only
+        self.stale: set[int] = set()  # recurrent: slots a forward pass is writing (or raised while writing)
         self.shift = shift        # shift(slot, src, dst, n): the transformer's context shift (`Transformer.shift_kv`)
         n = caches[0].k.shape[0] if caches else 1
         self.ids: list[list[int]] = [[] for _ in range(n)]   # per slot: the tokens its cache holds
@@ -110,7 +112,7 @@ class KVSlots:
     def _reusable(self, slot: int, prompt: list[int], limit: int) -> int:
         """Positions of the slot the prompt can start from (recurrent: all the slot holds, or none)."""
         n = min(shared_prefix(self.ids[slot], prompt), limit)
-        return n if not self.recurrent or n == len(self.ids[slot]) else 0
+        return n if not self.recurrent or (n == len(self.ids[slot]) and slot not in self.stale) else 0
 
     def _shift(self, slot: int, prompt: list[int], at: int) -> int:
         """Context shift: where the prompt goes on (from `at`, its shared prefix with the slot) with a

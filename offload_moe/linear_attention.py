@@ -26,6 +26,11 @@ from .config import ModelConfig
 CHUNK = 64   # tokens per chunk of the chunked form (transformers' default)
 
 
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The delta rule runs in fp32 (as transformers'), or in float64 for a float64 layer (tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class RecurrentState(nn.Module):
     """One Gated DeltaNet layer's state for `batch` sequences ("slots"), preallocated once:
     conv (B, C, K-1) in the compute dtype, state (B, nv, dk, dv) in fp32."""
@@ -36,7 +41,7 @@ class RecurrentState(nn.Module):
         self.register_buffer("conv", torch.zeros(batch, la.conv_dim, la.conv_kernel - 1, device=device, dtype=dtype),
                              persistent=False)
         self.register_buffer("state", torch.zeros(batch, la.num_value_heads, la.key_head_dim, la.value_head_dim,
-                                                  device=device, dtype=torch.float32), persistent=False)
+                                                  device=device, dtype=state_dtype(dtype)), persistent=False)
 
     def rows(self) -> list[RecurrentRow]:
         """One `RecurrentRow` per slot, made once at setup (as `KVCache.rows`)."""
@@ -108,8 +113,9 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return (self.weight * h.to(x.dtype) * F.silu(z.float())).to(x.dtype)
+        acc = state_dtype(x.dtype)
+        h = F.rms_norm(x.to(acc), (x.shape[-1],), eps=self.eps)
+        return (self.weight * h.to(x.dtype) * F.silu(z.to(acc))).to(x.dtype)
 
 
 class GatedDeltaNet(nn.Module):
@@ -160,13 +166,13 @@ class GatedDeltaNet(nn.Module):
         qkv, z, b, a = self.project(x)
         qkv = self.convolve(qkv.transpose(1, 2), cache, start).transpose(1, 2)    # (B, T, C)
         q, k, v = qkv.split((la.key_dim, la.key_dim, la.value_dim), dim=-1)
-        r = la.num_value_heads // la.num_key_heads
-        q, k = (l2norm(t.reshape(B, T, la.num_key_heads, la.key_head_dim).float()).repeat_interleave(r, dim=2)
+        r, acc = la.num_value_heads // la.num_key_heads, state_dtype(x.dtype)
+        q, k = (l2norm(t.reshape(B, T, la.num_key_heads, la.key_head_dim).to(acc)).repeat_interleave(r, dim=2)
                 .transpose(1, 2) for t in (q, k))                      # (B, nv, T, dk) fp32
         q = q * la.key_head_dim ** -0.5
-        v = v.reshape(B, T, la.num_value_heads, la.value_head_dim).float().transpose(1, 2)   # (B, nv, T, dv)
-        beta = b.float().sigmoid().transpose(1, 2)                      # (B, nv, T)
-        g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)).transpose(1, 2)  # (B, nv, T)
+        v = v.reshape(B, T, la.num_value_heads, la.value_head_dim).to(acc).transpose(1, 2)   # (B, nv, T, dv)
+        beta = b.to(acc).sigmoid().transpose(1, 2)                      # (B, nv, T)
+        g = (-self.A_log.to(acc).exp() * F.softplus(a.to(acc) + self.dt_bias)).transpose(1, 2)  # (B, nv, T)
         state = cache.state if cache is not None and start > 0 else \
             v.new_zeros(B, la.num_value_heads, la.key_head_dim, la.value_head_dim)
         rule = recurrent_delta_rule if T == 1 else chunked_delta_rule

@@ -350,9 +350,12 @@ class Transformer(nn.Module):
         cos, sin = self.cos[start:end], self.sin[start:end]
         masks = {w: self.attention_mask(start, T, end if use_cache else T, w) for w in set(self.windows)}
         caches = (self.kv_caches if slot is None else self.kv_rows[slot]) if use_cache else [None] * len(self.layers)
+        written = (range(B) if slot is None else (slot,)) if use_cache else ()
+        self.kv_slots.stale.update(written)  # recurrent states change in place: not reusable should this raise
         x = self.embed_tokens(tokens)                                  # (B, T, H)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[self.windows[i]], caches[i], start, self.moe_step)
+        self.kv_slots.stale.difference_update(written)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()                      # (B, T, V)
@@ -370,9 +373,11 @@ class Transformer(nn.Module):
         sin = [self.sin[p:p + 1] for p in positions]
         masks = {w: [self.attention_mask(p, 1, p + 1, w) for p in positions] for w in set(self.windows)}
         x = self.embed_tokens(tokens.view(B, 1))                       # (B, 1, H)
+        self.kv_slots.stale.update(slots)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[self.windows[i]], [self.kv_rows[s][i] for s in slots], positions,
                       self.moe_step)
+        self.kv_slots.stale.difference_update(slots)
         return self.lm_head(self.norm(x)).float()[:, 0]               # (B, V)
 
     def moe_step(self, block: MoEBlock, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
