@@ -5,6 +5,8 @@ against the token-by-token one in float64."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from offload_moe.kv_slots import KVSlots
 from offload_moe.linear_attention import chunked_delta_rule, l2norm, recurrent_delta_rule
 from test_families import PROMPT, greedy_tokens, tiny_model
 
+DATA = Path(__file__).parent / "data"
 HYBRID = ["qwen3_next", "qwen3_5_moe"]
 MODES = {"resident": {}, "offloaded": {"cache_slots": 2}}
 
@@ -161,3 +164,85 @@ def test_chunked_delta_rule_equals_the_recurrence_in_float64(chunk):
     expected_out, expected_final = recurrent_delta_rule(q, k, v, decay, beta, state)
     torch.testing.assert_close(out, expected_out, rtol=0, atol=1e-12)
     torch.testing.assert_close(final, expected_final, rtol=0, atol=1e-12)
+
+
+def test_qwen3_5_multimodal_checkpoint_reads_its_language_model(tmp_path):
+    """Qwen3.5 is published as `Qwen3_5MoeForConditionalGeneration` (model_type qwen3_5_moe, the text
+    keys under text_config, tensors under model.language_model.*, a vision encoder beside): its text
+    logits equal transformers' for the whole model on text."""
+    import transformers
+
+    from test_families import BASE, FAMILIES
+    text = {**BASE, **FAMILIES["qwen3_5_moe"][1]}
+    vision = dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=32, patch_size=4,
+                  num_position_embeddings=16)
+    torch.manual_seed(0)
+    reference = transformers.Qwen3_5MoeForConditionalGeneration(
+        transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():
+        for pname, p in reference.named_parameters():
+            p.normal_(1 if pname.endswith("norm.weight") else 0, 0.1 if pname.endswith("norm.weight") else 0.2)
+    reference.save_pretrained(tmp_path)
+    model = offload_moe.load(tmp_path, device="cpu", cache_slots=2)
+    x = ids(2, 20)
+    with torch.no_grad():
+        expected = reference(input_ids=x).logits
+    assert model.config.model_type == "qwen3_5_moe"
+    assert (model.logits(x) - expected).abs().max().item() <= 1e-4
+
+
+# ---- the published configs (tests/data, written from the config.json files published with
+# Qwen/Qwen3-Next-80B-A3B-Instruct and Qwen/Qwen3.5-35B-A3B on the Hugging Face Hub; transformers'
+# Qwen3_5MoeTextConfig defaults are documented as that checkpoint's and agree) ----
+PUBLISHED = {  # file -> (transformers' classes for the language model, advertised total and active, billions)
+    "qwen3-next-80b-a3b": (("Qwen3NextConfig", "Qwen3NextForCausalLM"), 80, 3),
+    "qwen3.5-35b-a3b": (("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM"), 35, 3),
+}
+
+
+def published_raw(name: str) -> dict:
+    import json
+
+    return json.loads((DATA / f"{name}-config.json").read_text())
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_config_counts_every_parameter_transformers_builds(name):
+    """Our count of the language model equals transformers' model built from the same config.json (on
+    the meta device), and rounds to the advertised size; "A3B": 3.x billion active per token."""
+    import transformers
+
+    from offload_moe.config import ModelConfig
+    (config_class, model_class), total, active = PUBLISHED[name]
+    raw = published_raw(name)
+    raw = raw.get("text_config", raw)
+    raw = {k: v for k, v in raw.items() if k not in ("architectures", "transformers_version", "torch_dtype", "dtype")}
+    if "rope_parameters" not in raw:  # transformers >= 5 nests these
+        raw["rope_parameters"] = {"rope_type": "default", "rope_theta": raw.pop("rope_theta"),
+                                  "partial_rotary_factor": raw.pop("partial_rotary_factor")}
+        raw.pop("rope_scaling", None), raw.pop("use_sliding_window", None)
+    with torch.device("meta"):
+        reference = getattr(transformers, model_class)(getattr(transformers, config_class)(**raw))
+    config = ModelConfig.load(DATA / f"{name}-config.json")
+    assert config.total_params == sum(p.numel() for p in reference.parameters())
+    assert round(config.total_params / 1e9) == total and int(config.active_params / 1e9) == active
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_config_plans_with_the_recurrent_state(name):
+    from offload_moe.config import ModelConfig
+    from offload_moe.planner import plan
+    from offload_moe.profiles import load_profile
+    config = ModelConfig.load(DATA / f"{name}-config.json")
+    la = config.linear_attention
+    linear_layers = config.num_layers - len(config.attention_layers)
+    assert linear_layers == 3 * config.num_layers // 4
+    # per linear layer: conv inputs (3 x 2048 channels x 3 positions, 16-bit) and 32 states of 128 x 128 (fp32)
+    assert config.recurrent_state_bytes(2) == linear_layers * (2 * 8192 * 3 + 4 * 32 * 128 * 128)
+    assert (la.conv_dim, la.num_value_heads, la.key_head_dim) == (8192, 32, 128)
+    for profile in ("8gb", "12gb"):
+        p = plan(config, load_profile(profile), ram_available=64 * 10**9)
+        assert config.top_k <= p.slots_per_layer <= config.num_experts
+        assert p.vram_bytes <= load_profile(profile).vram_budget
+        assert p.state_bytes == config.recurrent_state_bytes(2)
+        assert p.kv_bytes == p.kv_tokens * config.kv_cache_bytes_per_token(2) + p.state_bytes

@@ -70,6 +70,7 @@ class Family:
     norm_scale_fp32: bool = False       # RMSNorm multiplies by its weight in fp32, then casts (gpt-oss)
     attention_output_gate: bool = False  # q_proj also gives a per-head gate: o_proj(attn * sigmoid(gate)) (Qwen3-Next)
     linear_projections: str = "grouped"  # Gated DeltaNet inputs: "grouped" in_proj_qkvz/ba (Qwen3-Next), "split" (Qwen3.5)
+    language_model: str = ""            # a multimodal checkpoint's prefix for the language model, read as `model.`
 
 
 def layer_prefix(layer: int) -> str:

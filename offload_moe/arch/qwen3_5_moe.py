@@ -5,8 +5,9 @@ multimodal (M-RoPE); for text every position grid is the token's position, which
 
 Follows transformers' `Qwen3_5MoeForCausalLM` (model_type `qwen3_5_moe_text`). The published
 checkpoints are `Qwen3_5MoeForConditionalGeneration` (model_type `qwen3_5_moe`): their config.json
-nests the language model's keys under `text_config`, which is what is read here (the vision
-encoder and the multi-token-prediction layer are not run, nor counted)."""
+nests the language model's keys under `text_config`, which is what is read here, and name its
+tensors `model.language_model.*`, read as `model.*` (the vision encoder `model.visual.*` and the
+multi-token-prediction layer `mtp.*` are not read, run nor counted: text in, text out)."""
 
 from dataclasses import replace
 
@@ -27,5 +28,6 @@ def parse(r: ConfigReader) -> dict:
 
 
 FAMILY = Family(model_type="qwen3_5_moe", parse=parse, qk_norm="head", shared_expert_gate=True,
-                attention_output_gate=True, norm_scale_fp32=True, linear_projections="split")
-TEXT_FAMILY = replace(FAMILY, model_type="qwen3_5_moe_text")  # the language model alone (`Qwen3_5MoeForCausalLM`)
+                attention_output_gate=True, norm_scale_fp32=True, linear_projections="split",
+                language_model="model.language_model.")
+TEXT_FAMILY = replace(FAMILY, model_type="qwen3_5_moe_text", language_model="")  # the language model alone (`Qwen3_5MoeForCausalLM`)
