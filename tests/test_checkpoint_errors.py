@@ -45,7 +45,8 @@ def test_unsupported_model_type_lists_supported(tiny_checkpoint, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(OffloadMoeError) as e:
         offload_moe.load(d)
-    assert_one_line(e.value, "'llama'", "supported: deepseek_v2, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe")
+    assert_one_line(e.value, "'llama'", "supported: deepseek_v2, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_5_moe, "
+                    "qwen3_5_moe_text, qwen3_moe, qwen3_next")
 
 
 def test_config_key_of_wrong_type(tiny_checkpoint, tmp_path):
