@@ -246,3 +246,16 @@ def test_published_config_plans_with_the_recurrent_state(name):
         assert p.vram_bytes <= load_profile(profile).vram_budget
         assert p.state_bytes == config.recurrent_state_bytes(2)
         assert p.kv_bytes == p.kv_tokens * config.kv_cache_bytes_per_token(2) + p.state_bytes
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_synthetic_hybrid_model_has_the_published_shapes_and_runs(name):
+    """`synthetic` at full size counts what the published config does; scaled down (3 DeltaNet layers and
+    a full-attention one, widths x0.05) it loads through the offloading engine and generates."""
+    from offload_moe.config import ModelConfig
+    from offload_moe.synthetic import SyntheticCheckpoint, synthetic_config
+    assert synthetic_config(name).total_params == ModelConfig.load(DATA / f"{name}-config.json").total_params
+    ckpt = SyntheticCheckpoint(name, layers=4, scale=0.05)
+    assert ckpt.config.layer_types == ("linear_attention",) * 3 + ("full_attention",)
+    model = offload_moe.load(ckpt, device="cpu", dtype=torch.float32, cache_slots=2, profile=None, context_length=64)
+    assert len(model.generate([1, 2, 3], max_new_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
