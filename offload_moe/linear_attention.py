@@ -125,7 +125,7 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         la, H = cfg.linear_attention, cfg.hidden_size
-        self.la, self.grouped = la, cfg.family.linear_projections == "grouped"
+        self.la, self.grouped = la, la.projections == "grouped"
         nv = la.num_value_heads
         if self.grouped:
             self.in_proj_qkvz = nn.Linear(H, 2 * la.key_dim + 2 * la.value_dim, bias=False)

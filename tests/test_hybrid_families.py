@@ -259,3 +259,21 @@ def test_synthetic_hybrid_model_has_the_published_shapes_and_runs(name):
     assert ckpt.config.layer_types == ("linear_attention",) * 3 + ("full_attention",)
     model = offload_moe.load(ckpt, device="cpu", dtype=torch.float32, cache_slots=2, profile=None, context_length=64)
     assert len(model.generate([1, 2, 3], max_new_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
+
+
+@pytest.mark.skipif(__import__("gguf_fixtures").llamacpp_dir() is None,
+                    reason="llama.cpp's converter not available: set LLAMA_CPP_DIR to a llama.cpp checkout")
+@pytest.mark.parametrize("name", HYBRID)
+def test_gguf_from_llama_cpps_converter_matches_transformers(name, tmp_path):
+    """$LLAMA_CPP_DIR/convert_hf_to_gguf.py (conversion/qwen.py: qwen3next, qwen35moe; --no-mtp) on the tiny
+    models: norms stored + 1, A as -exp(A_log), inputs split, Qwen3.5's value heads reordered. Resident
+    (computed where the file lies) and through the offloading engine."""
+    from test_gguf_llamacpp import _converted
+
+    path, reference = _converted(name, tmp_path)
+    x = ids(2, 80)
+    with torch.no_grad():
+        expected = reference(x).logits
+    for mode in MODES.values():
+        got = offload_moe.load(path, device="cpu", dtype="float32", **mode).logits(x)
+        assert (got - expected).abs().max().item() <= 1e-4

@@ -69,7 +69,6 @@ class Family:
     expert_bias: bool = False           # the expert matrices carry biases (gpt-oss)
     norm_scale_fp32: bool = False       # RMSNorm multiplies by its weight in fp32, then casts (gpt-oss)
     attention_output_gate: bool = False  # q_proj also gives a per-head gate: o_proj(attn * sigmoid(gate)) (Qwen3-Next)
-    linear_projections: str = "grouped"  # Gated DeltaNet inputs: "grouped" in_proj_qkvz/ba (Qwen3-Next), "split" (Qwen3.5)
     language_model: str = ""            # a multimodal checkpoint's prefix for the language model, read as `model.`
 
 
@@ -117,7 +116,7 @@ def linear_attention_shapes(c: ConfigLike, fam: Family) -> dict[str, tuple[int, 
     """Names (after `linear_attn.`) and shapes of one Gated DeltaNet layer's tensors."""
     la, H = c.linear_attention, c.hidden_size
     nv = la.num_value_heads
-    if fam.linear_projections == "grouped":
+    if la.projections == "grouped":
         s = {"in_proj_qkvz.weight": (2 * la.key_dim + 2 * la.value_dim, H), "in_proj_ba.weight": (2 * nv, H)}
     else:
         s = {"in_proj_qkv.weight": (la.conv_dim, H), "in_proj_z.weight": (la.value_dim, H),

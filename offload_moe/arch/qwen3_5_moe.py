@@ -24,10 +24,10 @@ def parse(r: ConfigReader) -> dict:
         r = ConfigReader({"torch_dtype": r.raw.get("torch_dtype") or r.raw.get("dtype"), **text},
                          f"{r.source} text_config")
     c = common_fields(r, experts="num_experts", intermediate="moe_intermediate_size", head_dim=r.int("head_dim", 256))
-    return dict(**c, **hybrid_fields(r, c["num_layers"]), norm_topk_prob=True)
+    return dict(**c, **hybrid_fields(r, c["num_layers"], "split"), norm_topk_prob=True)
 
 
 FAMILY = Family(model_type="qwen3_5_moe", parse=parse, qk_norm="head", shared_expert_gate=True,
-                attention_output_gate=True, norm_scale_fp32=True, linear_projections="split",
+                attention_output_gate=True, norm_scale_fp32=True,
                 language_model="model.language_model.")
 TEXT_FAMILY = replace(FAMILY, model_type="qwen3_5_moe_text", language_model="")  # the language model alone (`Qwen3_5MoeForCausalLM`)

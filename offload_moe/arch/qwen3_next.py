@@ -14,14 +14,14 @@ from .reader import ConfigReader, LinearAttention, common_fields, layer_types, q
 HYBRID_KINDS = ("linear_attention", "full_attention")
 
 
-def hybrid_fields(r: ConfigReader, num_layers: int) -> dict:
+def hybrid_fields(r: ConfigReader, num_layers: int, projections: str) -> dict:
     """What Qwen3-Next and Qwen3.5 read alike: the DeltaNet's sizes, which layers mix tokens how,
     partial rotary, the shared expert."""
     linear = LinearAttention(num_key_heads=r.int("linear_num_key_heads", 16),
                              num_value_heads=r.int("linear_num_value_heads", 32),
                              key_head_dim=r.int("linear_key_head_dim", 128),
                              value_head_dim=r.int("linear_value_head_dim", 128),
-                             conv_kernel=r.int("linear_conv_kernel_dim", 4, minimum=2))
+                             conv_kernel=r.int("linear_conv_kernel_dim", 4, minimum=2), projections=projections)
     if linear.num_value_heads % linear.num_key_heads:
         r.fail("linear_num_value_heads", f"a multiple of linear_num_key_heads ({linear.num_key_heads})")
     interval = r.int("full_attention_interval", 4)
@@ -42,9 +42,9 @@ def parse(r: ConfigReader) -> dict:
     c = common_fields(r, experts=r.first("num_experts", "num_local_experts"), intermediate="moe_intermediate_size",
                       head_dim=r.int("head_dim", 256))
     L = c["num_layers"]
-    return dict(**c, **hybrid_fields(r, L), dense_layers=qwen_dense_layers(r, L),
+    return dict(**c, **hybrid_fields(r, L, "grouped"), dense_layers=qwen_dense_layers(r, L),
                 dense_intermediate_size=r.int("intermediate_size"), norm_topk_prob=r.bool("norm_topk_prob", True))
 
 
 FAMILY = Family(model_type="qwen3_next", parse=parse, qk_norm="head", shared_expert_gate=True,
-                attention_output_gate=True, norm_scale_fp32=True, linear_projections="grouped")
+                attention_output_gate=True, norm_scale_fp32=True)

@@ -49,6 +49,8 @@ class LinearAttention:
     key_head_dim: int             # dk
     value_head_dim: int           # dv
     conv_kernel: int              # K: the convolution's width; it keeps the last K - 1 inputs
+    projections: str = "split"    # "grouped": in_proj_qkvz / in_proj_ba by key head (Qwen3-Next's checkpoints);
+                                  # "split": in_proj_qkv, _z, _b, _a (Qwen3.5's, and every GGUF file's)
 
     @property
     def key_dim(self) -> int:
