@@ -277,3 +277,54 @@ def test_gguf_from_llama_cpps_converter_matches_transformers(name, tmp_path):
     for mode in MODES.values():
         got = offload_moe.load(path, device="cpu", dtype="float32", **mode).logits(x)
         assert (got - expected).abs().max().item() <= 1e-4
+
+
+def with_mtp_block(path: Path, out: Path) -> Path:
+    """The converted file as the converter writes a checkpoint with its multi-token-prediction layer: one
+    more block (here a copy of the last layer's tensors, with nextn's eh_proj), `nextn_predict_layers` = 1."""
+    import gguf
+    import numpy as np
+
+    src = gguf.GGUFReader(path)
+    arch = src.fields["general.architecture"].contents()
+    layers = src.fields[f"{arch}.block_count"].contents()
+    w = gguf.GGUFWriter(str(out), arch)
+    for key, field in src.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = field.contents()
+        if key == f"{arch}.block_count":
+            value += 1
+        elif key == f"{arch}.attention.recurrent_layers":
+            value = value + [False]
+        if field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, field.types[0])
+    w.add_uint32(f"{arch}.nextn_predict_layers", 1)
+    last = f"blk.{layers - 1}."
+    for t in src.tensors:
+        data = np.array(t.data).reshape(tuple(reversed(t.shape.tolist())))
+        w.add_tensor(t.name, data)
+        if t.name.startswith(last):
+            w.add_tensor(f"blk.{layers}." + t.name.removeprefix(last), data)
+    hidden = src.fields[f"{arch}.embedding_length"].contents()
+    w.add_tensor(f"blk.{layers}.nextn.eh_proj.weight", np.ones((hidden, 2 * hidden), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.mark.skipif(__import__("gguf_fixtures").llamacpp_dir() is None,
+                    reason="llama.cpp's converter not available: set LLAMA_CPP_DIR to a llama.cpp checkout")
+def test_gguf_with_a_multi_token_prediction_block_runs_the_model_layers_only(tmp_path):
+    from test_gguf_llamacpp import _converted
+
+    path, _ = _converted("qwen3_5_moe", tmp_path)
+    mtp = with_mtp_block(path, tmp_path / "mtp.gguf")
+    a, b = (offload_moe.load(p, device="cpu", dtype="float32") for p in (path, mtp))
+    assert b.config.num_layers == a.config.num_layers == 3
+    x = ids(1, 12)
+    assert torch.equal(a.logits(x), b.logits(x))

@@ -74,7 +74,12 @@ def config_json(f: GGUFFile) -> dict:
     kv = key("attention.head_count_kv", heads, kind=per_layer)
     kv = kv[0] if isinstance(kv, list) else kv
     hidden = key("embedding_length")
-    layers = key("block_count")
+    # blocks past the model's layers are multi-token-prediction ones (Qwen3-Next/3.5 converted with their MTP):
+    # not run, as llama.cpp's generation does not run them
+    layers = key("block_count") - key("nextn_predict_layers", 0)
+    if layers < 1:
+        raise OffloadMoeError(f"{f.path}: metadata key '{arch}.nextn_predict_layers' = {key('nextn_predict_layers')} "
+                              f"leaves no layer of the {key('block_count')} blocks")
     if layers > LIMITS["num_hidden_layers"]:  # before any loop over the layers
         raise OffloadMoeError(f"{f.path}: metadata key '{arch}.block_count' = {layers:,}, expected at most "
                               f"{LIMITS['num_hidden_layers']}")
