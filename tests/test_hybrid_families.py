@@ -328,3 +328,27 @@ def test_gguf_with_a_multi_token_prediction_block_runs_the_model_layers_only(tmp
     assert b.config.num_layers == a.config.num_layers == 3
     x = ids(1, 12)
     assert torch.equal(a.logits(x), b.logits(x))
+
+
+QWEN3_NEXT_TINY = dict(model_type="qwen3_next", vocab_size=96, hidden_size=32, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, moe_intermediate_size=24,
+                       intermediate_size=40, num_experts=7, num_experts_per_tok=2, linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=10, linear_value_head_dim=6)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("linear_num_value_heads", 5),                                  # not a multiple of the key heads
+    ("linear_conv_kernel_dim", 1),
+    ("layer_types", ["linear_attention"] * 4),                      # no full-attention layer
+    ("layer_types", ["linear_attention", "sliding", "linear_attention", "full_attention"]),
+    ("partial_rotary_factor", 0.3125),                              # 16 x 0.3125: 5 rotated dims, an odd number
+    ("partial_rotary_factor", 2),
+    ("text_config", 3),
+])
+def test_bad_hybrid_config_is_one_line_naming_the_key(key, value):
+    from offload_moe import OffloadMoeError
+    from offload_moe.config import ModelConfig
+    raw = QWEN3_NEXT_TINY | {key: value} | ({"model_type": "qwen3_5_moe"} if key == "text_config" else {})
+    with pytest.raises(OffloadMoeError) as e:
+        ModelConfig.from_dict(raw)
+    assert "\n" not in str(e.value) and repr(key) in str(e.value)
