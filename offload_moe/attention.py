@@ -168,15 +168,19 @@ class Attention(nn.Module):
         fam = cfg.family
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = window  # the layer's sliding window (None: all earlier positions)
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.gated = fam.attention_output_gate  # q_proj gives each head's query and then its output gate
+        self.rot = cfg.rope_dim                 # RoPE rotates the first `rot` dims of each head
+        self.q_width = self.nh * self.hd * (2 if self.gated else 1)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.q_width, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
         if self.qk_norm:
             head = self.qk_norm == "head"
-            self.q_norm = RMSNorm(self.hd if head else self.nh * self.hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.hd if head else self.nkv * self.hd, cfg.rms_norm_eps)
+            fp32 = fam.norm_scale_fp32
+            self.q_norm = RMSNorm(self.hd if head else self.nh * self.hd, cfg.rms_norm_eps, fp32)
+            self.k_norm = RMSNorm(self.hd if head else self.nkv * self.hd, cfg.rms_norm_eps, fp32)
         self.sinks = nn.Parameter(torch.zeros(self.nh)) if fam.attention_sinks else None
         self.qkv = None  # q, k, v in one kernel call, where `fuse_projections` finds they can be
         self.decode_step: AttentionStep | None = None  # one token on the CPU in one C call (`prepare_cpu_decode`)
@@ -190,15 +194,17 @@ class Attention(nn.Module):
         self.qkv = fused_linear(projections) or fuse_bf16(projections)
 
     def prepare_cpu_decode(self) -> None:
-        """Decode steps on the CPU compute everything between the projections in one call."""
-        self.decode_step = AttentionStep(self, self.window)
+        """Decode steps on the CPU compute everything between the projections in one call (not yet
+        with an output gate or partial rotary: those take the torch path)."""
+        if not self.gated and self.rot == self.hd:
+            self.decode_step = AttentionStep(self, self.window)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, H) -> q (B, T, nh*hd), k, v (B, T, nkv*hd)."""
+        """x (B, T, H) -> q (B, T, nh*hd, or with the output gate nh*2hd), k, v (B, T, nkv*hd)."""
         y = self.qkv.linear(x) if self.qkv is not None else None
         if y is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return y.split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
+        return y.split((self.q_width, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
 
     def forward(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H). One sequence: `cache` a `KVCache` (or row), `start` its first
@@ -206,11 +212,17 @@ class Attention(nn.Module):
         `cos` and `sin` are lists with one entry per row; projections run batched, attention per row."""
         B, T, _ = x.shape
         q, k, v = self.project(x)                                      # (B, T, nh*hd), (B, T, nkv*hd) x2
+        gate = None
+        if self.gated:  # per head: hd query dims, then hd gate dims
+            q, gate = q.view(B, T, self.nh, 2 * self.hd).chunk(2, dim=-1)
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)      # (B, T, nh*hd) each
         if isinstance(start, int):
             y = self.attend(q, k, v, cos, sin, mask, cache, start)     # (B, T, nh*hd)
         else:
             y = torch.cat([self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], cos[b], sin[b], mask[b], cache[b],
                                        start[b]) for b in range(B)])
+        if gate is not None:
+            y = y * torch.sigmoid(gate)
         return self.o_proj(y)
 
     def attend(self, q, k, v, cos, sin, mask, cache, start: int) -> torch.Tensor:
@@ -231,7 +243,7 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)                                          # (B, nh, T, hd)
         k = k.transpose(1, 2)                                          # (B, nkv, T, hd)
         v = v.reshape(B, T, self.nkv, self.hd).transpose(1, 2)         # (B, nkv, T, hd)
-        q, k = apply_rope_partial(q, cos, sin), apply_rope_partial(k, cos, sin)
+        q, k = apply_rope_partial(q, cos, sin), apply_rope_partial(k, cos, sin)  # partial: first `rot` dims
         if cache is not None:
             k, v = cache.update(start, k, v)                           # (B, nkv, S, hd)
         if self.sinks is None:

@@ -51,7 +51,7 @@ def weight_kind(name: str) -> str:
     their matrix."""
     if ".experts." in name:
         return "experts"
-    if ".self_attn." in name:
+    if ".self_attn." in name or ".linear_attn." in name:
         return "attention"
     if "shared_expert" in name or (".mlp." in name and "_proj." in name):  # dense layers, shared experts
         return "dense MLPs"
@@ -117,7 +117,14 @@ class Checkpoint:
                 if tensor not in tensors or tensors[tensor].file.name != name:
                     raise OffloadMoeError(f"{self.path / name}: tensor {tensor!r} listed in the index is "
                                           "not in that shard")
-        return tensors
+        # a multimodal checkpoint's language model (Qwen3.5: `model.language_model.*`) read under our names;
+        # its other parts (vision encoder, multi-token prediction) are not read
+        nested = self.config.family.language_model
+        self.stored = {"model." + n.removeprefix(nested): n for n in tensors if nested and n.startswith(nested)}
+        if not self.stored:
+            return tensors
+        return {ours: tensors[n] for ours, n in self.stored.items()} | \
+            {n: t for n, t in tensors.items() if n.startswith("lm_head.")}
 
     def _detect_layout(self) -> str:
         """The first of the family's stacked layouts whose first tensor is present, else per expert."""
@@ -198,14 +205,14 @@ class Checkpoint:
         if info is None:
             raise OffloadMoeError(f"{self.path}: tensor {name!r} not found")
         try:
-            return self._handle(info.file).get_tensor(name)
+            return self._handle(info.file).get_tensor(self.stored.get(name, name))
         except SafetensorError as e:  # the file changed since its header was checked
             raise OffloadMoeError(f"{info.file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
 
     def _get_row(self, name: str, index: int) -> torch.Tensor:
         info = self.tensors[name]
         try:
-            return self._handle(info.file).get_slice(name)[index]
+            return self._handle(info.file).get_slice(self.stored.get(name, name))[index]
         except SafetensorError as e:
             raise OffloadMoeError(f"{info.file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
 

@@ -33,6 +33,7 @@ from .decode_cpu import RouteStep
 from .errors import OffloadMoeError
 from .experts.interface import ExpertProvider
 from .kv_slots import DEFAULT_KEEP_BYTES, KVSlots
+from .linear_attention import GatedDeltaNet, RecurrentState
 from .quant import native
 from .quant.cpu_bf16 import pack_linears
 from .quant.modules import QEmbedding, QLinear
@@ -230,7 +231,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         fp32 = cfg.family.norm_scale_fp32
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fp32)
-        self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg, cfg.window(layer))
+        self.linear = cfg.is_linear(layer)
+        if self.linear:  # Gated DeltaNet: a recurrent state instead of a KV cache
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg, cfg.window(layer))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fp32)
         self.dense = layer in cfg.dense_layers
         if self.dense:
@@ -240,7 +245,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache, start, moe: Callable | None = None) -> torch.Tensor:
         """`moe(block, x, residual)` runs the MoE block (the transformer adds routing and guesses)."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        mixer = self.linear_attn if self.linear else self.self_attn
+        h = x + mixer(self.input_layernorm(x), cos, sin, mask, cache, start)
         if self.dense:
             return h + self.mlp(self.post_attention_layernorm(h))
         return h + moe(self.block_sparse_moe, self.post_attention_layernorm(h), h)
@@ -279,19 +285,24 @@ class Transformer(nn.Module):
                 shape = (1, max_seq_len, cfg.mla.kv_lora_rank, device, dtype, cfg.mla.qk_rope_head_dim)
             else:
                 shape = (cfg.num_kv_heads, max_seq_len, cfg.head_dim, device, dtype)
-            self.kv_caches = [KVCache(max_batch, *shape) for _ in range(cfg.num_layers)]
+            self.kv_caches = [RecurrentState(max_batch, cfg, device, dtype) if cfg.is_linear(i) else
+                              KVCache(max_batch, *shape) for i in range(cfg.num_layers)]
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
             self.kv_caches, self.cos, self.sin = [], None, None
             if not allocation_failed(e):
                 raise
-            need = max_batch * max_seq_len * cfg.kv_cache_bytes_per_token(torch.finfo(dtype).bits // 8)
+            size = torch.finfo(dtype).bits // 8
+            need = max_batch * (max_seq_len * cfg.kv_cache_bytes_per_token(size) + cfg.recurrent_state_bytes(size))
             raise OffloadMoeError(f"context_length = {max_seq_len}: the KV cache ({need / 1e9:.2f} GB) and rotary "
                                   f"tables cannot be allocated on {device} (out of memory: a memory limit such "
                                   "as ulimit -v or a cgroup?); lower --context-length") from None
         self.kv_rows = [list(rows) for rows in zip(*(c.rows() for c in self.kv_caches))]
         # context shift for grouped-query attention (MLA's rotated key part is untested: no shift there)
-        self.kv_slots = KVSlots(self.kv_caches, getattr(self.kv_slots, "keep_bytes", DEFAULT_KEEP_BYTES),
-                                shift=None if cfg.mla else self.shift_kv)
+        # a recurrent state holds a whole sequence: no context shift, no partial reuse (`KVSlots`)
+        recurrent = cfg.linear_attention is not None
+        self.kv_slots = KVSlots([c for c in self.kv_caches if isinstance(c, KVCache)],
+                                getattr(self.kv_slots, "keep_bytes", DEFAULT_KEEP_BYTES),
+                                shift=None if cfg.mla or recurrent else self.shift_kv, recurrent=recurrent)
         # decode's routing ids and the next layers' guesses come back in one copy per MoE layer
         depth = min(self.experts.prefetch_depth, cfg.num_moe_layers - 1)
         self.ids_to_host = HostIds(max_batch * cfg.top_k * (1 + max(depth, 0)), device)
@@ -306,7 +317,7 @@ class Transformer(nn.Module):
         d = src - dst
         cos, sin = rope_tables(self.config, d + 1, self.device, torch.float32)      # (d+1, r)
         c, s = cos[d] / cos[0], sin[d] / cos[0]     # the pure rotation by d (YaRN scales the tables)
-        for cache in self.kv_caches:
+        for cache in self.kv_slots.caches:
             k, v = cache.k[slot, :, src:src + n], cache.v[slot, :, src:src + n]     # (nkv, n, hd), (nkv, n, hd)
             k = apply_rope_partial(k.float(), c, -s).to(k.dtype)   # partial rotary: the rotated dims only
             v = v.clone()
@@ -316,14 +327,15 @@ class Transformer(nn.Module):
     def set_slots(self, slots: int) -> None:
         """Reallocate the KV cache for `slots` sequences at once (continuous batching); what the
         cache held is forgotten."""
-        if slots != self.kv_caches[0].k.shape[0]:
-            self.setup(self.max_seq_len, self.device, self.kv_caches[0].k.dtype, slots)
+        kv = self.kv_slots.caches[0]
+        if slots != kv.k.shape[0]:
+            self.setup(self.max_seq_len, self.device, kv.k.dtype, slots)
 
     def prepare_cpu_decode(self) -> None:
         """On the CPU, a decode step's attention (between its projections), norms and routers run
         as one C call each (`decode_cpu.py`) where the library is available."""
         for layer in self.layers:
-            if isinstance(layer.self_attn, Attention):
+            if not layer.linear and isinstance(layer.self_attn, Attention):
                 layer.self_attn.prepare_cpu_decode()
             if not layer.dense:
                 layer.block_sparse_moe.decode_route = RouteStep(layer.block_sparse_moe)
@@ -362,9 +374,12 @@ class Transformer(nn.Module):
         cos, sin = self.cos[start:end], self.sin[start:end]
         masks = {w: self.attention_mask(start, T, end if use_cache else T, w) for w in set(self.windows)}
         caches = (self.kv_caches if slot is None else self.kv_rows[slot]) if use_cache else [None] * len(self.layers)
+        written = (range(B) if slot is None else (slot,)) if use_cache else ()
+        self.kv_slots.stale.update(written)  # recurrent states change in place: not reusable should this raise
         x = self.embed_tokens(tokens)                                  # (B, T, H)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[self.windows[i]], caches[i], start, self.moe_step)
+        self.kv_slots.stale.difference_update(written)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()                      # (B, T, V)
@@ -382,9 +397,11 @@ class Transformer(nn.Module):
         sin = [self.sin[p:p + 1] for p in positions]
         masks = {w: [self.attention_mask(p, 1, p + 1, w) for p in positions] for w in set(self.windows)}
         x = self.embed_tokens(tokens.view(B, 1))                       # (B, 1, H)
+        self.kv_slots.stale.update(slots)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, masks[self.windows[i]], [self.kv_rows[s][i] for s in slots], positions,
                       self.moe_step)
+        self.kv_slots.stale.difference_update(slots)
         return self.lm_head(self.norm(x)).float()[:, 0]               # (B, V)
 
     def moe_step(self, block: MoEBlock, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -426,6 +443,9 @@ def build_transformer(cfg: ModelConfig, dense: dict, experts, *, device, dtype,
         model = Transformer(cfg, experts)
     if cfg.tie_word_embeddings:
         dense = {**dense, "lm_head.weight": dense["embed_tokens.weight"]}
+    if cfg.zero_centred_norms:  # stored as weight - 1: the scale is 1 + weight, kept in fp32 (as transformers computes it)
+        dense |= {n: w.float() + 1 for n, w in dense.items()
+                  if n.endswith("norm.weight") and not n.endswith("linear_attn.norm.weight")}
     plain = {}
     for name, w in dense.items():
         if isinstance(w, torch.Tensor):

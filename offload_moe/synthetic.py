@@ -67,11 +67,28 @@ KNOWN_MODELS = {
                         rope_scaling=dict(rope_type="yarn", factor=32.0, original_max_position_embeddings=4096,
                                           beta_fast=32.0, beta_slow=1.0, truncate=False),
                         max_position_embeddings=131072, eos_token_id=200002, torch_dtype="bfloat16"),
+    # hybrid: three Gated DeltaNet layers to one gated full-attention layer (tests/data holds the published files)
+    "qwen3-next-80b-a3b": dict(model_type="qwen3_next", vocab_size=151936, hidden_size=2048, intermediate_size=5120,
+                               moe_intermediate_size=512, shared_expert_intermediate_size=512, num_hidden_layers=48,
+                               num_attention_heads=16, num_key_value_heads=2, head_dim=256, num_experts=512,
+                               num_experts_per_tok=10, norm_topk_prob=True, full_attention_interval=4,
+                               linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                               linear_value_head_dim=128, linear_conv_kernel_dim=4, partial_rotary_factor=0.25,
+                               rms_norm_eps=1e-6, rope_theta=1e7, max_position_embeddings=262144,
+                               bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    "qwen3.5-35b-a3b": dict(model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=2048,
+                            moe_intermediate_size=512, shared_expert_intermediate_size=512, num_hidden_layers=40,
+                            num_attention_heads=16, num_key_value_heads=2, head_dim=256, num_experts=256,
+                            num_experts_per_tok=8, full_attention_interval=4, linear_num_key_heads=16,
+                            linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+                            linear_conv_kernel_dim=4, partial_rotary_factor=0.25, rms_norm_eps=1e-6,
+                            rope_theta=1e7, max_position_embeddings=262144, torch_dtype="bfloat16"),
 }
 KNOWN_MODELS |= SIGMOID_MODELS  # DeepSeek-V3, Kimi-K2, GLM-4.5/-Air, GLM-4.7-Flash, MiniMax-M2 (synthetic_sigmoid.py)
 # Widths that `scale` shrinks, and the multiple each is rounded to.
 _SCALED = {"rotary_dim": 8, "intermediate_size": 64, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
-           "kv_lora_rank": 8, "q_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}
+           "kv_lora_rank": 8, "q_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+           "linear_key_head_dim": 8, "linear_value_head_dim": 8}
 
 
 def synthetic_config(name: str, *, layers: int | None = None, scale: float = 1.0,
@@ -85,6 +102,8 @@ def synthetic_config(name: str, *, layers: int | None = None, scale: float = 1.0
         raw["num_hidden_layers"] = layers
         if "layer_types" in raw:
             raw["layer_types"] = raw["layer_types"][:layers]
+        if raw.get("full_attention_interval", 0) > layers:  # hybrid: keep one full-attention layer, the last
+            raw["full_attention_interval"] = layers
     if not 0 < scale <= 1:
         raise OffloadMoeError(f"scale = {scale}, expected 0 < scale <= 1")
     if scale < 1:

@@ -8,19 +8,23 @@ line in `FAMILIES` (docs/architecture.md).
 
 from __future__ import annotations
 
-from . import deepseek_v2, deepseek_v3, glm4_moe, glm4_moe_lite, gpt_oss, minimax_m2, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import (deepseek_v2, deepseek_v3, glm4_moe, glm4_moe_lite, gpt_oss, minimax_m2, mixtral, olmoe, qwen2_moe,
+               qwen3_5_moe, qwen3_moe, qwen3_next)
 from .family import (
     Family,
     attention_shapes,
     dense_shapes,
     expert_names,
     expert_shapes,
+    mixer_shapes,
     param_name,
     router_name,
 )
 
 FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY
-                               for m in (mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v2, gpt_oss)}
+                               for m in (mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v2, gpt_oss, qwen3_next,
+                                         qwen3_5_moe)}
+FAMILIES[qwen3_5_moe.TEXT_FAMILY.model_type] = qwen3_5_moe.TEXT_FAMILY
 # the sigmoid-routed families (issue 27); Kimi-K2's config.json names DeepSeek-V3's code `kimi_k2`
 FAMILIES |= {f.model_type: f for f in (deepseek_v3.FAMILY, deepseek_v3.KIMI_K2, glm4_moe.FAMILY,
                                        glm4_moe_lite.FAMILY, minimax_m2.FAMILY)}
@@ -38,6 +42,7 @@ __all__ = [
     "expert_names",
     "expert_shapes",
     "family_of",
+    "mixer_shapes",
     "param_name",
     "router_name",
 ]

@@ -69,6 +69,8 @@ class Family:
     attention_sinks: bool = False       # a learned per-head logit that takes part in the softmax (gpt-oss)
     expert_bias: bool = False           # the expert matrices carry biases (gpt-oss)
     norm_scale_fp32: bool = False       # RMSNorm multiplies by its weight in fp32, then casts (gpt-oss)
+    attention_output_gate: bool = False  # q_proj also gives a per-head gate: o_proj(attn * sigmoid(gate)) (Qwen3-Next)
+    language_model: str = ""            # a multimodal checkpoint's prefix for the language model, read as `model.`
 
 
 def layer_prefix(layer: int) -> str:
@@ -104,10 +106,11 @@ def attention_shapes(c: ConfigLike, fam: Family) -> dict[str, tuple[int, ...]]:
                     "kv_a_layernorm.weight": (m.kv_lora_rank,),
                     "kv_b_proj.weight": (nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
                     "o_proj.weight": (H, nh * m.v_head_dim)}
-    s = {"q_proj.weight": (nh * hd, H), "k_proj.weight": (nkv * hd, H), "v_proj.weight": (nkv * hd, H),
+    s = {"q_proj.weight": (nh * hd * (1 + fam.attention_output_gate), H), "k_proj.weight": (nkv * hd, H),
+         "v_proj.weight": (nkv * hd, H),
          "o_proj.weight": (H, nh * hd)}
     if c.qkv_bias:
-        s |= {"q_proj.bias": (nh * hd,), "k_proj.bias": (nkv * hd,), "v_proj.bias": (nkv * hd,)}
+        s |= {"q_proj.bias": (nh * hd * (1 + fam.attention_output_gate),), "k_proj.bias": (nkv * hd,), "v_proj.bias": (nkv * hd,)}
     if c.o_bias:
         s["o_proj.bias"] = (H,)
     if c.qk_norm == "head":
@@ -117,6 +120,26 @@ def attention_shapes(c: ConfigLike, fam: Family) -> dict[str, tuple[int, ...]]:
     if fam.attention_sinks:
         s["sinks"] = (nh,)
     return s
+
+
+def linear_attention_shapes(c: ConfigLike, fam: Family) -> dict[str, tuple[int, ...]]:
+    """Names (after `linear_attn.`) and shapes of one Gated DeltaNet layer's tensors."""
+    la, H = c.linear_attention, c.hidden_size
+    nv = la.num_value_heads
+    if la.projections == "grouped":
+        s = {"in_proj_qkvz.weight": (2 * la.key_dim + 2 * la.value_dim, H), "in_proj_ba.weight": (2 * nv, H)}
+    else:
+        s = {"in_proj_qkv.weight": (la.conv_dim, H), "in_proj_z.weight": (la.value_dim, H),
+             "in_proj_b.weight": (nv, H), "in_proj_a.weight": (nv, H)}
+    return s | {"conv1d.weight": (la.conv_dim, 1, la.conv_kernel), "dt_bias": (nv,), "A_log": (nv,),
+                "norm.weight": (la.value_head_dim,), "out_proj.weight": (H, la.value_dim)}
+
+
+def mixer_shapes(c: ConfigLike, fam: Family, layer: int) -> dict[str, tuple[int, ...]]:
+    """Checkpoint names (after `model.layers.{layer}.`) and shapes of a layer's token mixer."""
+    if c.is_linear(layer):
+        return {"linear_attn." + k: v for k, v in linear_attention_shapes(c, fam).items()}
+    return {"self_attn." + k: v for k, v in attention_shapes(c, fam).items()}
 
 
 def mlp_shapes(prefix: str, hidden: int, inner: int) -> dict[str, tuple[int, ...]]:
@@ -134,7 +157,7 @@ def dense_shapes(c: ConfigLike, fam: Family, layout: str) -> dict[str, tuple[int
         p = layer_prefix(i)
         shapes[p + "input_layernorm.weight"] = (H,)
         shapes[p + "post_attention_layernorm.weight"] = (H,)
-        shapes |= {p + "self_attn." + k: v for k, v in attention_shapes(c, fam).items()}
+        shapes |= {p + k: v for k, v in mixer_shapes(c, fam, i).items()}
         if i in c.dense_layers:
             shapes |= mlp_shapes(p + "mlp", H, c.dense_intermediate_size)
             continue

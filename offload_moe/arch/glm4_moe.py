@@ -7,24 +7,8 @@ Follows transformers' `Glm4MoeForCausalLM`. The multi-token-prediction layer pub
 layer (`num_nextn_predict_layers`) is not part of the model: neither read nor counted."""
 
 from .family import Family
-from .reader import ConfigReader, common_fields, dense_layers
+from .reader import ConfigReader, common_fields, dense_layers, rotary_dim
 from .sigmoid_routing import sigmoid_routing
-
-
-def rotary_dim(r: ConfigReader, head_dim: int, default: float) -> int:
-    """How many dims of each head RoPE rotates: `partial_rotary_factor` (top level, or in transformers
-    5's `rope_parameters`) times head_dim, or MiniMax's `rotary_dim`; -> an even count in 2..head_dim."""
-    if r.raw.get("rotary_dim") is not None:
-        dims, key = r.int("rotary_dim"), "rotary_dim"
-    else:
-        params = r.raw.get("rope_parameters")
-        inner = isinstance(params, dict) and params.get("partial_rotary_factor") is not None
-        source = ConfigReader(params, r.source) if inner else r
-        factor = source.float("partial_rotary_factor", default)
-        dims, key = int(head_dim * factor), "partial_rotary_factor"
-    if dims % 2 or not 2 <= dims <= head_dim:
-        r.fail(key, f"rotating an even number of dims in 2..head_dim ({head_dim})")
-    return dims
 
 
 def parse(r: ConfigReader) -> dict:

@@ -6,8 +6,7 @@ the chosen scores always renormalised; no shared expert, no dense layer, no grou
 Follows transformers' `MiniMaxM2ForCausalLM`; the multi-token-prediction modules are not read."""
 
 from .family import Family
-from .glm4_moe import rotary_dim
-from .reader import ConfigReader, common_fields
+from .reader import ConfigReader, common_fields, rotary_dim
 
 
 def parse(r: ConfigReader) -> dict:

@@ -12,6 +12,7 @@ sliding and full attention from layer 0).
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from ..arch.reader import LIMITS
 from ..config import ModelConfig
@@ -19,7 +20,8 @@ from ..errors import OffloadMoeError
 from .reader import GGUFFile
 
 ARCHES = {"llama": "mixtral", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "olmoe": "olmoe",
-          "deepseek2": "deepseek_v2", "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2"}
+          "deepseek2": "deepseek_v2", "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2",
+          "qwen3next": "qwen3_next", "qwen35moe": "qwen3_5_moe_text"}
 SIGMOID = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 FLOAT_NAMES = {0: "float32", 1: "float16", 30: "bfloat16"}  # ggml F32, F16, BF16
 BLOCK_TENSOR = re.compile(r"blk\.(\d{1,6})\.")
@@ -50,7 +52,10 @@ def config_from_gguf(f: GGUFFile, quantization: dict | None = None) -> ModelConf
     raw = config_json(f)
     if quantization is not None:
         raw["quantization_config"] = quantization
-    return ModelConfig.from_dict(raw, source=str(f.path))
+    cfg = ModelConfig.from_dict(raw, source=str(f.path))
+    if cfg.linear_attention is not None:  # the converter stores norm weights + 1 and the DeltaNet's inputs split
+        cfg = replace(cfg, zero_centred_norms=False, linear_attention=replace(cfg.linear_attention, projections="split"))
+    return cfg
 
 
 def config_json(f: GGUFFile) -> dict:
@@ -80,8 +85,12 @@ def config_json(f: GGUFFile) -> dict:
     kv = key("attention.head_count_kv", heads, kind=per_layer)
     kv = kv[0] if isinstance(kv, list) else kv
     hidden = key("embedding_length")
-    # GLM-4.5's and GLM-4.7-Flash's converters count their multi-token-prediction layers as blocks after the model's
+    # blocks past the model's layers are multi-token-prediction ones (GLM-4.5, GLM-4.7-Flash, Qwen3-Next/3.5
+    # converted with their MTP): not run, as llama.cpp's generation does not run them
     layers = key("block_count") - key("nextn_predict_layers", 0)
+    if layers < 1:
+        raise OffloadMoeError(f"{f.path}: metadata key '{arch}.nextn_predict_layers' = {key('nextn_predict_layers')} "
+                              f"leaves no layer of the {key('block_count')} blocks")
     if layers > LIMITS["num_hidden_layers"]:  # before any loop over the layers
         raise OffloadMoeError(f"{f.path}: metadata key '{arch}.block_count' = {layers:,}, expected at most "
                               f"{LIMITS['num_hidden_layers']}")
@@ -126,6 +135,23 @@ def config_json(f: GGUFFile) -> dict:
             raw["qkv_bias"] = "blk.0.attn_q.bias" in f.tensors
         else:
             raw["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
+    elif mt in ("qwen3_next", "qwen3_5_moe_text"):  # Qwen3NextModel.set_gguf_parameters
+        layers, value_heads = raw["num_hidden_layers"], key("ssm.time_step_rank")
+        recurrent = key("attention.recurrent_layers", None, "a list of bools")
+        if recurrent is not None and len(recurrent) < layers:
+            raise OffloadMoeError(f"{f.path}: metadata key '{arch}.attention.recurrent_layers' has {len(recurrent)} "
+                                  f"entries, expected one per block ({layers})")
+        interval = key("full_attention_interval", 4)
+        raw |= {"num_experts": experts, "moe_intermediate_size": expert_ff, "intermediate_size": ff or expert_ff,
+                "shared_expert_intermediate_size": key("expert_shared_feed_forward_length", 0),
+                "norm_topk_prob": bool(key("expert_weights_norm", True, "a bool or an integer")),  # llama.cpp: always
+                "linear_conv_kernel_dim": key("ssm.conv_kernel"), "linear_key_head_dim": key("ssm.state_size"),
+                "linear_num_key_heads": key("ssm.group_count"), "linear_num_value_heads": value_heads,
+                "linear_value_head_dim": key("ssm.inner_size") // max(value_heads, 1),
+                "layer_types": ["linear_attention" if (recurrent[i] if recurrent else (i + 1) % interval)
+                                else "full_attention" for i in range(layers)],
+                "rotary_dim": key("rope.dimension_count"),
+                "mlp_only_layers": [i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in f.tensors]}
     elif mt == "olmoe":
         raw |= {"num_experts": experts, "intermediate_size": expert_ff or ff, "norm_topk_prob": False,
                 "attention_bias": "blk.0.attn_q.bias" in f.tensors, "clip_qkv": number("attention.clamp_kqv", None)}
