@@ -89,6 +89,7 @@ class Checkpoint:
         self.config = ModelConfig.load(self.path)
         q = self.config.quantization  # gpt-oss's own MXFP4 experts are a layout, not our format
         self.quant = None if is_mxfp4(q) else QuantSpec.from_config(q, str(self.path / "config.json"))
+        self.stored: dict[str, str] = {}  # our name -> the name in the file, where the family renames
         self.tensors = self._index()
         check_layers_present(self.config, self.tensors, self.path)  # before sizes from config.json are trusted
         self.layout = self._detect_layout()
@@ -117,7 +118,22 @@ class Checkpoint:
                 if tensor not in tensors or tensors[tensor].file.name != name:
                     raise OffloadMoeError(f"{self.path / name}: tensor {tensor!r} listed in the index is "
                                           "not in that shard")
-        return tensors
+        return self._rename(tensors)
+
+    def _rename(self, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """The family's names for the stored ones (Llama 4's `language_model.`, `feed_forward.`), without
+        the tensors it does not read (a vision tower); `stored` keeps the way back."""
+        rename = self.config.family.rename
+        if rename is None:
+            return tensors
+        ours = {}
+        for stored, info in tensors.items():
+            name = rename(stored)
+            if name is not None:
+                ours[name] = info
+                if name != stored:
+                    self.stored[name] = stored
+        return ours
 
     def _detect_layout(self) -> str:
         """The first of the family's stacked layouts whose first tensor is present, else per expert."""
@@ -198,14 +214,14 @@ class Checkpoint:
         if info is None:
             raise OffloadMoeError(f"{self.path}: tensor {name!r} not found")
         try:
-            return self._handle(info.file).get_tensor(name)
+            return self._handle(info.file).get_tensor(self.stored.get(name, name))
         except SafetensorError as e:  # the file changed since its header was checked
             raise OffloadMoeError(f"{info.file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
 
     def _get_row(self, name: str, index: int) -> torch.Tensor:
         info = self.tensors[name]
         try:
-            return self._handle(info.file).get_slice(name)[index]
+            return self._handle(info.file).get_slice(self.stored.get(name, name))[index]
         except SafetensorError as e:
             raise OffloadMoeError(f"{info.file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
 

@@ -8,7 +8,7 @@ line in `FAMILIES` (docs/architecture.md).
 
 from __future__ import annotations
 
-from . import deepseek_v2, gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from . import deepseek_v2, gpt_oss, llama4, mixtral, olmoe, qwen2_moe, qwen3_moe
 from .family import (
     Family,
     attention_shapes,
@@ -20,7 +20,8 @@ from .family import (
 )
 
 FAMILIES: dict[str, Family] = {m.FAMILY.model_type: m.FAMILY
-                               for m in (mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v2, gpt_oss)}
+                               for m in (mixtral, qwen3_moe, olmoe, qwen2_moe, deepseek_v2, gpt_oss, llama4)}
+FAMILIES[llama4.MULTIMODAL.model_type] = llama4.MULTIMODAL  # Llama 4 with its vision tower: the text part
 
 
 def family_of(model_type: str) -> Family:
