@@ -45,13 +45,16 @@ def parse(r: ConfigReader) -> dict:
     if "chunked_attention" in types and chunk is None:
         r.fail("attention_chunk_size", "an integer >= 1 (layer_types has chunked_attention layers)")
     bias = r.bool("attention_bias", False)
+    tuning = r.raw.get("attn_temperature_tuning", True)  # Meta's configs say 4: transformers reads it as true
+    if not isinstance(tuning, (bool, int)):
+        r.fail("attn_temperature_tuning", "true, false or an integer")
     return dict(**c, dense_layers=dense_layers(r, L, [i for i in range(L) if i not in moe]),
                 dense_intermediate_size=r.int("intermediate_size_mlp"),
                 shared_expert_size=c["intermediate_size"], norm_topk_prob=False,
                 qkv_bias=bias, o_bias=bias, layer_types=tuple(types), attention_chunk=chunk,
                 nope_layers=tuple(i for i in range(L) if not rope[i]), qk_l2_norm=r.bool("use_qk_norm", True),
                 attn_temperature=(r.float("floor_scale", 8192.0), r.float("attn_scale", 0.1))
-                if r.bool("attn_temperature_tuning", True) else None)
+                if tuning else None)
 
 
 def parse_multimodal(r: ConfigReader) -> dict:

@@ -1,0 +1,212 @@
+"""Llama 4 (text model) against transformers' `Llama4ForCausalLM` on tiny random fp32 checkpoints:
+logits and greedy tokens all resident, through the offloading engine (2 slots) and with the prompt
+prefilled in chunks; sequences longer than the attention chunk, so chunked local attention, the
+NoPE layers' temperature and the rotation all show. Then the published configs' counts."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import offload_moe
+from offload_moe import OffloadMoeError
+from offload_moe.batch import DecodeBatch
+from offload_moe.config import ModelConfig
+from offload_moe.generate import DecodeTiming, Sampling
+from offload_moe.planner import plan
+from offload_moe.profiles import load_profile
+
+DATA = Path(__file__).parent / "data"
+PROMPTS = [[1, 17, 42, 5, 66, 23], [1, 9, 80, 31, 4, 57, 12, 70, 33, 3, 45]]
+NEW_TOKENS = 28   # prompt + new tokens > 3 chunks of every case's attention_chunk_size
+
+# case -> config overrides and seed. Odd widths and vocabularies; chunks shorter than the sequences;
+# a floor_scale small enough that the NoPE layers' query temperature changes along them.
+CASES = {
+    # Scout's shape: MoE in every layer, every 4th layer NoPE, L2 q/k norms, llama3-scaled RoPE
+    "scout": (0, dict(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      intermediate_size=24, intermediate_size_mlp=40, num_local_experts=5, interleave_moe_layer_step=1,
+                      no_rope_layer_interval=4, attention_chunk_size=7, floor_scale=3, attn_scale=0.5,
+                      rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=16))),
+    # Maverick's shape: MoE on odd layers, dense MLPs between, no q/k norms, plain RoPE
+    "maverick": (1, dict(num_hidden_layers=4, hidden_size=36, num_attention_heads=6, num_key_value_heads=3, head_dim=6,
+                         intermediate_size=23, intermediate_size_mlp=37, num_local_experts=7, interleave_moe_layer_step=2,
+                         no_rope_layer_interval=2, attention_chunk_size=9, floor_scale=5, attn_scale=0.3,
+                         use_qk_norm=False, vocab_size=101,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    # two experts per token (the router's weights scale each one's input), no temperature tuning
+    "top2": (2, dict(num_hidden_layers=3, hidden_size=40, num_attention_heads=4, num_key_value_heads=1, head_dim=10,
+                     intermediate_size=19, intermediate_size_mlp=29, num_local_experts=6, num_experts_per_tok=2,
+                     moe_layers=[0, 2], no_rope_layers=[1, 0, 1], attention_chunk_size=6,
+                     attn_temperature_tuning=False, rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+}
+BASE = dict(vocab_size=97, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def text_config(name: str) -> transformers.Llama4TextConfig:
+    return transformers.Llama4TextConfig(**{**BASE, **CASES[name][1]})
+
+
+def randomize(model, seed: int):
+    """Weights scaled up so routing is decisive and attention not uniform."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else p.normal_(1, 0.1)
+    return model
+
+
+def greedy_tokens(model, prompt) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """name -> (directory, transformers model, greedy tokens of each prompt), built once."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = randomize(transformers.Llama4ForCausalLM(text_config(name)).eval(), CASES[name][0])
+            d = tmp_path_factory.mktemp(f"llama4-{name}")
+            model.save_pretrained(d)
+            cache[name] = d, model, [greedy_tokens(model, p) for p in PROMPTS]
+        return cache[name]
+    return get
+
+
+def load(directory, mode):
+    return offload_moe.load(directory, device="cpu", **({"cache_slots": 2} if mode == "offloaded" else {}))
+
+
+def max_diff(model, reference) -> float:
+    ids = torch.randint(3, 97, (2, 30), generator=torch.Generator().manual_seed(1))   # 30 > every chunk
+    with torch.no_grad():
+        expected = reference(ids).logits
+    return (model.logits(ids) - expected).abs().max().item()
+
+
+@pytest.mark.parametrize("mode", ["resident", "offloaded"])
+@pytest.mark.parametrize("name", CASES)
+def test_logits_and_greedy_tokens_match_transformers(checkpoint, name, mode):
+    directory, reference, expected = checkpoint(name)
+    model = load(directory, mode)
+    assert max_diff(model, reference) <= 1e-4
+    for prompt, tokens in zip(PROMPTS, expected):
+        model.transformer.kv_slots.clear()
+        assert model.generate(prompt, max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True).token_ids == tokens
+    if mode == "offloaded":
+        assert model.stats["experts"]["misses"] > 0
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_prefill_in_chunks_matches_transformers(checkpoint, name):
+    """The prompt fed 5 tokens at a time through the KV cache (chunk boundaries that fall inside
+    attention chunks), then both prompts decoded together from two slots, prefilled 4 at a time."""
+    directory, reference, expected = checkpoint(name)
+    model = load(directory, "offloaded").transformer
+    ids = torch.randint(3, 97, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = reference(ids).logits                                                  # (1, 30, V)
+    got = torch.cat([model(ids[:, a:a + 5], start=a) for a in range(0, 30, 5)], dim=1)
+    assert (got - full).abs().max().item() <= 1e-4
+
+    model.set_slots(2)
+    try:
+        batch = DecodeBatch(model, prefill_chunk=4)
+        for i, prompt in enumerate(PROMPTS):
+            batch.add(prompt, NEW_TOKENS, Sampling(temperature=0), DecodeTiming(), owner=i)
+        got = {0: [], 1: []}
+        while batch.sequences:
+            for seq, token in batch.step():
+                got[seq.owner].append(token)
+                if seq.finished:
+                    batch.remove(seq)
+        assert [got[0], got[1]] == expected
+    finally:
+        model.set_slots(1)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_parameter_counts_equal_the_model(checkpoint, name):
+    directory, reference, _ = checkpoint(name)
+    assert ModelConfig.load(directory).total_params == sum(p.numel() for p in reference.parameters())
+
+
+def test_conditional_generation_checkpoint_reads_the_text_model(checkpoint, tmp_path, caplog):
+    """A `Llama4ForConditionalGeneration` checkpoint (config under text_config, tensors under
+    language_model., a vision tower beside them): the text model loads, the vision tower is left out."""
+    _, text_model, expected = checkpoint("scout")
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16,
+                  pixel_shuffle_ratio=0.5)
+    config = transformers.Llama4Config(text_config=text_config("scout").to_dict(), vision_config=vision)
+    full = transformers.Llama4ForConditionalGeneration(config).eval()
+    full.language_model.load_state_dict(text_model.state_dict())
+    full.save_pretrained(tmp_path)
+    names = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"] \
+        if (tmp_path / "model.safetensors.index.json").exists() else None
+    assert names is None or any(n.startswith("vision_model.") for n in names)
+    with caplog.at_level("INFO", logger="offload_moe"):
+        model = load(tmp_path, "offloaded")
+    assert model.config.model_type == "llama4" and "only the text model is read" in caplog.text
+    assert max_diff(model, text_model) <= 1e-4
+    assert model.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True).token_ids == expected[0]
+    by_kind = offload_moe.sources.open_checkpoint(tmp_path).weights_by_kind()
+    assert {k: p for k, (p, _) in by_kind.items()} == model.config.params_by_kind()
+
+
+def test_bad_config_names_the_key(tmp_path):
+    raw = {"model_type": "llama4_text", **BASE, **CASES["maverick"][1], "num_experts_per_tok": 1, "no_rope_layers": [1, 2, 1, 0]}
+    raw.pop("rope_parameters")
+    with pytest.raises(OffloadMoeError, match=r"key 'no_rope_layers' = \[1, 2, 1, 0\], expected a list of 4 entries"):
+        ModelConfig.from_dict(raw)
+    with pytest.raises(OffloadMoeError, match=r"\(text_config\): missing key 'hidden_size'"):
+        ModelConfig.from_dict({"model_type": "llama4", "text_config": {"model_type": "llama4_text"}})
+
+
+# ---- published configs (tests/data/README.md): the counts, term by term and by transformers ----
+def swiglu(hidden, inner):
+    return 3 * hidden * inner
+
+
+ATTENTION = 48 * (2 * 5120 * 5120 + 2 * 5120 * 1024)          # q, o: 40 heads x 128; k, v: 8 heads x 128
+EMBEDDINGS, NORMS = 2 * 202048 * 5120, (2 * 48 + 1) * 5120
+# (file, routed experts, router + shared expert + dense MLP parameters, published total B, active B)
+PUBLISHED = {
+    # 48 MoE layers of 16 experts x 8192, top-1, a shared expert (8192) in each
+    "llama-4-scout-17b-16e": (48 * 16 * swiglu(5120, 8192), 48 * (16 * 5120 + swiglu(5120, 8192)), 109, 17),
+    # 24 MoE layers (odd) of 128 experts x 8192 with a shared expert each, 24 dense layers of 16384
+    "llama-4-maverick-17b-128e": (24 * 128 * swiglu(5120, 8192),
+                                  24 * (128 * 5120 + swiglu(5120, 8192)) + 24 * swiglu(5120, 16384), 400, 17),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_config_counts_and_plans(name):
+    raw = json.loads((DATA / f"{name}-config.json").read_text())
+    config = ModelConfig.load(DATA / f"{name}-config.json")
+    experts, device_mlps, total_b, active_b = PUBLISHED[name]
+    shared = ATTENTION + EMBEDDINGS + NORMS + device_mlps
+    assert config.total_params == shared + experts
+    assert config.active_params == shared + experts // config.num_experts
+    # transformers' own model of this config.json, built on the meta device: the text model is what we
+    # count; Meta's advertised totals count the vision encoder too
+    raw["text_config"]["attn_temperature_tuning"] = True   # transformers 5 takes a bool where Meta wrote 4
+    with torch.device("meta"):
+        reference = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(**raw))
+    assert config.total_params == sum(p.numel() for p in reference.language_model.parameters())
+    with_vision = sum(p.numel() for p in reference.parameters())
+    assert math.isclose(with_vision / 1e9, total_b, rel_tol=0.01) and round(config.active_params / 1e9) == active_b
+    for profile in ("16gb", "24gb"):  # the shared weights alone (9-11 GB at int4) need more than 12 GB
+        p = plan(config, load_profile(profile), ram_available=64 * 10**9)
+        assert 1 <= p.slots_per_layer <= config.num_experts and p.vram_bytes <= load_profile(profile).vram_budget
+    with pytest.raises(OffloadMoeError, match="8.00 GB is .* too small: shared weights .* profile 16gb"):
+        plan(config, load_profile("8gb"), ram_available=64 * 10**9)
