@@ -91,12 +91,14 @@ def _llama3(cfg: ModelConfig, inv_freq: torch.Tensor) -> torch.Tensor:
 def rope_tables(cfg: ModelConfig, max_seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: (max_seq_len, d), computed in fp32 then cast (as transformers does)."""
     d = cfg.rope_dim
-    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") != "llama3":
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") not in ("llama3", "freq_factors"):
         inv_freq, scale = _yarn(cfg, d, device)
     else:
         inv_freq, scale = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device)
                                                     .float() / d)), 1.0
-        if cfg.rope_scaling:
+        if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "freq_factors":  # a GGUF's rope_freqs
+            inv_freq = inv_freq / torch.tensor(cfg.rope_scaling["factors"], device=device)
+        elif cfg.rope_scaling:
             inv_freq = _llama3(cfg, inv_freq)
     freqs = torch.arange(max_seq_len, device=device).float()[:, None] * inv_freq[None, :]  # (S, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (S, d)

@@ -210,3 +210,39 @@ def test_published_config_counts_and_plans(name):
         assert 1 <= p.slots_per_layer <= config.num_experts and p.vram_bytes <= load_profile(profile).vram_budget
     with pytest.raises(OffloadMoeError, match="8.00 GB is .* too small: shared weights .* profile 16gb"):
         plan(config, load_profile("8gb"), ram_available=64 * 10**9)
+
+
+# ---- GGUF as llama.cpp's converter writes it ----
+@pytest.mark.parametrize("name", ["scout", "maverick"])
+def test_gguf_from_the_converter_matches_the_safetensors_source(name, tmp_path):
+    """`convert_hf_to_gguf.py` on the tiny model (llama3 RoPE as `rope_freqs`, experts split into
+    gate/up/down stacks) loads and agrees with the safetensors checkpoint and transformers. llama.cpp
+    fixes the chunk (8192), the NoPE interval (4), the temperature (8192, 0.1) and the q/k norms
+    (off only with 128 experts) in code, so the tiny model takes those values."""
+    import shutil
+
+    from gguf_fixtures import llamacpp_convert, llamacpp_dir
+    from offload_moe.runtime import DEMO_DIR
+    if llamacpp_dir() is None:
+        pytest.skip("llama.cpp's converter not available: set LLAMA_CPP_DIR to a llama.cpp checkout")
+    fixed = dict(vocab_size=4096, attention_chunk_size=8192, no_rope_layer_interval=4, floor_scale=8192,
+                 attn_scale=0.1, use_qk_norm=True)
+    reference = randomize(transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(
+        **{**BASE, **CASES[name][1], **fixed})).eval(), CASES[name][0])
+    src = tmp_path / "hf"
+    reference.save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO_DIR / f, src / f)
+    path = llamacpp_convert(src, tmp_path / f"{name}.gguf", "f32")
+    ids = torch.randint(3, 4096, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    from_gguf = offload_moe.load(path, device="cpu", dtype="float32", cache_slots=2)
+    from_safetensors = offload_moe.load(src, device="cpu", dtype="float32")
+    assert from_gguf.config.nope_layers == ModelConfig.load(src).nope_layers == (3,)
+    assert (from_gguf.config.rope_scaling or {}).get("rope_type") == ("freq_factors" if name == "scout" else None)
+    assert (from_gguf.logits(ids) - expected).abs().max().item() <= 1e-4
+    assert (from_gguf.logits(ids) - from_safetensors.logits(ids)).abs().max().item() <= 1e-4
+    prompt = [1, 17, 42, 5, 66, 23]
+    assert from_gguf.generate(prompt, max_new_tokens=12, temperature=0, ignore_eos=True).token_ids == \
+        greedy_tokens(reference, prompt)[:12]

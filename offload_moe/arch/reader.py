@@ -109,6 +109,11 @@ class ConfigReader:
         if rope_type == "default":
             return theta, None
         y = ConfigReader(scaling, self.source)
+        if rope_type == "freq_factors":  # a GGUF's rope_freqs tensor (llama.cpp): each frequency's divisor
+            factors = scaling.get("factors")
+            if not isinstance(factors, list) or not all(isinstance(v, float) and 0 < v < 1e30 for v in factors):
+                y.fail("factors", "a list of positive numbers")
+            return theta, {"rope_type": "freq_factors", "factors": tuple(factors)}
         if rope_type == "llama3":  # Llama 3.1 / 4: low frequencies divided by factor, a smooth ramp between
             return theta, {"rope_type": "llama3", "factor": y.float("factor", None) or y.fail("factor", "a number > 0"),
                            "low_freq_factor": y.float("low_freq_factor", 1.0),

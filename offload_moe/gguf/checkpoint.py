@@ -43,7 +43,7 @@ from .reader import GGUFFile, GGUFTensor
 EXPERT_MATRICES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
 EXPERT_BIASES = {"b1": "ffn_gate_exps", "b3": "ffn_up_exps", "b2": "ffn_down_exps"}
 GGUF_ARCH = {"mixtral": "LLAMA", "qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "olmoe": "OLMOE",
-             "deepseek_v2": "DEEPSEEK2", "gpt_oss": "GPT_OSS"}
+             "deepseek_v2": "DEEPSEEK2", "gpt_oss": "GPT_OSS", "llama4_text": "LLAMA4"}
 
 
 class GGUFCheckpoint:
