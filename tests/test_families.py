@@ -136,7 +136,8 @@ def test_unsupported_model_type_names_it_and_lists_the_supported(tmp_path):
     message = str(e.value)
     assert "\n" not in message and "'llama'" in message
     assert f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}" in message
-    assert set(SUPPORTED_MODEL_TYPES) == {"mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "gpt_oss"}
+    assert set(SUPPORTED_MODEL_TYPES) == {"mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "gpt_oss",
+                                          "llama4", "llama4_text"}
 
 
 # ---- published full-size configs: parameter counts by hand, and a plan under 8 GB / 12 GB ----
