@@ -246,3 +246,15 @@ def test_gguf_from_the_converter_matches_the_safetensors_source(name, tmp_path):
     prompt = [1, 17, 42, 5, 66, 23]
     assert from_gguf.generate(prompt, max_new_tokens=12, temperature=0, ignore_eos=True).token_ids == \
         greedy_tokens(reference, prompt)[:12]
+
+
+@pytest.mark.parametrize("name", ["llama-4-scout-17b-16e", "llama-4-maverick-17b-128e"])
+def test_synthetic_checkpoint_reads_like_a_real_one(name):
+    """`--synthetic` Llama 4: the published text model's counts at full size, and a scaled-down one runs."""
+    from offload_moe.synthetic import SyntheticCheckpoint, synthetic_config
+    assert synthetic_config(name).total_params == ModelConfig.load(DATA / f"{name}-config.json").total_params
+    scout = "scout" in name
+    ckpt = SyntheticCheckpoint(name, layers=4 if scout else 2, scale=0.05)     # Maverick: 128 experts a layer
+    assert ckpt.config.nope_layers == ((3,) if scout else ()) and ckpt.config.moe_layers == ((0, 1, 2, 3) if scout else (1,))
+    model = offload_moe.load(ckpt, device="cpu", dtype=torch.float32, cache_slots=2, profile=None, context_length=64)
+    assert len(model.generate([1, 2, 3], max_new_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
