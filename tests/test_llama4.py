@@ -258,3 +258,33 @@ def test_synthetic_checkpoint_reads_like_a_real_one(name):
     assert ckpt.config.nope_layers == ((3,) if scout else ()) and ckpt.config.moe_layers == ((0, 1, 2, 3) if scout else (1,))
     model = offload_moe.load(ckpt, device="cpu", dtype=torch.float32, cache_slots=2, profile=None, context_length=64)
     assert len(model.generate([1, 2, 3], max_new_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
+
+
+def test_quantized_checkpoint_matches_transformers_on_its_dequantized_weights(checkpoint, tmp_path):
+    """`offload-moe quantize` writes Llama 4 per expert (int4 experts, int8 attention); its logits equal
+    transformers' on the weights it stores, dequantized (the stacked [E, H, 2I] experts rebuilt)."""
+    import copy
+
+    from offload_moe.checkpoint import Checkpoint
+    from offload_moe.quant.groupwise import QuantizedWeight
+    directory, reference, _ = checkpoint("scout")
+    dst = offload_moe.quantize(directory, tmp_path / "q", experts="int4", attention="int8", embeddings="fp32",
+                               group_size=8, method="rtn")
+    ckpt = Checkpoint(dst)
+    assert ckpt.layout == "per_expert"
+
+    def deq(w):
+        return w.dequantize(torch.float32) if isinstance(w, QuantizedWeight) else w.float()
+    oracle = copy.deepcopy(reference)
+    state = oracle.state_dict()   # shares storage with the parameters
+    with torch.no_grad():
+        for name, shape in ckpt.expected_shapes().items():
+            state[name.replace(".mlp.", ".feed_forward.")].copy_(deq(ckpt.get_weight(name, shape)))
+        for i in ckpt.config.moe_layers:
+            p = f"model.layers.{i}.feed_forward.experts."
+            for e in range(ckpt.config.num_experts):
+                w = {k: deq(v) for k, v in ckpt.expert(i, e).items()}
+                state[p + "gate_up_proj"][e].copy_(torch.cat([w["w1"], w["w3"]]).T)    # [H, 2I]
+                state[p + "down_proj"][e].copy_(w["w2"].T)                              # [I, H]
+    model = offload_moe.load(dst, device="cpu", dtype="float32", cache_slots=2)
+    assert max_diff(model, oracle) <= 1e-4 and max_diff(model, reference) > 1e-3   # the oracle is not the source

@@ -95,7 +95,7 @@ def _decode(row: Row, c) -> dict:
 
 
 STACKED = {"stacked": StackedLayout(_shapes, _decode)}
-OPTIONS = dict(router="mlp.router", layouts=("stacked",), stacked=STACKED, router_rule="topk_sigmoid",
+OPTIONS = dict(router="mlp.router", layouts=("stacked", "per_expert"), stacked=STACKED, router_rule="topk_sigmoid",
                router_scales_input=True, rope_interleaved=True, rename=rename)
 
 FAMILY = Family(model_type="llama4_text", parse=parse, **OPTIONS)
