@@ -4,7 +4,9 @@ parsed back into `tool_calls`, for the formats the families' chat templates defi
 - Qwen3 / Qwen2 (Hermes style): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, any number;
 - Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (v3) or `[TOOL_CALLS]name[ARGS]{...}` (v11);
 - gpt-oss (harmony): messages `<|channel|>commentary to=functions.NAME ... <|message|>{json}`, the
-  `final` channel being the answer and `analysis` the reasoning (not returned as content).
+  `final` channel being the answer and `analysis` the reasoning (not returned as content);
+- Llama 4: a reply that is `{"name": ..., "parameters": {...}}` (one or more, as its template asks),
+  optionally after `<|python_start|>...<|python_end|>` as the template writes an assistant's calls.
 
 Which format applies is read from the chat template itself (the markers it writes), never from a
 file name. A parser is fed the generated text piece by piece (special tokens kept) and returns what
@@ -20,7 +22,8 @@ import uuid
 
 from .responses import bad
 
-HERMES, MISTRAL, HARMONY = "hermes", "mistral", "harmony"
+HERMES, MISTRAL, HARMONY, LLAMA4 = "hermes", "mistral", "harmony", "llama4"
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
 
 
 def tool_format(chat_template: str | None) -> str | None:
@@ -30,6 +33,8 @@ def tool_format(chat_template: str | None) -> str | None:
         return HARMONY
     if "[TOOL_CALLS]" in t:
         return MISTRAL
+    if PYTHON_START in t and '"parameters": ' in t:
+        return LLAMA4
     if "<tool_call>" in t:
         return HERMES
     return None
@@ -150,6 +155,22 @@ class ToolCallParser:
         self.calls += calls
         return content, calls
 
+    # -- Llama 4: the whole reply is the calls when it opens with `{` or <|python_start|>
+    def _llama4(self, done: bool) -> tuple[str, list[dict]]:
+        head = self.text.lstrip()
+        opens_call = head.startswith(("{", PYTHON_START)) or (head and PYTHON_START.startswith(head))
+        if self.shown == 0 and (not head or opens_call) and not done:
+            return "", []                  # undecided, or a call still being written: hold it
+        if self.shown == 0 and opens_call:
+            content, calls = _parse_llama4(head)
+            if calls:
+                self.shown = len(self.text)
+                self.calls += calls
+                return content, calls
+        content = self.text[self.shown:]   # plain text (or calls that do not parse): content as it comes
+        self.shown = len(self.text)
+        return content, []
+
     # -- gpt-oss harmony
     def _harmony(self, done: bool) -> tuple[str, list[dict]]:
         messages = _harmony_messages(self.text)
@@ -182,6 +203,33 @@ def _parse_json_call(body: str) -> dict | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     return new_call(obj["name"], obj.get("arguments", obj.get("parameters", {})))
+
+
+def _parse_llama4(text: str) -> tuple[str, list[dict]]:
+    """(content, calls) of a Llama 4 reply `[<|python_start|>content<|python_end|>]{call}[; {call}...]`,
+    each call `{"name": str, "parameters": {...}}` (or a JSON list of them); no calls when any part
+    does not parse."""
+    content = ""
+    if text.startswith(PYTHON_START):
+        inner, _, text = text[len(PYTHON_START):].partition(PYTHON_END)
+        if not text.strip():           # the calls themselves inside the python block
+            inner, text = "", inner
+        content = inner
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while True:
+        while at < len(text) and text[at] in " \t\r\n;,":
+            at += 1
+        if at == len(text):
+            break
+        try:
+            obj, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return "", []
+        for item in obj if isinstance(obj, list) else [obj]:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                return "", []
+            calls.append(new_call(item["name"], item.get("parameters", item.get("arguments", {}))))
+    return content, calls
 
 
 def _parse_mistral(body: str) -> list[dict] | None:
