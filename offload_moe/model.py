@@ -1,5 +1,5 @@
 """The MoE decoder in plain PyTorch, following transformers' `MixtralForCausalLM` math; the other
-families (Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2, gpt-oss) are small branches switched by
+families (Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2, gpt-oss, Llama 4) are small branches switched by
 `ModelConfig` fields and the family's adapter (`cfg.family`, see `arch`).
 
 Read top to bottom (norms, rotary embeddings, the KV cache and both attentions are in
