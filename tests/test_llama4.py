@@ -158,13 +158,15 @@ def test_conditional_generation_checkpoint_reads_the_text_model(checkpoint, tmp_
         model = load(tmp_path, "offloaded")
     assert model.config.model_type == "llama4" and "only the text model is read" in caplog.text
     assert max_diff(model, text_model) <= 1e-4
-    assert model.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True).token_ids == expected[0]
+    reply = model.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    assert reply.token_ids == expected[0]
     by_kind = offload_moe.sources.open_checkpoint(tmp_path).weights_by_kind()
     assert {k: p for k, (p, _) in by_kind.items()} == model.config.params_by_kind()
 
 
 def test_bad_config_names_the_key(tmp_path):
-    raw = {"model_type": "llama4_text", **BASE, **CASES["maverick"][1], "num_experts_per_tok": 1, "no_rope_layers": [1, 2, 1, 0]}
+    raw = {"model_type": "llama4_text", **BASE, **CASES["maverick"][1], "num_experts_per_tok": 1,
+           "no_rope_layers": [1, 2, 1, 0]}
     raw.pop("rope_parameters")
     with pytest.raises(OffloadMoeError, match=r"key 'no_rope_layers' = \[1, 2, 1, 0\], expected a list of 4 entries"):
         ModelConfig.from_dict(raw)
@@ -255,7 +257,8 @@ def test_synthetic_checkpoint_reads_like_a_real_one(name):
     assert synthetic_config(name).total_params == ModelConfig.load(DATA / f"{name}-config.json").total_params
     scout = "scout" in name
     ckpt = SyntheticCheckpoint(name, layers=4 if scout else 2, scale=0.05)     # Maverick: 128 experts a layer
-    assert ckpt.config.nope_layers == ((3,) if scout else ()) and ckpt.config.moe_layers == ((0, 1, 2, 3) if scout else (1,))
+    assert ckpt.config.nope_layers == ((3,) if scout else ())
+    assert ckpt.config.moe_layers == ((0, 1, 2, 3) if scout else (1,))
     model = offload_moe.load(ckpt, device="cpu", dtype=torch.float32, cache_slots=2, profile=None, context_length=64)
     assert len(model.generate([1, 2, 3], max_new_tokens=3, temperature=0, ignore_eos=True).token_ids) == 3
 
