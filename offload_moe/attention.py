@@ -1,6 +1,7 @@
-"""The attention side of the decoder: RMSNorm, rotary embeddings (with YaRN), a preallocated KV
-cache, grouped-query attention (optional biases, q/k norms, clamp, sinks, sliding window) and
-multi-head latent attention (DeepSeek-V2), following transformers' math. `model.py` builds the
+"""The attention side of the decoder: RMSNorm, rotary embeddings (with YaRN or llama3 scaling), a
+preallocated KV cache, grouped-query attention (optional biases, q/k norms, clamp, sinks, sliding
+window; Llama 4's NoPE layers, L2 q/k norms and query temperature) and multi-head latent attention
+(DeepSeek-V2), following transformers' math. `model.py` builds the
 decoder layers from these and the MoE block.
 
 Shape letters: B batch, T new tokens, S cached positions, H hidden size, nh / nkv query / key-value
@@ -72,14 +73,33 @@ def _yarn(cfg: ModelConfig, d: int, device) -> tuple[torch.Tensor, float]:
     return inv_freq, attention_factor
 
 
+def _llama3(cfg: ModelConfig, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1 / 4's scaling of the inverse frequencies (d/2,): wavelengths beyond the original
+    context over low_freq_factor are divided by `factor`, those under it over high_freq_factor kept,
+    a smooth ramp between (transformers' `_compute_llama3_parameters`)."""
+    y = cfg.rope_scaling
+    factor, old = y["factor"], y["original_max_position_embeddings"]
+    low, high = y["low_freq_factor"], y["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
 def rope_tables(cfg: ModelConfig, max_seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: (max_seq_len, d), computed in fp32 then cast (as transformers does)."""
     d = cfg.rope_dim
-    if cfg.rope_scaling:
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") not in ("llama3", "freq_factors"):
         inv_freq, scale = _yarn(cfg, d, device)
     else:
         inv_freq, scale = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device)
                                                     .float() / d)), 1.0
+        if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "freq_factors":  # a GGUF's rope_freqs
+            inv_freq = inv_freq / torch.tensor(cfg.rope_scaling["factors"], device=device)
+        elif cfg.rope_scaling:
+            inv_freq = _llama3(cfg, inv_freq)
     freqs = torch.arange(max_seq_len, device=device).float()[:, None] * inv_freq[None, :]  # (S, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (S, d)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
@@ -163,9 +183,16 @@ class Attention(nn.Module):
     """Grouped-query attention; per family optional q/k/v (and o) biases, q/k RMSNorm per head
     ("head") or over the whole projection ("full"), a clamp of q, k, v, and attention sinks."""
 
-    def __init__(self, cfg: ModelConfig, window: int | None = None):
+    def __init__(self, cfg: ModelConfig, window: int | None = None, layer: int = 0):
         super().__init__()
         fam = cfg.family
+        # Llama 4: some layers skip RoPE (NoPE) and scale their queries by a temperature instead;
+        # the others rotate interleaved pairs, then take the L2 (weightless RMS) norm of q and k
+        self.rope = layer not in cfg.nope_layers
+        self.rotate = apply_rope_interleaved if fam.rope_interleaved else apply_rope_partial
+        self.l2_eps = cfg.rms_norm_eps if cfg.qk_l2_norm and self.rope else None
+        self.temperature = None if self.rope else cfg.attn_temperature  # (floor_scale, attn_scale)
+        self.query_scales: torch.Tensor | None = None  # (S, 1) the temperature by position (`setup`)
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = window  # the layer's sliding window (None: all earlier positions)
         self.gated = fam.attention_output_gate  # q_proj gives each head's query and then its output gate
@@ -195,8 +222,10 @@ class Attention(nn.Module):
 
     def prepare_cpu_decode(self) -> None:
         """Decode steps on the CPU compute everything between the projections in one call (not yet
-        with an output gate or partial rotary: those take the torch path)."""
-        if not self.gated and self.rot == self.hd:
+        with an output gate or partial rotary: those take the torch path; the C step knows neither
+        Llama 4's rotation, its L2 norms, its temperature nor its chunks)."""
+        if (not self.gated and self.rot == self.hd and self.rotate is apply_rope_partial and self.rope
+                and self.l2_eps is None and self.temperature is None):
             self.decode_step = AttentionStep(self, self.window)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -243,7 +272,12 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)                                          # (B, nh, T, hd)
         k = k.transpose(1, 2)                                          # (B, nkv, T, hd)
         v = v.reshape(B, T, self.nkv, self.hd).transpose(1, 2)         # (B, nkv, T, hd)
-        q, k = apply_rope_partial(q, cos, sin), apply_rope_partial(k, cos, sin)  # partial: first `rot` dims
+        if self.rope:  # partial rotary (`apply_rope_partial`): the first `rot` dims turn, the rest pass
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        if self.l2_eps is not None:
+            q, k = (F.rms_norm(t.float(), (self.hd,), eps=self.l2_eps).to(t.dtype) for t in (q, k))
+        if self.temperature is not None:
+            q = (q * self.query_scales[start:start + T]).to(q.dtype)           # scales (T, 1)
         if cache is not None:
             k, v = cache.update(start, k, v)                           # (B, nkv, S, hd)
         if self.sinks is None:
@@ -251,6 +285,14 @@ class Attention(nn.Module):
         else:
             y = self._attend_with_sinks(q, k, v, mask)
         return y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+
+    def setup(self, max_seq_len: int, device) -> None:
+        """Llama 4's NoPE layers: their query temperature at every position, once (`query_scales`)."""
+        if self.temperature is not None:
+            floor_scale, attn_scale = self.temperature
+            positions = torch.arange(max_seq_len, device=device).float()
+            # 1 + attn_scale * log(1 + floor((position + 1) / floor_scale)): far positions stay sharp
+            self.query_scales = (torch.log1p(torch.floor((positions + 1.0) / floor_scale)) * attn_scale + 1.0)[:, None]
 
     def _attend_with_sinks(self, q, k, v, mask) -> torch.Tensor:
         """Softmax over the keys and one learned logit per head that takes weight but has no value."""
@@ -290,7 +332,7 @@ class LatentAttention(nn.Module):
         # DeepSeek's checkpoints lay the rope dims out in (even, odd) pairs; `rope_interleave: false` halves
         self.rotate = apply_rope_interleaved if cfg.rope_interleave else apply_rope
         y = cfg.rope_scaling
-        if y and y["mscale_all_dim"]:  # YaRN's attention temperature, squared (transformers' yarn_apply_mscale)
+        if y and y.get("mscale_all_dim"):  # YaRN's attention temperature, squared (transformers' yarn_apply_mscale)
             self.scale *= yarn_mscale(y["factor"], y["mscale_all_dim"]) ** 2
 
     def forward(self, x, cos, sin, mask, cache, start) -> torch.Tensor:

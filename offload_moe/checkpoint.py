@@ -89,6 +89,7 @@ class Checkpoint:
         self.config = ModelConfig.load(self.path)
         q = self.config.quantization  # gpt-oss's own MXFP4 experts are a layout, not our format
         self.quant = None if is_mxfp4(q) else QuantSpec.from_config(q, str(self.path / "config.json"))
+        self.stored: dict[str, str] = {}  # our name -> the name in the file, where the family renames
         self.tensors = self._index()
         check_layers_present(self.config, self.tensors, self.path)  # before sizes from config.json are trusted
         self.layout = self._detect_layout()
@@ -117,14 +118,23 @@ class Checkpoint:
                 if tensor not in tensors or tensors[tensor].file.name != name:
                     raise OffloadMoeError(f"{self.path / name}: tensor {tensor!r} listed in the index is "
                                           "not in that shard")
-        # a multimodal checkpoint's language model (Qwen3.5: `model.language_model.*`) read under our names;
-        # its other parts (vision encoder, multi-token prediction) are not read
-        nested = self.config.family.language_model
-        self.stored = {"model." + n.removeprefix(nested): n for n in tensors if nested and n.startswith(nested)}
-        if not self.stored:
+        return self._rename(tensors)
+
+    def _rename(self, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """The family's names for the stored ones (Llama 4's `language_model.`, `feed_forward.`; Qwen3.5's
+        `model.language_model.`), without the tensors it does not read (a vision tower, an MTP layer);
+        `stored` keeps the way back."""
+        rename = self.config.family.rename
+        if rename is None:
             return tensors
-        return {ours: tensors[n] for ours, n in self.stored.items()} | \
-            {n: t for n, t in tensors.items() if n.startswith("lm_head.")}
+        ours = {}
+        for stored, info in tensors.items():
+            name = rename(stored)
+            if name is not None:
+                ours[name] = info
+                if name != stored:
+                    self.stored[name] = stored
+        return ours
 
     def _detect_layout(self) -> str:
         """The first of the family's stacked layouts whose first tensor is present, else per expert."""

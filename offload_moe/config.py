@@ -62,7 +62,12 @@ class ModelConfig:
     rotary_dim: int = 0
     linear_attention: LinearAttention | None = None  # the Gated DeltaNet of the "linear_attention" layers
     zero_centred_norms: bool = False    # RMSNorm weights are stored as weight - 1 (Qwen3-Next); GGUF stores weight
-    rope_scaling: dict[str, Any] | None = field(default=None, compare=False)  # YaRN parameters
+    rope_scaling: dict[str, Any] | None = field(default=None, compare=False)  # YaRN or llama3 parameters
+    # ---- Llama 4's attention ----
+    attention_chunk: int | None = None  # "chunked_attention" layers see only their own chunk of positions
+    nope_layers: tuple[int, ...] = ()   # layers without rotary embeddings (global attention)
+    qk_l2_norm: bool = False            # weightless RMS norm of each q and k head on the RoPE layers
+    attn_temperature: tuple[float, float] | None = None  # NoPE layers' query temperature: (floor_scale, attn_scale)
 
     # ---- layers ----
     @property
@@ -88,6 +93,13 @@ class ModelConfig:
         if self.layer_types and self.layer_types[layer] != "sliding_attention":
             return None
         return self.sliding_window
+
+    def chunk(self, layer: int) -> int | None:
+        """The chunk of one layer's local attention (Llama 4): a query sees the earlier positions of
+        its own chunk, positions c*chunk .. (c+1)*chunk - 1 (None: not chunked)."""
+        if self.layer_types and self.layer_types[layer] == "chunked_attention":
+            return self.attention_chunk
+        return None
 
     @property
     def rope_dim(self) -> int:

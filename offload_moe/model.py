@@ -1,5 +1,5 @@
 """The MoE decoder in plain PyTorch, following transformers' `MixtralForCausalLM` math; the other
-families (Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2, gpt-oss) are small branches switched by
+families (Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2, gpt-oss, Llama 4) are small branches switched by
 `ModelConfig` fields and the family's adapter (`cfg.family`, see `arch`).
 
 Read top to bottom (norms, rotary embeddings, the KV cache and both attentions are in
@@ -93,7 +93,18 @@ def sigmoid_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | 
     return weights * cfg.routed_scaling_factor, ids
 
 
-ROUTER_RULES = {"softmax_topk": softmax_topk, "topk_softmax": topk_softmax, "sigmoid_topk": sigmoid_topk}
+def topk_sigmoid(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
+    """Top-k of the logits, each through a sigmoid on its own (Llama 4, top-1)."""
+    if forced is not None:
+        ids = forced.to(logits.device)
+        top = logits.gather(-1, ids)
+    else:
+        top, ids = torch.topk(logits, cfg.top_k, dim=-1)              # (N, k)
+    return torch.sigmoid(top.float()), ids
+
+
+ROUTER_RULES = {"softmax_topk": softmax_topk, "topk_softmax": topk_softmax, "sigmoid_topk": sigmoid_topk,
+                "topk_sigmoid": topk_sigmoid}
 
 
 class MLP(nn.Module):
@@ -156,6 +167,7 @@ class MoEBlock(nn.Module):
         fam = cfg.family
         self.cfg, self.layer, self.top_k, self.num_experts = cfg, layer, cfg.top_k, cfg.num_experts
         self.rule, self.router_fp32 = ROUTER_RULES[fam.router_rule], fam.router_fp32
+        self.scales_input = fam.router_scales_input  # Llama 4: the weight multiplies the expert's input
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=fam.router_bias)
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts)) if fam.score_bias else None  # (E,)
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size) if cfg.shared_expert_size else None
@@ -201,8 +213,12 @@ class MoEBlock(nn.Module):
             choice = {e: j for j, e in enumerate(host[:k].tolist())}
             outs: list[torch.Tensor | None] = [None] * k
             for e, expert in self.experts.fetch(self.layer, sorted(choice), N, ahead):
-                outs[choice[e]] = expert(h, None)                     # (1, H)
-            y = (torch.cat(outs) * weights.view(k, 1)).sum(dim=0, keepdim=True)   # (k, H) -> (1, H)
+                j = choice[e]
+                outs[j] = expert(h * weights[:, j:j + 1], None) if self.scales_input else expert(h, None)  # (1, H)
+            if self.scales_input:
+                y = torch.cat(outs).sum(dim=0, keepdim=True)          # (k, H) -> (1, H)
+            else:
+                y = (torch.cat(outs) * weights.view(k, 1)).sum(dim=0, keepdim=True)   # (k, H) -> (1, H)
         else:
             row_weights = weights.flatten()                           # (N*k,)
             out = h.new_zeros(N * k, H)                               # (N*k, H)
@@ -214,7 +230,10 @@ class MoEBlock(nn.Module):
             for e, expert in self.experts.fetch(self.layer, used, N, ahead):
                 start, end = ends[e] - counts[e], ends[e]
                 rows = order[start:end]                               # flat (token, choice) indices
-                out[rows] = expert(h, token_of[start:end]) * row_weights[rows, None]  # (n_e, H)
+                if self.scales_input:
+                    out[rows] = expert(h[token_of[start:end]] * row_weights[rows, None], None)  # (n_e, H)
+                else:
+                    out[rows] = expert(h, token_of[start:end]) * row_weights[rows, None]  # (n_e, H)
             y = out.view(N, k, H).sum(dim=1)                          # (N, H)
         if self.shared_expert is not None:
             shared = self.shared_expert(h)
@@ -235,7 +254,7 @@ class DecoderLayer(nn.Module):
         if self.linear:  # Gated DeltaNet: a recurrent state instead of a KV cache
             self.linear_attn = GatedDeltaNet(cfg)
         else:
-            self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg, cfg.window(layer))
+            self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg, cfg.window(layer), layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fp32)
         self.dense = layer in cfg.dense_layers
         if self.dense:
@@ -264,7 +283,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts) for i in range(cfg.num_layers))
-        self.windows = [cfg.window(i) for i in range(cfg.num_layers)]  # each layer's sliding window
+        self.spans = [(cfg.window(i), cfg.chunk(i)) for i in range(cfg.num_layers)]  # sliding window, chunk
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.norm_scale_fp32)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.kv_caches: list[KVCache] = []
@@ -280,7 +299,8 @@ class Transformer(nn.Module):
         self.device, self.max_seq_len = torch.device(device), max_seq_len
         try:
             # DeepSeek rotates in fp32 from fp32 tables; the others cast the tables to the compute dtype
-            self.cos, self.sin = rope_tables(cfg, max_seq_len, device, torch.float32 if cfg.mla else dtype)
+            fp32 = cfg.mla or cfg.family.rope_interleaved  # so is Llama 4's complex product
+            self.cos, self.sin = rope_tables(cfg, max_seq_len, device, torch.float32 if fp32 else dtype)
             if cfg.mla:  # the latent and the rotated key part, shared by all heads
                 shape = (1, max_seq_len, cfg.mla.kv_lora_rank, device, dtype, cfg.mla.qk_rope_head_dim)
             else:
@@ -297,12 +317,16 @@ class Transformer(nn.Module):
                                   f"tables cannot be allocated on {device} (out of memory: a memory limit such "
                                   "as ulimit -v or a cgroup?); lower --context-length") from None
         self.kv_rows = [list(rows) for rows in zip(*(c.rows() for c in self.kv_caches))]
-        # context shift for grouped-query attention (MLA's rotated key part is untested: no shift there)
+        for layer in self.layers:
+            if not layer.linear and isinstance(layer.self_attn, Attention):
+                layer.self_attn.setup(max_seq_len, device)
+        # context shift for grouped-query attention (MLA's rotated key part is untested, Llama 4's NoPE and
+        # chunked layers would need their own: no shift there)
         # a recurrent state holds a whole sequence: no context shift, no partial reuse (`KVSlots`)
         recurrent = cfg.linear_attention is not None
+        shift = None if cfg.mla or recurrent or cfg.family.rope_interleaved else self.shift_kv
         self.kv_slots = KVSlots([c for c in self.kv_caches if isinstance(c, KVCache)],
-                                getattr(self.kv_slots, "keep_bytes", DEFAULT_KEEP_BYTES),
-                                shift=None if cfg.mla or recurrent else self.shift_kv, recurrent=recurrent)
+                                getattr(self.kv_slots, "keep_bytes", DEFAULT_KEEP_BYTES), shift=shift, recurrent=recurrent)
         # decode's routing ids and the next layers' guesses come back in one copy per MoE layer
         depth = min(self.experts.prefetch_depth, cfg.num_moe_layers - 1)
         self.ids_to_host = HostIds(max_batch * cfg.top_k * (1 + max(depth, 0)), device)
@@ -349,15 +373,20 @@ class Transformer(nn.Module):
         """The MoE block of each MoE layer, in the expert engine's numbering (dense layers have none)."""
         return [self.layers[i].block_sparse_moe for i in self.config.moe_layers]
 
-    def attention_mask(self, start: int, T: int, S: int, window: int | None = None) -> torch.Tensor | None:
-        """(T, S) boolean: query at position start+t sees keys at positions <= it, within the window."""
-        if T == 1 and (window is None or S <= window):
+    def attention_mask(self, start: int, T: int, S: int, span: tuple[int | None, int | None] = (None, None)
+                       ) -> torch.Tensor | None:
+        """(T, S) boolean: query at position start+t sees keys at positions <= it, within the sliding
+        window and the chunk of `span` = (window, chunk)."""
+        window, chunk = span
+        if T == 1 and (window is None or S <= window) and (chunk is None or start < chunk):
             return None  # a single new token sees everything cached
         q_pos = torch.arange(start, start + T, device=self.device)[:, None]
         k_pos = torch.arange(S, device=self.device)[None, :]
         mask = k_pos <= q_pos
         if window is not None:
             mask = mask & (k_pos > q_pos - window)
+        if chunk is not None:
+            mask = mask & (k_pos // chunk == q_pos // chunk)
         return mask
 
     @torch.no_grad()
@@ -372,13 +401,13 @@ class Transformer(nn.Module):
         if end > self.max_seq_len:
             raise ValueError(f"sequence of {end} positions exceeds the context of {self.max_seq_len}")
         cos, sin = self.cos[start:end], self.sin[start:end]
-        masks = {w: self.attention_mask(start, T, end if use_cache else T, w) for w in set(self.windows)}
+        masks = {w: self.attention_mask(start, T, end if use_cache else T, w) for w in set(self.spans)}
         caches = (self.kv_caches if slot is None else self.kv_rows[slot]) if use_cache else [None] * len(self.layers)
         written = (range(B) if slot is None else (slot,)) if use_cache else ()
         self.kv_slots.stale.update(written)  # recurrent states change in place: not reusable should this raise
         x = self.embed_tokens(tokens)                                  # (B, T, H)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[self.windows[i]], caches[i], start, self.moe_step)
+            x = layer(x, cos, sin, masks[self.spans[i]], caches[i], start, self.moe_step)
         self.kv_slots.stale.difference_update(written)
         if last_only:
             x = x[:, -1:]
@@ -395,11 +424,11 @@ class Transformer(nn.Module):
             raise ValueError(f"position {max(positions)} exceeds the context of {self.max_seq_len}")
         cos = [self.cos[p:p + 1] for p in positions]                   # B x (1, d)
         sin = [self.sin[p:p + 1] for p in positions]
-        masks = {w: [self.attention_mask(p, 1, p + 1, w) for p in positions] for w in set(self.windows)}
+        masks = {w: [self.attention_mask(p, 1, p + 1, w) for p in positions] for w in set(self.spans)}
         x = self.embed_tokens(tokens.view(B, 1))                       # (B, 1, H)
         self.kv_slots.stale.update(slots)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[self.windows[i]], [self.kv_rows[s][i] for s in slots], positions,
+            x = layer(x, cos, sin, masks[self.spans[i]], [self.kv_rows[s][i] for s in slots], positions,
                       self.moe_step)
         self.kv_slots.stale.difference_update(slots)
         return self.lm_head(self.norm(x)).float()[:, 0]               # (B, V)

@@ -29,6 +29,12 @@ from .quant.groupwise import QuantizedWeight
 from .quant.pack import SUPPORTED_BITS, packed_cols
 from .synthetic_sigmoid import SIGMOID_MODELS
 
+LLAMA4_TEXT = dict(model_type="llama4_text", vocab_size=202048, hidden_size=5120, intermediate_size=8192,
+                   intermediate_size_mlp=16384, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                   head_dim=128, num_experts_per_tok=1, no_rope_layer_interval=4, attention_chunk_size=8192,
+                   attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1, rms_norm_eps=1e-5,
+                   rope_theta=500000.0, bos_token_id=200000, eos_token_id=[200001, 200007, 200008],
+                   torch_dtype="bfloat16")
 # Published config.json values (the fields our ModelConfig reads).
 KNOWN_MODELS = {
     "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
@@ -83,10 +89,19 @@ KNOWN_MODELS = {
                             linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
                             linear_conv_kernel_dim=4, partial_rotary_factor=0.25, rms_norm_eps=1e-6,
                             rope_theta=1e7, max_position_embeddings=262144, torch_dtype="bfloat16"),
+    # Llama 4's text models (MoE and NoPE layers from interleave_moe_layer_step and no_rope_layer_interval,
+    # as transformers derives them, so `layers` can cut them short)
+    "llama-4-scout-17b-16e": dict(LLAMA4_TEXT, num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True,
+                                  max_position_embeddings=262144,
+                                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                    high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "llama-4-maverick-17b-128e": dict(LLAMA4_TEXT, num_local_experts=128, interleave_moe_layer_step=2,
+                                      use_qk_norm=False, max_position_embeddings=1048576),
 }
 KNOWN_MODELS |= SIGMOID_MODELS  # DeepSeek-V3, Kimi-K2, GLM-4.5/-Air, GLM-4.7-Flash, MiniMax-M2 (synthetic_sigmoid.py)
 # Widths that `scale` shrinks, and the multiple each is rounded to.
 _SCALED = {"rotary_dim": 8, "intermediate_size": 64, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
+           "intermediate_size_mlp": 64,
            "kv_lora_rank": 8, "q_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
            "linear_key_head_dim": 8, "linear_value_head_dim": 8}
 

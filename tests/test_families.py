@@ -153,7 +153,7 @@ def test_unsupported_model_type_names_it_and_lists_the_supported(tmp_path):
     assert f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}" in message
     assert set(SUPPORTED_MODEL_TYPES) == {"mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "gpt_oss",
                                           "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "minimax_m2",
-                                          "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text"}
+                                          "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "llama4", "llama4_text"}
 
 
 # ---- published full-size configs: parameter counts by hand, and a plan under 8 GB / 12 GB ----

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 import offload_moe
 from offload_moe.experts.costs import CostModel, Throughput
@@ -79,6 +80,16 @@ def test_one_sync_per_moe_layer_and_token_sigmoid_routing(name, mode, decode_pat
     """The sigmoid-routed families (issue 27): routing, groups and the selection bias stay on the device."""
     from test_families_sigmoid import tiny_sigmoid_model
     tiny_sigmoid_model(name).save_pretrained(tmp_path)
+    assert_one_per_moe_layer_and_token(offload_moe.load(tmp_path, device="cpu", **MODES[mode]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["scout", "maverick"])
+def test_llama4_one_sync_per_moe_layer_and_token(name, mode, decode_path, tmp_path):
+    """Llama 4's top-1 sigmoid routing, its weight scaling the expert's input, stays on the device too
+    (with dense layers between the MoE ones in Maverick's shape)."""
+    from test_llama4 import CASES, randomize, text_config
+    randomize(transformers.Llama4ForCausalLM(text_config(name)), CASES[name][0]).save_pretrained(tmp_path)
     assert_one_per_moe_layer_and_token(offload_moe.load(tmp_path, device="cpu", **MODES[mode]))
 
 

@@ -70,7 +70,11 @@ class Family:
     expert_bias: bool = False           # the expert matrices carry biases (gpt-oss)
     norm_scale_fp32: bool = False       # RMSNorm multiplies by its weight in fp32, then casts (gpt-oss)
     attention_output_gate: bool = False  # q_proj also gives a per-head gate: o_proj(attn * sigmoid(gate)) (Qwen3-Next)
-    language_model: str = ""            # a multimodal checkpoint's prefix for the language model, read as `model.`
+    router_scales_input: bool = False   # the routing weight multiplies the expert's input, not its output (Llama 4)
+    rope_interleaved: bool = False      # RoPE rotates (2i, 2i+1) pairs in fp32, as a complex product (Llama 4)
+    # stored tensor name -> our name (`model.layers.{i}.mlp...`), None for tensors the text model does not
+    # use (a vision tower); None: names are ours already
+    rename: Callable[[str], str | None] | None = None
 
 
 def layer_prefix(layer: int) -> str:

@@ -27,7 +27,17 @@ def parse(r: ConfigReader) -> dict:
     return dict(**c, **hybrid_fields(r, c["num_layers"], "split"), norm_topk_prob=True)
 
 
+TEXT = ("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head.")
+
+
+def rename(stored: str) -> str | None:
+    """A stored tensor name -> ours (`model.language_model.*` read as `model.*`), or None for the vision
+    encoder and the multi-token-prediction layer."""
+    if stored.startswith("model.language_model."):
+        stored = "model." + stored.removeprefix("model.language_model.")
+    return stored if stored.startswith(TEXT) else None
+
+
 FAMILY = Family(model_type="qwen3_5_moe", parse=parse, qk_norm="head", shared_expert_gate=True,
-                attention_output_gate=True, norm_scale_fp32=True,
-                language_model="model.language_model.")
-TEXT_FAMILY = replace(FAMILY, model_type="qwen3_5_moe_text", language_model="")  # the language model alone (`Qwen3_5MoeForCausalLM`)
+                attention_output_gate=True, norm_scale_fp32=True, rename=rename)
+TEXT_FAMILY = replace(FAMILY, model_type="qwen3_5_moe_text", rename=None)  # the language model alone (`Qwen3_5MoeForCausalLM`)

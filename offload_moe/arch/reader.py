@@ -25,7 +25,8 @@ LIMITS = {"num_hidden_layers": 4096, "vocab_size": 2**24, "hidden_size": 2**20, 
           "max_window_layers": 4096, "n_group": 2**16, "topk_group": 2**16,
           "original_max_position_embeddings": 2**31, "linear_num_key_heads": 2**14, "linear_num_value_heads": 2**14,
           "linear_key_head_dim": 2**14, "linear_value_head_dim": 2**14, "linear_conv_kernel_dim": 64,
-          "full_attention_interval": 4096}
+          "full_attention_interval": 4096, "intermediate_size_mlp": 2**22, "attention_chunk_size": 2**31,
+          "interleave_moe_layer_step": 4096, "no_rope_layer_interval": 4096}
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class ConfigReader:
         return next((k for k in keys if self.raw.get(k) is not None), keys[0])
 
     def rope(self) -> tuple[float, dict[str, Any] | None]:
-        """(rope_theta, YaRN parameters or None), from transformers >= 5's nested `rope_parameters`
+        """(rope_theta, YaRN or llama3 parameters or None), from transformers >= 5's nested `rope_parameters`
         or the older `rope_theta` + `rope_scaling`."""
         params = self.raw.get("rope_parameters")  # transformers >= 5 nests it
         if isinstance(params, dict) and "rope_theta" in params:
@@ -140,10 +141,20 @@ class ConfigReader:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type == "default":
             return theta, None
+        y = ConfigReader(scaling, self.source)
+        if rope_type == "freq_factors":  # a GGUF's rope_freqs tensor (llama.cpp): each frequency's divisor
+            factors = scaling.get("factors")
+            if not isinstance(factors, list) or not all(isinstance(v, float) and 0 < v < 1e30 for v in factors):
+                y.fail("factors", "a list of positive numbers")
+            return theta, {"rope_type": "freq_factors", "factors": tuple(factors)}
+        if rope_type == "llama3":  # Llama 3.1 / 4: low frequencies divided by factor, a smooth ramp between
+            return theta, {"rope_type": "llama3", "factor": y.float("factor", None) or y.fail("factor", "a number > 0"),
+                           "low_freq_factor": y.float("low_freq_factor", 1.0),
+                           "high_freq_factor": y.float("high_freq_factor", 4.0),
+                           "original_max_position_embeddings": y.int("original_max_position_embeddings")}
         if rope_type != "yarn":
             raise OffloadMoeError(f"{self.source}: rope_type {rope_type!r} is not supported "
-                                  "(supported: default, yarn)")
-        y = ConfigReader(scaling, self.source)
+                                  "(supported: default, yarn, llama3)")
         keys = ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor")
         yarn = {k: y.float(k, None) if scaling.get(k) != 0 else None for k in keys} | {  # 0 means unset
             "original_max_position_embeddings": y.int("original_max_position_embeddings"),

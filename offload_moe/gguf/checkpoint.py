@@ -48,7 +48,8 @@ EXPERT_MATRICES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_e
 EXPERT_BIASES = {"b1": "ffn_gate_exps", "b3": "ffn_up_exps", "b2": "ffn_down_exps"}
 GGUF_ARCH = {"mixtral": "LLAMA", "qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "olmoe": "OLMOE",
              "deepseek_v2": "DEEPSEEK2", "gpt_oss": "GPT_OSS", "deepseek_v3": "DEEPSEEK2", "glm4_moe": "GLM4_MOE",
-             "minimax_m2": "MINIMAXM2", "qwen3_next": "QWEN3NEXT", "qwen3_5_moe_text": "QWEN35MOE"}
+             "minimax_m2": "MINIMAXM2", "qwen3_next": "QWEN3NEXT", "qwen3_5_moe_text": "QWEN35MOE",
+             "llama4_text": "LLAMA4"}
 # Gated DeltaNet tensors (ours after `linear_attn.`) -> llama.cpp's, after `blk.{i}.`
 LINEAR_ATTN = {"in_proj_qkv.weight": "attn_qkv.weight", "in_proj_z.weight": "attn_gate.weight",
                "in_proj_b.weight": "ssm_beta.weight", "in_proj_a.weight": "ssm_alpha.weight",

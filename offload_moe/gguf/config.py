@@ -4,9 +4,9 @@ llama.cpp's converter writes `{arch}.*` keys (`gguf.Keys.LLM`) in place of confi
 rebuild the config.json keys our parsers read from them, so every check and default is shared.
 Each key is read with the type we expect (`GGUFFile.typed`): a string `embedding_length` or a
 list where a number belongs is one line naming the file and the key. Architectures, as the converter names them: Mixtral is `llama` with expert tensors; `qwen3moe`,
-`qwen2moe`, `olmoe`, `deepseek2`, `gpt-oss`. Where llama.cpp fixes a behaviour in code rather than
-in the file, so do we (e.g. qwen3moe always renormalises its top-k weights; gpt-oss alternates
-sliding and full attention from layer 0).
+`qwen2moe`, `olmoe`, `deepseek2`, `gpt-oss`, `llama4`. Where llama.cpp fixes a behaviour in code rather
+than in the file, so do we (e.g. qwen3moe always renormalises its top-k weights; gpt-oss alternates
+sliding and full attention from layer 0; llama4's chunks, NoPE layers and temperature).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from .reader import GGUFFile
 
 ARCHES = {"llama": "mixtral", "qwen3moe": "qwen3_moe", "qwen2moe": "qwen2_moe", "olmoe": "olmoe",
           "deepseek2": "deepseek_v2", "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2",
-          "qwen3next": "qwen3_next", "qwen35moe": "qwen3_5_moe_text"}
+          "qwen3next": "qwen3_next", "qwen35moe": "qwen3_5_moe_text",
+          "llama4": "llama4_text"}
 SIGMOID = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 FLOAT_NAMES = {0: "float32", 1: "float16", 30: "bfloat16"}  # ggml F32, F16, BF16
 BLOCK_TENSOR = re.compile(r"blk\.(\d{1,6})\.")
@@ -194,6 +195,8 @@ def config_json(f: GGUFFile) -> dict:
                 (i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" in f.tensors), layers)}
         elif key("expert_gating_func", 1) not in (0, 1):  # 1: softmax (V2); 2: sigmoid (V3)
             raw["scoring_func"] = "sigmoid"
+    elif mt == "llama4_text":
+        raw |= llama4_keys(f, key, experts, expert_ff, ff, window, raw)
     scaling = key("rope.scaling.type", None, "a string")
     if scaling == "yarn":
         log_mul = number("rope.scaling.yarn_log_multiplier", 0.0)
@@ -207,3 +210,27 @@ def config_json(f: GGUFFile) -> dict:
         raise OffloadMoeError(f"{f.path}: {arch}.rope.scaling.type = {scaling!r} is not supported "
                               "(supported: none, yarn)")
     return {k: v for k, v in raw.items() if v is not None}
+
+
+def llama4_keys(f: GGUFFile, key, experts: int, expert_ff, ff, window, raw: dict) -> dict:
+    """llama4's config.json keys. llama.cpp fixes in code (src/models/llama4.cpp) what Meta's config
+    says: chunks of 8192 positions on the RoPE layers, every 4th layer NoPE with the temperature of
+    floor_scale 8192 and attn_scale 0.1, L2 q/k norms unless there are 128 experts (Maverick);
+    `attention.sliding_window` = 0 turns chunks off. The converter writes llama3 RoPE scaling as
+    the per-frequency divisors of `rope_freqs.weight`."""
+    layers = raw["num_hidden_layers"]
+    chunked = window != 0
+    keys = {"num_local_experts": experts, "intermediate_size": expert_ff, "intermediate_size_mlp": ff,
+            "interleave_moe_layer_step": key("interleave_moe_layer_step", 1),
+            "head_dim": key("rope.dimension_count", raw["head_dim"]), "use_qk_norm": experts != 128,
+            "no_rope_layers": [int((i + 1) % (4 if chunked else layers) != 0) for i in range(layers)],
+            "attention_chunk_size": 8192 if chunked else None, "attn_temperature_tuning": chunked,
+            "floor_scale": 8192, "attn_scale": 0.1}
+    factors = f.tensors.get("rope_freqs.weight")
+    if factors is not None:
+        half = keys["head_dim"] // 2
+        if factors.type != 0 or factors.shape != (half,):  # ggml F32
+            raise OffloadMoeError(f"{factors.file}: tensor 'rope_freqs.weight' is ggml type {factors.type} of shape "
+                                  f"{list(factors.shape)}, expected F32 [{half}] (one divisor per RoPE frequency)")
+        keys["rope_scaling"] = {"rope_type": "freq_factors", "factors": [float(x) for x in factors.data]}
+    return keys

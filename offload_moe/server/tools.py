@@ -7,7 +7,9 @@ parsed back into `tool_calls`, for the formats the families' chat templates defi
   `final` channel being the answer and `analysis` the reasoning (not returned as content);
 - GLM-4.5 (`<tool_call>NAME<arg_key>..</arg_key><arg_value>..</arg_value></tool_call>`), DeepSeek-V3
   (`<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>`) and Kimi-K2 (`<|tool_calls_section_begin|>...`):
-  sections found here, their bodies read by `tool_bodies`.
+  sections found here, their bodies read by `tool_bodies`;
+- Llama 4: a reply that is `{"name": ..., "parameters": {...}}` (one or more, as its template asks),
+  optionally after `<|python_start|>...<|python_end|>` as the template writes an assistant's calls.
 
 Which format applies is read from the chat template itself (the markers it writes), never from a
 file name. A parser is fed the generated text piece by piece (special tokens kept) and returns what
@@ -24,12 +26,14 @@ import uuid
 from .responses import bad
 from .tool_bodies import parse_deepseek, parse_glm, parse_kimi
 
-HERMES, MISTRAL, HARMONY, GLM, DEEPSEEK, KIMI = "hermes", "mistral", "harmony", "glm", "deepseek", "kimi"
+HERMES, MISTRAL, HARMONY, GLM, DEEPSEEK, KIMI, LLAMA4 = ("hermes", "mistral", "harmony", "glm", "deepseek", "kimi",
+                                                         "llama4")
 # the formats whose calls sit between a begin and an end marker: (begin, end, body -> [(name, args)] or None)
 SECTIONS = {HERMES: ("<tool_call>", "</tool_call>", lambda body: _parse_json_call(body)),
             GLM: ("<tool_call>", "</tool_call>", parse_glm),
             DEEPSEEK: ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", parse_deepseek),
             KIMI: ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", parse_kimi)}
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
 
 
 def tool_format(chat_template: str | None) -> str | None:
@@ -39,6 +43,8 @@ def tool_format(chat_template: str | None) -> str | None:
         return HARMONY
     if "[TOOL_CALLS]" in t:
         return MISTRAL
+    if PYTHON_START in t and '"parameters": ' in t:
+        return LLAMA4
     if "tool▁calls▁begin" in t:
         return DEEPSEEK
     if "<|tool_calls_section_begin|>" in t:
@@ -169,6 +175,22 @@ class ToolCallParser:
         self.calls += calls
         return content, calls
 
+    # -- Llama 4: the whole reply is the calls when it opens with `{` or <|python_start|>
+    def _llama4(self, done: bool) -> tuple[str, list[dict]]:
+        head = self.text.lstrip()
+        opens_call = head.startswith(("{", PYTHON_START)) or (head and PYTHON_START.startswith(head))
+        if self.shown == 0 and (not head or opens_call) and not done:
+            return "", []                  # undecided, or a call still being written: hold it
+        if self.shown == 0 and opens_call:
+            content, calls = _parse_llama4(head)
+            if calls:
+                self.shown = len(self.text)
+                self.calls += calls
+                return content, calls
+        content = self.text[self.shown:]   # plain text (or calls that do not parse): content as it comes
+        self.shown = len(self.text)
+        return content, []
+
     # -- gpt-oss harmony
     def _harmony(self, done: bool) -> tuple[str, list[dict]]:
         messages = _harmony_messages(self.text)
@@ -207,6 +229,33 @@ def _parse_json_call(body: str) -> list[tuple[str, object]] | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     return [(obj["name"], obj.get("arguments", obj.get("parameters", {})))]
+
+
+def _parse_llama4(text: str) -> tuple[str, list[dict]]:
+    """(content, calls) of a Llama 4 reply `[<|python_start|>content<|python_end|>]{call}[; {call}...]`,
+    each call `{"name": str, "parameters": {...}}` (or a JSON list of them); no calls when any part
+    does not parse."""
+    content = ""
+    if text.startswith(PYTHON_START):
+        inner, _, text = text[len(PYTHON_START):].partition(PYTHON_END)
+        if not text.strip():           # the calls themselves inside the python block
+            inner, text = "", inner
+        content = inner
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while True:
+        while at < len(text) and text[at] in " \t\r\n;,":
+            at += 1
+        if at == len(text):
+            break
+        try:
+            obj, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return "", []
+        for item in obj if isinstance(obj, list) else [obj]:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                return "", []
+            calls.append(new_call(item["name"], item.get("parameters", item.get("arguments", {}))))
+    return content, calls
 
 
 def _parse_mistral(body: str) -> list[dict] | None:
