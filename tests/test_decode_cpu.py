@@ -18,8 +18,10 @@ BF16_ULP = 2 ** -7   # one bf16 step at magnitude 1
 
 
 def attention_config(nh, nkv, hd, qk_norm=None, clip=None, sinks=False):
-    family = SimpleNamespace(qk_norm=qk_norm, attention_sinks=sinks, rope_interleaved=False)
-    return SimpleNamespace(family=family, qk_norm=qk_norm, num_heads=nh, num_kv_heads=nkv, head_dim=hd, hidden_size=48,
+    family = SimpleNamespace(qk_norm=qk_norm, attention_sinks=sinks, rope_interleaved=False,
+                             attention_output_gate=False, norm_scale_fp32=False)
+    return SimpleNamespace(family=family, qk_norm=qk_norm, rope_dim=hd, num_heads=nh, num_kv_heads=nkv, head_dim=hd,
+                           hidden_size=48,
                            qkv_bias=False, o_bias=False, clip_qkv=clip, rms_norm_eps=1e-5,
                            nope_layers=(), qk_l2_norm=False, attn_temperature=None)
 
