@@ -6,8 +6,9 @@ parsed back into `tool_calls`, for the formats the families' chat templates defi
 - gpt-oss (harmony): messages `<|channel|>commentary to=functions.NAME ... <|message|>{json}`, the
   `final` channel being the answer and `analysis` the reasoning (not returned as content);
 - GLM-4.5 (`<tool_call>NAME<arg_key>..</arg_key><arg_value>..</arg_value></tool_call>`), DeepSeek-V3
-  (`<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>`) and Kimi-K2 (`<|tool_calls_section_begin|>...`):
-  sections found here, their bodies read by `tool_bodies`.
+  (`<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>`), Kimi-K2 (`<|tool_calls_section_begin|>...`) and
+  MiniMax-M2 (`<minimax:tool_call><invoke name=..>...`): sections found here, their bodies read by
+  `tool_bodies`.
 
 Which format applies is read from the chat template itself (the markers it writes), never from a
 file name. A parser is fed the generated text piece by piece (special tokens kept) and returns what
@@ -22,14 +23,16 @@ import re
 import uuid
 
 from .responses import bad
-from .tool_bodies import parse_deepseek, parse_glm, parse_kimi
+from .tool_bodies import parse_deepseek, parse_glm, parse_kimi, parse_minimax
 
-HERMES, MISTRAL, HARMONY, GLM, DEEPSEEK, KIMI = "hermes", "mistral", "harmony", "glm", "deepseek", "kimi"
+HERMES, MISTRAL, HARMONY, GLM, DEEPSEEK, KIMI, MINIMAX = ("hermes", "mistral", "harmony", "glm", "deepseek", "kimi",
+                                                          "minimax")
 # the formats whose calls sit between a begin and an end marker: (begin, end, body -> [(name, args)] or None)
 SECTIONS = {HERMES: ("<tool_call>", "</tool_call>", lambda body: _parse_json_call(body)),
             GLM: ("<tool_call>", "</tool_call>", parse_glm),
             DEEPSEEK: ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", parse_deepseek),
-            KIMI: ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", parse_kimi)}
+            KIMI: ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", parse_kimi),
+            MINIMAX: ("<minimax:tool_call>", "</minimax:tool_call>", parse_minimax)}
 
 
 def tool_format(chat_template: str | None) -> str | None:
@@ -43,6 +46,8 @@ def tool_format(chat_template: str | None) -> str | None:
         return DEEPSEEK
     if "<|tool_calls_section_begin|>" in t:
         return KIMI
+    if "<minimax:tool_call>" in t:
+        return MINIMAX
     if "<tool_call>" in t and "<arg_key>" in t:
         return GLM
     if "<tool_call>" in t:
