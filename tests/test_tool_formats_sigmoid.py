@@ -1,11 +1,11 @@
-"""Tool calls of GLM-4.5/4.6/4.7, DeepSeek-V3/R1/V3.1 and Kimi-K2 parse into `tool_calls` (issue 27),
+"""Tool calls of GLM-4.5/4.6/4.7, DeepSeek-V3/R1/V3.1, Kimi-K2 and MiniMax-M2 parse into `tool_calls` (issue 27),
 in the syntax their published chat templates write, fed piece by piece as generation streams it."""
 
 import json
 
 import pytest
 
-from offload_moe.server.tools import DEEPSEEK, GLM, HERMES, KIMI, ToolCallParser, tool_format
+from offload_moe.server.tools import DEEPSEEK, GLM, HERMES, KIMI, MINIMAX, ToolCallParser, tool_format
 
 
 def feed_all(fmt, text, size=3):
@@ -35,6 +35,10 @@ DSV31 = ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜
 KIMI_K2 = ("I'll check.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
            '<|tool_call_argument_begin|>{"city": "Lima"}<|tool_call_end|><|tool_call_begin|>functions.get_time:1'
            "<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|>")
+# MiniMax-M2: invokes with parameters, strings raw
+MINIMAX_M2 = ('Sure.\n<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">Paris</parameter>\n'
+              '<parameter name="days">2</parameter>\n</invoke>\n<invoke name="get_time">\n</invoke>\n'
+              "</minimax:tool_call>")
 
 CASES = {
     "glm-4.5": (GLM, GLM45, "Let me look.\n",
@@ -44,6 +48,7 @@ CASES = {
                     [("get_weather", {"city": "Paris"}), ("get_time", {})]),
     "deepseek-v3.1": (DEEPSEEK, DSV31, "", [("get_weather", {"city": "Oslo"})]),
     "kimi-k2": (KIMI, KIMI_K2, "I'll check.", [("get_weather", {"city": "Lima"}), ("get_time", {})]),
+    "minimax-m2": (MINIMAX, MINIMAX_M2, "Sure.\n", [("get_weather", {"city": "Paris", "days": 2}), ("get_time", {})]),
 }
 
 
@@ -56,7 +61,8 @@ def test_calls_parse_whatever_the_pieces(case, size):
 
 @pytest.mark.parametrize("fmt,text", [(GLM, "Use <tool_call>not a name!</tool_call> here"),
                                       (DEEPSEEK, "<｜tool▁calls▁begin｜>garbage<｜tool▁calls▁end｜>"),
-                                      (KIMI, "<|tool_calls_section_begin|>junk<|tool_calls_section_end|>")])
+                                      (KIMI, "<|tool_calls_section_begin|>junk<|tool_calls_section_end|>"),
+                                      (MINIMAX, '<minimax:tool_call><invoke name="a b"></invoke></minimax:tool_call>')])
 def test_what_is_not_a_call_stays_text(fmt, text):
     assert feed_all(fmt, text) == (text, [])
 
@@ -70,4 +76,5 @@ def test_the_format_is_read_from_the_template():
     assert tool_format("<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>") == GLM
     assert tool_format("{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>'}}") == DEEPSEEK
     assert tool_format("<|tool_calls_section_begin|>{%- for tool_call in message.tool_calls -%}") == KIMI
+    assert tool_format('<minimax:tool_call>\n<invoke name="tool-name-1">') == MINIMAX
     assert tool_format('<tool_call>\n{"name": <function-name>}\n</tool_call>') == HERMES

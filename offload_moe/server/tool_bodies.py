@@ -9,6 +9,8 @@ sections; these read what is between their markers), as the families' chat templ
   `NAME<｜tool▁sep｜>{json}` in the call instead.
 - Kimi-K2: `<|tool_calls_section_begin|>`, per call `<|tool_call_begin|>functions.NAME:IDX
   <|tool_call_argument_begin|>{json}<|tool_call_end|>`, then `<|tool_calls_section_end|>`.
+- MiniMax-M2: `<minimax:tool_call>`, per call `<invoke name="NAME">` with `<parameter name="K">V</parameter>`
+  per argument (values as GLM's: strings raw, others JSON) and `</invoke>`, then `</minimax:tool_call>`.
 
 Each returns [(name, arguments)] or None where the body is not that format (then it is shown as text).
 """
@@ -90,3 +92,19 @@ def parse_kimi(body: str) -> list[Call] | None:
             return None
         out.append((m.group(1), _json_or_text(args.strip())))
     return out or None
+
+
+MINIMAX_INVOKE = re.compile(r'<invoke name="([^"]*)">(.*?)</invoke>', re.S)
+MINIMAX_PARAMETER = re.compile(r'<parameter name="([^"]*)">(.*?)</parameter>', re.S)
+
+
+def parse_minimax(body: str) -> list[Call] | None:
+    """The invokes of one MiniMax-M2 section."""
+    out = []
+    for name, params in MINIMAX_INVOKE.findall(body):
+        if not NAME.fullmatch(name) or MINIMAX_PARAMETER.sub("", params).strip():
+            return None
+        out.append((name, {k: _json_or_text(v.strip()) for k, v in MINIMAX_PARAMETER.findall(params)}))
+    if not out or MINIMAX_INVOKE.sub("", body).strip():
+        return None
+    return out

@@ -6,8 +6,9 @@ parsed back into `tool_calls`, for the formats the families' chat templates defi
 - gpt-oss (harmony): messages `<|channel|>commentary to=functions.NAME ... <|message|>{json}`, the
   `final` channel being the answer and `analysis` the reasoning (not returned as content);
 - GLM-4.5 (`<tool_call>NAME<arg_key>..</arg_key><arg_value>..</arg_value></tool_call>`), DeepSeek-V3
-  (`<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>`) and Kimi-K2 (`<|tool_calls_section_begin|>...`):
-  sections found here, their bodies read by `tool_bodies`;
+  (`<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>`), Kimi-K2 (`<|tool_calls_section_begin|>...`) and
+  MiniMax-M2 (`<minimax:tool_call><invoke name=..>...`): sections found here, their bodies read by
+  `tool_bodies`;
 - Llama 4: a reply that is `{"name": ..., "parameters": {...}}` (one or more, as its template asks),
   optionally after `<|python_start|>...<|python_end|>` as the template writes an assistant's calls.
 
@@ -24,15 +25,16 @@ import re
 import uuid
 
 from .responses import bad
-from .tool_bodies import parse_deepseek, parse_glm, parse_kimi
+from .tool_bodies import parse_deepseek, parse_glm, parse_kimi, parse_minimax
 
-HERMES, MISTRAL, HARMONY, GLM, DEEPSEEK, KIMI, LLAMA4 = ("hermes", "mistral", "harmony", "glm", "deepseek", "kimi",
-                                                         "llama4")
+HERMES, MISTRAL, HARMONY, GLM, DEEPSEEK, KIMI, MINIMAX, LLAMA4 = ("hermes", "mistral", "harmony", "glm", "deepseek",
+                                                                  "kimi", "minimax", "llama4")
 # the formats whose calls sit between a begin and an end marker: (begin, end, body -> [(name, args)] or None)
 SECTIONS = {HERMES: ("<tool_call>", "</tool_call>", lambda body: _parse_json_call(body)),
             GLM: ("<tool_call>", "</tool_call>", parse_glm),
             DEEPSEEK: ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", parse_deepseek),
-            KIMI: ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", parse_kimi)}
+            KIMI: ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", parse_kimi),
+            MINIMAX: ("<minimax:tool_call>", "</minimax:tool_call>", parse_minimax)}
 PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
 
 
@@ -49,6 +51,8 @@ def tool_format(chat_template: str | None) -> str | None:
         return DEEPSEEK
     if "<|tool_calls_section_begin|>" in t:
         return KIMI
+    if "<minimax:tool_call>" in t:
+        return MINIMAX
     if "<tool_call>" in t and "<arg_key>" in t:
         return GLM
     if "<tool_call>" in t:
