@@ -277,6 +277,9 @@ def test_gguf_from_llama_cpps_converter_matches_transformers(name, tmp_path):
     for mode in MODES.values():
         got = offload_moe.load(path, device="cpu", dtype="float32", **mode).logits(x)
         assert (got - expected).abs().max().item() <= 1e-4
+    from offload_moe.sources import open_checkpoint
+    ckpt = open_checkpoint(path)  # `info`: llama.cpp's tensors sorted by kind as the config counts them
+    assert {k: p for k, (p, _) in ckpt.weights_by_kind().items()} == ckpt.config.params_by_kind()
 
 
 def with_mtp_block(path: Path, out: Path) -> Path:
