@@ -1,6 +1,7 @@
-"""The attention side of the decoder: RMSNorm, rotary embeddings (with YaRN), a preallocated KV
-cache, grouped-query attention (optional biases, q/k norms, clamp, sinks, sliding window) and
-multi-head latent attention (DeepSeek-V2), following transformers' math. `model.py` builds the
+"""The attention side of the decoder: RMSNorm, rotary embeddings (with YaRN or llama3 scaling), a
+preallocated KV cache, grouped-query attention (optional biases, q/k norms, clamp, sinks, sliding
+window; Llama 4's NoPE layers, L2 q/k norms and query temperature) and multi-head latent attention
+(DeepSeek-V2), following transformers' math. `model.py` builds the
 decoder layers from these and the MoE block.
 
 Shape letters: B batch, T new tokens, S cached positions, H hidden size, nh / nkv query / key-value
@@ -72,14 +73,33 @@ def _yarn(cfg: ModelConfig, d: int, device) -> tuple[torch.Tensor, float]:
     return inv_freq, attention_factor
 
 
+def _llama3(cfg: ModelConfig, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1 / 4's scaling of the inverse frequencies (d/2,): wavelengths beyond the original
+    context over low_freq_factor are divided by `factor`, those under it over high_freq_factor kept,
+    a smooth ramp between (transformers' `_compute_llama3_parameters`)."""
+    y = cfg.rope_scaling
+    factor, old = y["factor"], y["original_max_position_embeddings"]
+    low, high = y["low_freq_factor"], y["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
 def rope_tables(cfg: ModelConfig, max_seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: (max_seq_len, d), computed in fp32 then cast (as transformers does)."""
     d = cfg.rope_dim
-    if cfg.rope_scaling:
+    if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") not in ("llama3", "freq_factors"):
         inv_freq, scale = _yarn(cfg, d, device)
     else:
         inv_freq, scale = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device)
                                                     .float() / d)), 1.0
+        if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "freq_factors":  # a GGUF's rope_freqs
+            inv_freq = inv_freq / torch.tensor(cfg.rope_scaling["factors"], device=device)
+        elif cfg.rope_scaling:
+            inv_freq = _llama3(cfg, inv_freq)
     freqs = torch.arange(max_seq_len, device=device).float()[:, None] * inv_freq[None, :]  # (S, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (S, d)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
@@ -103,6 +123,15 @@ def apply_rope_adjacent(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
 
 
 ROPE = {"half": apply_rope, "adjacent": apply_rope_adjacent}   # by `ModelConfig.rope_pairs`
+
+
+def apply_rope_partial(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: str = "half") -> torch.Tensor:
+    """The rotation `ROPE[pairs]` on the first d = cos.shape[-1] dims of each head, the rest passed
+    through (GLM-4.5's, MiniMax-M2's and Qwen3-Next's partial rotary); x: (B, heads, T, hd) with hd >= d."""
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return ROPE[pairs](x, cos, sin)
+    return torch.cat((ROPE[pairs](x[..., :d], cos, sin), x[..., d:]), dim=-1)
 
 
 def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -168,22 +197,32 @@ class Attention(nn.Module):
     """Grouped-query attention; per family optional q/k/v (and o) biases, q/k RMSNorm per head
     ("head") or over the whole projection ("full"), a clamp of q, k, v, and attention sinks."""
 
-    def __init__(self, cfg: ModelConfig, window: int | None = None):
+    def __init__(self, cfg: ModelConfig, window: int | None = None, layer: int = 0):
         super().__init__()
         fam = cfg.family
+        # Llama 4: some layers skip RoPE (NoPE) and scale their queries by a temperature instead;
+        # the others rotate interleaved pairs, then take the L2 (weightless RMS) norm of q and k
+        self.rope = layer not in cfg.nope_layers
+        self.rotate = apply_rope_interleaved if fam.rope_interleaved else apply_rope_partial
+        self.l2_eps = cfg.rms_norm_eps if cfg.qk_l2_norm and self.rope else None
+        self.temperature = None if self.rope else cfg.attn_temperature  # (floor_scale, attn_scale)
+        self.query_scales: torch.Tensor | None = None  # (S, 1) the temperature by position (`setup`)
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = window  # the layer's sliding window (None: all earlier positions)
         self.rope_pairs = cfg.rope_pairs
-        self.rope = ROPE[cfg.rope_pairs]
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.gated = fam.attention_output_gate  # q_proj gives each head's query and then its output gate
+        self.rot = cfg.rope_dim                 # RoPE rotates the first `rot` dims of each head
+        self.q_width = self.nh * self.hd * (2 if self.gated else 1)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.q_width, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        self.qk_norm, self.clip = fam.qk_norm, cfg.clip_qkv
-        if fam.qk_norm:
-            head = fam.qk_norm == "head"
-            self.q_norm = RMSNorm(self.hd if head else self.nh * self.hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.hd if head else self.nkv * self.hd, cfg.rms_norm_eps)
+        self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
+        if self.qk_norm:
+            head = self.qk_norm == "head"
+            fp32 = fam.norm_scale_fp32
+            self.q_norm = RMSNorm(self.hd if head else self.nh * self.hd, cfg.rms_norm_eps, fp32)
+            self.k_norm = RMSNorm(self.hd if head else self.nkv * self.hd, cfg.rms_norm_eps, fp32)
         self.sinks = nn.Parameter(torch.zeros(self.nh)) if fam.attention_sinks else None
         self.qkv = None  # q, k, v in one kernel call, where `fuse_projections` finds they can be
         self.decode_step: AttentionStep | None = None  # one token on the CPU in one C call (`prepare_cpu_decode`)
@@ -197,15 +236,19 @@ class Attention(nn.Module):
         self.qkv = fused_linear(projections) or fuse_bf16(projections)
 
     def prepare_cpu_decode(self) -> None:
-        """Decode steps on the CPU compute everything between the projections in one call."""
-        self.decode_step = AttentionStep(self, self.window)
+        """Decode steps on the CPU compute everything between the projections in one call (not yet
+        with an output gate or partial rotary: those take the torch path; the C step knows neither
+        Llama 4's rotation, its L2 norms, its temperature nor its chunks)."""
+        if (not self.gated and self.rot == self.hd and self.rotate is apply_rope_partial and self.rope
+                and self.l2_eps is None and self.temperature is None):
+            self.decode_step = AttentionStep(self, self.window)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, T, H) -> q (B, T, nh*hd), k, v (B, T, nkv*hd)."""
+        """x (B, T, H) -> q (B, T, nh*hd, or with the output gate nh*2hd), k, v (B, T, nkv*hd)."""
         y = self.qkv.linear(x) if self.qkv is not None else None
         if y is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return y.split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
+        return y.split((self.q_width, self.nkv * self.hd, self.nkv * self.hd), dim=-1)
 
     def forward(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H). One sequence: `cache` a `KVCache` (or row), `start` its first
@@ -214,13 +257,22 @@ class Attention(nn.Module):
         unused); projections run batched, attention in one C call or row by row."""
         B, T, _ = x.shape
         q, k, v = self.project(x)                                      # (B, T, nh*hd), (B, T, nkv*hd) x2
+        gate = None
+        if self.gated:  # per head: hd query dims, then hd gate dims
+            q, gate = q.view(B, T, self.nh, 2 * self.hd).chunk(2, dim=-1)
+            q, gate = q.reshape(B, T, -1), gate.reshape(B, T, -1)      # (B, T, nh*hd) each
         if isinstance(start, int):
             y = self.attend(q, k, v, cos, sin, mask, cache, start)     # (B, T, nh*hd)
+        elif isinstance(start, list):  # a batched step of per-row caches and masks (`Transformer.decode_rows`)
+            y = torch.cat([self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], cos[b], sin[b], mask[b], cache[b],
+                                       start[b]) for b in range(B)])
         else:
             y = self.decode_step.rows(q, k, v, cos, sin, cache, start) if self.decode_step is not None else None
             if y is None:
                 y = torch.cat([self.attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], *start.row(b, cos, sin, cache, self.window))
                                for b in range(B)])
+        if gate is not None:
+            y = y * torch.sigmoid(gate)
         return self.o_proj(y)
 
     def attend(self, q, k, v, cos, sin, mask, cache, start: int) -> torch.Tensor:
@@ -241,7 +293,15 @@ class Attention(nn.Module):
         q = q.transpose(1, 2)                                          # (B, nh, T, hd)
         k = k.transpose(1, 2)                                          # (B, nkv, T, hd)
         v = v.reshape(B, T, self.nkv, self.hd).transpose(1, 2)         # (B, nkv, T, hd)
-        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
+        if self.rope:  # partial rotary (`apply_rope_partial`): the first `rot` dims turn, the rest pass
+            if self.rotate is apply_rope_partial:  # pairs (i, i + d/2), or neighbours in llama.cpp's row order
+                q, k = apply_rope_partial(q, cos, sin, self.rope_pairs), apply_rope_partial(k, cos, sin, self.rope_pairs)
+            else:
+                q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        if self.l2_eps is not None:
+            q, k = (F.rms_norm(t.float(), (self.hd,), eps=self.l2_eps).to(t.dtype) for t in (q, k))
+        if self.temperature is not None:
+            q = (q * self.query_scales[start:start + T]).to(q.dtype)           # scales (T, 1)
         if cache is not None:
             k, v = cache.update(start, k, v)                           # (B, nkv, S, hd)
         if self.sinks is None:
@@ -249,6 +309,14 @@ class Attention(nn.Module):
         else:
             y = self._attend_with_sinks(q, k, v, mask)
         return y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
+
+    def setup(self, max_seq_len: int, device) -> None:
+        """Llama 4's NoPE layers: their query temperature at every position, once (`query_scales`)."""
+        if self.temperature is not None:
+            floor_scale, attn_scale = self.temperature
+            positions = torch.arange(max_seq_len, device=device).float()
+            # 1 + attn_scale * log(1 + floor((position + 1) / floor_scale)): far positions stay sharp
+            self.query_scales = (torch.log1p(torch.floor((positions + 1.0) / floor_scale)) * attn_scale + 1.0)[:, None]
 
     def _attend_with_sinks(self, q, k, v, mask) -> torch.Tensor:
         """Softmax over the keys and one learned logit per head that takes weight but has no value."""
@@ -263,7 +331,7 @@ class Attention(nn.Module):
 
 
 class LatentAttention(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2). Keys and values come from a rank-r latent shared by
+    """Multi-head latent attention (DeepSeek-V2, V3, Kimi-K2, GLM-4.7-Flash). Keys and values come from a rank-r latent shared by
     all heads, which is what the cache holds (with the rotated d-dim key part, also shared); they
     are decompressed for every head at each step. RoPE rotates (even, odd) pairs here."""
 
@@ -285,8 +353,10 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.rank, self.nh * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.nh * self.v_dim, H, bias=False)
         self.scale = qk ** -0.5
+        # DeepSeek's checkpoints lay the rope dims out in (even, odd) pairs; `rope_interleave: false` halves
+        self.rotate = apply_rope_interleaved if cfg.rope_interleave else apply_rope
         y = cfg.rope_scaling
-        if y and y["mscale_all_dim"]:  # YaRN's attention temperature, squared (transformers' yarn_apply_mscale)
+        if y and y.get("mscale_all_dim"):  # YaRN's attention temperature, squared (transformers' yarn_apply_mscale)
             self.scale *= yarn_mscale(y["factor"], y["mscale_all_dim"]) ** 2
 
     def forward(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
@@ -303,7 +373,7 @@ class LatentAttention(nn.Module):
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)  # (B, T, r), (B, T, d)
         latent = self.kv_a_layernorm(latent).view(B, 1, T, self.rank)          # (B, 1, T, r)
         k_rot = k_rot.view(B, 1, T, self.rope)
-        q_rot, k_rot = apply_rope_interleaved(q_rot, cos, sin), apply_rope_interleaved(k_rot, cos, sin)
+        q_rot, k_rot = self.rotate(q_rot, cos, sin), self.rotate(k_rot, cos, sin)
         if cache is not None:
             latent, k_rot = cache.update(start, latent, k_rot)                 # (B, 1, S, r), (B, 1, S, d)
         S = latent.shape[2]

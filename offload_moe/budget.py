@@ -40,11 +40,12 @@ def free_memory(device: torch.device) -> int:
 
 
 def check_kv_cache(cfg: ModelConfig, context: int, device: torch.device, dtype: torch.dtype) -> None:
-    need = context * cfg.kv_cache_bytes_per_token(torch.finfo(dtype).bits // 8)
+    size = torch.finfo(dtype).bits // 8
+    need = context * cfg.kv_cache_bytes_per_token(size) + cfg.recurrent_state_bytes(size)
     free = free_memory(device)
     if free and need > free:
         where = "free VRAM" if device.type == "cuda" else "available RAM"
-        fits = free // max(1, cfg.kv_cache_bytes_per_token(torch.finfo(dtype).bits // 8))
+        fits = free // max(1, cfg.kv_cache_bytes_per_token(size))
         raise OffloadMoeError(f"context_length = {context} needs a KV cache of {_gb(need)}, more than the "
                               f"{_gb(free)} of {where}; at most about {fits} tokens fit")
 

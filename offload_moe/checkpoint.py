@@ -54,7 +54,7 @@ def weight_kind(name: str) -> str:
     their matrix."""
     if ".experts." in name:
         return "experts"
-    if ".self_attn." in name:
+    if ".self_attn." in name or ".linear_attn." in name:
         return "attention"
     if "shared_expert" in name or (".mlp." in name and "_proj." in name):  # dense layers, shared experts
         return "dense MLPs"
@@ -94,6 +94,7 @@ class Checkpoint:
         # a publisher's pre-quantized format (FP8 blocks, pack-quantized int, GPTQ), read as stored
         self.published = PublishedSpec.from_config(q, str(self.path / "config.json")) if is_published(q) else None
         self.quant = None if is_mxfp4(q) or self.published else QuantSpec.from_config(q, str(self.path / "config.json"))
+        self.stored: dict[str, str] = {}  # our name -> the name in the file, where the family renames
         self.tensors = self._index()
         check_layers_present(self.config, self.tensors, self.path)  # before sizes from config.json are trusted
         self.layout = self._detect_layout()
@@ -124,7 +125,23 @@ class Checkpoint:
                 if tensor not in tensors or tensors[tensor].file.name != name:
                     raise OffloadMoeError(f"{self.path / name}: tensor {tensor!r} listed in the index is "
                                           "not in that shard")
-        return tensors
+        return self._rename(tensors)
+
+    def _rename(self, tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """The family's names for the stored ones (Llama 4's `language_model.`, `feed_forward.`; Qwen3.5's
+        `model.language_model.`), without the tensors it does not read (a vision tower, an MTP layer);
+        `stored` keeps the way back."""
+        rename = self.config.family.rename
+        if rename is None:
+            return tensors
+        ours = {}
+        for stored, info in tensors.items():
+            name = rename(stored)
+            if name is not None:
+                ours[name] = info
+                if name != stored:
+                    self.stored[name] = stored
+        return ours
 
     def _detect_layout(self) -> str:
         """The first of the family's stacked layouts whose first tensor is present, else per expert."""
@@ -218,7 +235,7 @@ class Checkpoint:
         if info is None:
             raise OffloadMoeError(f"{self.path}: tensor {name!r} not found")
         try:
-            return self._handle(info.file).get_tensor(name)
+            return self._handle(info.file).get_tensor(self.stored.get(name, name))
         except SafetensorError as e:  # the file changed since its header was checked
             raise OffloadMoeError(f"{info.file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
 
@@ -244,7 +261,7 @@ class Checkpoint:
     def _get_row(self, name: str, index: int) -> torch.Tensor:
         info = self.tensors[name]
         try:
-            return self._handle(info.file).get_slice(name)[index]
+            return self._handle(info.file).get_slice(self.stored.get(name, name))[index]
         except SafetensorError as e:
             raise OffloadMoeError(f"{info.file}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
 

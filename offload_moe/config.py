@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .arch import FAMILIES, attention_shapes, family_of
-from .arch.reader import MLA, ConfigReader
+from .arch import FAMILIES, family_of, mixer_shapes
+from .arch.reader import MLA, ConfigReader, LinearAttention
 from .errors import OffloadMoeError, regular_file
 
 
@@ -52,15 +52,26 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0  # ... or else scale them by this
     n_group: int = 1                    # group-limited routing: experts in n_group groups, the best
     topk_group: int = 1                 # topk_group groups (by their best expert) are eligible
-    layer_types: tuple[str, ...] = ()   # per layer "sliding_attention" / "full_attention"; (): all alike
+    layer_types: tuple[str, ...] = ()   # per layer "sliding_attention" / "full_attention" / "linear_attention"; (): all alike
     swiglu_limit: float | None = None   # clamped SwiGLU of gpt-oss: the clamp, and the sigmoid's alpha
     swiglu_alpha: float = 1.702
     mla: MLA | None = None
-    rope_scaling: dict[str, Any] | None = field(default=None, compare=False)  # YaRN parameters
+    rope_interleave: bool = True        # MLA: rotate (even, odd) pairs (DeepSeek's layout); else halves
+    use_qk_norm: bool = True            # the family's q/k norm is there (GLM-4.5 has it, GLM-4.5-Air not)
+    # rotate only the first rotary_dim dims of each head (GLM, MiniMax, Qwen3-Next's partial_rotary_factor); 0: all
+    rotary_dim: int = 0
+    linear_attention: LinearAttention | None = None  # the Gated DeltaNet of the "linear_attention" layers
+    zero_centred_norms: bool = False    # RMSNorm weights are stored as weight - 1 (Qwen3-Next); GGUF stores weight
+    rope_scaling: dict[str, Any] | None = field(default=None, compare=False)  # YaRN or llama3 parameters
     # which q/k dims RoPE rotates together: "half" (i, i + d/2) as transformers; "adjacent" (2i, 2i + 1)
     # where the q/k rows are in llama.cpp's order (a Mixtral GGUF computed where it lies: each head's
     # rows permuted (2, d/2) -> (d/2, 2) by its converter, so the same rotation pairs neighbours)
     rope_pairs: str = "half"
+    # ---- Llama 4's attention ----
+    attention_chunk: int | None = None  # "chunked_attention" layers see only their own chunk of positions
+    nope_layers: tuple[int, ...] = ()   # layers without rotary embeddings (global attention)
+    qk_l2_norm: bool = False            # weightless RMS norm of each q and k head on the RoPE layers
+    attn_temperature: tuple[float, float] | None = None  # NoPE layers' query temperature: (floor_scale, attn_scale)
 
     # ---- layers ----
     @property
@@ -72,16 +83,37 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return self.num_layers - len(self.dense_layers)
 
+    def is_linear(self, layer: int) -> bool:
+        """Whether the layer mixes tokens with a Gated DeltaNet (a recurrent state, no KV cache)."""
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers with a KV cache (softmax attention, full or sliding)."""
+        return tuple(i for i in range(self.num_layers) if not self.is_linear(i))
+
     def window(self, layer: int) -> int | None:
         """The sliding window of one layer's attention (None: it sees every earlier position)."""
         if self.layer_types and self.layer_types[layer] != "sliding_attention":
             return None
         return self.sliding_window
 
+    def chunk(self, layer: int) -> int | None:
+        """The chunk of one layer's local attention (Llama 4): a query sees the earlier positions of
+        its own chunk, positions c*chunk .. (c+1)*chunk - 1 (None: not chunked)."""
+        if self.layer_types and self.layer_types[layer] == "chunked_attention":
+            return self.attention_chunk
+        return None
+
     @property
     def rope_dim(self) -> int:
         """How many dimensions of each query/key head are rotated."""
-        return self.mla.qk_rope_head_dim if self.mla else self.head_dim
+        return self.mla.qk_rope_head_dim if self.mla else (self.rotary_dim or self.head_dim)
+
+    @property
+    def qk_norm(self) -> str | None:
+        """The attention's q/k RMSNorm: "head", "full" (see `arch.Family.qk_norm`) or None."""
+        return self.family.qk_norm if self.use_qk_norm else None
 
     @property
     def family(self):
@@ -97,14 +129,15 @@ class ModelConfig:
         return n
 
     @property
-    def attention_params_per_layer(self) -> int:
-        """Projections, their biases, q/k norms, sinks; MLA's low-rank pairs and latent norm."""
-        return sum(math.prod(s) for s in attention_shapes(self, self.family).values())
+    def attention_params(self) -> int:
+        """Every layer's token mixer: projections, their biases, q/k norms, sinks; MLA's low-rank pairs
+        and latent norm; a Gated DeltaNet's projections, convolution, decay and gated norm."""
+        return sum(math.prod(s) for i in range(self.num_layers) for s in mixer_shapes(self, self.family, i).values())
 
     @property
     def router_params_per_layer(self) -> int:
-        """Per MoE layer."""
-        return self.num_experts * (self.hidden_size + self.family.router_bias)
+        """Per MoE layer: the router's weight, its bias, the selection bias of sigmoid routing."""
+        return self.num_experts * (self.hidden_size + self.family.router_bias + bool(self.family.score_bias))
 
     @property
     def shared_expert_params_per_layer(self) -> int:
@@ -141,7 +174,7 @@ class ModelConfig:
     @property
     def shared_params(self) -> int:
         """Everything that is not a routed expert: it stays on the compute device."""
-        return (self.num_layers * self.attention_params_per_layer
+        return (self.attention_params
                 + self.num_moe_layers * self.router_params_per_layer
                 + self.device_mlp_params + self.norm_params + self.embedding_params)
 
@@ -152,7 +185,7 @@ class ModelConfig:
     def params_by_kind(self) -> dict[str, int]:
         """The parameter counts above by kind, as `checkpoint.weight_kind` sorts a checkpoint's tensors
         (`info` and `plan` show both; a dense-MLP row only where there are dense MLPs or shared experts)."""
-        kinds = {"attention": self.num_layers * self.attention_params_per_layer, "experts": self.expert_params,
+        kinds = {"attention": self.attention_params, "experts": self.expert_params,
                  "routers": self.num_moe_layers * self.router_params_per_layer,
                  "embeddings": self.embedding_params, "norms": self.norm_params}
         if self.device_mlp_params:
@@ -166,7 +199,15 @@ class ModelConfig:
     def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         if self.mla:  # the latent and the rotated rope key, shared by all heads
             return self.num_layers * (self.mla.kv_lora_rank + self.mla.qk_rope_head_dim) * dtype_bytes
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+        return 2 * len(self.attention_layers) * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def recurrent_state_bytes(self, dtype_bytes: int = 2) -> int:
+        """One sequence's state in the Gated DeltaNet layers, whatever its length: the convolution's last
+        inputs (compute dtype) and the recurrent state (fp32, as transformers keeps it)."""
+        if self.linear_attention is None:
+            return 0
+        conv, state = self.linear_attention.state_elements()
+        return (self.num_layers - len(self.attention_layers)) * (conv * dtype_bytes + state * 4)
 
     # ---- construction ----
     @classmethod

@@ -21,6 +21,12 @@ positions reused hold what a fresh prefill would compute there. Each claim gets 
 a sequence whose slot was taken over (a generation abandoned without being closed, then resumed
 after another one started) is refused rather than allowed to write into another sequence's cache.
 
+Models with recurrent layers (Gated DeltaNet, `recurrent`): a slot's recurrent state is that of
+its whole sequence and cannot be cut back to a shorter prefix, so a prompt reuses a slot only when
+it extends everything the slot holds; nothing is kept beyond the slots (their states would have to
+be kept too) and there is no context shift. The layers start from a zero state at position 0. A
+forward pass that raised may have left a slot's state part-way (`stale`): that slot is not reused.
+
 Shape letters: L layers, nkv key-value heads, S positions, hd head dim.
 """
 
@@ -51,8 +57,11 @@ class KVSlots:
     """The slots of the transformer's KV caches (`caches[layer]` of shape (slots, nkv, S, hd)) and
     the kept sequences beyond them."""
 
-    def __init__(self, caches: list[KVCache], keep_bytes: int = DEFAULT_KEEP_BYTES, shift=None):
+    def __init__(self, caches: list[KVCache], keep_bytes: int = DEFAULT_KEEP_BYTES, shift=None,
+                 recurrent: bool = False):
         self.caches = caches
+        self.recurrent = recurrent  # some layers hold a recurrent state: whole-slot reuse only
+        self.stale: set[int] = set()  # recurrent: slots a forward pass is writing (or raised while writing)
         self.shift = shift        # shift(slot, src, dst, n): the transformer's context shift (`Transformer.shift_kv`)
         n = caches[0].k.shape[0] if caches else 1
         self.ids: list[list[int]] = [[] for _ in range(n)]   # per slot: the tokens its cache holds
@@ -78,11 +87,10 @@ class KVSlots:
         self.clock += 1
         free = self.free() or [min(range(self.count), key=lambda s: self.used[s])]
         limit = len(prompt) - 1                               # at least one token is prefilled
-        best = max(free, key=lambda s: (min(shared_prefix(self.ids[s], prompt), limit) if reuse else 0,
-                                        -self.used[s]))
-        reused = min(shared_prefix(self.ids[best], prompt), limit) if reuse else 0
+        best = max(free, key=lambda s: (self._reusable(s, prompt, limit) if reuse else 0, -self.used[s]))
+        reused = self._reusable(best, prompt, limit) if reuse else 0
         entry, from_kept = None, 0
-        if reuse:
+        if reuse and not self.recurrent:
             for key in self.kept:
                 n = min(shared_prefix(key, prompt), limit)
                 if n > max(reused, from_kept):
@@ -100,6 +108,11 @@ class KVSlots:
         self.lease[best] = self.clock
         self.used[best] = self.clock
         return best, self.clock, reused
+
+    def _reusable(self, slot: int, prompt: list[int], limit: int) -> int:
+        """Positions of the slot the prompt can start from (recurrent: all the slot holds, or none)."""
+        n = min(shared_prefix(self.ids[slot], prompt), limit)
+        return n if not self.recurrent or (n == len(self.ids[slot]) and slot not in self.stale) else 0
 
     def _shift(self, slot: int, prompt: list[int], at: int) -> int:
         """Context shift: where the prompt goes on (from `at`, its shared prefix with the slot) with a
@@ -137,13 +150,13 @@ class KVSlots:
 
     def clear(self) -> None:
         """Forget every slot's contents and every kept sequence (after the caches were reallocated)."""
-        self.__init__(self.caches, self.keep_bytes, self.shift)
+        self.__init__(self.caches, self.keep_bytes, self.shift, self.recurrent)
 
     # -- kept sequences
     def _keep(self, slot: int, reused: int) -> None:
         """Copy the slot's cache out before positions from `reused` on are overwritten (if they hold more)."""
         ids = self.ids[slot]
-        if len(ids) <= reused or not ids:
+        if len(ids) <= reused or not ids or self.recurrent:
             return
         key = tuple(ids)
         size = len(ids) * self.position_bytes

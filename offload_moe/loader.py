@@ -146,7 +146,9 @@ def load(path: "str | Path | Checkpoint | None" = None, placement: Placement | N
         read = getattr(ckpt, "get_weight", lambda name, shape: ckpt.get(name))
     dense = {}
     for i, (name, shape) in enumerate(shapes.items()):
-        dense[model_name(name)] = place(read(name, shape), device, dtype)
+        # sigmoid routing's selection bias stays fp32, as transformers keeps it: a bf16 bias would change choices
+        kept = torch.float32 if name.endswith("e_score_correction_bias") else dtype
+        dense[model_name(name)] = place(read(name, shape), device, kept)
         report("dense weights", i + 1, len(shapes))
 
     # The expert engine numbers the MoE layers 0, 1, ... (dense layers have no experts).

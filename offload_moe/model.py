@@ -1,5 +1,5 @@
 """The MoE decoder in plain PyTorch, following transformers' `MixtralForCausalLM` math; the other
-families (Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2, gpt-oss) are small branches switched by
+families (Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2, gpt-oss, Llama 4) are small branches switched by
 `ModelConfig` fields and the family's adapter (`cfg.family`, see `arch`).
 
 Read top to bottom (norms, rotary embeddings, the KV cache and both attentions are in
@@ -27,12 +27,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import ROPE, RMSNorm, rope_tables, KVCache, KVRow, Attention, LatentAttention
+from .attention import RMSNorm, rope_tables, apply_rope_partial, KVCache, KVRow, Attention, LatentAttention
 from .config import ModelConfig
 from .decode_cpu import DecodeRows, ExpertRows, RouteStep
 from .errors import OffloadMoeError
 from .experts.interface import ExpertProvider
 from .kv_slots import DEFAULT_KEEP_BYTES, KVSlots
+from .linear_attention import GatedDeltaNet, RecurrentState
 from .quant import native
 from .quant.cpu_bf16 import pack_linears
 from .quant.ggml import experts_one_token
@@ -40,7 +41,8 @@ from .quant.modules import QEmbedding, QLinear
 
 
 # ---- router rules: gate logits (N, E) -> weights (N, k) fp32, expert ids (N, k) ----
-def softmax_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None):
+# `bias` (E,): the selection bias of the sigmoid rule (`e_score_correction_bias`); None for the others.
+def softmax_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
     """Softmax over all experts, top-k (within the best topk_group of n_group groups), then
     renormalise (norm_topk_prob) or scale by routed_scaling_factor. Mixtral, Qwen, OLMoE, DeepSeek."""
     probs = F.softmax(logits.float(), dim=-1)                         # (N, E)
@@ -60,7 +62,7 @@ def softmax_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | 
     return weights * cfg.routed_scaling_factor, ids
 
 
-def topk_softmax(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None):
+def topk_softmax(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
     """Top-k of the logits, then a softmax over those k (gpt-oss)."""
     if forced is not None:
         ids = forced.to(logits.device)
@@ -70,7 +72,40 @@ def topk_softmax(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | 
     return F.softmax(top.float(), dim=-1), ids
 
 
-ROUTER_RULES = {"softmax_topk": softmax_topk, "topk_softmax": topk_softmax}
+def sigmoid_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
+    """DeepSeek-V3's "noaux_tc" (GLM-4.5, Kimi-K2, MiniMax-M2 alike): sigmoid scores; the bias is added
+    for the choice only; with n_group > 1 only the topk_group groups with the best sums of their two
+    best biased scores are eligible; the chosen unbiased scores are renormalised (norm_topk_prob),
+    then scaled by routed_scaling_factor."""
+    scores = torch.sigmoid(logits.float())                            # (N, E)
+    if forced is not None:
+        ids = forced.to(scores.device)
+    else:
+        choice = scores + bias.float() if bias is not None else scores
+        if cfg.n_group > 1:
+            groups = choice.view(choice.shape[0], cfg.n_group, -1)    # (N, groups, E/groups)
+            best = groups.topk(2, dim=-1).values.sum(dim=-1).topk(cfg.topk_group, dim=-1).indices
+            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = groups.masked_fill(~keep[..., None], float("-inf")).view_as(scores)
+        ids = torch.topk(choice, cfg.top_k, dim=-1).indices           # (N, k)
+    weights = scores.gather(-1, ids)                                  # (N, k)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, ids
+
+
+def topk_sigmoid(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
+    """Top-k of the logits, each through a sigmoid on its own (Llama 4, top-1)."""
+    if forced is not None:
+        ids = forced.to(logits.device)
+        top = logits.gather(-1, ids)
+    else:
+        top, ids = torch.topk(logits, cfg.top_k, dim=-1)              # (N, k)
+    return torch.sigmoid(top.float()), ids
+
+
+ROUTER_RULES = {"softmax_topk": softmax_topk, "topk_softmax": topk_softmax, "sigmoid_topk": sigmoid_topk,
+                "topk_sigmoid": topk_sigmoid}
 
 
 class MLP(nn.Module):
@@ -133,7 +168,9 @@ class MoEBlock(nn.Module):
         fam = cfg.family
         self.cfg, self.layer, self.top_k, self.num_experts = cfg, layer, cfg.top_k, cfg.num_experts
         self.rule, self.router_fp32 = ROUTER_RULES[fam.router_rule], fam.router_fp32
+        self.scales_input = fam.router_scales_input  # Llama 4: the weight multiplies the expert's input
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=fam.router_bias)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts)) if fam.score_bias else None  # (E,)
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size) if cfg.shared_expert_size else None
         self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
                                    if cfg.shared_expert_size and fam.shared_expert_gate else None)
@@ -156,7 +193,7 @@ class MoEBlock(nn.Module):
                 logits = logits.to(x.dtype)
         else:
             logits = self.gate(x)
-        weights, ids = self.rule(logits, self.cfg, forced)
+        weights, ids = self.rule(logits, self.cfg, forced, self.e_score_correction_bias)
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor, ids_to_host: HostIds, forced: torch.Tensor | None = None,
@@ -174,26 +211,33 @@ class MoEBlock(nn.Module):
                  if guesses is not None else ())
         # Each (token, choice) gets its own row, weighted on the device and summed over choices in a
         # fixed order, so the result does not depend on the order the provider hands experts out.
-        if self.decode_experts is not None and self.decode_experts.takes(h):   # decode on the CPU: C calls
+        if self.decode_experts is not None and not self.scales_input and self.decode_experts.takes(h):  # CPU decode: C
             used = sorted(set(host[:N * k].tolist()))
             y = self.decode_experts(h, weights, host[:N * k], self.experts.fetch(self.layer, used, N, ahead),
                                     stable=getattr(self.experts, "stable", False))
         elif N == 1:  # decode: k distinct experts, one row each; no grouping needed
             choice = {e: j for j, e in enumerate(host[:k].tolist())}
             fetched = self.experts.fetch(self.layer, sorted(choice), N, ahead)
-            stacked = None
-            if getattr(self.experts, "stable_experts", False):   # experts stay valid after the fetch
-                fetched = list(fetched)
-                fused = [None] * k
-                for e, expert in fetched:
-                    fused[choice[e]] = expert.fused
-                stacked = experts_one_token(h, fused)                 # (k, H) in one kernel call, or None
-            if stacked is None:
+            if self.scales_input:  # Llama 4: the router's weight scales each expert's input, outputs summed
                 outs: list[torch.Tensor | None] = [None] * k
                 for e, expert in fetched:
-                    outs[choice[e]] = expert(h, None)                 # (1, H)
-                stacked = torch.cat(outs)                             # (k, H)
-            y = (stacked * weights.view(k, 1)).sum(dim=0, keepdim=True)   # (k, H) -> (1, H)
+                    j = choice[e]
+                    outs[j] = expert(h * weights[:, j:j + 1], None)     # (1, H)
+                y = torch.cat(outs).sum(dim=0, keepdim=True)          # (k, H) -> (1, H)
+            else:
+                stacked = None
+                if getattr(self.experts, "stable_experts", False):   # experts stay valid after the fetch
+                    fetched = list(fetched)
+                    fused = [None] * k
+                    for e, expert in fetched:
+                        fused[choice[e]] = expert.fused
+                    stacked = experts_one_token(h, fused)             # (k, H) in one kernel call, or None
+                if stacked is None:
+                    outs = [None] * k
+                    for e, expert in fetched:
+                        outs[choice[e]] = expert(h, None)             # (1, H)
+                    stacked = torch.cat(outs)                         # (k, H)
+                y = (stacked * weights.view(k, 1)).sum(dim=0, keepdim=True)   # (k, H) -> (1, H)
         else:
             row_weights = weights.flatten()                           # (N*k,)
             out = h.new_zeros(N * k, H)                               # (N*k, H)
@@ -205,7 +249,10 @@ class MoEBlock(nn.Module):
             for e, expert in self.experts.fetch(self.layer, used, N, ahead):
                 start, end = ends[e] - counts[e], ends[e]
                 rows = order[start:end]                               # flat (token, choice) indices
-                out[rows] = expert(h, token_of[start:end]) * row_weights[rows, None]  # (n_e, H)
+                if self.scales_input:
+                    out[rows] = expert(h[token_of[start:end]] * row_weights[rows, None], None)  # (n_e, H)
+                else:
+                    out[rows] = expert(h, token_of[start:end]) * row_weights[rows, None]  # (n_e, H)
             y = out.view(N, k, H).sum(dim=1)                          # (N, H)
         if self.shared_expert is not None:
             shared = self.shared_expert(h)
@@ -222,7 +269,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         fp32 = cfg.family.norm_scale_fp32
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fp32)
-        self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg, cfg.window(layer))
+        self.linear = cfg.is_linear(layer)
+        if self.linear:  # Gated DeltaNet: a recurrent state instead of a KV cache
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg, cfg.window(layer), layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fp32)
         self.dense = layer in cfg.dense_layers
         if self.dense:
@@ -232,7 +283,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache, start, moe: Callable | None = None) -> torch.Tensor:
         """`moe(block, x, residual)` runs the MoE block (the transformer adds routing and guesses)."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        mixer = self.linear_attn if self.linear else self.self_attn
+        h = x + mixer(self.input_layernorm(x), cos, sin, mask, cache, start)
         if self.dense:
             return h + self.mlp(self.post_attention_layernorm(h))
         return h + moe(self.block_sparse_moe, self.post_attention_layernorm(h), h)
@@ -250,7 +302,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts) for i in range(cfg.num_layers))
-        self.windows = [cfg.window(i) for i in range(cfg.num_layers)]  # each layer's sliding window
+        self.spans = [(cfg.window(i), cfg.chunk(i)) for i in range(cfg.num_layers)]  # sliding window, chunk
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.norm_scale_fp32)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.kv_caches: list[KVCache] = []
@@ -266,25 +318,35 @@ class Transformer(nn.Module):
         self.device, self.dtype, self.max_seq_len = torch.device(device), dtype, max_seq_len
         try:
             # DeepSeek rotates in fp32 from fp32 tables; the others cast the tables to the compute dtype
-            self.cos, self.sin = rope_tables(cfg, max_seq_len, device, torch.float32 if cfg.mla else dtype)
+            fp32 = cfg.mla or cfg.family.rope_interleaved  # so is Llama 4's complex product
+            self.cos, self.sin = rope_tables(cfg, max_seq_len, device, torch.float32 if fp32 else dtype)
             if cfg.mla:  # the latent and the rotated key part, shared by all heads
                 shape = (1, max_seq_len, cfg.mla.kv_lora_rank, device, dtype, cfg.mla.qk_rope_head_dim)
             else:
                 shape = (cfg.num_kv_heads, max_seq_len, cfg.head_dim, device, dtype)
-            self.kv_caches = [KVCache(max_batch, *shape) for _ in range(cfg.num_layers)]
+            self.kv_caches = [RecurrentState(max_batch, cfg, device, dtype) if cfg.is_linear(i) else
+                              KVCache(max_batch, *shape) for i in range(cfg.num_layers)]
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
             self.kv_caches, self.cos, self.sin = [], None, None
             if not allocation_failed(e):
                 raise
-            need = max_batch * max_seq_len * cfg.kv_cache_bytes_per_token(torch.finfo(dtype).bits // 8)
+            size = torch.finfo(dtype).bits // 8
+            need = max_batch * (max_seq_len * cfg.kv_cache_bytes_per_token(size) + cfg.recurrent_state_bytes(size))
             raise OffloadMoeError(f"context_length = {max_seq_len}: the KV cache ({need / 1e9:.2f} GB) and rotary "
                                   f"tables cannot be allocated on {device} (out of memory: a memory limit such "
                                   "as ulimit -v or a cgroup?); lower --context-length") from None
-        self.kv_rows = [list(rows) for rows in zip(*(c.slot_rows for c in self.kv_caches))]
+        self.kv_rows = [list(rows) for rows in zip(*(c.rows() for c in self.kv_caches))]
         self.decode_rows_of = DecodeRows(max_batch)   # a batched step's slots and positions, refilled each step
-        # context shift for grouped-query attention (MLA's rotated key part is untested: no shift there)
-        self.kv_slots = KVSlots(self.kv_caches, getattr(self.kv_slots, "keep_bytes", DEFAULT_KEEP_BYTES),
-                                shift=None if cfg.mla else self.shift_kv)
+        for layer in self.layers:
+            if not layer.linear and isinstance(layer.self_attn, Attention):
+                layer.self_attn.setup(max_seq_len, device)
+        # context shift for grouped-query attention (MLA's rotated key part is untested, Llama 4's NoPE and
+        # chunked layers would need their own: no shift there)
+        # a recurrent state holds a whole sequence: no context shift, no partial reuse (`KVSlots`)
+        recurrent = cfg.linear_attention is not None
+        shift = None if cfg.mla or recurrent or cfg.family.rope_interleaved else self.shift_kv
+        self.kv_slots = KVSlots([c for c in self.kv_caches if isinstance(c, KVCache)],
+                                getattr(self.kv_slots, "keep_bytes", DEFAULT_KEEP_BYTES), shift=shift, recurrent=recurrent)
         # decode's routing ids and the next layers' guesses come back in one copy per MoE layer
         depth = min(self.experts.prefetch_depth, cfg.num_moe_layers - 1)
         self.ids_to_host = HostIds(max_batch * cfg.top_k * (1 + max(depth, 0)), device)
@@ -299,9 +361,9 @@ class Transformer(nn.Module):
         d = src - dst
         cos, sin = rope_tables(self.config, d + 1, self.device, torch.float32)      # (d+1, r)
         c, s = cos[d] / cos[0], sin[d] / cos[0]     # the pure rotation by d (YaRN scales the tables)
-        for cache in self.kv_caches:
+        for cache in self.kv_slots.caches:
             k, v = cache.k[slot, :, src:src + n], cache.v[slot, :, src:src + n]     # (nkv, n, hd), (nkv, n, hd)
-            k = ROPE[self.config.rope_pairs](k.float(), c, -s).to(k.dtype)
+            k = apply_rope_partial(k.float(), c, -s, self.config.rope_pairs).to(k.dtype)   # the rotated dims only
             v = v.clone()
             cache.k[slot, :, dst:dst + n] = k
             cache.v[slot, :, dst:dst + n] = v
@@ -309,14 +371,15 @@ class Transformer(nn.Module):
     def set_slots(self, slots: int) -> None:
         """Reallocate the KV cache for `slots` sequences at once (continuous batching); what the
         cache held is forgotten."""
-        if slots != self.kv_caches[0].k.shape[0]:
-            self.setup(self.max_seq_len, self.device, self.kv_caches[0].k.dtype, slots)
+        kv = self.kv_slots.caches[0]
+        if slots != kv.k.shape[0]:
+            self.setup(self.max_seq_len, self.device, kv.k.dtype, slots)
 
     def prepare_cpu_decode(self) -> None:
         """On the CPU, a decode step's attention (between its projections), norms and routers run
         as one C call each (`decode_cpu.py`) where the library is available."""
         for layer in self.layers:
-            if isinstance(layer.self_attn, Attention):
+            if not layer.linear and isinstance(layer.self_attn, Attention):
                 layer.self_attn.prepare_cpu_decode()
             if not layer.dense:
                 block = layer.block_sparse_moe
@@ -332,15 +395,20 @@ class Transformer(nn.Module):
         """The MoE block of each MoE layer, in the expert engine's numbering (dense layers have none)."""
         return [self.layers[i].block_sparse_moe for i in self.config.moe_layers]
 
-    def attention_mask(self, start: int, T: int, S: int, window: int | None = None) -> torch.Tensor | None:
-        """(T, S) boolean: query at position start+t sees keys at positions <= it, within the window."""
-        if T == 1 and (window is None or S <= window):
+    def attention_mask(self, start: int, T: int, S: int, span: tuple[int | None, int | None] = (None, None)
+                       ) -> torch.Tensor | None:
+        """(T, S) boolean: query at position start+t sees keys at positions <= it, within the sliding
+        window and the chunk of `span` = (window, chunk)."""
+        window, chunk = span
+        if T == 1 and (window is None or S <= window) and (chunk is None or start < chunk):
             return None  # a single new token sees everything cached
         q_pos = torch.arange(start, start + T, device=self.device)[:, None]
         k_pos = torch.arange(S, device=self.device)[None, :]
         mask = k_pos <= q_pos
         if window is not None:
             mask = mask & (k_pos > q_pos - window)
+        if chunk is not None:
+            mask = mask & (k_pos // chunk == q_pos // chunk)
         return mask
 
     @torch.no_grad()
@@ -355,11 +423,14 @@ class Transformer(nn.Module):
         if end > self.max_seq_len:
             raise ValueError(f"sequence of {end} positions exceeds the context of {self.max_seq_len}")
         cos, sin = self.cos[start:end], self.sin[start:end]
-        masks = {w: self.attention_mask(start, T, end if use_cache else T, w) for w in set(self.windows)}
+        masks = {w: self.attention_mask(start, T, end if use_cache else T, w) for w in set(self.spans)}
         caches = (self.kv_caches if slot is None else self.kv_rows[slot]) if use_cache else [None] * len(self.layers)
+        written = (range(B) if slot is None else (slot,)) if use_cache else ()
+        self.kv_slots.stale.update(written)  # recurrent states change in place: not reusable should this raise
         x = self.embed_tokens(tokens)                                  # (B, T, H)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[self.windows[i]], caches[i], start, self.moe_step)
+            x = layer(x, cos, sin, masks[self.spans[i]], caches[i], start, self.moe_step)
+        self.kv_slots.stale.difference_update(written)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()                      # (B, T, V)
@@ -373,10 +444,24 @@ class Transformer(nn.Module):
         B = tokens.shape[0]
         if max(positions) >= self.max_seq_len:
             raise ValueError(f"position {max(positions)} exceeds the context of {self.max_seq_len}")
-        rows = self.decode_rows_of.set(slots, positions)
+        # recurrent states and chunked attention take each row's own cache row and mask (lists); the others
+        # one `DecodeRows` (slots and positions) that the CPU's C attention call reads for all rows at once
+        per_row = self.config.linear_attention is not None or self.config.attention_chunk is not None
+        if per_row:
+            cos = [self.cos[p:p + 1] for p in positions]               # B x (1, d)
+            sin = [self.sin[p:p + 1] for p in positions]
+            masks = {w: [self.attention_mask(p, 1, p + 1, w) for p in positions] for w in set(self.spans)}
+        else:
+            rows = self.decode_rows_of.set(slots, positions)
         x = self.embed_tokens(tokens.view(B, 1))                       # (B, 1, H)
+        self.kv_slots.stale.update(slots)
         for i, layer in enumerate(self.layers):
-            x = layer(x, self.cos, self.sin, None, self.kv_caches[i], rows, self.moe_step)
+            if per_row:
+                x = layer(x, cos, sin, masks[self.spans[i]], [self.kv_rows[s][i] for s in slots], positions,
+                          self.moe_step)
+            else:
+                x = layer(x, self.cos, self.sin, None, self.kv_caches[i], rows, self.moe_step)
+        self.kv_slots.stale.difference_update(slots)
         return self.lm_head(self.norm(x)).float()[:, 0]               # (B, V)
 
     def moe_step(self, block: MoEBlock, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -418,6 +503,9 @@ def build_transformer(cfg: ModelConfig, dense: dict, experts, *, device, dtype,
         model = Transformer(cfg, experts)
     if cfg.tie_word_embeddings:
         dense = {**dense, "lm_head.weight": dense["embed_tokens.weight"]}
+    if cfg.zero_centred_norms:  # stored as weight - 1: the scale is 1 + weight, kept in fp32 (as transformers computes it)
+        dense |= {n: w.float() + 1 for n, w in dense.items()
+                  if n.endswith("norm.weight") and not n.endswith("linear_attn.norm.weight")}
     plain = {}
     for name, w in dense.items():
         if isinstance(w, torch.Tensor):

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .arch import attention_shapes
+from .arch import mixer_shapes
 from .config import ModelConfig
 from .experts.pinned import planned_bytes
 from .errors import OffloadMoeError
@@ -107,7 +107,7 @@ class Plan:
     embedding_bytes: int        # input embeddings + lm_head (once when tied)
     norm_router_bytes: int      # RMSNorm weights and routers, 16-bit
     kv_tokens: int              # positions the KV cache holds
-    kv_bytes: int
+    kv_bytes: int               # the KV cache and the recurrent state of linear-attention layers (one sequence)
     bytes_per_expert: int
     slots_per_layer: int        # device slots per layer (0 on the CPU: experts are used where they lie)
     ram_budget: int             # resolved: "auto" measured at planning time
@@ -120,6 +120,7 @@ class Plan:
     dense_mlp_bytes: int = 0    # dense MLP layers and shared experts: on the device, at attention bits
     mapped: bool = False        # a CPU run computing from the file's mapping: weights are file pages
     disk_rate: float | None = None  # measured read rate of the source file, bytes/s (mapped plans)
+    state_bytes: int = 0        # of kv_bytes: the Gated DeltaNet layers' recurrent state (fp32) and conv inputs
 
     @property
     def anonymous_bytes(self) -> int:
@@ -184,7 +185,9 @@ class Plan:
             ("bits", f"experts {self.experts_bits}, attention {self.attention_bits}, "
                      f"embeddings {self.embeddings_bits} ({bits_from})"),
             ("shared weights", fmt_bytes(self.shared_bytes)),
-            ("KV cache", f"{fmt_bytes(self.kv_bytes)} ({self.kv_tokens} tokens)"),
+            ("KV cache", f"{fmt_bytes(self.kv_bytes)} ({self.kv_tokens} tokens" + (
+                f"; {fmt_bytes(self.state_bytes)} of it the linear-attention layers' recurrent state)"
+                if self.state_bytes else ")")),
             ("reserve", fmt_bytes(p.reserve)),
             ("one expert", f"{fmt_bytes(self.bytes_per_expert)} ({c.params_per_expert:,} params)"),
         ]
@@ -326,10 +329,11 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
             return out * -(-in_ // bs) * ts
         return weight_bytes(out, in_, bits_of[kind], group)
 
-    shapes = attention_shapes(c, c.family).values()  # one layer's; vectors (norms, biases, sinks) stay 16-bit
-    attention = c.num_layers * sum(sized(*s, "attention") for s in shapes if len(s) == 2)
+    # every layer's token mixer; vectors (norms, biases, sinks; a DeltaNet's convolution and decay) stay 16-bit
+    shapes = [s for i in range(c.num_layers) for s in mixer_shapes(c, c.family, i).values()]
+    attention = sum(sized(*s, "attention") for s in shapes if len(s) == 2)
     embeddings = (1 if c.tie_word_embeddings else 2) * sized(c.vocab_size, H, "embeddings")
-    norm_router = 2 * (c.norm_params + c.num_layers * sum(s[0] for s in shapes if len(s) == 1)
+    norm_router = 2 * (c.norm_params + sum(math.prod(s) for s in shapes if len(s) != 2)
                        + L * c.router_params_per_layer)
     mlp = (len(c.dense_layers) * _mlp_bytes(H, c.dense_intermediate_size, attention_bits, group)
            + L * _mlp_bytes(H, c.shared_expert_size, attention_bits, group) + 2 * L * H * (c.family.shared_expert_gate and c.shared_expert_size > 0))
@@ -341,7 +345,8 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
         kv_tokens = c.max_position_embeddings
         notes.append(f"The profile's context_length {p.context_length} exceeds the model's "
                      f"{c.max_position_embeddings} positions, so the KV cache is sized for {kv_tokens}.")
-    kv = kv_tokens * c.kv_cache_bytes_per_token(2)
+    state = c.recurrent_state_bytes(2)  # one sequence's Gated DeltaNet state, whatever its length
+    kv = kv_tokens * c.kv_cache_bytes_per_token(2) + state
     fixed = attention + embeddings + norm_router + mlp + kv + p.reserve
     ram_budget = p.ram_budget if p.ram_budget is not None else \
         int(AUTO_RAM_FRACTION * (available_ram() if ram_available is None else ram_available))
@@ -381,7 +386,7 @@ def _plan(config: ModelConfig, profile: Profile, hit_rate: float | None, ram_ava
     return Plan(config=c, profile=p, experts_bits=experts_bits, attention_bits=attention_bits,
                 embeddings_bits=embeddings_bits, bits_from_checkpoint=bool(c.quantization), group_size=group,
                 attention_bytes=attention, embedding_bytes=embeddings, norm_router_bytes=norm_router,
-                kv_tokens=kv_tokens, kv_bytes=kv, bytes_per_expert=per_expert, slots_per_layer=slots,
+                kv_tokens=kv_tokens, kv_bytes=kv, state_bytes=state, bytes_per_expert=per_expert, slots_per_layer=slots,
                 ram_budget=ram_budget, experts_in_ram=ram_layers * E, experts_on_disk=(host_layers - ram_layers) * E,
                 hit_rate=float(hit_rate), hit_rate_estimated=estimated,
                 bytes_per_token=moved, notes=tuple(notes), dense_mlp_bytes=mlp)

@@ -27,7 +27,14 @@ from .errors import OffloadMoeError
 from .quant.format import QuantSpec, tensor_kind
 from .quant.groupwise import QuantizedWeight
 from .quant.pack import SUPPORTED_BITS, packed_cols
+from .synthetic_sigmoid import SIGMOID_MODELS
 
+LLAMA4_TEXT = dict(model_type="llama4_text", vocab_size=202048, hidden_size=5120, intermediate_size=8192,
+                   intermediate_size_mlp=16384, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+                   head_dim=128, num_experts_per_tok=1, no_rope_layer_interval=4, attention_chunk_size=8192,
+                   attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1, rms_norm_eps=1e-5,
+                   rope_theta=500000.0, bos_token_id=200000, eos_token_id=[200001, 200007, 200008],
+                   torch_dtype="bfloat16")
 # Published config.json values (the fields our ModelConfig reads).
 KNOWN_MODELS = {
     "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
@@ -66,10 +73,37 @@ KNOWN_MODELS = {
                         rope_scaling=dict(rope_type="yarn", factor=32.0, original_max_position_embeddings=4096,
                                           beta_fast=32.0, beta_slow=1.0, truncate=False),
                         max_position_embeddings=131072, eos_token_id=200002, torch_dtype="bfloat16"),
+    # hybrid: three Gated DeltaNet layers to one gated full-attention layer (tests/data holds the published files)
+    "qwen3-next-80b-a3b": dict(model_type="qwen3_next", vocab_size=151936, hidden_size=2048, intermediate_size=5120,
+                               moe_intermediate_size=512, shared_expert_intermediate_size=512, num_hidden_layers=48,
+                               num_attention_heads=16, num_key_value_heads=2, head_dim=256, num_experts=512,
+                               num_experts_per_tok=10, norm_topk_prob=True, full_attention_interval=4,
+                               linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                               linear_value_head_dim=128, linear_conv_kernel_dim=4, partial_rotary_factor=0.25,
+                               rms_norm_eps=1e-6, rope_theta=1e7, max_position_embeddings=262144,
+                               bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16"),
+    "qwen3.5-35b-a3b": dict(model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=2048,
+                            moe_intermediate_size=512, shared_expert_intermediate_size=512, num_hidden_layers=40,
+                            num_attention_heads=16, num_key_value_heads=2, head_dim=256, num_experts=256,
+                            num_experts_per_tok=8, full_attention_interval=4, linear_num_key_heads=16,
+                            linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+                            linear_conv_kernel_dim=4, partial_rotary_factor=0.25, rms_norm_eps=1e-6,
+                            rope_theta=1e7, max_position_embeddings=262144, torch_dtype="bfloat16"),
+    # Llama 4's text models (MoE and NoPE layers from interleave_moe_layer_step and no_rope_layer_interval,
+    # as transformers derives them, so `layers` can cut them short)
+    "llama-4-scout-17b-16e": dict(LLAMA4_TEXT, num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True,
+                                  max_position_embeddings=262144,
+                                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                    high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    "llama-4-maverick-17b-128e": dict(LLAMA4_TEXT, num_local_experts=128, interleave_moe_layer_step=2,
+                                      use_qk_norm=False, max_position_embeddings=1048576),
 }
+KNOWN_MODELS |= SIGMOID_MODELS  # DeepSeek-V3, Kimi-K2, GLM-4.5/-Air, GLM-4.7-Flash, MiniMax-M2 (synthetic_sigmoid.py)
 # Widths that `scale` shrinks, and the multiple each is rounded to.
-_SCALED = {"intermediate_size": 64, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
-           "kv_lora_rank": 8, "q_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8}
+_SCALED = {"rotary_dim": 8, "intermediate_size": 64, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
+           "intermediate_size_mlp": 64,
+           "kv_lora_rank": 8, "q_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8,
+           "linear_key_head_dim": 8, "linear_value_head_dim": 8}
 
 
 def synthetic_config(name: str, *, layers: int | None = None, scale: float = 1.0,
@@ -83,6 +117,8 @@ def synthetic_config(name: str, *, layers: int | None = None, scale: float = 1.0
         raw["num_hidden_layers"] = layers
         if "layer_types" in raw:
             raw["layer_types"] = raw["layer_types"][:layers]
+        if raw.get("full_attention_interval", 0) > layers:  # hybrid: keep one full-attention layer, the last
+            raw["full_attention_interval"] = layers
     if not 0 < scale <= 1:
         raise OffloadMoeError(f"scale = {scale}, expected 0 < scale <= 1")
     if scale < 1:

@@ -229,9 +229,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def llamacpp_convert(src: Path, out: Path, outtype: str = "f32") -> Path:
+def llamacpp_convert(src: Path, out: Path, outtype: str = "f32", *options: str) -> Path:
     subprocess.run([sys.executable, "-c", CONVERT, str(llamacpp_dir()), str(src), "--outtype", outtype,
-                    "--outfile", str(out)], check=True, capture_output=True)
+                    "--outfile", str(out), *options], check=True, capture_output=True)
     return out
 
 

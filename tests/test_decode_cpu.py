@@ -20,9 +20,11 @@ BF16_ULP = 2 ** -7   # one bf16 step at magnitude 1
 
 
 def attention_config(nh, nkv, hd, qk_norm=None, clip=None, sinks=False, rope_pairs="half"):
-    family = SimpleNamespace(qk_norm=qk_norm, attention_sinks=sinks)
-    return SimpleNamespace(family=family, num_heads=nh, num_kv_heads=nkv, head_dim=hd, hidden_size=48,
-                           qkv_bias=False, o_bias=False, clip_qkv=clip, rms_norm_eps=1e-5, rope_pairs=rope_pairs)
+    family = SimpleNamespace(qk_norm=qk_norm, attention_sinks=sinks, rope_interleaved=False,
+                             attention_output_gate=False, norm_scale_fp32=False)
+    return SimpleNamespace(family=family, qk_norm=qk_norm, rope_dim=hd, num_heads=nh, num_kv_heads=nkv, head_dim=hd,
+                           hidden_size=48, qkv_bias=False, o_bias=False, clip_qkv=clip, rms_norm_eps=1e-5,
+                           rope_pairs=rope_pairs, nope_layers=(), qk_l2_norm=False, attn_temperature=None)
 
 
 def rotary(positions: int, hd: int, dtype):
@@ -157,7 +159,8 @@ def test_one_row_rmsnorm_matches_the_torch_path(dtype, scale_fp32):
 
 
 def router_config(rule, E, k, norm, scaling=1.0, bias=False, fp32=False):
-    family = SimpleNamespace(router_rule=rule, router_fp32=fp32, router_bias=bias, shared_expert_gate=False)
+    family = SimpleNamespace(router_rule=rule, router_fp32=fp32, router_bias=bias, shared_expert_gate=False,
+                             score_bias=None, router_scales_input=False)
     return SimpleNamespace(family=family, hidden_size=64, num_experts=E, top_k=k, shared_expert_size=0, n_group=1,
                            topk_group=1, norm_topk_prob=norm, routed_scaling_factor=scaling)
 

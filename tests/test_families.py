@@ -53,6 +53,19 @@ FAMILIES = {
                                rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0,
                                                     beta_slow=1.0, original_max_position_embeddings=32,
                                                     truncate=False))),
+    # hybrid: Gated DeltaNet layers (grouped projections, 2 key heads to 4 value heads, odd head dims) around a
+    # gated full-attention layer (partial rotary, zero-centred norms), a dense layer, a gated shared expert
+    "qwen3_next": ("Qwen3Next", dict(num_hidden_layers=4, head_dim=16, intermediate_size=40, moe_intermediate_size=24,
+                                     shared_expert_intermediate_size=20, num_experts=7, mlp_only_layers=[2],
+                                     linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=10,
+                                     linear_value_head_dim=6, linear_conv_kernel_dim=4, full_attention_interval=2,
+                                     norm_topk_prob=False)),
+    # the same with split projections (in_proj_qkv, _z, _b, _a), 3 key heads to 3 value heads, M-RoPE (text)
+    "qwen3_5_moe": ("Qwen3_5MoeText", dict(num_hidden_layers=3, head_dim=8, moe_intermediate_size=24,
+                                           shared_expert_intermediate_size=28, num_experts=9, num_experts_per_tok=3,
+                                           linear_num_key_heads=3, linear_num_value_heads=3, linear_key_head_dim=6,
+                                           linear_value_head_dim=10, linear_conv_kernel_dim=3,
+                                           layer_types=["linear_attention", "full_attention", "linear_attention"])),
 }
 CASES = [(name, mode) for name in FAMILIES for mode in ("resident", "offloaded")]
 
@@ -62,7 +75,9 @@ def tiny_model(name: str, seed: int = 0):
     prefix, overrides = FAMILIES[name]
     config = getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides})
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    model_class = getattr(transformers, f"{prefix}ForCausalLM", None) or \
+        getattr(transformers, f"{prefix.removesuffix('Text')}ForCausalLM")   # Qwen3_5MoeTextConfig: Qwen3_5MoeForCausalLM
+    model = model_class(config).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if p.dim() > 1:
@@ -137,7 +152,9 @@ def test_unsupported_model_type_names_it_and_lists_the_supported(tmp_path):
     message = str(e.value)
     assert "\n" not in message and "'llama'" in message
     assert f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}" in message
-    assert set(SUPPORTED_MODEL_TYPES) == {"mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "gpt_oss"}
+    assert set(SUPPORTED_MODEL_TYPES) == {"mixtral", "qwen3_moe", "olmoe", "qwen2_moe", "deepseek_v2", "gpt_oss",
+                                          "deepseek_v3", "kimi_k2", "glm4_moe", "glm4_moe_lite", "minimax_m2",
+                                          "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "llama4", "llama4_text"}
 
 
 # ---- published full-size configs: parameter counts by hand, and a plan under 8 GB / 12 GB ----
@@ -274,11 +291,13 @@ def test_bench_runs_the_family_synthetic_models(tmp_path, name):
 def test_info_sorts_every_familys_weights_as_the_config_counts_them(checkpoint, name, tmp_path):
     """`info`/`plan`'s weights by kind: the parameters of each kind are what ModelConfig counts, whether the
     checkpoint comes as safetensors (per expert or fused) or as a GGUF (llama.cpp's names, stacked experts)."""
-    from gguf_fixtures import write_gguf
+    from gguf_fixtures import ARCH, write_gguf
     from offload_moe.sources import open_checkpoint
 
     directory, _, _ = checkpoint(name)
-    sources = [directory, write_gguf(directory, tmp_path / "m.gguf", tokenizer=False)]
+    sources = [directory]
+    if ModelConfig.load(directory).model_type in ARCH:  # the hybrid families' GGUF comes from llama.cpp's converter
+        sources.append(write_gguf(directory, tmp_path / "m.gguf", tokenizer=False))
     if name in ("qwen3_moe", "deepseek_v2"):
         sources.append(checkpoint(name, fused=True)[0])
     expected = ModelConfig.load(directory).params_by_kind()

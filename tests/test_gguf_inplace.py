@@ -301,11 +301,12 @@ def test_experts_stored_in_the_compute_dtype_are_read_as_the_files_bytes(f16_fil
 def test_a_cuda_run_streams_float_experts_from_the_file(f16_file, tmp_path):
     """offload='disk' on CUDA with F16 experts in float16: the file is the disk tier (nothing under
     offload_dir) and logits equal the all-resident run's bit for bit."""
-    resident = offload_moe.load(f16_file, device="cuda", dtype="float16", cache_slots="all")
+    resident = offload_moe.load(f16_file, Placement(cache_slots="all"), device="cuda", dtype="float16")
     offload_dir = tmp_path / "offload"
     offload_dir.mkdir()
-    streamed = offload_moe.load(f16_file, device="cuda", dtype="float16", cache_slots=2, offload="disk",
-                                offload_dir=offload_dir, cpu_experts="none")
+    streamed = offload_moe.load(f16_file,
+                                Placement(cache_slots=2, offload="disk", offload_dir=offload_dir, cpu_experts="none"),
+                                device="cuda", dtype="float16")
     assert streamed.settings.offload == "file" and list(offload_dir.iterdir()) == []
     ids = torch.tensor([IDS])
     assert torch.equal(resident.logits(ids), streamed.logits(ids))

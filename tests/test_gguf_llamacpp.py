@@ -78,7 +78,11 @@ CONVERTER_FIXES = {"qwen3_moe": dict(mlp_only_layers=[]), "qwen2_moe": dict(deco
                    "olmoe": dict(clip_qkv=None), "deepseek_v2": {}, "deepseek_v2_group": {},
                    "gpt_oss": dict(swiglu_limit=7.0, rope_parameters=dict(
                        rope_type="yarn", rope_theta=150000.0, factor=4.0, beta_fast=32.0, beta_slow=1.0,
-                       original_max_position_embeddings=32))}
+                       original_max_position_embeddings=32)),
+                   # hybrid: no dense layer, top-k renormalised (llama.cpp always does); Qwen3.5 with 2 key
+                   # heads to 4 value heads, which the converter reorders (tiled for ggml) and the reader puts back
+                   "qwen3_next": dict(mlp_only_layers=[], norm_topk_prob=True),
+                   "qwen3_5_moe": dict(linear_num_key_heads=2, linear_num_value_heads=4)}
 
 
 def _converted(name, tmp_path):
@@ -91,7 +95,9 @@ def _converted(name, tmp_path):
     config = getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides, "vocab_size": 4096,
                                                          **CONVERTER_FIXES[name]})
     torch.manual_seed(0)
-    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    model_class = getattr(transformers, f"{prefix}ForCausalLM", None) or \
+        getattr(transformers, f"{prefix.removesuffix('Text')}ForCausalLM")
+    model = model_class(config).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             p.normal_(1, 0.1) if pname.endswith("norm.weight") else p.normal_(0, 0.2)
@@ -99,7 +105,8 @@ def _converted(name, tmp_path):
     model.save_pretrained(d)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(DEMO_DIR / f, d / f)
-    return llamacpp_convert(d, tmp_path / f"{name}.gguf", "f32"), model
+    hybrid = ("--no-mtp",) if name in ("qwen3_next", "qwen3_5_moe") else ()  # no multi-token-prediction layer here
+    return llamacpp_convert(d, tmp_path / f"{name}.gguf", "f32", *hybrid), model
 
 
 @pytest.mark.parametrize("name", list(CONVERTER_FIXES))

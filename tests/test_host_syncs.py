@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+import transformers
 
 import offload_moe
 from offload_moe.experts.costs import CostModel, Throughput
@@ -72,6 +73,25 @@ def test_one_sync_per_moe_layer_and_token(name, mode, decode_path, family_checkp
     assert_one_per_moe_layer_and_token(model)
     if mode == "offloaded" and model.config.num_moe_layers > 1:
         assert model.stats["experts"]["prefetch_issued"] > 0   # the guesses came back in those reads
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "minimax_m2"])
+def test_one_sync_per_moe_layer_and_token_sigmoid_routing(name, mode, decode_path, tmp_path):
+    """The sigmoid-routed families (issue 27): routing, groups and the selection bias stay on the device."""
+    from test_families_sigmoid import tiny_sigmoid_model
+    tiny_sigmoid_model(name).save_pretrained(tmp_path)
+    assert_one_per_moe_layer_and_token(offload_moe.load(tmp_path, Placement(**MODES[mode]), device="cpu"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["scout", "maverick"])
+def test_llama4_one_sync_per_moe_layer_and_token(name, mode, decode_path, tmp_path):
+    """Llama 4's top-1 sigmoid routing, its weight scaling the expert's input, stays on the device too
+    (with dense layers between the MoE ones in Maverick's shape)."""
+    from test_llama4 import CASES, randomize, text_config
+    randomize(transformers.Llama4ForCausalLM(text_config(name)), CASES[name][0]).save_pretrained(tmp_path)
+    assert_one_per_moe_layer_and_token(offload_moe.load(tmp_path, Placement(**MODES[mode]), device="cpu"))
 
 
 @pytest.mark.parametrize("bits", [4, 8])

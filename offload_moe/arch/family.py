@@ -63,11 +63,18 @@ class Family:
     qk_norm: str | None = None      # "head": RMSNorm over each head's hd (Qwen3); "full": over all of q, k (OLMoE)
     router_rule: str = "softmax_topk"   # see `model.ROUTER_RULES`
     router_bias: bool = False
+    score_bias: str | None = None       # sigmoid routing's selection bias [E] (`e_score_correction_bias`), its name
     router_fp32: bool = False           # router logits computed in fp32 whatever the compute dtype (DeepSeek)
     shared_expert_gate: bool = False    # the shared expert's output is scaled by sigmoid(x · gate) (Qwen2-MoE)
     attention_sinks: bool = False       # a learned per-head logit that takes part in the softmax (gpt-oss)
     expert_bias: bool = False           # the expert matrices carry biases (gpt-oss)
     norm_scale_fp32: bool = False       # RMSNorm multiplies by its weight in fp32, then casts (gpt-oss)
+    attention_output_gate: bool = False  # q_proj also gives a per-head gate: o_proj(attn * sigmoid(gate)) (Qwen3-Next)
+    router_scales_input: bool = False   # the routing weight multiplies the expert's input, not its output (Llama 4)
+    rope_interleaved: bool = False      # RoPE rotates (2i, 2i+1) pairs in fp32, as a complex product (Llama 4)
+    # stored tensor name -> our name (`model.layers.{i}.mlp...`), None for tensors the text model does not
+    # use (a vision tower); None: names are ours already
+    rename: Callable[[str], str | None] | None = None
 
 
 def layer_prefix(layer: int) -> str:
@@ -77,6 +84,15 @@ def layer_prefix(layer: int) -> str:
 def router_name(c: ConfigLike, fam: Family, layout: str, layer: int) -> str:
     """The router's weight: Mixtral's per-expert checkpoints call it block_sparse_moe.gate."""
     return layer_prefix(layer) + ("mlp.gate" if layout == "fused" else fam.router) + ".weight"
+
+
+def score_bias_name(c: ConfigLike, fam: Family, layout: str, layer: int) -> str:
+    """The selection bias of sigmoid routing: MiniMax-M2's per-expert checkpoints keep it beside the
+    router (`block_sparse_moe.e_score_correction_bias`), its fused ones under `mlp.`."""
+    name = fam.score_bias
+    if layout == "fused" and name.startswith("block_sparse_moe."):
+        name = "mlp." + name.removeprefix("block_sparse_moe.")
+    return layer_prefix(layer) + name
 
 
 def attention_shapes(c: ConfigLike, fam: Family) -> dict[str, tuple[int, ...]]:
@@ -94,19 +110,40 @@ def attention_shapes(c: ConfigLike, fam: Family) -> dict[str, tuple[int, ...]]:
                     "kv_a_layernorm.weight": (m.kv_lora_rank,),
                     "kv_b_proj.weight": (nh * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank),
                     "o_proj.weight": (H, nh * m.v_head_dim)}
-    s = {"q_proj.weight": (nh * hd, H), "k_proj.weight": (nkv * hd, H), "v_proj.weight": (nkv * hd, H),
+    s = {"q_proj.weight": (nh * hd * (1 + fam.attention_output_gate), H), "k_proj.weight": (nkv * hd, H),
+         "v_proj.weight": (nkv * hd, H),
          "o_proj.weight": (H, nh * hd)}
     if c.qkv_bias:
-        s |= {"q_proj.bias": (nh * hd,), "k_proj.bias": (nkv * hd,), "v_proj.bias": (nkv * hd,)}
+        s |= {"q_proj.bias": (nh * hd * (1 + fam.attention_output_gate),), "k_proj.bias": (nkv * hd,), "v_proj.bias": (nkv * hd,)}
     if c.o_bias:
         s["o_proj.bias"] = (H,)
-    if fam.qk_norm == "head":
+    if c.qk_norm == "head":
         s |= {"q_norm.weight": (hd,), "k_norm.weight": (hd,)}
-    elif fam.qk_norm == "full":
+    elif c.qk_norm == "full":
         s |= {"q_norm.weight": (nh * hd,), "k_norm.weight": (nkv * hd,)}
     if fam.attention_sinks:
         s["sinks"] = (nh,)
     return s
+
+
+def linear_attention_shapes(c: ConfigLike, fam: Family) -> dict[str, tuple[int, ...]]:
+    """Names (after `linear_attn.`) and shapes of one Gated DeltaNet layer's tensors."""
+    la, H = c.linear_attention, c.hidden_size
+    nv = la.num_value_heads
+    if la.projections == "grouped":
+        s = {"in_proj_qkvz.weight": (2 * la.key_dim + 2 * la.value_dim, H), "in_proj_ba.weight": (2 * nv, H)}
+    else:
+        s = {"in_proj_qkv.weight": (la.conv_dim, H), "in_proj_z.weight": (la.value_dim, H),
+             "in_proj_b.weight": (nv, H), "in_proj_a.weight": (nv, H)}
+    return s | {"conv1d.weight": (la.conv_dim, 1, la.conv_kernel), "dt_bias": (nv,), "A_log": (nv,),
+                "norm.weight": (la.value_head_dim,), "out_proj.weight": (H, la.value_dim)}
+
+
+def mixer_shapes(c: ConfigLike, fam: Family, layer: int) -> dict[str, tuple[int, ...]]:
+    """Checkpoint names (after `model.layers.{layer}.`) and shapes of a layer's token mixer."""
+    if c.is_linear(layer):
+        return {"linear_attn." + k: v for k, v in linear_attention_shapes(c, fam).items()}
+    return {"self_attn." + k: v for k, v in attention_shapes(c, fam).items()}
 
 
 def mlp_shapes(prefix: str, hidden: int, inner: int) -> dict[str, tuple[int, ...]]:
@@ -124,7 +161,7 @@ def dense_shapes(c: ConfigLike, fam: Family, layout: str) -> dict[str, tuple[int
         p = layer_prefix(i)
         shapes[p + "input_layernorm.weight"] = (H,)
         shapes[p + "post_attention_layernorm.weight"] = (H,)
-        shapes |= {p + "self_attn." + k: v for k, v in attention_shapes(c, fam).items()}
+        shapes |= {p + k: v for k, v in mixer_shapes(c, fam, i).items()}
         if i in c.dense_layers:
             shapes |= mlp_shapes(p + "mlp", H, c.dense_intermediate_size)
             continue
@@ -132,6 +169,8 @@ def dense_shapes(c: ConfigLike, fam: Family, layout: str) -> dict[str, tuple[int
         shapes[router] = (E, H)
         if fam.router_bias:
             shapes[router.removesuffix("weight") + "bias"] = (E,)
+        if fam.score_bias:
+            shapes[score_bias_name(c, fam, layout, i)] = (E,)
         if c.shared_expert_size:
             shapes |= mlp_shapes(p + fam.shared_expert, H, c.shared_expert_size)
             if fam.shared_expert_gate:
@@ -160,8 +199,11 @@ def expert_shapes(c: ConfigLike, fam: Family, layout: str) -> dict[str, tuple[in
 
 
 # Checkpoint -> model parameter names, beyond dropping the leading `model.`: the model calls its
-# MoE block `block_sparse_moe` (router `gate`, `shared_expert`, `shared_expert_gate`) in every family.
-PARAM_RENAMES = ((".mlp.gate.", ".block_sparse_moe.gate."), (".mlp.router.", ".block_sparse_moe.gate."),
+# MoE block `block_sparse_moe` (router `gate`, `shared_expert`, `shared_expert_gate`,
+# `e_score_correction_bias`) in every family.
+PARAM_RENAMES = ((".mlp.gate.e_score_correction_bias", ".block_sparse_moe.e_score_correction_bias"),
+                 (".mlp.e_score_correction_bias", ".block_sparse_moe.e_score_correction_bias"),
+                 (".mlp.gate.", ".block_sparse_moe.gate."), (".mlp.router.", ".block_sparse_moe.gate."),
                  (".mlp.shared_experts.", ".block_sparse_moe.shared_expert."),
                  (".mlp.shared_expert.", ".block_sparse_moe.shared_expert."),
                  (".mlp.shared_expert_gate.", ".block_sparse_moe.shared_expert_gate."))

@@ -23,7 +23,10 @@ LIMITS = {"num_hidden_layers": 4096, "vocab_size": 2**24, "hidden_size": 2**20, 
           "qk_nope_head_dim": 2**14, "qk_rope_head_dim": 2**14, "v_head_dim": 2**14, "n_shared_experts": 2**10,
           "first_k_dense_replace": 4096, "moe_layer_freq": 4096, "decoder_sparse_step": 4096,
           "max_window_layers": 4096, "n_group": 2**16, "topk_group": 2**16,
-          "original_max_position_embeddings": 2**31}
+          "original_max_position_embeddings": 2**31, "linear_num_key_heads": 2**14, "linear_num_value_heads": 2**14,
+          "linear_key_head_dim": 2**14, "linear_value_head_dim": 2**14, "linear_conv_kernel_dim": 64,
+          "full_attention_interval": 4096, "intermediate_size_mlp": 2**22, "attention_chunk_size": 2**31,
+          "interleave_moe_layer_step": 4096, "no_rope_layer_interval": 4096}
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,37 @@ class MLA:
     qk_nope_head_dim: int
     qk_rope_head_dim: int
     v_head_dim: int
+
+
+@dataclass(frozen=True)
+class LinearAttention:
+    """Gated DeltaNet token mixing (Qwen3-Next, Qwen3.5): a causal depthwise convolution over the
+    projected q, k, v and a gated delta-rule recurrence whose state is one (dk, dv) matrix per value
+    head: a fixed size per sequence, whatever its length."""
+    num_key_heads: int            # nk: query/key heads; each serves nv / nk value heads
+    num_value_heads: int          # nv
+    key_head_dim: int             # dk
+    value_head_dim: int           # dv
+    conv_kernel: int              # K: the convolution's width; it keeps the last K - 1 inputs
+    projections: str = "split"    # "grouped": in_proj_qkvz / in_proj_ba by key head (Qwen3-Next's checkpoints);
+                                  # "split": in_proj_qkv, _z, _b, _a (Qwen3.5's, and every GGUF file's)
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the convolution: q, k and v side by side."""
+        return 2 * self.key_dim + self.value_dim
+
+    def state_elements(self) -> tuple[int, int]:
+        """(convolution state, recurrent state) elements of one sequence in one layer."""
+        return self.conv_dim * (self.conv_kernel - 1), self.num_value_heads * self.key_head_dim * self.value_head_dim
 
 
 class ConfigReader:
@@ -95,7 +129,7 @@ class ConfigReader:
         return next((k for k in keys if self.raw.get(k) is not None), keys[0])
 
     def rope(self) -> tuple[float, dict[str, Any] | None]:
-        """(rope_theta, YaRN parameters or None), from transformers >= 5's nested `rope_parameters`
+        """(rope_theta, YaRN or llama3 parameters or None), from transformers >= 5's nested `rope_parameters`
         or the older `rope_theta` + `rope_scaling`."""
         params = self.raw.get("rope_parameters")  # transformers >= 5 nests it
         if isinstance(params, dict) and "rope_theta" in params:
@@ -107,10 +141,20 @@ class ConfigReader:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if rope_type == "default":
             return theta, None
+        y = ConfigReader(scaling, self.source)
+        if rope_type == "freq_factors":  # a GGUF's rope_freqs tensor (llama.cpp): each frequency's divisor
+            factors = scaling.get("factors")
+            if not isinstance(factors, list) or not all(isinstance(v, float) and 0 < v < 1e30 for v in factors):
+                y.fail("factors", "a list of positive numbers")
+            return theta, {"rope_type": "freq_factors", "factors": tuple(factors)}
+        if rope_type == "llama3":  # Llama 3.1 / 4: low frequencies divided by factor, a smooth ramp between
+            return theta, {"rope_type": "llama3", "factor": y.float("factor", None) or y.fail("factor", "a number > 0"),
+                           "low_freq_factor": y.float("low_freq_factor", 1.0),
+                           "high_freq_factor": y.float("high_freq_factor", 4.0),
+                           "original_max_position_embeddings": y.int("original_max_position_embeddings")}
         if rope_type != "yarn":
             raise OffloadMoeError(f"{self.source}: rope_type {rope_type!r} is not supported "
-                                  "(supported: default, yarn)")
-        y = ConfigReader(scaling, self.source)
+                                  "(supported: default, yarn, llama3)")
         keys = ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor")
         yarn = {k: y.float(k, None) if scaling.get(k) != 0 else None for k in keys} | {  # 0 means unset
             "original_max_position_embeddings": y.int("original_max_position_embeddings"),
@@ -122,6 +166,22 @@ class ConfigReader:
     def sliding(self) -> int | None:
         """Qwen configs carry a sliding_window that only applies with use_sliding_window."""
         return self.int("sliding_window", None) if self.bool("use_sliding_window", False) else None
+
+
+def rotary_dim(r: ConfigReader, head_dim: int, default: float) -> int:
+    """How many dims of each head RoPE rotates: `partial_rotary_factor` (top level, or in transformers
+    5's `rope_parameters`) times head_dim, or MiniMax's `rotary_dim`; -> an even count in 2..head_dim."""
+    if r.raw.get("rotary_dim") is not None:
+        dims, key = r.int("rotary_dim"), "rotary_dim"
+    else:
+        params = r.raw.get("rope_parameters")
+        inner = isinstance(params, dict) and params.get("partial_rotary_factor") is not None
+        source = ConfigReader(params, r.source) if inner else r
+        factor = source.float("partial_rotary_factor", default)
+        dims, key = int(head_dim * factor), "partial_rotary_factor"
+    if dims % 2 or not 2 <= dims <= head_dim:
+        r.fail(key, f"rotating an even number of dims in 2..head_dim ({head_dim})")
+    return dims
 
 
 def common_fields(r: ConfigReader, *, experts: str, intermediate: str = "intermediate_size",
@@ -182,8 +242,8 @@ def qwen_dense_layers(r: ConfigReader, num_layers: int) -> tuple[int, ...]:
     return dense_layers(r, num_layers, [i for i in range(num_layers) if i in only or (i + 1) % step])
 
 
-def layer_types(r: ConfigReader, types, num_layers: int) -> tuple[str, ...]:
-    kinds = ("sliding_attention", "full_attention")
+def layer_types(r: ConfigReader, types, num_layers: int,
+                kinds: tuple[str, ...] = ("sliding_attention", "full_attention")) -> tuple[str, ...]:
     if types and (not isinstance(types, (list, tuple)) or len(types) != num_layers or
                   any(t not in kinds for t in types)):
         r.fail("layer_types", f"a list of {num_layers} entries, each one of {', '.join(kinds)}")

@@ -10,6 +10,10 @@ converter writes with. What the converter changes on the way, we undo:
 - experts are stacked per layer, `blk.{i}.ffn_{gate,up,down}_exps.weight` [E, out, in]: expert e is
   row block e of the map, read alone.
 - deepseek2: `kv_b_proj` is split into `attn_k_b` (transposed) and `attn_v_b`; rejoined (as floats).
+- qwen3next / qwen35moe (Gated DeltaNet layers, `_linear_attn`, as floats): the inputs come split
+  (`attn_qkv`, `attn_gate` = z, `ssm_beta`, `ssm_alpha`; qwen3next's b and a still joined per key head
+  in `ssm_ba`), `ssm_a` = -exp(A_log), `ssm_dt.bias` = dt_bias; qwen35moe reorders the value heads from
+  grouped by key head to tiled (ggml's broadcast) wherever they appear, which is undone.
 Two forms of the same bytes:
 - in place (`in_place`, `expert_in_place`, `get_weight(..., in_place=True)`): what a CPU run computes
   from. A quantized matrix is a `GGMLWeight` viewing the file's one mapping (expert e of a stacked
@@ -45,7 +49,14 @@ from .reader import GGUFFile, GGUFTensor
 EXPERT_MATRICES = {"w1": "ffn_gate_exps", "w3": "ffn_up_exps", "w2": "ffn_down_exps"}
 EXPERT_BIASES = {"b1": "ffn_gate_exps", "b3": "ffn_up_exps", "b2": "ffn_down_exps"}
 GGUF_ARCH = {"mixtral": "LLAMA", "qwen3_moe": "QWEN3MOE", "qwen2_moe": "QWEN2MOE", "olmoe": "OLMOE",
-             "deepseek_v2": "DEEPSEEK2", "gpt_oss": "GPT_OSS"}
+             "deepseek_v2": "DEEPSEEK2", "gpt_oss": "GPT_OSS", "deepseek_v3": "DEEPSEEK2", "glm4_moe": "GLM4_MOE",
+             "minimax_m2": "MINIMAXM2", "qwen3_next": "QWEN3NEXT", "qwen3_5_moe_text": "QWEN35MOE",
+             "llama4_text": "LLAMA4"}
+# Gated DeltaNet tensors (ours after `linear_attn.`) -> llama.cpp's, after `blk.{i}.`
+LINEAR_ATTN = {"in_proj_qkv.weight": "attn_qkv.weight", "in_proj_z.weight": "attn_gate.weight",
+               "in_proj_b.weight": "ssm_beta.weight", "in_proj_a.weight": "ssm_alpha.weight",
+               "conv1d.weight": "ssm_conv1d.weight", "dt_bias": "ssm_dt.bias", "A_log": "ssm_a",
+               "norm.weight": "ssm_norm.weight", "out_proj.weight": "ssm_out.weight"}
 
 
 class GGUFCheckpoint:
@@ -75,8 +86,15 @@ class GGUFCheckpoint:
     # ---- names ----
     def gguf_name(self, name: str) -> str:
         """Our checkpoint name -> the GGUF tensor name."""
+        if ".linear_attn." in name:
+            layer, _, rest = name.removeprefix("model.layers.").partition(".linear_attn.")
+            if self.config.model_type == "qwen3_next" and rest in ("in_proj_b.weight", "in_proj_a.weight"):
+                return f"blk.{layer}.ssm_ba.weight"
+            return f"blk.{layer}.{LINEAR_ATTN[rest]}"
         base, _, suffix = name.rpartition(".")
-        if suffix not in ("weight", "bias"):
+        if suffix.endswith("e_score_correction_bias"):  # the converter reads `_bias` as the suffix
+            base, suffix = name.removesuffix("_bias"), "bias"
+        elif suffix not in ("weight", "bias"):
             base, suffix = name, "weight"  # gpt-oss `self_attn.sinks`
         found = self._map.get_name(base) or self._generic.get_name(base)
         if found is None:
@@ -116,6 +134,9 @@ class GGUFCheckpoint:
         for name, shape in self.expected_shapes().items():
             if name.endswith("kv_b_proj.weight") and self.gguf_name(name) not in self.tensors:
                 continue  # rejoined from attn_k_b / attn_v_b, checked when read
+            if ".linear_attn." in name:
+                self._tensor(self.gguf_name(name), f"{list(shape)} for {name}")  # its size is checked when read
+                continue
             g = self.gguf_name(name)
             t = self._tensor(g, f"{list(shape)} for {name}")
             if t.shape != shape and _squeezed(t.shape) != _squeezed(shape):
@@ -143,6 +164,8 @@ class GGUFCheckpoint:
         c = self.config
         if name.endswith("kv_b_proj.weight") and self.gguf_name(name) not in self.tensors:
             return self._kv_b(name)
+        if ".linear_attn." in name:
+            return self._linear_attn(name, shape)
         g = self.gguf_name(name)
         t = self._tensor(g, name)
         want = tuple(shape) if shape is not None else t.shape
@@ -169,6 +192,35 @@ class GGUFCheckpoint:
     def _needs_unpermute(self, name: str) -> bool:
         return self.config.model_type == "mixtral" and name.endswith(("q_proj.weight", "k_proj.weight",
                                                                       "q_proj.bias", "k_proj.bias"))
+
+    def _linear_attn(self, name: str, shape) -> torch.Tensor:
+        """A Gated DeltaNet tensor as floats, in transformers' layout and order (see the module docstring)."""
+        la, rest = self.config.linear_attention, name.rpartition(".linear_attn.")[2]
+        t = self._tensor(self.gguf_name(name), name)
+        w = _floats(t)
+        nk, nv, dk, dv = la.num_key_heads, la.num_value_heads, la.key_head_dim, la.value_head_dim
+        if t.name.endswith("ssm_ba.weight"):  # per key head: b (nv/nk rows), then a
+            w = w.reshape(nk, 2, nv // nk, -1)[:, int(rest == "in_proj_a.weight")].reshape(nv, -1)
+        elif rest == "A_log":
+            w = torch.log(-w)
+        want = tuple(shape) if shape is not None else (w.shape if rest != "conv1d.weight" else
+                                                       (la.conv_dim, 1, la.conv_kernel))
+        if w.numel() != int(np.prod(want)):
+            raise OffloadMoeError(f"{t.file}: tensor {t.name!r} has shape {list(t.shape)}, expected {list(want)} "
+                                  f"for {name} from the file's metadata")
+        w = w.reshape(want)
+        if self.config.model_type == "qwen3_5_moe_text" and nk != nv:  # tiled value heads -> grouped by key head
+            if rest == "in_proj_qkv.weight":
+                w = torch.cat((w[:2 * nk * dk], _grouped(w[2 * nk * dk:], 0, nk, dv)))
+            elif rest == "conv1d.weight":
+                w = torch.cat((w[:2 * nk * dk], _grouped(w[2 * nk * dk:], 0, nk, dv)))
+            elif rest == "in_proj_z.weight":
+                w = _grouped(w, 0, nk, dv)
+            elif rest in ("in_proj_b.weight", "in_proj_a.weight", "A_log", "dt_bias"):
+                w = _grouped(w, 0, nk, 1)
+            elif rest == "out_proj.weight":
+                w = _grouped(w, 1, nk, dv)
+        return w.contiguous()
 
     def _kv_b(self, name: str) -> torch.Tensor:
         """DeepSeek's kv_b_proj [nh·(nope + v), rank] from attn_k_b [nh, rank, nope] and attn_v_b [nh, v, rank]."""
@@ -304,6 +356,7 @@ class GGUFCheckpoint:
 
         def our_name(gname: str) -> str:  # stacked experts and split attention have no single name of ours
             return ours.get(gname) or ("model.experts." if "_exps." in gname else
+                                       "model.linear_attn." if ".ssm_" in gname else
                                        "model.self_attn." if ".attn_" in gname else gname)
 
         return weights_by_kind((our_name(t.name), t.shape, t.nbytes) for t in self.tensors.values())
@@ -333,6 +386,14 @@ def header_quantization(f: GGUFFile) -> dict | None:
         return None
     return {"quant_method": "gguf", "group_size": min(groups) if groups else 32, **settings,
             "file_type": f.get("general.file_type"), "ggml_types": ggml}
+
+
+def _grouped(w: torch.Tensor, dim: int, key_heads: int, head_dim: int) -> torch.Tensor:
+    """Value heads along `dim` from tiled order (qwen35moe: [v0 of every key head, v1 of every one, ...])
+    back to grouped by key head, as transformers keeps them."""
+    shape = list(w.shape)
+    split = shape[:dim] + [-1, key_heads, head_dim] + shape[dim + 1:]   # (..., nv/nk, nk, hd, ...)
+    return w.reshape(split).transpose(dim, dim + 1).reshape(shape)
 
 
 def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:

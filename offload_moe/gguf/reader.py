@@ -118,6 +118,7 @@ KINDS = {
     "a string": lambda v: isinstance(v, str),
     "a bool": lambda v: isinstance(v, bool),
     "a bool or an integer": lambda v: isinstance(v, (bool, int)),
+    "a list of bools": lambda v: isinstance(v, list) and all(isinstance(x, bool) for x in v),
     "a non-negative integer or a list of them": lambda v: (_int(v) and v >= 0) or (
         isinstance(v, list) and bool(v) and all(_int(x) and x >= 0 for x in v)),
     "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),

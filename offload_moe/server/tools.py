@@ -4,7 +4,13 @@ parsed back into `tool_calls`, for the formats the families' chat templates defi
 - Qwen3 / Qwen2 (Hermes style): `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, any number;
 - Mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (v3) or `[TOOL_CALLS]name[ARGS]{...}` (v11);
 - gpt-oss (harmony): messages `<|channel|>commentary to=functions.NAME ... <|message|>{json}`, the
-  `final` channel being the answer and `analysis` the reasoning (not returned as content).
+  `final` channel being the answer and `analysis` the reasoning (not returned as content);
+- GLM-4.5 (`<tool_call>NAME<arg_key>..</arg_key><arg_value>..</arg_value></tool_call>`), DeepSeek-V3
+  (`<｜tool▁calls▁begin｜>...<｜tool▁calls▁end｜>`), Kimi-K2 (`<|tool_calls_section_begin|>...`) and
+  MiniMax-M2 (`<minimax:tool_call><invoke name=..>...`): sections found here, their bodies read by
+  `tool_bodies`;
+- Llama 4: a reply that is `{"name": ..., "parameters": {...}}` (one or more, as its template asks),
+  optionally after `<|python_start|>...<|python_end|>` as the template writes an assistant's calls.
 
 Which format applies is read from the chat template itself (the markers it writes), never from a
 file name. A parser is fed the generated text piece by piece (special tokens kept) and returns what
@@ -19,8 +25,17 @@ import re
 import uuid
 
 from .responses import bad
+from .tool_bodies import parse_deepseek, parse_glm, parse_kimi, parse_minimax
 
-HERMES, MISTRAL, HARMONY = "hermes", "mistral", "harmony"
+HERMES, MISTRAL, HARMONY, GLM, DEEPSEEK, KIMI, MINIMAX, LLAMA4 = ("hermes", "mistral", "harmony", "glm", "deepseek",
+                                                                  "kimi", "minimax", "llama4")
+# the formats whose calls sit between a begin and an end marker: (begin, end, body -> [(name, args)] or None)
+SECTIONS = {HERMES: ("<tool_call>", "</tool_call>", lambda body: _parse_json_call(body)),
+            GLM: ("<tool_call>", "</tool_call>", parse_glm),
+            DEEPSEEK: ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", parse_deepseek),
+            KIMI: ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", parse_kimi),
+            MINIMAX: ("<minimax:tool_call>", "</minimax:tool_call>", parse_minimax)}
+PYTHON_START, PYTHON_END = "<|python_start|>", "<|python_end|>"
 
 
 def tool_format(chat_template: str | None) -> str | None:
@@ -30,6 +45,16 @@ def tool_format(chat_template: str | None) -> str | None:
         return HARMONY
     if "[TOOL_CALLS]" in t:
         return MISTRAL
+    if PYTHON_START in t and '"parameters": ' in t:
+        return LLAMA4
+    if "tool▁calls▁begin" in t:
+        return DEEPSEEK
+    if "<|tool_calls_section_begin|>" in t:
+        return KIMI
+    if "<minimax:tool_call>" in t:
+        return MINIMAX
+    if "<tool_call>" in t and "<arg_key>" in t:
+        return GLM
     if "<tool_call>" in t:
         return HERMES
     return None
@@ -89,44 +114,48 @@ class ToolCallParser:
 
     def feed(self, piece: str) -> tuple[str, list[dict]]:
         self.text += piece
-        return getattr(self, f"_{self.fmt}")(done=False)
+        return self._parse(done=False)
 
     def finish(self) -> tuple[str, list[dict]]:
-        return getattr(self, f"_{self.fmt}")(done=True)
+        return self._parse(done=True)
 
-    # -- Hermes (Qwen): <tool_call> JSON </tool_call>
-    def _hermes(self, done: bool) -> tuple[str, list[dict]]:
+    def _parse(self, done: bool) -> tuple[str, list[dict]]:
+        if self.fmt in SECTIONS:
+            return self._sections(done, *SECTIONS[self.fmt])
+        return getattr(self, f"_{self.fmt}")(done=done)
+
+    # -- calls between a begin and an end marker (Hermes/Qwen: <tool_call> JSON </tool_call>; GLM; DeepSeek; Kimi)
+    def _sections(self, done: bool, begin: str, end: str, parse) -> tuple[str, list[dict]]:
         content, calls = "", []
         while True:
             rest = self.text[self.shown:]
-            start = rest.find("<tool_call>")
+            start = rest.find(begin)
             if start < 0:
-                keep = 0 if done else _held(rest, "<tool_call>")
+                keep = 0 if done else _held(rest, begin)
                 content += rest[:len(rest) - keep]
                 self.shown += len(rest) - keep
                 break
             content += rest[:start]
-            end = rest.find("</tool_call>", start)
-            if end < 0:
-                if done:  # an unterminated call: parse what is there, else show it as text
-                    call = _parse_json_call(rest[start + len("<tool_call>"):])
-                    if call is not None:
-                        calls.append(call)
+            stop = rest.find(end, start)
+            if stop < 0:
+                if done:  # an unterminated section: parse what is there, else show it as text
+                    found = _as_calls(parse(rest[start + len(begin):]))
+                    if found is not None:
+                        calls += found
                     else:
                         content += rest[start:]
                     self.shown = len(self.text)
                 else:
                     self.shown += start
                 break
-            body = rest[start + len("<tool_call>"):end]
-            call = _parse_json_call(body)
-            if call is not None:
-                calls.append(call)
+            found = _as_calls(parse(rest[start + len(begin):stop]))
+            if found is not None:
+                calls += found
             else:
-                content += rest[start:end + len("</tool_call>")]
-            self.shown += end + len("</tool_call>")
+                content += rest[start:stop + len(end)]
+            self.shown += stop + len(end)
         self.calls += calls
-        # Qwen writes a newline between content and each call: whitespace-only text around calls goes
+        # Qwen and GLM write a newline between content and each call: whitespace-only text around calls goes
         return ("" if self.calls and not content.strip() else content), calls
 
     # -- Mistral: [TOOL_CALLS] then a JSON list, or name[ARGS]{json} repeated
@@ -149,6 +178,22 @@ class ToolCallParser:
         self.shown = len(self.text)
         self.calls += calls
         return content, calls
+
+    # -- Llama 4: the whole reply is the calls when it opens with `{` or <|python_start|>
+    def _llama4(self, done: bool) -> tuple[str, list[dict]]:
+        head = self.text.lstrip()
+        opens_call = head.startswith(("{", PYTHON_START)) or (head and PYTHON_START.startswith(head))
+        if self.shown == 0 and (not head or opens_call) and not done:
+            return "", []                  # undecided, or a call still being written: hold it
+        if self.shown == 0 and opens_call:
+            content, calls = _parse_llama4(head)
+            if calls:
+                self.shown = len(self.text)
+                self.calls += calls
+                return content, calls
+        content = self.text[self.shown:]   # plain text (or calls that do not parse): content as it comes
+        self.shown = len(self.text)
+        return content, []
 
     # -- gpt-oss harmony
     def _harmony(self, done: bool) -> tuple[str, list[dict]]:
@@ -174,14 +219,47 @@ class ToolCallParser:
         return content, calls
 
 
-def _parse_json_call(body: str) -> dict | None:
+def _as_calls(found) -> list[dict] | None:
+    """A body parser's answer, [(name, arguments)] or None, as `tool_calls` entries."""
+    return None if found is None else [new_call(name, arguments) for name, arguments in found]
+
+
+def _parse_json_call(body: str) -> list[tuple[str, object]] | None:
+    """Hermes: one JSON object {"name": ..., "arguments": {...}}."""
     try:
         obj = json.loads(body.strip())
     except ValueError:
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
-    return new_call(obj["name"], obj.get("arguments", obj.get("parameters", {})))
+    return [(obj["name"], obj.get("arguments", obj.get("parameters", {})))]
+
+
+def _parse_llama4(text: str) -> tuple[str, list[dict]]:
+    """(content, calls) of a Llama 4 reply `[<|python_start|>content<|python_end|>]{call}[; {call}...]`,
+    each call `{"name": str, "parameters": {...}}` (or a JSON list of them); no calls when any part
+    does not parse."""
+    content = ""
+    if text.startswith(PYTHON_START):
+        inner, _, text = text[len(PYTHON_START):].partition(PYTHON_END)
+        if not text.strip():           # the calls themselves inside the python block
+            inner, text = "", inner
+        content = inner
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while True:
+        while at < len(text) and text[at] in " \t\r\n;,":
+            at += 1
+        if at == len(text):
+            break
+        try:
+            obj, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return "", []
+        for item in obj if isinstance(obj, list) else [obj]:
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                return "", []
+            calls.append(new_call(item["name"], item.get("parameters", item.get("arguments", {}))))
+    return content, calls
 
 
 def _parse_mistral(body: str) -> list[dict] | None:
