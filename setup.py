@@ -1,5 +1,5 @@
 """Builds the C kernels with the package: one shared library per instruction-set variant of this
-machine's architecture (offload_moe/quant/kernel_build.py holds the sources, variants and flags),
+machine's architecture (offload_moe/kernels/kernel_build.py holds the sources, variants and flags),
 so a wheel carries them and its user needs no compiler. Everything else is in pyproject.toml.
 
 The libraries are plain shared objects loaded with ctypes (not Python extension modules), so
@@ -21,7 +21,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-KERNEL_BUILD = ROOT / "offload_moe" / "quant" / "kernel_build.py"
+KERNEL_BUILD = ROOT / "offload_moe" / "kernels" / "kernel_build.py"
 
 
 def _kernel_build():

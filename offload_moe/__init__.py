@@ -5,12 +5,12 @@
     print(model.generate("To be, or not to be", max_new_tokens=40).text)
 """
 
-from .api import Generation, Model
-from .config import ModelConfig
-from .errors import OffloadMoeError
-from .loader import load
-from .generation_options import GenerationOptions
-from .options import Placement
+from .api.model import Generation, Model
+from .checkpoints.config import ModelConfig
+from .base.errors import OffloadMoeError
+from .api.loader import load
+from .generation.options import GenerationOptions
+from .placement.options import Placement
 
 __version__ = "0.1.0"
 

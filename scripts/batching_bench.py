@@ -50,7 +50,7 @@ def solo(args):
 
 def chat(args):
     import offload_moe
-    from offload_moe.chat_session import ChatSession
+    from offload_moe.api.chat_session import ChatSession
     import torch
     torch.set_num_threads(args.threads)
     model = offload_moe.load(args.model)
@@ -79,8 +79,8 @@ def chat(args):
 def steps(args):
     import offload_moe
     import torch
-    from offload_moe.batch import DecodeBatch
-    from offload_moe.generate import DecodeTiming, Sampling
+    from offload_moe.generation.batch import DecodeBatch
+    from offload_moe.generation.generate import DecodeTiming, Sampling
     model = offload_moe.load(args.model, threads=args.threads)
     model.transformer.set_slots(args.streams)
 

@@ -1,7 +1,7 @@
 """How fast the CPU expert kernels read a Mixtral-8x7B expert, against this machine's memcpy.
 
 One expert is w1, w3 [14336, 4096] and w2 [4096, 14336]. For int4 and int8 (groupwise, group 64,
-in the CPU form `offload_moe.cpu.kernels` gives them at load: our qmv kernel where it is built, else
+in the CPU form `offload_moe.experts.cpu_kernels` gives them at load: our qmv kernel where it is built, else
 torch's int4 kernel) and bf16 (our bf16mv kernel where it is built, else prepacked for oneDNN), times each matrix's product and the whole
 SwiGLU expert at batch 1 (and `--batch` tokens), and reports GB/s of packed weight bytes read. The
 yardstick is a large RAM -> RAM tensor copy timed in the same run (bytes copied per second; the
@@ -26,13 +26,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from offload_moe.cpu.kernels import int4_supported, resident_cpu_form, to_int4_planes, weight_nbytes
-from offload_moe.timing import measure_copy_rate
-from offload_moe.experts.interface import ExpertWeights, expert_forward, linear
-from offload_moe.quant import native
-from offload_moe.quant.cpu_bf16 import PackedBF16, packing_available
-from offload_moe.quant.groupwise import QuantizedWeight, qlinear
-from offload_moe.quant.pack import packed_cols
+from offload_moe.experts.cpu_kernels import int4_supported, resident_cpu_form, to_int4_planes, weight_nbytes
+from offload_moe.base.timing import measure_copy_rate
+from offload_moe.model.expert_interface import ExpertWeights, expert_forward, linear
+from offload_moe.kernels import native
+from offload_moe.kernels.cpu_bf16 import PackedBF16, packing_available
+from offload_moe.kernels.groupwise import QuantizedWeight, qlinear
+from offload_moe.kernels.pack import packed_cols
 
 HIDDEN, INTERMEDIATE, GROUP = 4096, 14336, 64
 SHAPES = {"w1": (INTERMEDIATE, HIDDEN), "w3": (INTERMEDIATE, HIDDEN), "w2": (HIDDEN, INTERMEDIATE)}

@@ -35,7 +35,7 @@ for _ in range(repeats):
     model.generate(prompt, max_new_tokens=tokens, temperature=0, ignore_eos=True)
     rates.append(model.stats["generation"]["decode_tokens_per_second"])
 from torch.utils._python_dispatch import TorchDispatchMode
-from offload_moe.generate import Sampling, decode_tokens
+from offload_moe.generation.generate import Sampling, decode_tokens
 
 class Ops(TorchDispatchMode):   # aten calls of one decode step: a load-independent figure
     n = 0

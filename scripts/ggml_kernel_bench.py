@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from offload_moe.quant import native
+from offload_moe.kernels import native
 
 SHAPES = {"qwen3-30b-a3b": (768, 2048), "mixtral-8x7b": (14336, 4096)}
 TOTAL_BYTES = 96e6   # distinct matrices cycled per round at decode: over the L3 cache in total

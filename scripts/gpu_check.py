@@ -78,7 +78,7 @@ def step_env(args) -> dict:
 
 
 def _expert_bytes(tiny: bool) -> int:
-    from offload_moe.planner import weight_bytes
+    from offload_moe.placement.planner import weight_bytes
     (i, h) = (TINY if tiny else MIXTRAL)["w1"]
     return 2 * weight_bytes(i, h, "int4") + weight_bytes(h, i, "int4")
 
@@ -173,8 +173,8 @@ def _graph_time(calls, reps: int = 5) -> float:
 
 
 def _random_qweight(shape, bits: int, device):
-    from offload_moe.quant import QuantizedWeight
-    from offload_moe.quant.pack import packed_cols
+    from offload_moe.kernels import QuantizedWeight
+    from offload_moe.kernels.pack import packed_cols
     out_f, in_f = shape
     packed = torch.randint(0, 256, (out_f, packed_cols(in_f, bits)), dtype=torch.uint8, device=device)
     scales = (torch.rand(out_f, in_f // 64, device=device) * 1e-3 + 1e-4).half()
@@ -215,8 +215,8 @@ def _measure_kernel(kt, ws, shape, bits: int, batch: int, device: str, hbm) -> d
 
 
 def step_triton(args) -> dict:
-    from offload_moe.quant import kernels_triton as kt
-    from offload_moe.quant.groupwise import qlinear
+    from offload_moe.kernels import kernels_triton as kt
+    from offload_moe.kernels.groupwise import qlinear
     shapes = TINY if args.tiny else MIXTRAL
     out = {"shapes": {k: list(v) for k, v in shapes.items()}, "has_triton": kt.HAS_TRITON,
            "interpreter": kt.interpreting()}
@@ -274,7 +274,7 @@ def step_triton(args) -> dict:
 
 def step_syncs(args) -> dict:
     import offload_moe
-    from offload_moe.synthetic import SyntheticCheckpoint
+    from offload_moe.checkpoints.synthetic import SyntheticCheckpoint
     layers = 2 if args.tiny else 4
     ckpt = SyntheticCheckpoint("mixtral-8x7b", layers=layers, scale=0.05 if args.tiny else 0.25, bits=4)
     device = "cuda" if CUDA else "cpu"

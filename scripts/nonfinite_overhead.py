@@ -14,8 +14,8 @@ import time
 import torch
 
 import offload_moe
-import offload_moe.api as api
-from offload_moe.generate import DecodeTiming, decode_tokens, sample
+import offload_moe.api.model as api
+from offload_moe.generation.generate import DecodeTiming, decode_tokens, sample
 
 
 def decode_without_check(model, prompt, max_new_tokens, sampling, timing=None):

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from offload_moe.quant import quantize
-from offload_moe.quant.cpu_qmv import to_qmv
+from offload_moe.kernels import quantize
+from offload_moe.kernels.cpu_qmv import to_qmv
 
 
 def timed(fn, mats, x, repeats: int) -> float:

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from offload_moe.cpu.kernels import resident_cpu_form, weight_nbytes
-from offload_moe.experts.interface import ExpertWeights, expert_forward
-from offload_moe.quant.groupwise import quantize
-from offload_moe.quant.published import FP8BlockWeight, GPTQWeight, IntPackWeight
+from offload_moe.experts.cpu_kernels import resident_cpu_form, weight_nbytes
+from offload_moe.model.expert_interface import ExpertWeights, expert_forward
+from offload_moe.kernels.groupwise import quantize
+from offload_moe.kernels.published import FP8BlockWeight, GPTQWeight, IntPackWeight
 
 H, I, GROUP = 2048, 768, 128
 SHAPES = {"w1": (I, H), "w3": (I, H), "w2": (H, I)}

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import train_demo
 
 import offload_moe
-from offload_moe.checkpoint import Checkpoint
+from offload_moe.checkpoints.checkpoint import Checkpoint
 
 SOURCE_SETTING = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 

@@ -13,11 +13,11 @@ def _load_keeps_the_tests_threads():
     """load() sets torch's threads, by default to `default_threads()`, which follows the machine's load
     average: two models loaded moments apart could compute with different counts (and different
     rounding). In tests "auto" means the 2 threads set above; test_constrain checks the real default."""
-    import offload_moe.loader
-    from offload_moe.threads import set_threads
+    import offload_moe.api.loader
+    from offload_moe.base.threads import set_threads
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(offload_moe.loader, "set_threads", lambda threads: set_threads(2 if threads == "auto" else threads))
+        mp.setattr(offload_moe.api.loader, "set_threads", lambda threads: set_threads(2 if threads == "auto" else threads))
         yield
 
 # Configurations the acceptance list names: one KV head, top-1/2/3, 16 experts, a sliding window

@@ -158,8 +158,8 @@ def _type_of(v):
 
 def open_like_info(path: Path) -> None:
     """What `offload-moe info FILE.gguf` reads: the checkpoint (header, config, types), the tokenizer."""
-    from offload_moe.gguf import GGUFCheckpoint
-    from offload_moe.text import Tokenizer
+    from offload_moe.checkpoints.gguf import GGUFCheckpoint
+    from offload_moe.generation.text import Tokenizer
 
     ckpt = GGUFCheckpoint(path)
     parts = ckpt.tokenizer_parts()
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     import hypothesis
     from hypothesis import HealthCheck, given, settings, strategies as st
 
-    from offload_moe.errors import OffloadMoeError
+    from offload_moe.base.errors import OffloadMoeError
 
     seeds = [tiny_gguf("gpt2"), tiny_gguf("llama")]
     for seed in seeds:  # imports (torch: seconds) happen here, not in the first input's time

@@ -14,7 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from offload_moe.checkpoint import Checkpoint
+from offload_moe.checkpoints.checkpoint import Checkpoint
 
 T = gguf.GGMLQuantizationType
 ARCH = {"mixtral": gguf.MODEL_ARCH.LLAMA, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE, "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
@@ -279,8 +279,8 @@ def write_spm_vocab(out: Path, corpus: str) -> Path:
 
 def gguf_tokenizer(path):
     """`text.Tokenizer` from a GGUF header alone (no weights needed: vocabulary-only files too)."""
-    from offload_moe.gguf import GGUFFile, tokenizer_parts
-    from offload_moe.text import Tokenizer
+    from offload_moe.checkpoints.gguf import GGUFFile, tokenizer_parts
+    from offload_moe.generation.text import Tokenizer
 
     p = tokenizer_parts(GGUFFile(path))
     return Tokenizer.from_parts(p.backend, p.bos_token, p.eos_token, p.chat_template, p.source)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from offload_moe.quant import kernel_build, native
+from offload_moe.kernels import kernel_build, native
 
 VARIANTS = kernel_build.variants_for(kernel_build.machine())
 

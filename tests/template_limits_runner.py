@@ -18,7 +18,7 @@ def _kib(field: str) -> int:
 
 
 def main() -> None:
-    from offload_moe.text import Tokenizer
+    from offload_moe.generation.text import Tokenizer
 
     resource.setrlimit(resource.RLIMIT_AS, (_kib("VmSize") * 1024 + 2 * 2**30, resource.RLIM_INFINITY))
     results = []

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from offload_moe.quant import cpu_qmv, ggml, kernel_build, quantize
-from offload_moe.quant.cpu_qmv import to_qmv
+from offload_moe.kernels import cpu_qmv, ggml, kernel_build, quantize
+from offload_moe.kernels.cpu_qmv import to_qmv
 from kernel_variants import PATHS
 from test_cpu_ggml import TYPES, float64_weight, weight
 from test_cpu_qmv import float64_linear

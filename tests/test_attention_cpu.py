@@ -5,7 +5,7 @@ torch's own bf16 kernel, against float64)."""
 import torch
 import torch.nn.functional as F
 
-from offload_moe.attention import RMSNorm, attend
+from offload_moe.model.attention import RMSNorm, attend
 
 
 def test_rmsnorm_of_bf16_on_the_cpu_is_bitwise_the_fp32_reference():

@@ -9,7 +9,7 @@ import resource
 
 import pytest
 
-from offload_moe.runtime import address_space_room, available_ram, cgroup_room
+from offload_moe.base.runtime import address_space_room, available_ram, cgroup_room
 
 GB = 10**9
 

@@ -415,7 +415,7 @@ def test_generation_arguments(demo_model, kwargs, needles):
     "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxxxx{% endfor %}{% endfor %}",
 ], ids=["repeat", "power", "concat doubling", "plus doubling", "ljust", "nested loops"])
 def test_runaway_chat_templates(tmp_path, template):
-    from offload_moe.text import Tokenizer
+    from offload_moe.generation.text import Tokenizer
 
     d = with_template(tmp_path, "t", template)
     raises_one_line(lambda: Tokenizer(d).render_chat([{"role": "user", "content": "hi"}]),
@@ -427,7 +427,7 @@ def test_lone_surrogate_prompt(demo_model):
 
 
 def test_save_refuses_to_overwrite(demo_model, tmp_path):
-    from offload_moe.chat_session import ChatSession
+    from offload_moe.api.chat_session import ChatSession
 
     existing = tmp_path / "mine.json"
     existing.write_text("mine\n")
@@ -484,9 +484,9 @@ def test_disk_tier_not_enough_free_space(tiny_checkpoint, tmp_path, monkeypatch)
 
 
 def test_ram_tier_larger_than_available_ram(tiny_checkpoint, monkeypatch):
-    import offload_moe.runtime
+    import offload_moe.base.runtime
 
-    monkeypatch.setattr(offload_moe.runtime, "available_ram", lambda: 100_000)  # above the KV cache, below the RAM tier
+    monkeypatch.setattr(offload_moe.base.runtime, "available_ram", lambda: 100_000)  # above the KV cache, below the RAM tier
     raises_one_line(lambda: offload_moe.load(tiny_checkpoint[0], Placement(cache_slots=1, offload="ram"),
                                              device="cpu"),
                     "RAM tier", "only 0.1 MB is available", "--ram-budget")
@@ -515,17 +515,17 @@ def test_kv_cache_refused_inside_a_memory_cgroup(tmp_path, monkeypatch):
     """Issue 28, point 5: in a 700 MB cgroup a 1 GB KV cache is one line, not the OOM killer."""
     import functools
 
-    import offload_moe.runtime
+    import offload_moe.base.runtime
 
     (tmp_path / "cgroup").write_text("0::/box\n")
     box = tmp_path / "fs" / "box"
     box.mkdir(parents=True)
     (box / "memory.max").write_text(f"{700 * 10**6}\n")
     (box / "memory.current").write_text(f"{100 * 10**6}\n")
-    real = offload_moe.runtime.available_ram
-    monkeypatch.setattr(offload_moe.runtime, "available_ram", functools.partial(
+    real = offload_moe.base.runtime.available_ram
+    monkeypatch.setattr(offload_moe.base.runtime, "available_ram", functools.partial(
         real, self_cgroup=tmp_path / "cgroup", cgroup_root=tmp_path / "fs"))
-    assert offload_moe.runtime.available_ram() == 600 * 10**6
+    assert offload_moe.base.runtime.available_ram() == 600 * 10**6
     raises_one_line(lambda: offload_moe.load(placement=Placement(context_length=400_000, force_context=True),
                                              device="cpu"),
                     "context_length = 400000", "KV cache of 1.02 GB", "0.60 GB of available RAM")
@@ -533,7 +533,7 @@ def test_kv_cache_refused_inside_a_memory_cgroup(tmp_path, monkeypatch):
 
 def test_kv_cache_allocation_failure_is_named(monkeypatch):
     """What torch's CPU allocator raises when a limit the checks cannot see stops it: one line."""
-    from offload_moe import attention
+    from offload_moe.model import attention
 
     def refuse(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe.batch import DecodeBatch
-from offload_moe.generate import DecodeTiming, Sampling
+from offload_moe.generation.batch import DecodeBatch
+from offload_moe.generation.generate import DecodeTiming, Sampling
 from offload_moe.server import create_app
 from serve_fixtures import running_server
 

@@ -18,7 +18,7 @@ from offload_moe import OffloadMoeError
 from offload_moe import Placement
 from offload_moe.bench import ROW_FIELDS, BenchOptions, run_bench
 from offload_moe.cli.main import main
-from offload_moe.synthetic import SyntheticCheckpoint
+from offload_moe.checkpoints.synthetic import SyntheticCheckpoint
 from offload_moe.tools.trace import FORMAT, TraceRouter, load_trace, reuse_rate, save_trace, synthesize
 from offload_moe import Placement
 
@@ -386,7 +386,7 @@ def test_accelerate_offload_replays_the_same_routes(tiny_checkpoint):
     pytest.importorskip("accelerate")
     from offload_moe.bench import hf_offload_generate
     from offload_moe.bench.hf_offload import Workload
-    from offload_moe.generate import Sampling, decode_tokens
+    from offload_moe.generation.generate import Sampling, decode_tokens
 
     path = tiny_checkpoint[0]
     trace = synthesize(3, 8, 2, 40, 0.5, seed=1)

@@ -14,7 +14,7 @@ import pytest
 
 from chat_fixtures import build_tiny_chat_checkpoint
 from offload_moe import OffloadMoeError, load
-from offload_moe.chat_session import ChatSession
+from offload_moe.api.chat_session import ChatSession
 from offload_moe.cli import chat as chat_cli
 from offload_moe.cli.main import main
 from offload_moe import Placement

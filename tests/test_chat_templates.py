@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenize
 
 from conftest import tiny_mixtral
 from offload_moe import OffloadMoeError, load
-from offload_moe.text import Tokenizer
+from offload_moe.generation.text import Tokenizer
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 

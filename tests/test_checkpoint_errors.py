@@ -45,7 +45,7 @@ def test_unsupported_model_type_lists_supported(tiny_checkpoint, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(OffloadMoeError) as e:
         offload_moe.load(d)
-    from offload_moe.config import SUPPORTED_MODEL_TYPES
+    from offload_moe.checkpoints.config import SUPPORTED_MODEL_TYPES
     assert {"deepseek_v2", "gpt_oss", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"} <= set(SUPPORTED_MODEL_TYPES)
     assert_one_line(e.value, "'llama'", "supported: " + ", ".join(SUPPORTED_MODEL_TYPES))
 

@@ -5,7 +5,7 @@ import struct
 
 import torch
 
-from offload_moe.checkpoint import Checkpoint
+from offload_moe.checkpoints.checkpoint import Checkpoint
 
 
 def rss_bytes() -> int:

@@ -4,10 +4,10 @@ float64 math; NF4/MXFP4 tables made once per device (review finding #4)."""
 import pytest
 import torch
 
-from offload_moe.quant import mxfp4, nf4, quantize
-from offload_moe.quant.mxfp4 import FP4_VALUES, MXFP4Weight
-from offload_moe.quant.nf4 import NF4Weight
-from offload_moe.quant.prefill import chunk_rows, chunked_linear
+from offload_moe.kernels import mxfp4, nf4, quantize
+from offload_moe.kernels.mxfp4 import FP4_VALUES, MXFP4Weight
+from offload_moe.kernels.nf4 import NF4Weight
+from offload_moe.kernels.prefill import chunk_rows, chunked_linear
 
 
 def _mxfp4(out_f: int, in_f: int, seed: int) -> MXFP4Weight:

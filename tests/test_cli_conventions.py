@@ -122,7 +122,7 @@ def test_tables_fit_80_and_120_columns(width):
 def test_bench_tables_fit_and_keep_row_names_whole(width):
     from offload_moe.bench import BenchOptions, run_bench
     from offload_moe.cli.bench import results_tables
-    from offload_moe.synthetic import SyntheticCheckpoint
+    from offload_moe.checkpoints.synthetic import SyntheticCheckpoint
 
     result = run_bench(SyntheticCheckpoint("mixtral-8x7b", layers=1, scale=0.05),
                        BenchOptions(tokens=3, prompt_tokens=2, repeats=1), device="cpu")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe.errors import OffloadMoeError
+from offload_moe.base.errors import OffloadMoeError
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -96,14 +96,14 @@ def test_bad_constraints_are_one_line_errors(demo, kwargs, words):
 
 
 def test_load_threads(monkeypatch):
-    from offload_moe.threads import set_threads
+    from offload_moe.base.threads import set_threads
 
-    monkeypatch.setattr("offload_moe.loader.set_threads", set_threads)   # the real one (conftest pins "auto")
+    monkeypatch.setattr("offload_moe.api.loader.set_threads", set_threads)   # the real one (conftest pins "auto")
     before = torch.get_num_threads()
     try:
         offload_moe.load(None, device="cpu", threads=1)
         assert torch.get_num_threads() == 1
-        monkeypatch.setattr("offload_moe.threads.default_threads", lambda: 2)
+        monkeypatch.setattr("offload_moe.base.threads.default_threads", lambda: 2)
         offload_moe.load(None, device="cpu")        # default: "auto", the CLI's choice
         assert torch.get_num_threads() == 2
         torch.set_num_threads(1)
@@ -132,7 +132,7 @@ def test_cli_generate_with_a_json_schema_file_and_bad_constraints(tmp_path, caps
 
 def test_the_mask_forbids_exactly_the_tokens_the_grammar_rejects(demo):
     """Our unpacking of llguidance's bitmask on the device, against the matcher asked token by token."""
-    from offload_moe.constrain import Constraint, grammar_from
+    from offload_moe.generation.constrain import Constraint, grammar_from
 
     c = Constraint(demo.grammar_tokenizer(), grammar_from(json_schema=SCHEMA), demo.device)
     for token in demo.encode_prompt('{"name":"Ann"'):   # a few steps into the document

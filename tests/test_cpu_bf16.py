@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import offload_moe
 from conftest import save, tiny_mixtral
-from offload_moe.quant.cpu_bf16 import BF16Linear, PackedBF16, PackedLinear, bmv_available, packing_available
+from offload_moe.kernels.cpu_bf16 import BF16Linear, PackedBF16, PackedLinear, bmv_available, packing_available
 from offload_moe import Placement
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="oneDNN prepacking is not F.linear's bits here")

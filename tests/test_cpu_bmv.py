@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offload_moe.quant import cpu_bf16, native
+from offload_moe.kernels import cpu_bf16, native
 from kernel_variants import VARIANTS, open_variant
 
 if native.load("bmv") is None:

@@ -14,19 +14,18 @@ import torch.nn.functional as F
 import offload_moe
 from conftest import save, tiny_mixtral
 from offload_moe import OffloadMoeError
-from offload_moe.checkpoint import Checkpoint
-from offload_moe.cpu.kernels import cpu_form
+from offload_moe.checkpoints.checkpoint import Checkpoint
+from offload_moe.experts.cpu_kernels import cpu_form
 from offload_moe.experts.cpu_tier import CpuTier, cpu_layers
-from offload_moe.cpu.kernels import (CPU_FORMS, TOLERANCE, Int4Planes, QmvMatrix, has_cpu_kernel, reference_linear,
-                                     to_int4_planes)
+from offload_moe.experts.cpu_kernels import CPU_FORMS, TOLERANCE, Int4Planes, QmvMatrix, has_cpu_kernel, reference_linear, to_int4_planes
 from offload_moe.experts.cache import ExpertCache, Hybrid
 from offload_moe.experts.cost_file import save_costs, saved_costs
 from offload_moe.experts.cost_timing import measure_expert_costs, measure_throughput
 from offload_moe.experts.costs import CostModel, Throughput
 from offload_moe.experts.layout import ExpertLayout
 from offload_moe.experts.store import HostStore
-from offload_moe.experts.interface import ExpertWeights, expert_forward
-from offload_moe.quant import quantize
+from offload_moe.model.expert_interface import ExpertWeights, expert_forward
+from offload_moe.kernels import quantize
 from offload_moe import Placement
 
 PROMPT = [1, 17, 42, 5, 66, 23, 9]

@@ -23,8 +23,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants
 
-from offload_moe.quant import ggml, native
-from offload_moe.quant.ggml import GGMLGroup, GGMLWeight
+from offload_moe.kernels import ggml, native
+from offload_moe.kernels.ggml import GGMLGroup, GGMLWeight
 from kernel_variants import VARIANTS, open_variant
 
 pytestmark = pytest.mark.skipif(native.load("ggml") is None, reason=f"the ggml kernel is not built here: "
@@ -213,7 +213,7 @@ import numpy as np, torch, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_cpu_ggml import weight, float64_weight, rel_error
 from gguf import GGMLQuantizationType as T
-from offload_moe.quant import native
+from offload_moe.kernels import native
 for t in (T.Q4_0, T.Q6_K, T.F16):
     w = weight(t, 24, 256, seed=1)
     x = torch.randn(3, 256)

@@ -11,11 +11,11 @@ import torch
 
 import offload_moe
 from conftest import save, tiny_mixtral
-from offload_moe.quant import quantize
-from offload_moe.quant import cpu_forms, cpu_int4
-from offload_moe.quant.cpu_forms import CPU_FORMS
-from offload_moe.quant.cpu_int4 import TOLERANCE, Int4Planes, to_int4_planes
-from offload_moe.quant.modules import QLinear
+from offload_moe.kernels import quantize
+from offload_moe.kernels import cpu_forms, cpu_int4
+from offload_moe.kernels.cpu_forms import CPU_FORMS
+from offload_moe.kernels.cpu_int4 import TOLERANCE, Int4Planes, to_int4_planes
+from offload_moe.kernels.modules import QLinear
 
 needs_layout = pytest.mark.skipif(cpu_int4._block_rows() is None,
                                   reason="this torch build packs int4 in a layout the dequantizer does not know")
@@ -78,7 +78,7 @@ def test_long_prefill_dequantizes_in_bounded_chunks(monkeypatch):
 def test_quantized_attention_runs_packed_on_the_cpu(tmp_path, monkeypatch):
     """A checkpoint quantized with int4 attention and int8 embeddings: every dense QLinear holds the
     kernel's form, and the logits match the dequantize-then-multiply reference within tolerance."""
-    from offload_moe.quant import modules
+    from offload_moe.kernels import modules
     from offload_moe.tools.convert import quantize as convert
 
     src = save(tiny_mixtral(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from offload_moe.quant import cpu_qmv, native, quantize
-from offload_moe.quant.cpu_qmv import QmvMatrix, to_qmv
+from offload_moe.kernels import cpu_qmv, native, quantize
+from offload_moe.kernels.cpu_qmv import QmvMatrix, to_qmv
 from kernel_variants import VARIANTS, open_variant
 
 if native.load() is None:
@@ -136,7 +136,7 @@ def test_the_jit_build_is_cached_and_a_failed_build_leaves_nothing(tmp_path, mon
 
 
 def test_a_changed_shared_header_is_a_new_build(tmp_path, monkeypatch):
-    from offload_moe.quant import kernel_build
+    from offload_moe.kernels import kernel_build
 
     include = tmp_path / "include"
     include.mkdir()
@@ -158,7 +158,7 @@ def run_python(code: str, **env) -> str:
 
 
 def test_off_when_asked_or_without_a_library_falls_back_to_torch_and_no_compiler_is_needed(tmp_path):
-    probe = ("import torch; from offload_moe.quant import quantize, native; from offload_moe.quant.cpu_forms import "
+    probe = ("import torch; from offload_moe.kernels import quantize, native; from offload_moe.kernels.cpu_forms import "
              "to_cpu_kernel; print(type(to_cpu_kernel(quantize(torch.randn(64, 128), 4, 64))).__name__, native.status())")
     assert run_python(probe, OFFLOAD_MOE_NATIVE="0").startswith("Int4Planes off")
     # the package's libraries need no compiler ...
@@ -174,7 +174,7 @@ def test_one_openmp_runtime_in_the_process_and_its_thread_count_is_ours():
     maps one, and torch.set_num_threads sizes our teams as it sizes torch's."""
     out = run_python("""
 import json, re, torch
-from offload_moe.quant import native
+from offload_moe.kernels import native
 lib = native.load()
 teams = []
 for n in (1, 3):
@@ -191,7 +191,7 @@ print(json.dumps([teams, maps]))
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_the_fused_expert_matches_float64_and_steps_aside_for_long_prefill(bits):
-    from offload_moe.experts.interface import ExpertWeights, expert_forward
+    from offload_moe.model.expert_interface import ExpertWeights, expert_forward
 
     g = torch.Generator().manual_seed(bits)
     w1, w3 = (quantize(torch.randn(192, 128, generator=g) * 0.05, bits, 64) for _ in range(2))
@@ -215,7 +215,7 @@ def test_the_fused_expert_matches_float64_and_steps_aside_for_long_prefill(bits)
 
 
 def test_a_group_of_projections_equals_its_matrices_bitwise():
-    from offload_moe.quant.cpu_qmv import QmvGroup
+    from offload_moe.kernels.cpu_qmv import QmvGroup
 
     g = torch.Generator().manual_seed(5)
     mats = [to_qmv(quantize(torch.randn(o, 256, generator=g) * 0.02, 4, 64)) for o in (128, 32, 32)]

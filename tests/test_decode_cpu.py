@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from offload_moe import decode_cpu
-from offload_moe.attention import Attention, KVCache, RMSNorm
-from offload_moe.model import MoEBlock
+from offload_moe.kernels import decode_step as decode_cpu
+from offload_moe.model.attention import Attention, KVCache, RMSNorm
+from offload_moe.model.transformer import MoEBlock
 
 pytestmark = pytest.mark.skipif(decode_cpu.native.load_decode() is None, reason="no C compiler for decode.c")
 
@@ -211,7 +211,7 @@ def test_without_the_libraries_a_bf16_model_decodes_through_torch(tmp_path):
     import sys
     from pathlib import Path
 
-    probe = ("import torch, offload_moe; from offload_moe.attention import Attention; "
+    probe = ("import torch, offload_moe; from offload_moe.model.attention import Attention; "
              "m = offload_moe.load('offload_moe/demo', device='cpu', dtype=torch.bfloat16); "
              "steps = [a.decode_step for a in m.transformer.modules() if isinstance(a, Attention)]; "
              "g = m.generate([1, 2, 3], max_new_tokens=4, temperature=0, ignore_eos=True); "
@@ -232,8 +232,8 @@ def test_without_the_libraries_a_bf16_model_decodes_through_torch(tmp_path):
 def q8_expert(g, H, I):
     """A SwiGLU expert of Q8_0 matrices (the ggml kernel's whole-expert entry point)."""
     import gguf
-    from offload_moe.experts.interface import Expert, ExpertWeights
-    from offload_moe.quant.ggml import GGMLWeight
+    from offload_moe.model.expert_interface import Expert, ExpertWeights
+    from offload_moe.kernels.ggml import GGMLWeight
 
     def q8(o, i):
         w = (torch.randn(o, i, generator=g) * 0.2).numpy()
@@ -246,7 +246,7 @@ def test_expert_rows_gather_each_experts_tokens_and_sum_choices_in_order():
     """Five tokens, two choices each, eight experts: every expert computes its tokens' rows in one C
     call (held one by one, as from a slot cache, or all at once over the threads, as resident experts),
     the same bits both ways, and each token gets sum_c weight * its expert's output on it alone."""
-    from offload_moe.quant.ggml import kernel
+    from offload_moe.kernels.ggml import kernel
 
     if kernel() is None:
         pytest.skip("no ggml kernel")

@@ -11,9 +11,9 @@ import transformers
 
 import offload_moe
 from offload_moe import OffloadMoeError
-from offload_moe.config import SUPPORTED_MODEL_TYPES, ModelConfig
-from offload_moe.planner import plan
-from offload_moe.profiles import load_profile
+from offload_moe.checkpoints.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from offload_moe.placement.planner import plan
+from offload_moe.placement.profiles import load_profile
 from offload_moe import Placement
 
 DATA = Path(__file__).parent / "data"
@@ -205,7 +205,7 @@ def test_published_totals_are_the_advertised_sizes():
 
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "olmoe-1b-7b-0924", "deepseek-v2-lite", "gpt-oss-20b"])
 def test_synthetic_checkpoint_reads_like_a_real_one(name):
-    from offload_moe.synthetic import SyntheticCheckpoint, synthetic_config
+    from offload_moe.checkpoints.synthetic import SyntheticCheckpoint, synthetic_config
     known = name.replace("-0924", "")
     ckpt = SyntheticCheckpoint(known, layers=2, scale=0.05)
     c = ckpt.config
@@ -220,7 +220,7 @@ def test_synthetic_checkpoint_reads_like_a_real_one(name):
 def test_mxfp4_dequantization_matches_transformers():
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from offload_moe.quant.mxfp4 import dequantize
+    from offload_moe.kernels.mxfp4 import dequantize
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(0, 256, (3, 8, 2, 16), dtype=torch.uint8, generator=g)   # [E, out, in/32, 16]
     scales = torch.randint(118, 136, (3, 8, 2), dtype=torch.uint8, generator=g)     # [E, out, in/32]
@@ -233,7 +233,7 @@ def test_mxfp4_checkpoint_matches_transformers_and_stays_packed(tmp_path):
     against transformers' model holding the same experts dequantized."""
     from safetensors.torch import load_file, save_file
 
-    from offload_moe.quant.mxfp4 import MXFP4Weight, dequantize, nbytes_for
+    from offload_moe.kernels.mxfp4 import MXFP4Weight, dequantize, nbytes_for
     reference = tiny_model("gpt_oss")
     c = reference.config
     H, I, E = c.hidden_size, c.intermediate_size, c.num_local_experts
@@ -292,7 +292,7 @@ def test_info_sorts_every_familys_weights_as_the_config_counts_them(checkpoint, 
     """`info`/`plan`'s weights by kind: the parameters of each kind are what ModelConfig counts, whether the
     checkpoint comes as safetensors (per expert or fused) or as a GGUF (llama.cpp's names, stacked experts)."""
     from gguf_fixtures import ARCH, write_gguf
-    from offload_moe.sources import open_checkpoint
+    from offload_moe.api.sources import open_checkpoint
 
     directory, _, _ = checkpoint(name)
     sources = [directory]

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import offload_moe
-from offload_moe.config import ModelConfig
+from offload_moe.checkpoints.config import ModelConfig
 from test_families import BASE, PROMPT, greedy_tokens, max_diff
 from offload_moe import Placement
 
@@ -157,7 +157,7 @@ def test_the_selection_bias_changes_the_choice(sigmoid_checkpoint):
 @pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "glm4_moe_lite", "minimax_m2"])
 def test_info_sorts_the_weights_as_the_config_counts_them(sigmoid_checkpoint, name):
     """`info`/`plan`'s weights by kind (the selection bias with the routers), per expert and fused."""
-    from offload_moe.sources import open_checkpoint
+    from offload_moe.api.sources import open_checkpoint
 
     directory, _, _ = sigmoid_checkpoint(name)
     expected = ModelConfig.load(directory).params_by_kind()

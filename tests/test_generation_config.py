@@ -18,7 +18,7 @@ from chat_fixtures import build_tiny_chat_checkpoint
 from conftest import save, tiny_mixtral
 from offload_moe import OffloadMoeError
 from offload_moe.cli.main import main
-from offload_moe.generation_config import GenerationDefaults
+from offload_moe.generation.defaults import GenerationDefaults
 
 PROMPT_IDS = [1, 5, 7]
 

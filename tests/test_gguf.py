@@ -18,13 +18,13 @@ from test_families import BASE, FAMILIES
 
 import offload_moe
 from offload_moe import OffloadMoeError
-from offload_moe.gguf import GGUFCheckpoint, blocks
-from offload_moe.quant import cpu_int4, cpu_qmv, native
-from offload_moe.quant import ggml as ggml_weights
-from offload_moe.quant import modules as quant_modules
-from offload_moe.runtime import DEMO_DIR
-from offload_moe.sources import open_tokenizer
-from offload_moe.text import Tokenizer
+from offload_moe.checkpoints.gguf import GGUFCheckpoint, blocks
+from offload_moe.kernels import cpu_int4, cpu_qmv, native
+from offload_moe.kernels import ggml as ggml_weights
+from offload_moe.kernels import modules as quant_modules
+from offload_moe.base.runtime import DEMO_DIR
+from offload_moe.api.sources import open_tokenizer
+from offload_moe.generation.text import Tokenizer
 from offload_moe import Placement
 
 EXACT = [T.Q8_0, T.Q4_0, T.Q5_0]                          # one fp16 scale and an integer zero
@@ -68,7 +68,7 @@ def test_mxfp4_is_repacked_exactly():
 def test_widening_keeps_the_values():
     raw = _rows(T.Q3_K, (4, 256))
     qw = blocks.to_quantized(torch.from_numpy(raw.copy()).reshape(-1), T.Q3_K, (4, 256))
-    from offload_moe.gguf.checkpoint import widen
+    from offload_moe.checkpoints.gguf.checkpoint import widen
 
     wide = widen(qw, 8, 16)
     assert wide.bits == 8 and torch.equal(wide.dequantize(), qw.dequantize())

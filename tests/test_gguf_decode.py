@@ -10,8 +10,8 @@ import torch
 from gguf_fixtures import T, tiny_mixtral_gguf
 
 import offload_moe
-from offload_moe.attention import Attention
-from offload_moe.quant.ggml import GGMLGroup
+from offload_moe.model.attention import Attention
+from offload_moe.kernels.ggml import GGMLGroup
 
 PROMPT = [1, 17, 42, 5, 66, 23, 9, 31]
 

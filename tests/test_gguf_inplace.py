@@ -14,8 +14,8 @@ import torch
 from gguf_fixtures import T, tiny_mixtral_gguf
 
 import offload_moe
-from offload_moe.gguf import GGUFCheckpoint
-from offload_moe.quant.ggml import GGMLWeight
+from offload_moe.checkpoints.gguf import GGUFCheckpoint
+from offload_moe.kernels.ggml import GGMLWeight
 from offload_moe import Placement
 
 IDS = [1, 17, 42, 5, 66, 23, 9, 31]
@@ -93,7 +93,7 @@ def test_every_cpu_weight_is_a_view_of_the_mapping(q8_file):
     assert isinstance(embed, GGMLWeight)  # the token table stays Q8_0, read row by row
     ref = gguf.quants.dequantize(np.array(ckpt.tensors["token_embd.weight"].data), T.Q8_0)
     ids = torch.tensor([[3, 90, 3]])
-    from offload_moe.quant.modules import QEmbedding
+    from offload_moe.kernels.modules import QEmbedding
 
     assert torch.equal(QEmbedding(embed, torch.float32)(ids)[0], torch.from_numpy(ref[[3, 90, 3]]))
     model = offload_moe.load(q8_file, device="cpu", dtype="float32")
@@ -137,7 +137,7 @@ def test_the_source_file_is_the_disk_tier(q8_file, tmp_path, offload, prefetch):
 def test_our_header_parser_reads_what_the_gguf_package_reads(q8_file):
     """reader.py (struct over the mapping, bounded, ~1 s on a real vocabulary where GGUFReader takes
     ~25 s) against gguf.GGUFReader: every key's value, every tensor's offset, type, shape and bytes."""
-    from offload_moe.gguf.reader import GGUFFile
+    from offload_moe.checkpoints.gguf.reader import GGUFFile
 
     ours, theirs = GGUFFile(q8_file), gguf.GGUFReader(q8_file)
     assert len(ours.tensors) == len(theirs.tensors)
@@ -154,8 +154,8 @@ def test_our_header_parser_reads_what_the_gguf_package_reads(q8_file):
 def test_a_mapped_plan_sizes_experts_by_the_files_own_blocks(q8_file):
     """The planner sizes a GGUF's experts by their ggml blocks (Q8_0: 34 bytes per 32 weights), so a
     plan's bytes per expert, and the bytes a token reads, are what the file holds."""
-    from offload_moe.planner import plan
-    from offload_moe.profiles import load_profile
+    from offload_moe.placement.planner import plan
+    from offload_moe.placement.profiles import load_profile
 
     ckpt = GGUFCheckpoint(q8_file)
     p = plan(ckpt.config, load_profile("cpu"), mapped=True, ram_available=2**34)
@@ -205,7 +205,7 @@ def test_rotating_neighbours_of_permuted_rows_is_the_rotation_of_halves():
     converter writes a Mixtral) is `apply_rope` on the original rows, permuted the same way, bit for bit."""
     from gguf_fixtures import llama_permute
 
-    from offload_moe.attention import apply_rope, apply_rope_adjacent
+    from offload_moe.model.attention import apply_rope, apply_rope_adjacent
 
     heads, T_, d = 3, 5, 16
     x = torch.randn(1, heads, T_, d, generator=torch.Generator().manual_seed(0))        # (B, heads, T, d)
@@ -278,7 +278,7 @@ def test_experts_stored_in_the_compute_dtype_are_read_as_the_files_bytes(f16_fil
     """Where a file stores the experts in the compute dtype, their bytes are the form a device
     computes (a CUDA run fills its host tier and slots from the mapping, and the file is its disk
     tier): an expert is one range per matrix, and a read of it is the mapped bytes."""
-    from offload_moe.experts.interface import ExpertWeights
+    from offload_moe.model.expert_interface import ExpertWeights
     from offload_moe.experts.layout import ExpertLayout
     from offload_moe.experts.source import SourceStore, source_fields
 
@@ -318,8 +318,8 @@ def test_a_plan_that_streams_experts_from_the_file_reads_ahead(q8_file):
     tiers, whose copies would share the cores); when every expert is mapped, nothing changes."""
     from dataclasses import replace
 
-    from offload_moe.planner import FILE_PREFETCH, plan
-    from offload_moe.profiles import load_profile
+    from offload_moe.placement.planner import FILE_PREFETCH, plan
+    from offload_moe.placement.profiles import load_profile
 
     cfg, cpu = GGUFCheckpoint(q8_file).config, load_profile("cpu")
     assert cpu.prefetch == 0

@@ -13,9 +13,9 @@ from gguf_fixtures import llamacpp_bin, llamacpp_convert, llamacpp_dir
 from test_gguf import MIXED_TEXT
 
 import offload_moe
-from offload_moe.gguf import GGUFCheckpoint
-from offload_moe.runtime import DEMO_DIR
-from offload_moe.sources import open_tokenizer
+from offload_moe.checkpoints.gguf import GGUFCheckpoint
+from offload_moe.base.runtime import DEMO_DIR
+from offload_moe.api.sources import open_tokenizer
 from offload_moe import Placement
 
 pytestmark = pytest.mark.skipif(

@@ -13,7 +13,7 @@ import torch
 from gguf_fixtures import llamacpp_convert, llamacpp_dir
 
 import offload_moe
-from offload_moe.runtime import DEMO_DIR
+from offload_moe.base.runtime import DEMO_DIR
 from test_families_sigmoid import SIGMOID_FAMILIES, tiny_sigmoid_model
 from offload_moe import Placement
 
@@ -57,7 +57,7 @@ def test_converter_output_agrees_with_the_safetensors_source(name, tmp_path):
     assert (got - from_safetensors.logits(ids)).abs().max().item() < 1e-4
     with torch.no_grad():
         assert (got - reference(ids).logits).abs().max().item() < 1e-4
-    from offload_moe.sources import open_checkpoint
+    from offload_moe.api.sources import open_checkpoint
     by_kind = open_checkpoint(path).weights_by_kind()   # `info`: the file's weights sorted as the config counts them
     assert {k: p for k, (p, _) in by_kind.items()} == from_gguf.config.params_by_kind()
     prompt = ids[0, :6].tolist()

@@ -14,10 +14,10 @@ import transformers
 
 import offload_moe
 from offload_moe.experts.costs import CostModel, Throughput
-from offload_moe.generate import Sampling, decode_tokens
-from offload_moe.model import HostIds
-from offload_moe.quant import native
-from offload_moe.synthetic import SyntheticCheckpoint
+from offload_moe.generation.generate import Sampling, decode_tokens
+from offload_moe.model.transformer import HostIds
+from offload_moe.kernels import native
+from offload_moe.checkpoints.synthetic import SyntheticCheckpoint
 from sync_counter import SyncCounter
 from test_families import FAMILIES, PROMPT, tiny_model
 from offload_moe import Placement

@@ -21,7 +21,7 @@ import offload_moe
 from chat_fixtures import build_tiny_chat_checkpoint
 from conftest import save, tiny_mixtral
 from hub_fixtures import FakeHub, repo_files
-from offload_moe.hub import Reference, parse_reference
+from offload_moe.checkpoints.hub import Reference, parse_reference
 from serve_fixtures import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

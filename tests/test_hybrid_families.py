@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe.batch import DecodeBatch
-from offload_moe.generate import DecodeTiming, Sampling
-from offload_moe.kv_slots import KVSlots
-from offload_moe.linear_attention import chunked_delta_rule, l2norm, recurrent_delta_rule
+from offload_moe.generation.batch import DecodeBatch
+from offload_moe.generation.generate import DecodeTiming, Sampling
+from offload_moe.model.kv_slots import KVSlots
+from offload_moe.model.linear_attention import chunked_delta_rule, l2norm, recurrent_delta_rule
 from test_families import PROMPT, greedy_tokens, tiny_model
 from offload_moe import Placement
 
@@ -82,8 +82,8 @@ def test_prefill_in_pieces_matches_transformers_in_pieces(saved, name):
 def test_deltanet_layer_in_pieces_equals_one_pass_in_float64(saved, name):
     """One Gated DeltaNet layer in float64: pieces of 1, 5 and 37 tokens through its `RecurrentState`
     (convolution inputs and delta-rule state carried over) give the one pass's output."""
-    from offload_moe.config import ModelConfig
-    from offload_moe.linear_attention import GatedDeltaNet, RecurrentState
+    from offload_moe.checkpoints.config import ModelConfig
+    from offload_moe.model.linear_attention import GatedDeltaNet, RecurrentState
 
     directory, reference = saved(name, 1)
     cfg = ModelConfig.load(directory)
@@ -213,7 +213,7 @@ def test_published_config_counts_every_parameter_transformers_builds(name):
     the meta device), and rounds to the advertised size; "A3B": 3.x billion active per token."""
     import transformers
 
-    from offload_moe.config import ModelConfig
+    from offload_moe.checkpoints.config import ModelConfig
     (config_class, model_class), total, active = PUBLISHED[name]
     raw = published_raw(name)
     raw = raw.get("text_config", raw)
@@ -231,9 +231,9 @@ def test_published_config_counts_every_parameter_transformers_builds(name):
 
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_published_config_plans_with_the_recurrent_state(name):
-    from offload_moe.config import ModelConfig
-    from offload_moe.planner import plan
-    from offload_moe.profiles import load_profile
+    from offload_moe.checkpoints.config import ModelConfig
+    from offload_moe.placement.planner import plan
+    from offload_moe.placement.profiles import load_profile
     config = ModelConfig.load(DATA / f"{name}-config.json")
     la = config.linear_attention
     linear_layers = config.num_layers - len(config.attention_layers)
@@ -253,8 +253,8 @@ def test_published_config_plans_with_the_recurrent_state(name):
 def test_synthetic_hybrid_model_has_the_published_shapes_and_runs(name):
     """`synthetic` at full size counts what the published config does; scaled down (3 DeltaNet layers and
     a full-attention one, widths x0.05) it loads through the offloading engine and generates."""
-    from offload_moe.config import ModelConfig
-    from offload_moe.synthetic import SyntheticCheckpoint, synthetic_config
+    from offload_moe.checkpoints.config import ModelConfig
+    from offload_moe.checkpoints.synthetic import SyntheticCheckpoint, synthetic_config
     assert synthetic_config(name).total_params == ModelConfig.load(DATA / f"{name}-config.json").total_params
     ckpt = SyntheticCheckpoint(name, layers=4, scale=0.05)
     assert ckpt.config.layer_types == ("linear_attention",) * 3 + ("full_attention",)
@@ -279,7 +279,7 @@ def test_gguf_from_llama_cpps_converter_matches_transformers(name, tmp_path):
     for mode in MODES.values():
         got = offload_moe.load(path, Placement(**mode), device="cpu", dtype="float32").logits(x)
         assert (got - expected).abs().max().item() <= 1e-4
-    from offload_moe.sources import open_checkpoint
+    from offload_moe.api.sources import open_checkpoint
     ckpt = open_checkpoint(path)  # `info`: llama.cpp's tensors sorted by kind as the config counts them
     assert {k: p for k, (p, _) in ckpt.weights_by_kind().items()} == ckpt.config.params_by_kind()
 
@@ -352,7 +352,7 @@ QWEN3_NEXT_TINY = dict(model_type="qwen3_next", vocab_size=96, hidden_size=32, n
 ])
 def test_bad_hybrid_config_is_one_line_naming_the_key(key, value):
     from offload_moe import OffloadMoeError
-    from offload_moe.config import ModelConfig
+    from offload_moe.checkpoints.config import ModelConfig
     raw = QWEN3_NEXT_TINY | {key: value} | ({"model_type": "qwen3_5_moe"} if key == "text_config" else {})
     with pytest.raises(OffloadMoeError) as e:
         ModelConfig.from_dict(raw)

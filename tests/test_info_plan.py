@@ -15,12 +15,12 @@ import gguf
 import pytest
 
 from gguf_fixtures import T, write_gguf
-from offload_moe.checkpoint import weight_kind
+from offload_moe.checkpoints.checkpoint import weight_kind
 from offload_moe.cli.main import main
-from offload_moe.planner import plan
-from offload_moe.profiles import load_profile
-from offload_moe.runtime import DEMO_DIR, fmt_count
-from offload_moe.sources import open_checkpoint
+from offload_moe.placement.planner import plan
+from offload_moe.placement.profiles import load_profile
+from offload_moe.base.runtime import DEMO_DIR, fmt_count
+from offload_moe.api.sources import open_checkpoint
 from offload_moe.tools.convert import quantize
 
 # name -> (experts type, attention type); everything else F32, as gguf_fixtures writes it

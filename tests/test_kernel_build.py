@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from offload_moe.quant import kernel_build, native
+from offload_moe.kernels import kernel_build, native
 
 X86_V3 = set(kernel_build.VARIANTS["avx2"][2])
 needs_cc = pytest.mark.skipif(kernel_build.compiler() is None, reason="needs a C compiler")
@@ -105,7 +105,7 @@ def test_a_stale_build_is_rebuilt_or_without_a_compiler_used_and_said_once(monke
 
 
 def test_a_fallback_says_why_once(tmp_path):
-    probe = ("import warnings, torch; from offload_moe.quant import native; "
+    probe = ("import warnings, torch; from offload_moe.kernels import native; "
              "print(native.load() is None, native.load('ggml') is None, native.status())")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OFFLOAD_MOE_ISA": "native", "CC": "/nonexistent/cc",

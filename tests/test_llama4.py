@@ -13,11 +13,11 @@ import transformers
 
 import offload_moe
 from offload_moe import OffloadMoeError
-from offload_moe.batch import DecodeBatch
-from offload_moe.config import ModelConfig
-from offload_moe.generate import DecodeTiming, Sampling
-from offload_moe.planner import plan
-from offload_moe.profiles import load_profile
+from offload_moe.generation.batch import DecodeBatch
+from offload_moe.checkpoints.config import ModelConfig
+from offload_moe.generation.generate import DecodeTiming, Sampling
+from offload_moe.placement.planner import plan
+from offload_moe.placement.profiles import load_profile
 from offload_moe import Placement
 
 DATA = Path(__file__).parent / "data"
@@ -162,7 +162,7 @@ def test_conditional_generation_checkpoint_reads_the_text_model(checkpoint, tmp_
     assert max_diff(model, text_model) <= 1e-4
     reply = model.generate(PROMPTS[0], max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     assert reply.token_ids == expected[0]
-    by_kind = offload_moe.sources.open_checkpoint(tmp_path).weights_by_kind()
+    by_kind = offload_moe.api.sources.open_checkpoint(tmp_path).weights_by_kind()
     assert {k: p for k, (p, _) in by_kind.items()} == model.config.params_by_kind()
 
 
@@ -226,7 +226,7 @@ def test_gguf_from_the_converter_matches_the_safetensors_source(name, tmp_path):
     import shutil
 
     from gguf_fixtures import llamacpp_convert, llamacpp_dir
-    from offload_moe.runtime import DEMO_DIR
+    from offload_moe.base.runtime import DEMO_DIR
     if llamacpp_dir() is None:
         pytest.skip("llama.cpp's converter not available: set LLAMA_CPP_DIR to a llama.cpp checkout")
     fixed = dict(vocab_size=4096, attention_chunk_size=8192, no_rope_layer_interval=4, floor_scale=8192,
@@ -255,7 +255,7 @@ def test_gguf_from_the_converter_matches_the_safetensors_source(name, tmp_path):
 @pytest.mark.parametrize("name", ["llama-4-scout-17b-16e", "llama-4-maverick-17b-128e"])
 def test_synthetic_checkpoint_reads_like_a_real_one(name):
     """`--synthetic` Llama 4: the published text model's counts at full size, and a scaled-down one runs."""
-    from offload_moe.synthetic import SyntheticCheckpoint, synthetic_config
+    from offload_moe.checkpoints.synthetic import SyntheticCheckpoint, synthetic_config
     assert synthetic_config(name).total_params == ModelConfig.load(DATA / f"{name}-config.json").total_params
     scout = "scout" in name
     ckpt = SyntheticCheckpoint(name, layers=4 if scout else 2, scale=0.05)     # Maverick: 128 experts a layer
@@ -271,8 +271,8 @@ def test_quantized_checkpoint_matches_transformers_on_its_dequantized_weights(ch
     transformers' on the weights it stores, dequantized (the stacked [E, H, 2I] experts rebuilt)."""
     import copy
 
-    from offload_moe.checkpoint import Checkpoint
-    from offload_moe.quant.groupwise import QuantizedWeight
+    from offload_moe.checkpoints.checkpoint import Checkpoint
+    from offload_moe.kernels.groupwise import QuantizedWeight
     directory, reference, _ = checkpoint("scout")
     dst = offload_moe.quantize(directory, tmp_path / "q", experts="int4", attention="int8", embeddings="fp32",
                                group_size=8, method="rtn")

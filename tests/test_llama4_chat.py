@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
 
 from offload_moe.server.tools import LLAMA4, ToolCallParser, tool_format
-from offload_moe.text import Tokenizer
+from offload_moe.generation.text import Tokenizer
 
 SPECIALS = ["<|begin_of_text|>", "<|eot|>", "<|header_start|>", "<|header_end|>", "<|python_start|>",
             "<|python_end|>", "<|finetune_right_pad|>"]

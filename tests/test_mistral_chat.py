@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
 
 from offload_moe.server.tools import MISTRAL, ToolCallParser, tool_format
-from offload_moe.text import Tokenizer
+from offload_moe.generation.text import Tokenizer
 
 TEMPLATES = Path(__file__).parent / "data" / "templates"
 NAMES = ["mistral-small-3.2", "ministral-3-reasoning", "devstral-small-2507"]

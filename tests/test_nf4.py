@@ -5,7 +5,7 @@ import torch
 
 import offload_moe
 from offload_moe import OffloadMoeError
-from offload_moe.quant.nf4 import BLOCK, NF4_LEVELS, NF4Weight
+from offload_moe.kernels.nf4 import BLOCK, NF4_LEVELS, NF4Weight
 from offload_moe import Placement
 
 PROMPT = [1, 17, 42, 5, 66, 23, 9]

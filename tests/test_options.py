@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe.options import Placement, from_profile
+from offload_moe.placement.options import Placement, from_profile
 
 
 def test_a_placement_without_a_profile_is_the_whole_placement(tiny_checkpoint):
@@ -47,7 +47,7 @@ def test_placement_is_frozen_and_names_its_fields():
 def test_model_settings_are_typed_and_print_as_before(tiny_checkpoint):
     """`Model.settings` is a frozen `ModelSettings`; its JSON form (transcripts, the chat model line)
     has the keys of the placement that applies and nothing else."""
-    from offload_moe.model_settings import ModelSettings
+    from offload_moe.api.settings import ModelSettings
 
     base = {"profile", "device", "dtype", "context_length", "cpu_experts", "cpu_layers", "experts", "sampling"}
     resident = offload_moe.load(tiny_checkpoint[0], device="cpu", profile=None)

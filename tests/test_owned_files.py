@@ -213,7 +213,7 @@ def test_quantize_removes_stale_partials_of_dead_processes(tiny_checkpoint, tmp_
 
 
 def test_a_forked_child_does_not_remove_its_parents_paths(tmp_path):
-    from offload_moe import owned_paths
+    from offload_moe.base import owned_paths
 
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -18,8 +18,8 @@ def test_every_subpackage_is_listed_in_pyproject():
 
 def test_installed_package_has_demo_and_profiles():
     import offload_moe
-    from offload_moe.runtime import DEMO_DIR
-    from offload_moe.profiles import list_profiles
+    from offload_moe.base.runtime import DEMO_DIR
+    from offload_moe.placement.profiles import list_profiles
 
     assert (DEMO_DIR / "model.safetensors").exists() and (DEMO_DIR / "tokenizer.json").exists()
     assert {"cpu", "6gb", "8gb", "12gb", "16gb", "24gb"} <= set(list_profiles())

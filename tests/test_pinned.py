@@ -8,9 +8,9 @@ from offload_moe import OffloadMoeError
 from offload_moe.experts.layout import ExpertLayout
 from offload_moe.experts.pinned import PAGE, PinnedArena, Pow2Chunks, Registered, planned_bytes
 from offload_moe.experts.store import HostStore
-from offload_moe.experts.interface import ExpertWeights
-from offload_moe.planner import weight_bytes
-from offload_moe.quant import quantize
+from offload_moe.model.expert_interface import ExpertWeights
+from offload_moe.placement.planner import weight_bytes
+from offload_moe.kernels import quantize
 
 
 class Recorder:

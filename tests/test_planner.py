@@ -35,10 +35,10 @@ from pathlib import Path
 
 import pytest
 
-from offload_moe.config import ModelConfig
-from offload_moe.errors import OffloadMoeError
-from offload_moe.planner import plan, weight_bytes
-from offload_moe.profiles import bundled_profiles, load_profile
+from offload_moe.checkpoints.config import ModelConfig
+from offload_moe.base.errors import OffloadMoeError
+from offload_moe.placement.planner import plan, weight_bytes
+from offload_moe.placement.profiles import bundled_profiles, load_profile
 
 MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b-config.json"
 RAM = 64 * 10**9   # host RAM the tests pretend to have: "auto" budgets become 57.6 GB
@@ -69,7 +69,7 @@ def test_weight_bytes_formula():
 
 @pytest.mark.parametrize("bits", ["int2", "int3", "int4", "int8"])
 def test_weight_bytes_agree_with_the_quantized_format(bits):
-    quant = pytest.importorskip("offload_moe.quant")
+    quant = pytest.importorskip("offload_moe.kernels")
     for shape in [(14336, 4096), (4096, 14336), (1024, 4096)]:
         assert weight_bytes(*shape, bits) == quant.nbytes_for(shape, int(bits[3:]))
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import offload_moe
-from offload_moe.chat_session import ChatSession
-from offload_moe.kv_slots import KVSlots, shared_prefix
+from offload_moe.api.chat_session import ChatSession
+from offload_moe.model.kv_slots import KVSlots, shared_prefix
 from offload_moe import Placement
 
 TURNS = ["Speak, what news?", "Who comes here?", "What say you, my lord?", "Is the king dead?",

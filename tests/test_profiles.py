@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from offload_moe import profiles
-from offload_moe.config import ModelConfig
-from offload_moe.errors import OffloadMoeError
-from offload_moe import runtime
-from offload_moe.planner import auto_profile
-from offload_moe.profiles import list_profiles, load_profile
-from offload_moe.runtime import parse_bytes
+from offload_moe.placement import profiles
+from offload_moe.checkpoints.config import ModelConfig
+from offload_moe.base.errors import OffloadMoeError
+from offload_moe.base import runtime
+from offload_moe.placement.planner import auto_profile
+from offload_moe.placement.profiles import list_profiles, load_profile
+from offload_moe.base.runtime import parse_bytes
 
 BUNDLED = ["6gb", "8gb", "12gb", "16gb", "24gb", "cpu"]
 MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b-config.json"

@@ -17,10 +17,10 @@ import transformers
 
 import offload_moe
 from offload_moe import OffloadMoeError
-from offload_moe.checkpoint import Checkpoint
-from offload_moe.quant import native
-from offload_moe.quant.published import TOLERANCE, FP8BlockWeight, GPTQWeight, IntPackWeight
-from offload_moe.quant.published_config import PublishedSpec
+from offload_moe.checkpoints.checkpoint import Checkpoint
+from offload_moe.kernels import native
+from offload_moe.kernels.published import TOLERANCE, FP8BlockWeight, GPTQWeight, IntPackWeight
+from offload_moe.kernels.published_config import PublishedSpec
 
 from published_fixtures import FORMATS, fp8_block, gptq, pack_quantized, write_published
 from offload_moe import Placement
@@ -269,7 +269,7 @@ def test_cuda_computes_the_published_formats(published, fmt):
 @pytest.mark.parametrize("fmt", ["fp8", "int4_pack_asym", "gptq_desc_act"])
 def test_the_dequantizing_path_a_gpu_takes_matches_too(published, fmt, monkeypatch):
     """Without the kernel (as on CUDA, or with no C compiler) every form multiplies rows it dequantizes."""
-    import offload_moe.quant.published as forms
+    import offload_moe.kernels.published as forms
 
     monkeypatch.setattr(forms, "_lib", lambda: None)
     directory, reference = published("qwen3_moe", fmt)
@@ -281,9 +281,9 @@ def test_the_dequantizing_path_a_gpu_takes_matches_too(published, fmt, monkeypat
 @pytest.mark.parametrize("fmt", ["fp8", "int4_pack", "gptq", "gptq8_v2"])
 def test_planned_expert_bytes_are_the_files(published, fmt):
     """The planner sizes a published format's expert as the file stores it (plan from config.json alone)."""
-    from offload_moe.config import ModelConfig
-    from offload_moe.planner import plan
-    from offload_moe.profiles import load_profile
+    from offload_moe.checkpoints.config import ModelConfig
+    from offload_moe.placement.planner import plan
+    from offload_moe.placement.profiles import load_profile
 
     directory, _ = published("qwen3_moe", fmt)
     ckpt = Checkpoint(directory)
@@ -327,9 +327,9 @@ QWEN3_W4A16 = {"quant_method": "compressed-tensors", "format": "pack-quantized",
      "gptq-int4", 2 * (2048 * 768 // 2 + 16 * 768 // 2 + 2 * 16 * 768 + 4 * 2048) + (768 * 2048 // 2 + 6 * 2048 // 2 + 2 * 6 * 2048 + 4 * 768)),
 ])
 def test_plan_on_qwen3_30b_a3b_as_published_quantized(tmp_path, qconfig, stored, expert_bytes):
-    from offload_moe.config import ModelConfig
-    from offload_moe.planner import plan
-    from offload_moe.profiles import load_profile
+    from offload_moe.checkpoints.config import ModelConfig
+    from offload_moe.placement.planner import plan
+    from offload_moe.placement.profiles import load_profile
 
     config = json.loads((Path(__file__).parent / "data" / "qwen3-30b-a3b-config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": qconfig}))

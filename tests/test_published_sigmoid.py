@@ -15,8 +15,8 @@ import math
 import pytest
 
 from offload_moe.cli.main import main
-from offload_moe.config import ModelConfig
-from offload_moe.runtime import fmt_count
+from offload_moe.checkpoints.config import ModelConfig
+from offload_moe.base.runtime import fmt_count
 from test_families import DATA, swiglu
 from test_info_plan import table
 from offload_moe import Placement
@@ -109,7 +109,7 @@ def test_synthetic_shapes_are_the_published_ones_and_run(name):
     import torch
 
     import offload_moe
-    from offload_moe.synthetic import SyntheticCheckpoint, synthetic_config
+    from offload_moe.checkpoints.synthetic import SyntheticCheckpoint, synthetic_config
     published = ModelConfig.load(DATA / f"{SYNTHETIC[name]}-config.json")
     assert synthetic_config(name).total_params == published.total_params
     config = synthetic_config(name)

@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from offload_moe.quant import (SUPPORTED_BITS, QuantizedWeight, nbytes_for, pack, packed_cols, qlinear,
-                               quantize, unpack)
-from offload_moe.quant import groupwise, kernels_triton
+from offload_moe.kernels import SUPPORTED_BITS, QuantizedWeight, nbytes_for, pack, packed_cols, qlinear, quantize, unpack
+from offload_moe.kernels import groupwise, kernels_triton
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -143,8 +142,8 @@ def test_hqq_beats_rtn(kind):
 @pytest.mark.parametrize("iters,p,beta,kappa", [(20, 0.7, 10.0, 1.01), (10, 0.5, 1e3, 0.8)])
 def test_hqq_matches_reference_transcription(iters, p, beta, kappa):
     """hqq's optimize_weights_proximal_legacy (inverse-scale convention), without its early stop."""
-    from offload_moe.quant import hqq
-    from offload_moe.quant.groupwise import rtn_params
+    from offload_moe.kernels import hqq
+    from offload_moe.kernels.groupwise import rtn_params
 
     wg = realistic_weight(64, 256, seed=11).reshape(-1, 64)
     scale, zero = rtn_params(wg, 7)

@@ -39,12 +39,12 @@ import torch
 
 import offload_moe
 from offload_moe import OffloadMoeError
-from offload_moe.checkpoint import Checkpoint, read_header
+from offload_moe.checkpoints.checkpoint import Checkpoint, read_header
 from offload_moe.cli.main import main
 from offload_moe.tools import convert
-from offload_moe.quant.format import QuantSpec, tensor_kind
-from offload_moe.quant.groupwise import QuantizedWeight, nbytes_for
-from offload_moe.quant.pack import packed_cols
+from offload_moe.kernels.format import QuantSpec, tensor_kind
+from offload_moe.kernels.groupwise import QuantizedWeight, nbytes_for
+from offload_moe.kernels.pack import packed_cols
 from offload_moe import Placement
 
 GROUP = 16  # divides hidden 32 and intermediate 48 of the tiny model
@@ -553,7 +553,7 @@ def test_cli_errors_are_one_line_exit_1(tiny_checkpoint, tmp_path, monkeypatch, 
 
 
 def test_attention_norms_are_never_quantized():
-    from offload_moe.quant.format import tensor_kind
+    from offload_moe.kernels.format import tensor_kind
 
     for name in ("model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight",
                  "model.layers.3.self_attn.kv_a_layernorm.weight", "model.layers.0.input_layernorm.weight"):

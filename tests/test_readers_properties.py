@@ -18,10 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from offload_moe import OffloadMoeError
-from offload_moe.config import SUPPORTED_MODEL_TYPES, ModelConfig
-from offload_moe.safetensors_header import read_header
-from offload_moe.sanity import index_weight_map
-from offload_moe.text import Tokenizer
+from offload_moe.checkpoints.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from offload_moe.checkpoints.safetensors_header import read_header
+from offload_moe.checkpoints.sanity import index_weight_map
+from offload_moe.generation.text import Tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "offload_moe" / "demo"
 SETTINGS = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])

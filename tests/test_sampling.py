@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offload_moe.generate import Sampling, Steering, decode_tokens, logits_to_probs, sample
-from offload_moe.penalties import LogprobRecord, TokenCounts, penalize
-from offload_moe.kv_slots import KVSlots
+from offload_moe.generation.generate import Sampling, Steering, decode_tokens, logits_to_probs, sample
+from offload_moe.generation.penalties import LogprobRecord, TokenCounts, penalize
+from offload_moe.model.kv_slots import KVSlots
 
 V = 50
 

@@ -9,10 +9,10 @@ import torch
 import offload_moe
 from offload_moe.cli.main import main
 from offload_moe.experts.pinned import planned_bytes
-from offload_moe.planner import plan
-from offload_moe.profiles import load_profile
-from offload_moe.quant import QuantizedWeight
-from offload_moe.synthetic import SyntheticCheckpoint, synthetic_config
+from offload_moe.placement.planner import plan
+from offload_moe.placement.profiles import load_profile
+from offload_moe.kernels import QuantizedWeight
+from offload_moe.checkpoints.synthetic import SyntheticCheckpoint, synthetic_config
 from offload_moe import Placement
 
 PROMPT = [3, 17, 42, 5, 66, 23, 9]
@@ -79,7 +79,7 @@ def test_bench_cli_takes_a_bit_width(capsys, tmp_path):
 
 @pytest.mark.parametrize("name", ["qwen3-30b-a3b", "olmoe-1b-7b", "deepseek-v2-lite", "gpt-oss-20b"])
 def test_every_known_family_loads_packed(name):
-    from offload_moe.synthetic import KNOWN_MODELS
+    from offload_moe.checkpoints.synthetic import KNOWN_MODELS
     assert name in KNOWN_MODELS
     ckpt = SyntheticCheckpoint(name, layers=2, scale=0.05, bits=4)
     model = offload_moe.load(ckpt, Placement(cache_slots=2), device="cpu", profile=None)

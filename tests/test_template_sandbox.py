@@ -1,4 +1,4 @@
-"""The chat template sandbox's limits (offload_moe/template_sandbox.py): each runaway template of
+"""The chat template sandbox's limits (offload_moe/generation/template_sandbox.py): each runaway template of
 the bad-input reports ends in one line naming the limit, in under 5 s and under 256 MB more memory,
 and the wall-clock limit holds when rendering runs in a worker thread."""
 
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from offload_moe import OffloadMoeError, template_sandbox
-from offload_moe.text import Tokenizer
+from offload_moe import OffloadMoeError
+from offload_moe.generation import template_sandbox
+from offload_moe.generation.text import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SQUARING = ("{% set ns = namespace(x=2**64) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}{% endfor %}"

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from offload_moe import OffloadMoeError
-from offload_moe.text import StreamDecoder, Tokenizer
+from offload_moe.generation.text import StreamDecoder, Tokenizer
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}[SYS]{{ m['content'] }}[/SYS]"
             "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]{% else %}{{ m['content'] }}"

@@ -6,7 +6,7 @@ import torch
 
 from offload_moe import OffloadMoeError
 from offload_moe.cli.main import build_parser, main
-from offload_moe.threads import default_threads, set_threads
+from offload_moe.base.threads import default_threads, set_threads
 
 
 @pytest.mark.parametrize("cores,load,expected", [(2, 0.2, 2), (2, 0.7, 1), (2, 9.5, 1), (16, 3.4, 13), (8, 0, 8)])

@@ -1,11 +1,11 @@
-"""The one copy-rate measurement (`offload_moe.timing`): trials after a warm-up, median and spread."""
+"""The one copy-rate measurement (`offload_moe.base.timing`): trials after a warm-up, median and spread."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from offload_moe.timing import Rate, copy_rate, measure_copy_rate, seconds_per_call
+from offload_moe.base.timing import Rate, copy_rate, measure_copy_rate, seconds_per_call
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 

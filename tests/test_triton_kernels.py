@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offload_moe.quant import kernels_triton, quantize
+from offload_moe.kernels import kernels_triton, quantize
 
 CHECK = Path(__file__).with_name("triton_kernel_check.py")
 ROOT = CHECK.parent.parent
@@ -58,7 +58,7 @@ COMPILE = """
 import sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from offload_moe.quant import kernels_triton as kt
+from offload_moe.kernels import kernels_triton as kt
 
 TYPES = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*fp16", z_ptr="*fp16", y_ptr="*bf16", packed_ptr="*u8",
              scales_ptr="*fp16", zeros_ptr="*fp16", B="i32", N="i32", K="i32", WPR="i32", GPR="i32", P="i32",

@@ -18,7 +18,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 import offload_moe
 from offload_moe import OffloadMoeError, Placement
-from offload_moe.profiles import load_profile
+from offload_moe.placement.profiles import load_profile
 from offload_moe.tune import (EXPERT_BITS, ExpertSpec, Row, Setting, TuneOptions, TuneResult, cost_model, measure_disk_read, measure_expert_compute,
                               measure_link_bandwidth, measure_machine, parse_settings, pick_best, tune,
                               write_profile)
@@ -217,7 +217,7 @@ def test_tune_library_runs_given_settings_with_progress(tiny_checkpoint, tmp_pat
 
 def test_tune_loads_every_setting_from_the_placement_it_is_given(tiny_checkpoint):
     """Each setting is the given `Placement` with its slots, prefetch and tier: the policy reaches the engine."""
-    from offload_moe.options import Placement
+    from offload_moe.placement.options import Placement
 
     base = Placement(policy="none", cache_slots=1, prefetch=5)
     assert Setting(2, 0, "disk").placement(base) == Placement(policy="none", cache_slots=2, prefetch=0, offload="disk")
@@ -228,7 +228,7 @@ def test_tune_loads_every_setting_from_the_placement_it_is_given(tiny_checkpoint
 
 def test_gpu_side_without_a_gpu(tiny_checkpoint, tmp_path):
     """The CUDA-only arithmetic: slots that fit a VRAM budget, the default search, the profile keys."""
-    from offload_moe.config import ModelConfig
+    from offload_moe.checkpoints.config import ModelConfig
     from offload_moe.tune.search import _cuda_fit, _default_stages
 
     cfg = ModelConfig.load(tiny_checkpoint[0])

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from offload_moe.quant import kernel_build, native
+from offload_moe.kernels import kernel_build, native
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(kernel_build.compiler() is None, reason="building the wheel needs a C compiler")]
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import json, sys, torch, offload_moe
-from offload_moe.quant import native
+from offload_moe.kernels import native
 m = offload_moe.load(device="cpu", dtype=torch.bfloat16)           # the bundled demo, bf16: our bf16 kernel
 g = m.generate([1, 2, 3], max_new_tokens=6, temperature=0, ignore_eos=True)
 lib = native.load()
@@ -60,7 +60,7 @@ def fresh(tmp_path_factory) -> Path:
     wheel = next((tmp / "wheels").glob("*.whl"))
     listing = _run([sys.executable, "-m", "zipfile", "-l", str(wheel)]).stdout
     for variant in kernel_build.variants_for(kernel_build.machine()):
-        assert f"offload_moe/quant/{kernel_build.library_name(variant)}" in listing
+        assert f"offload_moe/kernels/{kernel_build.library_name(variant)}" in listing
     venv = tmp / "venv"
     _run([sys.executable, "-m", "venv", str(venv)])
     python = venv / "bin" / "python"

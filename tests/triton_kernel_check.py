@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from offload_moe.quant import kernels_triton as kt
-from offload_moe.quant import QuantizedWeight, quantize
+from offload_moe.kernels import kernels_triton as kt
+from offload_moe.kernels import QuantizedWeight, quantize
 
 TOL = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-7}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from ..runtime import Progress, available_ram
+from ..base.runtime import Progress, available_ram
 from ..tools.trace import Trace, TraceRouter
 from .measure import decode_steps, free_memory, peak_rss, reset_peaks
 from .rows import Run, new_row, skipped_row

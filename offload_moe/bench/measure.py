@@ -10,7 +10,7 @@ import statistics
 
 import torch
 
-from ..timing import measure_copy_rate
+from ..base.timing import measure_copy_rate
 
 
 def measure_memcpy(nbytes: int, device: torch.device, *, repeats: int = 10, trials: int = 7,

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generate import DecodeTiming, Sampling, decode_tokens
-from ..loader import load
-from ..profiles import Profile
-from ..options import Placement
-from ..runtime import Progress, available_ram
+from ..generation.generate import DecodeTiming, Sampling, decode_tokens
+from ..api.loader import load
+from ..placement.profiles import Profile
+from ..placement.options import Placement
+from ..base.runtime import Progress, available_ram
 from ..tools.trace import Trace, TraceRouter
 from .bounds import belady_rates, hit_rate_curve
 from .measure import CopyTimer, decode_steps, free_memory, peak_rss, reset_peaks

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..runtime import Progress, place, resolve_device, resolve_dtype
-from ..sources import open_checkpoint
-from ..errors import OffloadMoeError
-from ..options import Placement
+from ..base.runtime import Progress, place, resolve_device, resolve_dtype
+from ..api.sources import open_checkpoint
+from ..base.errors import OffloadMoeError
+from ..placement.options import Placement
 from ..experts.layout import ExpertLayout
-from ..experts.interface import ExpertWeights
+from ..model.expert_interface import ExpertWeights
 from ..tools.trace import Trace, load_trace, synthesize
 from .bounds import add_bounds, belady_summary
 from .hf_offload import run_accelerate

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import OffloadMoeError
-from ..options import from_profile
-from ..profiles import Profile, load_profile
-from ..runtime import parse_bytes
+from ..base.errors import OffloadMoeError
+from ..placement.options import from_profile
+from ..placement.profiles import Profile, load_profile
+from ..base.runtime import parse_bytes
 
 
 def show_slots(slots) -> str:

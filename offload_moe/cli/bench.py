@@ -14,11 +14,11 @@ from rich.table import Table
 from rich.text import Text
 
 from ..bench import BenchOptions, run_bench
-from ..options import Placement
-from ..errors import OffloadMoeError
-from ..runtime import DEMO_DIR
-from ..synthetic import KNOWN_MODELS, SyntheticCheckpoint
-from ..user_files import refuse_existing, write_text
+from ..placement.options import Placement
+from ..base.errors import OffloadMoeError
+from ..base.runtime import DEMO_DIR
+from ..checkpoints.synthetic import KNOWN_MODELS, SyntheticCheckpoint
+from ..base.user_files import refuse_existing, write_text
 from .common import MODEL_HELP, add_threads_argument, check_model_argument, fetch
 from .console import human_bytes, progress_bar, stderr, stdout
 

@@ -25,10 +25,10 @@ import traceback
 from rich.text import Text
 
 from .. import load
-from ..chat_session import ChatSession
-from ..errors import OffloadMoeError
-from ..runtime import DEMO_DIR
-from ..user_files import read_stdin
+from ..api.chat_session import ChatSession
+from ..base.errors import OffloadMoeError
+from ..base.runtime import DEMO_DIR
+from ..base.user_files import read_stdin
 from .common import (add_model_arguments, add_sampling_arguments, check_model_argument, fetch, load_kwargs,
                      sampling_kwargs, warn_about)
 from .console import human_bytes, progress_bar, stderr

@@ -6,10 +6,10 @@ from pathlib import Path
 import sys
 
 from .. import Placement, load
-from ..errors import OffloadMoeError
-from ..hub import parse_reference, resolve
-from ..generate import DEFAULT_SAMPLING, RANDOM_SEED, draw_seed
-from ..validate import check_sampling
+from ..base.errors import OffloadMoeError
+from ..checkpoints.hub import parse_reference, resolve
+from ..generation.generate import DEFAULT_SAMPLING, RANDOM_SEED, draw_seed
+from ..base.validate import check_sampling
 from .console import human_bytes, progress_bar, stderr
 
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..runtime import fmt_bytes, fmt_count
+from ..base.runtime import fmt_bytes, fmt_count
 
 
 def _console(**kwargs) -> Console:

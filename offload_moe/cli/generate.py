@@ -13,9 +13,9 @@ from pathlib import Path
 
 from rich.text import Text
 
-from ..constrain import grammar_from
-from ..errors import read_user_file
-from ..user_files import read_stdin
+from ..generation.constrain import grammar_from
+from ..base.errors import read_user_file
+from ..base.user_files import read_stdin
 from .common import add_model_arguments, add_sampling_arguments, load_model, sampling_kwargs
 from .console import stderr
 from .stats import stats_table

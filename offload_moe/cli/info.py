@@ -7,10 +7,10 @@ from pathlib import Path
 
 from rich.table import Table
 
-from ..config import ModelConfig
-from ..hub import parse_reference
-from ..runtime import DEMO_DIR
-from ..sources import open_checkpoint
+from ..checkpoints.config import ModelConfig
+from ..checkpoints.hub import parse_reference
+from ..base.runtime import DEMO_DIR
+from ..api.sources import open_checkpoint
 from .common import fetch
 from .console import human_bytes, human_count, stdout
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
-from ..hub import cached_models
+from ..checkpoints.hub import cached_models
 from .console import human_bytes, stderr, stdout
 
 

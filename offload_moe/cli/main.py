@@ -10,9 +10,9 @@ import sys
 import torch
 
 from .. import __version__
-from ..errors import OffloadMoeError
+from ..base.errors import OffloadMoeError
 from .parser import EXIT_CODES, EXIT_ERROR, EXIT_INTERRUPTED, Parser
-from ..threads import set_threads
+from ..base.threads import set_threads
 
 COMMANDS = ["generate", "chat", "info", "plan", "quantize", "tune", "bench", "serve", "pull", "list"]
 

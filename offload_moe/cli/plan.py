@@ -8,10 +8,10 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-from ..planner import auto_profile, plan
-from ..profiles import list_profiles, load_profile
-from ..gguf.reader import is_gguf
-from ..sources import load_config, open_checkpoint
+from ..placement.planner import auto_profile, plan
+from ..placement.profiles import list_profiles, load_profile
+from ..checkpoints.gguf.reader import is_gguf
+from ..api.sources import load_config, open_checkpoint
 from ..tune.disk import measure_file_read
 from .common import fetch
 from .console import stdout

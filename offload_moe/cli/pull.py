@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import OffloadMoeError
-from ..hub import parse_reference
+from ..base.errors import OffloadMoeError
+from ..checkpoints.hub import parse_reference
 from .common import fetch
 from .console import human_bytes, stdout
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from rich.progress import Progress
 
-from ..checkpoint import Checkpoint
-from ..sources import open_checkpoint
+from ..checkpoints.checkpoint import Checkpoint
+from ..api.sources import open_checkpoint
 from ..tools.convert import quantize
 from .common import fetch
-from ..quant.format import SETTINGS
+from ..kernels.format import SETTINGS
 from .console import byte_progress_columns, human_bytes, stderr, stdout
 
 

@@ -6,8 +6,8 @@ import os
 import socket
 from pathlib import Path
 
-from ..errors import OffloadMoeError, read_user_file
-from ..hub import model_name
+from ..base.errors import OffloadMoeError, read_user_file
+from ..checkpoints.hub import model_name
 from .common import add_model_arguments, check_model_argument, fetch, load_kwargs, warn_about
 from .console import progress_bar, stderr
 from .parser import EXIT_INTERRUPTED

@@ -13,8 +13,8 @@ import torch
 from rich.table import Table
 from rich.text import Text
 
-from ..runtime import fmt_bytes, parse_bytes
-from ..errors import OffloadMoeError
+from ..base.runtime import fmt_bytes, parse_bytes
+from ..base.errors import OffloadMoeError
 from ..tune import (DISK_TEST_BYTES, TuneOptions, cost_model, measurement_lines, parse_settings, profile_path, tune,
                     write_profile)
 from .common import MODEL_HELP, add_threads_argument, check_model_argument, fetch

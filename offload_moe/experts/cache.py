@@ -36,10 +36,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..cpu.kernels import expert_format
+from .cpu_kernels import expert_format
 from .costs import CostModel
 from .layout import ExpertLayout
-from .interface import Activation, Expert, ExpertWeights
+from ..model.expert_interface import Activation, Expert, ExpertWeights
 from .policy import LRU
 from .store import HostStore
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..cpu.kernels import cpu_form, expert_format, weight_nbytes
-from ..timing import copy_rate, seconds_per_call
+from .cpu_kernels import cpu_form, expert_format, weight_nbytes
+from ..base.timing import copy_rate, seconds_per_call
 from .costs import CostModel, Throughput
-from .interface import ExpertWeights, expert_forward
+from ..model.expert_interface import ExpertWeights, expert_forward
 from .layout import ExpertLayout
 
 

@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ..errors import OffloadMoeError
+from ..base.errors import OffloadMoeError
 from .cost_file import saved_costs
 from .cost_timing import measure_costs
 from .costs import CostModel
 from .store import HostStore
-from .interface import Expert, ExpertWeights
-from ..cpu.kernels import Int4Planes, converts, cpu_form, expert_format, owns_bytes, weight_nbytes
+from ..model.expert_interface import Expert, ExpertWeights
+from .cpu_kernels import Int4Planes, converts, cpu_form, expert_format, owns_bytes, weight_nbytes
 
 MODES = ("auto", "none", "hybrid", "all")
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import owned_paths
-from ..errors import OffloadMoeError
+from ..base import owned_paths
+from ..base.errors import OffloadMoeError
 
 PREFIX = "offload-moe-"
 OURS = re.compile(r"offload-moe-(?P<pid>\d+)-[0-9a-f]{8}")

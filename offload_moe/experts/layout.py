@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .interface import ExpertWeights
+from ..model.expert_interface import ExpertWeights
 
 ALIGN = 64
 MATRICES = ("w1", "w3", "w2")

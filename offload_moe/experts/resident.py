@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
-from .interface import Activation, Expert, ExpertWeights
+from ..model.expert_interface import Activation, Expert, ExpertWeights
 
 
 class ResidentExperts:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OffloadMoeError
+from ..base.errors import OffloadMoeError
 from .layout import ExpertLayout
 
 WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)   # None where the platform has no posix_fadvise

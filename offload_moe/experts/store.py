@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OffloadMoeError
+from ..base.errors import OffloadMoeError
 from .disk_dir import DiskDir
 from .layout import ExpertLayout
 from .pinned import PinnedArena, default_strategy

@@ -14,9 +14,9 @@ import logging
 import time
 import uuid
 
-from ..constrain import grammar_from
-from ..errors import OffloadMoeError
-from ..generate import DEFAULT_SAMPLING
+from ..generation.constrain import grammar_from
+from ..base.errors import OffloadMoeError
+from ..generation.generate import DEFAULT_SAMPLING
 from .logprobs import TokenText, chat_logprobs, completion_logprobs
 from .guard import LOOPBACK_NAMES, RequestGuard, public_message
 from .prep import PrepPool, max_token_chars

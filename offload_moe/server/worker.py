@@ -15,8 +15,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ..batch import DecodeBatch
-from ..errors import OffloadMoeError
+from ..generation.batch import DecodeBatch
+from ..base.errors import OffloadMoeError
 from .responses import ApiError
 
 log = logging.getLogger("offload_moe.server")

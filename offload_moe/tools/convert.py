@@ -49,14 +49,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .. import arch, owned_paths
-from ..runtime import resolve_device
-from ..checkpoint import Checkpoint
-from ..sources import open_checkpoint
-from ..errors import OffloadMoeError
-from ..quant.format import FLOAT_SETTINGS, QuantSpec, check_setting, tensor_kind
-from ..quant.groupwise import METHODS, nbytes_for
-from ..quant.groupwise import quantize as quantize_weight
+from ..checkpoints import families as arch
+from ..base import owned_paths
+from ..base.runtime import resolve_device
+from ..checkpoints.checkpoint import Checkpoint
+from ..api.sources import open_checkpoint
+from ..base.errors import OffloadMoeError
+from ..kernels.format import FLOAT_SETTINGS, QuantSpec, check_setting, tensor_kind
+from ..kernels.groupwise import METHODS, nbytes_for
+from ..kernels.groupwise import quantize as quantize_weight
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tokenizer.model", "chat_template.jinja", "chat_template.json")

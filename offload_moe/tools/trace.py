@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OffloadMoeError, read_user_file
+from ..base.errors import OffloadMoeError, read_user_file
 
 FORMAT = "offload-moe-trace/1"
 

@@ -30,7 +30,7 @@ The modules: `machine` (link and expert compute, the cost model), `disk` (the di
 `(what, done, total)` callback.
 """
 
-from ..runtime import Progress
+from ..base.runtime import Progress
 from .disk import DISK_TEST_BYTES, filesystem_type, measure_disk_read
 from .machine import (EXPERT_BITS, FLOAT_WIDTHS, ExpertSpec, cost_model, measure_expert_compute, measure_expert_throughput,
                       measure_link_bandwidth, measure_machine, pick_group_size, random_expert)

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..errors import OffloadMoeError
+from ..base.errors import OffloadMoeError
 
 DISK_TEST_BYTES = 256 * 10**6       # the temporary file the disk read is timed on
 _CHUNK = 16 * 2**20

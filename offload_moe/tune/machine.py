@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from ..runtime import Progress, resolve_device
-from ..cpu.kernels import cpu_form as to_cpu_form
-from ..cpu.kernels import weight_nbytes
+from ..base.runtime import Progress, resolve_device
+from ..experts.cpu_kernels import cpu_form as to_cpu_form
+from ..experts.cpu_kernels import weight_nbytes
 from ..experts.cost_timing import measure_throughput
 from ..experts.costs import CostModel, Throughput
-from ..experts.interface import ExpertWeights
-from ..quant.format import FLOAT_SETTINGS, INT_SETTINGS
-from ..quant.groupwise import QuantizedWeight
-from ..quant.pack import packed_cols
-from ..timing import measure_copy_rate
+from ..model.expert_interface import ExpertWeights
+from ..kernels.format import FLOAT_SETTINGS, INT_SETTINGS
+from ..kernels.groupwise import QuantizedWeight
+from ..kernels.pack import packed_cols
+from ..base.timing import measure_copy_rate
 from .disk import DISK_TEST_BYTES, measure_disk_read
 
 EXPERT_BITS = ("bf16", "int8", "int4", "int3", "int2")

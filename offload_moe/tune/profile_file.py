@@ -8,9 +8,9 @@ import re
 import tempfile
 from pathlib import Path
 
-from ..errors import OffloadMoeError
-from ..runtime import fmt_bytes
-from ..profiles import load_profile, user_dir
+from ..base.errors import OffloadMoeError
+from ..base.runtime import fmt_bytes
+from ..placement.profiles import load_profile, user_dir
 from .settings import TuneResult
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

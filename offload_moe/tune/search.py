@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from ..runtime import DTYPES, Progress, demo_dir, fmt_bytes, resolve_device
-from ..sources import open_checkpoint, open_tokenizer
-from ..errors import OffloadMoeError
+from ..base.runtime import DTYPES, Progress, demo_dir, fmt_bytes, resolve_device
+from ..api.sources import open_checkpoint, open_tokenizer
+from ..base.errors import OffloadMoeError
 from ..experts.layout import ExpertLayout
-from ..experts.interface import ExpertWeights
-from ..options import Placement
-from ..planner import checkpoint_float_bits, plan
-from ..profiles import Profile
+from ..model.expert_interface import ExpertWeights
+from ..placement.options import Placement
+from ..placement.planner import checkpoint_float_bits, plan
+from ..placement.profiles import Profile
 from .disk import DISK_TEST_BYTES
 from .machine import EXPERT_BITS, ExpertSpec, cost_model, measure_machine, pick_group_size
 from .settings import TIERS, Row, Setting, TuneResult, pick_best

@@ -7,8 +7,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ..errors import OffloadMoeError
-from ..options import Placement
+from ..base.errors import OffloadMoeError
+from ..placement.options import Placement
 
 TIERS = ("ram", "disk")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..loader import load
-from ..options import Placement
-from ..runtime import Progress
+from ..api.loader import load
+from ..placement.options import Placement
+from ..base.runtime import Progress
 from .settings import Row, Setting, pick_best
 
 

@@ -1,0 +1,1 @@
+"""The Python API: `load()` and the `Model` facade, its settings, chat sessions, checkpoint sources."""

@@ -1,0 +1,2 @@
+"""The bottom layer: errors, the runtime's devices, sizes and free memory, threads, timing, user files.
+Imports nothing of offload_moe above it."""

@@ -1,0 +1,526 @@
+"""The MoE decoder in plain PyTorch, following transformers' `MixtralForCausalLM` math; the other
+families (Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2, gpt-oss, Llama 4) are small branches switched by
+`ModelConfig` fields and the family's adapter (`cfg.family`, see `arch`).
+
+Read top to bottom (norms, rotary embeddings, the KV cache and both attentions are in
+`attention.py`): the router rules, a dense SwiGLU MLP (dense layers and shared experts), the sparse MoE block, one
+decoder layer, the whole stack. Routed experts are not part of this module: the MoE block asks an
+injected provider (`experts.interface.ExpertProvider`: `fetch(layer, ids, tokens, guesses)`) for
+the experts its tokens chose and hands over its guesses of the next layers' in the same call, so
+offloading, caching and prefetch live elsewhere and never call back into this file. Routing ids and
+guesses reach the host in one copy per MoE layer (`HostIds`), the only time a decode step's layer
+waits for the device; the routing weights stay there (`tests/test_host_syncs.py` counts, for every
+family). A benchmark replays a trace by giving the model a `Routing` strategy.
+
+Shape letters: B batch, T new tokens, S cached positions, H hidden size, nh / nkv query / key-value
+heads, hd head dim, E experts, k experts per token, N = B*T tokens, V vocab, r latent rank (MLA),
+d rotated dims per head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+from itertools import accumulate
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import RMSNorm, rope_tables, apply_rope_partial, KVCache, KVRow, Attention, LatentAttention
+from ..checkpoints.config import ModelConfig
+from ..kernels.decode_step import DecodeRows, ExpertRows, RouteStep
+from ..base.errors import OffloadMoeError
+from .expert_interface import ExpertProvider
+from .kv_slots import DEFAULT_KEEP_BYTES, KVSlots
+from .linear_attention import GatedDeltaNet, RecurrentState
+from ..kernels import native
+from ..kernels.cpu_bf16 import pack_linears
+from ..kernels.ggml import experts_one_token
+from ..kernels.modules import QEmbedding, QLinear
+
+
+# ---- router rules: gate logits (N, E) -> weights (N, k) fp32, expert ids (N, k) ----
+# `bias` (E,): the selection bias of the sigmoid rule (`e_score_correction_bias`); None for the others.
+def softmax_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
+    """Softmax over all experts, top-k (within the best topk_group of n_group groups), then
+    renormalise (norm_topk_prob) or scale by routed_scaling_factor. Mixtral, Qwen, OLMoE, DeepSeek."""
+    probs = F.softmax(logits.float(), dim=-1)                         # (N, E)
+    if forced is not None:
+        ids = forced.to(probs.device)
+        weights = probs.gather(-1, ids)
+    else:
+        eligible = probs
+        if cfg.n_group > 1:
+            groups = probs.view(probs.shape[0], cfg.n_group, -1)      # (N, groups, E/groups)
+            best = groups.amax(dim=-1).topk(cfg.topk_group, dim=-1).indices
+            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            eligible = groups.masked_fill(~keep[..., None], 0.0).view_as(probs)
+        weights, ids = torch.topk(eligible, cfg.top_k, dim=-1)        # (N, k)
+    if cfg.norm_topk_prob:
+        return weights / weights.sum(dim=-1, keepdim=True), ids
+    return weights * cfg.routed_scaling_factor, ids
+
+
+def topk_softmax(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
+    """Top-k of the logits, then a softmax over those k (gpt-oss)."""
+    if forced is not None:
+        ids = forced.to(logits.device)
+        top = logits.gather(-1, ids)
+    else:
+        top, ids = torch.topk(logits, cfg.top_k, dim=-1)              # (N, k)
+    return F.softmax(top.float(), dim=-1), ids
+
+
+def sigmoid_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
+    """DeepSeek-V3's "noaux_tc" (GLM-4.5, Kimi-K2, MiniMax-M2 alike): sigmoid scores; the bias is added
+    for the choice only; with n_group > 1 only the topk_group groups with the best sums of their two
+    best biased scores are eligible; the chosen unbiased scores are renormalised (norm_topk_prob),
+    then scaled by routed_scaling_factor."""
+    scores = torch.sigmoid(logits.float())                            # (N, E)
+    if forced is not None:
+        ids = forced.to(scores.device)
+    else:
+        choice = scores + bias.float() if bias is not None else scores
+        if cfg.n_group > 1:
+            groups = choice.view(choice.shape[0], cfg.n_group, -1)    # (N, groups, E/groups)
+            best = groups.topk(2, dim=-1).values.sum(dim=-1).topk(cfg.topk_group, dim=-1).indices
+            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
+            choice = groups.masked_fill(~keep[..., None], float("-inf")).view_as(scores)
+        ids = torch.topk(choice, cfg.top_k, dim=-1).indices           # (N, k)
+    weights = scores.gather(-1, ids)                                  # (N, k)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, ids
+
+
+def topk_sigmoid(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
+    """Top-k of the logits, each through a sigmoid on its own (Llama 4, top-1)."""
+    if forced is not None:
+        ids = forced.to(logits.device)
+        top = logits.gather(-1, ids)
+    else:
+        top, ids = torch.topk(logits, cfg.top_k, dim=-1)              # (N, k)
+    return torch.sigmoid(top.float()), ids
+
+
+ROUTER_RULES = {"softmax_topk": softmax_topk, "topk_softmax": topk_softmax, "sigmoid_topk": sigmoid_topk,
+                "topk_sigmoid": topk_sigmoid}
+
+
+class MLP(nn.Module):
+    """A dense SwiGLU MLP that stays on the device: a dense layer's, or a shared expert."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Routing(Protocol):
+    """A routing strategy the model can be given in place of its own routers' choices (benchmarks
+    replay recorded traces through it). Layers are MoE layers (the engine's numbering)."""
+
+    def forced(self, layer: int, tokens: int) -> torch.Tensor | None:
+        """(tokens, k) expert ids that replace the router's top-k for this call, or None."""
+        ...
+
+    def guess(self, layer: int, tokens: int) -> torch.Tensor | None:
+        """(tokens, k) prefetch guesses for `layer`'s next call, or None: the routers guess."""
+        ...
+
+
+class HostIds:
+    """The one device->host transfer of a MoE layer: its routing ids and the guesses for the next
+    layers, gathered on the device into one preallocated buffer and copied back in one go into a
+    preallocated host buffer (pinned on CUDA). Steps larger than the buffers (prefill) copy once too.
+    The routing weights stay on the device: the block weights the experts' outputs there."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.device = torch.device(device)
+        on_cuda = self.device.type == "cuda"
+        self.host = torch.empty(size, dtype=torch.long, pin_memory=on_cuda)               # (size,)
+        self.staged = torch.empty(size, dtype=torch.long, device=self.device) if on_cuda else self.host
+
+    def read(self, *parts: torch.Tensor) -> torch.Tensor:
+        """The parts (long tensors on the device), flattened one after another, on the host."""
+        if self.staged is self.host and len(parts) == 1:
+            return parts[0].flatten().cpu()   # a CPU model: already in host memory (`.cpu()` copies nothing)
+        total = sum(p.numel() for p in parts)
+        if total > self.host.numel():
+            return torch.cat([p.flatten() for p in parts]).cpu()
+        staged = torch.cat([p.flatten() for p in parts], out=self.staged[:total])   # (total,) one gather
+        if self.staged is self.host:
+            return staged
+        return self.host[:total].copy_(staged)                         # blocking: the layer's one sync
+
+
+class MoEBlock(nn.Module):
+    """Router (the family's rule) and the weighted sum of the chosen experts, plus the shared
+    expert (sigmoid-gated in Qwen2-MoE) where the family has one."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertProvider):
+        super().__init__()
+        fam = cfg.family
+        self.cfg, self.layer, self.top_k, self.num_experts = cfg, layer, cfg.top_k, cfg.num_experts
+        self.rule, self.router_fp32 = ROUTER_RULES[fam.router_rule], fam.router_fp32
+        self.scales_input = fam.router_scales_input  # Llama 4: the weight multiplies the expert's input
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=fam.router_bias)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts)) if fam.score_bias else None  # (E,)
+        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size) if cfg.shared_expert_size else None
+        self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
+                                   if cfg.shared_expert_size and fam.shared_expert_gate else None)
+        self.experts = experts  # the provider (`experts.interface`): not a submodule, owns no parameters here
+        self.decode_route: RouteStep | None = None  # a decode step's tokens on the CPU in one C call
+        self.decode_experts: ExpertRows | None = None   # and its experts in one C call each (`prepare_cpu_decode`)
+
+    def route(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, H) -> weights (N, k) in x's dtype, expert ids (N, k); `forced` ids replace top-k."""
+        if self.decode_route is not None and forced is None:
+            routed = self.decode_route(x)
+            if routed is not None:
+                return routed
+        half_on_cpu = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+        if self.router_fp32 or half_on_cpu:
+            # (on the CPU, torch's product of a half-precision row with a [E, H] matrix costs ~4x the fp32 one)
+            bias = self.gate.bias.float() if self.gate.bias is not None else None
+            logits = F.linear(x.float(), self.gate.weight.float(), bias)                 # (N, E)
+            if not self.router_fp32:
+                logits = logits.to(x.dtype)
+        else:
+            logits = self.gate(x)
+        weights, ids = self.rule(logits, self.cfg, forced, self.e_score_correction_bias)
+        return weights.to(x.dtype), ids
+
+    def forward(self, x: torch.Tensor, ids_to_host: HostIds, forced: torch.Tensor | None = None,
+                guesses: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, H) -> (B, T, H). `guesses` (D, N, k): the next D layers' likely experts, handed
+        to the provider for prefetch; they come to the host in the same copy as the routing ids."""
+        B, T, H = x.shape
+        N, k = B * T, self.top_k
+        h = x.reshape(-1, H)                                          # (N, H)
+        weights, ids = self.route(h, forced)                          # (N, k), (N, k)
+        flat = ids.flatten()                                          # (N*k,)
+        parts = (flat,) if guesses is None else (flat, guesses)
+        host = ids_to_host.read(*parts)                               # the one host sync of the layer
+        ahead = ([sorted(set(g)) for g in host[N * k:].view(guesses.shape[0], -1).tolist()]
+                 if guesses is not None else ())
+        # Each (token, choice) gets its own row, weighted on the device and summed over choices in a
+        # fixed order, so the result does not depend on the order the provider hands experts out.
+        if self.decode_experts is not None and not self.scales_input and self.decode_experts.takes(h):  # CPU decode: C
+            used = sorted(set(host[:N * k].tolist()))
+            y = self.decode_experts(h, weights, host[:N * k], self.experts.fetch(self.layer, used, N, ahead),
+                                    stable=getattr(self.experts, "stable", False))
+        elif N == 1:  # decode: k distinct experts, one row each; no grouping needed
+            choice = {e: j for j, e in enumerate(host[:k].tolist())}
+            fetched = self.experts.fetch(self.layer, sorted(choice), N, ahead)
+            if self.scales_input:  # Llama 4: the router's weight scales each expert's input, outputs summed
+                outs: list[torch.Tensor | None] = [None] * k
+                for e, expert in fetched:
+                    j = choice[e]
+                    outs[j] = expert(h * weights[:, j:j + 1], None)     # (1, H)
+                y = torch.cat(outs).sum(dim=0, keepdim=True)          # (k, H) -> (1, H)
+            else:
+                stacked = None
+                if getattr(self.experts, "stable_experts", False):   # experts stay valid after the fetch
+                    fetched = list(fetched)
+                    fused = [None] * k
+                    for e, expert in fetched:
+                        fused[choice[e]] = expert.fused
+                    stacked = experts_one_token(h, fused)             # (k, H) in one kernel call, or None
+                if stacked is None:
+                    outs = [None] * k
+                    for e, expert in fetched:
+                        outs[choice[e]] = expert(h, None)             # (1, H)
+                    stacked = torch.cat(outs)                         # (k, H)
+                y = (stacked * weights.view(k, 1)).sum(dim=0, keepdim=True)   # (k, H) -> (1, H)
+        else:
+            row_weights = weights.flatten()                           # (N*k,)
+            out = h.new_zeros(N * k, H)                               # (N*k, H)
+            order = torch.argsort(flat, stable=True)                  # rows grouped by expert, on the device
+            token_of = order // k                                     # (N*k,) the token of each grouped row
+            counts = torch.bincount(host[:N * k], minlength=self.num_experts).tolist()
+            ends = list(accumulate(counts))                           # expert e's rows end here
+            used = [e for e, c in enumerate(counts) if c]
+            for e, expert in self.experts.fetch(self.layer, used, N, ahead):
+                start, end = ends[e] - counts[e], ends[e]
+                rows = order[start:end]                               # flat (token, choice) indices
+                if self.scales_input:
+                    out[rows] = expert(h[token_of[start:end]] * row_weights[rows, None], None)  # (n_e, H)
+                else:
+                    out[rows] = expert(h, token_of[start:end]) * row_weights[rows, None]  # (n_e, H)
+            y = out.view(N, k, H).sum(dim=1)                          # (N, H)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(h)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
+            y = y + shared
+        return y.view(B, T, H)
+
+
+class DecoderLayer(nn.Module):
+    """Attention and an MLP: the MoE block (`block_sparse_moe`), or in a dense layer a dense `mlp`."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, experts):
+        super().__init__()
+        fp32 = cfg.family.norm_scale_fp32
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fp32)
+        self.linear = cfg.is_linear(layer)
+        if self.linear:  # Gated DeltaNet: a recurrent state instead of a KV cache
+            self.linear_attn = GatedDeltaNet(cfg)
+        else:
+            self.self_attn = LatentAttention(cfg) if cfg.mla else Attention(cfg, cfg.window(layer), layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fp32)
+        self.dense = layer in cfg.dense_layers
+        if self.dense:
+            self.mlp = MLP(cfg.hidden_size, cfg.dense_intermediate_size)
+        else:  # the expert engine numbers MoE layers without the dense ones
+            self.block_sparse_moe = MoEBlock(cfg, cfg.moe_layers.index(layer), experts)
+
+    def forward(self, x, cos, sin, mask, cache, start, moe: Callable | None = None) -> torch.Tensor:
+        """`moe(block, x, residual)` runs the MoE block (the transformer adds routing and guesses)."""
+        mixer = self.linear_attn if self.linear else self.self_attn
+        h = x + mixer(self.input_layernorm(x), cos, sin, mask, cache, start)
+        if self.dense:
+            return h + self.mlp(self.post_attention_layernorm(h))
+        return h + moe(self.block_sparse_moe, self.post_attention_layernorm(h), h)
+
+
+class Transformer(nn.Module):
+    """Embeddings, decoder layers, final norm, lm_head. Parameter names follow the checkpoint's
+    (minus the leading `model.`), so a state dict loads without renaming."""
+
+    def __init__(self, cfg: ModelConfig, experts: ExpertProvider):
+        super().__init__()
+        self.config = cfg
+        # given its (meta) weight, nn.Embedding skips its random init, whose normal_ on the meta device
+        # imports torch._dynamo: 6-7 s of a fresh process's load on a 2-core machine
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts) for i in range(cfg.num_layers))
+        self.spans = [(cfg.window(i), cfg.chunk(i)) for i in range(cfg.num_layers)]  # sliding window, chunk
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.norm_scale_fp32)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.kv_caches: list[KVCache] = []
+        self.kv_rows: list[list[KVRow]] = []   # [slot][layer]: one sequence's cache in each layer
+        self.kv_slots = KVSlots([])            # which tokens each slot holds; kept sequences (prefix reuse)
+        self.max_seq_len = 0
+        self.experts = experts                  # the provider, shared by every MoE block
+        self.routing: Routing | None = None     # None: the routers decide (see `set_routing`)
+
+    def setup(self, max_seq_len: int, device, dtype, max_batch: int = 1):
+        """Allocate the KV cache and rotary tables once, on the compute device."""
+        cfg = self.config
+        self.device, self.dtype, self.max_seq_len = torch.device(device), dtype, max_seq_len
+        try:
+            # DeepSeek rotates in fp32 from fp32 tables; the others cast the tables to the compute dtype
+            fp32 = cfg.mla or cfg.family.rope_interleaved  # so is Llama 4's complex product
+            self.cos, self.sin = rope_tables(cfg, max_seq_len, device, torch.float32 if fp32 else dtype)
+            if cfg.mla:  # the latent and the rotated key part, shared by all heads
+                shape = (1, max_seq_len, cfg.mla.kv_lora_rank, device, dtype, cfg.mla.qk_rope_head_dim)
+            else:
+                shape = (cfg.num_kv_heads, max_seq_len, cfg.head_dim, device, dtype)
+            self.kv_caches = [RecurrentState(max_batch, cfg, device, dtype) if cfg.is_linear(i) else
+                              KVCache(max_batch, *shape) for i in range(cfg.num_layers)]
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            self.kv_caches, self.cos, self.sin = [], None, None
+            if not allocation_failed(e):
+                raise
+            size = torch.finfo(dtype).bits // 8
+            need = max_batch * (max_seq_len * cfg.kv_cache_bytes_per_token(size) + cfg.recurrent_state_bytes(size))
+            raise OffloadMoeError(f"context_length = {max_seq_len}: the KV cache ({need / 1e9:.2f} GB) and rotary "
+                                  f"tables cannot be allocated on {device} (out of memory: a memory limit such "
+                                  "as ulimit -v or a cgroup?); lower --context-length") from None
+        self.kv_rows = [list(rows) for rows in zip(*(c.rows() for c in self.kv_caches))]
+        self.decode_rows_of = DecodeRows(max_batch)   # a batched step's slots and positions, refilled each step
+        for layer in self.layers:
+            if not layer.linear and isinstance(layer.self_attn, Attention):
+                layer.self_attn.setup(max_seq_len, device)
+        # context shift for grouped-query attention (MLA's rotated key part is untested, Llama 4's NoPE and
+        # chunked layers would need their own: no shift there)
+        # a recurrent state holds a whole sequence: no context shift, no partial reuse (`KVSlots`)
+        recurrent = cfg.linear_attention is not None
+        shift = None if cfg.mla or recurrent or cfg.family.rope_interleaved else self.shift_kv
+        self.kv_slots = KVSlots([c for c in self.kv_caches if isinstance(c, KVCache)],
+                                getattr(self.kv_slots, "keep_bytes", DEFAULT_KEEP_BYTES), shift=shift, recurrent=recurrent)
+        # decode's routing ids and the next layers' guesses come back in one copy per MoE layer
+        depth = min(self.experts.prefetch_depth, cfg.num_moe_layers - 1)
+        self.ids_to_host = HostIds(max_batch * cfg.top_k * (1 + max(depth, 0)), device)
+
+    @torch.no_grad()
+    def shift_kv(self, slot: int, src: int, dst: int, n: int) -> None:
+        """Context shift: move the cached positions src..src+n-1 of `slot` down to dst.. (dst < src),
+        dropping what lay between (grouped-query attention only). Values move as they are; keys are rotated
+        back by src - dst positions, since a rotary position is a rotation: R(p - d) = R(-d) R(p).
+        The moved keys and values still carry what attention saw of the dropped positions when they
+        were computed (as llama.cpp's context shift): close to, not equal to, a fresh prefill."""
+        d = src - dst
+        cos, sin = rope_tables(self.config, d + 1, self.device, torch.float32)      # (d+1, r)
+        c, s = cos[d] / cos[0], sin[d] / cos[0]     # the pure rotation by d (YaRN scales the tables)
+        for cache in self.kv_slots.caches:
+            k, v = cache.k[slot, :, src:src + n], cache.v[slot, :, src:src + n]     # (nkv, n, hd), (nkv, n, hd)
+            k = apply_rope_partial(k.float(), c, -s, self.config.rope_pairs).to(k.dtype)   # the rotated dims only
+            v = v.clone()
+            cache.k[slot, :, dst:dst + n] = k
+            cache.v[slot, :, dst:dst + n] = v
+
+    def set_slots(self, slots: int) -> None:
+        """Reallocate the KV cache for `slots` sequences at once (continuous batching); what the
+        cache held is forgotten."""
+        kv = self.kv_slots.caches[0]
+        if slots != kv.k.shape[0]:
+            self.setup(self.max_seq_len, self.device, kv.k.dtype, slots)
+
+    def prepare_cpu_decode(self) -> None:
+        """On the CPU, a decode step's attention (between its projections), norms and routers run
+        as one C call each (`decode_cpu.py`) where the library is available."""
+        for layer in self.layers:
+            if not layer.linear and isinstance(layer.self_attn, Attention):
+                layer.self_attn.prepare_cpu_decode()
+            if not layer.dense:
+                block = layer.block_sparse_moe
+                block.decode_route = RouteStep(block)
+                block.decode_experts = ExpertRows(block.top_k, self.config.hidden_size, block.num_experts)
+
+    def set_routing(self, routing: Routing | None) -> None:
+        """Route by `routing` (e.g. a recorded trace) instead of the routers; None: the routers again."""
+        self.routing = routing
+
+    @property
+    def moe_blocks(self) -> list[MoEBlock]:
+        """The MoE block of each MoE layer, in the expert engine's numbering (dense layers have none)."""
+        return [self.layers[i].block_sparse_moe for i in self.config.moe_layers]
+
+    def attention_mask(self, start: int, T: int, S: int, span: tuple[int | None, int | None] = (None, None)
+                       ) -> torch.Tensor | None:
+        """(T, S) boolean: query at position start+t sees keys at positions <= it, within the sliding
+        window and the chunk of `span` = (window, chunk)."""
+        window, chunk = span
+        if T == 1 and (window is None or S <= window) and (chunk is None or start < chunk):
+            return None  # a single new token sees everything cached
+        q_pos = torch.arange(start, start + T, device=self.device)[:, None]
+        k_pos = torch.arange(S, device=self.device)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask = mask & (k_pos > q_pos - window)
+        if chunk is not None:
+            mask = mask & (k_pos // chunk == q_pos // chunk)
+        return mask
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, start: int = 0, use_cache: bool = True,
+                last_only: bool = False, slot: int | None = None) -> torch.Tensor:
+        """tokens (B, T) at positions start..start+T-1 -> logits (B, T or 1, V) in fp32.
+
+        With use_cache the KV cache is read and written (generation): rows 0..B-1, or with `slot`
+        (B = 1) that one row; without it the call is stateless and must start at 0 (scoring whole sequences)."""
+        B, T = tokens.shape
+        end = start + T
+        if end > self.max_seq_len:
+            raise ValueError(f"sequence of {end} positions exceeds the context of {self.max_seq_len}")
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        masks = {w: self.attention_mask(start, T, end if use_cache else T, w) for w in set(self.spans)}
+        caches = (self.kv_caches if slot is None else self.kv_rows[slot]) if use_cache else [None] * len(self.layers)
+        written = (range(B) if slot is None else (slot,)) if use_cache else ()
+        self.kv_slots.stale.update(written)  # recurrent states change in place: not reusable should this raise
+        x = self.embed_tokens(tokens)                                  # (B, T, H)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, masks[self.spans[i]], caches[i], start, self.moe_step)
+        self.kv_slots.stale.difference_update(written)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()                      # (B, T, V)
+
+    @torch.no_grad()
+    def decode_rows(self, tokens: torch.Tensor, slots: list[int], positions: list[int]) -> torch.Tensor:
+        """A batched decode step: row b is the next token (tokens (B,)) of the sequence in KV slot
+        slots[b], at position positions[b] -> logits (B, V) in fp32. Projections, routers and experts
+        run on all rows at once (each expert's weights read once for every row routed to it);
+        attention runs each row over its own sequence (on the CPU all rows in one C call)."""
+        B = tokens.shape[0]
+        if max(positions) >= self.max_seq_len:
+            raise ValueError(f"position {max(positions)} exceeds the context of {self.max_seq_len}")
+        # recurrent states and chunked attention take each row's own cache row and mask (lists); the others
+        # one `DecodeRows` (slots and positions) that the CPU's C attention call reads for all rows at once
+        per_row = self.config.linear_attention is not None or self.config.attention_chunk is not None
+        if per_row:
+            cos = [self.cos[p:p + 1] for p in positions]               # B x (1, d)
+            sin = [self.sin[p:p + 1] for p in positions]
+            masks = {w: [self.attention_mask(p, 1, p + 1, w) for p in positions] for w in set(self.spans)}
+        else:
+            rows = self.decode_rows_of.set(slots, positions)
+        x = self.embed_tokens(tokens.view(B, 1))                       # (B, 1, H)
+        self.kv_slots.stale.update(slots)
+        for i, layer in enumerate(self.layers):
+            if per_row:
+                x = layer(x, cos, sin, masks[self.spans[i]], [self.kv_rows[s][i] for s in slots], positions,
+                          self.moe_step)
+            else:
+                x = layer(x, self.cos, self.sin, None, self.kv_caches[i], rows, self.moe_step)
+        self.kv_slots.stale.difference_update(slots)
+        return self.lm_head(self.norm(x)).float()[:, 0]               # (B, V)
+
+    def moe_step(self, block: MoEBlock, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """One MoE layer: its routing (the routers, or the strategy given) and, in decode, the next
+        layers' guesses the provider asked for, handed over with the request."""
+        N = x.shape[0] * x.shape[1]
+        forced = self.routing.forced(block.layer, N) if self.routing is not None else None
+        ahead = range(block.layer + 1, min(block.layer + 1 + self.experts.prefetch_depth, self.config.num_moe_layers))
+        guesses = None
+        if N == 1 and len(ahead):
+            guesses = torch.stack([self.guess_experts(layer, residual) for layer in ahead])  # (D, N, k)
+        return block(x, self.ids_to_host, forced, guesses)
+
+    def guess_experts(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
+        """Which experts `layer` would pick for this residual stream: (N, k) ids, for the provider to
+        prefetch; only a guess, since the true input differs. A routing strategy may guess instead.
+        `layer` is the engine's (MoE layers only)."""
+        N = residual.numel() // residual.shape[-1]
+        guess = self.routing.guess(layer, N) if self.routing is not None else None
+        if guess is not None:
+            return guess.to(residual.device)
+        block = self.layers[self.config.moe_layers[layer]]
+        x = block.post_attention_layernorm(residual).reshape(-1, self.config.hidden_size)
+        return block.block_sparse_moe.route(x)[1]
+
+
+def allocation_failed(e: BaseException) -> bool:
+    """torch's ways of saying an allocation failed: CUDA's OutOfMemoryError, the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), Python's MemoryError."""
+    return isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or \
+        "can't allocate memory" in str(e) or "out of memory" in str(e).lower()
+
+
+def build_transformer(cfg: ModelConfig, dense: dict, experts, *, device, dtype,
+                      max_seq_len: int, max_batch: int = 1) -> Transformer:
+    """Construct on the meta device, swap in quantized modules for packed weights, then adopt the
+    dense tensors (already on device/dtype)."""
+    with torch.device("meta"):
+        model = Transformer(cfg, experts)
+    if cfg.tie_word_embeddings:
+        dense = {**dense, "lm_head.weight": dense["embed_tokens.weight"]}
+    if cfg.zero_centred_norms:  # stored as weight - 1: the scale is 1 + weight, kept in fp32 (as transformers computes it)
+        dense |= {n: w.float() + 1 for n, w in dense.items()
+                  if n.endswith("norm.weight") and not n.endswith("linear_attn.norm.weight")}
+    plain = {}
+    for name, w in dense.items():
+        if isinstance(w, torch.Tensor):
+            plain[name] = w
+            continue
+        parent, _, attr = name.removesuffix(".weight").rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, attr, QEmbedding(w, dtype) if attr == "embed_tokens" else QLinear(w))
+    model.load_state_dict(plain, strict=True, assign=True)
+    pack_linears(model, skip=("gate", "shared_expert_gate"))  # bf16 on the CPU: prepacked once (routers read .weight)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fuse_projections()
+    if torch.device(device).type == "cpu" and native.load_decode() is not None:
+        model.prepare_cpu_decode()
+    model.setup(max_seq_len, device, dtype, max_batch)
+    return model.eval()
+

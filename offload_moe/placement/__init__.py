@@ -1,0 +1,1 @@
+"""Where weights go: VRAM/RAM profiles, the memory planner, the budget checks, `Placement`."""
