@@ -7,16 +7,11 @@ Follows transformers' `DeepseekV2ForCausalLM`; the KV cache holds the compressed
 rotated rope key, as it does."""
 
 from .family import Family
-from .reader import ConfigReader, MLA, common_fields, dense_layers
+from .reader import ConfigReader, dense_layers, mla_fields
 
 
 def parse(r: ConfigReader) -> dict:
-    mla = MLA(kv_lora_rank=r.int("kv_lora_rank"), q_lora_rank=r.int("q_lora_rank", None),
-              qk_nope_head_dim=r.int("qk_nope_head_dim"), qk_rope_head_dim=r.int("qk_rope_head_dim"),
-              v_head_dim=r.int("v_head_dim"))
-    c = common_fields(r, experts=r.first("n_routed_experts", "num_experts"), intermediate="moe_intermediate_size",
-                      head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim)
-    c["num_kv_heads"] = c["num_heads"]  # MLA decompresses a key and a value for every head
+    mla, c = mla_fields(r, "n_routed_experts", "num_experts")
     L, method = c["num_layers"], r.raw.get("topk_method", "greedy")
     if r.raw.get("scoring_func", "softmax") != "softmax":
         r.fail("scoring_func", "'softmax' (DeepSeek-V2)")

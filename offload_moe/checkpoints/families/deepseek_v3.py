@@ -9,17 +9,12 @@ last layer (`num_nextn_predict_layers`) is not part of the model: it is neither 
 from dataclasses import replace
 
 from .family import Family
-from .reader import ConfigReader, MLA, common_fields, dense_layers
+from .reader import ConfigReader, dense_layers, mla_fields
 from .sigmoid_routing import sigmoid_routing
 
 
 def parse(r: ConfigReader) -> dict:
-    mla = MLA(kv_lora_rank=r.int("kv_lora_rank"), q_lora_rank=r.int("q_lora_rank", None),
-              qk_nope_head_dim=r.int("qk_nope_head_dim"), qk_rope_head_dim=r.int("qk_rope_head_dim"),
-              v_head_dim=r.int("v_head_dim"))
-    c = common_fields(r, experts=r.first("n_routed_experts", "num_local_experts"), intermediate="moe_intermediate_size",
-                      head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim)
-    c["num_kv_heads"] = c["num_heads"]  # MLA decompresses a key and a value for every head
+    mla, c = mla_fields(r, "n_routed_experts", "num_local_experts")
     if r.bool("attention_bias", False):
         r.fail("attention_bias", "false (biases are not supported)")
     L = c["num_layers"]

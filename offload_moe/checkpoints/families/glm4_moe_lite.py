@@ -5,17 +5,12 @@ expert; sigmoid routing, `arch.sigmoid_routing`) under GLM's name; its dense lay
 Follows transformers' `Glm4MoeLiteForCausalLM`; the multi-token-prediction layer is not read."""
 
 from .family import Family
-from .reader import ConfigReader, MLA, common_fields, dense_layers
+from .reader import ConfigReader, dense_layers, mla_fields
 from .sigmoid_routing import sigmoid_routing
 
 
 def parse(r: ConfigReader) -> dict:
-    mla = MLA(kv_lora_rank=r.int("kv_lora_rank"), q_lora_rank=r.int("q_lora_rank", None),
-              qk_nope_head_dim=r.int("qk_nope_head_dim"), qk_rope_head_dim=r.int("qk_rope_head_dim"),
-              v_head_dim=r.int("v_head_dim"))
-    c = common_fields(r, experts=r.first("n_routed_experts", "num_local_experts"), intermediate="moe_intermediate_size",
-                      head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim)
-    c["num_kv_heads"] = c["num_heads"]  # MLA decompresses a key and a value for every head
+    mla, c = mla_fields(r, "n_routed_experts", "num_local_experts")
     if r.bool("attention_bias", False):
         r.fail("attention_bias", "false (biases are not supported)")
     params = r.raw.get("rope_parameters") if isinstance(r.raw.get("rope_parameters"), dict) else r.raw

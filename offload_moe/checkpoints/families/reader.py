@@ -248,3 +248,16 @@ def layer_types(r: ConfigReader, types, num_layers: int,
                   any(t not in kinds for t in types)):
         r.fail("layer_types", f"a list of {num_layers} entries, each one of {', '.join(kinds)}")
     return tuple(types)
+
+
+def mla_fields(r: ConfigReader, *expert_keys: str) -> tuple[MLA, dict]:
+    """The latent attention's sizes and the common fields of a DeepSeek-style config (DeepSeek-V2/V3,
+    Kimi-K2, GLM-4.7-Flash): head_dim is the nope and rope parts together, and every head has its own
+    key and value (decompressed from the latent)."""
+    mla = MLA(kv_lora_rank=r.int("kv_lora_rank"), q_lora_rank=r.int("q_lora_rank", None),
+              qk_nope_head_dim=r.int("qk_nope_head_dim"), qk_rope_head_dim=r.int("qk_rope_head_dim"),
+              v_head_dim=r.int("v_head_dim"))
+    c = common_fields(r, experts=r.first(*expert_keys), intermediate="moe_intermediate_size",
+                      head_dim=mla.qk_nope_head_dim + mla.qk_rope_head_dim)
+    c["num_kv_heads"] = c["num_heads"]  # MLA decompresses a key and a value for every head
+    return mla, c
