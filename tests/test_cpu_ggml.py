@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+import offload_moe
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants
 
@@ -201,8 +204,11 @@ def test_a_zero_activation_block_and_large_values():
 
 
 def run_python(code: str, **env) -> str:
+    # the offload_moe this test imported (the installed one in CI, the checkout in an editable install),
+    # from a neutral folder so that `-c`'s current directory does not put the source tree first
+    package_root = Path(offload_moe.__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), **env})
+                          cwd=tempfile.gettempdir(), env={**os.environ, "PYTHONPATH": str(package_root), **env})
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
