@@ -708,13 +708,13 @@ def test_server_bug_is_a_generic_500(checkpoint_for_origins, monkeypatch):
     needs_server_extra()
     from serve_fixtures import running_server
 
-    from offload_moe.server import app as server_app
+    from offload_moe.server import endpoints as server_endpoints
     from offload_moe.server import create_app
 
     def broken(*args, **kwargs):
         raise RuntimeError(f"secret detail at {ROOT}")
 
-    monkeypatch.setattr(server_app, "completion_prompt", broken)
+    monkeypatch.setattr(server_endpoints, "completion_prompt", broken)
     with running_server(create_app(checkpoint_for_origins, model_name="demo")) as base:
         status, reply = post(base, "/v1/completions", COMPLETION)
     assert status == 500

@@ -12,7 +12,7 @@ import torch
 
 from offload_moe.kernels import decode_step as decode_cpu
 from offload_moe.model.attention import Attention, KVCache, RMSNorm
-from offload_moe.model.transformer import MoEBlock
+from offload_moe.model.moe import MoEBlock
 
 pytestmark = pytest.mark.skipif(decode_cpu.native.load_decode() is None, reason="no C compiler for decode.c")
 

@@ -15,7 +15,7 @@ import transformers
 import offload_moe
 from offload_moe.experts.costs import CostModel, Throughput
 from offload_moe.generation.generate import Sampling, decode_tokens
-from offload_moe.model.transformer import HostIds
+from offload_moe.model.moe import HostIds
 from offload_moe.kernels import native
 from offload_moe.checkpoints.synthetic import SyntheticCheckpoint
 from sync_counter import SyncCounter

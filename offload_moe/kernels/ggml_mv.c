@@ -884,19 +884,24 @@ __attribute__((always_inline)) static inline void row_dot(int type, const uint8_
 #endif
 }
 
-/* One type's row kernel for 1..4 tokens, specialized (the switches above fold away). */
+/* `F(args..., nt, out)` with nt as a constant for 1..7 tokens and TT beyond (the switches in the kernels
+   fold away): the specializations of the row and eight-row kernels below. */
+#define NT_SWITCH(F, ...)                                                                          \
+    switch (nt) {                                                                                  \
+        case 1: F(__VA_ARGS__, 1, out); break;                                                     \
+        case 2: F(__VA_ARGS__, 2, out); break;                                                     \
+        case 3: F(__VA_ARGS__, 3, out); break;                                                     \
+        case 4: F(__VA_ARGS__, 4, out); break;                                                     \
+        case 5: F(__VA_ARGS__, 5 < TT ? 5 : TT, out); break;                                       \
+        case 6: F(__VA_ARGS__, 6 < TT ? 6 : TT, out); break;                                       \
+        case 7: F(__VA_ARGS__, 7 < TT ? 7 : TT, out); break;                                       \
+        default: F(__VA_ARGS__, TT, out); break;                                                   \
+    }
+
+/* One type's row kernel for 1..TT tokens, specialized. */
 #define ROW_FN(T)                                                                                  \
     static void row_##T(const uint8_t *w, const Act *act, size_t t0, int nt, float *out) {        \
-        switch (nt) {                                                                              \
-            case 1: row_dot(T, w, act, t0, 1, out); break;                                         \
-            case 2: row_dot(T, w, act, t0, 2, out); break;                                         \
-            case 3: row_dot(T, w, act, t0, 3, out); break;                                         \
-            case 4: row_dot(T, w, act, t0, 4, out); break;                                         \
-            case 5: row_dot(T, w, act, t0, 5 < TT ? 5 : TT, out); break;                           \
-            case 6: row_dot(T, w, act, t0, 6 < TT ? 6 : TT, out); break;                           \
-            case 7: row_dot(T, w, act, t0, 7 < TT ? 7 : TT, out); break;                           \
-            default: row_dot(T, w, act, t0, TT, out); break;                                       \
-        }                                                                                          \
+        NT_SWITCH(row_dot, T, w, act, t0)                                                          \
     }
 ROW_FN(F32) ROW_FN(F16) ROW_FN(BF16) ROW_FN(Q4_0) ROW_FN(Q4_1) ROW_FN(Q5_0) ROW_FN(Q5_1) ROW_FN(Q8_0)
 ROW_FN(MXFP4) ROW_FN(Q2_K) ROW_FN(Q3_K) ROW_FN(Q4_K) ROW_FN(Q5_K) ROW_FN(Q6_K)
@@ -919,16 +924,7 @@ typedef void (*Rows8Fn)(const uint8_t *const *, const Act *, size_t, int, float 
 #if GX86 /* the eight-row kernel is x86's (NEON keeps the row kernels) */
 #define ROWS8_FN(T, KERNEL)                                                                        \
     static void rows8_##T(const uint8_t *const *pr, const Act *act, size_t t0, int nt, float *out) { \
-        switch (nt) {                                                                              \
-            case 1: KERNEL(T, pr, act, t0, 1, out); break;                                         \
-            case 2: KERNEL(T, pr, act, t0, 2, out); break;                                         \
-            case 3: KERNEL(T, pr, act, t0, 3, out); break;                                         \
-            case 4: KERNEL(T, pr, act, t0, 4, out); break;                                         \
-            case 5: KERNEL(T, pr, act, t0, 5 < TT ? 5 : TT, out); break;                           \
-            case 6: KERNEL(T, pr, act, t0, 6 < TT ? 6 : TT, out); break;                           \
-            case 7: KERNEL(T, pr, act, t0, 7 < TT ? 7 : TT, out); break;                           \
-            default: KERNEL(T, pr, act, t0, TT, out); break;                                       \
-        }                                                                                          \
+        NT_SWITCH(KERNEL, T, pr, act, t0)                                                          \
     }
 ROWS8_FN(Q4_0, rows8_q4) ROWS8_FN(Q4_1, rows8_q4) ROWS8_FN(MXFP4, rows8_q4)
 #endif

@@ -2,14 +2,14 @@
 families (Qwen3-MoE, OLMoE, Qwen2-MoE, DeepSeek-V2, gpt-oss, Llama 4) are small branches switched by
 `ModelConfig` fields and the family's adapter (`cfg.family`, see `arch`).
 
-Read top to bottom (norms, rotary embeddings, the KV cache and both attentions are in
-`attention.py`): the router rules, a dense SwiGLU MLP (dense layers and shared experts), the sparse MoE block, one
-decoder layer, the whole stack. Routed experts are not part of this module: the MoE block asks an
-injected provider (`experts.interface.ExpertProvider`: `fetch(layer, ids, tokens, guesses)`) for
-the experts its tokens chose and hands over its guesses of the next layers' in the same call, so
-offloading, caching and prefetch live elsewhere and never call back into this file. Routing ids and
-guesses reach the host in one copy per MoE layer (`HostIds`), the only time a decode step's layer
-waits for the device; the routing weights stay there (`tests/test_host_syncs.py` counts, for every
+Read top to bottom: one decoder layer, then the whole stack (its KV cache slots, rotary tables, prompt
+and batched decode steps). The parts sit beside it: norms, rotary embeddings, the KV cache and both
+attentions in `attention.py`, the Gated DeltaNet in `linear_attention.py`, the router rules and the
+`Routing` strategy in `routing.py`, the sparse MoE block and the dense MLP in `moe.py`. Routed
+experts are not part of the model package: the MoE block asks an injected provider
+(`model.expert_interface.ExpertProvider`: `fetch(layer, ids, tokens, guesses)`) for the experts its
+tokens chose. Routing ids and guesses reach the host in one copy per MoE layer (`moe.HostIds`), the
+only time a decode step's layer waits for the device (`tests/test_host_syncs.py` counts, for every
 family). A benchmark replays a trace by giving the model a `Routing` strategy.
 
 Shape letters: B batch, T new tokens, S cached positions, H hidden size, nh / nkv query / key-value
@@ -20,246 +20,22 @@ d rotated dims per head.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
-from itertools import accumulate
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .attention import RMSNorm, rope_tables, apply_rope_partial, KVCache, KVRow, Attention, LatentAttention
 from ..checkpoints.config import ModelConfig
 from ..kernels.decode_step import DecodeRows, ExpertRows, RouteStep
 from ..base.errors import OffloadMoeError
+from .moe import MLP, HostIds, MoEBlock
+from .routing import Routing
 from .expert_interface import ExpertProvider
 from .kv_slots import DEFAULT_KEEP_BYTES, KVSlots
 from .linear_attention import GatedDeltaNet, RecurrentState
 from ..kernels import native
 from ..kernels.cpu_bf16 import pack_linears
-from ..kernels.ggml import experts_one_token
 from ..kernels.modules import QEmbedding, QLinear
-
-
-# ---- router rules: gate logits (N, E) -> weights (N, k) fp32, expert ids (N, k) ----
-# `bias` (E,): the selection bias of the sigmoid rule (`e_score_correction_bias`); None for the others.
-def softmax_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
-    """Softmax over all experts, top-k (within the best topk_group of n_group groups), then
-    renormalise (norm_topk_prob) or scale by routed_scaling_factor. Mixtral, Qwen, OLMoE, DeepSeek."""
-    probs = F.softmax(logits.float(), dim=-1)                         # (N, E)
-    if forced is not None:
-        ids = forced.to(probs.device)
-        weights = probs.gather(-1, ids)
-    else:
-        eligible = probs
-        if cfg.n_group > 1:
-            groups = probs.view(probs.shape[0], cfg.n_group, -1)      # (N, groups, E/groups)
-            best = groups.amax(dim=-1).topk(cfg.topk_group, dim=-1).indices
-            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
-            eligible = groups.masked_fill(~keep[..., None], 0.0).view_as(probs)
-        weights, ids = torch.topk(eligible, cfg.top_k, dim=-1)        # (N, k)
-    if cfg.norm_topk_prob:
-        return weights / weights.sum(dim=-1, keepdim=True), ids
-    return weights * cfg.routed_scaling_factor, ids
-
-
-def topk_softmax(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
-    """Top-k of the logits, then a softmax over those k (gpt-oss)."""
-    if forced is not None:
-        ids = forced.to(logits.device)
-        top = logits.gather(-1, ids)
-    else:
-        top, ids = torch.topk(logits, cfg.top_k, dim=-1)              # (N, k)
-    return F.softmax(top.float(), dim=-1), ids
-
-
-def sigmoid_topk(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
-    """DeepSeek-V3's "noaux_tc" (GLM-4.5, Kimi-K2, MiniMax-M2 alike): sigmoid scores; the bias is added
-    for the choice only; with n_group > 1 only the topk_group groups with the best sums of their two
-    best biased scores are eligible; the chosen unbiased scores are renormalised (norm_topk_prob),
-    then scaled by routed_scaling_factor."""
-    scores = torch.sigmoid(logits.float())                            # (N, E)
-    if forced is not None:
-        ids = forced.to(scores.device)
-    else:
-        choice = scores + bias.float() if bias is not None else scores
-        if cfg.n_group > 1:
-            groups = choice.view(choice.shape[0], cfg.n_group, -1)    # (N, groups, E/groups)
-            best = groups.topk(2, dim=-1).values.sum(dim=-1).topk(cfg.topk_group, dim=-1).indices
-            keep = torch.zeros_like(groups[..., 0], dtype=torch.bool).scatter_(1, best, True)
-            choice = groups.masked_fill(~keep[..., None], float("-inf")).view_as(scores)
-        ids = torch.topk(choice, cfg.top_k, dim=-1).indices           # (N, k)
-    weights = scores.gather(-1, ids)                                  # (N, k)
-    if cfg.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * cfg.routed_scaling_factor, ids
-
-
-def topk_sigmoid(logits: torch.Tensor, cfg: ModelConfig, forced: torch.Tensor | None, bias=None):
-    """Top-k of the logits, each through a sigmoid on its own (Llama 4, top-1)."""
-    if forced is not None:
-        ids = forced.to(logits.device)
-        top = logits.gather(-1, ids)
-    else:
-        top, ids = torch.topk(logits, cfg.top_k, dim=-1)              # (N, k)
-    return torch.sigmoid(top.float()), ids
-
-
-ROUTER_RULES = {"softmax_topk": softmax_topk, "topk_softmax": topk_softmax, "sigmoid_topk": sigmoid_topk,
-                "topk_sigmoid": topk_sigmoid}
-
-
-class MLP(nn.Module):
-    """A dense SwiGLU MLP that stays on the device: a dense layer's, or a shared expert."""
-
-    def __init__(self, hidden: int, inner: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Routing(Protocol):
-    """A routing strategy the model can be given in place of its own routers' choices (benchmarks
-    replay recorded traces through it). Layers are MoE layers (the engine's numbering)."""
-
-    def forced(self, layer: int, tokens: int) -> torch.Tensor | None:
-        """(tokens, k) expert ids that replace the router's top-k for this call, or None."""
-        ...
-
-    def guess(self, layer: int, tokens: int) -> torch.Tensor | None:
-        """(tokens, k) prefetch guesses for `layer`'s next call, or None: the routers guess."""
-        ...
-
-
-class HostIds:
-    """The one device->host transfer of a MoE layer: its routing ids and the guesses for the next
-    layers, gathered on the device into one preallocated buffer and copied back in one go into a
-    preallocated host buffer (pinned on CUDA). Steps larger than the buffers (prefill) copy once too.
-    The routing weights stay on the device: the block weights the experts' outputs there."""
-
-    def __init__(self, size: int, device: torch.device):
-        self.device = torch.device(device)
-        on_cuda = self.device.type == "cuda"
-        self.host = torch.empty(size, dtype=torch.long, pin_memory=on_cuda)               # (size,)
-        self.staged = torch.empty(size, dtype=torch.long, device=self.device) if on_cuda else self.host
-
-    def read(self, *parts: torch.Tensor) -> torch.Tensor:
-        """The parts (long tensors on the device), flattened one after another, on the host."""
-        if self.staged is self.host and len(parts) == 1:
-            return parts[0].flatten().cpu()   # a CPU model: already in host memory (`.cpu()` copies nothing)
-        total = sum(p.numel() for p in parts)
-        if total > self.host.numel():
-            return torch.cat([p.flatten() for p in parts]).cpu()
-        staged = torch.cat([p.flatten() for p in parts], out=self.staged[:total])   # (total,) one gather
-        if self.staged is self.host:
-            return staged
-        return self.host[:total].copy_(staged)                         # blocking: the layer's one sync
-
-
-class MoEBlock(nn.Module):
-    """Router (the family's rule) and the weighted sum of the chosen experts, plus the shared
-    expert (sigmoid-gated in Qwen2-MoE) where the family has one."""
-
-    def __init__(self, cfg: ModelConfig, layer: int, experts: ExpertProvider):
-        super().__init__()
-        fam = cfg.family
-        self.cfg, self.layer, self.top_k, self.num_experts = cfg, layer, cfg.top_k, cfg.num_experts
-        self.rule, self.router_fp32 = ROUTER_RULES[fam.router_rule], fam.router_fp32
-        self.scales_input = fam.router_scales_input  # Llama 4: the weight multiplies the expert's input
-        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=fam.router_bias)
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts)) if fam.score_bias else None  # (E,)
-        self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_size) if cfg.shared_expert_size else None
-        self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False)
-                                   if cfg.shared_expert_size and fam.shared_expert_gate else None)
-        self.experts = experts  # the provider (`experts.interface`): not a submodule, owns no parameters here
-        self.decode_route: RouteStep | None = None  # a decode step's tokens on the CPU in one C call
-        self.decode_experts: ExpertRows | None = None   # and its experts in one C call each (`prepare_cpu_decode`)
-
-    def route(self, x: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, H) -> weights (N, k) in x's dtype, expert ids (N, k); `forced` ids replace top-k."""
-        if self.decode_route is not None and forced is None:
-            routed = self.decode_route(x)
-            if routed is not None:
-                return routed
-        half_on_cpu = x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-        if self.router_fp32 or half_on_cpu:
-            # (on the CPU, torch's product of a half-precision row with a [E, H] matrix costs ~4x the fp32 one)
-            bias = self.gate.bias.float() if self.gate.bias is not None else None
-            logits = F.linear(x.float(), self.gate.weight.float(), bias)                 # (N, E)
-            if not self.router_fp32:
-                logits = logits.to(x.dtype)
-        else:
-            logits = self.gate(x)
-        weights, ids = self.rule(logits, self.cfg, forced, self.e_score_correction_bias)
-        return weights.to(x.dtype), ids
-
-    def forward(self, x: torch.Tensor, ids_to_host: HostIds, forced: torch.Tensor | None = None,
-                guesses: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, H) -> (B, T, H). `guesses` (D, N, k): the next D layers' likely experts, handed
-        to the provider for prefetch; they come to the host in the same copy as the routing ids."""
-        B, T, H = x.shape
-        N, k = B * T, self.top_k
-        h = x.reshape(-1, H)                                          # (N, H)
-        weights, ids = self.route(h, forced)                          # (N, k), (N, k)
-        flat = ids.flatten()                                          # (N*k,)
-        parts = (flat,) if guesses is None else (flat, guesses)
-        host = ids_to_host.read(*parts)                               # the one host sync of the layer
-        ahead = ([sorted(set(g)) for g in host[N * k:].view(guesses.shape[0], -1).tolist()]
-                 if guesses is not None else ())
-        # Each (token, choice) gets its own row, weighted on the device and summed over choices in a
-        # fixed order, so the result does not depend on the order the provider hands experts out.
-        if self.decode_experts is not None and not self.scales_input and self.decode_experts.takes(h):  # CPU decode: C
-            used = sorted(set(host[:N * k].tolist()))
-            y = self.decode_experts(h, weights, host[:N * k], self.experts.fetch(self.layer, used, N, ahead),
-                                    stable=getattr(self.experts, "stable", False))
-        elif N == 1:  # decode: k distinct experts, one row each; no grouping needed
-            choice = {e: j for j, e in enumerate(host[:k].tolist())}
-            fetched = self.experts.fetch(self.layer, sorted(choice), N, ahead)
-            if self.scales_input:  # Llama 4: the router's weight scales each expert's input, outputs summed
-                outs: list[torch.Tensor | None] = [None] * k
-                for e, expert in fetched:
-                    j = choice[e]
-                    outs[j] = expert(h * weights[:, j:j + 1], None)     # (1, H)
-                y = torch.cat(outs).sum(dim=0, keepdim=True)          # (k, H) -> (1, H)
-            else:
-                stacked = None
-                if getattr(self.experts, "stable_experts", False):   # experts stay valid after the fetch
-                    fetched = list(fetched)
-                    fused = [None] * k
-                    for e, expert in fetched:
-                        fused[choice[e]] = expert.fused
-                    stacked = experts_one_token(h, fused)             # (k, H) in one kernel call, or None
-                if stacked is None:
-                    outs = [None] * k
-                    for e, expert in fetched:
-                        outs[choice[e]] = expert(h, None)             # (1, H)
-                    stacked = torch.cat(outs)                         # (k, H)
-                y = (stacked * weights.view(k, 1)).sum(dim=0, keepdim=True)   # (k, H) -> (1, H)
-        else:
-            row_weights = weights.flatten()                           # (N*k,)
-            out = h.new_zeros(N * k, H)                               # (N*k, H)
-            order = torch.argsort(flat, stable=True)                  # rows grouped by expert, on the device
-            token_of = order // k                                     # (N*k,) the token of each grouped row
-            counts = torch.bincount(host[:N * k], minlength=self.num_experts).tolist()
-            ends = list(accumulate(counts))                           # expert e's rows end here
-            used = [e for e, c in enumerate(counts) if c]
-            for e, expert in self.experts.fetch(self.layer, used, N, ahead):
-                start, end = ends[e] - counts[e], ends[e]
-                rows = order[start:end]                               # flat (token, choice) indices
-                if self.scales_input:
-                    out[rows] = expert(h[token_of[start:end]] * row_weights[rows, None], None)  # (n_e, H)
-                else:
-                    out[rows] = expert(h, token_of[start:end]) * row_weights[rows, None]  # (n_e, H)
-            y = out.view(N, k, H).sum(dim=1)                          # (N, H)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(h)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(h)) * shared
-            y = y + shared
-        return y.view(B, T, H)
 
 
 class DecoderLayer(nn.Module):

@@ -18,15 +18,15 @@ accepted (there is only one model; responses carry the served name).
 Starlette is imported lazily (`pip install 'offload-moe[serve]'`) so the core package works without
 it. Nothing here prints; unexpected errors are logged to the `offload_moe.server` logger.
 
-The modules: `app` (the routes and endpoints), `validation` (the request bodies), `worker` (the
-generation thread and its queue), `responses` (JSON, errors and server-sent events), `prep` (chat
-templates and tokenizing off the event loop, with a deadline), `http` (uvicorn's limits: header
-timeout, connections), `structured` (response_format and forced tool calls as JSON schemas),
-`prometheus` (/metrics as Prometheus text).
+The modules: `app` (the app and its routes), `endpoints` (the handlers of one model's API), `validation`
+(the request bodies), `worker` (the generation thread and its queue), `responses` (JSON, errors and
+server-sent events), `prep` (chat templates and tokenizing off the event loop, with a deadline), `http`
+(uvicorn's limits: header timeout, connections), `structured` (response_format and forced tool calls as
+JSON schemas), `prometheus` (/metrics as Prometheus text).
 """
 
-from .app import (COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, INSTALL_HINT, MAX_BODY_BYTES,
-                  ServerOptions, create_app, log, require)
+from .app import INSTALL_HINT, ServerOptions, create_app, require
+from .endpoints import COMPLETIONS_DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_BODY_BYTES, log
 from .responses import ApiError
 
 __all__ = ["create_app", "ServerOptions", "require", "ApiError", "INSTALL_HINT", "MAX_BODY_BYTES", "COMPLETIONS_DEFAULT_MAX_TOKENS",
