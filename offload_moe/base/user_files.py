@@ -8,6 +8,7 @@ renamed over the old one, so a failure never leaves half a file. Bottom layer.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -63,3 +64,18 @@ def read_stdin(stream, what: str = "stdin") -> str:
     except UnicodeDecodeError as e:
         raise OffloadMoeError(f"{what}: byte {e.start} ({data[e.start:e.start + 1]!r}) is not valid UTF-8 "
                               "(expected UTF-8 text)") from None
+
+
+def read_json_object(file: Path, what: str) -> dict:
+    """A user's JSON file that must hold an object (config.json, tokenizer_config.json): a regular file,
+    UTF-8, a JSON object at the top; anything else is one line naming the file."""
+    regular_file(file, what)
+    try:
+        raw = json.loads(file.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise OffloadMoeError(f"{file}: cannot read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+        raise OffloadMoeError(f"{file}: not valid UTF-8 JSON ({str(e)[:200]})") from None
+    if not isinstance(raw, dict):
+        raise OffloadMoeError(f"{file}: expected a JSON object at the top level")
+    return raw

@@ -8,7 +8,6 @@ weights exist. An architecture differs only by how its `config.json` maps onto t
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any
 
 from .families import FAMILIES, family_of, mixer_shapes
 from .families.reader import MLA, ConfigReader, LinearAttention
-from ..base.errors import OffloadMoeError, regular_file
+from ..base.errors import OffloadMoeError
+from ..base.user_files import read_json_object
 
 
 
@@ -227,16 +227,7 @@ class ModelConfig:
         file = path / "config.json" if path.is_dir() else path
         if not file.exists():
             raise OffloadMoeError(f"{file}: not found (expected a Hugging Face config.json)")
-        regular_file(file, "config.json")
-        try:
-            raw = json.loads(file.read_bytes().decode("utf-8"))
-        except OSError as e:
-            raise OffloadMoeError(f"{file}: cannot read ({e.strerror})") from None
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
-            raise OffloadMoeError(f"{file}: not valid UTF-8 JSON ({str(e)[:200]})") from None
-        if not isinstance(raw, dict):
-            raise OffloadMoeError(f"{file}: expected a JSON object at the top level")
-        return cls.from_dict(raw, str(file))
+        return cls.from_dict(read_json_object(file, "config.json"), str(file))
 
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))

@@ -4,13 +4,12 @@ and incremental decoding that never emits half a UTF-8 character."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from . import template_sandbox
 from .chat_template import find_chat_template, no_template_message
 from ..base.errors import OffloadMoeError
-from ..base.user_files import regular_file
+from ..base.user_files import read_json_object, regular_file
 
 MAX_TEMPLATE_CHARS = template_sandbox.MAX_CHARS  # a rendered chat prompt longer than this is a runaway template
 
@@ -38,15 +37,7 @@ class Tokenizer:
         config_file = directory / "tokenizer_config.json"
         config = {}
         if config_file.exists():
-            regular_file(config_file, "tokenizer config")
-            try:
-                config = json.loads(config_file.read_bytes().decode("utf-8"))
-            except OSError as e:
-                raise OffloadMoeError(f"{config_file}: cannot read ({e.strerror})") from None
-            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
-                raise OffloadMoeError(f"{config_file}: not valid UTF-8 JSON ({str(e)[:200]})") from None
-            if not isinstance(config, dict):
-                raise OffloadMoeError(f"{config_file}: expected a JSON object at the top level")
+            config = read_json_object(config_file, "tokenizer config")
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.template = find_chat_template(directory, config)  # chat_template.jinja, tokenizer_config...
