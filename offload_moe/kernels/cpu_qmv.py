@@ -105,6 +105,11 @@ class QmvMatrix:
             y = y.to(x.dtype)
         return y.view(*x.shape[:-1], O)
 
+    @property
+    def c_call(self) -> tuple[int, int, int]:
+        """`linear_packed` for C callers (`native.entry_point`)."""
+        return native.entry_point(self._call, self._args, self.dense_from)
+
     def linear_packed(self, xs: torch.Tensor) -> torch.Tensor:
         """(N, I) contiguous fp32 or bf16 -> (N, O) in its dtype, from the packed codes at any N."""
         return native.call_rows(self._call, self._args, xs, self.shape[0], self._what)
@@ -178,6 +183,11 @@ class QmvGroup:
                                       first.group_size, first.kernel_bits)
         self._arrays = arrays                                  # kept alive with the matrices
         self._what = f"qmv: a group of {len(mats)} matrices [*, {first.shape[1]}]"
+
+    @property
+    def c_call(self) -> tuple[int, int, int]:
+        """`linear` for C callers (`native.entry_point`)."""
+        return native.entry_point(self._call, self._at, self.dense_from)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor | None:
         xs = native.kernel_rows(x, self.mats[0].shape[1], self.dense_from)               # (N, I)

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "kernel_common.h"
+#include "decode_ops.h"
 
 #define LANES 16 /* independent partial sums per dot product: the compiler keeps them in one vector */
 
@@ -235,10 +236,10 @@ int attn_decode_rows(const void *q, const void *k, const void *v, int in_dtype, 
  * and w as stored (rounded to x's dtype when round_logits, as a half-precision router's output is).
  * rule 0: softmax over all experts, top k, then renormalised (norm_topk) or scaled by `scaling`;
  * rule 1: top k of the logits, softmax over those k. ids [nrows, k] (best first), weights [nrows, k]
- * rounded to weights_dtype. */
+ * rounded to weights_dtype. The logits of a wide router (E * H >= 65536) are spread over `threads`. */
 int route_rows(const void *x, int x_dtype, int64_t x_stride, const void *w, int w_dtype, const void *bias,
                int bias_dtype, int64_t E, int64_t H, int k, int rule, int norm_topk, float scaling, int round_logits,
-               int64_t nrows, int64_t *ids_out, void *weights, int weights_dtype) {
+               int64_t nrows, int64_t *ids_out, void *weights, int weights_dtype, int threads) {
     float *buf = reserve(&rows, (size_t)H + (size_t)E);
     if (!buf || k > E || k > 64) return -1;
     float *xf = buf, *logits = buf + H;
@@ -246,6 +247,8 @@ int route_rows(const void *x, int x_dtype, int64_t x_stride, const void *w, int 
     for (int64_t r = 0; r < nrows; r++) {
         int64_t *ids = ids_out + r * k;
         load_row(xf, (const char *)x + (size_t)(r * x_stride) * xsize, x_dtype, (size_t)H);
+        /* each logit is one thread's dot product: the same bits at any thread count */
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && E * H >= 65536)
         for (int64_t e = 0; e < E; e++) {
             float l = dot(xf, (const char *)w + (size_t)(e * H) * wsize, w_dtype, (size_t)H);
             if (bias) l += load(bias, bias_dtype, (size_t)e);

@@ -119,6 +119,11 @@ class AttentionStep:
             self._static = self._static_args() or ()
         return bool(self._static)
 
+    def fixed_args(self) -> tuple | None:
+        """The call's fixed arguments after the projections' (q norm, k norm, their dtype code, norm
+        mode, eps, clip, sinks, sinks' dtype code), or None where the call does not apply."""
+        return self._static if self._ready() else None
+
     def __call__(self, q, k, v, cos, sin, cache, start: int) -> torch.Tensor | None:
         """One sequence: q (1, 1, nh*hd), k, v (1, 1, nkv*hd) in the model's dtype; cos, sin (1, hd) the
         rotary rows of position `start`; `cache` its `KVCache` or `KVRow` (the window follows from the
@@ -180,6 +185,11 @@ class RouteStep:
         return (weight.data_ptr(), _code(weight), _ptr(bias), _code(bias), cfg.num_experts, cfg.hidden_size, self.k,
                 self.rule, int(bool(cfg.norm_topk_prob)), float(cfg.routed_scaling_factor))
 
+    def fixed_args(self) -> tuple | None:
+        """route_rows' router arguments (weight, its dtype code, bias, its code, E, H, k, rule,
+        norm_topk, scaling), or None where the call does not apply."""
+        return self._static_args() if self._lib is not None else None
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """x (N, H) -> (weights (N, k), ids (N, k)), or None."""
         if self._static is None or self._static and self._kept[0].data_ptr() != self.block.gate.weight.data_ptr():
@@ -191,7 +201,7 @@ class RouteStep:
         weights = torch.empty(N, self.k, dtype=x.dtype)
         round_logits = not self.block.router_fp32 and x.dtype != torch.float32
         rc = self._lib.route_rows(x.data_ptr(), _code(x), x.shape[-1], *self._static, int(round_logits), N,
-                                  ids.data_ptr(), weights.data_ptr(), _code(weights))
+                                  ids.data_ptr(), weights.data_ptr(), _code(weights), torch.get_num_threads())
         if rc != 0:
             raise ValueError(f"router of MoE layer {self.block.layer}: "
                              f"top-{self.k} of {self.block.cfg.num_experts} experts")

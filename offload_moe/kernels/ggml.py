@@ -85,6 +85,11 @@ class GGMLWeight:
         return self._lib is not None
 
     @property
+    def c_call(self) -> tuple[int, int, int] | None:
+        """`linear_packed` for C callers (`native.entry_point`), or None where the kernel does not take it."""
+        return None if self._lib is None else native.entry_point(self._lib.ggml_mv_p, self._at, self.dense_from)
+
+    @property
     def dense_from(self) -> int:
         """Token count from which `linear` multiplies dequantized rows instead of calling the kernel."""
         return FLOAT_KERNEL_TOKENS if self.ggml_type in FLOAT_TYPES else 1 << 62
@@ -232,6 +237,11 @@ class GGMLGroup:
                         (ctypes.c_void_p * len(mats))(*[m.data.data_ptr() for m in mats])]
         self._at = native.GgmlManyArgs(first.shape[1], len(mats), *(ctypes.addressof(a) for a in self._arrays),
                                        int(first.ggml_type))
+
+    @property
+    def c_call(self) -> tuple[int, int, int] | None:
+        """`linear` for C callers (`native.entry_point`), or None."""
+        return None if self._lib is None else native.entry_point(self._lib.ggml_mv_many_p, self._at, self.dense_from)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor | None:
         xs = None if self._lib is None else native.kernel_rows(x, self.mats[0].shape[1], self.dense_from)

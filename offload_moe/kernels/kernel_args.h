@@ -98,4 +98,28 @@ typedef struct {               /* pq_gptq_p: GPTQ 4/8-bit [N, K] */
     const int32_t *order;      /* NULL: inputs in order */
 } PqGptqArgs;
 
+typedef struct {               /* layer_front: a decoder layer's attention half and router (decode_layer.c) */
+    int64_t hidden;
+    const void *norm1, *norm2;          /* input and post-attention RMSNorm weights [hidden] */
+    int32_t norm_dtype, half_scale;     /* their dtype; round the normalised row before the weight */
+    float eps;
+    void *qkv_call;                     /* q, k, v in one `*_p` call: [N, q_width + 2 kv_width] */
+    const void *qkv_args;
+    int64_t q_width, kv_width;
+    void *o_call;                       /* o_proj's `*_p` call: [N, nh * hd] -> [N, hidden] */
+    const void *o_args;
+    const void *q_norm, *k_norm;        /* attn_decode_rows' fixed arguments */
+    int32_t qk_norm_dtype, qk_norm_mode;
+    float qk_norm_eps, clip;
+    const void *sinks;
+    int32_t sinks_dtype, rope_pairs;
+    int64_t window, nh, nkv, hd;
+    float scale;
+    const void *gate, *gate_bias;       /* the router (route_rows' fixed arguments); gate NULL: no router */
+    int32_t gate_dtype, gate_bias_dtype;
+    int64_t experts;
+    int32_t k, rule, norm_topk, round_logits;
+    float scaling;
+} LayerFrontArgs;
+
 #endif

@@ -28,6 +28,11 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.qw.linear(x)  # a CPU kernel form, or QuantizedWeight's dequantize-then-multiply
 
+    @property
+    def c_call(self) -> tuple[int, int, int] | None:
+        """The weight's kernel for C callers (`native.entry_point`), or None (no kernel form)."""
+        return getattr(self.qw, "c_call", None)
+
 
 def fused_linear(modules: list[nn.Module]) -> QmvGroup | GGMLGroup | None:
     """One call for several projections of the same input (attention's q, k, v) where all are

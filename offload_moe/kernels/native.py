@@ -200,8 +200,18 @@ class PqGptqArgs(ctypes.Structure):
                 ("groups", I64), ("bits", I64), ("zero_offset", I64), ("order", P)]
 
 
+class LayerFrontArgs(ctypes.Structure):   # layer_front (decode_layer.c): a layer's attention half and router
+    _fields_ = [("hidden", I64), ("norm1", P), ("norm2", P), ("norm_dtype", I32), ("half_scale", I32), ("eps", F32),
+                ("qkv_call", P), ("qkv_args", P), ("q_width", I64), ("kv_width", I64), ("o_call", P), ("o_args", P),
+                ("q_norm", P), ("k_norm", P), ("qk_norm_dtype", I32), ("qk_norm_mode", I32), ("qk_norm_eps", F32),
+                ("clip", F32), ("sinks", P), ("sinks_dtype", I32), ("rope_pairs", I32), ("window", I64), ("nh", I64),
+                ("nkv", I64), ("hd", I64), ("scale", F32), ("gate", P), ("gate_bias", P), ("gate_dtype", I32),
+                ("gate_bias_dtype", I32), ("experts", I64), ("k", I32), ("rule", I32), ("norm_topk", I32),
+                ("round_logits", I32), ("scaling", F32)]
+
+
 ARG_STRUCTS = {s.__name__: s for s in (QmvArgs, QmvManyArgs, QmvSwigluArgs, BmvSwigluArgs, GgmlArgs, GgmlManyArgs,
-                                       GgmlSwigluArgs, PqFp8Args, PqIntArgs, PqGptqArgs)}
+                                       GgmlSwigluArgs, PqFp8Args, PqIntArgs, PqGptqArgs, LayerFrontArgs)}
 
 
 def _p(args: type[ctypes.Structure]) -> list:
@@ -258,10 +268,12 @@ LIBRARIES = {
         "rms_norm_rows": (I32, [P, I32, I64, P, I32, I64, I64, F32, I32, P, I32]),
         "attn_decode_rows": (I32, [P, P, P, I32, I64, I64, P, P, I32, I64, I32, P, P, I32, I32, F32, F32, P, I32, P, P, I32,
                                    I64, I64, P, P, I64, I64, I64, I64, I64, F32, P, I32, I32]),
-        "route_rows": (I32, [P, I32, I64, P, I32, P, I32, I64, I64, I32, I32, I32, F32, I32, I64, P, P, I32]),
+        "route_rows": (I32, [P, I32, I64, P, I32, P, I32, I64, I64, I32, I32, I32, F32, I32, I64, P, P, I32, I32]),
         "moe_expert_rows": (I32, [P, I32, I64, I64, I64, I32, P, I64, P, P, P, I32]),
         "moe_experts_rows": (I32, [P, I32, I64, I64, I64, I32, P, I64, P, P, P, P, I32]),
         "moe_combine": (I32, [P, I32, P, I32, I64, I32, I64, P]),
+        "layer_front": (I32, [ctypes.POINTER(LayerFrontArgs), P, I32, I64, P, P, I32, I64, P, P, I32, I64, I64, P, P,
+                              P, P, P, P, I32]),
     }, None),
     "info": (HERE / "kernels_info.c", {
         "kernels_variant": (ctypes.c_char_p, []),
@@ -298,6 +310,12 @@ def call_rows(call, at: ctypes.Structure | int, xs: torch.Tensor, out_features: 
         raise MemoryError(f"{what}: no scratch for {n} tokens") if rc == -1 else \
             ValueError(f"{what}: the kernel refused {n} tokens")
     return y
+
+
+def entry_point(call, at: ctypes.Structure, limit: int) -> tuple[int, int, int]:
+    """A `*_p` call as C code takes it: (the function's address, its fixed arguments' address, the
+    token count from which the caller computes another way). The struct must outlive the caller's use."""
+    return ctypes.cast(call, ctypes.c_void_p).value, ctypes.addressof(at), limit
 
 
 def open_library(path: Path, name: str | None = None) -> ctypes.CDLL:
@@ -428,7 +446,7 @@ def status(name: str = "qmv") -> str:
     return _status.get(name, "not loaded")
 
 
-__all__ = ["ARG_STRUCTS", "BF16_PATHS", "BF16_SOURCE", "BmvSwigluArgs", "DECODE_SOURCE", "DTYPE_CODES", "FLAGS",
+__all__ = ["ARG_STRUCTS", "BF16_PATHS", "BF16_SOURCE", "BmvSwigluArgs", "DECODE_SOURCE", "DTYPE_CODES", "FLAGS", "LayerFrontArgs", "entry_point",
            "GGML_SOURCE", "GgmlArgs", "GgmlManyArgs", "GgmlSwigluArgs", "KernelWarning", "LIBRARIES", "PATHS",
            "PUBLISHED_SOURCE", "PqFp8Args", "PqGptqArgs", "PqIntArgs", "QmvArgs", "QmvManyArgs", "QmvSwigluArgs",
            "SOURCE", "arg_block", "best_variant", "build", "cache_dir", "call_rows", "cpu_features", "kernel_rows",

@@ -71,6 +71,11 @@ class _Form:
         return self._call is not None
 
     @property
+    def c_call(self) -> tuple[int, int, int] | None:
+        """`linear`'s kernel for C callers (`native.entry_point`), or None."""
+        return None if self._call is None else native.entry_point(self._call, self._at, DENSE_FROM)
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 

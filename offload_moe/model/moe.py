@@ -98,13 +98,15 @@ class MoEBlock(nn.Module):
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor, ids_to_host: HostIds, forced: torch.Tensor | None = None,
-                guesses: torch.Tensor | None = None) -> torch.Tensor:
+                guesses: torch.Tensor | None = None, routed: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
         """x (B, T, H) -> (B, T, H). `guesses` (D, N, k): the next D layers' likely experts, handed
-        to the provider for prefetch; they come to the host in the same copy as the routing ids."""
+        to the provider for prefetch; they come to the host in the same copy as the routing ids.
+        `routed`: (weights, ids) the router already gave for x (a decode step's C layer call)."""
         B, T, H = x.shape
         N, k = B * T, self.top_k
         h = x.reshape(-1, H)                                          # (N, H)
-        weights, ids = self.route(h, forced)                          # (N, k), (N, k)
+        weights, ids = routed if routed is not None else self.route(h, forced)   # (N, k), (N, k)
         flat = ids.flatten()                                          # (N*k,)
         parts = (flat,) if guesses is None else (flat, guesses)
         host = ids_to_host.read(*parts)                               # the one host sync of the layer

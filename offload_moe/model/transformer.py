@@ -27,6 +27,7 @@ import torch.nn as nn
 from .attention import RMSNorm, rope_tables, apply_rope_partial, KVCache, KVRow, Attention, LatentAttention
 from ..checkpoints.config import ModelConfig
 from ..kernels.decode_step import DecodeRows, ExpertRows, RouteStep
+from ..kernels.layer_step import LayerFront
 from ..base.errors import OffloadMoeError
 from .moe import MLP, HostIds, MoEBlock
 from .routing import Routing
@@ -56,9 +57,17 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.dense_intermediate_size)
         else:  # the expert engine numbers MoE layers without the dense ones
             self.block_sparse_moe = MoEBlock(cfg, cfg.moe_layers.index(layer), experts)
+        self.front: LayerFront | None = None  # a decode step's attention half and router in one C call (CPU)
 
     def forward(self, x, cos, sin, mask, cache, start, moe: Callable | None = None) -> torch.Tensor:
-        """`moe(block, x, residual)` runs the MoE block (the transformer adds routing and guesses)."""
+        """`moe(block, x, residual, routed)` runs the MoE block (the transformer adds routing and guesses)."""
+        if self.front is not None:
+            done = self.front(x, cos, sin, cache, start)         # same bits as the path below, in one call
+            if done is not None:
+                h, xn, routed = done                               # (B, 1, H), (B, H), (weights, ids) or None
+                if self.dense:
+                    return h + self.mlp(xn.view_as(h))
+                return h + moe(self.block_sparse_moe, xn.view_as(h), h, routed)
         mixer = self.linear_attn if self.linear else self.self_attn
         h = x + mixer(self.input_layernorm(x), cos, sin, mask, cache, start)
         if self.dense:
@@ -157,6 +166,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if not layer.linear and isinstance(layer.self_attn, Attention):
                 layer.self_attn.prepare_cpu_decode()
+                layer.front = LayerFront(layer)
             if not layer.dense:
                 block = layer.block_sparse_moe
                 block.decode_route = RouteStep(block)
@@ -240,16 +250,18 @@ class Transformer(nn.Module):
         self.kv_slots.stale.difference_update(slots)
         return self.lm_head(self.norm(x)).float()[:, 0]               # (B, V)
 
-    def moe_step(self, block: MoEBlock, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """One MoE layer: its routing (the routers, or the strategy given) and, in decode, the next
-        layers' guesses the provider asked for, handed over with the request."""
+    def moe_step(self, block: MoEBlock, x: torch.Tensor, residual: torch.Tensor,
+                 routed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One MoE layer: its routing (the routers, or the strategy given; `routed` the router's
+        (weights, ids) already computed) and, in decode, the next layers' guesses the provider asked
+        for, handed over with the request."""
         N = x.shape[0] * x.shape[1]
         forced = self.routing.forced(block.layer, N) if self.routing is not None else None
         ahead = range(block.layer + 1, min(block.layer + 1 + self.experts.prefetch_depth, self.config.num_moe_layers))
         guesses = None
         if N == 1 and len(ahead):
             guesses = torch.stack([self.guess_experts(layer, residual) for layer in ahead])  # (D, N, k)
-        return block(x, self.ids_to_host, forced, guesses)
+        return block(x, self.ids_to_host, forced, guesses, routed if forced is None else None)
 
     def guess_experts(self, layer: int, residual: torch.Tensor) -> torch.Tensor:
         """Which experts `layer` would pick for this residual stream: (N, k) ids, for the provider to

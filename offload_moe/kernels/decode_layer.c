@@ -1,0 +1,69 @@
+/* A decoder layer's attention half and its router for a decode step, in one call: the input RMSNorm,
+ * q/k/v in one projection call, the new tokens' attention (decode.c's attn_decode_rows), o_proj,
+ * the residual sum, the post-attention RMSNorm and the router's top-k.
+ *
+ * Why: each of these was already one C call (decode_step.py, the weights' `*_p` entry points), but
+ * between them ran ~0.5 ms of Python per layer (module calls, views, checks, tensor allocations):
+ * about a fifth of a step of a 30 B-parameter MoE on two cores (BENCHMARKS.md, "one call per layer
+ * half"). The calls made here are the same functions with the same arguments, in the same order, so
+ * the results are the same bits as the call-by-call path (tests/test_layer_front.py).
+ *
+ * The rows are the tokens of a batched step (row r: position pos[r] of KV slot slots[r]; one
+ * sequence: one row). Intermediate rows live in a per-thread scratch buffer; the outputs are the
+ * residual stream after attention (h), its normalised copy (xn, the MoE block's input) and the
+ * router's choices (ids, weights), all in the model's dtype (ids int64).
+ *
+ * dtypes: 0 fp32, 1 bf16 (as decode.c).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "decode_ops.h"
+#include "kernel_args.h"
+#include "kernel_common.h"
+
+typedef int (*RowsCall)(const void *x, int x_dtype, void *y, int y_dtype, int64_t n, const void *args, int threads);
+
+static __thread Arena front;
+
+static inline float value(const void *p, int dtype, size_t i) {
+    return dtype ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void put(void *p, int dtype, size_t i, float v) {
+    if (dtype)
+        ((uint16_t *)p)[i] = float_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* Returns 0; -1 without scratch memory; -2 when a projection's kernel refused the rows; -3 a router
+ * that cannot take k. */
+int layer_front(const LayerFrontArgs *a, const void *x, int dtype, int64_t nrows, const void *cos, const void *sin,
+                int rope_dtype, int64_t rope_first, void *kc, void *vc, int cache_dtype, int64_t slot_stride,
+                int64_t max_seq, const int64_t *slots, const int64_t *pos, void *h, void *xn, int64_t *ids,
+                void *weights, int threads) {
+    const int64_t H = a->hidden, qkv_w = a->q_width + 2 * a->kv_width, att_w = a->nh * a->hd;
+    const size_t es = dtype ? 2 : 4;
+    char *buf = arena_reserve(&front, (size_t)nrows * (size_t)(H + qkv_w + att_w + H) * es + 256);
+    if (!buf) return -1;
+    char *normed = buf, *qkv = normed + (size_t)(nrows * H) * es, *att = qkv + (size_t)(nrows * qkv_w) * es,
+         *o = att + (size_t)(nrows * att_w) * es;
+
+    rms_norm_rows(x, dtype, H, a->norm1, a->norm_dtype, H, nrows, a->eps, a->half_scale, normed, dtype);
+    if (((RowsCall)a->qkv_call)(normed, dtype, qkv, dtype, nrows, a->qkv_args, threads) != 0) return -2;
+    const char *q = qkv, *k = qkv + (size_t)a->q_width * es, *v = k + (size_t)a->kv_width * es;
+    int rc = attn_decode_rows(q, k, v, dtype, qkv_w, qkv_w, cos, sin, rope_dtype, rope_first, a->rope_pairs, a->q_norm,
+                              a->k_norm, a->qk_norm_dtype, a->qk_norm_mode, a->qk_norm_eps, a->clip, a->sinks,
+                              a->sinks_dtype, kc, vc, cache_dtype, slot_stride, max_seq, slots, pos, nrows, a->window,
+                              a->nh, a->nkv, a->hd, a->scale, att, dtype, threads);
+    if (rc != 0) return rc;
+    if (((RowsCall)a->o_call)(att, dtype, o, dtype, nrows, a->o_args, threads) != 0) return -2;
+    /* the residual sum, rounded once to the model's dtype (torch's x + attention(x)) */
+    for (size_t i = 0; i < (size_t)(nrows * H); i++) put(h, dtype, i, value(x, dtype, i) + value(o, dtype, i));
+    rms_norm_rows(h, dtype, H, a->norm2, a->norm_dtype, H, nrows, a->eps, a->half_scale, xn, dtype);
+    if (a->gate == NULL || ids == NULL) return 0;
+    rc = route_rows(xn, dtype, H, a->gate, a->gate_dtype, a->gate_bias, a->gate_bias_dtype, a->experts, H, a->k,
+                    a->rule, a->norm_topk, a->scaling, a->round_logits, nrows, ids, weights, dtype, threads);
+    return rc != 0 ? -3 : 0;
+}

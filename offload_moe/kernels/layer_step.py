@@ -1,0 +1,133 @@
+"""A decoder layer's attention half and router in one C call per decode step (`decode_layer.c`).
+
+A decode step of a layer on the CPU was already a handful of C calls (the norms, q/k/v in one
+projection, the attention, o_proj, the router: `decode_step.py` and the weights' kernels), but the
+Python between them (module calls, views, checks, new tensors) cost ~0.5 ms a layer: about a fifth
+of a step of a 30 B-parameter MoE on two cores. `LayerFront` makes the same calls with the same
+arguments from C, so the results are the same bits as the call-by-call path; only the experts
+(whose provider decides where they come from) stay in Python.
+
+Built once per layer (`DecoderLayer.prepare_cpu_decode`); answers None where it does not apply
+(another device or dtype, a prefill step, a projection without a kernel entry point, a batch of
+as many rows as a kernel's dense crossover), and the caller keeps its call-by-call path.
+`OFFLOAD_MOE_NATIVE=0` or no kernel library: always None.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import native
+from .decode_step import DecodeRows, MAX_ROWS, supported
+
+DTYPES = native.DTYPE_CODES   # the activation dtypes the call takes, by code
+
+
+class LayerFront:
+    """`front(x, cos, sin, cache, start)` for one decoder layer: x (B, 1, H) the residual stream ->
+    (h (B, 1, H) the stream after attention, xn (B, H) its post-attention norm, (weights (B, k),
+    ids (B, k)) the router's choices, or None for a dense layer), or None. `start` as
+    `Attention.forward` takes it: one sequence's position (cache its `KVCache` or `KVRow`, cos/sin
+    the position's rotary rows) or a batched step's `DecodeRows` (cache the layer's `KVCache`,
+    cos/sin the whole tables). The outputs are this layer's buffers, reused by its next step."""
+
+    def __init__(self, layer):
+        self.layer = layer
+        self._lib = native.load_decode()
+        self._args: native.LayerFrontArgs | None = None
+        self._built_for: tuple | None = None    # (dtype, the tensors' addresses) the arguments were taken for
+        self._one = (ctypes.c_int64 * 2)()       # a one-sequence step's slot and position
+        self._buffers: dict[tuple, tuple] = {}
+
+    def _build(self, dtype: torch.dtype) -> native.LayerFrontArgs | None:
+        layer = self.layer
+        attn = getattr(layer, "self_attn", None)
+        step = getattr(attn, "decode_step", None)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        qkv, o = getattr(getattr(attn, "qkv", None), "c_call", None), getattr(getattr(attn, "o_proj", None), "c_call", None)
+        fixed = step.fixed_args() if step is not None else None
+        if (self._lib is None or fixed is None or qkv is None or o is None
+                or getattr(attn.o_proj, "bias", None) is not None or dtype not in DTYPES
+                or any(n.weight.dtype != dtype or n.scale_fp32 != norms[0].scale_fp32 or n.eps != norms[0].eps
+                       for n in norms) or not supported(*(n.weight for n in norms))):
+            return None
+        route = None
+        if not layer.dense:
+            block = layer.block_sparse_moe
+            router = block.decode_route
+            route = router.fixed_args() if router is not None else None
+            if route is None:
+                return None
+            round_logits = int(not block.router_fp32 and dtype != torch.float32)
+        q_norm, k_norm, norm_code, norm_mode, norm_eps, clip, sinks, sinks_code = fixed
+        a = native.LayerFrontArgs(
+            hidden=norms[0].weight.shape[0], norm1=norms[0].weight.data_ptr(), norm2=norms[1].weight.data_ptr(),
+            norm_dtype=DTYPES[dtype], half_scale=int(not norms[0].scale_fp32), eps=norms[0].eps,
+            qkv_call=qkv[0], qkv_args=qkv[1], q_width=attn.q_width, kv_width=attn.nkv * attn.hd,
+            o_call=o[0], o_args=o[1], q_norm=q_norm, k_norm=k_norm, qk_norm_dtype=norm_code, qk_norm_mode=norm_mode,
+            qk_norm_eps=norm_eps, clip=clip, sinks=sinks, sinks_dtype=sinks_code, rope_pairs=step.rope_pairs,
+            window=step.window, nh=attn.nh, nkv=attn.nkv, hd=attn.hd, scale=step.scale)
+        if route is not None:
+            (a.gate, a.gate_dtype, a.gate_bias, a.gate_bias_dtype, a.experts, _, a.k, a.rule, a.norm_topk,
+             a.scaling) = route
+            a.round_logits = round_logits
+        self.k = int(a.k)
+        self.limit = min(qkv[2], o[2], MAX_ROWS + 1)
+        # the objects whose fixed-argument structs the call points into, kept alive with it
+        self._owners = (attn.qkv, attn.o_proj, step, getattr(layer, "block_sparse_moe", None))
+        return a
+
+    def _current(self, dtype: torch.dtype) -> native.LayerFrontArgs | None:
+        """The arguments, taken again when the dtype, the layer's tensors (`.to()`) or its projections
+        (`Attention.qkv` given up) changed."""
+        layer, attn = self.layer, self.layer.self_attn
+        key = (dtype, layer.input_layernorm.weight.data_ptr(), attn.qkv, attn.o_proj, attn.decode_step)
+        if key != self._built_for:
+            self._args, self._built_for = self._build(dtype), key
+        return self._args
+
+    def _outputs(self, B: int, H: int, dtype: torch.dtype) -> tuple:
+        out = self._buffers.get((B, dtype))
+        if out is None:
+            k = getattr(self, "k", 0)
+            out = self._buffers[(B, dtype)] = (torch.empty(B, 1, H, dtype=dtype), torch.empty(B, H, dtype=dtype),
+                                               torch.empty(B, max(k, 1), dtype=dtype),
+                                               torch.empty(B, max(k, 1), dtype=torch.int64))
+        return out
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start):
+        B, T, H = x.shape
+        a = self._current(x.dtype) if T == 1 and x.device.type == "cpu" else None
+        if a is None or B >= self.limit or not x.is_contiguous() or cache is None:
+            return None
+        kc, vc = cache.k, cache.v
+        if isinstance(start, int):
+            if B != 1:
+                return None
+            self._one[0], self._one[1] = 0, start
+            slots = positions = ctypes.addressof(self._one)
+            positions += 8
+            slot_stride, rope_first = 0, start
+        elif isinstance(start, DecodeRows):
+            slots, positions = ctypes.addressof(start.c_slots), ctypes.addressof(start.c_positions)
+            slot_stride, rope_first = kc[0].numel(), 0
+        else:
+            return None
+        if cos.shape[-1] != a.hd or not supported(cos, sin, kc, vc) or kc.dtype != vc.dtype:
+            return None
+        h, xn, weights, ids = self._outputs(B, H, x.dtype)
+        routed = not self.layer.dense
+        rc = self._lib.layer_front(ctypes.byref(a), x.data_ptr(), DTYPES[x.dtype], B, cos.data_ptr(), sin.data_ptr(),
+                                   DTYPES[cos.dtype], rope_first, kc.data_ptr(), vc.data_ptr(), DTYPES[kc.dtype],
+                                   slot_stride, kc.shape[-2], slots, positions, h.data_ptr(), xn.data_ptr(),
+                                   ids.data_ptr() if routed else None, weights.data_ptr() if routed else None,
+                                   torch.get_num_threads())
+        if rc != 0:
+            raise (MemoryError if rc == -1 else ValueError)(
+                f"decode step of layer {getattr(self.layer.self_attn, 'layer', '?')}: the C layer call failed ({rc})")
+        return h, xn, ((weights, ids) if routed else None)
+
+
+__all__ = ["LayerFront"]

@@ -1,0 +1,153 @@
+"""A decode step's attention half and router in one C call per layer (`layer_step.LayerFront`,
+`decode_layer.c`) against the call-by-call path it replaces: the same kernels with the same
+arguments, so the logits are the same bits, one sequence and a batched step, fp32 and bf16, GGUF
+block types and our own int4 format, dense and MoE layers."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+
+import offload_moe
+from offload_moe.kernels import layer_step, native
+
+pytestmark = pytest.mark.skipif(native.load_decode() is None, reason="no kernel library (needs a C compiler)")
+
+DEMO = offload_moe.__path__[0] + "/demo"
+PROMPTS = ["ROMEO. What light through yonder window breaks?", "HAMLET. To be, or not to be",
+           "Friends, Romans,", "KING. Now is the winter of our discontent"]
+
+
+@contextlib.contextmanager
+def call_by_call(model):
+    """The layers' one-call fronts taken away for the block."""
+    kept = [layer.front for layer in model.transformer.layers]
+    for layer in model.transformer.layers:
+        layer.front = None
+    try:
+        yield
+    finally:
+        for layer, front in zip(model.transformer.layers, kept):
+            layer.front = front
+
+
+@pytest.fixture
+def front_calls(monkeypatch):
+    """How many layer steps the one C call computed."""
+    count = [0]
+    call = layer_step.LayerFront.__call__
+
+    def counted(self, *a):
+        out = call(self, *a)
+        count[0] += out is not None
+        return out
+    monkeypatch.setattr(layer_step.LayerFront, "__call__", counted)
+    return count
+
+
+def decode_logits(model, prompt: str, steps: int) -> torch.Tensor:
+    """Greedy steps of one sequence from a fresh cache: (steps, V) logits."""
+    t = model.transformer
+    t.kv_slots.clear()
+    ids = model.encode_prompt(prompt)
+    logits = t(torch.tensor([ids]), start=0, slot=0, last_only=True)[:, -1]
+    out, pos = [], len(ids)
+    for _ in range(steps):
+        token = logits.argmax(-1)
+        logits = t(token.view(1, 1), start=pos, slot=0)[:, -1]
+        out.append(logits)
+        pos += 1
+    return torch.cat(out)
+
+
+def gguf_demo(tmp_path_factory, qtype):
+    from gguf_fixtures import write_gguf
+
+    return write_gguf(DEMO, tmp_path_factory.mktemp("front") / f"demo-{qtype.name}.gguf", experts=qtype,
+                      attention=qtype, embeddings=T.Q8_0)
+
+
+@pytest.fixture(scope="module", params=[T.Q8_0, T.Q4_0], ids=lambda q: q.name)
+def gguf_path(request, tmp_path_factory):
+    return gguf_demo(tmp_path_factory, request.param)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_sequence_is_bitwise_the_call_by_call_path(gguf_path, dtype, front_calls):
+    model = offload_moe.load(str(gguf_path), dtype=dtype)
+    layers = len(model.transformer.layers)
+    fused = decode_logits(model, PROMPTS[0], 6)
+    assert front_calls[0] == 6 * layers            # every layer of every step took the one call
+    with call_by_call(model):
+        plain = decode_logits(model, PROMPTS[0], 6)
+    assert front_calls[0] == 6 * layers
+    assert torch.equal(fused, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_our_int4_format_takes_the_one_call_too(tmp_path_factory, dtype, front_calls):
+    """The demo quantized to our own format (int4 attention and experts: `QmvGroup`, `QmvMatrix`)."""
+    path = tmp_path_factory.mktemp("int4") / "demo-int4"
+    offload_moe.quantize(DEMO, path, experts="int4", attention="int4", method="rtn", group_size=32)
+    model = offload_moe.load(str(path), dtype=dtype)
+    fused = decode_logits(model, PROMPTS[1], 5)
+    assert front_calls[0] == 5 * len(model.transformer.layers)
+    with call_by_call(model):
+        plain = decode_logits(model, PROMPTS[1], 5)
+    assert torch.equal(fused, plain)
+
+
+def test_a_batched_step_is_bitwise_the_call_by_call_path(gguf_path, front_calls):
+    model = offload_moe.load(str(gguf_path), dtype=torch.float32)
+    t = model.transformer
+    t.set_slots(4)
+    try:
+        ids = [model.encode_prompt(p) for p in PROMPTS]
+        for slot, seq in enumerate(ids):
+            t(torch.tensor([seq[:-1]]), start=0, slot=slot)
+        last = torch.tensor([seq[-1] for seq in ids])
+        positions = [len(seq) - 1 for seq in ids]
+        snapshot = [(c.k.clone(), c.v.clone()) for c in t.kv_caches]
+        fused = t.decode_rows(last, list(range(4)), positions)                          # (4, V)
+        assert front_calls[0] == len(t.layers)
+        for c, (k, v) in zip(t.kv_caches, snapshot):   # the same cache state for the other path
+            c.k.copy_(k), c.v.copy_(v)
+        with call_by_call(model):
+            plain = t.decode_rows(last, list(range(4)), positions)
+        assert torch.equal(fused, plain)
+    finally:
+        t.set_slots(1)
+
+
+def test_prefill_and_a_forced_routing_keep_their_paths(gguf_path, front_calls):
+    """A prompt (T > 1) never takes the one call; a routing strategy's forced ids win over the
+    call's router (the call still computes attention)."""
+    model = offload_moe.load(str(gguf_path), dtype=torch.float32)
+    t = model.transformer
+    prompt = torch.tensor([model.encode_prompt(PROMPTS[2])])
+
+    class Forced:
+        def forced(self, layer, n):
+            return (torch.arange(t.config.top_k) + layer).remainder(t.config.num_experts).repeat(n, 1)
+
+        def guess(self, layer, n):
+            return None
+
+    def step():
+        t.kv_slots.clear()
+        t(prompt, start=0, slot=0)
+        return t(torch.tensor([[5]]), start=prompt.shape[1], slot=0)
+
+    t.set_routing(Forced())
+    try:
+        fused = step()
+        assert front_calls[0] == len(t.layers)      # the one decode step, not the prompt
+        with call_by_call(model):
+            plain = step()
+        assert torch.equal(fused, plain)
+    finally:
+        t.set_routing(None)
+    assert not torch.equal(fused, step())           # the forced ids were used
