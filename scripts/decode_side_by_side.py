@@ -9,6 +9,11 @@ tokens, `stats["generation"]["decode_tokens_per_second"]`) with every layer's `L
 with them taken away (the call-by-call path), then `llama-bench -m FILE -t T -p 0 -n TOKENS -r 1
 --repack 1` and `--repack 0` (its own process; its t/s). The order of the four alternates by round,
 so a change of load hits all alike. Prints medians with min-max, the load average before and after.
+
+`--cold`: the file's pages are dropped from the page cache (POSIX_FADV_DONTNEED) before our load and
+before each llama-bench process, so each engine reads the file in the way its own mapping does (ours
+asks for huge pages: `base.user_files.advise_huge`) instead of finding the other's pages cached; our
+model is reloaded after each llama.cpp run for the same reason.
 """
 
 from __future__ import annotations
@@ -42,6 +47,14 @@ def llama(bin_dir: Path, file: str, threads: int, tokens: int, repack: int) -> f
     return float(json.loads(out.stdout)[0]["avg_ts"])
 
 
+def drop_cache(file: str) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("file")
@@ -51,17 +64,39 @@ def main() -> None:
     p.add_argument("--llama-bin", type=Path,
                    default=Path(os.environ.get("LLAMA_CPP_DIR", ".")) / "build" / "bin")
     p.add_argument("--json", type=Path)
+    p.add_argument("--cold", action="store_true", help="drop the file's cached pages before each engine reads it")
     a = p.parse_args()
 
+    import gc
     import torch
     import offload_moe
     torch.set_num_threads(a.threads)
-    model = offload_moe.load(a.file, device="cpu", threads=a.threads)
-    ours(model, 8, True)                                       # warm: the file's pages, the lazy experts
-    runs = {"ours": lambda: ours(model, a.tokens, True),
-            "ours, call by call": lambda: ours(model, a.tokens, False),
-            "llama.cpp --repack 1": lambda: llama(a.llama_bin, a.file, a.threads, a.tokens, 1),
-            "llama.cpp --repack 0": lambda: llama(a.llama_bin, a.file, a.threads, a.tokens, 0)}
+    held = {}
+
+    def load():
+        held.pop("model", None)
+        gc.collect()
+        if a.cold:
+            drop_cache(a.file)
+        held["model"] = offload_moe.load(a.file, device="cpu", threads=a.threads)
+        ours(held["model"], 8, True)                           # warm: the file's pages, the lazy experts
+
+    def theirs(repack):
+        if a.cold:
+            held.pop("model", None)
+            gc.collect()
+            drop_cache(a.file)
+        return llama(a.llama_bin, a.file, a.threads, a.tokens, repack)
+
+    def mine(front):
+        if "model" not in held:
+            load()
+        return ours(held["model"], a.tokens, front)
+
+    runs = {"ours": lambda: mine(True),
+            "ours, call by call": lambda: mine(False),
+            "llama.cpp --repack 1": lambda: theirs(1),
+            "llama.cpp --repack 0": lambda: theirs(0)}
     got = {name: [] for name in runs}
     load_before = os.getloadavg()[0]
     for r in range(a.rounds):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..base.user_files import advise_huge
 from .safetensors_header import TensorInfo
 
 TORCH_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
@@ -34,6 +35,7 @@ class FileMaps:
         if file not in self._maps:
             with open(file, "rb") as f:
                 self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                advise_huge(self._maps[file])
         return self._maps[file]
 
     def view(self, info: TensorInfo) -> torch.Tensor | None:

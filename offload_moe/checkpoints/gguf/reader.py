@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import math
 import mmap
+import os
 import re
 import struct
 import sys
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...base.errors import OffloadMoeError, regular_file
+from ...base.errors import OffloadMoeError
+from ...base.user_files import advise_huge, regular_file
 from .blocks import type_name
 
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
@@ -189,14 +191,18 @@ def map_file(f) -> mmap.mmap:
     refuses one larger than RAM + swap with ENOMEM (a 26 GB Mixtral on a 24 GB machine), though its
     pages are the file's, read on demand and reclaimable. Where reservation is enforced anyway
     (vm.overcommit_memory = 2), a read-only mapping (torch then warns once that the arrays are not writable)."""
+    m = None
     if MAP_NORESERVE:
         try:
-            return mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | MAP_NORESERVE,
-                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE | MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             if e.errno != errno.ENOMEM:
                 raise
-    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if m is None:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    advise_huge(m)
+    return m
+
 
 
 def read_file(file: Path) -> tuple[dict[str, object], list[GGUFTensor]]:
