@@ -11,7 +11,9 @@ The parent samples every process's /proc/PID/status (RssAnon: heap, repacked or 
 cache; RssFile: mapped file pages, which the kernel may reclaim) every 20 ms and keeps the peaks.
 With --cgroup-mem each process runs inside a fresh memory cgroup of that limit (v1 or v2, created
 under this process's own cgroup, removed after), and the file's pages are dropped from the page cache
-before each run so they are charged to it: a smaller machine, page cache counted.
+before each run so they are charged to it: a smaller machine, page cache counted. --cold drops them
+before every process without a cgroup too: each engine reads the file as its own mapping does (ours
+asks for huge pages), none finds the other's pages cached.
 
     python scripts/realsize_bench.py FILE.gguf --llama-bin LLAMA_CPP/build/bin --threads 2 --rounds 3
 
@@ -164,11 +166,14 @@ class Run:
     error: str | None = None
 
 
+COLD = False   # --cold: every process starts with the file's pages dropped from the page cache
+
+
 def run_process(cmd: list[str], *, cgroup_limit: int | None, file: str, env=None, timeout: float,
                 cwd: Path | None = None) -> tuple:
     """(stdout, stderr, returncode, seconds from spawn to exit, Peaks, cgroup peak or None)."""
     cgroup = MemoryCgroup(cgroup_limit) if cgroup_limit else None
-    if cgroup:
+    if cgroup or COLD:
         drop_from_page_cache(file)
     peaks, stop = Peaks(), threading.Event()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -338,12 +343,15 @@ def main() -> None:
     p.add_argument("--prefill", default="128,512", help="prompt lengths for prefill, comma-separated")
     p.add_argument("--context", type=int, default=4096, help="llama-completion's -c (its KV cache)")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"subset of {','.join(ENGINES)}")
+    p.add_argument("--cold", action="store_true", help="drop the file's cached pages before every process")
     p.add_argument("--cgroup-mem", help="run every process in a memory cgroup of this size (e.g. 8G)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one process may run")
     p.add_argument("--json", type=Path, help="also write every run's figures here")
     p.add_argument("--ours-src", type=Path, default=ROOT,
                    help="the offload_moe source tree to run (default: this checkout; e.g. an export of main)")
     args = p.parse_args()
+    global COLD
+    COLD = args.cold
     args.prefill = [int(n) for n in args.prefill.split(",") if n]
     args.gguf = os.path.abspath(args.gguf)
     args.cgroup_mem = parse_bytes(args.cgroup_mem) if args.cgroup_mem else None

@@ -1,7 +1,8 @@
-"""A decode step's attention half and router in one C call per layer (`layer_step.LayerFront`,
-`decode_layer.c`) against the call-by-call path it replaces: the same kernels with the same
-arguments, so the logits are the same bits, one sequence and a batched step, fp32 and bf16, GGUF
-block types and our own int4 format, dense and MoE layers."""
+"""A decode step's layer in one C call (`layer_step.LayerFront`, `decode_layer.c`): the attention
+half and router (`LayerFront.__call__`), and the whole layer where the experts provider hands out a
+C table of its experts (`LayerFront.whole`: a GGUF's stacked experts where they lie), against the
+call-by-call path they replace: the same kernels with the same arguments, so the logits are the same
+bits, one sequence and a batched step, fp32 and bf16, GGUF block types and our own int4 format."""
 
 from __future__ import annotations
 
@@ -34,17 +35,31 @@ def call_by_call(model):
             layer.front = front
 
 
+@contextlib.contextmanager
+def front_only(monkeypatch):
+    """The whole-layer call taken away: attention half and router in C, experts through Python."""
+    with monkeypatch.context() as m:
+        m.setattr(layer_step.LayerFront, "whole", lambda self, *a: None)
+        yield
+
+
 @pytest.fixture
 def front_calls(monkeypatch):
-    """How many layer steps the one C call computed."""
-    count = [0]
-    call = layer_step.LayerFront.__call__
+    """How many layer steps one C call computed: [fronts, whole layers]."""
+    count = [0, 0]
+    call, whole = layer_step.LayerFront.__call__, layer_step.LayerFront.whole
 
     def counted(self, *a):
         out = call(self, *a)
         count[0] += out is not None
         return out
+
+    def counted_whole(self, *a):
+        out = whole(self, *a)
+        count[1] += out is not None
+        return out
     monkeypatch.setattr(layer_step.LayerFront, "__call__", counted)
+    monkeypatch.setattr(layer_step.LayerFront, "whole", counted_whole)
     return count
 
 
@@ -76,15 +91,18 @@ def gguf_path(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_one_sequence_is_bitwise_the_call_by_call_path(gguf_path, dtype, front_calls):
+def test_one_sequence_is_bitwise_the_call_by_call_path(gguf_path, dtype, front_calls, monkeypatch):
     model = offload_moe.load(str(gguf_path), dtype=dtype)
     layers = len(model.transformer.layers)
-    fused = decode_logits(model, PROMPTS[0], 6)
-    assert front_calls[0] == 6 * layers            # every layer of every step took the one call
+    whole = decode_logits(model, PROMPTS[0], 6)
+    assert front_calls == [0, 6 * layers]          # every layer of every step in one call
+    with front_only(monkeypatch):
+        front = decode_logits(model, PROMPTS[0], 6)
+    assert front_calls == [6 * layers, 6 * layers]
     with call_by_call(model):
         plain = decode_logits(model, PROMPTS[0], 6)
-    assert front_calls[0] == 6 * layers
-    assert torch.equal(fused, plain)
+    assert front_calls == [6 * layers, 6 * layers]
+    assert torch.equal(whole, plain) and torch.equal(front, plain)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -94,13 +112,13 @@ def test_our_int4_format_takes_the_one_call_too(tmp_path_factory, dtype, front_c
     offload_moe.quantize(DEMO, path, experts="int4", attention="int4", method="rtn", group_size=32)
     model = offload_moe.load(str(path), dtype=dtype)
     fused = decode_logits(model, PROMPTS[1], 5)
-    assert front_calls[0] == 5 * len(model.transformer.layers)
+    assert front_calls == [5 * len(model.transformer.layers), 0]   # our format's experts: no C table (yet)
     with call_by_call(model):
         plain = decode_logits(model, PROMPTS[1], 5)
     assert torch.equal(fused, plain)
 
 
-def test_a_batched_step_is_bitwise_the_call_by_call_path(gguf_path, front_calls):
+def test_a_batched_step_is_bitwise_the_call_by_call_path(gguf_path, front_calls, monkeypatch):
     model = offload_moe.load(str(gguf_path), dtype=torch.float32)
     t = model.transformer
     t.set_slots(4)
@@ -111,13 +129,18 @@ def test_a_batched_step_is_bitwise_the_call_by_call_path(gguf_path, front_calls)
         last = torch.tensor([seq[-1] for seq in ids])
         positions = [len(seq) - 1 for seq in ids]
         snapshot = [(c.k.clone(), c.v.clone()) for c in t.kv_caches]
-        fused = t.decode_rows(last, list(range(4)), positions)                          # (4, V)
-        assert front_calls[0] == len(t.layers)
-        for c, (k, v) in zip(t.kv_caches, snapshot):   # the same cache state for the other path
-            c.k.copy_(k), c.v.copy_(v)
+        def step():
+            for c, (k, v) in zip(t.kv_caches, snapshot):   # the same cache state for every path
+                c.k.copy_(k), c.v.copy_(v)
+            return t.decode_rows(last, list(range(4)), positions)                       # (4, V)
+        whole = step()
+        assert front_calls == [0, len(t.layers)]
+        with front_only(monkeypatch):
+            front = step()
+        assert front_calls == [len(t.layers), len(t.layers)]
         with call_by_call(model):
-            plain = t.decode_rows(last, list(range(4)), positions)
-        assert torch.equal(fused, plain)
+            plain = step()
+        assert torch.equal(whole, plain) and torch.equal(front, plain)
     finally:
         t.set_slots(1)
 
@@ -144,7 +167,7 @@ def test_prefill_and_a_forced_routing_keep_their_paths(gguf_path, front_calls):
     t.set_routing(Forced())
     try:
         fused = step()
-        assert front_calls[0] == len(t.layers)      # the one decode step, not the prompt
+        assert front_calls == [len(t.layers), 0]     # the one decode step, not the prompt; never whole
         with call_by_call(model):
             plain = step()
         assert torch.equal(fused, plain)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
+from ..kernels.ggml import stacked_table
 from ..model.expert_interface import Activation, Expert, ExpertWeights
 
 
@@ -23,15 +24,31 @@ class ResidentExperts:
         self.experts: list[list[Expert | None]] = [
             [None if lazy else Expert(load_expert(layer, e), activation) for e in range(num_experts)]
             for layer in range(num_layers)]
+        self._tables: dict[int, object] = {}
+
+    def _expert(self, layer: int, e: int) -> Expert:
+        row = self.experts[layer]
+        if row[e] is None:  # lazy: first use
+            row[e] = Expert(self.load_expert(layer, e), self.activation)
+        return row[e]
 
     def fetch(self, layer: int, experts: list[int], tokens: int,
               guesses: Sequence[list[int]] = ()) -> Iterator[tuple[int, Expert]]:
-        row = self.experts[layer]
         for e in experts:
-            expert = row[e]
-            if expert is None:  # lazy: first use
-                expert = row[e] = Expert(self.load_expert(layer, e), self.activation)
-            yield e, expert
+            yield e, self._expert(layer, e)
+
+    def expert_table(self, layer: int):
+        """The layer's experts as a decode step computes them in one C call (`kernels.ggml.stacked_table`:
+        every expert a view of one stacked tensor per matrix, on the CPU), or None. Built once per layer
+        from three experts."""
+        if layer not in self._tables:
+            E, table = len(self.experts[layer]), None
+            if E >= 2 and self.activation == Activation():
+                picks = [self._expert(layer, e).weights for e in (0, 1, E - 1)]
+                if all(w.b1 is None and w.device.type == "cpu" for w in picks):
+                    table = stacked_table([w.w1 for w in picks], [w.w3 for w in picks], [w.w2 for w in picks], E)
+            self._tables[layer] = table
+        return self._tables[layer]
 
     def prefetch(self, layer: int, experts: list[int]) -> None:
         """Everything is resident already."""

@@ -67,3 +67,70 @@ int layer_front(const LayerFrontArgs *a, const void *x, int dtype, int64_t nrows
                     a->rule, a->norm_topk, a->scaling, a->round_logits, nrows, ids, weights, dtype, threads);
     return rc != 0 ? -3 : 0;
 }
+
+/* ---------------------------------------------------------------- the whole layer */
+
+typedef int (*SwigluCall)(const void *x, int x_dtype, void *y, int y_dtype, int64_t n, const GgmlSwigluArgs *args,
+                          int threads);
+
+static __thread Arena moe_scratch;
+
+/* A decode step of a whole MoE layer: `layer_front`, then the experts the router chose, from the
+ * layer's stacked expert tensors (`t`: expert e's matrices lie e strides after expert 0's), each
+ * computed by its `ggml_swiglu_p` call on the rows that chose it (decode.c's moe_experts_rows, one
+ * thread per expert when there are enough experts to share, else each with every thread: the
+ * policy and the calls of `decode_step.ExpertRows`), the choices weighted and summed in order
+ * (moe_combine), and the sum added to the residual stream: out [nrows, H] in dtype. ids_out
+ * [nrows, k] receives the router's choices. The same calls as the Python path of the layer, so the
+ * same bits. Returns as layer_front, or the first expert call's error. */
+int layer_step(const LayerFrontArgs *a, const ExpertTableArgs *t, const void *x, int dtype, int64_t nrows,
+               const void *cos, const void *sin, int rope_dtype, int64_t rope_first, void *kc, void *vc,
+               int cache_dtype, int64_t slot_stride, int64_t max_seq, const int64_t *slots, const int64_t *pos,
+               void *out, int64_t *ids_out, int threads) {
+    const int64_t H = a->hidden, k = a->k, rows_k = nrows * k;
+    const size_t es = dtype ? 2 : 4, row = (size_t)H * es;
+    if (a->gate == NULL || t->hidden != H || k < 1 || rows_k > 4096) return -3;
+    const size_t need = (size_t)nrows * row * 3 + (size_t)rows_k * row + (size_t)rows_k * (es + 2 * sizeof(int64_t)) +
+                        (size_t)rows_k * (sizeof(GgmlSwigluArgs) + 2 * sizeof(void *)) + 512;
+    char *buf = arena_reserve(&moe_scratch, need);
+    if (!buf) return -1;
+    char *h = buf, *xn = h + (size_t)nrows * row, *y = xn + (size_t)nrows * row;
+    char *per_choice = y + (size_t)nrows * row;
+    char *weights = per_choice + (size_t)rows_k * row;
+    int64_t *used = (int64_t *)(((uintptr_t)(weights + (size_t)rows_k * es) + 63) & ~(uintptr_t)63);
+    GgmlSwigluArgs *args = (GgmlSwigluArgs *)(used + rows_k);
+    void **calls = (void **)(args + rows_k);
+    const int64_t **argp = (const int64_t **)(calls + rows_k);
+
+    int rc = layer_front(a, x, dtype, nrows, cos, sin, rope_dtype, rope_first, kc, vc, cache_dtype, slot_stride,
+                         max_seq, slots, pos, h, xn, ids_out, weights, threads);
+    if (rc != 0) return rc;
+    /* the distinct experts, in increasing order (as the Python path asks its provider for them) */
+    int64_t count = 0;
+    for (int64_t i = 0; i < rows_k; i++) {
+        int64_t e = ids_out[i], at = count;
+        if (e < 0 || e >= t->experts) return -3;
+        for (int64_t j = 0; j < count; j++)
+            if (used[j] >= e) { at = j; break; }
+        if (at < count && used[at] == e) continue;
+        memmove(used + at + 1, used + at, (size_t)(count - at) * sizeof(int64_t));
+        used[at] = e, count++;
+    }
+    for (int64_t j = 0; j < count; j++) {
+        const int64_t e = used[j];
+        args[j] = (GgmlSwigluArgs){t->hidden, t->inter, t->w1 + e * t->s1, t->w3 + e * t->s3, t->t13,
+                                   t->w2 + e * t->s2, t->t2};
+        calls[j] = t->call, argp[j] = (const int64_t *)&args[j];
+    }
+    if (count >= 2 * threads) {
+        rc = moe_experts_rows(xn, dtype, H, nrows, H, (int)k, ids_out, count, used, calls, argp, per_choice, threads);
+    } else {
+        for (int64_t j = 0; j < count && rc == 0; j++)
+            rc = moe_expert_rows(xn, dtype, H, nrows, H, (int)k, ids_out, used[j], calls[j], argp[j], per_choice,
+                                 threads);
+    }
+    if (rc != 0) return rc == -1 ? -1 : -4;
+    moe_combine(per_choice, dtype, weights, dtype, nrows, (int)k, H, y);
+    for (size_t i = 0; i < (size_t)(nrows * H); i++) put(out, dtype, i, value(h, dtype, i) + value(y, dtype, i));
+    return 0;
+}

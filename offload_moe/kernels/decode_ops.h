@@ -20,4 +20,14 @@ int route_rows(const void *x, int x_dtype, int64_t x_stride, const void *w, int 
                int bias_dtype, int64_t E, int64_t H, int k, int rule, int norm_topk, float scaling, int round_logits,
                int64_t nrows, int64_t *ids_out, void *weights, int weights_dtype, int threads);
 
+int moe_expert_rows(const void *x, int x_dtype, int64_t x_stride, int64_t nrows, int64_t H, int k, const int64_t *ids,
+                    int64_t expert, void *call, const int64_t *args, void *per_choice, int threads);
+
+int moe_experts_rows(const void *x, int x_dtype, int64_t x_stride, int64_t nrows, int64_t H, int k, const int64_t *ids,
+                     int64_t count, const int64_t *experts, void *const *calls, const int64_t *const *args,
+                     void *per_choice, int threads);
+
+int moe_combine(const void *per_choice, int dtype, const void *weights, int w_dtype, int64_t nrows, int k, int64_t H,
+                void *out);
+
 #endif

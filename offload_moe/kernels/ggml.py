@@ -220,6 +220,31 @@ def experts_one_token(x: torch.Tensor, fused: list) -> torch.Tensor | None:
     return y if rc == 0 else None
 
 
+def stacked_table(gate: list, up: list, down: list, count: int) -> native.ExpertTableArgs | None:
+    """A layer's experts as one C table (`layer_step`), from three of them: gate[i], up[i], down[i]
+    the matrices of experts 0, 1 and count - 1. Where each matrix kind is one stacked tensor (expert e's
+    bytes e strides after expert 0's, as a GGUF file's `ffn_*_exps` lie) of one type in our kernel,
+    expert e's arguments are computed in C from the table; otherwise None. Nothing per expert here."""
+    mats = (gate, up, down)
+    if any(not isinstance(w, GGMLWeight) or not w.in_kernel for ws in mats for w in ws) or count < 2:
+        return None
+    F_, H = gate[0].shape
+    if any(w.shape != (F_, H) for w in gate + up) or any(w.shape != (H, F_) for w in down) \
+            or any(w.ggml_type != gate[0].ggml_type for w in gate + up) \
+            or any(w.ggml_type != down[0].ggml_type for w in down):
+        return None
+    strides = []
+    for ws in mats:
+        first, second, last = (w.data.data_ptr() for w in ws)
+        stride = second - first
+        if stride < ws[0].nbytes or last != first + (count - 1) * stride:
+            return None
+        strides.append(stride)
+    return native.ExpertTableArgs(ctypes.cast(kernel().ggml_swiglu_p, ctypes.c_void_p).value,
+                                  gate[0].data.data_ptr(), up[0].data.data_ptr(), down[0].data.data_ptr(), *strides,
+                                  int(gate[0].ggml_type), int(down[0].ggml_type), H, F_, count)
+
+
 class GGMLGroup:
     """Matrices of one input and one type computed in one kernel call (attention's q, k, v: the
     activations quantized once, one parallel loop): `linear(x)` -> [..., sum of their outputs], or
@@ -251,4 +276,5 @@ class GGMLGroup:
         return y.view(*x.shape[:-1], self.out)
 
 
-__all__ = ["BLOCK_TYPES", "FLOAT_TYPES", "TOLERANCE", "GGMLGroup", "GGMLWeight", "experts_one_token", "kernel", "row_bytes"]
+__all__ = ["BLOCK_TYPES", "FLOAT_TYPES", "TOLERANCE", "GGMLGroup", "GGMLWeight", "experts_one_token", "kernel", "row_bytes",
+           "stacked_table"]

@@ -122,4 +122,12 @@ typedef struct {               /* layer_front: a decoder layer's attention half 
     float scaling;
 } LayerFrontArgs;
 
+typedef struct {               /* layer_step: a layer's routed experts where they lie, one stacked tensor each */
+    void *call;                         /* ggml_swiglu_p */
+    const uint8_t *w1, *w3, *w2;        /* expert 0's gate, up, down */
+    int64_t s1, s3, s2;                 /* bytes from one expert's matrix to the next's */
+    int32_t t13, t2;                    /* their ggml types */
+    int64_t hidden, inter, experts;
+} ExpertTableArgs;
+
 #endif

@@ -97,7 +97,8 @@ class LayerFront:
                                                torch.empty(B, max(k, 1), dtype=torch.int64))
         return out
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start):
+    def _rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start) -> tuple | None:
+        """The call's arguments after the fixed ones, from `Attention.forward`'s, or None."""
         B, T, H = x.shape
         a = self._current(x.dtype) if T == 1 and x.device.type == "cpu" else None
         if a is None or B >= self.limit or not x.is_contiguous() or cache is None:
@@ -117,17 +118,53 @@ class LayerFront:
             return None
         if cos.shape[-1] != a.hd or not supported(cos, sin, kc, vc) or kc.dtype != vc.dtype:
             return None
+        return (x.data_ptr(), DTYPES[x.dtype], B, cos.data_ptr(), sin.data_ptr(), DTYPES[cos.dtype], rope_first,
+                kc.data_ptr(), vc.data_ptr(), DTYPES[kc.dtype], slot_stride, kc.shape[-2], slots, positions)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start):
+        rows = self._rows(x, cos, sin, cache, start)
+        if rows is None:
+            return None
+        B, _, H = x.shape
         h, xn, weights, ids = self._outputs(B, H, x.dtype)
         routed = not self.layer.dense
-        rc = self._lib.layer_front(ctypes.byref(a), x.data_ptr(), DTYPES[x.dtype], B, cos.data_ptr(), sin.data_ptr(),
-                                   DTYPES[cos.dtype], rope_first, kc.data_ptr(), vc.data_ptr(), DTYPES[kc.dtype],
-                                   slot_stride, kc.shape[-2], slots, positions, h.data_ptr(), xn.data_ptr(),
+        rc = self._lib.layer_front(ctypes.byref(self._args), *rows, h.data_ptr(), xn.data_ptr(),
                                    ids.data_ptr() if routed else None, weights.data_ptr() if routed else None,
                                    torch.get_num_threads())
+        self._check(rc)
+        return h, xn, ((weights, ids) if routed else None)
+
+    def whole(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, start) -> torch.Tensor | None:
+        """The whole MoE layer in one call (`layer_step`): x -> the residual stream after the layer,
+        (B, 1, H), where the layer's experts provider hands out a C table of its experts
+        (`expert_table`: resident experts where they lie) and the block has nothing else to add (no
+        shared expert, routing weights applied to the outputs); else None. The same calls as the
+        front, the provider's experts and `ExpertRows`, so the same bits."""
+        table = self._table()
+        rows = self._rows(x, cos, sin, cache, start) if table is not None else None
+        if rows is None:
+            return None
+        B, _, H = x.shape
+        out = torch.empty_like(x)
+        ids = self._outputs(B, H, x.dtype)[3]
+        self._check(self._lib.layer_step(ctypes.byref(self._args), ctypes.byref(table), *rows, out.data_ptr(),
+                                         ids.data_ptr(), torch.get_num_threads()))
+        return out
+
+    def _table(self):
+        block = getattr(self.layer, "block_sparse_moe", None)
+        if block is None or block.shared_expert is not None or block.scales_input or self._lib is None:
+            return None
+        provider = block.experts
+        get = getattr(provider, "expert_table", None)
+        if get is None or getattr(provider, "prefetch_depth", 0):
+            return None
+        return get(block.layer)
+
+    def _check(self, rc: int) -> None:
         if rc != 0:
             raise (MemoryError if rc == -1 else ValueError)(
                 f"decode step of layer {getattr(self.layer.self_attn, 'layer', '?')}: the C layer call failed ({rc})")
-        return h, xn, ((weights, ids) if routed else None)
 
 
 __all__ = ["LayerFront"]

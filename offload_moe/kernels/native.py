@@ -210,8 +210,14 @@ class LayerFrontArgs(ctypes.Structure):   # layer_front (decode_layer.c): a laye
                 ("round_logits", I32), ("scaling", F32)]
 
 
+class ExpertTableArgs(ctypes.Structure):   # layer_step (decode_layer.c): a layer's stacked ggml experts
+    _fields_ = [("call", P), ("w1", P), ("w3", P), ("w2", P), ("s1", I64), ("s3", I64), ("s2", I64), ("t13", I32),
+                ("t2", I32), ("hidden", I64), ("inter", I64), ("experts", I64)]
+
+
 ARG_STRUCTS = {s.__name__: s for s in (QmvArgs, QmvManyArgs, QmvSwigluArgs, BmvSwigluArgs, GgmlArgs, GgmlManyArgs,
-                                       GgmlSwigluArgs, PqFp8Args, PqIntArgs, PqGptqArgs, LayerFrontArgs)}
+                                       GgmlSwigluArgs, PqFp8Args, PqIntArgs, PqGptqArgs, LayerFrontArgs,
+                                       ExpertTableArgs)}
 
 
 def _p(args: type[ctypes.Structure]) -> list:
@@ -275,6 +281,8 @@ LIBRARIES = {
         "moe_combine": (I32, [P, I32, P, I32, I64, I32, I64, P]),
         "layer_front": (I32, [ctypes.POINTER(LayerFrontArgs), P, I32, I64, P, P, I32, I64, P, P, I32, I64, I64, P, P,
                               P, P, P, P, I32]),
+        "layer_step": (I32, [ctypes.POINTER(LayerFrontArgs), ctypes.POINTER(ExpertTableArgs), P, I32, I64, P, P, I32,
+                             I64, P, P, I32, I64, I64, P, P, P, P, I32]),
     }, None),
     "info": (HERE / "kernels_info.c", {
         "kernels_variant": (ctypes.c_char_p, []),
@@ -447,7 +455,7 @@ def status(name: str = "qmv") -> str:
     return _status.get(name, "not loaded")
 
 
-__all__ = ["ARG_STRUCTS", "BF16_PATHS", "BF16_SOURCE", "BmvSwigluArgs", "DECODE_SOURCE", "DTYPE_CODES", "FLAGS", "LayerFrontArgs", "entry_point",
+__all__ = ["ARG_STRUCTS", "BF16_PATHS", "BF16_SOURCE", "BmvSwigluArgs", "DECODE_SOURCE", "DTYPE_CODES", "ExpertTableArgs", "FLAGS", "LayerFrontArgs", "entry_point",
            "GGML_SOURCE", "GgmlArgs", "GgmlManyArgs", "GgmlSwigluArgs", "KernelWarning", "LIBRARIES", "PATHS",
            "PUBLISHED_SOURCE", "PqFp8Args", "PqGptqArgs", "PqIntArgs", "QmvArgs", "QmvManyArgs", "QmvSwigluArgs",
            "SOURCE", "arg_block", "best_variant", "build", "cache_dir", "call_rows", "cpu_features", "kernel_rows",

@@ -119,6 +119,9 @@ class ExpertProvider(Protocol):
     prefetch_depth: int   # how many MoE layers ahead it wants guesses for (0: none); decode only
     # optional `stable = True`: an Expert handed out stays valid while later ones are (no slot reuse
     # within a layer), so the model may hold them all and compute them in one call
+    # optional `expert_table(layer)`: the layer's experts as C computes them where they lie (a
+    # `kernels.native.ExpertTableArgs`), or None; a provider offering one has nothing to do per fetch
+    # (no counters, no prefetch), so a CPU decode step may route and compute the layer in one C call
 
     def fetch(self, layer: int, experts: list[int], tokens: int,
               guesses: Sequence[list[int]] = ()) -> Iterator[tuple[int, Expert]]:

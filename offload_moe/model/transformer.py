@@ -59,9 +59,15 @@ class DecoderLayer(nn.Module):
             self.block_sparse_moe = MoEBlock(cfg, cfg.moe_layers.index(layer), experts)
         self.front: LayerFront | None = None  # a decode step's attention half and router in one C call (CPU)
 
-    def forward(self, x, cos, sin, mask, cache, start, moe: Callable | None = None) -> torch.Tensor:
-        """`moe(block, x, residual, routed)` runs the MoE block (the transformer adds routing and guesses)."""
+    def forward(self, x, cos, sin, mask, cache, start, moe: Callable | None = None, whole: bool = False
+                ) -> torch.Tensor:
+        """`moe(block, x, residual, routed)` runs the MoE block (the transformer adds routing and guesses).
+        whole: the layer's own router decides (no routing strategy), so a decode step on the CPU may
+        compute the whole layer in one C call where its experts allow."""
         if self.front is not None:
+            out = self.front.whole(x, cos, sin, cache, start) if whole and not self.dense else None
+            if out is not None:
+                return out
             done = self.front(x, cos, sin, cache, start)         # same bits as the path below, in one call
             if done is not None:
                 h, xn, routed = done                               # (B, 1, H), (B, H), (weights, ids) or None
@@ -215,7 +221,7 @@ class Transformer(nn.Module):
         self.kv_slots.stale.update(written)  # recurrent states change in place: not reusable should this raise
         x = self.embed_tokens(tokens)                                  # (B, T, H)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, masks[self.spans[i]], caches[i], start, self.moe_step)
+            x = layer(x, cos, sin, masks[self.spans[i]], caches[i], start, self.moe_step, self.routing is None)
         self.kv_slots.stale.difference_update(written)
         if last_only:
             x = x[:, -1:]
@@ -246,7 +252,7 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, masks[self.spans[i]], [self.kv_rows[s][i] for s in slots], positions,
                           self.moe_step)
             else:
-                x = layer(x, self.cos, self.sin, None, self.kv_caches[i], rows, self.moe_step)
+                x = layer(x, self.cos, self.sin, None, self.kv_caches[i], rows, self.moe_step, self.routing is None)
         self.kv_slots.stale.difference_update(slots)
         return self.lm_head(self.norm(x)).float()[:, 0]               # (B, V)
 
