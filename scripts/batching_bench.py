@@ -38,7 +38,7 @@ def solo(args):
     import offload_moe
     import torch
     torch.set_num_threads(args.threads)
-    model = offload_moe.load(args.model)
+    model = offload_moe.load(args.model, threads=args.threads)
     runs = []
     for i in range(args.repeats + 1):
         out = model.generate(PROMPTS[0], max_new_tokens=args.tokens, temperature=0, ignore_eos=True)
@@ -53,7 +53,7 @@ def chat(args):
     from offload_moe.api.chat_session import ChatSession
     import torch
     torch.set_num_threads(args.threads)
-    model = offload_moe.load(args.model)
+    model = offload_moe.load(args.model, threads=args.threads)
     model.generate(PROMPTS[0], max_new_tokens=4, temperature=0)            # warm-up
     ttft = [[] for _ in TURNS]
     for rep in range(args.repeats):

@@ -27,7 +27,7 @@ import json, sys, torch
 import offload_moe
 model_path, threads, tokens, repeats = sys.argv[1] or None, int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
-model = offload_moe.load(model_path, device="cpu", **json.loads(sys.argv[5]))
+model = offload_moe.load(model_path, device="cpu", threads=threads, **json.loads(sys.argv[5]))
 prompt = list(range(10, 26))
 model.generate(prompt, max_new_tokens=16, temperature=0, ignore_eos=True)
 rates = []

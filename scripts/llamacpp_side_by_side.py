@@ -28,7 +28,7 @@ import json, sys, torch
 import offload_moe
 path, threads, tokens, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] or None
 torch.set_num_threads(threads)
-model = offload_moe.load(path, device="cpu", dtype=dtype)
+model = offload_moe.load(path, device="cpu", dtype=dtype, threads=threads)
 prompt = list(range(10, 26))
 model.generate(prompt, max_new_tokens=8, temperature=0, ignore_eos=True)
 model.generate(prompt, max_new_tokens=tokens, temperature=0, ignore_eos=True)

@@ -28,7 +28,7 @@ import json, sys
 import torch, offload_moe
 path, slots, prefetch, threads, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(threads)
-m = offload_moe.load(path, device="cpu", cache_slots=slots, prefetch=prefetch, context_length=256)
+m = offload_moe.load(path, device="cpu", cache_slots=slots, prefetch=prefetch, context_length=256, threads=threads)
 ids = list(range(10, 26))
 m.generate(ids, max_new_tokens=1, temperature=0, ignore_eos=True)
 m.experts.reset_stats()

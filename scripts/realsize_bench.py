@@ -3,7 +3,9 @@
 Each round runs, in an order that rotates from round to round (so load changes hit every engine alike):
 - offload_moe: one fresh Python process: `offload_moe.load(path, device="cpu")`, one token from a short
   prompt (time to first token: from the parent's spawn to that token), then a decode of --decode-tokens
-  tokens and one prefill of each --prefill length, read from `model.stats`;
+  tokens and one prefill of each --prefill length, read from `model.stats`, each after a warm-up run
+  of its kind (as llama-bench warms up before each test; the prefill's warm-up on other tokens, so
+  nothing of it is reused);
 - llama.cpp, with its default weight repack and with `--repack 0` / `--no-repack` (weights used where
   the file maps them): a fresh `llama-completion -n 1` process (time to first token: spawn to exit), then
   `llama-bench -p 128,512 -n TOKENS -r 1` for decode and prefill.
@@ -53,7 +55,7 @@ def rss():
     return {k: int(v.split()[0]) * 1024 for k, v in f.items()}
 
 start = time.time()
-model = offload_moe.load(path, device="cpu")
+model = offload_moe.load(path, device="cpu", threads=threads)   # not "auto": the rounds must compare like with like
 loaded, after_load = time.time(), rss()
 model.generate(sys.argv[6], max_new_tokens=1, temperature=0, ignore_eos=True)
 first = time.time()
@@ -62,6 +64,7 @@ out = {"load_s": loaded - start, "import_s": start - spawned, "ttft_s": first - 
        "source": os.path.dirname(offload_moe.__file__)}
 ids = list(range(10, 26))
 model.generate(ids, max_new_tokens=1, temperature=0, ignore_eos=True)   # the prompt, so the decode below reuses it
+model.generate(ids, max_new_tokens=decode + 1, temperature=0, ignore_eos=True)   # warm-up, as llama-bench's
 if hasattr(model.experts, "reset_stats"):
     model.experts.reset_stats()
 model.generate(ids, max_new_tokens=decode + 1, temperature=0, ignore_eos=True)
@@ -72,6 +75,7 @@ if "hit_rate" in e:  # the expert cache over the decode: hits, file reads, what 
                                             "stall_seconds", "bytes_moved", "slots_per_layer", "bytes_per_expert")}
     out["experts"]["tokens"] = model.stats["generation"]["new_tokens"]
 for n in map(int, prefills.split(",")):
+    model.generate(list(range(2000, 2000 + n)), max_new_tokens=1, temperature=0, ignore_eos=True)   # warm-up
     model.generate(list(range(10, 10 + n)), max_new_tokens=1, temperature=0, ignore_eos=True)
     out[f"prefill{n}"] = model.stats["generation"]["prefill_tokens_per_second"]
 print("RESULT " + json.dumps(out), flush=True)

@@ -38,3 +38,21 @@ def test_bad_thread_count_is_one_line_and_exit_1(capsys):
     assert main(["generate", "hello", "--threads", "0"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "threads" in err
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/stat"), reason="needs /proc/stat")
+def test_busy_cores_sees_other_work_now():
+    """A process spinning on one core is seen at once (the load average would take a minute)."""
+    import subprocess
+    import sys
+    import time
+
+    from offload_moe.base.threads import busy_cores
+
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cores(0.2) >= 0.5
+    finally:
+        spin.kill()
+        spin.wait()
