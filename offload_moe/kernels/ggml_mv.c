@@ -72,13 +72,9 @@ enum { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K 
 #define TT (GPATH == 2 ? 8 : 4) /* tokens per tile: as many accumulators as the registers hold */
 #endif
 
-/* A flag on a type: the matrix is repacked in groups of eight rows (`ggml_repack_x8`); the same
-   bytes per group, read by the eight-row kernel without its transposes. Q4_0 on x86 only. */
-#define X8 0x100
-
 /* family: 0 float, 1 legacy (blocks of 32), 2 K (super-blocks of 256); block weights and bytes */
 static int family(int type) {
-    switch (type & ~X8) {
+    switch (type) {
         case F32: case F16: case BF16: return 0;
         case Q4_0: case Q4_1: case Q5_0: case Q5_1: case Q8_0: case MXFP4: return 1;
         case Q2_K: case Q3_K: case Q4_K: case Q5_K: case Q6_K: return 2;
@@ -87,7 +83,7 @@ static int family(int type) {
 }
 
 static size_t block_bytes(int type) {
-    switch (type & ~X8) {
+    switch (type) {
         case F32: return 4; case F16: case BF16: return 2;
         case Q4_0: return 18; case Q4_1: return 20; case Q5_0: return 22; case Q5_1: return 24; case Q8_0: return 34;
         case MXFP4: return 17; case Q2_K: return 84; case Q3_K: return 110; case Q4_K: return 144; case Q5_K: return 176;
@@ -98,17 +94,10 @@ static size_t block_bytes(int type) {
 
 static size_t block_size(int type) { int f = family(type); return f == 0 ? 1 : f == 1 ? 32 : 256; }
 
-/* Whether a [*, in] matrix of `type` is computed here (a repacked one: also its rows in whole groups of eight). */
+/* Whether a [*, in] matrix of `type` is computed here. */
 int ggml_supported(int type, int64_t in_features) {
-#if GX86
-    if (type & X8 && (type & ~X8) != Q4_0) return 0;
-#else
-    if (type & X8) return 0;
-#endif
     return family(type) >= 0 && in_features > 0 && in_features % (int64_t)(family(type) == 0 ? 1 : block_size(type)) == 0;
 }
-
-static int rows_fit(int type, size_t rows) { return !(type & X8) || rows % 8 == 0; }
 
 /* ------------------------------------------------------------------ scalars */
 
@@ -518,8 +507,8 @@ static inline __m256 f16x8(const uint8_t *const *pr, size_t o) {
     return _mm256_cvtph_ps(h);
 }
 
-__attribute__((always_inline)) static inline void rows8_q4_in(int type, int x8, const uint8_t *const *pr,
-                                                              const Act *act, size_t t0, int NT, float *out) {
+__attribute__((always_inline)) static inline void rows8_q4(int type, const uint8_t *const *pr, const Act *act,
+                                                           size_t t0, int NT, float *out) {
     const size_t nb = act->nb, tile = act_at(act, t0, 0), tt = act->tt;   /* t0: a multiple of TT */
     const int8_t *qt = act_chunk(act, t0, 0);
     const float *dt = act->d + tile;
@@ -542,20 +531,13 @@ __attribute__((always_inline)) static inline void rows8_q4_in(int type, int x8, 
             _mm_prefetch((const char *)next + 8 * o + 128, PF_HINT);
         }
         /* rows (0, 4), (1, 5), (2, 6), (3, 7) in the two halves; then a 4x4 transpose of 4-byte groups
-           in each half: c[j] lane r (r = 0..7) = row r's code bytes 4j .. 4j + 3. Repacked (x8): the
-           group's block b is its eight scales, then c[0..3] as stored (`ggml_repack_x8`). */
-        __m256i c[4];
-        const uint8_t *g8 = pr[0] + 8 * o;
-        if (x8) {
-            for (int j = 0; j < 4; j++) c[j] = _mm256_loadu_si256((const __m256i *)(g8 + 16 + 32 * j));
-        } else {
-            const __m256i p0 = load2x16(pr[0] + o + qo, pr[4] + o + qo), p1 = load2x16(pr[1] + o + qo, pr[5] + o + qo);
-            const __m256i p2 = load2x16(pr[2] + o + qo, pr[6] + o + qo), p3 = load2x16(pr[3] + o + qo, pr[7] + o + qo);
-            const __m256i a01 = _mm256_unpacklo_epi32(p0, p1), b01 = _mm256_unpackhi_epi32(p0, p1);
-            const __m256i a23 = _mm256_unpacklo_epi32(p2, p3), b23 = _mm256_unpackhi_epi32(p2, p3);
-            c[0] = _mm256_unpacklo_epi64(a01, a23), c[1] = _mm256_unpackhi_epi64(a01, a23);
-            c[2] = _mm256_unpacklo_epi64(b01, b23), c[3] = _mm256_unpackhi_epi64(b01, b23);
-        }
+           in each half: c[j] lane r (r = 0..7) = row r's code bytes 4j .. 4j + 3 */
+        const __m256i p0 = load2x16(pr[0] + o + qo, pr[4] + o + qo), p1 = load2x16(pr[1] + o + qo, pr[5] + o + qo);
+        const __m256i p2 = load2x16(pr[2] + o + qo, pr[6] + o + qo), p3 = load2x16(pr[3] + o + qo, pr[7] + o + qo);
+        const __m256i a01 = _mm256_unpacklo_epi32(p0, p1), b01 = _mm256_unpackhi_epi32(p0, p1);
+        const __m256i a23 = _mm256_unpacklo_epi32(p2, p3), b23 = _mm256_unpackhi_epi32(p2, p3);
+        const __m256i c[4] = {_mm256_unpacklo_epi64(a01, a23), _mm256_unpackhi_epi64(a01, a23),
+                              _mm256_unpacklo_epi64(b01, b23), _mm256_unpackhi_epi64(b01, b23)};
         __m256i lo[4], hi[4];   /* codes of inputs 4j .. 4j + 3 and 16 + 4j .. 16 + 4j + 3 */
         for (int j = 0; j < 4; j++) {
             lo[j] = _mm256_and_si256(c[j], m4);
@@ -565,7 +547,7 @@ __attribute__((always_inline)) static inline void rows8_q4_in(int type, int x8, 
         const __m256 dw = type == MXFP4 ? _mm256_setr_ps(e8m0_half(pr[0][o]), e8m0_half(pr[1][o]), e8m0_half(pr[2][o]),
                                                          e8m0_half(pr[3][o]), e8m0_half(pr[4][o]), e8m0_half(pr[5][o]),
                                                          e8m0_half(pr[6][o]), e8m0_half(pr[7][o]))
-                        : x8 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g8)) : f16x8(pr, o);
+                                        : f16x8(pr, o);
         const __m256 mins = type == Q4_1 ? f16x8(pr, o + 2) : _mm256_setzero_ps();
         for (int t = 0; t < NT; t++) {
             const int8_t *a = qt + (b * tt + t) * 32;
@@ -593,16 +575,6 @@ __attribute__((always_inline)) static inline void rows8_q4_in(int type, int x8, 
         }
     }
     for (int t = 0; t < NT; t++) _mm256_storeu_ps(out + 8 * t, acc[t]);
-}
-
-__attribute__((always_inline)) static inline void rows8_q4(int type, const uint8_t *const *pr, const Act *act,
-                                                           size_t t0, int NT, float *out) {
-    rows8_q4_in(type, 0, pr, act, t0, NT, out);
-}
-
-__attribute__((always_inline)) static inline void rows8_q4x8(int type, const uint8_t *const *pr, const Act *act,
-                                                             size_t t0, int NT, float *out) {
-    rows8_q4_in(type, 1, pr, act, t0, NT, out);
 }
 
 /* A K super-block in registers: its 256 codes as 8 vectors of 32 bytes (input order), the 16
@@ -955,14 +927,10 @@ typedef void (*Rows8Fn)(const uint8_t *const *, const Act *, size_t, int, float 
         NT_SWITCH(KERNEL, T, pr, act, t0)                                                          \
     }
 ROWS8_FN(Q4_0, rows8_q4) ROWS8_FN(Q4_1, rows8_q4) ROWS8_FN(MXFP4, rows8_q4)
-static void rows8_Q4_0x8(const uint8_t *const *pr, const Act *act, size_t t0, int nt, float *out) {
-    NT_SWITCH(rows8_q4x8, Q4_0, pr, act, t0)
-}
 #endif
 
 static Rows8Fn rows8_fn(int type) {
 #if GX86
-    if (type == (Q4_0 | X8)) return rows8_Q4_0x8;
     if (type == Q4_0) return rows8_Q4_0;
     if (type == Q4_1) return rows8_Q4_1;
     if (type == MXFP4) return rows8_MXFP4;
@@ -1023,7 +991,7 @@ static __thread Arena arena; /* kernel_common.h */
 int ggml_mv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, int64_t out_features,
             int64_t in_features, const uint8_t *w, int type, int threads) {
     const size_t N = (size_t)n_tokens, O = (size_t)out_features, I = (size_t)in_features;
-    if (!ggml_supported(type, in_features) || !rows_fit(type, O) || N == 0) return N == 0 ? 0 : -2;
+    if (!ggml_supported(type, in_features) || N == 0) return N == 0 ? 0 : -2;
     const int fam = family(type);
     const size_t rb = I / block_size(type) * block_bytes(type);
     char *p = arena_reserve(&arena, act_bytes(N, I, fam, x_dtype) + 64);
@@ -1053,7 +1021,6 @@ int ggml_mv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tok
     const size_t rb = I / block_size(type) * block_bytes(type), per = rows_per(type, N);
     size_t gfirst[17], first[17], total = 0, G = 0;
     for (int m = 0; m < count; m++) {
-        if (!rows_fit(type, (size_t)outs[m])) return -2;
         first[m] = total, gfirst[m] = G;
         total += (size_t)outs[m], G += groups_of((size_t)outs[m], per);
     }
@@ -1082,7 +1049,7 @@ int ggml_mv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tok
 int ggml_swiglu(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, int64_t hidden, int64_t inter,
                 const uint8_t *w1, const uint8_t *w3, int t13, const uint8_t *w2, int t2, int threads) {
     const size_t N = (size_t)n_tokens, H = (size_t)hidden, F = (size_t)inter;
-    if (!ggml_supported(t13, hidden) || !ggml_supported(t2, inter) || !rows_fit(t13, F) || !rows_fit(t2, H)) return -2;
+    if (!ggml_supported(t13, hidden) || !ggml_supported(t2, inter)) return -2;
     if (N == 0) return 0;
     const int f13 = family(t13), f2 = family(t2);
     const size_t rb13 = H / block_size(t13) * block_bytes(t13), rb2 = F / block_size(t2) * block_bytes(t2);
@@ -1136,8 +1103,7 @@ int ggml_experts(const void *x, int x_dtype, void *y, int y_dtype, int count, co
     for (int j = 1; j < count; j++)
         if (experts[j]->hidden != e0->hidden || experts[j]->inter != e0->inter || experts[j]->t13 != t13
             || experts[j]->t2 != t2) return -2;
-    if (!ggml_supported(t13, (int64_t)H) || !ggml_supported(t2, (int64_t)F) || !rows_fit(t13, F) || !rows_fit(t2, H))
-        return -2;
+    if (!ggml_supported(t13, (int64_t)H) || !ggml_supported(t2, (int64_t)F)) return -2;
     const int f13 = family(t13), f2 = family(t2);
     const size_t rb13 = H / block_size(t13) * block_bytes(t13), rb2 = F / block_size(t2) * block_bytes(t2);
     const size_t hb = up64(4 * F), ab2 = act_bytes(1, F, f2, 0) + 64;
@@ -1183,7 +1149,7 @@ int ggml_experts(const void *x, int x_dtype, void *y, int y_dtype, int count, co
 /* Rows ids[0 .. n) of a [*, I] `type` matrix dequantized into y [n, I] (fp32 or bf16): a token table. */
 int ggml_rows(const uint8_t *w, int type, int64_t in_features, const int64_t *ids, int64_t n, void *y, int y_dtype) {
     const size_t I = (size_t)in_features;
-    if (!ggml_supported(type, in_features) || type & X8) return -2;
+    if (!ggml_supported(type, in_features)) return -2;
     const int fam = family(type);
     const size_t rb = I / block_size(type) * block_bytes(type);
     uint8_t u[256];
@@ -1207,32 +1173,6 @@ int ggml_rows(const uint8_t *w, int type, int64_t in_features, const int64_t *id
                 k_codes_scalar(type, blk, u);
                 for (int i = 0; i < 256; i++)
                     put(y, y_dtype, base + 256 * b + i, ks.d * (float)ks.sc[i / 16] * (float)u[i] - ks.dmin * (float)ks.mn[i / 16]);
-            }
-        }
-    }
-    return 0;
-}
-
-/* ------------------------------------------------------------------ the eight-row layout */
-
-/* dst = src [rows, I] of Q4_0 rearranged for `rows8_q4x8`: per group of eight rows and block b, the
-   eight rows' fp16 scales (16 bytes), then four 32-byte vectors whose lane r (4 bytes) of vector j is
-   row r's code bytes 4j .. 4j + 3 -- what the in-place kernel builds in registers from eight loads
-   and eight shuffles. The same bytes per group (8 x 18 per block), so a group of eight rows stays
-   where it was: an expert's rows are the same byte range in both layouts. dst must not overlap src.
-   Returns 0, or -2 for another type, a row count not a multiple of 8 or another architecture. */
-int ggml_repack_x8(const uint8_t *src, int type, int64_t rows, int64_t in_features, uint8_t *dst, int threads) {
-    if (!ggml_supported(type | X8, in_features) || type != Q4_0 || rows % 8 != 0) return -2;
-    const size_t nb = (size_t)in_features / 32, rb = nb * 18;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * in_features >= (1 << 20))
-    for (int64_t g = 0; g < rows / 8; g++) {
-        const uint8_t *s = src + (size_t)g * 8 * rb;
-        uint8_t *d = dst + (size_t)g * 8 * rb;
-        for (size_t b = 0; b < nb; b++, d += 144) {
-            for (int r = 0; r < 8; r++) {
-                const uint8_t *blk = s + (size_t)r * rb + b * 18;
-                memcpy(d + 2 * r, blk, 2);
-                for (int j = 0; j < 4; j++) memcpy(d + 16 + 32 * j + 4 * r, blk + 2 + 4 * j, 4);
             }
         }
     }

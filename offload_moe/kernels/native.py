@@ -259,7 +259,6 @@ LIBRARIES = {
         "ggml_mv_many": (I32, [P, I32, P, I32, I64, I64, I32, P, P, I32, I32]),
         "ggml_swiglu": (I32, [P, I32, P, I32, I64, I64, I64, P, P, I32, P, I32, I32]),
         "ggml_rows": (I32, [P, I32, I64, P, I64, P, I32]),
-        "ggml_repack_x8": (I32, [P, I32, I64, I64, P, I32]),
         "ggml_mv_p": (I32, _p(GgmlArgs)),
         "ggml_mv_many_p": (I32, _p(GgmlManyArgs)),
         "ggml_swiglu_p": (I32, _p(GgmlSwigluArgs)),
