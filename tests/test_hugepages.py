@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from gguf_fixtures import T, tiny_mixtral_gguf
 from offload_moe.checkpoints.gguf import GGUFFile
@@ -59,3 +60,25 @@ def test_a_safetensors_mapping_asks_for_huge_pages(tmp_path):
     maps.base(path)
     flags = vm_flags(path.resolve())
     assert flags and all("hg" in f_ for f_ in flags)
+
+
+def test_an_expert_cache_buffer_asks_for_huge_pages():
+    """`host_buffer`: 2 MB-aligned, in a private anonymous mapping marked for huge pages, the contents
+    a plain tensor's; small ones are plain torch.empty."""
+    from offload_moe.base.runtime import HUGE_PAGE, host_buffer
+
+    t = host_buffer((3, HUGE_PAGE))
+    assert t.shape == (3, HUGE_PAGE) and t.dtype == torch.uint8 and t.data_ptr() % HUGE_PAGE == 0
+    t.fill_(7)
+    assert int(t[2, -1]) == 7
+    start = t.data_ptr()
+    flags = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0] if line.split() else ""
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= start < hi
+        elif line.startswith("VmFlags:") and inside:
+            flags = set(line.split()[1:])
+    assert flags is not None and "hg" in flags
+    assert host_buffer((16,)).data_ptr() % 64 == 0      # small: torch's own allocation

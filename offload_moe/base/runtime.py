@@ -5,6 +5,8 @@ the progress callback type. Every other layer imports these from here; this modu
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import re
 from fractions import Fraction
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import OffloadMoeError
@@ -24,6 +27,29 @@ Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
 # ---- devices and dtypes ----
+
+HUGE_PAGE = 2 << 20
+
+
+def host_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """torch.empty(shape, dtype) on the CPU, in anonymous memory that asks for transparent huge pages
+    (MADV_HUGEPAGE), its start 2 MB-aligned: for the buffers a decode step streams through every token
+    (an expert cache's slots), which then take far fewer TLB misses (BENCHMARKS.md, "Huge pages for
+    the mapped weights"). Small buffers, platforms without madvise and `OFFLOAD_MOE_HUGEPAGES=0`: plain
+    torch.empty."""
+    n = math.prod(shape) * dtype.itemsize
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None or n < HUGE_PAGE or os.environ.get("OFFLOAD_MOE_HUGEPAGES", "1") == "0":
+        return torch.empty(shape, dtype=dtype)
+    m = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)   # private: shared memory gets no THP
+    try:
+        m.madvise(advice)
+    except OSError:  # no transparent huge pages: plain pages, still a fine buffer
+        pass
+    start = np.frombuffer(m, dtype=np.uint8, count=1).ctypes.data
+    arr = np.frombuffer(m, dtype=np.uint8, count=n, offset=(-start) % HUGE_PAGE)   # keeps the mapping alive
+    return torch.from_numpy(arr).view(dtype).view(shape)
+
 
 def resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":

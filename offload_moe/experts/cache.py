@@ -36,6 +36,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from ..base.runtime import host_buffer
 from .cpu_kernels import expert_format
 from .costs import CostModel
 from .layout import ExpertLayout
@@ -105,7 +106,8 @@ class ExpertCache:
         self.layout: ExpertLayout = store.layout
         self.slots = list(slots)
         # Device slots: one (K, nbytes) buffer per layer, and ExpertWeights views built once.
-        self.buffers = [torch.empty((k, self.layout.nbytes), dtype=torch.uint8, device=self.device) for k in slots]
+        self.buffers = [host_buffer((k, self.layout.nbytes)) if self.device.type == "cpu" else
+                        torch.empty((k, self.layout.nbytes), dtype=torch.uint8, device=self.device) for k in slots]
         self.views = [[self.layout.view(buf[s]) for s in range(k)] for buf, k in zip(self.buffers, slots)]
         self.experts = [[Expert(w, activation) for w in views] for views in self.views]  # what fetch hands out
         self.slot_of: list[dict[int, int]] = [{} for _ in range(L)]     # expert -> slot
