@@ -26,6 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from realsize_bench import drop_from_page_cache   # scripts/ is on the path of a script run from it
+
 
 def ours(model, tokens: int, front: bool) -> float:
     layers = model.transformer.layers
@@ -45,14 +47,6 @@ def llama(bin_dir: Path, file: str, threads: int, tokens: int, repack: int) -> f
     out = subprocess.run([str(bin_dir / "llama-bench"), "-m", file, "-t", str(threads), "-p", "0", "-n", str(tokens),
                           "-r", "1", "--repack", str(repack), "-o", "json"], capture_output=True, text=True, check=True)
     return float(json.loads(out.stdout)[0]["avg_ts"])
-
-
-def drop_cache(file: str) -> None:
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def main() -> None:
@@ -77,7 +71,7 @@ def main() -> None:
         held.pop("model", None)
         gc.collect()
         if a.cold:
-            drop_cache(a.file)
+            drop_from_page_cache(a.file)
         held["model"] = offload_moe.load(a.file, device="cpu", threads=a.threads)
         ours(held["model"], 8, True)                           # warm: the file's pages, the lazy experts
 
@@ -85,7 +79,7 @@ def main() -> None:
         if a.cold:
             held.pop("model", None)
             gc.collect()
-            drop_cache(a.file)
+            drop_from_page_cache(a.file)
         return llama(a.llama_bin, a.file, a.threads, a.tokens, repack)
 
     def mine(front):

@@ -74,7 +74,7 @@ if "hit_rate" in e:  # the expert cache over the decode: hits, file reads, what 
     out["experts"] = {k: e.get(k) for k in ("hit_rate", "hits", "misses", "prefetch_issued", "prefetch_used",
                                             "stall_seconds", "bytes_moved", "slots_per_layer", "bytes_per_expert")}
     out["experts"]["tokens"] = model.stats["generation"]["new_tokens"]
-for n in map(int, prefills.split(",")):
+for n in [int(v) for v in prefills.split(",") if v]:
     model.generate(list(range(2000, 2000 + n)), max_new_tokens=1, temperature=0, ignore_eos=True)   # warm-up
     model.generate(list(range(10, 10 + n)), max_new_tokens=1, temperature=0, ignore_eos=True)
     out[f"prefill{n}"] = model.stats["generation"]["prefill_tokens_per_second"]
@@ -247,7 +247,7 @@ def llama(args, repack: bool) -> Run:
         run.error = f"llama-completion exit {rc}: {last_line(stderr)}"
         return run
     run.values["ttft"] = seconds
-    prompts = ",".join(map(str, args.prefill))
+    prompts = ",".join(map(str, args.prefill)) or "0"   # no prefill asked: decode only
     stdout, stderr, rc, _, peaks, cpeak, _ = run_process(
         [str(bin_dir / "llama-bench"), "-m", args.gguf, "-t", str(args.threads), "-p", prompts,
          "-n", str(args.decode_tokens), "-r", "1", "--repack", "1" if repack else "0", "-o", "json"],

@@ -22,17 +22,6 @@
 #define LANES 16 /* independent partial sums per dot product: the compiler keeps them in one vector */
 
 
-static inline float load(const void *p, int dtype, size_t i) {
-    return dtype ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store(void *p, int dtype, size_t i, float v) {
-    if (dtype)
-        ((uint16_t *)p)[i] = float_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-
 static inline float round_to(int dtype, float v) { return dtype ? bf16_to_float(float_to_bf16(v)) : v; }
 
 static void load_row(float *dst, const void *src, int dtype, size_t n) {
@@ -58,7 +47,7 @@ static float dot(const float *a, const void *b, int b_dtype, size_t n) {
     }
     float s = 0.f;
     for (int l = 0; l < LANES; l++) s += acc[l];
-    for (; i < n; i++) s += a[i] * load(b, b_dtype, i);
+    for (; i < n; i++) s += a[i] * elem_get(b, b_dtype, i);
     return s;
 }
 
@@ -76,7 +65,7 @@ static float sum_squares(const float *x, size_t n) {
 /* x[0:n] *= rsqrt(mean(x^2) + eps) * w */
 static void normalize(float *x, size_t n, const void *w, int w_dtype, float eps) {
     float r = 1.f / sqrtf(sum_squares(x, n) / (float)n + eps);
-    for (size_t i = 0; i < n; i++) x[i] = x[i] * r * load(w, w_dtype, i);
+    for (size_t i = 0; i < n; i++) x[i] = x[i] * r * elem_get(w, w_dtype, i);
 }
 
 /* rotate-half rotary embedding of one head: pairs (i, i + d/2) */
@@ -118,16 +107,16 @@ int rms_norm_rows(const void *x, int x_dtype, int64_t x_stride, const void *w, i
         int64_t i = 0;
         for (; i + LANES <= n; i += LANES)
             for (int l = 0; l < LANES; l++) {
-                float v = load(xr, x_dtype, i + l);
+                float v = elem_get(xr, x_dtype, i + l);
                 acc[l] += v * v;
             }
         for (int l = 0; l < LANES; l++) ss += acc[l];
-        for (; i < n; i++) ss += load(xr, x_dtype, i) * load(xr, x_dtype, i);
+        for (; i < n; i++) ss += elem_get(xr, x_dtype, i) * elem_get(xr, x_dtype, i);
         float rs = 1.f / sqrtf(ss / (float)n + eps);
         for (i = 0; i < n; i++) {
-            float h = load(xr, x_dtype, i) * rs;
+            float h = elem_get(xr, x_dtype, i) * rs;
             if (half_scale) h = round_to(x_dtype, h);
-            store(out, out_dtype, o + (size_t)i, h * load(w, w_dtype, i));
+            elem_put(out, out_dtype, o + (size_t)i, h * elem_get(w, w_dtype, i));
         }
     }
     return 0;
@@ -184,8 +173,8 @@ int attn_decode_rows(const void *q, const void *k, const void *v, int in_dtype, 
             (rope_pairs ? rotate_adjacent : rotate)(kf + h * hd, c, s, (size_t)hd);
             size_t at = (size_t)(slots[r] * slot_stride) + (size_t)(h * max_seq + pos[r]) * (size_t)hd;
             for (int64_t i = 0; i < hd; i++) {
-                store(kc, cache_dtype, at + i, kf[h * hd + i]);
-                store(vc, cache_dtype, at + i, vf[h * hd + i]);
+                elem_put(kc, cache_dtype, at + i, kf[h * hd + i]);
+                elem_put(vc, cache_dtype, at + i, vf[h * hd + i]);
             }
         }
         work += pos[r] + 1;
@@ -205,12 +194,12 @@ int attn_decode_rows(const void *q, const void *k, const void *v, int in_dtype, 
         size_t base = (size_t)(slots[r] * slot_stride) + (size_t)(kvh * max_seq + lo) * (size_t)hd;
         const char *kbase = (const char *)kc + base * esize;
         const char *vbase = (const char *)vc + base * esize;
-        float top = sinks ? load(sinks, sinks_dtype, (size_t)h) : -INFINITY;
+        float top = sinks ? elem_get(sinks, sinks_dtype, (size_t)h) : -INFINITY;
         for (int64_t j = 0; j < span; j++) {
             p[j] = dot(qh, kbase + (size_t)j * (size_t)hd * esize, cache_dtype, (size_t)hd) * scale;
             if (p[j] > top) top = p[j];
         }
-        float total = sinks ? expf(load(sinks, sinks_dtype, (size_t)h) - top) : 0.f;
+        float total = sinks ? expf(elem_get(sinks, sinks_dtype, (size_t)h) - top) : 0.f;
         for (int64_t j = 0; j < span; j++) {
             p[j] = expf(p[j] - top);
             total += p[j];
@@ -227,7 +216,7 @@ int attn_decode_rows(const void *q, const void *k, const void *v, int in_dtype, 
                 for (int64_t i = 0; i < hd; i++) acc[i] += w * vv[i];
             }
         }
-        for (int64_t i = 0; i < hd; i++) store(out, out_dtype, (size_t)(rh * hd + i), acc[i] / total);
+        for (int64_t i = 0; i < hd; i++) elem_put(out, out_dtype, (size_t)(rh * hd + i), acc[i] / total);
     }
     return failed ? -1 : 0;
 }
@@ -251,7 +240,7 @@ int route_rows(const void *x, int x_dtype, int64_t x_stride, const void *w, int 
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && E * H >= 65536)
         for (int64_t e = 0; e < E; e++) {
             float l = dot(xf, (const char *)w + (size_t)(e * H) * wsize, w_dtype, (size_t)H);
-            if (bias) l += load(bias, bias_dtype, (size_t)e);
+            if (bias) l += elem_get(bias, bias_dtype, (size_t)e);
             logits[e] = round_logits ? round_to(x_dtype, l) : l;
         }
         if (rule == 0) { /* softmax over all experts */
@@ -282,7 +271,7 @@ int route_rows(const void *x, int x_dtype, int64_t x_stride, const void *w, int 
         } else {
             for (int j = 0; j < k; j++) chosen[j] *= scaling;
         }
-        for (int j = 0; j < k; j++) store(weights, weights_dtype, (size_t)(r * k + j), chosen[j]);
+        for (int j = 0; j < k; j++) elem_put(weights, weights_dtype, (size_t)(r * k + j), chosen[j]);
     }
     return 0;
 }
@@ -353,9 +342,9 @@ int moe_combine(const void *per_choice, int dtype, const void *weights, int w_dt
         for (int64_t i = 0; i < H; i++) {
             float acc = 0.f;
             for (int c = 0; c < k; c++)
-                acc += round_to(dtype, load(per_choice, dtype, (size_t)((r * k + c) * H + i)) *
-                                           load(weights, w_dtype, (size_t)(r * k + c)));
-            store(out, dtype, (size_t)(r * H + i), acc);
+                acc += round_to(dtype, elem_get(per_choice, dtype, (size_t)((r * k + c) * H + i)) *
+                                           elem_get(weights, w_dtype, (size_t)(r * k + c)));
+            elem_put(out, dtype, (size_t)(r * H + i), acc);
         }
     return 0;
 }

@@ -26,17 +26,6 @@ typedef int (*RowsCall)(const void *x, int x_dtype, void *y, int y_dtype, int64_
 
 static __thread Arena front;
 
-static inline float value(const void *p, int dtype, size_t i) {
-    return dtype ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void put(void *p, int dtype, size_t i, float v) {
-    if (dtype)
-        ((uint16_t *)p)[i] = float_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-
 /* Returns 0; -1 without scratch memory; -2 when a projection's kernel refused the rows; -3 a router
  * that cannot take k. */
 int layer_front(const LayerFrontArgs *a, const void *x, int dtype, int64_t nrows, const void *cos, const void *sin,
@@ -60,7 +49,7 @@ int layer_front(const LayerFrontArgs *a, const void *x, int dtype, int64_t nrows
     if (rc != 0) return rc;
     if (((RowsCall)a->o_call)(att, dtype, o, dtype, nrows, a->o_args, threads) != 0) return -2;
     /* the residual sum, rounded once to the model's dtype (torch's x + attention(x)) */
-    for (size_t i = 0; i < (size_t)(nrows * H); i++) put(h, dtype, i, value(x, dtype, i) + value(o, dtype, i));
+    for (size_t i = 0; i < (size_t)(nrows * H); i++) elem_put(h, dtype, i, elem_get(x, dtype, i) + elem_get(o, dtype, i));
     rms_norm_rows(h, dtype, H, a->norm2, a->norm_dtype, H, nrows, a->eps, a->half_scale, xn, dtype);
     if (a->gate == NULL || ids == NULL) return 0;
     rc = route_rows(xn, dtype, H, a->gate, a->gate_dtype, a->gate_bias, a->gate_bias_dtype, a->experts, H, a->k,
@@ -131,6 +120,6 @@ int layer_step(const LayerFrontArgs *a, const ExpertTableArgs *t, const void *x,
     }
     if (rc != 0) return rc == -1 ? -1 : -4;
     moe_combine(per_choice, dtype, weights, dtype, nrows, (int)k, H, y);
-    for (size_t i = 0; i < (size_t)(nrows * H); i++) put(out, dtype, i, value(h, dtype, i) + value(y, dtype, i));
+    for (size_t i = 0; i < (size_t)(nrows * H); i++) elem_put(out, dtype, i, elem_get(h, dtype, i) + elem_get(y, dtype, i));
     return 0;
 }

@@ -44,6 +44,18 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN ke
     return (uint16_t)(bits >> 16);
 }
 
+/* Element i of an activation array of dtype 0 (fp32) or 1 (bf16), as fp32; and stored, rounded once. */
+static inline float elem_get(const void *p, int dtype, size_t i) {
+    return dtype ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void elem_put(void *p, int dtype, size_t i, float v) {
+    if (dtype)
+        ((uint16_t *)p)[i] = float_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
 /* A scratch buffer (declare it `static __thread`: one per calling thread), 64-byte aligned, grown
    when a call needs more and never freed per call. Returns NULL when it cannot grow. */
 typedef struct { char *base; size_t cap; } Arena;
