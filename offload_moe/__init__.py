@@ -12,7 +12,7 @@ from .api.loader import load
 from .generation.options import GenerationOptions
 from .placement.options import Placement
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 
 def quantize(src, dst, **kwargs):
