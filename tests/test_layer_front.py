@@ -24,30 +24,46 @@ PROMPTS = ["ROMEO. What light through yonder window breaks?", "HAMLET. To be, or
 
 @contextlib.contextmanager
 def call_by_call(model):
-    """The layers' one-call fronts taken away for the block."""
-    kept = [layer.front for layer in model.transformer.layers]
-    for layer in model.transformer.layers:
+    """The layers' one-call fronts (and the whole-stack call) taken away for the block."""
+    t = model.transformer
+    kept, stack = [layer.front for layer in t.layers], t.stack
+    for layer in t.layers:
         layer.front = None
+    t.stack = None
     try:
         yield
     finally:
-        for layer, front in zip(model.transformer.layers, kept):
+        for layer, front in zip(t.layers, kept):
             layer.front = front
+        t.stack = stack
+
+
+@contextlib.contextmanager
+def layer_by_layer(model):
+    """The whole-stack call taken away: one C call per layer."""
+    t = model.transformer
+    stack, t.stack = t.stack, None
+    try:
+        yield
+    finally:
+        t.stack = stack
 
 
 @contextlib.contextmanager
 def front_only(monkeypatch):
-    """The whole-layer call taken away: attention half and router in C, experts through Python."""
+    """The whole-layer and whole-stack calls taken away: attention half and router in C, experts
+    through Python."""
     with monkeypatch.context() as m:
         m.setattr(layer_step.LayerFront, "whole", lambda self, *a: None)
+        m.setattr(layer_step.LayerStack, "__call__", lambda self, *a: None)
         yield
 
 
 @pytest.fixture
 def front_calls(monkeypatch):
-    """How many layer steps one C call computed: [fronts, whole layers]."""
-    count = [0, 0]
-    call, whole = layer_step.LayerFront.__call__, layer_step.LayerFront.whole
+    """How many layer steps one C call computed: [fronts, whole layers, whole stacks]."""
+    count = [0, 0, 0]
+    call, whole, stack = layer_step.LayerFront.__call__, layer_step.LayerFront.whole, layer_step.LayerStack.__call__
 
     def counted(self, *a):
         out = call(self, *a)
@@ -58,8 +74,13 @@ def front_calls(monkeypatch):
         out = whole(self, *a)
         count[1] += out is not None
         return out
+    def counted_stack(self, *a):
+        out = stack(self, *a)
+        count[2] += out is not None
+        return out
     monkeypatch.setattr(layer_step.LayerFront, "__call__", counted)
     monkeypatch.setattr(layer_step.LayerFront, "whole", counted_whole)
+    monkeypatch.setattr(layer_step.LayerStack, "__call__", counted_stack)
     return count
 
 
@@ -94,15 +115,18 @@ def gguf_path(request, tmp_path_factory):
 def test_one_sequence_is_bitwise_the_call_by_call_path(gguf_path, dtype, front_calls, monkeypatch):
     model = offload_moe.load(str(gguf_path), dtype=dtype)
     layers = len(model.transformer.layers)
-    whole = decode_logits(model, PROMPTS[0], 6)
-    assert front_calls == [0, 6 * layers]          # every layer of every step in one call
+    stacked = decode_logits(model, PROMPTS[0], 6)
+    assert front_calls == [0, 0, 6]                # every step through every layer in one call
+    with layer_by_layer(model):
+        whole = decode_logits(model, PROMPTS[0], 6)
+    assert front_calls == [0, 6 * layers, 6]       # every layer of every step in one call
     with front_only(monkeypatch):
         front = decode_logits(model, PROMPTS[0], 6)
-    assert front_calls == [6 * layers, 6 * layers]
+    assert front_calls == [6 * layers, 6 * layers, 6]
     with call_by_call(model):
         plain = decode_logits(model, PROMPTS[0], 6)
-    assert front_calls == [6 * layers, 6 * layers]
-    assert torch.equal(whole, plain) and torch.equal(front, plain)
+    assert front_calls == [6 * layers, 6 * layers, 6]
+    assert torch.equal(stacked, plain) and torch.equal(whole, plain) and torch.equal(front, plain)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -112,7 +136,7 @@ def test_our_int4_format_takes_the_one_call_too(tmp_path_factory, dtype, front_c
     offload_moe.quantize(DEMO, path, experts="int4", attention="int4", method="rtn", group_size=32)
     model = offload_moe.load(str(path), dtype=dtype)
     fused = decode_logits(model, PROMPTS[1], 5)
-    assert front_calls == [5 * len(model.transformer.layers), 0]   # our format's experts: no C table (yet)
+    assert front_calls == [5 * len(model.transformer.layers), 0, 0]   # our format's experts: no C table (yet)
     with call_by_call(model):
         plain = decode_logits(model, PROMPTS[1], 5)
     assert torch.equal(fused, plain)
@@ -133,14 +157,17 @@ def test_a_batched_step_is_bitwise_the_call_by_call_path(gguf_path, front_calls,
             for c, (k, v) in zip(t.kv_caches, snapshot):   # the same cache state for every path
                 c.k.copy_(k), c.v.copy_(v)
             return t.decode_rows(last, list(range(4)), positions)                       # (4, V)
-        whole = step()
-        assert front_calls == [0, len(t.layers)]
+        stacked = step()
+        assert front_calls == [0, 0, 1]
+        with layer_by_layer(model):
+            whole = step()
+        assert front_calls == [0, len(t.layers), 1]
         with front_only(monkeypatch):
             front = step()
-        assert front_calls == [len(t.layers), len(t.layers)]
+        assert front_calls == [len(t.layers), len(t.layers), 1]
         with call_by_call(model):
             plain = step()
-        assert torch.equal(whole, plain) and torch.equal(front, plain)
+        assert torch.equal(stacked, plain) and torch.equal(whole, plain) and torch.equal(front, plain)
     finally:
         t.set_slots(1)
 
@@ -167,7 +194,7 @@ def test_prefill_and_a_forced_routing_keep_their_paths(gguf_path, front_calls):
     t.set_routing(Forced())
     try:
         fused = step()
-        assert front_calls == [len(t.layers), 0]     # the one decode step, not the prompt; never whole
+        assert front_calls == [len(t.layers), 0, 0]  # the one decode step, not the prompt; never whole
         with call_by_call(model):
             plain = step()
         assert torch.equal(fused, plain)

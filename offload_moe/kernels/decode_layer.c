@@ -123,3 +123,34 @@ int layer_step(const LayerFrontArgs *a, const ExpertTableArgs *t, const void *x,
     for (size_t i = 0; i < (size_t)(nrows * H); i++) elem_put(out, dtype, i, elem_get(h, dtype, i) + elem_get(y, dtype, i));
     return 0;
 }
+
+/* ---------------------------------------------------------------- every layer */
+
+static __thread Arena stack_scratch;
+
+/* A decode step through `n` layers in one call: layer i runs `layer_step` with its own arguments and
+ * KV cache (layers[i]), from x to out [nrows, H] (the stream after the last layer), the stream between
+ * layers in a per-thread scratch buffer. The same calls, in the same order, as one `layer_step` call
+ * per layer from Python: the same bits. Returns as layer_step. */
+int layers_step(const LayerStackArgs *layers, int n, const void *x, int dtype, int64_t nrows, const void *cos,
+                const void *sin, int rope_dtype, int64_t rope_first, const int64_t *slots, const int64_t *pos,
+                void *out, int threads) {
+    if (n < 1) return -3;
+    const int64_t H = layers[0].front->hidden;
+    const size_t row = (size_t)(nrows * H) * (dtype ? 2 : 4), k = (size_t)layers[0].front->k;
+    char *buf = arena_reserve(&stack_scratch, 2 * row + (size_t)nrows * (k ? k : 1) * sizeof(int64_t) + 128);
+    if (!buf) return -1;
+    char *ping = buf, *pong = buf + row;
+    int64_t *ids = (int64_t *)(pong + row);
+    const void *in = x;
+    for (int i = 0; i < n; i++) {
+        const LayerStackArgs *l = &layers[i];
+        if (l->front->hidden != H || (size_t)l->front->k != k) return -3;
+        void *dst = i == n - 1 ? out : (i % 2 ? pong : ping);
+        int rc = layer_step(l->front, l->table, in, dtype, nrows, cos, sin, rope_dtype, rope_first, l->kc, l->vc,
+                            l->cache_dtype, l->slot_stride, l->max_seq, slots, pos, dst, ids, threads);
+        if (rc != 0) return rc;
+        in = dst;
+    }
+    return 0;
+}

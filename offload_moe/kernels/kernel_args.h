@@ -130,4 +130,12 @@ typedef struct {               /* layer_step: a layer's routed experts where the
     int64_t hidden, inter, experts;
 } ExpertTableArgs;
 
+typedef struct {               /* layers_step: one layer of a decode step through every layer */
+    const LayerFrontArgs *front;
+    const ExpertTableArgs *table;
+    void *kc, *vc;                      /* the layer's KV cache (slot 0's start; slots slot_stride apart) */
+    int32_t cache_dtype;
+    int64_t slot_stride, max_seq;
+} LayerStackArgs;
+
 #endif

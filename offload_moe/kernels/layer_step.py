@@ -167,4 +167,69 @@ class LayerFront:
                 f"decode step of layer {getattr(self.layer.self_attn, 'layer', '?')}: the C layer call failed ({rc})")
 
 
-__all__ = ["LayerFront"]
+
+
+
+class LayerStack:
+    """A decode step through every layer in one C call (`layers_step`), where every layer is a MoE
+    layer that `LayerFront.whole` computes: `stack(x, cos, sin, caches, start)` -> the stream after
+    the last layer (B, 1, H), or None (then the layers run one call each). `caches` the per-layer
+    caches `Transformer.forward` passes (one sequence: its `KVRow`s or the `KVCache`s, `start` its
+    position) or the layer's `KVCache`s with a `DecodeRows` start (a batched step). Why: the Python
+    between the layers' calls (module calls, checks) was ~1 ms a token. The same calls in the same
+    order: the same bits as one `whole` call per layer."""
+
+    def __init__(self, fronts: list[LayerFront]):
+        self.fronts = fronts
+        self._lib = native.load_decode()
+        self._built: dict[tuple, tuple] = {}     # (mode, dtype, the caches' addresses) -> (layer array, front args)
+        self._one = (ctypes.c_int64 * 2)()
+
+    def _layers(self, caches: list, batched: bool, dtype: torch.dtype):
+        """The C array of the layers' arguments for these caches, built once (None where a layer cannot)."""
+        if any(c is None for c in caches):
+            return None
+        key = (batched, dtype, tuple(c.k.data_ptr() for c in caches), tuple(c.v.data_ptr() for c in caches))
+        built = self._built.get(key)
+        if built is not None and all(f._args is a for f, a in zip(self.fronts, built[1])):
+            return built[0]
+        arr, fronts_args = None, []
+        if self._lib is not None and len(caches) == len(self.fronts):
+            items = []
+            for front, cache in zip(self.fronts, caches):
+                a = front._current(dtype)
+                table = front._table() if a is not None else None
+                if table is None or cache is None or not supported(cache.k, cache.v) or cache.k.dtype != cache.v.dtype:
+                    items = None
+                    break
+                kc, vc = cache.k, cache.v
+                items.append(native.LayerStackArgs(ctypes.pointer(a), ctypes.pointer(table), kc.data_ptr(), vc.data_ptr(),
+                                                   DTYPES[kc.dtype], kc[0].numel() if batched else 0, kc.shape[-2]))
+                fronts_args.append(a)
+            if items:
+                arr = (native.LayerStackArgs * len(items))(*items)
+        self._built[key] = (arr, tuple(fronts_args) if arr is not None else tuple(f._args for f in self.fronts))
+        return arr
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches: list, start):
+        B, T, H = x.shape
+        if T != 1 or x.device.type != "cpu" or x.dtype not in DTYPES or not x.is_contiguous():
+            return None
+        batched = isinstance(start, DecodeRows)
+        if not batched and (not isinstance(start, int) or B != 1):
+            return None
+        arr = self._layers(caches, batched, x.dtype)
+        if arr is None or B >= self.fronts[0].limit or not supported(cos, sin) or cos.shape[-1] != arr[0].front.contents.hd:
+            return None
+        if batched:
+            slots, positions, rope_first = ctypes.addressof(start.c_slots), ctypes.addressof(start.c_positions), 0
+        else:
+            self._one[0], self._one[1] = 0, start
+            slots, rope_first = ctypes.addressof(self._one), start
+            positions = slots + 8
+        out = torch.empty_like(x)
+        self.fronts[0]._check(self._lib.layers_step(ctypes.addressof(arr), len(arr), x.data_ptr(), DTYPES[x.dtype], B,
+                                                    cos.data_ptr(), sin.data_ptr(), DTYPES[cos.dtype], rope_first,
+                                                    slots, positions, out.data_ptr(), torch.get_num_threads()))
+        return out
+__all__ = ["LayerFront", "LayerStack"]

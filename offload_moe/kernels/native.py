@@ -215,9 +215,14 @@ class ExpertTableArgs(ctypes.Structure):   # layer_step (decode_layer.c): a laye
                 ("t2", I32), ("hidden", I64), ("inter", I64), ("experts", I64)]
 
 
+class LayerStackArgs(ctypes.Structure):   # layers_step (decode_layer.c): one layer of the stack
+    _fields_ = [("front", ctypes.POINTER(LayerFrontArgs)), ("table", ctypes.POINTER(ExpertTableArgs)), ("kc", P),
+                ("vc", P), ("cache_dtype", I32), ("slot_stride", I64), ("max_seq", I64)]
+
+
 ARG_STRUCTS = {s.__name__: s for s in (QmvArgs, QmvManyArgs, QmvSwigluArgs, BmvSwigluArgs, GgmlArgs, GgmlManyArgs,
                                        GgmlSwigluArgs, PqFp8Args, PqIntArgs, PqGptqArgs, LayerFrontArgs,
-                                       ExpertTableArgs)}
+                                       ExpertTableArgs, LayerStackArgs)}
 
 
 def _p(args: type[ctypes.Structure]) -> list:
@@ -282,6 +287,7 @@ LIBRARIES = {
                               P, P, P, P, I32]),
         "layer_step": (I32, [ctypes.POINTER(LayerFrontArgs), ctypes.POINTER(ExpertTableArgs), P, I32, I64, P, P, I32,
                              I64, P, P, I32, I64, I64, P, P, P, P, I32]),
+        "layers_step": (I32, [P, I32, P, I32, I64, P, P, I32, I64, P, P, P, I32]),
     }, None),
     "info": (HERE / "kernels_info.c", {
         "kernels_variant": (ctypes.c_char_p, []),
@@ -454,7 +460,7 @@ def status(name: str = "qmv") -> str:
     return _status.get(name, "not loaded")
 
 
-__all__ = ["ARG_STRUCTS", "BF16_PATHS", "BF16_SOURCE", "BmvSwigluArgs", "DECODE_SOURCE", "DTYPE_CODES", "ExpertTableArgs", "FLAGS", "LayerFrontArgs", "entry_point",
+__all__ = ["ARG_STRUCTS", "BF16_PATHS", "BF16_SOURCE", "BmvSwigluArgs", "DECODE_SOURCE", "DTYPE_CODES", "ExpertTableArgs", "FLAGS", "LayerFrontArgs", "LayerStackArgs", "entry_point",
            "GGML_SOURCE", "GgmlArgs", "GgmlManyArgs", "GgmlSwigluArgs", "KernelWarning", "LIBRARIES", "PATHS",
            "PUBLISHED_SOURCE", "PqFp8Args", "PqGptqArgs", "PqIntArgs", "QmvArgs", "QmvManyArgs", "QmvSwigluArgs",
            "SOURCE", "arg_block", "best_variant", "build", "cache_dir", "call_rows", "cpu_features", "kernel_rows",

@@ -27,7 +27,7 @@ import torch.nn as nn
 from .attention import RMSNorm, rope_tables, apply_rope_partial, KVCache, KVRow, Attention, LatentAttention
 from ..checkpoints.config import ModelConfig
 from ..kernels.decode_step import DecodeRows, ExpertRows, RouteStep
-from ..kernels.layer_step import LayerFront
+from ..kernels.layer_step import LayerFront, LayerStack
 from ..base.errors import OffloadMoeError
 from .moe import MLP, HostIds, MoEBlock
 from .routing import Routing
@@ -102,6 +102,7 @@ class Transformer(nn.Module):
         self.max_seq_len = 0
         self.experts = experts                  # the provider, shared by every MoE block
         self.routing: Routing | None = None     # None: the routers decide (see `set_routing`)
+        self.stack: LayerStack | None = None    # a CPU decode step through every layer in one C call
 
     def setup(self, max_seq_len: int, device, dtype, max_batch: int = 1):
         """Allocate the KV cache and rotary tables once, on the compute device."""
@@ -177,6 +178,8 @@ class Transformer(nn.Module):
                 block = layer.block_sparse_moe
                 block.decode_route = RouteStep(block)
                 block.decode_experts = ExpertRows(block.top_k, self.config.hidden_size, block.num_experts)
+        if all(layer.front is not None and not layer.dense for layer in self.layers):
+            self.stack = LayerStack([layer.front for layer in self.layers])
 
     def set_routing(self, routing: Routing | None) -> None:
         """Route by `routing` (e.g. a recorded trace) instead of the routers; None: the routers again."""
@@ -220,8 +223,10 @@ class Transformer(nn.Module):
         written = (range(B) if slot is None else (slot,)) if use_cache else ()
         self.kv_slots.stale.update(written)  # recurrent states change in place: not reusable should this raise
         x = self.embed_tokens(tokens)                                  # (B, T, H)
-        for i, layer in enumerate(self.layers):
+        out = self.stack(x, cos, sin, caches, start) if self.stack is not None and self.routing is None else None
+        for i, layer in enumerate(self.layers if out is None else ()):
             x = layer(x, cos, sin, masks[self.spans[i]], caches[i], start, self.moe_step, self.routing is None)
+        x = x if out is None else out
         self.kv_slots.stale.difference_update(written)
         if last_only:
             x = x[:, -1:]
@@ -247,13 +252,17 @@ class Transformer(nn.Module):
             rows = self.decode_rows_of.set(slots, positions)
         x = self.embed_tokens(tokens.view(B, 1))                       # (B, 1, H)
         self.kv_slots.stale.update(slots)
-        for i, layer in enumerate(self.layers):
+        out = None
+        if not per_row and self.stack is not None and self.routing is None:
+            out = self.stack(x, self.cos, self.sin, self.kv_caches, rows)
+        for i, layer in enumerate(self.layers if out is None else ()):
             if per_row:
                 x = layer(x, cos, sin, masks[self.spans[i]], [self.kv_rows[s][i] for s in slots], positions,
                           self.moe_step)
             else:
                 x = layer(x, self.cos, self.sin, None, self.kv_caches[i], rows, self.moe_step, self.routing is None)
         self.kv_slots.stale.difference_update(slots)
+        x = x if out is None else out
         return self.lm_head(self.norm(x)).float()[:, 0]               # (B, V)
 
     def moe_step(self, block: MoEBlock, x: torch.Tensor, residual: torch.Tensor,
