@@ -45,3 +45,17 @@ def build_tiny_chat_checkpoint(directory: str | Path, *, seed: int = 0, max_posi
                          max_position_embeddings=max_positions)
     model.save_pretrained(directory)
     return directory
+
+
+def small_bpe(specials: list[str]):
+    """A 300-token byte-level BPE (a `tokenizers.Tokenizer`) trained on one sentence, with `specials`
+    as its special tokens: enough for a chat template's markers and a short conversation."""
+    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
+
+    raw = RawTokenizer(models.BPE(unk_token=None))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(["Hello there, what is the weather in Paris? Be brief."] * 4,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return raw

@@ -20,6 +20,21 @@ def _load_keeps_the_tests_threads():
         mp.setattr(offload_moe.api.loader, "set_threads", lambda threads: set_threads(2 if threads == "auto" else threads))
         yield
 
+
+def randomised(model, biases: bool = True):
+    """A transformers model's weights drawn as the family tests draw them (matrices N(0, 0.2), norm
+    weights N(1, 0.1), with `biases` the other vectors N(0, 0.2)), in place; returns it in eval mode."""
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+            elif pname.endswith("norm.weight"):
+                p.normal_(1, 0.1)
+            elif biases:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
 # Configurations the acceptance list names: one KV head, top-1/2/3, 16 experts, a sliding window
 # shorter than the test sequence, tied embeddings.
 TINY_CONFIGS = {

@@ -48,6 +48,18 @@ def build_tiny_chat_checkpoint(directory: str | Path, *, seed: int = 0, context:
     return directory
 
 
+def feed_all(fmt, text, size=3):
+    """A tool-call parser of format `fmt` fed `text` in pieces of `size` characters: (content, [(name, arguments)])."""
+    from offload_moe.server.tools import ToolCallParser
+
+    parser, content, calls = ToolCallParser(fmt), "", []
+    for i in range(0, len(text), size):
+        c, k = parser.feed(text[i:i + size])
+        content, calls = content + c, calls + k
+    c, k = parser.finish()
+    return content + c, [(x["function"]["name"], json.loads(x["function"]["arguments"])) for x in calls + k]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

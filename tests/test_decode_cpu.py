@@ -40,6 +40,18 @@ def randomise(module, g):
             p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 1.0) + (1.0 if "norm" in name else 0))
 
 
+def attention_under_test(case: dict, dtype, g) -> tuple:
+    """(config, an `Attention` with random weights in dtype, ready for the C step, its window) of a case."""
+    case = dict(case)
+    window = case.pop("window", None)
+    cfg = attention_config(**case)
+    attn = Attention(cfg, window)
+    randomise(attn, g)
+    attn = attn.to(dtype)
+    attn.prepare_cpu_decode()
+    return cfg, attn, window
+
+
 ATTENTION_CASES = [
     dict(nh=8, nkv=2, hd=64),
     dict(nh=4, nkv=4, hd=16, qk_norm="head"),
@@ -54,13 +66,7 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_token_attention_matches_the_torch_path(case, dtype):
     g = torch.Generator().manual_seed(0)
-    case = dict(case)
-    window = case.pop("window", None)
-    cfg = attention_config(**case)
-    attn = Attention(cfg, window)
-    randomise(attn, g)
-    attn = attn.to(dtype)
-    attn.prepare_cpu_decode()
+    cfg, attn, window = attention_under_test(case, dtype, g)
     S, prompt = 24, 11
     cos, sin = rotary(S, cfg.head_dim, dtype)
     cache = KVCache(1, cfg.num_kv_heads, S, cfg.head_dim, "cpu", dtype)
@@ -99,13 +105,7 @@ def test_batched_attention_rows_equal_their_one_sequence_calls(case, dtype):
     (q/k/v views of one fused projection): each row's output and cached key/value are the bits its
     own one-sequence call writes; slot 1 is untouched."""
     g = torch.Generator().manual_seed(3)
-    case = dict(case)
-    window = case.pop("window", None)
-    cfg = attention_config(**case)
-    attn = Attention(cfg, window)
-    randomise(attn, g)
-    attn = attn.to(dtype)
-    attn.prepare_cpu_decode()
+    cfg, attn, window = attention_under_test(case, dtype, g)
     S, slots, positions = 24, [2, 0, 3], [9, 3, 14]
     cos, sin = rotary(S, cfg.head_dim, dtype)
     cache = KVCache(4, cfg.num_kv_heads, S, cfg.head_dim, "cpu", dtype)

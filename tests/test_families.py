@@ -15,6 +15,7 @@ from offload_moe.checkpoints.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from offload_moe.placement.planner import plan
 from offload_moe.placement.profiles import load_profile
 from offload_moe import Placement
+from conftest import randomised
 
 DATA = Path(__file__).parent / "data"
 PROMPT = [1, 17, 42, 5, 66, 23]
@@ -77,16 +78,7 @@ def tiny_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
     model_class = getattr(transformers, f"{prefix}ForCausalLM", None) or \
         getattr(transformers, f"{prefix.removesuffix('Text')}ForCausalLM")   # Qwen3_5MoeTextConfig: Qwen3_5MoeForCausalLM
-    model = model_class(config).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-            elif pname.endswith("norm.weight"):
-                p.normal_(1, 0.1)
-            else:  # biases, sinks
-                p.normal_(0, 0.2)
-    return model
+    return randomised(model_class(config))   # biases and sinks drawn too
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import transformers
 
 import offload_moe
 from offload_moe.checkpoints.config import ModelConfig
+from conftest import randomised
 from test_families import BASE, PROMPT, greedy_tokens, max_diff
 from offload_moe import Placement
 
@@ -65,15 +66,8 @@ def tiny_sigmoid_model(name: str, seed: int = 0, **changes):
     prefix, overrides = SIGMOID_FAMILIES[name]
     config = getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides, **changes})
     torch.manual_seed(seed)
-    model = getattr(transformers, f"{prefix}ForCausalLM")(config).eval()
+    model = randomised(getattr(transformers, f"{prefix}ForCausalLM")(config))
     with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-            elif pname.endswith("norm.weight"):
-                p.normal_(1, 0.1)
-            else:  # biases
-                p.normal_(0, 0.2)
         for bname, b in model.named_buffers():
             if bname.endswith("e_score_correction_bias"):
                 b.normal_(0, 0.3)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
 
+from chat_fixtures import small_bpe
 from offload_moe.server.tools import LLAMA4, ToolCallParser, tool_format
 from offload_moe.generation.text import Tokenizer
 
@@ -35,12 +35,7 @@ def saved(tmp_path_factory):
     from transformers import PreTrainedTokenizerFast
     from transformers.models.llama4.processing_llama4 import chat_template
 
-    raw = RawTokenizer(models.BPE(unk_token=None))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(["Hello there, what is the weather in Paris? Be brief."] * 4,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw = small_bpe(SPECIALS)
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|eot|>")
     tok.chat_template = chat_template
     directory = tmp_path_factory.mktemp("llama4-chat")

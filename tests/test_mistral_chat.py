@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers, trainers
 
+from chat_fixtures import small_bpe
 from offload_moe.server.tools import MISTRAL, ToolCallParser, tool_format
 from offload_moe.generation.text import Tokenizer
 
@@ -37,12 +37,7 @@ CONVERSATIONS = {
 def saved(request, tmp_path_factory):
     from transformers import PreTrainedTokenizerFast
 
-    raw = RawTokenizer(models.BPE(unk_token=None))
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(["Hello there, what is the weather in Paris? Be brief."] * 4,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw = small_bpe(SPECIALS)
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tok.chat_template = (TEMPLATES / f"{request.param}.jinja").read_text()
     directory = tmp_path_factory.mktemp(request.param)

@@ -19,6 +19,7 @@ import offload_moe
 from offload_moe import OffloadMoeError
 from offload_moe.checkpoints.checkpoint import Checkpoint
 from offload_moe.kernels import native
+from conftest import randomised
 from offload_moe.kernels.published import TOLERANCE, FP8BlockWeight, GPTQWeight, IntPackWeight
 from offload_moe.kernels.published_config import PublishedSpec
 
@@ -124,13 +125,7 @@ def tiny(name: str, seed: int = 0):
     prefix, overrides = MODELS[name]
     torch.manual_seed(seed)
     model = getattr(transformers, f"{prefix}ForCausalLM")(getattr(transformers, f"{prefix}Config")(**{**BASE, **overrides}))
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-            elif pname.endswith("norm.weight"):
-                p.normal_(1, 0.1)
-    return model.eval()
+    return randomised(model, biases=False)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ openai = pytest.importorskip("openai")
 
 import offload_moe  # noqa: E402
 from offload_moe.server import create_app  # noqa: E402
-from offload_moe.server.tools import HARMONY, HERMES, MISTRAL, ToolCallParser, tool_format  # noqa: E402
-from serve_fixtures import running_server  # noqa: E402
+from offload_moe.server.tools import HARMONY, HERMES, MISTRAL, tool_format  # noqa: E402
+from serve_fixtures import feed_all, running_server  # noqa: E402
 from serve_fixtures import checkpoint, reference  # noqa: E402,F401  (fixtures)
 
 NAME = "tiny"
@@ -293,13 +293,6 @@ def test_a_tool_call_comes_back_as_tool_calls_streamed_and_not(qwen3):
 # ---------------------------------------------------------------- the parsers, fed piece by piece
 
 
-def feed_all(fmt, text, size=3):
-    parser, content, calls = ToolCallParser(fmt), "", []
-    for i in range(0, len(text), size):
-        c, k = parser.feed(text[i:i + size])
-        content, calls = content + c, calls + k
-    c, k = parser.finish()
-    return content + c, [(x["function"]["name"], json.loads(x["function"]["arguments"])) for x in calls + k]
 
 
 def test_parsers_for_each_family():

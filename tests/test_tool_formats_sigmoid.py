@@ -1,20 +1,11 @@
 """Tool calls of GLM-4.5/4.6/4.7, DeepSeek-V3/R1/V3.1, Kimi-K2 and MiniMax-M2 parse into `tool_calls` (issue 27),
 in the syntax their published chat templates write, fed piece by piece as generation streams it."""
 
-import json
 
 import pytest
 
-from offload_moe.server.tools import DEEPSEEK, GLM, HERMES, KIMI, MINIMAX, ToolCallParser, tool_format
-
-
-def feed_all(fmt, text, size=3):
-    parser, content, calls = ToolCallParser(fmt), "", []
-    for i in range(0, len(text), size):
-        c, k = parser.feed(text[i:i + size])
-        content, calls = content + c, calls + k
-    c, k = parser.finish()
-    return content + c, [(x["function"]["name"], json.loads(x["function"]["arguments"])) for x in calls + k]
+from offload_moe.server.tools import DEEPSEEK, GLM, HERMES, KIMI, MINIMAX, tool_format
+from serve_fixtures import feed_all
 
 
 # GLM-4.5 / 4.6: a newline after the name and after each value; strings raw, other values as JSON

@@ -985,6 +985,16 @@ static inline void rows_group(RowFn fn, Rows8Fn f8, const uint8_t *w, size_t rb,
 static __thread Arena arena; /* kernel_common.h */
 
 
+/* x [N, I] quantized for `type`'s dot products into this thread's scratch (act_fill): 0, or -1 without
+   memory. The input of one call, shared by every matrix the call computes. */
+static int input_act(Act *act, const void *x, int x_dtype, size_t N, size_t I, int type, int threads) {
+    const int fam = family(type);
+    char *p = arena_reserve(&arena, act_bytes(N, I, fam, x_dtype) + 64);
+    if (p == NULL) return -1;
+    act_fill(act, p, x, x_dtype, N, I, fam, threads);
+    return 0;
+}
+
 /* y[N, O] = x[N, I] @ W.T, W [O, I] of ggml `type` (rows of `row_bytes` at w). x_dtype / y_dtype:
    0 float32, 1 bfloat16. Returns 0, -1 when the scratch cannot be allocated, -2 for a type or
    shape not taken. */
@@ -992,12 +1002,9 @@ int ggml_mv(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tokens, 
             int64_t in_features, const uint8_t *w, int type, int threads) {
     const size_t N = (size_t)n_tokens, O = (size_t)out_features, I = (size_t)in_features;
     if (!ggml_supported(type, in_features) || N == 0) return N == 0 ? 0 : -2;
-    const int fam = family(type);
     const size_t rb = I / block_size(type) * block_bytes(type);
-    char *p = arena_reserve(&arena, act_bytes(N, I, fam, x_dtype) + 64);
-    if (p == NULL) return -1;
     Act act;
-    act_fill(&act, p, x, x_dtype, N, I, fam, threads);
+    if (input_act(&act, x, x_dtype, N, I, type, threads) != 0) return -1;
     RowFn fn = row_fn(type);
     Rows8Fn f8 = rows8_fn(type);
     const size_t per = rows_per(type, N), G = groups_of(O, per);
@@ -1017,7 +1024,6 @@ int ggml_mv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tok
     const size_t N = (size_t)n_tokens, I = (size_t)in_features;
     if (!ggml_supported(type, in_features) || count < 1 || count > 16) return -2;
     if (N == 0) return 0;
-    const int fam = family(type);
     const size_t rb = I / block_size(type) * block_bytes(type), per = rows_per(type, N);
     size_t gfirst[17], first[17], total = 0, G = 0;
     for (int m = 0; m < count; m++) {
@@ -1025,10 +1031,8 @@ int ggml_mv_many(const void *x, int x_dtype, void *y, int y_dtype, int64_t n_tok
         total += (size_t)outs[m], G += groups_of((size_t)outs[m], per);
     }
     gfirst[count] = G, first[count] = total;
-    char *p = arena_reserve(&arena, act_bytes(N, I, fam, x_dtype) + 64);
-    if (p == NULL) return -1;
     Act act;
-    act_fill(&act, p, x, x_dtype, N, I, fam, threads);
+    if (input_act(&act, x, x_dtype, N, I, type, threads) != 0) return -1;
     RowFn fn = row_fn(type);
     Rows8Fn f8 = rows8_fn(type);
     const size_t esize = y_dtype == 0 ? 4 : 2;
